@@ -1,0 +1,101 @@
+"""The narrow interface between the HTTP layer and a speech engine.
+
+The HTTP layer only ever sees :class:`Engine`: it hands over a :class:`SynthesisJob` (text
+already normalised and split, voice already resolved to immutable conditionals, per-request
+controls) and iterates :class:`AudioChunk` objects as the engine produces them. Closing the
+iterator early (``aclose()``, which Litestar's streaming response does when the client hangs
+up) is how a request is cancelled: the engine must then drop all work for that job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+SAMPLE_RATE = 24_000
+SPEECH_TOKENS_PER_SECOND = 25
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Per-request controls, already validated by the HTTP layer."""
+
+    exaggeration: float = 0.5
+    cfg_weight: float = 0.5
+    temperature: float = 0.8
+    top_p: float = 1.0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.2
+    seed: int | None = None
+    max_speech_tokens: int = 1000
+    """Upper bound on speech tokens generated for each text chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class Voice:
+    """A resolved voice: its public name, its content key and its conditionals.
+
+    ``conditionals`` is engine-specific and immutable once built (shared by every request
+    that uses the voice); ``key`` is the cache key it was computed under.
+    """
+
+    name: str
+    key: str
+    conditionals: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SynthesisJob:
+    request_id: str
+    chunks: tuple[str, ...]
+    voice: Voice
+    params: GenerationParams = field(default_factory=GenerationParams)
+    streaming: bool = False
+    """True when the client reads the audio as it is produced (favour a fast first chunk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    samples: np.ndarray
+    """float32 mono samples in [-1, 1] at the engine's sample rate."""
+    speech_tokens: int
+    """Speech tokens this audio was made from (for usage accounting)."""
+
+
+EngineState = Literal["loading", "ready", "failed", "closed"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    """Implementation name: "reference", "vllm" or "fake"."""
+    model_id: str
+    """Identity of the loaded model and weights; namespaces cached voice conditionals."""
+    sample_rate: int
+
+    async def start(self) -> None:
+        """Load weights and warm up. Slow; runs in the app lifespan, never at import."""
+
+    async def close(self) -> None:
+        """Cancel outstanding work and release the device."""
+
+    def compute_conditionals(self, clip: Path) -> Any:
+        """Voice conditionals from a reference clip. Blocking: call it in a worker thread."""
+
+    def save_conditionals(self, conditionals: Any, path: Path) -> None: ...
+
+    def load_conditionals(self, path: Path) -> Any: ...
+
+    def builtin_conditionals(self) -> Any | None:
+        """The checkpoint's own voice (``conds.pt``), or None when it has none."""
+
+    def count_text_tokens(self, text: str) -> int: ...
+
+    def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
+        """Audio for the job's chunks, in order, as it is produced. Closing the iterator
+        cancels the job."""
+        ...

@@ -1,0 +1,158 @@
+"""One typed settings object, read from the environment and the command line in one place.
+
+Every field can be set as an environment variable ``CHATTERBOX_<FIELD>`` (upper case) or as a
+``serve`` flag ``--<field-with-dashes>``. Nothing here is read at import time: call
+:func:`load_settings` and pass the result down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "CHATTERBOX_"
+
+# The Hub checkpoint and the exact revision we load: a pinned commit, never a moving branch.
+DEFAULT_HF_REPO = "ResembleAI/chatterbox"
+DEFAULT_HF_REVISION = "5bb1f6ee58e50c3b8d408bc82a6d3740c2db6e18"
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "chatterbox-gateway")
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    # --- HTTP -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    max_body_bytes: PositiveInt = 1_048_576
+    """Largest JSON body accepted on /v1/audio/speech (413 beyond)."""
+    max_upload_bytes: PositiveInt = 10 * 1_048_576
+    """Largest voice clip accepted on POST /v1/audio/voices (413 beyond)."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted bearer keys (comma separated in the environment). Empty: any key is accepted."""
+    api_keys_file: str | None = None
+    """A file with one accepted key per line, merged with ``api_keys``."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins allowed to call the API from a browser ("*" for any). Empty: CORS off."""
+    metrics_enabled: bool = True
+    metrics_require_auth: bool = False
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- Engine and weights -----------------------------------------------------------------
+    engine: Literal["auto", "reference", "vllm", "fake"] = "auto"
+    """auto: vllm when CUDA and vLLM are importable, else reference."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    load_format: Literal["hub", "local", "dummy"] = "hub"
+    """hub: download from the Hugging Face Hub; local: read ``model_path``; dummy: the real
+    architecture with random weights (tests, benchmarks, machines without the Hub)."""
+    model_path: str | None = None
+    hf_repo: str = DEFAULT_HF_REPO
+    hf_revision: str = DEFAULT_HF_REVISION
+    cache_dir: str = msgspec.field(default_factory=_default_cache_dir)
+    """Weights (hub downloads) and computed voice conditionals live under here."""
+    dummy_seed: int = 0
+    watermark: bool = True
+    """Apply the Perth imperceptible watermark to every output (as upstream does)."""
+
+    # --- Generation bounds ------------------------------------------------------------------
+    max_speech_tokens: PositiveInt = 1000
+    """Most speech tokens T3 may generate for one text chunk (25 tokens = 1 s of audio)."""
+    flow_steps: Annotated[int, Meta(ge=1, le=50)] = 10
+    """Euler steps of the S3Gen flow-matching decoder."""
+    max_chunk_chars: Annotated[int, Meta(ge=20)] = 300
+    """Input text is split at sentence/clause boundaries into chunks of at most this size."""
+
+    # --- Voices -----------------------------------------------------------------------------
+    voices_dir: str | None = None
+    """User voices: clips dropped here (and voices created through the API) are voices.
+    Default: ``<cache_dir>/voices``."""
+    builtin_voices_dir: str | None = None
+    """Built-in voice manifest and clips. Default: the ``voices/`` folder shipped with us."""
+    voice_cache_size: PositiveInt = 64
+    """Voice conditionals kept in memory (LRU); all are also kept on disk."""
+
+    # --- Admission and time limits ----------------------------------------------------------
+    max_in_flight: PositiveInt = 32
+    """Requests synthesising at once; more wait in the queue."""
+    max_queued: Annotated[int, Meta(ge=0)] = 64
+    """Requests waiting for a slot; past this, 429 at once."""
+    queue_timeout_s: NonNegativeFloat = 30.0
+    request_timeout_s: NonNegativeFloat = 600.0
+    shutdown_grace_s: NonNegativeFloat = 10.0
+
+    # --- vLLM engine ------------------------------------------------------------------------
+    vllm_max_num_seqs: PositiveInt = 128
+    vllm_max_model_len: PositiveInt = 2048
+    vllm_gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    vllm_kv_cache_memory_bytes: Annotated[int, Meta(ge=0)] = 0
+    """If non-zero, the exact KV cache size (overrides gpu_memory_utilization)."""
+    vllm_enforce_eager: bool = False
+    vocoder_max_batch: PositiveInt = 64
+    """Most token windows one batched S3Gen call vocodes."""
+    stream_first_window_tokens: PositiveInt = 20
+    """Speech tokens in a stream's first vocoded window (small: fast first byte)."""
+    stream_window_tokens: PositiveInt = 50
+    """Speech tokens in later windows."""
+
+    def resolved_voices_dir(self) -> Path:
+        return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"
+
+    def resolved_builtin_voices_dir(self) -> Path:
+        if self.builtin_voices_dir:
+            return Path(self.builtin_voices_dir)
+        here = Path(__file__).resolve().parent
+        for candidate in (here / "builtin_voices", here.parent / "voices"):
+            if (candidate / "manifest.json").is_file():
+                return candidate
+        return here.parent / "voices"
+
+    def all_api_keys(self) -> frozenset[str]:
+        keys = {k for k in self.api_keys if k}
+        if self.api_keys_file:
+            text = Path(self.api_keys_file).read_text(encoding="utf-8")
+            keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        return frozenset(keys)
+
+
+_TUPLE_FIELDS = {"api_keys", "cors_origins"}
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
+    """The ``CHATTERBOX_*`` variables as raw field values (strings, lists for tuple fields)."""
+    names = set(Settings.__struct_fields__)
+    out: dict[str, object] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX):].lower()
+        if field not in names:
+            continue
+        out[field] = [v.strip() for v in value.split(",") if v.strip()] if field in _TUPLE_FIELDS else value
+    return out
+
+
+class SettingsError(ValueError):
+    """A setting has a value it cannot take; the message names the setting."""
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None
+) -> Settings:
+    """Environment first, then explicit overrides (CLI flags); both validated and typed."""
+    raw: dict[str, object] = env_overrides(os.environ if environ is None else environ)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {exc}") from None
