@@ -1,0 +1,86 @@
+"""The one exception handler: every error leaves the gateway as the OpenAI envelope.
+
+``{"error": {"message", "type", "param", "code"}}`` for our typed errors, for Litestar's own
+routing and protocol errors (404, 405, 413, its validation errors) and for anything
+unexpected (500, logged with its traceback). Litestar's 422 never reaches a client: a
+validation failure is a client error and the OpenAI contract says 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from gateway.errors import GatewayError
+
+_STATUS_CODES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_value"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+_MESSAGES: dict[int, str] = {
+    404: "Unknown URL: {method} {path}. See GET /v1/models and the OpenAPI document at /schema/openapi.json.",
+    405: "Method {method} is not allowed for {path}.",
+    413: "The request body is too large.",
+}
+
+
+def envelope(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, dict[str, Any]]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Render any exception raised while handling a request (registered for ``Exception``)."""
+    if isinstance(exc, GatewayError):
+        if exc.status_code >= 500:
+            structlog.get_logger("gateway.api").error(
+                "request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None
+            )
+        return Response(content=exc.envelope(), status_code=exc.status_code, headers=exc.headers or None)
+
+    if isinstance(exc, HTTPException):
+        status = 400 if exc.status_code == 422 else exc.status_code
+        if status >= 500:
+            structlog.get_logger("gateway.api").error("request_failed", error=exc.detail, exc_info=exc)
+            return Response(
+                content=envelope("The server had an error while processing your request.", "server_error", None, None),
+                status_code=status,
+            )
+        error_type, code = _STATUS_CODES.get(status, ("invalid_request_error", None))
+        template = _MESSAGES.get(status)
+        message = (
+            template.format(method=request.method, path=request.url.path) if template else str(exc.detail or "")
+        )
+        return Response(
+            content=envelope(message, error_type, _param_of(exc), code),
+            status_code=status,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+
+    structlog.get_logger("gateway.api").exception("unhandled_error", error=repr(exc))
+    return Response(
+        content=envelope("The server had an error while processing your request.", "server_error", None, None),
+        status_code=500,
+    )
+
+
+def _param_of(exc: HTTPException) -> str | None:
+    """The field a Litestar validation error is about (its ``extra`` carries ``key``)."""
+    extra = exc.extra
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        key = extra[0].get("key")
+        return str(key) if key is not None else None
+    if isinstance(extra, dict) and "key" in extra:
+        return str(extra["key"])
+    return None

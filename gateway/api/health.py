@@ -1,0 +1,28 @@
+"""Liveness and readiness: /health says the process answers, /ready that the engine is loaded."""
+
+from __future__ import annotations
+
+from litestar import get
+from litestar.openapi.datastructures import ResponseSpec
+
+from gateway.protocol import ErrorResponse, HealthStatus
+from gateway.services import AppServices
+
+
+@get("/health", tags=["health"], summary="The process is up", sync_to_thread=False)
+def health() -> HealthStatus:
+    """Always 200 while the process serves HTTP, also while the engine loads."""
+    return HealthStatus(status="ok")
+
+
+@get(
+    "/ready",
+    tags=["health"],
+    summary="The engine is loaded",
+    sync_to_thread=False,
+    responses={503: ResponseSpec(data_container=ErrorResponse, description="Engine loading or failed (Retry-After set)")},
+)
+def ready(services: AppServices) -> HealthStatus:
+    """200 once the engine has loaded; 503 with the error envelope and Retry-After until then."""
+    engine = services.ready_engine()
+    return HealthStatus(status="ready", engine=engine.name, model=engine.model_id)

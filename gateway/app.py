@@ -1,0 +1,96 @@
+"""The app factory: every route, dependency, hook and the lifespan, wired explicitly.
+
+``create_app`` touches no GPU and downloads nothing (the OpenAPI export and the HTTP tests
+run anywhere). The engine is built and loaded in the lifespan, in the background, so that
+/health answers at once while /ready and the speech endpoint say 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from gateway import __version__
+from gateway.api.errors import handle_exception
+from gateway.api.health import health, ready
+from gateway.api.models import list_models, retrieve_model
+from gateway.api.request_context import add_request_id_header, request_context_middleware
+from gateway.engine.base import Engine
+from gateway.services import AppServices, provide_services
+from gateway.settings import Settings
+
+OPENAPI_PATH = "/schema"
+"""The live server serves the OpenAPI document at ``/schema/openapi.json``."""
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
+    """The gateway as an ASGI app. ``engine`` replaces the configured one (tests)."""
+    services = AppServices(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(services, engine), name="engine-loader")
+        try:
+            yield
+        finally:
+            services.engine_state = "closed"
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if services.engine is not None:
+                await services.engine.close()
+
+    return Litestar(
+        route_handlers=[health, ready, list_models, retrieve_model],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers={Exception: handle_exception},
+        lifespan=[lifespan],
+        middleware=[request_context_middleware],
+        before_send=[add_request_id_header],
+        request_max_body_size=settings.max_body_bytes,
+        state=State({"services": services}),
+        openapi_config=OpenAPIConfig(
+            title="chatterbox-gateway",
+            version=__version__,
+            description="OpenAI-compatible text-to-speech for Resemble AI's Chatterbox models.",
+            path=OPENAPI_PATH,
+        ),
+        logging_config=None,
+    )
+
+
+async def _load(services: AppServices, engine: Engine | None) -> None:
+    """Build and start the engine, then the voice library and cache; record failure, never raise."""
+    log = structlog.get_logger("gateway.app")
+    settings = services.settings
+    try:
+        from gateway.voice_library import VoiceLibrary
+
+        services.voices = VoiceLibrary(settings.resolved_builtin_voices_dir(), settings.resolved_voices_dir())
+        if engine is None:
+            from gateway.engine.factory import build_engine
+
+            # Building may import torch and read config files: keep it off the event loop.
+            engine = await asyncio.to_thread(build_engine, settings)
+        services.engine = engine
+        log.info("engine_loading", engine=engine.name)
+        await engine.start()
+
+        from gateway.voice_cache import VoiceCache
+
+        services.voice_cache = VoiceCache(engine, Path(settings.cache_dir) / "conditionals", settings.voice_cache_size)
+        services.engine_state = "ready"
+        log.info("engine_ready", engine=engine.name, model=engine.model_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # any failure to load is reported by /ready, not raised into the server
+        services.engine_state = "failed"
+        services.engine_error = f"{type(exc).__name__}: {exc}"
+        log.exception("engine_failed", error=services.engine_error)

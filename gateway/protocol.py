@@ -1,0 +1,210 @@
+"""Wire types of the OpenAI-compatible API (msgspec), and the one decoder for the speech body.
+
+The speech body is decoded here rather than by Litestar so that every way a body can be wrong
+(malformed JSON, an array, a missing field, a wrong type, an out-of-range value) becomes one
+400 ``invalid_request_error`` whose ``param`` names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gateway.errors import InvalidRequestError
+
+ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+StreamFormat = Literal["audio", "sse"]
+
+MAX_INPUT_CHARS = 4096
+MAX_INSTRUCTIONS_CHARS = 4096
+# Largest seed every engine can hand to its random generators (numpy's limit).
+MAX_SEED = 2**32 - 1
+
+
+class VoiceRef(msgspec.Struct, forbid_unknown_fields=False):
+    """A voice given as an object, as newer OpenAI clients send it: ``{"id": "alloy"}``."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=256, description="Voice name, alias or id.")]
+
+
+class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Body of ``POST /v1/audio/speech``. Unknown fields are ignored."""
+
+    model: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=256,
+            description="`chatterbox`, or an OpenAI name: `tts-1`, `tts-1-hd`, `gpt-4o-mini-tts` "
+            "(dated variants too). See GET /v1/models.",
+        ),
+    ]
+    input: Annotated[
+        str,
+        Meta(min_length=1, max_length=MAX_INPUT_CHARS, description="Text to speak: 1 to 4096 characters, not blank."),
+    ]
+    voice: Annotated[
+        str | VoiceRef,
+        Meta(description='A voice name, alias or id (see GET /v1/audio/voices), or `{"id": "..."}`.'),
+    ]
+    instructions: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_INSTRUCTIONS_CHARS,
+                description="Accepted for compatibility and ignored: Chatterbox has no prompt-style "
+                "control. Use `exaggeration` for expressiveness.",
+            ),
+        ]
+        | None
+    ) = None
+    response_format: Annotated[
+        ResponseFormat,
+        Meta(description="mp3 (default), opus (Ogg Opus, 48 kHz), aac (ADTS), flac, wav, pcm (s16le, no header)."),
+    ] = "mp3"
+    speed: Annotated[float, Meta(ge=0.25, le=4.0, description="Tempo, 0.25 to 4.0; pitch is kept.")] | None = 1.0
+    stream_format: Annotated[
+        StreamFormat,
+        Meta(description="`audio`: the audio bytes, chunked. `sse`: server-sent events with base64 audio."),
+    ] = "audio"
+
+    # Chatterbox controls (the OpenAI SDK sends these through `extra_body`). None: engine default.
+    exaggeration: (
+        Annotated[float, Meta(ge=0.0, le=2.0, description="Emotion intensity, 0 to 2 (default 0.5).")] | None
+    ) = None
+    cfg_weight: (
+        Annotated[float, Meta(ge=0.0, le=1.0, description="Classifier-free guidance weight / pace, 0 to 1 (default 0.5).")]
+        | None
+    ) = None
+    temperature: (
+        Annotated[float, Meta(gt=0.0, le=5.0, description="Sampling temperature, above 0 up to 5 (default 0.8).")]
+        | None
+    ) = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0, description="Nucleus sampling, above 0 up to 1 (default 1.0).")] | None = (
+        None
+    )
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0, description="Min-p sampling, 0 to 1 (default 0.05).")] | None = None
+    repetition_penalty: (
+        Annotated[float, Meta(ge=1.0, le=2.0, description="Repetition penalty, 1 to 2 (default 1.2).")] | None
+    ) = None
+    seed: (
+        Annotated[int, Meta(ge=0, le=MAX_SEED, description="Same seed + same request = same audio (0 to 2^32-1).")]
+        | None
+    ) = None
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+CONTROL_FIELDS = ("exaggeration", "cfg_weight", "temperature", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    """The OpenAI error envelope, used for every error the gateway returns."""
+
+    error: ErrorDetail
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str
+    object: Literal["model"] = "model"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+class VoiceCard(msgspec.Struct):
+    id: str
+    name: str
+    aliases: list[str]
+    source: str
+    object: Literal["voice"] = "voice"
+
+
+class VoiceList(msgspec.Struct):
+    data: list[VoiceCard]
+    object: Literal["list"] = "list"
+
+
+class HealthStatus(msgspec.Struct, omit_defaults=True):
+    status: str
+    engine: str | None = None
+    model: str | None = None
+
+
+class SpeechUsage(msgspec.Struct):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDelta(msgspec.Struct, tag_field="type", tag="speech.audio.delta"):
+    audio: str
+    """Base64 of the next bytes of the file in the requested response_format."""
+
+
+class SpeechAudioDone(msgspec.Struct, tag_field="type", tag="speech.audio.done"):
+    usage: SpeechUsage
+
+
+class SpeechStreamError(msgspec.Struct, tag_field="type", tag="error"):
+    """Sent as the last SSE event when synthesis fails after the stream has started."""
+
+    error: ErrorDetail
+
+
+_SPEECH_DECODER = msgspec.json.Decoder(SpeechRequest)
+_AT_FIELD = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def decode_speech_request(body: bytes) -> SpeechRequest:
+    """Decode and validate a speech body; every failure is a 400 naming the offending field."""
+    try:
+        request = _SPEECH_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object.",
+            param="body",
+            code="invalid_json",
+        ) from None
+    if not request.input.strip():
+        raise InvalidRequestError("'input' must not be blank.", param="input")
+    if not request.voice_name.strip():
+        raise InvalidRequestError("'voice' must not be blank.", param="voice")
+    return request
+
+
+def _validation_error(detail: str) -> InvalidRequestError:
+    if detail.startswith("Expected `object`, got"):
+        # The document itself is not an object (an array, a string, ...).
+        return InvalidRequestError(
+            f"The request body must be a JSON object: {detail}.", param="body", code="invalid_json"
+        )
+    at = _AT_FIELD.search(detail)
+    missing = _MISSING_FIELD.search(detail)
+    if missing and not at:
+        field = missing.group(1)
+        return InvalidRequestError(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
+    param = at.group(1) if at else None
+    if at:
+        detail = detail[: at.start()].rstrip(" -")
+    where = f" for '{param}'" if param else ""
+    return InvalidRequestError(f"Invalid value{where}: {detail}.", param=param)
