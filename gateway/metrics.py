@@ -1,0 +1,110 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process).
+
+What an operator needs to see the server's health under load: requests by outcome, work in
+flight and queued (read live from the admission controller), time to first byte and
+real-time factor (synthesis seconds per audio second) histograms, audio produced, encoder
+failures, engine batch sizes, and the process's own memory/CPU (``process_*``, which the
+load test also reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+NAMESPACE = "chatterbox"
+
+# Seconds: a first byte under ~100 ms is great, over 10 s is a problem worth seeing.
+TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Real-time factor: < 1 means faster than real time.
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _LiveGauges(Collector):
+    """Gauges whose values are read at scrape time from callables (admission, engine)."""
+
+    def __init__(self, sources: Callable[[], Mapping[str, tuple[str, float]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, (doc, value) in self._sources().items():
+            yield GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+class GatewayMetrics:
+    """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
+
+    def __init__(self, live: Callable[[], Mapping[str, tuple[str, float]]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        if live is not None:
+            self.registry.register(_LiveGauges(live))
+        r = self.registry
+        self.requests = Counter(
+            f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r
+        )
+        self.ttfb = Histogram(
+            f"{NAMESPACE}_time_to_first_byte_seconds",
+            "Speech requests: seconds from request start to the first audio byte sent.",
+            ["stream"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{NAMESPACE}_request_duration_seconds",
+            "Speech requests: seconds from request start to the last byte.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.rtf = Histogram(
+            f"{NAMESPACE}_real_time_factor",
+            "Speech requests: wall seconds per second of audio produced (< 1: faster than real time).",
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = Counter(f"{NAMESPACE}_audio_seconds", "Seconds of audio produced.", registry=r)
+        self.input_chars = Counter(f"{NAMESPACE}_input_characters", "Characters of input text accepted.", registry=r)
+        self.encoder_failures = Counter(
+            f"{NAMESPACE}_encoder_failures", "FFmpeg encoder failures by output format.", ["format"], registry=r
+        )
+        self.engine_batch_size = Histogram(
+            f"{NAMESPACE}_engine_batch_size",
+            "Items per batched engine step (e.g. token windows per vocoder call).",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            f"{NAMESPACE}_admission_rejections", "Requests refused by admission control.", ["reason"], registry=r
+        )
+
+    def observe_speech(
+        self,
+        *,
+        stream: bool,
+        ttfb_s: float | None,
+        total_s: float,
+        audio_s: float,
+        input_chars: int,
+    ) -> None:
+        """One finished speech request that produced a response (any outcome)."""
+        if ttfb_s is not None:
+            self.ttfb.labels(stream="true" if stream else "false").observe(ttfb_s)
+        self.duration.observe(total_s)
+        self.input_chars.inc(input_chars)
+        if audio_s > 0:
+            self.audio_seconds.inc(audio_s)
+            self.rtf.observe(total_s / audio_s)
+
+    def observe_batch(self, stage: str, size: int) -> None:
+        self.engine_batch_size.labels(stage=stage).observe(size)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

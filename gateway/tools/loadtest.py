@@ -1,0 +1,295 @@
+"""Load test: N concurrent streaming clients against a gateway on this machine, for a fixed time.
+
+    python -m gateway.tools.loadtest --url http://127.0.0.1:8000 --concurrency 64 --duration 60 \
+        [--server-pid PID] [--api-key KEY] [--format wav] [--json out.json]
+
+Each client loops: POST /v1/audio/speech (streamed), read the body to its end, check it, repeat,
+until the time is up. Reported: requests, errors by kind, deliberate 429s (admission control
+working as designed) counted apart from errors, p50/p95/max time to first byte, and the
+server's resident memory before the run, at its peak and after it (from /proc/<pid>/status
+with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``).
+
+Bounded on purpose: loopback hosts only (this is not a tool for hitting other people's
+servers), at most 1024 clients, 3600 s and --max-requests requests. Exit status 0 when there
+were no errors other than 429s, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+MAX_CONCURRENCY = 1024
+MAX_DURATION_S = 3600.0
+DEFAULT_TEXT = "Hello there. This is a short sentence for the load test."
+
+
+class NotLoopbackError(ValueError):
+    pass
+
+
+def require_loopback(url: str) -> None:
+    """Refuse any URL whose host is not a loopback address (after resolving names)."""
+    host = urlsplit(url).hostname
+    if not host:
+        raise NotLoopbackError(f"no host in {url!r}")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise NotLoopbackError(f"cannot resolve {host!r}: {exc}") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            raise NotLoopbackError(f"{host!r} resolves to {address}, which is not a loopback address")
+
+
+@dataclass
+class Results:
+    started: float = 0.0
+    finished: float = 0.0
+    ok: int = 0
+    rejected_429: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    ttfb_s: list[float] = field(default_factory=list)
+    total_s: list[float] = field(default_factory=list)
+    audio_bytes: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.ok + self.rejected_429 + sum(self.errors.values())
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _check_body(fmt: str, head: bytes, size: int) -> str | None:
+    """A cheap validity check of the streamed audio; the kind of error, or None."""
+    if size == 0:
+        return "empty_body"
+    if fmt == "wav" and not (head[:4] == b"RIFF" and head[8:12] == b"WAVE"):
+        return "bad_wav_header"
+    if fmt == "pcm" and size % 2:
+        return "odd_pcm_length"
+    if fmt == "flac" and head[:4] != b"fLaC":
+        return "bad_flac_header"
+    if fmt == "opus" and head[:4] != b"OggS":
+        return "bad_ogg_header"
+    return None
+
+
+async def _one_request(client: httpx.AsyncClient, body: dict[str, object], results: Results) -> float:
+    """Do one request; record it; return how long to back off (Retry-After on 429)."""
+    started = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            if response.status_code == 429:
+                await response.aread()
+                results.rejected_429 += 1
+                return min(float(response.headers.get("retry-after", "1") or 1), 5.0)
+            if response.status_code != 200:
+                await response.aread()
+                results.errors[f"http_{response.status_code}"] += 1
+                return 0.0
+            head = b""
+            size = 0
+            first: float | None = None
+            async for chunk in response.aiter_raw():
+                if not chunk:
+                    continue
+                if first is None:
+                    first = time.perf_counter() - started
+                if len(head) < 16:
+                    head += chunk[: 16 - len(head)]
+                size += len(chunk)
+    except httpx.TimeoutException:
+        results.errors["timeout"] += 1
+        return 0.0
+    except httpx.RemoteProtocolError:
+        results.errors["connection_broken"] += 1
+        return 0.0
+    except httpx.TransportError as exc:
+        results.errors[f"transport_{type(exc).__name__}"] += 1
+        return 0.5
+    problem = _check_body(str(body["response_format"]), head, size)
+    if problem:
+        results.errors[problem] += 1
+        return 0.0
+    results.ok += 1
+    results.audio_bytes += size
+    results.ttfb_s.append(first if first is not None else time.perf_counter() - started)
+    results.total_s.append(time.perf_counter() - started)
+    return 0.0
+
+
+async def _client_loop(
+    client: httpx.AsyncClient, body: dict[str, object], results: Results, stop_at: float, budget: list[int]
+) -> None:
+    while time.monotonic() < stop_at and budget[0] > 0:
+        budget[0] -= 1
+        pause = await _one_request(client, body, results)
+        if pause:
+            await asyncio.sleep(pause)
+
+
+def rss_from_proc(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+async def rss_from_metrics(client: httpx.AsyncClient) -> int | None:
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    for line in response.text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return int(float(line.split()[1]))
+    return None
+
+
+async def server_rss(client: httpx.AsyncClient, pid: int | None) -> int | None:
+    return rss_from_proc(pid) if pid else await rss_from_metrics(client)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    require_loopback(args.url)
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    body: dict[str, object] = {
+        "model": args.model,
+        "voice": args.voice,
+        "input": args.text,
+        "response_format": args.format,
+    }
+    limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
+        rss_start = await server_rss(client, args.server_pid)
+        # Warm-up: first requests fill caches (voice conditionals, allocator pools); the
+        # baseline that "after" is compared with is taken once those exist.
+        warm = Results()
+        await asyncio.gather(*(_one_request(client, body, warm) for _ in range(min(args.concurrency, 8))))
+        await asyncio.sleep(args.settle)
+        rss_before = await server_rss(client, args.server_pid)
+
+        results = Results(started=time.monotonic())
+        stop_at = results.started + args.duration
+        budget = [args.max_requests]
+        peak = [rss_before or 0]
+
+        async def sample_peak() -> None:
+            while time.monotonic() < stop_at:
+                value = await server_rss(client, args.server_pid)
+                peak[0] = max(peak[0], value or 0)
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample_peak())
+        await asyncio.gather(*(_client_loop(client, body, results, stop_at, budget) for _ in range(args.concurrency)))
+        results.finished = time.monotonic()
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        await asyncio.sleep(args.settle)
+        rss_after = await server_rss(client, args.server_pid)
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 1)
+
+    elapsed = results.finished - results.started
+    return {
+        "url": args.url,
+        "concurrency": args.concurrency,
+        "duration_s": round(elapsed, 1),
+        "format": args.format,
+        "requests": results.requests,
+        "ok": results.ok,
+        "requests_per_s": round(results.ok / elapsed, 2) if elapsed else None,
+        "rejected_429": results.rejected_429,
+        "errors": dict(results.errors),
+        "error_count": sum(results.errors.values()),
+        "warmup_errors": dict(warm.errors),
+        "ttfb_ms": {
+            "p50": ms(_percentile(results.ttfb_s, 50)),
+            "p95": ms(_percentile(results.ttfb_s, 95)),
+            "max": ms(max(results.ttfb_s) if results.ttfb_s else None),
+        },
+        "total_ms": {"p50": ms(_percentile(results.total_s, 50)), "p95": ms(_percentile(results.total_s, 95))},
+        "audio_bytes": results.audio_bytes,
+        "server_rss_mib": {
+            "start": _mib(rss_start),
+            "before": _mib(rss_before),
+            "peak": _mib(peak[0] or None),
+            "after": _mib(rss_after),
+        },
+    }
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else round(value / 1_048_576, 1)
+
+
+def _bounded(low: float, high: float, kind: type = float):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway.tools.loadtest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="base URL of a gateway on this machine (loopback only)")
+    p.add_argument("--concurrency", type=_bounded(1, MAX_CONCURRENCY, int), default=64)
+    p.add_argument("--duration", type=_bounded(1, MAX_DURATION_S), default=60.0, help="seconds")
+    p.add_argument("--max-requests", type=_bounded(1, 10_000_000, int), default=1_000_000)
+    p.add_argument("--server-pid", type=int, default=None, help="read the server's RSS from /proc/<pid>/status")
+    p.add_argument("--api-key", default="loadtest")
+    p.add_argument("--model", default="tts-1")
+    p.add_argument("--voice", default="alloy")
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--format", default="wav", choices=["mp3", "opus", "aac", "flac", "wav", "pcm"])
+    p.add_argument("--request-timeout", type=_bounded(1, 3600), default=120.0, help="seconds per request")
+    p.add_argument("--settle", type=_bounded(0, 120), default=3.0, help="seconds to wait before memory readings")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = asyncio.run(run(args))
+    except NotLoopbackError as exc:
+        print(f"refusing to run: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    return 0 if report["error_count"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
