@@ -23,6 +23,8 @@ from gateway.api.errors import handle_exception
 from gateway.api.health import health, ready
 from gateway.api.models import list_models, retrieve_model
 from gateway.api.request_context import add_request_id_header, request_context_middleware
+from gateway.api.speech import create_speech
+from gateway.api.voices import VoicesController
 from gateway.engine.base import Engine
 from gateway.services import AppServices, provide_services
 from gateway.settings import Settings
@@ -48,7 +50,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
                 await services.engine.close()
 
     return Litestar(
-        route_handlers=[health, ready, list_models, retrieve_model],
+        route_handlers=[create_speech, list_models, retrieve_model, VoicesController, health, ready],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],

@@ -20,7 +20,13 @@ def health() -> HealthStatus:
     tags=["health"],
     summary="The engine is loaded",
     sync_to_thread=False,
-    responses={503: ResponseSpec(data_container=ErrorResponse, description="Engine loading or failed (Retry-After set)")},
+    responses={
+        503: ResponseSpec(
+            data_container=ErrorResponse,
+            description="Engine loading or failed (Retry-After set)",
+            generate_examples=False,
+        )
+    },
 )
 def ready(services: AppServices) -> HealthStatus:
     """200 once the engine has loaded; 503 with the error envelope and Retry-After until then."""

@@ -1,0 +1,198 @@
+"""The ``chatterbox-gateway`` command (also ``python -m gateway``).
+
+- ``serve``: start the server. Every setting is a flag (``--load-format dummy``, ``--port``,
+  ...) over the ``CHATTERBOX_*`` environment. Weights are checked before anything starts, so
+  a machine without Hub access fails at once with a message saying what to do.
+- ``download``: fetch the pinned weights into the cache ahead of time.
+- ``openapi``: write the OpenAPI document (no engine, no lifespan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import inspect
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from gateway import __version__
+from gateway import settings as settings_module
+from gateway.errors import WeightsUnavailableError
+from gateway.settings import Settings, SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except (SettingsError, WeightsUnavailableError) as exc:
+        # What the user must change: one clear line, no traceback.
+        print(f"chatterbox-gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatterbox-gateway", description="OpenAI-compatible text-to-speech server for Chatterbox."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the server. Flags override CHATTERBOX_* environment variables.",
+    )
+    _add_settings_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    download = commands.add_parser("download", help="download the model weights into the cache")
+    _add_settings_flags(download)
+    download.set_defaults(run=_download)
+
+    openapi = commands.add_parser("openapi", help="write the OpenAPI document (JSON)")
+    openapi.add_argument("--output", "-o", default="-", help="file to write, '-' for stdout (default)")
+    openapi.set_defaults(run=_openapi)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in Settings.__struct_fields__}
+    return load_settings(overrides=overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _check_weights(settings)
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+
+    configure_logging(settings)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # configure_logging owns the handlers
+        access_log=False,  # one canonical line per request comes from the app
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+    )
+    return 0
+
+
+def _check_weights(settings: Settings) -> None:
+    """Fail before the server starts when the configured weights cannot be had."""
+    if settings.engine == "fake":
+        return
+    from gateway.engine.weights import resolve_weights
+
+    resolve_weights(settings)
+
+
+def _download(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from gateway.engine.weights import download_weights
+
+    path = download_weights(settings)
+    print(path)
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    text = openapi_json()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def openapi_json() -> str:
+    """The OpenAPI document of an app built with default settings (independent of the
+    environment, so the committed file is reproducible anywhere)."""
+    from gateway.app import create_app
+
+    app = create_app(Settings())
+    return json.dumps(app.openapi_schema.to_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# --- one flag per setting ---------------------------------------------------------------------
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also CHATTERBOX_<NAME> in the environment)")
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    docs = _field_docs()
+    defaults = {f.name: f.default for f in msgspec.structs.fields(Settings)}
+    for name in Settings.__struct_fields__:
+        flag = "--" + name.replace("_", "-")
+        base, choices = _flag_type(hints[name])
+        help_text = docs.get(name, "")
+        default = defaults[name]
+        if default is not msgspec.NODEFAULT and default is not None and default != ():
+            help_text = f"{help_text} (default: {default})".strip()
+        help_text = help_text.replace("%", "%%")
+        # default=None everywhere: a flag that is not given leaves the environment's value.
+        if base is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif base is tuple:
+            group.add_argument(flag, dest=name, type=_comma_list, default=None, metavar="A,B", help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=base, choices=choices, default=None, help=help_text)
+
+
+def _flag_type(hint: Any) -> tuple[Any, list[Any] | None]:
+    while typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _flag_type(options[0])
+    if origin is Literal:
+        choices = list(typing.get_args(hint))
+        return type(choices[0]), choices
+    if origin is tuple or hint is tuple:
+        return tuple, None
+    return hint, None
+
+
+def _comma_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    """The attribute docstrings of Settings (the string right under a field), for --help."""
+    tree = ast.parse(inspect.getsource(settings_module))
+    docs: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Settings":
+            body = node.body
+            for current, following in zip(body, body[1:]):
+                if (
+                    isinstance(current, ast.AnnAssign)
+                    and isinstance(current.target, ast.Name)
+                    and isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)
+                ):
+                    docs[current.target.id] = " ".join(following.value.value.split())
+    return docs

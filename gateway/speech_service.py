@@ -1,0 +1,180 @@
+"""One speech request, from a validated body to the bytes of the response.
+
+``prepare_speech`` does everything that can fail with a client error (model, voice, text)
+or a 503 (engine not ready) before the response starts, then starts synthesis and waits for
+the first encoded bytes, so a failure to start is still a proper error response. What it
+returns is an async byte iterator for Litestar's ``Stream``: engine audio -> FFmpeg encoder
+-> bytes, or the same bytes wrapped as server-sent events. Closing that iterator (the client
+hung up) closes the encoder, which closes the engine's iterator, which cancels the job.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import structlog
+
+from gateway.audio.encoder import CONTENT_TYPES, encode_audio
+from gateway.engine.base import Engine, GenerationParams, SynthesisJob
+from gateway.errors import GatewayError, InvalidRequestError, VoiceNotFoundError
+from gateway.model_names import resolve_model
+from gateway.protocol import (
+    CONTROL_FIELDS,
+    ErrorDetail,
+    SpeechAudioDelta,
+    SpeechAudioDone,
+    SpeechRequest,
+    SpeechStreamError,
+    SpeechUsage,
+)
+from gateway.services import AppServices
+from gateway.settings import Settings
+from gateway.text import normalize_text, split_text
+
+SSE_CONTENT_TYPE = "text/event-stream"
+
+_SSE_ENCODER = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSpeech:
+    media_type: str
+    body: AsyncGenerator[bytes, None]
+    """Yields the response body; ``aclose()`` cancels the synthesis behind it."""
+
+
+@dataclass(slots=True)
+class _Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+def generation_params(request: SpeechRequest, settings: Settings) -> GenerationParams:
+    """The request's Chatterbox controls over the engine defaults, bounded by the settings."""
+    given: dict[str, Any] = {
+        name: getattr(request, name) for name in CONTROL_FIELDS if getattr(request, name) is not None
+    }
+    return GenerationParams(**given, max_speech_tokens=settings.max_speech_tokens)
+
+
+async def prepare_speech(services: AppServices, request: SpeechRequest, request_id: str) -> PreparedSpeech:
+    """Validate and resolve everything, start synthesis, and return the response body."""
+    settings = services.settings
+    resolve_model(request.model)
+    engine = services.ready_engine()
+    voices, voice_cache = services.ready_voices()
+    try:
+        voice_info = voices.get(request.voice_name)
+    except VoiceNotFoundError as exc:
+        # A speech request names a voice as a parameter: an unknown one is a bad value (400),
+        # never a silent fallback to another voice.
+        raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
+    voice = await voice_cache.get(voice_info)
+
+    chunks = tuple(split_text(normalize_text(request.input), settings.max_chunk_chars))
+    if not chunks:
+        raise InvalidRequestError("'input' has no speakable text.", param="input")
+    job = SynthesisJob(
+        request_id=request_id,
+        chunks=chunks,
+        voice=voice,
+        params=generation_params(request, settings),
+        streaming=True,
+    )
+    usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
+    speed = 1.0 if request.speed is None else request.speed
+    audio = await _primed(_encoded_audio(engine, job, request.response_format, speed, usage))
+    if request.stream_format == "sse":
+        return PreparedSpeech(media_type=SSE_CONTENT_TYPE, body=_sse_events(audio, usage))
+    return PreparedSpeech(media_type=CONTENT_TYPES[request.response_format], body=audio)
+
+
+async def _encoded_audio(
+    engine: Engine, job: SynthesisJob, response_format: str, speed: float, usage: _Usage
+) -> AsyncGenerator[bytes, None]:
+    produced = engine.synthesize(job)
+
+    async def samples() -> AsyncIterator[np.ndarray]:
+        async for chunk in produced:
+            usage.output_tokens += chunk.speech_tokens
+            yield chunk.samples
+
+    encoded = encode_audio(samples(), response_format=response_format, sample_rate=engine.sample_rate, speed=speed)
+    try:
+        async for data in encoded:
+            yield data
+    finally:
+        # The encoder closes its input, but the engine's iterator is closed here as well: an
+        # iterator that was never started is not closed by closing its consumer.
+        await _aclose(encoded)
+        await _aclose(produced)
+
+
+async def _sse_events(audio: AsyncGenerator[bytes, None], usage: _Usage) -> AsyncGenerator[bytes, None]:
+    try:
+        async for data in audio:
+            yield _event(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii")))
+        yield _event(
+            SpeechAudioDone(
+                usage=SpeechUsage(
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    total_tokens=usage.input_tokens + usage.output_tokens,
+                )
+            )
+        )
+    except Exception as exc:  # the status line is gone: the error travels as the last event
+        detail = _error_detail(exc)
+        structlog.get_logger("gateway.speech").error("speech_stream_failed", error=detail.message, exc_info=exc)
+        yield _event(SpeechStreamError(error=detail))
+    finally:
+        await _aclose(audio)
+
+
+def _event(payload: msgspec.Struct) -> bytes:
+    return b"data: " + _SSE_ENCODER.encode(payload) + b"\n\n"
+
+
+def _error_detail(exc: Exception) -> ErrorDetail:
+    if isinstance(exc, GatewayError):
+        return ErrorDetail(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+    return ErrorDetail(
+        message="The server had an error while processing your request.", type="server_error", param=None, code=None
+    )
+
+
+async def _primed(body: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """Wait for the first bytes before the response starts, so a synthesis or encoder failure
+    at start-up is still an error response; then yield them and the rest."""
+    try:
+        first = await anext(body)
+    except StopAsyncIteration:
+        first = b""
+    except BaseException:
+        await _aclose(body)
+        raise
+
+    async def chained() -> AsyncGenerator[bytes, None]:
+        try:
+            if first:
+                yield first
+            async for data in body:
+                yield data
+        finally:
+            await _aclose(body)
+
+    return chained()
+
+
+async def _aclose(iterator: object) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(RuntimeError):
+            # RuntimeError: the generator is already running its own cleanup in another frame.
+            await close()
