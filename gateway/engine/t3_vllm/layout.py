@@ -1,0 +1,128 @@
+"""How a T3 request's prompt is laid out, and the side channel that carries its per-request
+numbers (prompt length, CFG weight, text token ids) into the graph-captured forward pass.
+
+A prompt is ``[conditioning rows][text rows][BOS][BOS]`` (``len(cond) + len(text) + 2`` rows),
+exactly as upstream ``T3.inference`` builds it (its ``prepare_input_embeds`` ends with the
+start-of-speech row and the decode loop prepends a second one).
+
+The rows themselves travel as prompt embeddings. Their *placeholder token ids* carry three
+facts vLLM would otherwise lose, all in the id range the sampler can never produce
+(``>= 6563``, masked), so the repetition penalty is unaffected by them:
+
+* cond rows: the first two hold the CFG weight in milli-units as two base-800 digits
+  (``7300 + digit``); the rest are ``8100``;
+* text rows: ``6563 + text_token`` (the uncond stream needs the text embedding removed);
+* the two BOS rows: ``6561``, the speech start token, as upstream penalises it.
+
+The model turns those ids into M-RoPE style positions (``get_mrope_input_positions``), a
+``[3, n]`` int64 tensor per request, plus one per-request delta that vLLM adds to every
+later (decode) position. Row 0 is ``p | L << 14 | w_milli << 28`` with ``p`` the real
+position and ``L`` the prompt length, so each decode row knows its speech position
+``p - L + 1`` and its request's CFG weight with no per-request Python state in ``forward``.
+Rows 1 and 2 equal row 0 for generated tokens and are negative for prompt rows
+(``-1``: conditioning/BOS, ``-(2 + t)``: text token ``t``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+START_SPEECH = 6561
+STOP_SPEECH = 6562
+SPEECH_VOCAB = 8194
+TEXT_ID_BASE = 6563
+COND_DIGIT_BASE = 7300
+COND_DIGITS = 800
+COND_FILLER = 8100
+CFG_SCALE = 1000
+"""The CFG weight travels in milli-units: 0.5 is 500, exact to three decimals."""
+MAX_CFG_MILLI = COND_DIGITS * COND_DIGITS - 1
+
+POS_BITS = 14
+POS_MASK = (1 << POS_BITS) - 1
+MAX_POSITIONS = 1 << POS_BITS
+"""Positions and prompt lengths must stay below this (it bounds ``max_model_len``)."""
+W_SHIFT = 2 * POS_BITS
+MAX_TEXT_VOCAB = COND_DIGIT_BASE - TEXT_ID_BASE
+
+
+def cfg_to_milli(cfg_weight: float) -> int:
+    milli = round(float(cfg_weight) * CFG_SCALE)
+    if not 0 <= milli <= MAX_CFG_MILLI:
+        raise ValueError(f"cfg_weight {cfg_weight} outside [0, {MAX_CFG_MILLI / CFG_SCALE}]")
+    return milli
+
+
+def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float) -> list[int]:
+    """The prompt's placeholder token ids (see the module docstring)."""
+    if n_cond < 2:
+        raise ValueError("a T3 prompt has at least two conditioning rows (speaker, emotion)")
+    if any(not 0 <= t < MAX_TEXT_VOCAB for t in text_tokens):
+        raise ValueError(f"text token ids must lie in [0, {MAX_TEXT_VOCAB})")
+    milli = cfg_to_milli(cfg_weight)
+    cond = [COND_DIGIT_BASE + milli // COND_DIGITS, COND_DIGIT_BASE + milli % COND_DIGITS]
+    cond += [COND_FILLER] * (n_cond - 2)
+    ids = cond + [TEXT_ID_BASE + t for t in text_tokens] + [START_SPEECH, START_SPEECH]
+    if len(ids) >= MAX_POSITIONS:
+        raise ValueError(f"prompt of {len(ids)} rows is too long (limit {MAX_POSITIONS - 1})")
+    return ids
+
+
+def prompt_length(ids: list[int]) -> int:
+    """Length of the original prompt inside ``ids`` (which may continue with generated tokens
+    after a preemption): the prompt ends at its first pair of BOS rows."""
+    for i in range(len(ids) - 1):
+        if ids[i] == START_SPEECH and ids[i + 1] == START_SPEECH:
+            return i + 2
+    raise ValueError("not a T3 prompt: no pair of start-of-speech rows")
+
+
+def mrope_positions(ids: list[int]) -> tuple[torch.Tensor, int]:
+    """``(positions [3, len(ids)], delta)`` for vLLM's M-RoPE hook (see the module docstring)."""
+    n = len(ids)
+    length = prompt_length(ids)
+    milli = (ids[0] - COND_DIGIT_BASE) * COND_DIGITS + (ids[1] - COND_DIGIT_BASE)
+    if not (0 <= ids[0] - COND_DIGIT_BASE < COND_DIGITS and 0 <= ids[1] - COND_DIGIT_BASE < COND_DIGITS):
+        raise ValueError("not a T3 prompt: the first two rows do not carry the CFG weight")
+    delta = (length << POS_BITS) | (milli << W_SHIFT)
+    row0 = torch.arange(n, dtype=torch.int64) + delta
+    kind = row0.clone()
+    for i in range(length):
+        t = ids[i] - TEXT_ID_BASE
+        kind[i] = -(2 + t) if 0 <= t < MAX_TEXT_VOCAB else -1
+    return torch.stack((row0, kind, kind)), delta
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedPositions:
+    position: torch.Tensor
+    """Real (RoPE) position of each row, int64 [N]."""
+    is_generated: torch.Tensor
+    """True for rows that are generated speech tokens (they need a speech position), bool [N]."""
+    speech_index: torch.Tensor
+    """Learned speech position of a generated row (``p - L + 1``), clamped, int64 [N]."""
+    is_text: torch.Tensor
+    text_token: torch.Tensor
+    """Text token of a text prompt row, clamped, int64 [N]."""
+    cfg_weight: torch.Tensor
+    """The row's request CFG weight, float32 [N]."""
+
+
+def decode_positions(
+    positions: torch.Tensor, *, max_position: int, speech_positions: int, text_vocab: int
+) -> DecodedPositions:
+    """Inverse of :func:`mrope_positions`, in tensor ops only (CUDA-graph safe). Every index
+    is clamped: padded rows of a captured graph hold stale values."""
+    v = positions[0]
+    kind = positions[1]
+    p = (v & POS_MASK).clamp(max=max_position - 1)
+    length = (v >> POS_BITS) & POS_MASK
+    milli = v >> W_SHIFT
+    is_gen = kind >= 0
+    speech_index = (p - length + 1).clamp(0, speech_positions - 1)
+    is_text = kind <= -2
+    text_token = (-kind - 2).clamp(0, text_vocab - 1)
+    cfg = milli.clamp(0, MAX_CFG_MILLI).to(torch.float32) / CFG_SCALE
+    return DecodedPositions(p, is_gen, speech_index, is_text, text_token, cfg)
