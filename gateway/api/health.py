@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import get
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 
 from gateway.protocol import ErrorResponse, HealthStatus
@@ -28,7 +29,7 @@ def health() -> HealthStatus:
         )
     },
 )
-def ready(services: AppServices) -> HealthStatus:
+def ready(services: NamedDependency[AppServices]) -> HealthStatus:
     """200 once the engine has loaded; 503 with the error envelope and Retry-After until then."""
     engine = services.ready_engine()
     return HealthStatus(status="ready", engine=engine.name, model=engine.model_id)

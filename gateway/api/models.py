@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import get
+from litestar.params import FromPath
 
 from gateway.model_names import CREATED, OWNER, model_ids, resolve_model
 from gateway.protocol import ModelCard, ModelList
@@ -15,7 +16,7 @@ def list_models() -> ModelList:
 
 
 @get("/v1/models/{model_id:str}", tags=["models"], summary="Retrieve a model", sync_to_thread=False)
-def retrieve_model(model_id: str) -> ModelCard:
+def retrieve_model(model_id: FromPath[str]) -> ModelCard:
     """One model or alias by id; 404 `model_not_found` for anything else."""
     resolve_model(model_id)
     return ModelCard(id=model_id, created=CREATED, owned_by=OWNER)

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Request, post
 from litestar.background_tasks import BackgroundTask
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import Operation, RequestBody, Schema
@@ -73,7 +74,7 @@ class _SpeechOperation(Operation):
     "with base64 audio when `stream_format` is `sse`).",
     responses={status: ResponseSpec(data_container=ErrorResponse, description=text, generate_examples=False) for status, text in _ERRORS.items()},
 )
-async def create_speech(request: Request[Any, Any, Any], services: AppServices) -> Stream:
+async def create_speech(request: Request[Any, Any, Any], services: NamedDependency[AppServices]) -> Stream:
     """Speech from text, OpenAI-compatible. Chatterbox controls (`exaggeration`, `cfg_weight`,
     `temperature`, `top_p`, `min_p`, `repetition_penalty`, `seed`) go in the same body."""
     media_type = request.content_type[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 
 from gateway.errors import EngineUnavailableError
 from gateway.protocol import VoiceCard, VoiceList
@@ -14,7 +15,7 @@ class VoicesController(Controller):
     tags = ["voices"]
 
     @get(summary="List voices", sync_to_thread=False)
-    def list_voices(self, services: AppServices) -> VoiceList:
+    def list_voices(self, services: NamedDependency[AppServices]) -> VoiceList:
         """Every voice: built-in ones (the 13 OpenAI names are aliases of them), the model's own
         voice and user voices. `id`, `name` and every alias can be sent as `voice`."""
         if services.voices is None:
