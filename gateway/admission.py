@@ -23,10 +23,11 @@ stream is closed (the caller logs it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from gateway.errors import EngineUnavailableError, OverloadedError, RequestTimeoutError
@@ -186,3 +187,26 @@ async def deadline_iter(source: AsyncIterator[T], deadline: float, *, what: str 
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+@contextlib.asynccontextmanager
+async def within_deadline(deadline: float, *, what: str = "request") -> AsyncIterator[None]:
+    """Bound a block (e.g. resolving a voice) by the same total deadline; 504 past it."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            yield
+    except TimeoutError:
+        raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.") from None
+
+
+async def hold_slot(body: AsyncIterator[T], slot: Slot) -> AsyncGenerator[T, None]:
+    """``body``'s items; the admission slot is given back when it ends, however it ends."""
+    try:
+        async for item in body:
+            yield item
+    finally:
+        slot.release()
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(RuntimeError):
+                await aclose()

@@ -21,13 +21,19 @@ from litestar.openapi import OpenAPIConfig
 from gateway import __version__
 from gateway.api.errors import handle_exception
 from gateway.api.health import health, ready
+from gateway.api.metrics import metrics
 from gateway.api.models import list_models, retrieve_model
 from gateway.api.request_context import add_request_id_header, request_context_middleware
 from gateway.api.speech import create_speech
 from gateway.api.voices import VoicesController
+from gateway.auth import auth_middleware, log_auth_mode
+from gateway.cors import cors_config
 from gateway.engine.base import Engine
+from gateway.engine_watch import watch_engine
+from gateway.metrics import GatewayMetrics, service_gauges
 from gateway.services import AppServices, provide_services
 from gateway.settings import Settings
+from gateway.shutdown import close_engine, drain
 
 OPENAPI_PATH = "/schema"
 """The live server serves the OpenAPI document at ``/schema/openapi.json``."""
@@ -37,24 +43,33 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     """The gateway as an ASGI app. ``engine`` replaces the configured one (tests)."""
     services = AppServices(settings=settings)
 
+    api_keys = auth_middleware(settings)
+    if settings.metrics_enabled:
+        services.metrics = GatewayMetrics(live=lambda: service_gauges(services))
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        log_auth_mode(api_keys)
         loader = asyncio.create_task(_load(services, engine), name="engine-loader")
+        watcher = asyncio.create_task(watch_engine(services), name="engine-watch")
         try:
             yield
         finally:
+            # stop admitting and let admitted work finish (bounded), then release the device
+            await drain(services, settings.shutdown_grace_s)
             services.engine_state = "closed"
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
-            if services.engine is not None:
-                await services.engine.close()
+            for task in (loader, watcher):
+                task.cancel()
+            await asyncio.gather(loader, watcher, return_exceptions=True)
+            await close_engine(services)
 
     return Litestar(
-        route_handlers=[create_speech, list_models, retrieve_model, VoicesController, health, ready],
+        route_handlers=[create_speech, list_models, retrieve_model, VoicesController, health, ready, metrics],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
-        middleware=[request_context_middleware],
+        middleware=[request_context_middleware, api_keys],
+        cors_config=cors_config(settings),
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,
         state=State({"services": services}),

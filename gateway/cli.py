@@ -79,22 +79,27 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _check_weights(settings)
 
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.logging import configure_logging
 
     configure_logging(settings)
-    app = create_app(settings)
+    run_server(create_app(settings), settings)
+    return 0
+
+
+def run_server(app: Any, settings: Settings) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; then stop accepting, give open requests
+    ``shutdown_grace_s`` to finish (the rest are cancelled), and run the app's shutdown."""
+    import uvicorn
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # configure_logging owns the handlers
         access_log=False,  # one canonical line per request comes from the app
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
 
 
 def _check_weights(settings: Settings) -> None:

@@ -10,6 +10,7 @@ load test also reads).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -52,7 +53,7 @@ class GatewayMetrics:
         self.ttfb = Histogram(
             f"{NAMESPACE}_time_to_first_byte_seconds",
             "Speech requests: seconds from request start to the first audio byte sent.",
-            ["stream"],
+            ["stream_format"],
             buckets=TTFB_BUCKETS,
             registry=r,
         )
@@ -80,14 +81,11 @@ class GatewayMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.admission_rejections = Counter(
-            f"{NAMESPACE}_admission_rejections", "Requests refused by admission control.", ["reason"], registry=r
-        )
 
     def observe_speech(
         self,
         *,
-        stream: bool,
+        stream_format: str,
         ttfb_s: float | None,
         total_s: float,
         audio_s: float,
@@ -95,7 +93,7 @@ class GatewayMetrics:
     ) -> None:
         """One finished speech request that produced a response (any outcome)."""
         if ttfb_s is not None:
-            self.ttfb.labels(stream="true" if stream else "false").observe(ttfb_s)
+            self.ttfb.labels(stream_format=stream_format).observe(ttfb_s)
         self.duration.observe(total_s)
         self.input_chars.inc(input_chars)
         if audio_s > 0:
@@ -108,3 +106,15 @@ class GatewayMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def service_gauges(services: Any) -> dict[str, tuple[str, float]]:
+    """Live values of an app's services (``gateway.services.AppServices``) for the scrape."""
+    admission = services.admission
+    values: dict[str, tuple[str, float]] = {
+        "in_flight_requests": ("Speech requests admitted and not yet finished.", float(admission.in_flight)),
+        "queued_requests": ("Speech requests waiting for an admission slot.", float(admission.queued)),
+        "max_in_flight_requests": ("Configured admission limit (max_in_flight).", float(admission.max_in_flight)),
+        "engine_ready": ("1 while the engine is loaded and healthy, else 0.", 1.0 if services.engine_state == "ready" else 0.0),
+    }
+    return values

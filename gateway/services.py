@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING
 
 from litestar.datastructures import State
 
+from gateway.admission import AdmissionController
 from gateway.engine.base import Engine, EngineState
 from gateway.errors import EngineUnavailableError
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
     from gateway.voice_cache import VoiceCache
     from gateway.voice_library import VoiceLibrary
 
@@ -34,6 +36,10 @@ class AppServices:
         """Why the engine failed to load (shown by /ready and on 503s)."""
         self.voices: VoiceLibrary | None = None
         self.voice_cache: VoiceCache | None = None
+        self.admission = AdmissionController.from_settings(settings)
+        """Bounded in-flight speech work (429/503 past it); see gateway.admission."""
+        self.metrics: GatewayMetrics | None = None
+        """The app's Prometheus metrics; None when metrics_enabled is off."""
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 (with Retry-After) while it loads or after it failed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,12 @@ import msgspec
 import numpy as np
 import structlog
 
+from gateway.admission import deadline_iter, hold_slot, within_deadline
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
 from gateway.engine.base import Engine, GenerationParams, SynthesisJob
-from gateway.errors import GatewayError, InvalidRequestError, VoiceNotFoundError
+from gateway.errors import EncoderError, GatewayError, InvalidRequestError, VoiceNotFoundError
 from gateway.model_names import resolve_model
+from gateway.observability import RequestRecord, current_record, watched_stream
 from gateway.protocol import (
     CONTROL_FIELDS,
     ErrorDetail,
@@ -66,6 +69,11 @@ def generation_params(request: SpeechRequest, settings: Settings) -> GenerationP
 async def prepare_speech(services: AppServices, request: SpeechRequest, request_id: str) -> PreparedSpeech:
     """Validate and resolve everything, start synthesis, and return the response body."""
     settings = services.settings
+    deadline = time.monotonic() + settings.request_timeout_s
+    record = current_record()
+    record.model, record.voice = request.model, request.voice_name
+    record.response_format, record.stream_format = request.response_format, request.stream_format
+    record.input_chars = len(request.input)
     resolve_model(request.model)
     engine = services.ready_engine()
     voices, voice_cache = services.ready_voices()
@@ -75,40 +83,55 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         # A speech request names a voice as a parameter: an unknown one is a bad value (400),
         # never a silent fallback to another voice.
         raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
-    voice = await voice_cache.get(voice_info)
-
     chunks = tuple(split_text(normalize_text(request.input), settings.max_chunk_chars))
     if not chunks:
         raise InvalidRequestError("'input' has no speakable text.", param="input")
-    job = SynthesisJob(
-        request_id=request_id,
-        chunks=chunks,
-        voice=voice,
-        params=generation_params(request, settings),
-        streaming=True,
-    )
-    usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
-    speed = 1.0 if request.speed is None else request.speed
-    audio = await _primed(_encoded_audio(engine, job, request.response_format, speed, usage))
+
+    # Admission before any engine work (conditionals included): 429 at once when full.
+    slot = await services.admission.acquire()
+    record.queued_s = slot.queued_s
+    try:
+        async with within_deadline(deadline):
+            voice = await voice_cache.get(voice_info)
+        job = SynthesisJob(
+            request_id=request_id,
+            chunks=chunks,
+            voice=voice,
+            params=generation_params(request, settings),
+            streaming=True,
+        )
+        usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
+        speed = 1.0 if request.speed is None else request.speed
+        encoded = _encoded_audio(engine, job, request.response_format, speed, usage, record)
+        # the total time limit bounds every step, from the first byte to the last
+        audio = await _primed(deadline_iter(encoded, deadline, what="speech request"))
+    except BaseException:
+        slot.release()
+        raise
     if request.stream_format == "sse":
-        return PreparedSpeech(media_type=SSE_CONTENT_TYPE, body=_sse_events(audio, usage))
-    return PreparedSpeech(media_type=CONTENT_TYPES[request.response_format], body=audio)
+        return PreparedSpeech(media_type=SSE_CONTENT_TYPE, body=hold_slot(_sse_events(audio, usage), slot))
+    body = hold_slot(watched_stream(audio, record), slot)
+    return PreparedSpeech(media_type=CONTENT_TYPES[request.response_format], body=body)
 
 
 async def _encoded_audio(
-    engine: Engine, job: SynthesisJob, response_format: str, speed: float, usage: _Usage
+    engine: Engine, job: SynthesisJob, response_format: str, speed: float, usage: _Usage, record: RequestRecord
 ) -> AsyncGenerator[bytes, None]:
     produced = engine.synthesize(job)
 
     async def samples() -> AsyncIterator[np.ndarray]:
         async for chunk in produced:
             usage.output_tokens += chunk.speech_tokens
+            record.add_audio(len(chunk.samples))
             yield chunk.samples
 
     encoded = encode_audio(samples(), response_format=response_format, sample_rate=engine.sample_rate, speed=speed)
     try:
         async for data in encoded:
             yield data
+    except EncoderError:
+        record.encoder_failed = True
+        raise
     finally:
         # The encoder closes its input, but the engine's iterator is closed here as well: an
         # iterator that was never started is not closed by closing its consumer.
@@ -131,6 +154,7 @@ async def _sse_events(audio: AsyncGenerator[bytes, None], usage: _Usage) -> Asyn
         )
     except Exception as exc:  # the status line is gone: the error travels as the last event
         detail = _error_detail(exc)
+        current_record().fail("timeout" if detail.code == "timeout" else "error", detail.message)
         structlog.get_logger("gateway.speech").error("speech_stream_failed", error=detail.message, exc_info=exc)
         yield _event(SpeechStreamError(error=detail))
     finally:

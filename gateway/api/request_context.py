@@ -17,6 +17,9 @@ import structlog
 from litestar.datastructures import MutableScopeHeaders
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.metrics import GatewayMetrics
+from gateway.observability import close_record, finish_request, open_record
+
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -47,32 +50,56 @@ async def add_request_id_header(message: Message, scope: Scope) -> None:
 
 
 def request_context_middleware(app: ASGIApp) -> ASGIApp:
-    """Bind the request id for logging and write one canonical line when the response ends."""
+    """Bind the request id for logging and write one canonical line when the response ends
+    (the line and the request metrics come from ``gateway.observability``)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
         request_id = request_id_of(scope)
-        status: dict[str, int] = {}
+        seen: dict[str, Any] = {"status": None, "first_byte": None, "completed": False, "disconnected": False}
         started = time.perf_counter()
 
         async def send_and_record(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                if seen["first_byte"] is None and message.get("body"):
+                    seen["first_byte"] = time.perf_counter()
+                if not message.get("more_body", False):
+                    seen["completed"] = True
             await send(message)
 
-        log = structlog.get_logger("gateway.access")
+        async def receive_and_watch() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not seen["completed"]:
+                seen["disconnected"] = True
+            return message
+
+        record, token = open_record(route=scope["path"])
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                await app(scope, receive, send_and_record)
+                await app(scope, receive_and_watch, send_and_record)
             finally:
-                log.info(
-                    "request",
+                close_record(token)
+                first_byte = seen["first_byte"]
+                finish_request(
+                    record,
                     method=scope["method"],
                     path=scope["path"],
-                    status=status.get("code"),
-                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                    status=seen["status"],
+                    total_s=time.perf_counter() - started,
+                    ttfb_s=None if first_byte is None else first_byte - started,
+                    completed=seen["completed"],
+                    disconnected=seen["disconnected"],
+                    metrics=_metrics_of(scope),
                 )
 
     return middleware
+
+
+def _metrics_of(scope: Scope) -> GatewayMetrics | None:
+    app = scope.get("litestar_app")
+    services = app.state.get("services") if app is not None else None
+    return getattr(services, "metrics", None)
