@@ -98,6 +98,16 @@ async def in_process(settings: Settings, engine: FakeEngine, *, ready: bool = Tr
 
 
 @pytest.fixture
+def make_gateway(settings: Settings) -> Callable[..., Any]:
+    """``async with make_gateway(engine, ready=False) as gw``: the app on any engine."""
+
+    def make(engine: FakeEngine, *, ready: bool = True) -> Any:
+        return in_process(settings, engine, ready=ready)
+
+    return make
+
+
+@pytest.fixture
 async def gateway(settings: Settings, fake_engine: FakeEngine) -> AsyncIterator[InProcess]:
     async with in_process(settings, fake_engine) as ctx:
         yield ctx

@@ -13,8 +13,10 @@ from typing import Any
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 
 from gateway.errors import GatewayError
+from gateway.protocol import ErrorResponse
 
 _STATUS_CODES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_value"),
@@ -34,6 +36,15 @@ _MESSAGES: dict[int, str] = {
     405: "Method {method} is not allowed for {path}.",
     413: "The request body is too large.",
 }
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a handler's error statuses, all documented as the envelope (this
+    also replaces Litestar's default 400 schema, which we never send)."""
+    return {
+        status: ResponseSpec(data_container=ErrorResponse, description=text, generate_examples=False)
+        for status, text in descriptions.items()
+    }
 
 
 def envelope(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, dict[str, Any]]:

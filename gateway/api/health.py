@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from litestar import get
 from litestar.di import NamedDependency
-from litestar.openapi.datastructures import ResponseSpec
 
-from gateway.protocol import ErrorResponse, HealthStatus
+from gateway.api.errors import error_responses
+from gateway.protocol import HealthStatus
 from gateway.services import AppServices
 
 
@@ -21,13 +21,7 @@ def health() -> HealthStatus:
     tags=["health"],
     summary="The engine is loaded",
     sync_to_thread=False,
-    responses={
-        503: ResponseSpec(
-            data_container=ErrorResponse,
-            description="Engine loading or failed (Retry-After set)",
-            generate_examples=False,
-        )
-    },
+    responses=error_responses({503: "Engine loading or failed (Retry-After set)"}),
 )
 def ready(services: NamedDependency[AppServices]) -> HealthStatus:
     """200 once the engine has loaded; 503 with the error envelope and Retry-After until then."""

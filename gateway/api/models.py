@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import get
 from litestar.params import FromPath
 
+from gateway.api.errors import error_responses
 from gateway.model_names import CREATED, OWNER, model_ids, resolve_model
 from gateway.protocol import ModelCard, ModelList
 
@@ -15,7 +16,13 @@ def list_models() -> ModelList:
     return ModelList(data=[ModelCard(id=model_id, created=CREATED, owned_by=OWNER) for model_id in model_ids()])
 
 
-@get("/v1/models/{model_id:str}", tags=["models"], summary="Retrieve a model", sync_to_thread=False)
+@get(
+    "/v1/models/{model_id:str}",
+    tags=["models"],
+    summary="Retrieve a model",
+    sync_to_thread=False,
+    responses=error_responses({400: "Invalid request", 404: "Unknown model (`code`: `model_not_found`)"}),
+)
 def retrieve_model(model_id: FromPath[str]) -> ModelCard:
     """One model or alias by id; 404 `model_not_found` for anything else."""
     resolve_model(model_id)

@@ -9,15 +9,15 @@ import msgspec
 from litestar import Request, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import Operation, RequestBody, Schema
 from litestar.response import Stream
 
+from gateway.api.errors import error_responses
 from gateway.api.request_context import request_id_of
 from gateway.audio.encoder import CONTENT_TYPES
 from gateway.errors import UnsupportedMediaTypeError
-from gateway.protocol import ErrorResponse, SpeechRequest, decode_speech_request
+from gateway.protocol import SpeechRequest, decode_speech_request
 from gateway.services import AppServices
 from gateway.speech_service import SSE_CONTENT_TYPE, prepare_speech
 
@@ -26,6 +26,7 @@ _ERRORS = {
     "a wrong Content-Type, an unknown voice)",
     404: "Unknown model (`code`: `model_not_found`)",
     413: "Body larger than the configured limit",
+    429: "Too much work in flight (Retry-After set)",
     503: "Engine loading or failed (Retry-After set)",
 }
 
@@ -72,7 +73,7 @@ class _SpeechOperation(Operation):
     operation_class=_SpeechOperation,
     response_description="The audio file in `response_format`, sent as it is produced (or SSE events "
     "with base64 audio when `stream_format` is `sse`).",
-    responses={status: ResponseSpec(data_container=ErrorResponse, description=text, generate_examples=False) for status, text in _ERRORS.items()},
+    responses=error_responses(_ERRORS),
 )
 async def create_speech(request: Request[Any, Any, Any], services: NamedDependency[AppServices]) -> Stream:
     """Speech from text, OpenAI-compatible. Chatterbox controls (`exaggeration`, `cfg_weight`,
