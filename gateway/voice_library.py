@@ -1,0 +1,413 @@
+"""Which voices exist and where their reference clips are: built-in, dropped-in, API-created.
+
+Three sources, one namespace (ids, names and aliases, compared case-insensitively):
+
+- **checkpoint / builtin**: ``<builtin_dir>/manifest.json`` lists the shipped voices, their
+  clips (in the same folder) and their aliases; the voice without a clip is the model's own
+  (``conds.pt`` of the checkpoint).
+- **user, dropped in**: any audio file directly in ``user_dir`` (by extension) is a voice
+  named after its file stem (sanitised). Read on every lookup, so a clip copied in while the
+  server runs is usable at once.
+- **user, created through the API** (:meth:`VoiceLibrary.create`): stored under
+  ``<user_dir>/created/<id>/`` as ``clip.flac`` (24 kHz mono) and ``voice.json``. The folder
+  is assembled under a temporary name and renamed into place, so a crash at any point leaves
+  either no voice or a complete one.
+
+On a name clash the earlier source wins: built-in, then API-created, then dropped-in files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from gateway.audio.ffmpeg_binary import ffmpeg_exe
+from gateway.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    VoiceNotFoundError,
+)
+
+VoiceSource = Literal["checkpoint", "builtin", "user"]
+
+CLIP_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".m4a", ".mp4", ".aac", ".webm", ".aiff", ".aif"})
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CLIP_SAMPLE_RATE = 24_000
+# Chatterbox reads the first 6 s of a clip for its speech-token prompt and the first 10 s
+# for S3Gen's reference: 3 s is the least that still conditions usefully, anything past
+# 10 s is ignored, and 30 s leaves room for an unedited recording.
+DEFAULT_MIN_CLIP_S = 3.0
+DEFAULT_MAX_CLIP_S = 30.0
+DEFAULT_MAX_CLIP_BYTES = 10 * 1024 * 1024
+CREATED_DIR = "created"
+_STAGING_PREFIX = ".staging-"
+_TRASH_PREFIX = ".deleting-"
+_STALE_STAGING_S = 3600
+# Peak below this (about -80 dBFS) is silence: nothing to learn a voice from.
+_SILENCE_PEAK = 1e-4
+_DECODE_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    id: str
+    name: str
+    aliases: tuple[str, ...]
+    source: VoiceSource
+    clip: Path | None
+    created_at: int | None
+    description: str = ""
+
+
+def sanitize_name(stem: str) -> str:
+    """A file stem as a voice name: runs of characters outside [A-Za-z0-9_-] become "-"."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:64].strip("-")
+
+
+class VoiceLibrary:
+    """All voices, looked up by id, name or alias; create/delete for the voice API.
+
+    ``create`` and ``delete`` block (FFmpeg, fsync): call them in a worker thread from async
+    code. ``list`` and ``get`` only read a small directory.
+    """
+
+    def __init__(
+        self,
+        builtin_dir: Path,
+        user_dir: Path,
+        *,
+        max_clip_bytes: int = DEFAULT_MAX_CLIP_BYTES,
+        min_clip_s: float = DEFAULT_MIN_CLIP_S,
+        max_clip_s: float = DEFAULT_MAX_CLIP_S,
+    ) -> None:
+        self.builtin_dir = Path(builtin_dir).resolve()
+        self.user_dir = Path(user_dir).resolve()
+        self.max_clip_bytes = max_clip_bytes
+        self.min_clip_s = min_clip_s
+        self.max_clip_s = max_clip_s
+        self._builtins = _load_manifest(self.builtin_dir)
+        self._lock = threading.Lock()
+        self._created_cache: dict[str, tuple[int, VoiceInfo]] = {}
+        self._created_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging()
+
+    @property
+    def _created_dir(self) -> Path:
+        return self.user_dir / CREATED_DIR
+
+    # ---- lookup ------------------------------------------------------------------------
+
+    def list(self) -> list[VoiceInfo]:
+        """Every voice, built-in first, each name/alias/id appearing once."""
+        voices = list(self._builtins)
+        taken = {key for v in voices for key in _keys(v)}
+        for candidate in [*self._scan_created(), *self._scan_dropped()]:
+            keys = _keys(candidate)
+            if keys & taken:
+                continue  # shadowed by an earlier source (see module docstring)
+            taken |= keys
+            voices.append(candidate)
+        return voices
+
+    def get(self, name_or_id: str) -> VoiceInfo:
+        """The voice with this id, name or alias (case-insensitive)."""
+        wanted = name_or_id.strip().lower()
+        for voice in self.list():
+            if wanted in _keys(voice):
+                return voice
+        raise VoiceNotFoundError(
+            f"Voice '{name_or_id}' does not exist. GET /v1/audio/voices lists the voices "
+            "(and the OpenAI names that are aliases of them).",
+            param="voice",
+        )
+
+    # ---- create / delete ---------------------------------------------------------------
+
+    def create(self, name: str, clip_bytes: bytes, consent: str | None = None) -> VoiceInfo:
+        """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidRequestError(
+                "Voice name must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.", param="name"
+            )
+        if len(clip_bytes) > self.max_clip_bytes:
+            raise PayloadTooLargeError(
+                f"audio_sample is {len(clip_bytes)} bytes; the limit is {self.max_clip_bytes} bytes.",
+                param="audio_sample",
+            )
+        if not clip_bytes:
+            raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
+        samples = self._decode_upload(clip_bytes)
+        voice_id = "voice_" + secrets.token_hex(12)
+        created_at = int(time.time())
+        meta = {"id": voice_id, "name": name, "created_at": created_at, "consent": consent,
+                "duration_s": round(len(samples) / CLIP_SAMPLE_RATE, 3)}
+        # Assemble the voice in a private folder (slow: FFmpeg, fsync) without the lock; only
+        # the name check and the rename that makes it visible need to be serialised.
+        staging = self._created_dir / f"{_STAGING_PREFIX}{voice_id}"
+        staging.mkdir(parents=True)
+        try:
+            _write_flac(samples, staging / "clip.flac")
+            _atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
+            _fsync_dir(staging)
+            with self._lock:
+                if name.lower() in {key for v in self.list() for key in _keys(v)}:
+                    raise ConflictError(f"A voice named '{name}' already exists.", param="name")
+                os.replace(staging, self._created_dir / voice_id)
+                _fsync_dir(self._created_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return VoiceInfo(voice_id, name, (), "user", self._created_dir / voice_id / "clip.flac", created_at)
+
+    def delete(self, voice_id: str) -> None:
+        """Remove a voice created through the API (by its id)."""
+        with self._lock:
+            for voice in self._builtins:
+                if voice_id.lower() in _keys(voice):
+                    raise InvalidRequestError(f"Voice '{voice_id}' is built in and cannot be deleted.", param="voice_id")
+            target = self._created_dir / voice_id
+            if _is_created_id(voice_id) and (target / "voice.json").is_file():
+                # Rename first: the voice disappears atomically even if removal is interrupted.
+                trash = self._created_dir / f"{_TRASH_PREFIX}{voice_id}"
+                os.replace(target, trash)
+                _fsync_dir(self._created_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+                self._created_cache.pop(voice_id, None)
+                return
+            for voice in self._scan_dropped():
+                if voice_id.lower() in _keys(voice):
+                    raise InvalidRequestError(
+                        f"Voice '{voice_id}' is a file in the voices directory; remove the file to delete it.",
+                        param="voice_id",
+                    )
+        raise NotFoundError(f"Voice '{voice_id}' does not exist.", param="voice_id")
+
+    # ---- scanning ----------------------------------------------------------------------
+
+    def _scan_created(self) -> list[VoiceInfo]:
+        voices = []
+        try:
+            entries = sorted(os.scandir(self._created_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not _is_created_id(entry.name) or not entry.is_dir():
+                continue
+            info = self._read_created(Path(entry.path))
+            if info is not None:
+                voices.append(info)
+        return sorted(voices, key=lambda v: (v.created_at or 0, v.id))
+
+    def _read_created(self, folder: Path) -> VoiceInfo | None:
+        meta_path, clip = folder / "voice.json", folder / "clip.flac"
+        try:
+            mtime = meta_path.stat().st_mtime_ns
+            cached = self._created_cache.get(folder.name)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not clip.is_file() or meta.get("id") != folder.name or not NAME_PATTERN.fullmatch(meta.get("name", "")):
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None  # incomplete or foreign folder: not a voice
+        info = VoiceInfo(folder.name, meta["name"], (), "user", clip, int(meta.get("created_at") or 0))
+        self._created_cache[folder.name] = (mtime, info)
+        return info
+
+    def _scan_dropped(self) -> list[VoiceInfo]:
+        voices = []
+        try:
+            entries = sorted(os.scandir(self.user_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".") or path.suffix.lower() not in CLIP_EXTENSIONS or not entry.is_file():
+                continue
+            name = sanitize_name(path.stem)
+            if not name:
+                continue
+            voices.append(VoiceInfo(name, name, (), "user", path, int(entry.stat().st_mtime)))
+        return voices
+
+    def _remove_stale_staging(self) -> None:
+        # Left by a crash mid-create/delete. Only old ones: another process may be mid-create now.
+        cutoff = time.time() - _STALE_STAGING_S
+        for entry in os.scandir(self._created_dir):
+            if entry.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)) and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    # ---- decoding ----------------------------------------------------------------------
+
+    def _decode_upload(self, clip_bytes: bytes) -> np.ndarray:
+        container = sniff_container(clip_bytes)
+        if container is None:
+            raise InvalidRequestError(
+                "audio_sample is not a supported audio file (WAV, FLAC, MP3, Ogg/Opus, AAC, M4A/MP4, WebM/Matroska, AIFF).",
+                param="audio_sample",
+            )
+        samples = decode_to_mono(clip_bytes, container, max_seconds=self.max_clip_s + 0.5)
+        if samples is None:
+            raise InvalidRequestError("audio_sample could not be decoded as audio.", param="audio_sample")
+        duration = len(samples) / CLIP_SAMPLE_RATE
+        if duration < self.min_clip_s:
+            raise InvalidRequestError(
+                f"audio_sample is {duration:.1f} s long; at least {self.min_clip_s:g} s of speech is needed "
+                "(6-10 s works best).",
+                param="audio_sample",
+            )
+        if duration > self.max_clip_s:
+            raise InvalidRequestError(
+                f"audio_sample is longer than {self.max_clip_s:g} s; the model uses only the first 10 s, "
+                "so trim it to 6-10 s of clean speech.",
+                param="audio_sample",
+            )
+        if float(np.abs(samples).max(initial=0.0)) < _SILENCE_PEAK:
+            raise InvalidRequestError("audio_sample is silent.", param="audio_sample")
+        return samples
+
+
+def _keys(voice: VoiceInfo) -> set[str]:
+    return {voice.id.lower(), voice.name.lower(), *(a.lower() for a in voice.aliases)}
+
+
+def _is_created_id(name: str) -> bool:
+    return re.fullmatch(r"voice_[0-9a-f]{24}", name) is not None
+
+
+def _load_manifest(builtin_dir: Path) -> list[VoiceInfo]:
+    path = builtin_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"built-in voice manifest not found: {path}") from None
+    voices = []
+    seen: set[str] = set()
+    for entry in manifest["voices"]:
+        clip = entry.get("clip")
+        info = VoiceInfo(
+            id=entry["id"],
+            name=entry.get("name", entry["id"]),
+            aliases=tuple(entry.get("aliases", ())),
+            source="builtin" if clip else "checkpoint",
+            clip=(builtin_dir / clip) if clip else None,
+            created_at=None,
+            description=entry.get("description", ""),
+        )
+        if info.clip is not None and (Path(clip).name != clip or not info.clip.is_file()):
+            raise ValueError(f"{path}: voice {info.id!r} names clip {clip!r}, which is not a file in {builtin_dir}")
+        keys = _keys(info)
+        if keys & seen:
+            raise ValueError(f"{path}: voice {info.id!r} reuses a name or alias of another voice: {sorted(keys & seen)}")
+        seen |= keys
+        voices.append(info)
+    return voices
+
+
+def sniff_container(data: bytes) -> str | None:
+    """The FFmpeg demuxer for an upload, from its first bytes; None when it is not one we take.
+
+    Naming the demuxer (never letting FFmpeg guess) keeps playlist and script formats (HLS,
+    concat, ...) out: those could make FFmpeg open other files or URLs.
+    """
+    head = data[:16]
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[4:8] == b"ftyp":
+        return "mov"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        # MPEG audio frame sync: layer bits 00 are ADTS AAC, anything else MP3.
+        return "aac" if head[1] & 0x06 == 0 else "mp3"
+    return None
+
+
+def decode_to_mono(data: bytes, container: str, *, max_seconds: float) -> np.ndarray | None:
+    """Decode an upload (audio stream only) to float32 mono at 24 kHz; None if FFmpeg fails.
+
+    The bytes go in on stdin (FFmpeg reads nothing else: only the pipe protocol is allowed),
+    except MP4/M4A, whose index may sit at the end of the file and needs seeking: those are
+    written to a private temporary file first.
+    """
+    import tempfile
+
+    out_args = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_seconds:.3f}", "-ac", "1",
+                "-ar", str(CLIP_SAMPLE_RATE), "-f", "f32le", "pipe:1"]
+    base = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", container]
+    try:
+        if container == "mov":
+            with tempfile.NamedTemporaryFile(suffix=".m4a") as tmp:
+                tmp.write(data)
+                tmp.flush()
+                cmd = [*base, "-protocol_whitelist", "file", "-i", tmp.name, *out_args]
+                proc = subprocess.run(cmd, capture_output=True, timeout=_DECODE_TIMEOUT_S)
+        else:
+            cmd = [*base, "-protocol_whitelist", "pipe", "-i", "pipe:0", *out_args]
+            proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_DECODE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0 or not proc.stdout:
+        return None
+    return np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4")
+
+
+def _write_flac(samples: np.ndarray, path: Path) -> None:
+    """24 kHz mono 16-bit FLAC, written atomically (FFmpeg writes a temporary file in the same
+    folder, seekable so the header carries the length; then fsync and rename)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+           "-f", "f32le", "-ar", str(CLIP_SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
+           "-c:a", "flac", "-sample_fmt", "s16", "-compression_level", "8",
+           "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", "flac", "-y", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, input=samples.astype("<f4").tobytes(), capture_output=True, timeout=_DECODE_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"FFmpeg could not write FLAC: {proc.stderr.decode(errors='replace')[-500:]}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
