@@ -91,8 +91,11 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     slot = await services.admission.acquire()
     record.queued_s = slot.queued_s
     try:
-        async with within_deadline(deadline):
-            voice = await voice_cache.get(voice_info)
+        try:
+            async with within_deadline(deadline):
+                voice = await voice_cache.get(voice_info)
+        except VoiceNotFoundError as exc:  # e.g. the checkpoint voice of an engine without one
+            raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
         job = SynthesisJob(
             request_id=request_id,
             chunks=chunks,

@@ -1,0 +1,187 @@
+"""The command line: one flag per setting, fail-fast start-up, the OpenAPI export, and the
+README's own commands (serve, curl, the OpenAI SDK) against a server started by the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.cli import build_parser, main, openapi_json, settings_from_args
+from gateway.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_every_setting_has_a_serve_flag() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    for name in Settings.__struct_fields__:
+        assert "--" + name.replace("_", "-") in flags, name
+
+
+def test_flags_become_typed_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("CHATTERBOX_"):
+            monkeypatch.delenv(key)
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--load-format", "dummy",
+            "--engine", "fake",
+            "--port", "9123",
+            "--no-watermark",
+            "--api-keys", "k1,k2",
+        ]
+    )
+    settings = settings_from_args(args)
+    assert (settings.load_format, settings.engine, settings.port, settings.watermark) == ("dummy", "fake", 9123, False)
+    assert settings.api_keys == ("k1", "k2")
+    assert settings.max_speech_tokens == Settings().max_speech_tokens
+
+
+def test_environment_applies_where_no_flag_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATTERBOX_PORT", "7000")
+    monkeypatch.setenv("CHATTERBOX_FLOW_STEPS", "3")
+    settings = settings_from_args(build_parser().parse_args(["serve", "--port", "7001"]))
+    assert (settings.port, settings.flow_steps) == (7001, 3)
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_invalid_setting_fails_fast_without_traceback() -> None:
+    result = run_cli("serve", "--engine", "fake", env={"CHATTERBOX_PORT": "99999"})
+    assert result.returncode == 2
+    assert "port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--load-format", "local"], {}, "--model-path"),
+        (["--load-format", "local", "--model-path", "/nonexistent/weights"], {}, "not a directory"),
+        (["--load-format", "hub"], {"HF_HUB_OFFLINE": "1"}, "chatterbox-gateway download"),
+    ],
+)
+def test_serve_without_weights_fails_fast_with_what_to_do(tmp_path: Path, args: list[str], env: dict[str, str], expected: str) -> None:
+    started = time.monotonic()
+    result = run_cli("serve", "--engine", "reference", "--cache-dir", str(tmp_path), *args, env=env)
+    assert result.returncode == 2, result
+    assert expected in result.stderr
+    assert "--load-format dummy" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_openapi_command_writes_the_committed_document(tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "openapi.json"
+    result = run_cli("openapi", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text(encoding="utf-8") == openapi_json()
+    assert json.loads(out.read_text())["info"]["title"] == "chatterbox-gateway"
+
+
+# --- the README, verbatim, against `chatterbox-gateway serve` -----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def cli_server(tmp_path: Path):
+    """`chatterbox-gateway serve --engine fake --port PORT` as a user would start it."""
+    port = free_port()
+    exe = shutil.which("chatterbox-gateway", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "gateway"]
+    process = subprocess.Popen(
+        [*command, "serve", "--engine", "fake", "--port", str(port), "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
+        yield port
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    # the logs are JSON lines (stdout is not a terminal), each with the request id bound
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    requests = [line for line in lines if line.get("event") == "request"]
+    assert requests and all(line.get("request_id") for line in requests)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl(cli_server: int, tmp_path: Path, valid_audio) -> None:
+    command = (
+        f"curl -sS http://127.0.0.1:{cli_server}/v1/audio/speech "
+        '-H "Content-Type: application/json" '
+        """-d '{"model":"tts-1","input":"Hello","voice":"alloy"}' -o out.mp3"""
+    )
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    valid_audio((tmp_path / "out.mp3").read_bytes(), "mp3")
+
+
+def test_readme_python_sdk(cli_server: int, tmp_path: Path, valid_audio) -> None:
+    snippet = f"""
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:{cli_server}/v1", api_key="unused")
+with client.audio.speech.with_streaming_response.create(
+    model="tts-1",
+    voice="alloy",
+    input="Hello from Chatterbox!",
+    response_format="mp3",
+    extra_body={{"exaggeration": 0.7, "seed": 42}},
+) as response:
+    response.stream_to_file("speech.mp3")
+"""
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    valid_audio((tmp_path / "speech.mp3").read_bytes(), "mp3")
