@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, SynthesisJob
+from gateway.errors import EngineError
 
 SAMPLES_PER_TOKEN = SAMPLE_RATE // SPEECH_TOKENS_PER_SECOND
 # The fake speaks this many tokens per input character (then bounded by max_speech_tokens).
@@ -40,11 +41,14 @@ class FakeEngine:
         start_delay_s: float = 0.0,
         piece_delay_s: float = 0.0,
         fail_start: Exception | None = None,
+        fail_after_pieces: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.start_delay_s = start_delay_s
         self.piece_delay_s = piece_delay_s
         self.fail_start = fail_start
+        self.fail_after_pieces = fail_after_pieces
+        """Raise EngineError after yielding this many pieces of a job (tests of mid-stream failure)."""
         self.started = False
         self.closed = False
         self.jobs: list[SynthesisJob] = []
@@ -52,6 +56,7 @@ class FakeEngine:
         self.completed: list[str] = []
         self.cancelled: list[str] = []
         """Request ids whose audio iterator was closed before it finished."""
+        self.failed: list[str] = []
         self.conditionals_computed = 0
 
     async def start(self) -> None:
@@ -93,6 +98,7 @@ class FakeEngine:
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         self.jobs.append(job)
         finished = False
+        pieces = 0
         try:
             for text in job.chunks:
                 total = self.speech_tokens_for(text, job.params.max_speech_tokens)
@@ -102,11 +108,20 @@ class FakeEngine:
                         await asyncio.sleep(self.piece_delay_s)
                     else:
                         await asyncio.sleep(0)  # a real engine yields to the loop too
+                    if self.fail_after_pieces is not None and pieces >= self.fail_after_pieces:
+                        raise EngineError("the fake engine failed as configured")
                     piece = pitches[start : start + TOKENS_PER_PIECE]
+                    pieces += 1
                     yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
             finished = True
+        except EngineError:
+            self.failed.append(job.request_id)
+            raise
         finally:
-            (self.completed if finished else self.cancelled).append(job.request_id)
+            if finished:
+                self.completed.append(job.request_id)
+            elif job.request_id not in self.failed:
+                self.cancelled.append(job.request_id)
 
     def _pitches(self, job: SynthesisJob, text: str, count: int) -> np.ndarray:
         seed = DEFAULT_SEED if job.params.seed is None else job.params.seed
