@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import structlog
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -25,7 +25,7 @@ from gateway.api.metrics import metrics
 from gateway.api.models import list_models, retrieve_model
 from gateway.api.request_context import add_request_id_header, request_context_middleware
 from gateway.api.speech import create_speech
-from gateway.api.voices import VoicesController
+from gateway.api.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
 from gateway.auth import auth_middleware, log_auth_mode
 from gateway.cors import cors_config
 from gateway.engine.base import Engine
@@ -44,6 +44,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     services = AppServices(settings=settings)
 
     api_keys = auth_middleware(settings)
+    # voice uploads get their own body limit (a clip is far larger than a speech request)
+    voices_router = Router(
+        path="/",
+        route_handlers=[VoicesController],
+        request_max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+    )
     if settings.metrics_enabled:
         services.metrics = GatewayMetrics(live=lambda: service_gauges(services))
 
@@ -64,7 +70,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             await close_engine(services)
 
     return Litestar(
-        route_handlers=[create_speech, list_models, retrieve_model, VoicesController, health, ready, metrics],
+        route_handlers=[create_speech, list_models, retrieve_model, voices_router, health, ready, metrics],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
@@ -90,7 +96,11 @@ async def _load(services: AppServices, engine: Engine | None) -> None:
     try:
         from gateway.voice_library import VoiceLibrary
 
-        services.voices = VoiceLibrary(settings.resolved_builtin_voices_dir(), settings.resolved_voices_dir())
+        services.voices = VoiceLibrary(
+            settings.resolved_builtin_voices_dir(),
+            settings.resolved_voices_dir(),
+            max_clip_bytes=settings.max_upload_bytes,
+        )
         if engine is None:
             from gateway.engine.factory import build_engine
 

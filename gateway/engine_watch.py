@@ -49,10 +49,11 @@ async def check_engine(services: AppServices, *, timeout_s: float = HEALTH_TIMEO
     return True
 
 
-async def watch_engine(services: AppServices, *, interval_s: float = HEALTH_INTERVAL_S) -> None:
-    """Check the engine every ``interval_s`` until cancelled (app shutdown) or it dies."""
+async def watch_engine(services: AppServices, *, interval_s: float | None = None) -> None:
+    """Check the engine every ``interval_s`` (default HEALTH_INTERVAL_S) until cancelled
+    (app shutdown) or it dies."""
     while services.engine_state in ("loading", "ready"):
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
         if services.engine_state == "ready" and getattr(services.engine, "check_health", None) is None:
             return  # nothing to watch
         if not await check_engine(services):

@@ -141,6 +141,25 @@ class VoiceList(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
+class AudioVoice(msgspec.Struct):
+    """One voice in OpenAI's custom-voice shape (``client.audio.voices``), plus our aliases
+    and source. ``created_at`` is 0 for voices that ship with the server."""
+
+    id: str
+    name: str
+    created_at: int
+    aliases: list[str]
+    source: str
+    object: Literal["audio.voice"] = "audio.voice"
+    type: Literal["audio_sample"] = "audio_sample"
+
+
+class AudioVoiceDeleted(msgspec.Struct):
+    id: str
+    object: Literal["audio.voice.deleted"] = "audio.voice.deleted"
+    deleted: bool = True
+
+
 class HealthStatus(msgspec.Struct, omit_defaults=True):
     status: str
     engine: str | None = None

@@ -1,0 +1,139 @@
+"""Helpers for the ops tests: instrumented fake engines, a real uvicorn server on loopback
+that exposes its app, and a /proc scan for FFmpeg children of this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from litestar import Litestar
+
+from gateway.app import create_app
+from gateway.engine.base import AudioChunk, SynthesisJob
+from gateway.engine.fake import FakeEngine
+from gateway.services import AppServices
+from gateway.settings import Settings
+
+HOLD = "HOLD"
+"""Jobs whose text contains this word are held by GatedEngine (others run freely)."""
+
+
+class GatedEngine(FakeEngine):
+    """A FakeEngine that, for jobs whose text contains ``HOLD``, yields ``hold_after`` pieces
+    and then waits (forever, or until ``gate`` is set). Models a stuck or slow engine."""
+
+    def __init__(self, *, hold_after: int = 0, fail_after: int | None = None, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.hold_after = hold_after
+        self.fail_after = fail_after
+        """If set, held jobs raise RuntimeError after this many pieces instead of waiting."""
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        """Set once a held job has produced its pieces and is waiting."""
+
+    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
+        held = any(HOLD in chunk for chunk in job.chunks)
+        inner = super().synthesize(job)
+        count = 0
+        try:
+            async for chunk in inner:
+                if held and self.fail_after is not None and count >= self.fail_after:
+                    raise RuntimeError("engine blew up mid-stream")
+                if held and count >= self.hold_after:
+                    self.holding.set()
+                    while not self.gate.is_set():
+                        await asyncio.sleep(0.01)
+                yield chunk
+                count += 1
+        finally:
+            await inner.aclose()
+
+
+@dataclass
+class Live:
+    base_url: str
+    app: Litestar
+    engine: FakeEngine
+
+    @property
+    def services(self) -> AppServices:
+        return self.app.state.services  # type: ignore[no-any-return]
+
+
+@contextmanager
+def live_server(settings: Settings, engine: FakeEngine, *, wait_ready: bool = True) -> Iterator[Live]:
+    """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    app = create_app(settings, engine=engine)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    path = "/ready" if wait_ready else "/health"
+    while True:
+        try:
+            if httpx.get(f"{base_url}{path}", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("live server did not come up")
+        time.sleep(0.05)
+    try:
+        yield Live(base_url=base_url, app=app, engine=engine)
+    finally:
+        if isinstance(engine, GatedEngine):
+            engine.gate.set()
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Direct children of a process (all its threads), from /proc."""
+    pid = pid or os.getpid()
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
+
+
+def ffmpeg_children(pid: int | None = None) -> set[int]:
+    """Children that are FFmpeg processes, or zombies (exited but never reaped: a leak too)."""
+    found = set()
+    for child in child_pids(pid):
+        try:
+            program = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
+            status = Path(f"/proc/{child}/status").read_text()
+        except OSError:
+            continue  # already gone
+        zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+        if zombie or b"ffmpeg" in os.path.basename(program):
+            found.add(child)
+    return found
+
+
+def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
