@@ -1,0 +1,191 @@
+"""The upstream Chatterbox modules, loaded from a checkpoint directory, and what both engines
+do with them outside the decode loop: voice conditionals, per-request T3 conditioning, text
+tokens.
+
+Everything here is upstream code (``chatterbox`` package: T3, S3Gen, VoiceEncoder,
+EnTokenizer, T3Cond, Conditionals, the Perth watermarker) driven the way upstream
+``ChatterboxTTS.from_local`` / ``prepare_conditionals`` / ``generate`` drive it, as reusable
+functions rather than methods of one engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from chatterbox.models.s3gen import S3GEN_SR, S3Gen
+from chatterbox.models.s3tokenizer import S3_SR
+from chatterbox.models.t3 import T3
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from chatterbox.models.tokenizers import EnTokenizer
+from chatterbox.models.voice_encoder import VoiceEncoder
+from chatterbox.tts import Conditionals
+from safetensors.torch import load_file
+from transformers.initialization import no_init_weights
+
+from gateway.errors import InvalidRequestError
+
+ENC_COND_SECONDS = 6
+"""Seconds of the clip (at 16 kHz) the S3 tokenizer turns into T3's speech prompt (upstream)."""
+DEC_COND_SECONDS = 10
+"""Seconds of the clip (at 24 kHz) S3Gen takes as its reference (upstream)."""
+MIN_CLIP_SECONDS = 2.0
+"""Shorter clips give the voice encoder too little to embed."""
+MAX_CLIP_SECONDS = 60.0
+"""Longer clips are cut here (only the voice encoder looks past the first 10 s)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    t3: T3
+    s3gen: S3Gen
+    ve: VoiceEncoder
+    tokenizer: EnTokenizer
+    watermarker: Any
+    """A ``perth.PerthImplicitWatermarker`` (``apply_watermark(wav, sample_rate=)``)."""
+    builtin_conditionals: Conditionals | None
+    """The checkpoint's own voice (``conds.pt``), on ``device``."""
+    device: torch.device
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load_components(checkpoint_dir: Path, device: str | torch.device) -> Components:
+    """Every module of a checkpoint directory, in eval mode on ``device`` (fp32, as upstream)."""
+    import perth
+
+    device = torch.device(device)
+    # T3 and the voice encoder are loaded strictly, so skipping their random init (7 s for
+    # T3 on CPU) is safe: every parameter is overwritten or load_state_dict raises.
+    with no_init_weights():
+        t3 = T3()
+        ve = VoiceEncoder()
+    t3_state = load_file(checkpoint_dir / "t3_cfg.safetensors")
+    if "model" in t3_state:  # upstream accepts this wrapped layout too
+        t3_state = t3_state["model"][0]
+    t3.load_state_dict(t3_state)
+    del t3_state
+    ve.load_state_dict(load_file(checkpoint_dir / "ve.safetensors"))
+
+    s3gen = S3Gen()
+    result = s3gen.load_state_dict(load_file(checkpoint_dir / "s3gen.safetensors"), strict=False)
+    # Upstream loads non-strictly because published checkpoints lack two derived buffers.
+    unexpected_missing = set(result.missing_keys) - set(S3Gen.ignore_state_dict_missing)
+    if unexpected_missing:
+        raise RuntimeError(f"s3gen.safetensors lacks {sorted(unexpected_missing)[:5]}")
+
+    t3.to(device).eval()
+    ve.to(device).eval()
+    s3gen.to(device).eval()
+    tokenizer = EnTokenizer(str(checkpoint_dir / "tokenizer.json"))
+    builtin = None
+    if (checkpoint_dir / "conds.pt").is_file():
+        builtin = load_conditionals(checkpoint_dir / "conds.pt", device)
+    watermarker = perth.PerthImplicitWatermarker(device=str(device))
+    return Components(t3, s3gen, ve, tokenizer, watermarker, builtin, device)
+
+
+def load_clip(path: Path) -> np.ndarray:
+    """A reference clip as mono float32 at 24 kHz, at most :data:`MAX_CLIP_SECONDS` long."""
+    import librosa
+
+    try:
+        wav, _ = librosa.load(str(path), sr=S3GEN_SR, mono=True, duration=MAX_CLIP_SECONDS)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for a bad file
+        raise InvalidRequestError(f"the voice clip cannot be decoded as audio ({type(exc).__name__})", param="voice") from None
+    seconds = len(wav) / S3GEN_SR
+    if seconds < MIN_CLIP_SECONDS:
+        raise InvalidRequestError(
+            f"the voice clip is {seconds:.1f} s long; at least {MIN_CLIP_SECONDS:g} s is needed", param="voice"
+        )
+    return wav.astype(np.float32, copy=False)
+
+
+@torch.inference_mode()
+def conditionals_from_wav(
+    s3gen: S3Gen, ve: VoiceEncoder, t3: T3, wav_24k: np.ndarray, device: torch.device, exaggeration: float = 0.5
+) -> Conditionals:
+    """Upstream ``prepare_conditionals`` on audio already loaded at 24 kHz."""
+    import librosa
+
+    ref_16k = librosa.resample(wav_24k, orig_sr=S3GEN_SR, target_sr=S3_SR)
+    gen_ref = s3gen.embed_ref(wav_24k[: DEC_COND_SECONDS * S3GEN_SR], S3GEN_SR, device=device)
+    prompt_tokens = None
+    if prompt_len := t3.hp.speech_cond_prompt_len:
+        prompt_tokens, _ = s3gen.tokenizer.forward([ref_16k[: ENC_COND_SECONDS * S3_SR]], max_len=prompt_len)
+        prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
+    speaker = torch.from_numpy(ve.embeds_from_wavs([ref_16k], sample_rate=S3_SR))
+    speaker = speaker.mean(axis=0, keepdim=True).to(device)
+    t3_cond = T3Cond(
+        speaker_emb=speaker,
+        cond_prompt_speech_tokens=prompt_tokens,
+        emotion_adv=exaggeration * torch.ones(1, 1, 1),
+    ).to(device=device)
+    return Conditionals(t3_cond, gen_ref)
+
+
+def compute_conditionals(components: Components, clip_path: Path, exaggeration: float = 0.5) -> Conditionals:
+    """Voice conditionals from a clip (blocking: seconds on CPU; run it in a worker thread)."""
+    wav = load_clip(clip_path)
+    return conditionals_from_wav(components.s3gen, components.ve, components.t3, wav, components.device, exaggeration)
+
+
+def save_conditionals(conditionals: Conditionals, path: Path) -> None:
+    """Upstream ``Conditionals.save``, written atomically (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        conditionals.save(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_conditionals(path: Path, device: str | torch.device) -> Conditionals:
+    """Upstream ``Conditionals.load`` (tensors only, ``weights_only``), moved to ``device``."""
+    return Conditionals.load(path, map_location="cpu").to(torch.device(device))
+
+
+def request_t3_cond(conditionals: Conditionals, exaggeration: float) -> T3Cond:
+    """A fresh T3Cond for one request: the voice's tensors with this request's exaggeration.
+
+    Upstream ``T3.prepare_conditioning`` caches the prompt embedding *in* the T3Cond it is
+    given, so the cached voice object is never handed to T3 itself.
+    """
+    cond = conditionals.t3
+    device = cond.speaker_emb.device
+    return T3Cond(
+        speaker_emb=cond.speaker_emb,
+        clap_emb=cond.clap_emb,
+        cond_prompt_speech_tokens=cond.cond_prompt_speech_tokens,
+        cond_prompt_speech_emb=None,
+        emotion_adv=torch.full((1, 1, 1), float(exaggeration), dtype=cond.speaker_emb.dtype, device=device),
+    )
+
+
+def text_token_ids(tokenizer: EnTokenizer, t3: T3, text: str) -> torch.Tensor:
+    """(1, n + 2) long tensor: start-of-text, the text's tokens, end-of-text (as upstream)."""
+    ids = tokenizer.encode(text)
+    return torch.tensor([[t3.hp.start_text_token, *ids, t3.hp.stop_text_token]], dtype=torch.long)
+
+
+def count_text_tokens(tokenizer: EnTokenizer, text: str) -> int:
+    """Text tokens of ``text`` (usage accounting), without the start/stop tokens."""
+    return len(tokenizer.encode(text))
+
+
+def max_text_tokens(t3: T3) -> int:
+    """Most text tokens one chunk may have (T3's learned text positions, minus start/stop)."""
+    return t3.hp.max_text_tokens

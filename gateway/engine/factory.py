@@ -1,0 +1,53 @@
+"""One place that turns ``settings.engine`` into an engine object (built, not started).
+
+Engine modules are imported only when chosen: the fake engine needs no torch, and the vLLM
+engine's imports exist only on GPU machines.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from gateway.engine.base import Engine
+from gateway.settings import Settings, SettingsError
+
+
+def vllm_available() -> bool:
+    """CUDA present and the vllm package importable (checked without importing vllm)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_engine_name(settings: Settings) -> str:
+    """``reference``, ``vllm`` or ``fake``; ``auto`` picks vllm where it can run.
+
+    Raises :class:`~gateway.settings.SettingsError` (the CLI prints it and exits) when vllm is
+    asked for on a machine that cannot run it.
+    """
+    if settings.engine == "auto":
+        return "vllm" if vllm_available() else "reference"
+    if settings.engine == "vllm" and not vllm_available():
+        missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
+        raise SettingsError(
+            f"--engine vllm needs {missing}. Install the GPU extra (pip install "
+            "'chatterbox-gateway[gpu]') on a CUDA machine, or use --engine reference."
+        )
+    return settings.engine
+
+
+def build_engine(settings: Settings) -> Engine:
+    name = resolve_engine_name(settings)
+    if name == "reference":
+        from gateway.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(settings)
+    if name == "vllm":
+        from gateway.engine.vllm_engine import VllmEngine
+
+        return VllmEngine(settings)
+    from gateway.engine.fake import FakeEngine
+
+    return FakeEngine()
