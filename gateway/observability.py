@@ -106,6 +106,7 @@ def outcome_of(status: int | None, *, completed: bool, disconnected: bool, recor
 def finish_request(
     record: RequestRecord,
     *,
+    request_id: str,
     method: str,
     path: str,
     status: int | None,
@@ -118,6 +119,7 @@ def finish_request(
     """Write the request's one log line and count it in the metrics."""
     outcome = outcome_of(status, completed=completed, disconnected=disconnected, record=record)
     fields: dict[str, Any] = {
+        "request_id": request_id,
         "method": method,
         "path": path,
         "status": status,

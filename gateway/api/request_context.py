@@ -86,6 +86,7 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
                 first_byte = seen["first_byte"]
                 finish_request(
                     record,
+                    request_id=request_id,
                     method=scope["method"],
                     path=scope["path"],
                     status=seen["status"],

@@ -1,0 +1,90 @@
+"""A client that hangs up mid-stream stops all work for it (real uvicorn server on loopback):
+the engine sees the cancel, the FFmpeg process is killed and reaped, the admission slot comes
+back, and other streams running at the same time finish normally."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import msgspec
+from structlog.testing import capture_logs
+
+from gateway.settings import Settings
+from ops_support import HOLD, GatedEngine, ffmpeg_children, live_server, wait_until
+
+NORMAL_TEXT = "Other people are still listening to this sentence while someone else hangs up on theirs."
+
+
+def speech(text: str, **extra: object) -> dict[str, object]:
+    return {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "mp3", **extra}
+
+
+async def _read_all(client: httpx.AsyncClient, body: dict[str, object]) -> bytes:
+    async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.status_code == 200
+        return await response.aread()
+
+
+async def _hang_up_after_first_bytes(client: httpx.AsyncClient, body: dict[str, object]) -> str:
+    async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        assert response.status_code == 200
+        async for data in response.aiter_raw():
+            if data:
+                break
+        return response.headers["x-request-id"]
+    # leaving the block unread closes the connection: the server sees the disconnect
+
+
+async def test_disconnect_mid_stream_cancels_engine_and_kills_ffmpeg(settings: Settings, valid_audio) -> None:
+    engine = GatedEngine(hold_after=2, piece_delay_s=0.03)
+    config = msgspec.structs.replace(settings, max_speech_tokens=200)
+    assert ffmpeg_children() == set()
+    with capture_logs() as logs, live_server(config, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
+            others = [asyncio.create_task(_read_all(client, speech(NORMAL_TEXT))) for _ in range(2)]
+            hold = speech(f"{HOLD}. " + "A long text that will never be heard to the end. " * 4)
+            holding = asyncio.create_task(_hang_up_after_first_bytes(client, hold))
+            assert await asyncio.to_thread(engine.holding.wait, 10)
+            # while held, its FFmpeg encoder is alive (so the check below is meaningful)
+            assert ffmpeg_children()
+            request_id = await holding
+
+            assert await asyncio.to_thread(wait_until, lambda: request_id in engine.cancelled, 5)
+            outputs = await asyncio.gather(*others)
+            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5), ffmpeg_children()
+            assert live.services.admission.in_flight == 0
+            for data in outputs:
+                valid_audio(data, "mp3")
+            assert len(engine.completed) == 2 and engine.cancelled == [request_id]
+    lines = {e["request_id"]: e for e in logs if e["event"] == "request" and e.get("path") == "/v1/audio/speech"}
+    assert lines[request_id]["outcome"] == "cancelled"
+    assert sorted(e["outcome"] for e in lines.values()) == ["cancelled", "ok", "ok"]
+
+
+async def test_disconnect_mid_sse_stream_cancels_too(settings: Settings) -> None:
+    engine = GatedEngine(hold_after=2)
+    with live_server(settings, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
+            hold = speech(f"{HOLD}. " + "Streamed as events, abandoned half way. " * 3, stream_format="sse")
+            request_id = await _hang_up_after_first_bytes(client, hold)
+            assert await asyncio.to_thread(wait_until, lambda: request_id in engine.cancelled, 5)
+            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+            assert live.services.admission.in_flight == 0
+            # the server is unaffected
+            after = await client.post("/v1/audio/speech", json=speech("Still here."))
+            assert after.status_code == 200
+
+
+async def test_many_disconnects_leave_nothing_behind(settings: Settings) -> None:
+    engine = GatedEngine(hold_after=1)
+    with live_server(settings, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
+            texts = [f"{HOLD} number {i}. " + "Some words to make audio. " * 3 for i in range(8)]
+            formats = ["mp3", "opus", "aac", "flac", "wav", "pcm", "mp3", "opus"]
+            ids = await asyncio.gather(
+                *(_hang_up_after_first_bytes(client, speech(t, response_format=f)) for t, f in zip(texts, formats))
+            )
+            assert await asyncio.to_thread(wait_until, lambda: set(ids) <= set(engine.cancelled), 10)
+            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5), ffmpeg_children()
+            assert live.services.admission.in_flight == 0
