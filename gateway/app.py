@@ -51,7 +51,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         request_max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
     )
     if settings.metrics_enabled:
-        services.metrics = GatewayMetrics(live=lambda: service_gauges(services))
+        services.metrics = GatewayMetrics(live=lambda: service_gauges(services), engine=lambda: services.engine)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

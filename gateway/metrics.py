@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -38,14 +38,57 @@ class _LiveGauges(Collector):
             yield GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
 
 
+class _VocoderStats(Collector):
+    """The batching vocoder's own counters (``engine.vocoder.stats``, see
+    ``gateway.engine.vocoder.VocoderStats``), read at scrape time; absent for engines
+    without a batching vocoder (the fake one)."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def describe(self) -> Iterable[Any]:
+        return []  # the families depend on the engine loaded later
+
+    def collect(self) -> Iterable[Any]:
+        stats = getattr(getattr(self._engine(), "vocoder", None), "stats", None)
+        if stats is None:
+            return
+        sizes = dict(stats.rows_per_batch)
+        buckets = []
+        for bound in BATCH_BUCKETS:
+            buckets.append((str(float(bound)), float(sum(n for size, n in sizes.items() if size <= bound))))
+        buckets.append(("+Inf", float(sum(sizes.values()))))
+        yield HistogramMetricFamily(
+            f"{NAMESPACE}_engine_batch_size",
+            "Token windows per batched vocoder (S3Gen) call.",
+            buckets=buckets,
+            sum_value=float(sum(size * n for size, n in sizes.items())),
+        )
+        counters = {
+            "vocoder_batches": ("Batched vocoder calls.", stats.batches),
+            "vocoder_windows": ("Token windows vocoded.", stats.rows),
+            "vocoder_windows_dropped": ("Windows dropped because their stream was cancelled.", stats.windows_dropped),
+            "vocoder_busy_seconds": ("Seconds the vocoder worker spent computing.", stats.busy_s),
+            "vocoder_audio_seconds": ("Seconds of audio the vocoder produced.", stats.audio_s),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))
+
+
 class GatewayMetrics:
     """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
 
-    def __init__(self, live: Callable[[], Mapping[str, tuple[str, float]]] | None = None) -> None:
+    def __init__(
+        self,
+        live: Callable[[], Mapping[str, tuple[str, float]]] | None = None,
+        engine: Callable[[], Any] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         if live is not None:
             self.registry.register(_LiveGauges(live))
+        if engine is not None:
+            self.registry.register(_VocoderStats(engine))
         r = self.registry
         self.requests = Counter(
             f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r
@@ -74,13 +117,6 @@ class GatewayMetrics:
         self.encoder_failures = Counter(
             f"{NAMESPACE}_encoder_failures", "FFmpeg encoder failures by output format.", ["format"], registry=r
         )
-        self.engine_batch_size = Histogram(
-            f"{NAMESPACE}_engine_batch_size",
-            "Items per batched engine step (e.g. token windows per vocoder call).",
-            ["stage"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
 
     def observe_speech(
         self,
@@ -99,9 +135,6 @@ class GatewayMetrics:
         if audio_s > 0:
             self.audio_seconds.inc(audio_s)
             self.rtf.observe(total_s / audio_s)
-
-    def observe_batch(self, stage: str, size: int) -> None:
-        self.engine_batch_size.labels(stage=stage).observe(size)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
