@@ -51,7 +51,8 @@ class WindowPolicy:
     """Mel frames re-vocoded across a seam; their audio is crossfaded."""
     final_merge_tokens: int = 0
     """A finished stream vocodes everything left in one final window when at most this many
-    tokens remain (0: ``2 * tokens``); longer tails are split into regular windows."""
+    tokens remain (0: ``2 * tokens``; never less than the next window plus lookahead);
+    longer tails are split into regular windows."""
 
     def __post_init__(self) -> None:
         if min(self.first_tokens, self.tokens) < 1:
@@ -113,9 +114,9 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
     if remaining <= 0 or (one_shot and not finished):
         return None
     context_start = max(0, committed - policy.left_context)
-    if finished and (one_shot or remaining <= policy.merge_limit):
-        return Window(index, context_start, committed, available, available, final=True)
     size = policy.first_tokens if index == 0 else policy.tokens
+    if finished and (one_shot or remaining <= max(policy.merge_limit, size + policy.lookahead)):
+        return Window(index, context_start, committed, available, available, final=True)
     if remaining < size + policy.lookahead:
         return None
     end = committed + size

@@ -1,0 +1,323 @@
+"""Parity checks for the batched streaming vocoder: ``python -m gateway.tools.parity_vocoder``.
+
+Random S3Gen weights, synthetic reference clips. Every comparison is an SNR in dB of the
+candidate against the reference output (10 log10 sum(ref^2) / sum((cand - ref)^2)); higher
+is closer, and bit-identical outputs print as ``inf``.
+
+* upstream: our one-shot path equals upstream ``S3Gen.inference`` when both draw the same
+  noise (fp32 only: upstream is the fp32 reference).
+* flow batched == alone: rows of different voices, lengths and finalize flags batched with
+  padding vs each row alone (mel).
+* flow padding does not leak: one row alone at its exact length vs the same row next to a
+  much longer row of other tokens, padded to a larger bucket (mel).
+* hift batched == alone: rows of one length as one batch vs alone (waveform).
+* vocoder streams batched == alone: several streams through the loop at once vs one at a time.
+* vocoder streamed == one-shot: streaming windows vs the whole utterance as one window.
+
+Tolerances. Batching and padding change nothing mathematically (masks are exact), only
+which kernels run, so they are held to the dtype's precision: >= 60 dB in fp32 (measured
+> 100 dB on CPU), >= 25 dB in bf16/fp16 (8-11 mantissa bits through 6+4 Conformer layers,
+a 16-block U-Net and n Euler steps of random weights). Streaming is an approximation by
+design (the flow's attention is non-causal, a window sees 3 lookahead tokens, not the
+future), so it is held to >= 20 dB in any dtype (measured ~30-35 dB on CPU at tiny sizes,
+left context 10-40 tokens; the final window matches one-shot exactly when its left context
+reaches the utterance start).
+
+``--bench`` also times flow + HiFT for batches of windows vs the same windows one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gateway.engine.vocoder import FlowRow, HiftRow, NoiseTapes, S3GenBatch, Vocoder
+from gateway.engine.vocoder_windows import WindowPolicy
+from gateway.settings import load_settings
+
+REF_SR = 24_000
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    prompt_tokens: int
+    """Voice A's prompt (25 tokens per second of reference); voice B gets 60% of it."""
+    utterances: tuple[int, ...]
+    """Speech tokens of each test stream."""
+    flow_steps: int
+    first_window: int
+    window: int
+    left_context: int
+
+
+TINY = Sizes(prompt_tokens=25, utterances=(44, 23, 31), flow_steps=2, first_window=10, window=16, left_context=10)
+REAL = Sizes(prompt_tokens=250, utterances=(250, 137, 300, 61), flow_steps=10, first_window=20, window=50,
+             left_context=25)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    passed: bool
+    value: float
+    """Measured SNR in dB (inf: identical)."""
+    tolerance: float
+    """Smallest SNR that passes."""
+    detail: str = ""
+
+
+def snr_db(reference: np.ndarray | torch.Tensor, candidate: np.ndarray | torch.Tensor) -> float:
+    ref = torch.as_tensor(reference).double().flatten().cpu()
+    cand = torch.as_tensor(candidate).double().flatten().cpu()
+    if ref.shape != cand.shape:
+        return -math.inf
+    err = float(((cand - ref) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(float((ref ** 2).sum()) / err)
+
+
+def reference_dict(s3gen: Any, prompt_tokens: int, base_hz: float, seed: int) -> dict[str, Any]:
+    """A voice's S3Gen ref dict from a synthetic vibrato tone, trimmed to ``prompt_tokens``."""
+    seconds = prompt_tokens / 25 + 0.2
+    t = np.arange(int(seconds * REF_SR)) / REF_SR
+    rng = np.random.default_rng(seed)
+    wav = 0.3 * np.sin(2 * np.pi * (base_hz + 40 * np.sin(2 * np.pi * 0.5 * t)) * t) + 0.02 * rng.standard_normal(t.size)
+    ref = s3gen.embed_ref(torch.tensor(wav, dtype=torch.float32), REF_SR)
+    n = min(prompt_tokens, ref["prompt_token"].shape[1], ref["prompt_feat"].shape[1] // 2)
+    return {"prompt_token": ref["prompt_token"][:, :n], "prompt_token_len": torch.tensor([n]),
+            "prompt_feat": ref["prompt_feat"][:, : 2 * n], "prompt_feat_len": None,
+            "embedding": ref["embedding"]}
+
+
+def _tokens(n: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(0, 6561, (n,), generator=gen).tolist()
+
+
+def _check(name: str, value: float, tolerance: float, detail: str = "") -> CheckResult:
+    return CheckResult(name, value >= tolerance, value, tolerance, detail)
+
+
+def _upstream_check(s3gen: Any, ref: dict[str, Any], tokens: list[int], steps: int, device: str) -> CheckResult:
+    """Upstream S3Gen.inference vs our one-shot row, both drawing the same noise."""
+    from torch.distributions.uniform import Uniform
+
+    tok = torch.tensor([tokens], device=device)
+    ref_dev = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in ref.items()}
+    torch.manual_seed(1234)
+    expected, _ = s3gen.inference(tok, ref_dict=dict(ref_dev), n_cfm_timesteps=steps)
+    # Replay upstream's draws in its order: CFM randn_like(mu) over prompt+tokens, then
+    # SineGen's harmonic phases and its source noise.
+    torch.manual_seed(1234)
+    frames = 2 * (ref["prompt_token"].shape[1] + len(tokens))
+    flow = torch.randn(1, 80, frames, device=device)
+    phase = Uniform(low=-np.pi, high=np.pi).sample(sample_shape=(1, 9, 1)).to(device)
+    phase[:, 0, :] = 0
+    noise = torch.randn(1, 9, 2 * len(tokens) * 480, device=device)
+    tapes = NoiseTapes(flow[0], phase[0, :, 0], noise[0])
+    batch = S3GenBatch(s3gen, device=device, flow_dtype=torch.float32, flow_steps=steps, tapes=tapes)
+    voice = batch.prepare_voice(ref)
+    mel = batch.run_flow([FlowRow(voice, tokens, 0, len(tokens), True)])[0]
+    (wav, _), = batch.run_hift([HiftRow(mel, 0, None, 0)])
+    got = wav.cpu().numpy().copy()
+    got[: batch.trim_fade.shape[0]] *= batch.trim_fade
+    return _check("upstream S3Gen.inference == our one-shot (same noise)", snr_db(expected[0], got), 60.0,
+                  f"{len(tokens)} tokens, prompt {ref['prompt_token'].shape[1]}")
+
+
+async def _stream_audio(vocoder: Vocoder, jobs: list[tuple[str, dict[str, Any], list[int]]], *,
+                        one_shot: bool = False) -> list[np.ndarray]:
+    """Open every stream, push all tokens, finish, then collect (all batch together)."""
+    streams = []
+    for key, ref, tokens in jobs:
+        stream = vocoder.open_stream(key, ref, one_shot=one_shot)
+        stream.push(tokens)
+        stream.finish()
+        streams.append(stream)
+
+    async def collect(stream: Any) -> np.ndarray:
+        return np.concatenate([a async for a in stream.audio()])
+
+    return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+
+async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Sizes,
+                          jobs: list[tuple[str, dict[str, Any], list[int]]], tol: float) -> list[CheckResult]:
+    settings = load_settings({}, {"flow_steps": sizes.flow_steps, "max_speech_tokens": max(sizes.utterances) + 8})
+    # Merge only short tails into the final window, so every stream really is windowed.
+    policy = WindowPolicy(first_tokens=sizes.first_window, tokens=sizes.window, left_context=sizes.left_context,
+                          final_merge_tokens=sizes.window)
+    vocoder = Vocoder(s3gen, settings, device=device, flow_dtype=dtype, policy=policy)
+    await vocoder.start()
+    try:
+        alone = [(await _stream_audio(vocoder, [job]))[0] for job in jobs]
+        before = vocoder.stats.batches
+        together = await _stream_audio(vocoder, jobs)
+        batches = vocoder.stats.batches - before
+        one_shot = await _stream_audio(vocoder, jobs, one_shot=True)
+    finally:
+        await vocoder.close()
+    batched = min(snr_db(a, b) for a, b in zip(alone, together))
+    streamed = [snr_db(o, s) for o, s in zip(one_shot, alone)]
+    return [
+        _check("vocoder: concurrent streams == each alone", batched, tol,
+               f"{len(jobs)} streams in {batches} batches; min over streams"),
+        _check("vocoder: streamed windows == one-shot", min(streamed), 20.0,
+               "per stream " + ", ".join(f"{v:.1f}" for v in streamed)
+               + f"; windows {sizes.first_window}/{sizes.window}, left context {sizes.left_context}"),
+    ]
+
+
+def run(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY, *,
+        s3gen: Any = None, seed: int = 0) -> list[CheckResult]:
+    """All vocoder parity checks. ``s3gen``: an S3Gen already on ``device`` (its flow is cast
+    to ``dtype`` in place); default: a fresh one with random weights from ``seed``."""
+    if s3gen is None:
+        from chatterbox.models.s3gen import S3Gen
+
+        torch.manual_seed(seed)
+        s3gen = S3Gen().to(device).eval()
+    s3gen.to(device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref_a = reference_dict(s3gen, sizes.prompt_tokens, 120.0, seed)
+    ref_b = reference_dict(s3gen, max(2, int(sizes.prompt_tokens * 0.6)), 210.0, seed + 1)
+    utter = [_tokens(n, gen) for n in sizes.utterances]
+    fp32 = dtype == torch.float32
+    tol = 60.0 if fp32 else 25.0
+    results: list[CheckResult] = []
+    if fp32:
+        results.append(_upstream_check(s3gen, ref_a, utter[1], sizes.flow_steps, device))
+
+    settings_frames = 2 * (max(sizes.utterances) + 8)
+    tapes = NoiseTapes.generate(seed, flow_frames=1000 + settings_frames, hift_samples=settings_frames * 480,
+                                harmonics=9, device=device)
+    batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes)
+    va, vb = batch.prepare_voice(ref_a), batch.prepare_voice(ref_b)
+    w, la = sizes.window, 3
+    rows = [FlowRow(va, utter[0][: w + la], 0, w, False),
+            FlowRow(vb, utter[1], 0, len(utter[1]), True),
+            FlowRow(va, utter[2][5: 5 + sizes.left_context + w + la], 5, w, False),
+            FlowRow(vb, utter[0][: sizes.first_window + la], 0, sizes.first_window, False)]
+    together = batch.run_flow(rows)
+    alone = [batch.run_flow([r])[0] for r in rows]
+    results.append(_check("flow: batched rows == each alone", min(snr_db(a, b) for a, b in zip(alone, together)),
+                          tol, f"{len(rows)} rows, 2 voices, lengths {[len(r.tokens) for r in rows]}"))
+
+    probe = rows[3]
+    exact = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes,
+                       bucket_tokens=1).run_flow([probe])[0]
+    garbage = FlowRow(va, _tokens(3 * len(utter[2]), gen), 0, 3 * len(utter[2]) - la, False)
+    padded = batch.run_flow([probe, garbage], pad_to=4 * len(utter[2]) + sizes.prompt_tokens)[0]
+    results.append(_check("flow: padding does not leak into shorter rows", snr_db(exact, padded), tol,
+                          f"row of {len(probe.tokens)} tokens vs exact length; max abs "
+                          f"{(exact - padded).abs().max().item():.2e}"))
+
+    mels = [together[0], together[2], alone[0] * 0.5]
+    hrows = [HiftRow(m, 17 * i, None, 4) for i, m in enumerate(mels)]
+    wav_b = batch.run_hift(hrows)
+    wav_a = [batch.run_hift([r])[0] for r in hrows]
+    results.append(_check("hift: batched rows == each alone",
+                          min(snr_db(a[0], b[0]) for a, b in zip(wav_a, wav_b)), tol,
+                          f"{len(hrows)} rows of {mels[0].shape[1]} frames"))
+
+    jobs = [("A", ref_a, utter[0]), ("B", ref_b, utter[1]), ("A", ref_a, utter[2])]
+    jobs += [("B", ref_b, u) for u in utter[3:]]
+    results += asyncio.run(_vocoder_checks(s3gen, device, dtype, sizes, jobs, tol))
+    return results
+
+
+def bench(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY,
+          batch_sizes: tuple[int, ...] = (1, 2, 4), *, s3gen: Any = None, seed: int = 0) -> list[tuple[int, float, float]]:
+    """(rows, batched seconds, one-by-one seconds) for regular windows (flow + HiFT)."""
+    if s3gen is None:
+        from chatterbox.models.s3gen import S3Gen
+
+        torch.manual_seed(seed)
+        s3gen = S3Gen().to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ref = reference_dict(s3gen, sizes.prompt_tokens, 120.0, seed)
+    frames = 2 * (sizes.left_context + 2 * sizes.window)
+    tapes = NoiseTapes.generate(seed, flow_frames=1000 + frames, hift_samples=frames * 480, harmonics=9, device=device)
+    batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes)
+    voice = batch.prepare_voice(ref)
+    n = sizes.left_context + sizes.window + 3
+
+    def work(rows: list[FlowRow]) -> None:
+        mels = batch.run_flow(rows)
+        batch.run_hift([HiftRow(m, 0, None, 8) for m in mels])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    work([FlowRow(voice, _tokens(n, gen), sizes.left_context, sizes.window, False)])  # warm-up
+    out = []
+    for b in batch_sizes:
+        rows = [FlowRow(voice, _tokens(n, gen), sizes.left_context, sizes.window, False) for _ in range(b)]
+        t0 = time.perf_counter()
+        work(rows)
+        t1 = time.perf_counter()
+        for r in rows:
+            work([r])
+        out.append((b, t1 - t0, time.perf_counter() - t1))
+    return out
+
+
+def run_checks(device: str | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
+               sizes: Sizes | None = None) -> list[tuple[str, bool, str]]:
+    """For the combined ``python -m gateway.tools.parity``: real sizes, fp32 then bf16 on
+    CUDA; tiny fp32 on CPU. (name, passed, detail) rows."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    dtypes = dtypes or ((torch.float32, torch.bfloat16) if cuda else (torch.float32,))
+    sizes = sizes or (REAL if cuda else TINY)
+    from chatterbox.models.s3gen import S3Gen
+
+    torch.manual_seed(0)
+    s3gen = S3Gen().to(device).eval()
+    rows = []
+    for dtype in dtypes:  # fp32 first: the flow is cast in place
+        for r in run(device, dtype, sizes, s3gen=s3gen):
+            rows.append((f"vocoder {str(dtype).removeprefix('torch.')}: {r.name}", r.passed,
+                         f"SNR {r.value:.1f} dB (>= {r.tolerance:.0f}); {r.detail}"))
+    return rows
+
+
+def print_table(results: list[CheckResult]) -> None:
+    print(f"{'check':58} {'SNR dB':>8} {'min':>5}  result  detail")
+    for r in results:
+        print(f"{r.name:58} {r.value:8.1f} {r.tolerance:5.0f}  {'PASS' if r.passed else 'FAIL':6}  {r.detail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gateway.tools.parity_vocoder", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--sizes", choices=("tiny", "real"), default=None, help="default: real on CUDA, tiny on CPU")
+    ap.add_argument("--bench", action="store_true", help="also time batched vs one-by-one windows")
+    ap.add_argument("--batch-sizes", default="1,4,16,64")
+    args = ap.parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    sizes = {"tiny": TINY, "real": REAL, None: REAL if args.device.startswith("cuda") else TINY}[args.sizes]
+    from chatterbox.models.s3gen import S3Gen
+
+    torch.manual_seed(0)
+    s3gen = S3Gen().to(args.device).eval()
+    results = run(args.device, dtype, sizes, s3gen=s3gen)
+    print_table(results)
+    ok = all(r.passed for r in results)
+    print("VOCODER PARITY", "PASS" if ok else "FAIL")
+    if args.bench:
+        sizes_b = tuple(int(x) for x in args.batch_sizes.split(","))
+        print(f"\n{'rows':>5} {'batched s':>10} {'one-by-one s':>13} {'speedup':>8}")
+        for b, tb, ts in bench(args.device, dtype, sizes, sizes_b, s3gen=s3gen):
+            print(f"{b:5d} {tb:10.3f} {ts:13.3f} {ts / tb:8.2f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
