@@ -198,7 +198,8 @@ def decode_speech_request(body: bytes) -> SpeechRequest:
         request = _SPEECH_DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise _validation_error(str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8, RecursionError for very deep nesting
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object.",
             param="body",
