@@ -50,50 +50,56 @@ class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         str | VoiceRef,
         Meta(description='A voice name, alias or id (see GET /v1/audio/voices), or `{"id": "..."}`.'),
     ]
-    instructions: (
-        Annotated[
-            str,
-            Meta(
-                max_length=MAX_INSTRUCTIONS_CHARS,
-                description="Accepted for compatibility and ignored: Chatterbox has no prompt-style "
-                "control. Use `exaggeration` for expressiveness.",
-            ),
-        ]
-        | None
-    ) = None
+    instructions: Annotated[
+        Annotated[str, Meta(max_length=MAX_INSTRUCTIONS_CHARS)] | None,
+        Meta(
+            description="Up to 4096 characters. Accepted for compatibility and ignored: Chatterbox "
+            "has no prompt-style control; use `exaggeration` for expressiveness."
+        ),
+    ] = None
     response_format: Annotated[
         ResponseFormat,
         Meta(description="mp3 (default), opus (Ogg Opus, 48 kHz), aac (ADTS), flac, wav, pcm (s16le, no header)."),
     ] = "mp3"
-    speed: Annotated[float, Meta(ge=0.25, le=4.0, description="Tempo, 0.25 to 4.0; pitch is kept.")] | None = 1.0
+    speed: Annotated[
+        Annotated[float, Meta(ge=0.25, le=4.0)] | None, Meta(description="Tempo, 0.25 to 4.0 (default 1.0); pitch is kept.")
+    ] = 1.0
     stream_format: Annotated[
         StreamFormat,
         Meta(description="`audio`: the audio bytes, chunked. `sse`: server-sent events with base64 audio."),
     ] = "audio"
 
-    # Chatterbox controls (the OpenAI SDK sends these through `extra_body`). None: engine default.
-    exaggeration: (
-        Annotated[float, Meta(ge=0.0, le=2.0, description="Emotion intensity, 0 to 2 (default 0.5).")] | None
-    ) = None
-    cfg_weight: (
-        Annotated[float, Meta(ge=0.0, le=1.0, description="Classifier-free guidance weight / pace, 0 to 1 (default 0.5).")]
-        | None
-    ) = None
-    temperature: (
-        Annotated[float, Meta(gt=0.0, le=5.0, description="Sampling temperature, above 0 up to 5 (default 0.8).")]
-        | None
-    ) = None
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0, description="Nucleus sampling, above 0 up to 1 (default 1.0).")] | None = (
-        None
-    )
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0, description="Min-p sampling, 0 to 1 (default 0.05).")] | None = None
-    repetition_penalty: (
-        Annotated[float, Meta(ge=1.0, le=2.0, description="Repetition penalty, 1 to 2 (default 1.2).")] | None
-    ) = None
-    seed: (
-        Annotated[int, Meta(ge=0, le=MAX_SEED, description="Same seed + same request = same audio (0 to 2^32-1).")]
-        | None
-    ) = None
+    # Chatterbox controls (the OpenAI SDK sends these through `extra_body`). Null or absent:
+    # the engine default. The outer Annotated carries the description, so that the OpenAPI
+    # document shows it on the field rather than inside one branch of the nullable union.
+    exaggeration: Annotated[
+        Annotated[float, Meta(ge=0.0, le=2.0)] | None,
+        Meta(description="Emotion intensity, 0 to 2 (default 0.5)."),
+    ] = None
+    cfg_weight: Annotated[
+        Annotated[float, Meta(ge=0.0, le=1.0)] | None,
+        Meta(description="Classifier-free guidance weight (also sets the pace), 0 to 1 (default 0.5)."),
+    ] = None
+    temperature: Annotated[
+        Annotated[float, Meta(gt=0.0, le=5.0)] | None,
+        Meta(description="Sampling temperature, above 0 up to 5 (default 0.8)."),
+    ] = None
+    top_p: Annotated[
+        Annotated[float, Meta(gt=0.0, le=1.0)] | None,
+        Meta(description="Nucleus sampling, above 0 up to 1 (default 1.0)."),
+    ] = None
+    min_p: Annotated[
+        Annotated[float, Meta(ge=0.0, le=1.0)] | None,
+        Meta(description="Min-p sampling, 0 to 1 (default 0.05)."),
+    ] = None
+    repetition_penalty: Annotated[
+        Annotated[float, Meta(ge=1.0, le=2.0)] | None,
+        Meta(description="Repetition penalty, 1 to 2 (default 1.2)."),
+    ] = None
+    seed: Annotated[
+        Annotated[int, Meta(ge=0, le=MAX_SEED)] | None,
+        Meta(description="Same seed + same request = same audio, 0 to 2^32-1 (default: random)."),
+    ] = None
 
     @property
     def voice_name(self) -> str:
