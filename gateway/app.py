@@ -29,11 +29,14 @@ from gateway.api.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
 from gateway.auth import auth_middleware, log_auth_mode
 from gateway.cors import cors_config
 from gateway.engine.base import Engine
+from gateway.engine.factory import build_engine
 from gateway.engine_watch import watch_engine
 from gateway.metrics import GatewayMetrics, service_gauges
 from gateway.services import AppServices, provide_services
 from gateway.settings import Settings
 from gateway.shutdown import close_engine, drain
+from gateway.voice_cache import VoiceCache
+from gateway.voice_library import VoiceLibrary
 
 OPENAPI_PATH = "/schema"
 """The live server serves the OpenAPI document at ``/schema/openapi.json``."""
@@ -94,23 +97,17 @@ async def _load(services: AppServices, engine: Engine | None) -> None:
     log = structlog.get_logger("gateway.app")
     settings = services.settings
     try:
-        from gateway.voice_library import VoiceLibrary
-
         services.voices = VoiceLibrary(
             settings.resolved_builtin_voices_dir(),
             settings.resolved_voices_dir(),
             max_clip_bytes=settings.max_upload_bytes,
         )
         if engine is None:
-            from gateway.engine.factory import build_engine
-
             # Building may import torch and read config files: keep it off the event loop.
             engine = await asyncio.to_thread(build_engine, settings)
         services.engine = engine
         log.info("engine_loading", engine=engine.name)
         await engine.start()
-
-        from gateway.voice_cache import VoiceCache
 
         services.voice_cache = VoiceCache(engine, Path(settings.cache_dir) / "conditionals", settings.voice_cache_size)
         services.engine_state = "ready"
