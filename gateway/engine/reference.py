@@ -92,6 +92,12 @@ class ReferenceEngine:
             del components
             torch.cuda.empty_cache()
 
+    @property
+    def components(self) -> Any:
+        """The loaded upstream modules (:class:`~gateway.engine.components.Components`), e.g.
+        for parity checks against another engine on the same weights."""
+        return self._ready()
+
     def _ready(self) -> Any:
         if self.state != "ready" or self._components is None:
             raise EngineUnavailableError(f"the reference engine is {self.state}")
