@@ -2,7 +2,8 @@
 
 ``prepare_speech`` does everything that can fail with a client error (model, voice, text)
 or a 503 (engine not ready) before the response starts, then starts synthesis and waits for
-the first encoded bytes, so a failure to start is still a proper error response. What it
+the engine's first audio and the encoder's first bytes, so a failure to start is still a
+proper error response. What it
 returns is an async byte iterator for Litestar's ``Stream``: engine audio -> FFmpeg encoder
 -> bytes, or the same bytes wrapped as server-sent events. Closing that iterator (the client
 hung up) closes the encoder, which closes the engine's iterator, which cancels the job.
@@ -15,7 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -23,7 +24,7 @@ import structlog
 
 from gateway.admission import deadline_iter, hold_slot, within_deadline
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
-from gateway.engine.base import Engine, GenerationParams, SynthesisJob
+from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
 from gateway.errors import EncoderError, GatewayError, InvalidRequestError, VoiceNotFoundError
 from gateway.model_names import resolve_model
 from gateway.observability import RequestRecord, current_record, watched_stream
@@ -41,6 +42,8 @@ from gateway.settings import Settings
 from gateway.text import normalize_text, split_text
 
 SSE_CONTENT_TYPE = "text/event-stream"
+
+T = TypeVar("T")
 
 _SSE_ENCODER = msgspec.json.Encoder()
 
@@ -105,7 +108,11 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         )
         usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
         speed = 1.0 if request.speed is None else request.speed
-        encoded = _encoded_audio(engine, job, request.response_format, speed, usage, record)
+        # The engine's first chunk, then the encoder's first bytes, before the status line:
+        # the encoder alone would not do, as WAV's header leaves before any audio exists.
+        async with within_deadline(deadline):
+            produced = await _primed(engine.synthesize(job))
+        encoded = _encoded_audio(produced, engine.sample_rate, request.response_format, speed, usage, record)
         # the total time limit bounds every step, from the first byte to the last
         audio = await _primed(deadline_iter(encoded, deadline, what="speech request"))
     except BaseException:
@@ -118,17 +125,20 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
 
 
 async def _encoded_audio(
-    engine: Engine, job: SynthesisJob, response_format: str, speed: float, usage: _Usage, record: RequestRecord
+    produced: AsyncGenerator[AudioChunk, None],
+    sample_rate: int,
+    response_format: str,
+    speed: float,
+    usage: _Usage,
+    record: RequestRecord,
 ) -> AsyncGenerator[bytes, None]:
-    produced = engine.synthesize(job)
-
     async def samples() -> AsyncIterator[np.ndarray]:
         async for chunk in produced:
             usage.output_tokens += chunk.speech_tokens
             record.add_audio(len(chunk.samples))
             yield chunk.samples
 
-    encoded = encode_audio(samples(), response_format=response_format, sample_rate=engine.sample_rate, speed=speed)
+    encoded = encode_audio(samples(), response_format=response_format, sample_rate=sample_rate, speed=speed)
     try:
         async for data in encoded:
             yield data
@@ -176,27 +186,32 @@ def _error_detail(exc: Exception) -> ErrorDetail:
     )
 
 
-async def _primed(body: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-    """Wait for the first bytes before the response starts, so a synthesis or encoder failure
-    at start-up is still an error response; then yield them and the rest."""
+async def _primed(items: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """Wait for the first item before the response starts, so a failure to start is still an
+    error response; then yield it and the rest. Closing the result closes ``items``."""
     try:
-        first = await anext(body)
+        first = await anext(items)
     except StopAsyncIteration:
-        first = b""
+        await _aclose(items)
+        return _empty()
     except BaseException:
-        await _aclose(body)
+        await _aclose(items)
         raise
 
-    async def chained() -> AsyncGenerator[bytes, None]:
+    async def chained() -> AsyncGenerator[T, None]:
         try:
-            if first:
-                yield first
-            async for data in body:
-                yield data
+            yield first
+            async for item in items:
+                yield item
         finally:
-            await _aclose(body)
+            await _aclose(items)
 
     return chained()
+
+
+async def _empty() -> AsyncGenerator[Any, None]:
+    return
+    yield
 
 
 async def _aclose(iterator: object) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.engine.base import Engine
 from gateway.engine.fake import FakeEngine
 
@@ -15,10 +17,11 @@ def test_fake_engine_satisfies_the_engine_protocol() -> None:
     assert isinstance(FakeEngine(), Engine)
 
 
-async def test_failure_before_the_first_byte_is_a_500_envelope(make_gateway, api_error) -> None:
+@pytest.mark.parametrize("response_format", ["mp3", "wav", "pcm"])
+async def test_failure_before_the_first_byte_is_a_500_envelope(make_gateway, api_error, response_format: str) -> None:
     engine = FakeEngine(fail_after_pieces=0)
     async with make_gateway(engine) as gw:
-        response = await gw.http.post("/v1/audio/speech", json={**SPEECH, "response_format": "mp3"})
+        response = await gw.http.post("/v1/audio/speech", json={**SPEECH, "response_format": response_format})
         error = api_error(response, 500, code="engine_error")
         assert error["type"] == "server_error"
         assert engine.failed == [response.headers["x-request-id"]]
