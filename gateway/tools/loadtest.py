@@ -1,13 +1,14 @@
 """Load test: N concurrent streaming clients against a gateway on this machine, for a fixed time.
 
     python -m gateway.tools.loadtest --url http://127.0.0.1:8000 --concurrency 64 --duration 60 \
-        [--server-pid PID] [--api-key KEY] [--format wav] [--json out.json]
+        [--server-pid PID] [--api-key KEY] [--format mp3] [--json out.json]
 
 Each client loops: POST /v1/audio/speech (streamed), read the body to its end, check it, repeat,
 until the time is up. Reported: requests, errors by kind, deliberate 429s (admission control
 working as designed) counted apart from errors, p50/p95/max time to first byte, and the
 server's resident memory before the run, at its peak and after it (from /proc/<pid>/status
-with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``).
+with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``), and
+what is left on the server afterwards (FFmpeg children, in-flight and queued requests).
 
 Bounded on purpose: loopback hosts only (this is not a tool for hitting other people's
 servers), at most 1024 clients, 3600 s and --max-requests requests. Exit status 0 when there
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import json
 import socket
 import statistics
@@ -90,6 +92,8 @@ def _check_body(fmt: str, head: bytes, size: int) -> str | None:
         return "bad_flac_header"
     if fmt == "opus" and head[:4] != b"OggS":
         return "bad_ogg_header"
+    if fmt == "mp3" and not (head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)):
+        return "bad_mp3_header"
     return None
 
 
@@ -145,6 +149,23 @@ async def _client_loop(
         pause = await _one_request(client, body, results)
         if pause:
             await asyncio.sleep(pause)
+
+
+def ffmpeg_children(pid: int) -> int:
+    """How many FFmpeg processes the server has right now (leak check after the run)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                program = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            count += b"ffmpeg" in os.path.basename(program)
+    return count
 
 
 def rss_from_proc(pid: int) -> int | None:
@@ -212,6 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.gather(sampler, return_exceptions=True)
         await asyncio.sleep(args.settle)
         rss_after = await server_rss(client, args.server_pid)
+        metrics_after = await _scrape(client)
 
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 1)
@@ -236,6 +258,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         },
         "total_ms": {"p50": ms(_percentile(results.total_s, 50)), "p95": ms(_percentile(results.total_s, 95))},
         "audio_bytes": results.audio_bytes,
+        "server_ffmpeg_children_after": ffmpeg_children(args.server_pid) if args.server_pid else None,
+        "server_in_flight_after": metrics_after.get("chatterbox_in_flight_requests"),
+        "server_queued_after": metrics_after.get("chatterbox_queued_requests"),
         "server_rss_mib": {
             "start": _mib(rss_start),
             "before": _mib(rss_before),
@@ -243,6 +268,24 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "after": _mib(rss_after),
         },
     }
+
+
+async def _scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's unlabelled metric values (in-flight and queue gauges after the run)."""
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    values: dict[str, float] = {}
+    if response.status_code == 200:
+        for line in response.text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+                try:
+                    values[parts[0]] = float(parts[1])
+                except ValueError:
+                    continue
+    return values
 
 
 def _mib(value: int | None) -> float | None:
@@ -270,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tts-1")
     p.add_argument("--voice", default="alloy")
     p.add_argument("--text", default=DEFAULT_TEXT)
-    p.add_argument("--format", default="wav", choices=["mp3", "opus", "aac", "flac", "wav", "pcm"])
+    p.add_argument("--format", default="mp3", choices=["mp3", "opus", "aac", "flac", "wav", "pcm"])
     p.add_argument("--request-timeout", type=_bounded(1, 3600), default=120.0, help="seconds per request")
     p.add_argument("--settle", type=_bounded(0, 120), default=3.0, help="seconds to wait before memory readings")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")

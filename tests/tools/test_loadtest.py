@@ -1,0 +1,67 @@
+"""The load-test tool itself: it refuses non-loopback targets and unbounded runs, and against
+a live server it reports requests, TTFB percentiles and server memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gateway.settings import Settings
+from gateway.tools import loadtest
+
+
+def test_refuses_hosts_that_are_not_loopback() -> None:
+    with pytest.raises(loadtest.NotLoopbackError):
+        loadtest.require_loopback("http://10.1.2.3:8000")
+    with pytest.raises(loadtest.NotLoopbackError):
+        loadtest.require_loopback("http://example.invalid:8000")
+    loadtest.require_loopback("http://127.0.0.1:8000")
+    loadtest.require_loopback("http://localhost:8000")
+    loadtest.require_loopback("http://[::1]:8000")
+    assert loadtest.main(["--url", "http://192.0.2.1:80", "--duration", "1"]) == 2
+
+
+def test_runs_are_bounded() -> None:
+    parser = loadtest.build_parser()
+    for bad in (["--concurrency", "5000"], ["--duration", "100000"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--url", "http://127.0.0.1:1", *bad])
+
+
+def test_against_a_live_server(live_server, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    code = loadtest.main(
+        [
+            "--url", live_server.base_url, "--concurrency", "4", "--duration", "2", "--settle", "0.2",
+            "--server-pid", str(os.getpid()), "--json", str(out),
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    assert report["ok"] > 0 and report["error_count"] == 0
+    assert report["ttfb_ms"]["p50"] > 0 and report["ttfb_ms"]["p95"] >= report["ttfb_ms"]["p50"]
+    assert report["server_rss_mib"]["before"] > 0 and report["server_rss_mib"]["after"] > 0
+    assert report["server_in_flight_after"] == 0 and report["server_ffmpeg_children_after"] == 0
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # every live test here overloads on purpose: one slot, no queue, several clients
+    return msgspec.structs.replace(settings, max_in_flight=1, max_queued=0)
+
+
+def test_429s_are_counted_apart_from_errors(live_server, tmp_path: Path) -> None:
+    report = asyncio.run(
+        loadtest.run(
+            loadtest.build_parser().parse_args(
+                ["--url", live_server.base_url, "--concurrency", "6", "--duration", "2", "--settle", "0"]
+            )
+        )
+    )
+    assert report["rejected_429"] > 0
+    assert report["error_count"] == 0 and report["ok"] > 0
