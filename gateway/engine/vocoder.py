@@ -447,6 +447,8 @@ class Vocoder:
             harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
         self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype, flow_steps=settings.flow_steps,
                                 tapes=tapes, bucket_tokens=bucket_tokens)
+        if self.policy.lookahead != self.batch.lookahead:
+            raise ValueError(f"window lookahead must be the flow's pre-lookahead ({self.batch.lookahead})")
         self._trim_fade = self.batch.trim_fade
         self._voices: OrderedDict[str, VoiceRef] = OrderedDict()  # worker thread only
         self._streams: set[VocoderStream] = set()
@@ -525,16 +527,19 @@ class Vocoder:
             refs = {s.voice_key: s._ref_dict for s, _ in chosen}
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_jobs, jobs, refs)
+                outcomes = await loop.run_in_executor(self._executor, self._run_jobs, jobs, refs)
             except Exception as exc:  # the whole batch failed: fail its streams, keep serving
-                for job in jobs:
+                outcomes = [exc] * len(jobs)
+            done = [(j, r) for j, r in zip(jobs, outcomes) if isinstance(r, _Result)]
+            if done:
+                self._count([j for j, _ in done], [r for _, r in done], time.perf_counter() - t0)
+            for job, outcome in zip(jobs, outcomes):
+                if isinstance(outcome, _Result):
+                    job.stream._prompt_tokens = outcome.prompt_tokens
+                    job.stream._deliver(job.window, outcome, job.carry)
+                else:
                     job.stream._in_flight = False
-                    job.stream._end(EngineError(f"vocoder failed: {exc}"))
-                continue
-            self._count(jobs, results, time.perf_counter() - t0)
-            for job, result in zip(jobs, results):
-                job.stream._prompt_tokens = result.prompt_tokens
-                job.stream._deliver(job.window, result, job.carry)
+                    job.stream._end(EngineError(f"vocoder failed: {outcome}"))
 
     def _count(self, jobs: list[_Job], results: list[_Result], seconds: float) -> None:
         st = self.stats
@@ -559,17 +564,29 @@ class Vocoder:
         self._voices.move_to_end(key)
         return voice
 
-    def _run_jobs(self, jobs: list[_Job], refs: Mapping[str, Mapping[str, Any]]) -> list[_Result]:
-        """Worker thread: flow for all rows at once, then HiFT grouped by length."""
-        voices = [self._voice(j.voice_key, refs[j.voice_key]) for j in jobs]
+    def _run_jobs(self, jobs: list[_Job], refs: Mapping[str, Mapping[str, Any]]) -> list[_Result | Exception]:
+        """Worker thread: flow for all rows at once, then HiFT grouped by length. A row whose
+        voice cannot be prepared fails alone; the others still run."""
+        outcomes: list[_Result | Exception] = []
+        voices: list[VoiceRef | None] = []
+        for job in jobs:
+            try:
+                voices.append(self._voice(job.voice_key, refs[job.voice_key]))
+            except Exception as exc:  # a malformed reference: that stream's problem only
+                voices.append(None)
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)  # type: ignore[arg-type]
+        live = [i for i, v in enumerate(voices) if v is not None]
+        if not live:
+            return outcomes
         mels = self.batch.run_flow([
-            FlowRow(v, j.tokens, j.window.context_start, j.window.new_tokens, j.window.final)
-            for j, v in zip(jobs, voices)])
-        rows = [HiftRow(mel if j.mel_tail is None else torch.cat([j.mel_tail, mel], dim=1),
-                        j.start_frame, j.phase, j.carry) for j, mel in zip(jobs, mels)]
-        results = []
-        for job, voice, row, (wav, phase) in zip(jobs, voices, rows, self.batch.run_hift(rows)):
-            frames = row.mel.shape[1]
-            tail = row.mel[:, frames - job.carry:] if job.carry else None
-            results.append(_Result(wav.cpu().numpy(), frames, tail, phase, voice.prompt_len))
-        return results
+            FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
+                    jobs[i].window.final) for i in live])
+        rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
+                        jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
+        for i, row, (wav, phase) in zip(live, rows, self.batch.run_hift(rows)):
+            frames, carry = row.mel.shape[1], jobs[i].carry
+            tail = row.mel[:, frames - carry:] if carry else None
+            outcomes[i] = _Result(wav.cpu().numpy(), frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
+        return outcomes

@@ -57,8 +57,12 @@ class WindowPolicy:
     def __post_init__(self) -> None:
         if min(self.first_tokens, self.tokens) < 1:
             raise ValueError("window sizes must be at least one token")
-        if min(self.left_context, self.lookahead, self.mel_overlap, self.final_merge_tokens) < 0:
-            raise ValueError("left_context, lookahead, mel_overlap must be >= 0")
+        if min(self.left_context, self.mel_overlap, self.final_merge_tokens) < 0:
+            raise ValueError("left_context, mel_overlap and final_merge_tokens must be >= 0")
+        if self.lookahead < 1:
+            # A non-final window must leave tokens behind, so a final window always follows
+            # and flushes the audio held back for the crossfade.
+            raise ValueError("lookahead must be >= 1")
         if self.mel_overlap > TOKEN_MEL_RATIO * min(self.first_tokens, self.tokens):
             raise ValueError("mel_overlap must not exceed a window's mel frames")
 

@@ -89,6 +89,8 @@ def test_policy_rejects_bad_values() -> None:
         WindowPolicy(left_context=-1)
     with pytest.raises(ValueError):
         WindowPolicy(first_tokens=2, mel_overlap=8)
+    with pytest.raises(ValueError):
+        WindowPolicy(lookahead=0)
 
 
 def test_crossfade_weights_sum_to_one() -> None:
@@ -250,11 +252,15 @@ async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, 
     await voc.start()
     try:
         broken = voc.open_stream("broken", {"prompt_token": ref["prompt_token"]})  # no prompt_feat
-        broken.push(_tokens(10, 5))
-        broken.finish()
+        healthy = voc.open_stream("A", ref)
+        for stream in (broken, healthy):
+            stream.push(_tokens(10, 5))
+            stream.finish()
         with pytest.raises(EngineError):
             async for _ in broken.audio():
                 pass
+        assert sum(a.shape[0] for a in [a async for a in healthy.audio()]) == 10 * 2 * SAMPLES_PER_FRAME
+        assert voc.stats.rows_per_batch == {1: 1}, "the broken row fails alone, its batch-mate runs"
         waiting = voc.open_stream("A", ref)
         waiting.push(_tokens(3, 6))  # too few tokens for a window: nothing in flight
         empty = voc.open_stream("A", ref)
