@@ -26,7 +26,11 @@ from chatterbox.models.tokenizers import EnTokenizer
 from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import Conditionals
 from safetensors.torch import load_file
-from transformers.initialization import no_init_weights
+
+try:  # transformers >= 5.x keeps it here; older releases in modeling_utils
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    from transformers.modeling_utils import no_init_weights
 
 from gateway.errors import InvalidRequestError
 

@@ -18,7 +18,6 @@ is reused on later starts: ~20 s and 3.2 GB once, then nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import string

@@ -193,7 +193,8 @@ class ReferenceEngine:
                         return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
                     wav, _ = components.s3gen.inference(
                         speech_tokens=tokens.to(components.device),
-                        ref_dict=job.voice.conditionals.gen,
+                        # upstream writes device casts back into the dict: keep the cached one intact
+                        ref_dict=dict(job.voice.conditionals.gen),
                         n_cfm_timesteps=self.settings.flow_steps,
                     )
             except DecodeCancelled:
