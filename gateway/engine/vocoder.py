@@ -23,8 +23,11 @@ One asyncio task collects the ready windows of ALL streams (first windows first,
 longest-waiting), up to ``settings.vocoder_max_batch`` rows and ``max_batch_tokens`` padded
 flow tokens, and runs them as one batch on a dedicated worker thread (torch releases the
 GIL). A stream has at most one window in flight; a cancelled stream's results are dropped.
+A stream whose reference dict cannot be prepared fails alone (``EngineError`` from
+``audio()``); a batch that fails fails its streams and the loop keeps serving.
 ``Vocoder.stats`` counts batches and rows for the metrics layer; ``on_batch`` is called with
-each batch's row count, padded tokens and seconds.
+each batch's row count, padded tokens and seconds. The engine still applies the watermark
+(``settings.watermark``) to what ``audio()`` yields, as upstream does after S3Gen.
 
 Batching (:class:`S3GenBatch`) goes through upstream submodules, never ``S3Gen.inference``
 (batch 1 only, and its ``finalize=False`` path fails on a mask length mismatch in
@@ -359,9 +362,12 @@ class VocoderStream:
 
     def push(self, tokens: Iterable[int]) -> None:
         """Append speech tokens; ids outside the speech vocabulary are dropped (as upstream
-        ``drop_invalid_tokens`` does)."""
-        if self._finished or self._closed:
-            raise RuntimeError("push after finish() or cancel()")
+        ``drop_invalid_tokens`` does). Ignored once the stream is cancelled or failed (T3 may
+        still be delivering deltas); an error after ``finish()``."""
+        if self._finished:
+            raise RuntimeError("push after finish()")
+        if self._closed:
+            return
         self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
         self._vocoder._wake.set()
 

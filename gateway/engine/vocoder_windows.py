@@ -51,8 +51,8 @@ class WindowPolicy:
     """Mel frames re-vocoded across a seam; their audio is crossfaded."""
     final_merge_tokens: int = 0
     """A finished stream vocodes everything left in one final window when at most this many
-    tokens remain (0: ``2 * tokens``; never less than the next window plus lookahead);
-    longer tails are split into regular windows."""
+    tokens remain (0: ``2 * tokens``; for the first window at most ``2 * first_tokens``;
+    never less than the next window plus lookahead); longer tails are split into windows."""
 
     def __post_init__(self) -> None:
         if min(self.first_tokens, self.tokens) < 1:
@@ -119,7 +119,10 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
         return None
     context_start = max(0, committed - policy.left_context)
     size = policy.first_tokens if index == 0 else policy.tokens
-    if finished and (one_shot or remaining <= max(policy.merge_limit, size + policy.lookahead)):
+    # Merging a short tail into the final window saves a window; for the first window only
+    # while it stays small, so a finished short utterance still gets a fast first byte.
+    limit = policy.merge_limit if index else min(policy.merge_limit, 2 * policy.first_tokens)
+    if finished and (one_shot or remaining <= max(limit, size + policy.lookahead)):
         return Window(index, context_start, committed, available, available, final=True)
     if remaining < size + policy.lookahead:
         return None

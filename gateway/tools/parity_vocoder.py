@@ -182,14 +182,15 @@ async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Si
 
 def run(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY, *,
         s3gen: Any = None, seed: int = 0) -> list[CheckResult]:
-    """All vocoder parity checks. ``s3gen``: an S3Gen already on ``device`` (its flow is cast
-    to ``dtype`` in place); default: a fresh one with random weights from ``seed``."""
+    """All vocoder parity checks. ``s3gen``: an S3Gen (moved to ``device``; its flow ends up
+    cast to ``dtype`` in place); default: a fresh one with random weights from ``seed``."""
     if s3gen is None:
         from chatterbox.models.s3gen import S3Gen
 
         torch.manual_seed(seed)
         s3gen = S3Gen().to(device).eval()
-    s3gen.to(device)
+    # fp32 first: embed_ref runs in the flow's dtype, and an earlier bf16 run cast it in place.
+    s3gen.to(device=device, dtype=torch.float32)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if dtype == torch.float32:  # true fp32 on CUDA too, so fp32 checks can be strict
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -256,6 +257,7 @@ def bench(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes 
 
         torch.manual_seed(seed)
         s3gen = S3Gen().to(device).eval()
+    s3gen.to(device=device, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     ref = reference_dict(s3gen, sizes.prompt_tokens, 120.0, seed)
     frames = 2 * (sizes.left_context + 2 * sizes.window)

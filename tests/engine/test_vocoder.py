@@ -74,6 +74,16 @@ def test_first_window_is_small_and_waits_for_lookahead() -> None:
     assert (w.context_start, w.start, w.end) == (0, 20, 70)
 
 
+def test_finished_utterance_still_gets_a_small_first_window() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50)
+    w = next_window(policy, available=90, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (20, False)
+    w = next_window(policy, available=40, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (40, True)
+    w = next_window(policy, available=120, committed=20, finished=True, index=1)
+    assert (w.end, w.final) == (120, True)
+
+
 def test_one_shot_waits_for_finish_then_takes_everything() -> None:
     policy = WindowPolicy()
     assert next_window(policy, available=500, committed=0, finished=False, index=0, one_shot=True) is None
@@ -240,8 +250,10 @@ async def test_cancel_drops_the_stream_and_others_continue(s3gen, ref) -> None:
         await asyncio.sleep(0.05)
         assert doomed not in voc._streams and doomed.tokens_vocoded < 60
         assert voc.stats.rows - rows_before <= 2, "the cancelled stream must not be vocoded further"
+        doomed.push([1, 2, 3])  # late T3 deltas after a cancel are ignored
+        assert doomed.tokens_vocoded < 60 and doomed not in voc._streams
         with pytest.raises(RuntimeError):
-            doomed.push([1, 2, 3])
+            survivor.push([1, 2, 3])
     finally:
         await voc.close()
 
