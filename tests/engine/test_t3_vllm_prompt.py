@@ -91,7 +91,7 @@ def test_vllm_prompt_marks_every_row_as_embedding(t3: T3) -> None:
     assert p["prompt_embeds"] is prompt.embeds
 
 
-@pytest.mark.parametrize("cfg_weight", [0.0, 0.5, 0.3, 1.0, 3.75])
+@pytest.mark.parametrize("cfg_weight", [0.0, 0.5, 0.3, 1.0, 3.75, 5.115])
 def test_side_channel_round_trips(cfg_weight: float) -> None:
     text = _text(6, 40)
     ids = layout.placeholder_ids(34, text, cfg_weight)
@@ -103,7 +103,7 @@ def test_side_channel_round_trips(cfg_weight: float) -> None:
     # vLLM computes decode positions as context_len + delta on all three rows.
     decode = torch.full((3, 4), 0, dtype=torch.int64)
     decode[:] = torch.arange(length + 3, length + 7) + delta
-    rows = layout.decode_positions(torch.cat([positions, decode], dim=1), max_position=4096,
+    rows = layout.decode_positions(torch.cat([positions, decode], dim=1), max_position=2048,
                                    speech_positions=4100, text_vocab=704)
     n = length + 7
     assert rows.position.tolist() == list(range(n))
@@ -111,7 +111,7 @@ def test_side_channel_round_trips(cfg_weight: float) -> None:
     assert rows.speech_index[length:].tolist() == list(range(1, 8))  # token k sees position k+1
     assert rows.is_text.tolist() == [False] * 34 + [True] * len(text) + [False] * 9
     assert rows.text_token[34:34 + len(text)].tolist() == text
-    expected_w = torch.tensor(round(cfg_weight * 1000), dtype=torch.float32) / 1000
+    expected_w = torch.tensor(round(cfg_weight * 200), dtype=torch.float32) / 200
     assert torch.equal(rows.cfg_weight, expected_w.expand(n))
     assert torch.equal(rows.cfg_weight[0], torch.tensor(cfg_weight, dtype=torch.float32))
 
@@ -137,6 +137,10 @@ def test_bad_side_channel_inputs_are_refused() -> None:
         layout.placeholder_ids(34, [255, 800, 0], 0.5)
     with pytest.raises(ValueError):
         layout.placeholder_ids(34, [255, 0], -0.1)
+    with pytest.raises(ValueError):
+        layout.placeholder_ids(34, [255, 0], 5.2)
+    with pytest.raises(ValueError):
+        layout.placeholder_ids(34, [255] + [1] * 1000 + [0], 0.5)
     with pytest.raises(ValueError):
         layout.mrope_positions([8100, 8100, 6563, 6561])
 

@@ -9,16 +9,18 @@ The rows themselves travel as prompt embeddings. Their *placeholder token ids* c
 facts vLLM would otherwise lose, all in the id range the sampler can never produce
 (``>= 6563``, masked), so the repetition penalty is unaffected by them:
 
-* cond rows: the first two hold the CFG weight in milli-units as two base-800 digits
+* cond rows: the first two hold the CFG weight code as two base-800 digits
   (``7300 + digit``); the rest are ``8100``;
 * text rows: ``6563 + text_token`` (the uncond stream needs the text embedding removed);
 * the two BOS rows: ``6561``, the speech start token, as upstream penalises it.
 
 The model turns those ids into M-RoPE style positions (``get_mrope_input_positions``), a
-``[3, n]`` int64 tensor per request, plus one per-request delta that vLLM adds to every
-later (decode) position. Row 0 is ``p | L << 14 | w_milli << 28`` with ``p`` the real
-position and ``L`` the prompt length, so each decode row knows its speech position
-``p - L + 1`` and its request's CFG weight with no per-request Python state in ``forward``.
+``[3, n]`` tensor per request, plus one per-request delta that vLLM adds to every later
+(decode) position. vLLM keeps these positions in int32, so all of it fits 31 bits: row 0 is
+``p | L << 11 | w_code << 21`` with ``p < 2048`` the real position, ``L < 1024`` the prompt
+length and ``w_code = round(200 w) < 1024`` the CFG weight in steps of 0.005 (so 0.3, 0.5,
+0.25 are exact). Each decode row thus knows its speech position ``p - L + 1`` and its
+request's CFG weight with no per-request Python state in ``forward``.
 Rows 1 and 2 equal row 0 for generated tokens and are negative for prompt rows
 (``-1``: conditioning/BOS, ``-(2 + t)``: text token ``t``).
 """
@@ -36,15 +38,20 @@ TEXT_ID_BASE = 6563
 COND_DIGIT_BASE = 7300
 COND_DIGITS = 800
 COND_FILLER = 8100
-CFG_SCALE = 1000
-"""The CFG weight travels in milli-units: 0.5 is 500, exact to three decimals."""
-MAX_CFG_MILLI = COND_DIGITS * COND_DIGITS - 1
+CFG_SCALE = 200
+"""The CFG weight travels as ``round(200 w)``: steps of 0.005."""
 
-POS_BITS = 14
+POS_BITS = 11
 POS_MASK = (1 << POS_BITS) - 1
 MAX_POSITIONS = 1 << POS_BITS
-"""Positions and prompt lengths must stay below this (it bounds ``max_model_len``)."""
-W_SHIFT = 2 * POS_BITS
+"""Positions must stay below this: it bounds ``max_model_len``."""
+LEN_BITS = 10
+LEN_MASK = (1 << LEN_BITS) - 1
+MAX_PROMPT = 1 << LEN_BITS
+"""Prompt rows (conditioning + text + 2) must stay below this."""
+W_SHIFT = POS_BITS + LEN_BITS
+MAX_CFG_MILLI = (1 << (31 - W_SHIFT)) - 1
+"""Largest CFG code (the weight 5.115): the three fields fill the 31 bits of an int32."""
 MAX_TEXT_VOCAB = COND_DIGIT_BASE - TEXT_ID_BASE
 
 
@@ -65,8 +72,8 @@ def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float) -> l
     cond = [COND_DIGIT_BASE + milli // COND_DIGITS, COND_DIGIT_BASE + milli % COND_DIGITS]
     cond += [COND_FILLER] * (n_cond - 2)
     ids = cond + [TEXT_ID_BASE + t for t in text_tokens] + [START_SPEECH, START_SPEECH]
-    if len(ids) >= MAX_POSITIONS:
-        raise ValueError(f"prompt of {len(ids)} rows is too long (limit {MAX_POSITIONS - 1})")
+    if len(ids) >= MAX_PROMPT:
+        raise ValueError(f"prompt of {len(ids)} rows is too long (limit {MAX_PROMPT - 1})")
     return ids
 
 
@@ -118,7 +125,7 @@ def decode_positions(
     v = positions[0]
     kind = positions[1]
     p = (v & POS_MASK).clamp(max=max_position - 1)
-    length = (v >> POS_BITS) & POS_MASK
+    length = (v >> POS_BITS) & LEN_MASK
     milli = v >> W_SHIFT
     is_gen = kind >= 0
     speech_index = (p - length + 1).clamp(0, speech_positions - 1)

@@ -1,0 +1,234 @@
+"""Benchmark the fast engine against the reference engine: ``python -m gateway.tools.benchmark``.
+
+Runs on the GPU machine with dummy weights of the real architecture and fixed, bounded
+generation lengths (dummy T3 never samples its stop token, so every request makes exactly
+``--tokens`` speech tokens). Stages, each guarded so one failure still prints the rest:
+
+* ``t3``: our vLLM T3 model alone (offline ``LLM``, CUDA graphs, CFG on): decode tokens/s at
+  1/8/32/128 concurrent requests: the ceiling the whole engine can reach.
+* ``engine``: ``VllmEngine`` and ``ReferenceEngine`` through the Engine interface:
+  single-stream RTF for a 10 s utterance, time to first audio chunk p50/p95 streaming at
+  1/8/32 concurrent, aggregate audio-seconds per second at 1/8/32/128, GPU memory, with the
+  watermark on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps every stream "
+            "busy and the vocoder batches windows from all of them.")
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict]:
+    """Offline vLLM decode throughput of the T3 model with CFG, dummy weights."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from gateway.engine.t3_vllm.config import write_model_dir
+    from gateway.engine.t3_vllm.plugin import register
+    from gateway.engine.t3_vllm.prompt import T3PromptBuilder
+
+    register()
+    torch.manual_seed(0)
+    builder = T3PromptBuilder()
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+    cond = T3Cond(speaker_emb=torch.randn(1, 256), cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150)),
+                  emotion_adv=0.5 * torch.ones(1, 1, 1))
+    rows = builder.conditioning(cond)
+    text = [255] + torch.randint(1, 704, (text_tokens,)).tolist() + [0]
+    model_dir = write_model_dir(Path(tempfile.mkdtemp()) / "t3")
+    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
+              load_format="dummy", max_model_len=1024, max_num_seqs=max(concurrency),
+              gpu_memory_utilization=0.5, seed=0)
+    sp = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.8, top_p=1.0, min_p=0.05,
+                        repetition_penalty=1.2, detokenize=False)
+    out = []
+    llm.generate([builder.build(rows, text, 0.5).vllm_prompt()], sp, use_tqdm=False)  # warm
+    for n in concurrency:
+        prompts = [builder.build(rows, text, 0.5).vllm_prompt() for _ in range(n)]
+        t0 = time.perf_counter()
+        res = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        made = sum(len(r.outputs[0].token_ids) for r in res)
+        out.append({"stage": "t3", "concurrency": n, "wall_s": round(dt, 3), "tokens": made,
+                    "tokens_per_s": round(made / dt), "audio_s_per_s": round(made / dt / 25, 1)})
+        print(out[-1], flush=True)
+    return out
+
+
+
+async def _run_jobs(engine, jobs) -> tuple[float, list[float], float]:
+    """Run jobs concurrently: (wall s, first-chunk latencies s, audio seconds made)."""
+    from gateway.engine.base import SAMPLE_RATE
+
+    async def one(job):
+        t0 = time.perf_counter()
+        first, samples = None, 0
+        async for chunk in engine.synthesize(job):
+            if first is None and chunk.samples.size:
+                first = time.perf_counter() - t0
+            samples += chunk.samples.size
+        return first if first is not None else float("nan"), samples / SAMPLE_RATE
+
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(j) for j in jobs))
+    wall = time.perf_counter() - t0
+    return wall, [r[0] for r in res], sum(r[1] for r in res)
+
+
+def _jobs(engine, n: int, tokens: int, streaming: bool, tag: str):
+    from gateway.engine.base import GenerationParams, SynthesisJob, Voice
+
+    voice = Voice("builtin", "builtin", engine.builtin_conditionals())
+    return [SynthesisJob(f"{tag}-{i}", (TEXT_10S,), voice,
+                         GenerationParams(max_speech_tokens=tokens, seed=i), streaming=streaming)
+            for i in range(n)]
+
+
+def _gpu_used_gib() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 2**30, 1)
+
+
+async def _measure(engine, name: str, tokens: int, ttfb_conc: list[int], agg_conc: list[int],
+                   rtf_reps: int, deadline: float) -> list[dict]:
+    rows: list[dict] = []
+    rtfs = []
+    for r in range(rtf_reps):
+        wall, _, audio = await _run_jobs(engine, _jobs(engine, 1, tokens, False, f"{name}-rtf{r}"))
+        rtfs.append(wall / audio if audio else float("nan"))
+    rows.append({"stage": "engine", "engine": name, "metric": "single-stream RTF (10 s, non-streaming)",
+                 "concurrency": 1, "value": round(statistics.median(rtfs), 4),
+                 "detail": f"runs {[round(x, 4) for x in rtfs]}"})
+    print(rows[-1], flush=True)
+    for n in sorted(set(ttfb_conc) | set(agg_conc)):
+        if time.perf_counter() > deadline:
+            rows.append({"stage": "engine", "engine": name, "metric": "skipped (time budget)", "concurrency": n})
+            continue
+        wall, firsts, audio = await _run_jobs(engine, _jobs(engine, n, tokens, True, f"{name}-c{n}"))
+        if n in ttfb_conc:
+            rows.append({"stage": "engine", "engine": name, "metric": "TTFB ms p50 / p95 (streaming)",
+                         "concurrency": n, "value": f"{_pct(firsts, .5) * 1000:.0f} / {_pct(firsts, .95) * 1000:.0f}"})
+            print(rows[-1], flush=True)
+        if n in agg_conc:
+            rows.append({"stage": "engine", "engine": name, "metric": "audio-s per wall-s (streaming)",
+                         "concurrency": n, "value": round(audio / wall, 1),
+                         "detail": f"{audio:.0f} s audio in {wall:.2f} s; GPU used {_gpu_used_gib()} GiB"})
+            print(rows[-1], flush=True)
+    return rows
+
+
+async def stage_engine(tokens: int, concurrency: list[int], reference_concurrency: list[int],
+                       budget_s: float) -> list[dict]:
+    """VllmEngine vs ReferenceEngine, same dummy checkpoint, same process and GPU."""
+    from gateway.engine.reference import ReferenceEngine
+    from gateway.engine.vllm_engine import VllmEngine
+    from gateway.settings import load_settings
+
+    deadline = time.perf_counter() + budget_s
+    settings = load_settings(environ={}, overrides={
+        "load_format": "dummy", "cache_dir": tempfile.mkdtemp(prefix="bench-"), "max_speech_tokens": tokens,
+        "vllm_max_num_seqs": max(concurrency), "vllm_max_model_len": 1024,
+        "vllm_gpu_memory_utilization": 0.4, "watermark": True})
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    fast = VllmEngine(settings)
+    fast.fixed_length = True  # dummy T3 may sample its stop token: keep lengths fixed
+    await fast.start()
+    rows.append({"stage": "engine", "engine": "vllm", "metric": "start s (dummy ckpt, vLLM compile + graphs)",
+                 "value": round(time.perf_counter() - t0, 1), "detail": f"GPU used {_gpu_used_gib()} GiB"})
+    print(rows[-1], flush=True)
+    try:
+        ttfb = [c for c in concurrency if c <= 32]
+        rows += await _measure(fast, "vllm", tokens, ttfb, concurrency, 3, deadline)
+        fast.settings = msgspec.structs.replace(settings, watermark=False)
+        for n in [c for c in concurrency if c in (1, 32)]:
+            wall, firsts, audio = await _run_jobs(fast, _jobs(fast, n, tokens, True, f"nowm-{n}"))
+            rows.append({"stage": "engine", "engine": "vllm", "metric": "watermark OFF: audio-s per wall-s / TTFB p50 ms",
+                         "concurrency": n, "value": f"{audio / wall:.1f} / {_pct(firsts, .5) * 1000:.0f}"})
+            print(rows[-1], flush=True)
+        fast.settings = settings
+        ref = ReferenceEngine(settings)
+        await ref.start()
+        try:
+            rows += await _measure(ref, "reference", tokens, [c for c in reference_concurrency if c <= 32],
+                                   reference_concurrency, 2, deadline + 120)
+        finally:
+            await ref.close()
+    finally:
+        await fast.close()
+    return rows
+
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gateway.tools.benchmark", description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", default="t3,engine")
+    ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
+    ap.add_argument("--concurrency", default="1,8,32,128")
+    ap.add_argument("--text-tokens", type=int, default=150)
+    ap.add_argument("--reference-concurrency", default="1,8",
+                    help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new engine measurements after this")
+    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    # vLLM forks its engine process by default; a fork after torch used its CPU thread
+    # pool (prompt building) hangs the child, so start it fresh.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    conc = [int(c) for c in args.concurrency.split(",")]
+    rows: list[dict] = []
+    for stage in args.stages.split(","):
+        try:
+            if stage == "t3":
+                rows += stage_t3(args.tokens, conc, args.text_tokens)
+            elif stage == "engine":
+                ref_conc = [int(c) for c in args.reference_concurrency.split(",")]
+                rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))
+            else:
+                raise ValueError(f"unknown stage {stage}")
+        except Exception as exc:  # keep the other stages' numbers
+            import traceback
+
+            traceback.print_exc()
+            rows.append({"stage": stage, "error": repr(exc)[:300]})
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    _print_table(rows)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

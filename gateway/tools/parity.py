@@ -1,0 +1,283 @@
+"""All parity checks of the fast engine, on the GPU: ``python -m gateway.tools.parity``.
+
+T3: the same random T3 weights are loaded by upstream ``T3.inference`` (fp32, HF
+transformers) and by our vLLM model (through ``t3_cfg.safetensors`` and ``load_weights``);
+several requests with different CFG weights, exaggerations and texts decode greedily in ONE
+vLLM batch, so per-request CFG and positions are checked under continuous batching.
+
+* Tokens: vLLM (fp32, and bf16 as served) must give the reference's greedy speech tokens,
+  except that a run may part from it at a near tie. A teacher-forced fp32 pass of the
+  reference gives, at every step, its top-2 margin (after the repetition penalty) and its raw
+  log-probabilities; vLLM returns its own top-5 raw log-probabilities. The error of vLLM's
+  logit differences on the matched steps is the measured precision (bf16 keeps 8 mantissa
+  bits; vLLM's fp32 matmuls may use TF32), and a divergence passes only where the
+  reference's margin is within twice that error. In fp32 every request must also decode
+  identically batched and alone.
+
+Upstream decodes over all 8194 ids; the served model masks ids that are no speech token
+(6561, >= 6563). So that both decode over the same set, the random weights give those ids
+a zero speech-head row (logit exactly 0, never the argmax among 6562 random logits).
+
+Vocoder checks (batched vs one-at-a-time S3Gen, streamed vs one-shot) come from
+``gateway.tools.parity_vocoder`` when present. Prints a pass/fail table; exit status 1 on
+any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = (  # (cfg_weight, exaggeration, text length)
+    (0.5, 0.5, 24), (0.0, 0.5, 40), (1.0, 0.3, 12), (0.3, 0.8, 60),
+)
+
+
+def _random_t3(seed: int):
+    import torch
+    from chatterbox.models.t3 import T3
+
+    torch.manual_seed(seed)
+    t3 = T3().eval()
+    with torch.no_grad():
+        for name, p in t3.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(1.0, 0.1)  # RMSNorm gains
+            elif p.dim() >= 2:
+                # speech head wider than the rest: logits with a real spread, as trained ones have
+                p.normal_(0.0, 0.5 if name == "speech_head.weight" else 0.02)
+        t3.speech_head.weight[6561].zero_()
+        t3.speech_head.weight[6563:].zero_()
+    return t3
+
+
+def _conds(seed: int, exaggeration: float):
+    import torch
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+    g = torch.Generator().manual_seed(seed)
+    return T3Cond(speaker_emb=torch.randn(1, 256, generator=g),
+                  cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150), generator=g),
+                  emotion_adv=exaggeration * torch.ones(1, 1, 1))
+
+
+def _text(seed: int, n: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [255] + torch.randint(1, 704, (n,), generator=g).tolist() + [0]
+
+
+def _reference(t3, n_tokens: int, penalty: float, dev: str = "cuda") -> tuple[list[list[int]], list]:
+    """Upstream greedy tokens per case and, teacher-forced, (top-2 margin after the
+    repetition penalty, raw log-probabilities over the servable ids) at each step."""
+    import torch
+
+    t3 = t3.to(dev)
+    tokens_out, margins_out = [], []
+    for i, (w, ex, n_text) in enumerate(CASES):
+        cond = _conds(100 + i, ex).to(device=dev)
+        text = torch.tensor([_text(200 + i, n_text)] * 2, device=dev)
+        # temperature -> 0 makes upstream's multinomial the argmax (greedy).
+        out = t3.inference(t3_cond=cond, text_tokens=text, max_new_tokens=n_tokens, temperature=1e-6,
+                           top_p=1.0, min_p=0.0, repetition_penalty=penalty, cfg_weight=w)
+        toks = out[0].tolist()
+        if toks and toks[-1] == 6562:
+            toks = toks[:-1]
+        tokens_out.append(toks)
+        margins_out.append(_teacher_forced(t3, _conds(100 + i, ex).to(device=dev), text, toks, w, penalty))
+    t3.cpu()
+    return tokens_out, margins_out
+
+
+def _teacher_forced(t3, cond, text, toks, w, penalty):
+    import torch
+
+    with torch.inference_mode():
+        embeds, _ = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text,
+                                            speech_tokens=torch.full((2, 1), 6561, device=text.device),
+                                            cfg_weight=max(w, 1e-3))
+        # upstream feeds a second start row (position 0), then token k at position k + 1
+        speech = torch.tensor([6561] + toks[:-1], device=text.device)
+        rows = t3.speech_emb(speech) + t3.speech_pos_emb.emb(torch.arange(len(speech), device=text.device))
+        seq = torch.cat([embeds, rows[None].expand(2, -1, -1)], dim=1)
+        hidden = t3.tfmr(inputs_embeds=seq).last_hidden_state[:, embeds.shape[1]:]
+        logits = t3.speech_head(hidden)  # [2, steps, V]
+        mixed = logits[0] + w * (logits[0] - logits[1])
+        margins = []
+        seen = {6561}
+        for step in range(len(toks)):
+            row = mixed[step].clone()
+            idx = torch.tensor(sorted(seen), device=row.device)
+            vals = row[idx]
+            row[idx] = torch.where(vals < 0, vals * penalty, vals / penalty)
+            top = torch.topk(row, 2).values
+            margins.append(float(top[0] - top[1]))
+            seen.add(toks[step])
+        raw = mixed.clone()
+        raw[:, 6561] = float("-inf")
+        raw[:, 6563:] = float("-inf")
+    return margins, torch.log_softmax(raw.float(), dim=-1).cpu()
+
+
+def _vllm_worker(model_dir: str, dtype: str, n_tokens: int, penalty: float, out: str) -> None:
+    """One vLLM engine (own process, so its GPU memory is gone when it exits)."""
+    from vllm import LLM, SamplingParams
+
+    from gateway.engine.t3_vllm.plugin import register
+    from gateway.engine.t3_vllm.prompt import T3PromptBuilder
+
+    register()
+    builder = T3PromptBuilder.from_checkpoint(Path(model_dir) / "model.safetensors")
+    prompts = []
+    for i, (w, ex, n_text) in enumerate(CASES):
+        rows = builder.conditioning(_conds(100 + i, ex))
+        prompts.append(builder.build(rows, _text(200 + i, n_text), w).vllm_prompt())
+    t0 = time.perf_counter()
+    # fp32 is the exactness run (eager saves the compile; same kernels); bf16 is served as is.
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prompt_embeds=True, dtype=dtype,
+              max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.25, seed=0,
+              load_format="safetensors", enforce_eager=dtype == "float32")
+    init_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=n_tokens, repetition_penalty=penalty,
+                        stop_token_ids=[6562], detokenize=False, logprobs=5)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    toks = [[t for t in o.outputs[0].token_ids if t != 6562] for o in outs]
+    # raw (pre-penalty) log-probabilities of the top tokens at each step
+    logprobs = [[[[tid, lp.logprob] for tid, lp in step.items()] for step in o.outputs[0].logprobs] for o in outs]
+    # The same requests one at a time: batching must not change any request's tokens.
+    single = [[t for t in llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids if t != 6562]
+              for p in prompts]
+    Path(out).write_text(json.dumps({"tokens": toks, "single": single, "init_s": init_s, "logprobs": logprobs}))
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _logit_error(ref_logprobs, mine: list, upto: int) -> float:
+    """Largest error, over steps < ``upto``, of the differences between the top token's
+    log-probability and the others' (the normalisation cancels): the precision of the
+    served logits, measured, not assumed."""
+    worst = 0.0
+    for step in range(min(upto, len(mine))):
+        pairs = mine[step]
+        if len(pairs) < 2:
+            continue
+        top_id, top_lp = max(pairs, key=lambda p: p[1])
+        for tid, lp in pairs:
+            if lp == float("-inf"):
+                continue
+            ref_diff = float(ref_logprobs[step, top_id] - ref_logprobs[step, tid])
+            worst = max(worst, abs((top_lp - lp) - ref_diff))
+    return worst
+
+
+def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, str]]:
+    """Criterion per request: vLLM's greedy tokens equal the reference's, or the first
+    difference falls on a near tie: a step where the reference's own top-2 margin is at most
+    twice the largest logit-difference error measured on the steps before it (``_logit_error``).
+    Batched == one at a time must hold exactly in fp32 (per-request CFG/positions under
+    continuous batching); bf16 kernels differ by batch shape, so bf16 is held to the same
+    near-tie criterion only."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gateway.engine.t3_vllm.config import write_model_dir
+
+    results: list[tuple[str, bool, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="t3-parity-"))
+    t3 = _random_t3(seed)
+    model_dir = write_model_dir(work / "model")
+    save_file({k: v.contiguous() for k, v in t3.state_dict().items()}, str(model_dir / "model.safetensors"))
+    t0 = time.perf_counter()
+    ref_tokens, ref_forced = _reference(t3, n_tokens, penalty)
+    print(f"reference T3: {time.perf_counter() - t0:.1f} s, lengths {[len(t) for t in ref_tokens]}", flush=True)
+    del t3
+    torch.cuda.empty_cache()
+    for dtype in ("float32", "bfloat16"):
+        out = work / f"{dtype}.json"
+        proc = subprocess.run([sys.executable, "-m", "gateway.tools.parity", "--vllm-worker", str(model_dir),
+                               dtype, str(n_tokens), str(penalty), str(out)])
+        if proc.returncode != 0 or not out.exists():
+            results.append((f"T3 vLLM {dtype} runs", False, f"worker exit {proc.returncode}"))
+            continue
+        got = json.loads(out.read_text())
+        same = sum(a == b for a, b in zip(got["tokens"], got["single"]))
+        results.append((f"T3 vLLM {dtype}: batched == one at a time",
+                        same == len(CASES) or dtype != "float32",
+                        f"{same}/{len(CASES)} requests identical"
+                        + ("" if dtype == "float32" else " (bf16: not required, see near-tie criterion)")
+                        + f"; engine init {got['init_s']:.0f} s"))
+        for i, (ref, mine, (margins, ref_lp), lps) in enumerate(
+                zip(ref_tokens, got["tokens"], ref_forced, got["logprobs"])):
+            w, ex, n_text = CASES[i]
+            at = _first_mismatch(ref, mine)
+            err = _logit_error(ref_lp, lps, len(ref) if at is None else at)
+            what = f"cfg {w} exag {ex} text {n_text}: max logit-diff error {err:.4f}"
+            if at is None:
+                results.append((f"T3 vLLM {dtype} case {i}", True, what + f"; all {len(ref)} tokens equal"))
+                continue
+            m = margins[at] if at < len(margins) else float("inf")
+            results.append((f"T3 vLLM {dtype} case {i}", m <= 2 * err,
+                            what + f"; equal for {at}/{len(ref)} tokens, then a near tie: ref top-2 margin "
+                            f"{m:.4f} (must be <= {2 * err:.4f})"))
+    return results
+
+
+def check_vocoder() -> list[tuple[str, bool, str]]:
+    try:
+        from gateway.tools import parity_vocoder
+    except ImportError as exc:
+        return [("vocoder parity module", False, f"not importable: {exc}")]
+    return list(parity_vocoder.run_checks())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--vllm-worker":
+        _vllm_worker(argv[1], argv[2], int(argv[3]), float(argv[4]), argv[5])
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m gateway.tools.parity", description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=200, help="greedy speech tokens per T3 request")
+    ap.add_argument("--repetition-penalty", type=float, default=1.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-t3", action="store_true")
+    ap.add_argument("--skip-vocoder", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    # vLLM forks its engine process by default; a fork after torch used its CPU thread
+    # pool (prompt building) hangs the child, so start it fresh.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    results: list[tuple[str, bool, str]] = []
+    stages = [("T3", lambda: check_t3(args.tokens, args.repetition_penalty, args.seed), args.skip_t3),
+              ("vocoder", check_vocoder, args.skip_vocoder)]
+    for name, fn, skip in stages:
+        if skip:
+            continue
+        try:
+            results += fn()
+        except Exception as exc:  # one broken stage must not hide the others' results
+            import traceback
+
+            traceback.print_exc()
+            results.append((f"{name} checks", False, f"crashed: {exc!r}"[:300]))
+    print("\n| check | result | detail |\n|---|---|---|")
+    for name, ok, detail in results:
+        print(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |")
+    ok = bool(results) and all(r[1] for r in results)
+    print("\nPARITY", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
