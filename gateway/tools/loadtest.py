@@ -204,7 +204,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "input": args.text,
         "response_format": args.format,
     }
-    limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
+    # Idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s),
+    # so a request never races the server closing the connection it is about to reuse.
+    limits = httpx.Limits(
+        max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2, keepalive_expiry=2.0
+    )
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
         rss_start = await server_rss(client, args.server_pid)
@@ -242,7 +246,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     return {
         "url": args.url,
         "concurrency": args.concurrency,
-        "duration_s": round(elapsed, 1),
+        "duration_s": args.duration,
+        "elapsed_s": round(elapsed, 1),
+        "text_chars": len(args.text),
         "format": args.format,
         "requests": results.requests,
         "ok": results.ok,
