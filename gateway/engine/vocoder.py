@@ -542,10 +542,13 @@ class Vocoder:
             for job, outcome in zip(jobs, outcomes):
                 if isinstance(outcome, _Result):
                     job.stream._prompt_tokens = outcome.prompt_tokens
-                    job.stream._deliver(job.window, outcome, job.carry)
-                else:
-                    job.stream._in_flight = False
-                    job.stream._end(EngineError(f"vocoder failed: {outcome}"))
+                    try:
+                        job.stream._deliver(job.window, outcome, job.carry)
+                        continue
+                    except Exception as exc:  # never let one stream's seam stop the loop
+                        outcome = exc
+                job.stream._in_flight = False
+                job.stream._end(EngineError(f"vocoder failed: {outcome}"))
 
     def _count(self, jobs: list[_Job], results: list[_Result], seconds: float) -> None:
         st = self.stats

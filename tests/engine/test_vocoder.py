@@ -145,6 +145,7 @@ def s3gen():
 
 @pytest.fixture(scope="module")
 def ref(s3gen):
+    s3gen.float()  # embed_ref runs in the flow's dtype; a bf16 test may have cast it
     return parity_vocoder.reference_dict(s3gen, SIZES.prompt_tokens, 120.0, 0)
 
 
@@ -165,6 +166,15 @@ def test_parity_checks_pass_on_cpu(s3gen) -> None:
     assert len(names) == 6 and all(r.passed for r in results), results
     streamed = next(r for r in results if "streamed" in r.name)
     assert math.isfinite(streamed.value), "the streamed check must really window the streams"
+
+
+@pytest.mark.slow
+def test_parity_checks_run_in_bf16(s3gen) -> None:
+    """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
+    results = parity_vocoder.run("cpu", torch.bfloat16, SIZES, s3gen=s3gen)
+    assert len(results) == 5 and all(r.passed for r in results), results
+    assert s3gen.flow.encoder_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in s3gen.mel2wav.parameters())
 
 
 @pytest.mark.slow
@@ -266,12 +276,12 @@ async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, 
         broken = voc.open_stream("broken", {"prompt_token": ref["prompt_token"]})  # no prompt_feat
         healthy = voc.open_stream("A", ref)
         for stream in (broken, healthy):
-            stream.push(_tokens(10, 5))
+            stream.push(_tokens(8, 5))  # one final window each, planned into one batch
             stream.finish()
         with pytest.raises(EngineError):
             async for _ in broken.audio():
                 pass
-        assert sum(a.shape[0] for a in [a async for a in healthy.audio()]) == 10 * 2 * SAMPLES_PER_FRAME
+        assert sum(a.shape[0] for a in [a async for a in healthy.audio()]) == 8 * 2 * SAMPLES_PER_FRAME
         assert voc.stats.rows_per_batch == {1: 1}, "the broken row fails alone, its batch-mate runs"
         waiting = voc.open_stream("A", ref)
         waiting.push(_tokens(3, 6))  # too few tokens for a window: nothing in flight
