@@ -156,7 +156,9 @@ class VllmEngine:
             await self.vocoder.close()
         if self.llm is not None:
             llm, self.llm = self.llm, None
-            await asyncio.to_thread(llm.shutdown)
+            # On the loop thread: shutdown() cancels AsyncLLM's output task before the engine
+            # process stops (from another thread the task sees a dead engine and logs an error).
+            llm.shutdown()
 
     def _ready(self) -> Any:
         if self.state != "ready" and not (self.state == "loading" and self.llm is not None):
