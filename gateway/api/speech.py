@@ -13,6 +13,7 @@ from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import Operation, RequestBody, Schema
 from litestar.response import Stream
 
+from gateway.api.disconnect import unless_disconnected
 from gateway.api.errors import error_responses
 from gateway.api.request_context import request_id_of
 from gateway.audio.encoder import CONTENT_TYPES
@@ -84,7 +85,10 @@ async def create_speech(request: Request[Any, Any, Any], services: NamedDependen
             f"Content-Type must be application/json, got '{media_type or 'none'}'.", param="Content-Type"
         )
     speech = decode_speech_request(await request.body())
-    prepared = await prepare_speech(services, speech, request_id_of(request.scope))
+    # a client that leaves while queued or before the first audio stops its work right away
+    prepared = await unless_disconnected(
+        request.receive, prepare_speech(services, speech, request_id_of(request.scope))
+    )
     headers = {"Cache-Control": "no-cache"}
     return Stream(
         prepared.body,

@@ -8,6 +8,7 @@ import asyncio
 
 import httpx
 import msgspec
+import pytest
 from structlog.testing import capture_logs
 
 from gateway.settings import Settings
@@ -88,3 +89,34 @@ async def test_many_disconnects_leave_nothing_behind(settings: Settings) -> None
             assert await asyncio.to_thread(wait_until, lambda: set(ids) <= set(engine.cancelled), 10)
             assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5), ffmpeg_children()
             assert live.services.admission.in_flight == 0
+
+
+async def test_disconnect_while_queued_frees_the_place_and_never_reaches_the_engine(settings: Settings) -> None:
+    engine = GatedEngine(hold_after=0)
+    config = msgspec.structs.replace(settings, max_in_flight=1, max_queued=2, queue_timeout_s=60)
+    with capture_logs() as logs, live_server(config, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
+            first = asyncio.create_task(client.post("/v1/audio/speech", json=speech(f"{HOLD} first.")))
+            assert await asyncio.to_thread(engine.holding.wait, 10)
+            # this client gives up after 0.5 s while its request waits in the queue
+            async with httpx.AsyncClient(base_url=live.base_url, timeout=0.5) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post("/v1/audio/speech", json=speech("Gave up waiting."))
+            # its queue place is freed at once, long before the 60 s queue limit
+            assert await asyncio.to_thread(wait_until, lambda: live.services.admission.queued == 0, 3)
+            engine.gate.set()
+            assert (await first).status_code == 200
+            assert [job.chunks for job in engine.jobs] == [(f"{HOLD} first.",)]
+            assert live.services.admission.in_flight == 0
+    outcomes = [e["outcome"] for e in logs if e["event"] == "request" and e.get("path") == "/v1/audio/speech"]
+    assert sorted(outcomes) == ["cancelled", "ok"]
+
+
+async def test_disconnect_before_the_first_audio_stops_the_engine_job(settings: Settings) -> None:
+    engine = GatedEngine(hold_after=0)
+    with live_server(settings, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=0.5) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/v1/audio/speech", json=speech(f"{HOLD} never heard."))
+        assert await asyncio.to_thread(wait_until, lambda: len(engine.cancelled) == 1, 3)
+        assert live.services.admission.in_flight == 0
