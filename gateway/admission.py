@@ -35,6 +35,9 @@ from gateway.settings import Settings
 
 T = TypeVar("T")
 
+UPLOADS_IN_FLIGHT = 2
+UPLOADS_QUEUED = 8
+
 
 class QueueTimeoutError(EngineUnavailableError):
     """Waited ``queue_timeout_s`` for a slot without getting one."""
@@ -98,6 +101,14 @@ class AdmissionController:
             max_in_flight=settings.max_in_flight,
             max_queued=settings.max_queued,
             queue_timeout_s=settings.queue_timeout_s,
+        )
+
+    @classmethod
+    def for_uploads(cls, settings: Settings) -> AdmissionController:
+        """Voice uploads: a few at a time (each decodes up to 10 MiB with FFmpeg and writes a
+        FLAC), so a burst of uploads cannot starve speech of CPU."""
+        return cls(
+            max_in_flight=UPLOADS_IN_FLIGHT, max_queued=UPLOADS_QUEUED, queue_timeout_s=settings.queue_timeout_s
         )
 
     @property

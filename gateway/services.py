@@ -38,6 +38,8 @@ class AppServices:
         self.voice_cache: VoiceCache | None = None
         self.admission = AdmissionController.from_settings(settings)
         """Bounded in-flight speech work (429/503 past it); see gateway.admission."""
+        self.upload_admission = AdmissionController.for_uploads(settings)
+        """Bounded voice-clip processing (FFmpeg decode + FLAC write per upload)."""
         self.metrics: GatewayMetrics | None = None
         """The app's Prometheus metrics; None when metrics_enabled is off."""
 

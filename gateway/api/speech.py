@@ -28,7 +28,8 @@ _ERRORS = {
     404: "Unknown model (`code`: `model_not_found`)",
     413: "Body larger than the configured limit",
     429: "Too much work in flight (Retry-After set)",
-    503: "Engine loading or failed (Retry-After set)",
+    503: "Engine loading or failed, or the queue wait limit passed (Retry-After set)",
+    504: "The request time limit passed before the first byte",
 }
 
 

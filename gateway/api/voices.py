@@ -70,6 +70,7 @@ class VoicesController(Controller):
                 400: "Not audio, too short or too long, silent, or an unsafe name (`param` says which)",
                 409: "A voice with this name exists",
                 413: "Clip larger than max_upload_bytes",
+                429: "Too many uploads being processed; retry after Retry-After",
                 503: "Voice library loading",
             }
         ),
@@ -82,10 +83,11 @@ class VoicesController(Controller):
         """A voice from a reference clip (6-10 s of clean speech works best). Use it in speech
         requests by its `id` (`voice: {"id": ...}`) or its `name`."""
         voices = _library(services)
-        clip = await data.audio_sample.read()
-        await data.audio_sample.close()
-        # FFmpeg decoding and fsync block: off the event loop
-        info = await asyncio.to_thread(voices.create, data.name, clip, data.consent)
+        async with await services.upload_admission.acquire():  # 429 at once past the queue
+            clip = await data.audio_sample.read()
+            await data.audio_sample.close()
+            # FFmpeg decoding and fsync block: off the event loop
+            info = await asyncio.to_thread(voices.create, data.name, clip, data.consent)
         return _audio_voice(info)
 
     @get(

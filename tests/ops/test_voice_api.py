@@ -3,6 +3,7 @@ by id and by name; size/content/name validation; crash safety; voices survive a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -271,3 +272,23 @@ def test_kill_9_mid_upload_leaves_old_or_new_state(settings: Settings, clip: byt
     assert any(v.name.startswith("crash-") for v in VoiceLibrary(builtin, user_dir).list())
 
 
+
+
+async def test_upload_bursts_are_bounded(settings: Settings, clip: bytes, api_error) -> None:
+    """Each upload decodes with FFmpeg: a burst gets a bounded number processed, the rest a
+    429 at once, so uploads cannot starve speech of CPU."""
+    from gateway.admission import UPLOADS_IN_FLIGHT, UPLOADS_QUEUED
+
+    burst = UPLOADS_IN_FLIGHT + UPLOADS_QUEUED + 4
+    async with in_process(settings, FakeEngine()) as gw:
+        responses = await asyncio.gather(
+            *(gw.http.post("/v1/audio/voices", **upload(f"burst-{i}", clip)) for i in range(burst))
+        )
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) == UPLOADS_IN_FLIGHT + UPLOADS_QUEUED, codes
+        for response in responses:
+            if response.status_code == 429:
+                api_error(response, 429, code="server_overloaded")
+                assert response.headers["retry-after"]
+        speech = await gw.http.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "burst-0"})
+        assert speech.status_code == 200
