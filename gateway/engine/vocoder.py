@@ -58,6 +58,7 @@ Batching (:class:`S3GenBatch`) goes through upstream submodules, never ``S3Gen.i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -349,7 +350,7 @@ class VocoderStream:
         self._in_flight = False
         self._committed = 0
         self._index = 0
-        self._idle_since = time.monotonic()
+        self._idle_since = next(vocoder._tickets)  # queue position: lower waits longer
         self._prompt_tokens = 250  # budgeting guess (a 10 s prompt) until the voice is prepared
         self._seam = SeamState()
         self._mel_tail: torch.Tensor | None = None
@@ -407,7 +408,7 @@ class VocoderStream:
 
     def _deliver(self, window: Window, result: _Result, carry: int) -> None:
         self._in_flight = False
-        self._idle_since = time.monotonic()
+        self._idle_since = next(self._vocoder._tickets)
         if self._closed:  # cancelled while in flight: the result is dropped
             return
         start = self._seam.samples_emitted
@@ -458,6 +459,7 @@ class Vocoder:
         self._trim_fade = self.batch.trim_fade
         self._voices: OrderedDict[str, VoiceRef] = OrderedDict()  # worker thread only
         self._streams: set[VocoderStream] = set()
+        self._tickets = itertools.count()
         self._wake = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -500,7 +502,7 @@ class Vocoder:
     # --- the loop -----------------------------------------------------------------------
     def _collect(self) -> list[tuple[VocoderStream, Window]]:
         ready = [(s, w) for s in self._streams if (w := s._next_window()) is not None]
-        ready.sort(key=lambda sw: (sw[1].index > 0, sw[0]._idle_since))  # first windows first
+        ready.sort(key=lambda sw: (sw[1].index > 0, sw[0]._idle_since))  # first windows, then FIFO
         chosen: list[tuple[VocoderStream, Window]] = []
         longest = 0
         for stream, window in ready:
