@@ -24,7 +24,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationError
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 
 API_PREFIX = "/v1"
 METRICS_PATH = "/metrics"
@@ -85,7 +85,12 @@ class APIKeyMiddleware(ASGIMiddleware):
         if (
             self.checker.enabled
             and scope.get("method") != "OPTIONS"
-            and needs_key(scope["path"], metrics_require_auth=self.metrics_require_auth)
+            and any(
+                # the route Litestar matched as well as the raw path: however a path is
+                # spelled, a request that reaches a /v1 handler is checked
+                needs_key(path, metrics_require_auth=self.metrics_require_auth)
+                for path in (scope["path"], scope.get("path_template") or "")
+            )
         ):
             token = bearer_token(scope["headers"])
             if token is None:
@@ -117,7 +122,11 @@ async def _refuse(send: Send, exc: AuthenticationError) -> None:
 
 def auth_middleware(settings: Settings) -> APIKeyMiddleware:
     """The middleware for ``create_app``: reads the key file once, here."""
-    return APIKeyMiddleware(KeyChecker(settings.all_api_keys()), metrics_require_auth=settings.metrics_require_auth)
+    try:
+        keys = settings.all_api_keys()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"api_keys_file: cannot read {settings.api_keys_file!r}: {exc}") from None
+    return APIKeyMiddleware(KeyChecker(keys), metrics_require_auth=settings.metrics_require_auth)
 
 
 def log_auth_mode(middleware: APIKeyMiddleware, logger: structlog.typing.FilteringBoundLogger | None = None) -> None:

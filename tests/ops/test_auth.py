@@ -173,3 +173,19 @@ async def test_cors_off_by_default(settings: Settings) -> None:
         response = await gw.http.post("/v1/audio/speech", json=SPEECH, headers={"Origin": "https://app.example"})
         assert response.status_code == 200
         assert "access-control-allow-origin" not in response.headers
+
+
+async def test_odd_spellings_of_v1_paths_are_still_protected(settings: Settings) -> None:
+    async with in_process(with_keys(settings), FakeEngine()) as gw:
+        for path in ("//v1/models", "/v1//models", "/v1/models/", "/v1/audio/voices/", "/v1/./models"):
+            response = await gw.http.get(path)
+            assert response.status_code in (401, 404), (path, response.status_code)
+
+
+def test_unreadable_keys_file_is_a_settings_error(settings: Settings, tmp_path: Path) -> None:
+    from gateway.app import create_app
+    from gateway.settings import SettingsError
+
+    missing = msgspec.structs.replace(settings, api_keys_file=str(tmp_path / "no-such-file"))
+    with pytest.raises(SettingsError, match="api_keys_file"):
+        create_app(missing)
