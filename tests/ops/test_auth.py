@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 from gateway.auth import KeyChecker, bearer_token
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from conftest import in_process
+from ops_support import in_process
+
 
 KEYS = ("sk-first-key-0123456789", "sk-second-key-abcdef")
 SPEECH = {"model": "tts-1", "voice": "alloy", "input": "Hello.", "response_format": "wav"}

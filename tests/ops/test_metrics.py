@@ -6,10 +6,10 @@ from __future__ import annotations
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import in_process
 from gateway.engine.fake import FakeEngine
 from gateway.engine.vocoder import VocoderStats
 from gateway.settings import Settings
+from ops_support import in_process
 
 SPEECH = {"model": "tts-1", "voice": "alloy", "input": "Counting this one.", "response_format": "wav"}
 

@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
 import openai
 import pytest
 
-from conftest import in_process
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from gateway.voice_library import VoiceLibrary
+from ops_support import in_process
 
 FFMPEG = "ffmpeg"
 
@@ -251,9 +250,12 @@ def test_kill_9_mid_upload_leaves_old_or_new_state(settings: Settings, clip: byt
         proc = subprocess.Popen(
             [sys.executable, "-c", _CRASH_SCRIPT, str(builtin), str(user_dir), str(clip_path)],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[2],
         )
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().strip()
+        assert ready == b"ready", proc.stderr.read().decode() if proc.stderr else ""
         time.sleep(delay + rng.uniform(0, 0.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
