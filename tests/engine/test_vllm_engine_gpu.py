@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -74,13 +76,25 @@ def test_sdk_speech_on_the_vllm_engine(vllm_server: str, valid_audio) -> None:
     assert probe.duration_s < 2 * MAX_TOKENS / 25 + 1  # two chunks at most 50 tokens each
 
 
+def _snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    noise = float(np.sum((cand - ref) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(ref**2)) / noise)
+
+
 def test_same_seed_same_audio(vllm_server: str) -> None:
-    body = {"model": "chatterbox", "input": "Same seed.", "voice": "default", "response_format": "pcm",
-            "seed": 11, "cfg_weight": 0.3}
-    first = httpx.post(f"{vllm_server}/v1/audio/speech", json=body, timeout=120)
-    second = httpx.post(f"{vllm_server}/v1/audio/speech", json=body, timeout=120)
-    assert first.status_code == second.status_code == 200
-    assert len(first.content) > 0 and first.content == second.content
+    def speech(seed: int) -> np.ndarray:
+        body = {"model": "chatterbox", "input": "Same seed.", "voice": "default", "response_format": "pcm",
+                "seed": seed, "cfg_weight": 0.3}
+        response = httpx.post(f"{vllm_server}/v1/audio/speech", json=body, timeout=120)
+        assert response.status_code == 200 and response.content
+        return np.frombuffer(response.content, dtype=np.int16)
+
+    first, second, other = speech(11), speech(11), speech(12)
+    # Same seed: the same speech tokens; the GPU vocoder/watermark kernels are not bitwise
+    # deterministic (seen: one LSB apart in places), so the audio is compared as a signal.
+    assert first.shape == second.shape and _snr_db(first, second) > 40
+    assert other.shape != first.shape or _snr_db(first, other) < 10
 
 
 def test_sse_on_the_vllm_engine(vllm_server: str, valid_audio) -> None:
