@@ -102,7 +102,7 @@ def _jobs(engine, n: int, tokens: int, streaming: bool, tag: str):
 
     voice = Voice("builtin", "builtin", engine.builtin_conditionals())
     return [SynthesisJob(f"{tag}-{i}", (TEXT_10S,), voice,
-                         GenerationParams(max_speech_tokens=tokens, seed=i), streaming=streaming)
+                         GenerationParams(max_speech_tokens=tokens), streaming=streaming)
             for i in range(n)]
 
 
