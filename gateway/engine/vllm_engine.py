@@ -151,6 +151,12 @@ class VllmEngine:
         self.state = "closed"
         await self._shutdown()
 
+    async def check_health(self) -> None:
+        """Raise when vLLM's engine core process has died (``AsyncLLM.check_health`` raises
+        ``EngineDeadError``); ``gateway.engine_watch`` then marks the server not ready."""
+        if self.llm is not None:
+            await self.llm.check_health()
+
     async def _shutdown(self) -> None:
         if self.vocoder is not None:
             await self.vocoder.close()

@@ -157,3 +157,24 @@ async def test_engine_death_marks_the_server_not_ready(
             assert (await client.get("/health")).status_code == 200  # the process itself is up
             assert metric((await client.get("/metrics")).text, "chatterbox_engine_ready") == 0
     assert any(e["event"] == "engine_died" for e in logs)
+
+
+async def test_a_dead_vllm_engine_core_marks_the_server_not_ready(settings: Settings) -> None:
+    """The vLLM engine forwards AsyncLLM.check_health (vLLM cannot run here: a stand-in for
+    AsyncLLM whose engine core has died)."""
+    from gateway.engine.vllm_engine import VllmEngine
+    from gateway.engine_watch import check_engine
+    from gateway.services import AppServices
+
+    class DeadCore:
+        async def check_health(self) -> None:
+            raise RuntimeError("EngineCore encountered an issue")
+
+    engine = VllmEngine(settings)
+    services = AppServices(settings)
+    services.engine, services.engine_state = engine, "ready"
+    assert await check_engine(services) is True  # no AsyncLLM yet: nothing to fail
+    engine.llm = DeadCore()
+    assert await check_engine(services) is False
+    assert services.engine_state == "failed" and "EngineCore" in (services.engine_error or "")
+    engine.llm = None
