@@ -1,11 +1,15 @@
-"""End to end on the reference engine with dummy weights: the OpenAI SDK against a real
-server on loopback, the audio decoded by FFmpeg. Slow (the dummy checkpoint is written once
-per module, then each request runs the real T3 + S3Gen on CPU), so few and small."""
+"""End to end on a real engine with dummy weights: the OpenAI SDK against a real server on
+loopback, the audio decoded by FFmpeg. Slow (the dummy checkpoint is written once per module,
+then each request runs the real T3 + S3Gen), so few and small.
+
+By default (and in CI) the engine is the reference engine on the CPU. The same tests, unchanged,
+run against the vLLM engine on a GPU with ``CHATTERBOX_E2E_ENGINE=vllm`` (device: cuda)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import threading
 import time
@@ -23,14 +27,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import torch
 
     torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("reference")
+    engine = os.environ.get("CHATTERBOX_E2E_ENGINE", "reference")
+    root = tmp_path_factory.mktemp(engine)
     settings = Settings(
-        engine="reference",
-        device="cpu",
+        engine=engine,
+        device="cpu" if engine == "reference" else "cuda",
         load_format="dummy",
         cache_dir=str(root / "cache"),
         voices_dir=str(root / "voices"),
@@ -54,7 +59,7 @@ def reference_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 assert "failed" not in ready.json()["error"]["message"], ready.text
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and thread.is_alive(), "reference engine did not load"
+            assert time.monotonic() < deadline and thread.is_alive(), f"{engine} engine did not load"
             time.sleep(0.5)
         yield base_url
     finally:
@@ -63,8 +68,8 @@ def reference_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         sock.close()
 
 
-def test_sdk_speech_on_the_reference_engine(reference_server: str, valid_audio) -> None:
-    client = openai.OpenAI(base_url=f"{reference_server}/v1", api_key="unused", max_retries=0, timeout=120)
+def test_sdk_speech_on_a_real_engine(engine_server: str, valid_audio) -> None:
+    client = openai.OpenAI(base_url=f"{engine_server}/v1", api_key="unused", max_retries=0, timeout=120)
     response = client.audio.speech.create(
         model="tts-1", input="Hello there.", voice="default", response_format="mp3", extra_body={"seed": 3}
     )
@@ -73,9 +78,9 @@ def test_sdk_speech_on_the_reference_engine(reference_server: str, valid_audio) 
     assert probe.duration_s < 1.5
 
 
-def test_sse_on_the_reference_engine(reference_server: str, valid_audio) -> None:
+def test_sse_on_a_real_engine(engine_server: str, valid_audio) -> None:
     body = {"model": "chatterbox", "input": "Hi.", "voice": "default", "response_format": "opus", "stream_format": "sse"}
-    response = httpx.post(f"{reference_server}/v1/audio/speech", json=body, timeout=120)
+    response = httpx.post(f"{engine_server}/v1/audio/speech", json=body, timeout=120)
     assert response.status_code == 200
     events = [json.loads(block[len("data: "):]) for block in response.text.split("\n\n") if block.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done", events[-1]
