@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from gateway.engine.base import Engine, Voice
-from gateway.errors import EngineError, VoiceNotFoundError
+from gateway.errors import EngineError, GatewayError, VoiceNotFoundError
 from gateway.voice_library import VoiceInfo
 
 _HASH_BLOCK = 1 << 20
@@ -109,6 +109,8 @@ class VoiceCache:
                 conditionals = await asyncio.to_thread(self.engine.compute_conditionals, info.clip)
             except FileNotFoundError:
                 raise _gone(info) from None
+            except GatewayError:
+                raise  # e.g. a dropped-in clip that is not usable audio: a 400 naming the voice
             except Exception as exc:
                 raise EngineError(
                     f"Could not compute conditionals for voice '{info.name}': {type(exc).__name__}: {exc}"

@@ -55,9 +55,10 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     """Render any exception raised while handling a request (registered for ``Exception``)."""
     if isinstance(exc, GatewayError):
         if exc.status_code >= 500:
-            structlog.get_logger("gateway.api").error(
-                "request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None
-            )
+            # 503/504 are expected states (engine loading, queue or time limit), not faults.
+            log = structlog.get_logger("gateway.api")
+            emit = log.warning if exc.status_code in (503, 504) else log.error
+            emit("request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None)
         return Response(content=exc.envelope(), status_code=exc.status_code, headers=exc.headers or None)
 
     if isinstance(exc, HTTPException):

@@ -15,7 +15,7 @@ import pytest
 
 import gateway.voice_cache as voice_cache_mod
 from gateway.engine.fake import FakeEngine
-from gateway.errors import EngineError, VoiceNotFoundError
+from gateway.errors import EngineError, InvalidRequestError, VoiceNotFoundError
 from gateway.voice_cache import VoiceCache, model_dir_name
 from gateway.voice_library import VoiceInfo, VoiceLibrary
 
@@ -183,6 +183,15 @@ async def test_a_failed_computation_is_reported_and_retried_next_time(tmp_path: 
     with pytest.raises(EngineError, match="not audio"):
         await cache.get(info)
     assert (await cache.get(info)).conditionals["sha"] == hashlib.sha256(b"clip").hexdigest()
+
+
+async def test_an_unusable_clip_is_the_clients_error_not_a_server_fault(tmp_path: Path) -> None:
+    engine = CountingEngine(compute_s=0)
+    engine.fail_next = InvalidRequestError("Voice 'a' has no usable audio.", param="voice")
+    info = clip_voice(tmp_path / "a.wav", b"clip")
+    with pytest.raises(InvalidRequestError) as caught:
+        await VoiceCache(engine, tmp_path / "cache", 4).get(info)
+    assert caught.value.status_code == 400 and caught.value.param == "voice"
 
 
 async def test_a_removed_clip_is_an_unknown_voice(tmp_path: Path) -> None:
