@@ -96,7 +96,7 @@ class FakeEngine:
         return max(1, min(max_speech_tokens, round(len(text) * TOKENS_PER_CHAR)))
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
-        self.jobs.append(job)
+        _append_bounded(self.jobs, job)
         finished = False
         pieces = 0
         try:
@@ -115,13 +115,13 @@ class FakeEngine:
                     yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
             finished = True
         except EngineError:
-            self.failed.append(job.request_id)
+            _append_bounded(self.failed, job.request_id)
             raise
         finally:
             if finished:
-                self.completed.append(job.request_id)
+                _append_bounded(self.completed, job.request_id)
             elif job.request_id not in self.failed:
-                self.cancelled.append(job.request_id)
+                _append_bounded(self.cancelled, job.request_id)
 
     def _pitches(self, job: SynthesisJob, text: str, count: int) -> np.ndarray:
         seed = DEFAULT_SEED if job.params.seed is None else job.params.seed
@@ -136,3 +136,13 @@ def _tones(pitches: np.ndarray) -> np.ndarray:
     fade = np.minimum(1.0, np.minimum(np.arange(SAMPLES_PER_TOKEN), np.arange(SAMPLES_PER_TOKEN)[::-1]) / 48.0)
     tones = 0.3 * np.sin(2 * np.pi * pitches[:, None] * t[None, :]) * fade[None, :]
     return tones.reshape(-1).astype(np.float32)
+
+
+HISTORY = 1000
+"""Most recent jobs/ids the fake engine remembers: a long-running fake server stays bounded."""
+
+
+def _append_bounded(items: list, item: object) -> None:
+    items.append(item)
+    if len(items) > HISTORY:
+        del items[: len(items) - HISTORY]

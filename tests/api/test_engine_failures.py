@@ -59,3 +59,12 @@ async def test_voice_conditionals_are_computed_once_and_kept_on_disk(settings, m
     async with make_gateway(restarted) as gw:
         await gw.sdk.audio.speech.create(model="tts-1", input="Hi.", voice="alloy", response_format="pcm")
         assert restarted.conditionals_computed == 0  # loaded from the disk cache
+
+
+def test_the_fake_engines_history_is_bounded() -> None:
+    from gateway.engine import fake
+
+    items: list[int] = []
+    for i in range(fake.HISTORY + 5):
+        fake._append_bounded(items, i)
+    assert len(items) == fake.HISTORY and items[-1] == fake.HISTORY + 4 and items[0] == 5
