@@ -58,11 +58,12 @@ Batching (:class:`S3GenBatch`) goes through upstream submodules, never ``S3Gen.i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,34 @@ MEL_BINS = 80
 def _pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """True at valid positions, (B, max_len)."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class StageTimer:
+    """Wall time per named part of S3GenBatch's work (profiling only; off by default).
+
+    With a CUDA device every section synchronises before and after, so each part's time is
+    its own kernels' time, not the launch time; this serialises the GPU, so a timer belongs
+    in a profiling run, never in serving (``S3GenBatch.timer`` is None there).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.seconds.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +212,8 @@ class S3GenBatch:
         self.flow_steps = flow_steps
         self.tapes = tapes
         self.bucket_tokens = bucket_tokens
+        self.timer: StageTimer | None = None
+        """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
         self.lookahead = int(self.flow.pre_lookahead_len)
         enc = self.flow.encoder
         # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
@@ -190,6 +221,9 @@ class S3GenBatch:
             raise ValueError("unsupported flow encoder configuration for batched inference")
         if self.flow.token_mel_ratio != TOKEN_MEL_RATIO:
             raise ValueError("S3Gen token/mel ratio differs from the window planner's")
+
+    def _section(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.timer is None else self.timer.section(name)
 
     def bucket(self, tokens: int) -> int:
         return -(-tokens // self.bucket_tokens) * self.bucket_tokens
@@ -237,11 +271,12 @@ class S3GenBatch:
             p = r.voice.prompt_len
             ids[i, :p] = r.voice.prompt_tokens
             ids[i, p:lengths[i]] = torch.as_tensor(list(r.tokens), dtype=torch.long)
-        ids = ids.to(self.device, non_blocking=True)
-        lens = torch.tensor(lengths, device=self.device)
-        valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
-        h = self._encode(self.flow.input_embedding(ids) * valid, lens)
-        mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
+        with self._section("flow encoder"):
+            ids = ids.to(self.device, non_blocking=True)
+            lens = torch.tensor(lengths, device=self.device)
+            valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
+            h = self._encode(self.flow.input_embedding(ids) * valid, lens)
+            mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
         frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
         mel_width = mu.shape[2]
         cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
@@ -253,8 +288,9 @@ class S3GenBatch:
         mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
         spks = torch.stack([r.voice.speaker for r in rows])
         # noised_mels covering every frame replaces the decoder's own randn draw entirely.
-        feat, _ = self.flow.decoder(mu=mu, mask=mask, spks=spks, cond=cond,
-                                    n_timesteps=self.flow_steps, noised_mels=noise)
+        with self._section("CFM decoder"):
+            feat, _ = self.flow.decoder(mu=mu, mask=mask, spks=spks, cond=cond,
+                                        n_timesteps=self.flow_steps, noised_mels=noise)
         return [feat[i, :, frames[i] - TOKEN_MEL_RATIO * r.new_tokens: frames[i]].float()
                 for i, r in enumerate(rows)]
 
@@ -277,6 +313,10 @@ class S3GenBatch:
     @torch.inference_mode()
     def run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each row's waveform (F * 480,) fp32 and the phase at its carried frames."""
+        with self._section("HiFT"):
+            return self._run_hift(rows)
+
+    def _run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         out: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(rows)  # type: ignore[list-item]
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
@@ -596,8 +636,11 @@ class Vocoder:
                     jobs[i].window.final) for i in live])
         rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
                         jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
-        for i, row, (wav, phase) in zip(live, rows, self.batch.run_hift(rows)):
+        waves = self.batch.run_hift(rows)
+        with self.batch._section("host copy"):
+            host = [wav.cpu().numpy() for wav, _ in waves]
+        for i, row, audio, (_, phase) in zip(live, rows, host, waves):
             frames, carry = row.mel.shape[1], jobs[i].carry
             tail = row.mel[:, frames - carry:] if carry else None
-            outcomes[i] = _Result(wav.cpu().numpy(), frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
+            outcomes[i] = _Result(audio, frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
         return outcomes

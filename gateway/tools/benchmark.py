@@ -9,7 +9,13 @@ generation lengths (dummy T3 never samples its stop token, so every request make
 * ``engine``: ``VllmEngine`` and ``ReferenceEngine`` through the Engine interface:
   single-stream RTF for a 10 s utterance, time to first audio chunk p50/p95 streaming at
   1/8/32 concurrent, aggregate audio-seconds per second at 1/8/32/128, GPU memory, with the
-  watermark on and off.
+  watermark on and off; also non-streaming (one-shot vocoding) audio-seconds per second at
+  1/8/32/128.
+* ``profile``: the batched S3Gen vocoder alone (random weights, bf16 flow, 250-token voice
+  prompt), each part timed on the device with synchronisation: flow encoder, CFM decoder
+  (all steps), HiFT, the device-to-host copy and the Perth watermark, for a first window
+  (20 tokens), a regular window (50 + 25 left context) and a one-shot 10 s utterance, at
+  batch 1/8/32: what bounds time to first audio and throughput.
 """
 
 from __future__ import annotations
@@ -182,6 +188,77 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
         await fast.close()
     return rows
 
+def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_tokens: int = 250) -> list[dict]:
+    """Per-part device time of one vocoder batch (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from gateway.engine.base import SAMPLE_RATE
+    from gateway.engine.vocoder import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
+    from gateway.tools.parity_vocoder import reference_dict
+
+    from chatterbox.models.s3gen import S3Gen
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    s3gen = S3Gen().to(device).eval()
+    ref = reference_dict(s3gen, prompt_tokens, 120.0, 0)
+    tapes = NoiseTapes.generate(0, flow_frames=2 * (prompt_tokens + 600), hift_samples=600 * 2 * 480,
+                                harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
+    batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=flow_steps, tapes=tapes)
+    voice = batch.prepare_voice(ref)
+    watermarker = None
+    try:
+        import perth
+
+        watermarker = perth.PerthImplicitWatermarker(device=device)
+    except Exception as exc:  # noqa: BLE001 - the rest of the profile is still worth printing
+        print(f"profile: no watermarker ({exc!r})", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    # (name, left context, new tokens, final, carried mel frames)
+    kinds = [("first window", 0, 20, False, 0), ("regular window", 25, 50, False, 8),
+             ("one-shot 10 s", 0, 250, True, 0)]
+    timer = StageTimer(device)
+    rows: list[dict] = []
+    for name, context, new, final, carried in kinds:
+        n_in = context + new + (0 if final else batch.lookahead)
+        for b in batches:
+            flow_rows = [FlowRow(voice, torch.randint(0, 6561, (n_in,), generator=gen).tolist(), 0, new, final)
+                         for _ in range(b)]
+            samples: dict[str, list[float]] = {}
+            for rep in range(repeats + 1):  # the first run warms up (cuDNN autotune, allocator)
+                batch.timer = timer
+                timer.reset()
+                t0 = time.perf_counter()
+                mels = batch.run_flow(flow_rows)
+                hift_rows = [HiftRow(torch.cat([m[:, :carried], m], dim=1) if carried else m, 0, None,
+                                     0 if final else 8) for m in mels]
+                waves = batch.run_hift(hift_rows)
+                with timer.section("host copy"):
+                    host = [w.cpu().numpy() for w, _ in waves]
+                if watermarker is not None:
+                    with timer.section("watermark (per row, serial)"):
+                        for audio in host:
+                            watermarker.apply_watermark(audio, sample_rate=SAMPLE_RATE)
+                total = time.perf_counter() - t0
+                batch.timer = None
+                if rep:
+                    for part, sec in timer.seconds.items():
+                        samples.setdefault(part, []).append(sec)
+                    samples.setdefault("total", []).append(total)
+            med = {part: statistics.median(v) * 1000 for part, v in samples.items()}
+            audio_s = b * new / 25
+            row = {"stage": "profile", "window": f"{name} ({n_in} + {prompt_tokens} prompt tokens)",
+                   "batch": b, **{f"{k} ms": round(v, 1) for k, v in med.items()},
+                   "vocoder audio-s/s (no watermark)": round(audio_s / ((med["total"] - med.get(
+                       "watermark (per row, serial)", 0.0)) / 1000), 1)}
+            rows.append(row)
+            print(row, flush=True)
+            del mels, waves, host
+    return rows
+
+
 def _print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -195,7 +272,10 @@ def _print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway.tools.benchmark", description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", default="t3,engine")
+    ap.add_argument("--stages", default="t3,engine,profile")
+    ap.add_argument("--profile-batches", default="1,8,32", help="vocoder batch sizes of the profile stage")
+    ap.add_argument("--profile-repeats", type=int, default=3)
+    ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--text-tokens", type=int, default=150)
@@ -214,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if stage == "t3":
                 rows += stage_t3(args.tokens, conc, args.text_tokens)
+            elif stage == "profile":
+                rows += stage_profile([int(b) for b in args.profile_batches.split(",")], args.flow_steps,
+                                      args.profile_repeats)
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))
