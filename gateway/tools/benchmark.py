@@ -120,7 +120,7 @@ def _gpu_used_gib() -> float:
 
 
 async def _measure(engine, name: str, tokens: int, ttfb_conc: list[int], agg_conc: list[int],
-                   rtf_reps: int, deadline: float) -> list[dict]:
+                   rtf_reps: int, deadline: float, one_shot_conc: list[int] = ()) -> list[dict]:
     rows: list[dict] = []
     rtfs = []
     for r in range(rtf_reps):
@@ -144,6 +144,17 @@ async def _measure(engine, name: str, tokens: int, ttfb_conc: list[int], agg_con
                          "concurrency": n, "value": round(audio / wall, 1),
                          "detail": f"{audio:.0f} s audio in {wall:.2f} s; GPU used {_gpu_used_gib()} GiB"})
             print(rows[-1], flush=True)
+    # Non-streaming: each utterance is vocoded in one flow pass once T3 has finished it.
+    for n in one_shot_conc:
+        if time.perf_counter() > deadline:
+            rows.append({"stage": "engine", "engine": name, "metric": "skipped (time budget)",
+                         "concurrency": n, "detail": "non-streaming"})
+            continue
+        wall, _, audio = await _run_jobs(engine, _jobs(engine, n, tokens, False, f"{name}-os{n}"))
+        rows.append({"stage": "engine", "engine": name, "metric": "audio-s per wall-s (non-streaming)",
+                     "concurrency": n, "value": round(audio / wall, 1),
+                     "detail": f"{audio:.0f} s audio in {wall:.2f} s; GPU used {_gpu_used_gib()} GiB"})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -169,7 +180,7 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
     print(rows[-1], flush=True)
     try:
         ttfb = [c for c in concurrency if c <= 32]
-        rows += await _measure(fast, "vllm", tokens, ttfb, concurrency, 3, deadline)
+        rows += await _measure(fast, "vllm", tokens, ttfb, concurrency, 3, deadline, one_shot_conc=concurrency)
         fast.settings = msgspec.structs.replace(settings, watermark=False)
         for n in [c for c in concurrency if c in (1, 32)]:
             wall, firsts, audio = await _run_jobs(fast, _jobs(fast, n, tokens, True, f"nowm-{n}"))
