@@ -103,7 +103,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     stream_first_window_tokens: PositiveInt = 20
     """Speech tokens in a stream's first vocoded window (small: fast first byte)."""
     stream_window_tokens: PositiveInt = 50
-    """Speech tokens in later windows."""
+    """Speech tokens in the second window."""
+    stream_max_window_tokens: PositiveInt = 200
+    """Later windows double from ``stream_window_tokens`` up to this, and a stream with
+    tokens already waiting takes up to this many at once: every window re-runs the vocoder's
+    flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"

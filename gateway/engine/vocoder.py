@@ -482,7 +482,8 @@ class Vocoder:
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.settings = settings
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
-                                             tokens=settings.stream_window_tokens)
+                                             tokens=settings.stream_window_tokens,
+                                             max_tokens=settings.stream_max_window_tokens)
         self.max_batch_rows = settings.vocoder_max_batch
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch

@@ -10,8 +10,12 @@ The scheme (CosyVoice 2's streaming token2wav, adapted to S3Gen):
   input is ``[start - left_context, end + lookahead)``: the encoder's pre-lookahead conv
   reads ``lookahead`` (3) future tokens, so the mel of the last 3 input tokens is not final
   and is dropped (``finalize=False``); the final window has no lookahead and keeps all
-  frames. The first window is small (fast first byte), later ones larger. Every window also
-  carries the voice prompt (added by the vocoder, not counted here).
+  frames. The first window is small (fast first byte), later ones larger, and they keep
+  growing (``tokens``, then doubling up to ``max_tokens``): every window re-runs the flow
+  over the voice prompt (~250 tokens), so fewer, larger windows cost less per second of
+  audio. A stream whose tokens already wait (T3 runs ahead of the vocoder) takes as many of
+  them as the cap allows at once, in multiples of ``tokens`` (few distinct shapes). Every
+  window also carries the voice prompt (added by the vocoder, not counted here).
 * HiFT (mel -> 24 kHz). The window's HiFT input is the last ``mel_overlap`` committed mel
   frames of the previous window followed by its own new frames. The first
   ``mel_overlap * 480`` samples of its output re-synthesise audio the previous window held
@@ -43,7 +47,9 @@ class WindowPolicy:
     first_tokens: int = 20
     """Tokens committed by a stream's first window (small: fast first byte)."""
     tokens: int = 50
-    """Tokens committed by later windows."""
+    """Tokens committed by the second window."""
+    max_tokens: int = 0
+    """Later windows double from ``tokens`` up to this (0 or <= ``tokens``: no growth)."""
     left_context: int = 25
     """Already-committed tokens re-encoded before a window (flow context across the seam)."""
     lookahead: int = PRE_LOOKAHEAD_TOKENS
@@ -57,8 +63,8 @@ class WindowPolicy:
     def __post_init__(self) -> None:
         if min(self.first_tokens, self.tokens) < 1:
             raise ValueError("window sizes must be at least one token")
-        if min(self.left_context, self.mel_overlap, self.final_merge_tokens) < 0:
-            raise ValueError("left_context, mel_overlap and final_merge_tokens must be >= 0")
+        if min(self.left_context, self.mel_overlap, self.final_merge_tokens, self.max_tokens) < 0:
+            raise ValueError("left_context, mel_overlap, final_merge_tokens and max_tokens must be >= 0")
         if self.lookahead < 1:
             # A non-final window must leave tokens behind, so a final window always follows
             # and flushes the audio held back for the crossfade.
@@ -69,6 +75,19 @@ class WindowPolicy:
     @property
     def merge_limit(self) -> int:
         return self.final_merge_tokens or 2 * self.tokens
+
+    @property
+    def cap(self) -> int:
+        return max(self.tokens, self.max_tokens)
+
+    def size(self, index: int, backlog: int = 0) -> int:
+        """Tokens committed by window ``index`` of a stream that has ``backlog`` tokens
+        beyond the lookahead ready (0: unknown)."""
+        if index == 0:
+            return self.first_tokens  # always small: the first byte waits for it
+        planned = min(self.cap, self.tokens << min(index - 1, 16))
+        ready = min(self.cap, backlog) // self.tokens * self.tokens
+        return max(planned, ready)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +137,7 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
     if remaining <= 0 or (one_shot and not finished):
         return None
     context_start = max(0, committed - policy.left_context)
-    size = policy.first_tokens if index == 0 else policy.tokens
+    size = policy.size(index, remaining - policy.lookahead)
     # Merging a short tail into the final window saves a window; for the first window only
     # while it stays small, so a finished short utterance still gets a fast first byte.
     limit = policy.merge_limit if index else min(policy.merge_limit, 2 * policy.first_tokens)

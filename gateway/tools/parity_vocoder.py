@@ -62,11 +62,14 @@ class Sizes:
     first_window: int
     window: int
     left_context: int
+    max_window: int = 0
+    """Later windows grow up to this (0: they stay at ``window``), as in serving."""
 
 
-TINY = Sizes(prompt_tokens=25, utterances=(44, 23, 31), flow_steps=2, first_window=10, window=16, left_context=10)
+TINY = Sizes(prompt_tokens=25, utterances=(44, 23, 31), flow_steps=2, first_window=10, window=16, left_context=10,
+             max_window=32)
 REAL = Sizes(prompt_tokens=250, utterances=(250, 137, 300, 61), flow_steps=10, first_window=20, window=50,
-             left_context=25)
+             left_context=25, max_window=200)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +161,7 @@ async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Si
     settings = load_settings({}, {"flow_steps": sizes.flow_steps, "max_speech_tokens": max(sizes.utterances) + 8})
     # Merge only short tails into the final window, so every stream really is windowed.
     policy = WindowPolicy(first_tokens=sizes.first_window, tokens=sizes.window, left_context=sizes.left_context,
-                          final_merge_tokens=sizes.window)
+                          final_merge_tokens=sizes.window, max_tokens=sizes.max_window)
     vocoder = Vocoder(s3gen, settings, device=device, flow_dtype=dtype, policy=policy)
     await vocoder.start()
     try:
@@ -176,7 +179,8 @@ async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Si
                f"{len(jobs)} streams in {batches} batches; min over streams"),
         _check("vocoder: streamed windows == one-shot", min(streamed), STREAMED_SNR_DB,
                "per stream " + ", ".join(f"{v:.1f}" for v in streamed)
-               + f"; windows {sizes.first_window}/{sizes.window}, left context {sizes.left_context}"),
+               + f"; windows {sizes.first_window}/{sizes.window} up to {sizes.max_window or sizes.window},"
+               f" left context {sizes.left_context}"),
     ]
 
 

@@ -46,7 +46,8 @@ def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False
 @pytest.mark.parametrize("total", [1, 5, 20, 23, 24, 73, 200])
 @pytest.mark.parametrize("arrival", [1, 7, 1000])
 @pytest.mark.parametrize("policy", [WindowPolicy(), WindowPolicy(first_tokens=6, tokens=8, left_context=4),
-                                    WindowPolicy(first_tokens=40, tokens=10, final_merge_tokens=1)])
+                                    WindowPolicy(first_tokens=40, tokens=10, final_merge_tokens=1),
+                                    WindowPolicy(first_tokens=6, tokens=8, left_context=4, max_tokens=30)])
 def test_windows_tile_the_stream_exactly(policy: WindowPolicy, total: int, arrival: int) -> None:
     windows = _plan(policy, total, arrival)
     assert windows[0].start == 0 and windows[-1].end == total
@@ -56,7 +57,11 @@ def test_windows_tile_the_stream_exactly(policy: WindowPolicy, total: int, arriv
     for w in windows:
         assert w.context_start == max(0, w.start - policy.left_context)
         if not w.final:
-            assert w.new_tokens == (policy.first_tokens if w.index == 0 else policy.tokens)
+            if w.index == 0:
+                assert w.new_tokens == policy.first_tokens
+            else:  # the planned size, or more when tokens were waiting, in steps of `tokens`
+                assert policy.size(w.index) <= w.new_tokens <= policy.cap
+                assert w.new_tokens % policy.tokens == 0 or w.new_tokens == policy.size(w.index)
             assert w.input_end == w.end + policy.lookahead
         else:
             assert w.input_end == w.end
@@ -82,6 +87,27 @@ def test_finished_utterance_still_gets_a_small_first_window() -> None:
     assert (w.end, w.final) == (40, True)
     w = next_window(policy, available=120, committed=20, finished=True, index=1)
     assert (w.end, w.final) == (120, True)
+
+
+def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)
+    assert [policy.size(i) for i in range(6)] == [20, 50, 100, 200, 200, 200]
+    # Tokens trickling in: each window waits for its planned size plus the lookahead.
+    assert next_window(policy, available=122, committed=20, finished=False, index=2) is None
+    w = next_window(policy, available=73, committed=20, finished=False, index=1)
+    assert (w.start, w.end, w.input_end) == (20, 70, 73)
+    w = next_window(policy, available=173, committed=70, finished=False, index=2)
+    assert (w.start, w.end) == (70, 170)
+    # T3 ran ahead: the second window takes the waiting tokens (multiples of 50, capped).
+    w = next_window(policy, available=180, committed=20, finished=False, index=1)
+    assert (w.end, w.final) == (170, False)
+    w = next_window(policy, available=400, committed=20, finished=False, index=1)
+    assert (w.end, w.input_end) == (220, 223)
+    # The first window stays small whatever waits (time to first audio).
+    w = next_window(policy, available=400, committed=0, finished=False, index=0)
+    assert w.end == 20
+    # Without max_tokens nothing grows.
+    assert WindowPolicy(tokens=50).size(5, backlog=500) == 50
 
 
 def test_one_shot_waits_for_finish_then_takes_everything() -> None:
