@@ -639,7 +639,9 @@ class Vocoder:
                         jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
         waves = self.batch.run_hift(rows)
         with self.batch._section("host copy"):
-            host = [wav.cpu().numpy() for wav, _ in waves]
+            # One device-to-host copy (one synchronisation) for the whole batch, not one per row.
+            flat = torch.cat([wav for wav, _ in waves]).cpu().numpy()
+            host = np.split(flat, np.cumsum([wav.shape[0] for wav, _ in waves[:-1]]))
         for i, row, audio, (_, phase) in zip(live, rows, host, waves):
             frames, carry = row.mel.shape[1], jobs[i].carry
             tail = row.mel[:, frames - carry:] if carry else None
