@@ -279,14 +279,16 @@ class S3GenBatch:
             mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
         frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
         mel_width = mu.shape[2]
-        cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
-        noise = torch.zeros_like(cond)
-        for i, r in enumerate(rows):
-            pf = TOKEN_MEL_RATIO * r.voice.prompt_len
-            cond[i, :, :pf] = r.voice.prompt_feat
-            noise[i, :, :frames[i]] = self.tapes.flow_noise(pf, TOKEN_MEL_RATIO * r.context_start, frames[i] - pf)
-        mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
-        spks = torch.stack([r.voice.speaker for r in rows])
+        with self._section("CFM inputs"):  # per-row Python loop: shows in the profile if it grows
+            cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
+            noise = torch.zeros_like(cond)
+            for i, r in enumerate(rows):
+                pf = TOKEN_MEL_RATIO * r.voice.prompt_len
+                cond[i, :, :pf] = r.voice.prompt_feat
+                noise[i, :, :frames[i]] = self.tapes.flow_noise(pf, TOKEN_MEL_RATIO * r.context_start,
+                                                                frames[i] - pf)
+            mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
+            spks = torch.stack([r.voice.speaker for r in rows])
         # noised_mels covering every frame replaces the decoder's own randn draw entirely.
         with self._section("CFM decoder"):
             feat, _ = self.flow.decoder(mu=mu, mask=mask, spks=spks, cond=cond,

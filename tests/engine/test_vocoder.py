@@ -321,3 +321,20 @@ async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, 
             pass
     with pytest.raises(EngineUnavailableError):
         voc.open_stream("A", ref)
+
+
+async def test_stage_timer_times_each_part_and_changes_nothing(s3gen, ref) -> None:
+    from gateway.engine.vocoder import StageTimer
+
+    vocoder = _vocoder(s3gen)
+    assert vocoder.batch.timer is None  # serving never synchronises for timing
+    await vocoder.start()
+    try:
+        plain = await vocoder.vocode("a", ref, _tokens(14, 3))
+        timer = vocoder.batch.timer = StageTimer("cpu")
+        timed = await vocoder.vocode("a", ref, _tokens(14, 3))
+    finally:
+        await vocoder.close()
+    np.testing.assert_array_equal(plain, timed)
+    assert set(timer.seconds) == {"flow encoder", "CFM inputs", "CFM decoder", "HiFT", "host copy"}
+    assert all(s > 0 for s in timer.seconds.values())
