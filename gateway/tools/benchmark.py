@@ -188,6 +188,8 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
                          "concurrency": n, "value": f"{audio / wall:.1f} / {_pct(firsts, .5) * 1000:.0f}"})
             print(rows[-1], flush=True)
         fast.settings = settings
+        if not reference_concurrency:  # skipped: its figures do not change with our engine
+            return rows
         ref = ReferenceEngine(settings)
         await ref.start()
         try:
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--text-tokens", type=int, default=150)
     ap.add_argument("--reference-concurrency", default="1,8",
-                    help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N")
+                    help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N;"
+                         " 'none' skips it")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new engine measurements after this")
     ap.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = ap.parse_args(argv)
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += stage_profile([int(b) for b in args.profile_batches.split(",")], args.flow_steps,
                                       args.profile_repeats)
             elif stage == "engine":
-                ref_conc = [int(c) for c in args.reference_concurrency.split(",")]
+                ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))
             else:
                 raise ValueError(f"unknown stage {stage}")
