@@ -17,6 +17,7 @@ from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway import __version__
 from gateway.api.errors import handle_exception
@@ -87,6 +88,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             version=__version__,
             description="OpenAI-compatible text-to-speech for Resemble AI's Chatterbox models.",
             path=OPENAPI_PATH,
+            components=Components(
+                security_schemes={
+                    "BearerAuth": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An API key, when the server has keys configured; otherwise any value.",
+                    )
+                }
+            ),
         ),
         logging_config=None,
     )

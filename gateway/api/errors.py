@@ -38,6 +38,17 @@ _MESSAGES: dict[int, str] = {
 }
 
 
+BEARER_SECURITY: list[dict[str, list[str]]] = [{"BearerAuth": []}]
+"""OpenAPI security requirement of every /v1 route (enforced only when keys are configured)."""
+
+
+def v1_error_responses(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
+    """``error_responses`` plus the 401 every /v1 route can answer when API keys are set."""
+    return error_responses(
+        {401: "Missing or wrong API key (`code`: `invalid_api_key`); only when keys are configured", **descriptions}
+    )
+
+
 def error_responses(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
     """OpenAPI entries for a handler's error statuses, all documented as the envelope (this
     also replaces Litestar's default 400 schema, which we never send)."""

@@ -5,12 +5,19 @@ from __future__ import annotations
 from litestar import get
 from litestar.params import FromPath
 
-from gateway.api.errors import error_responses
+from gateway.api.errors import BEARER_SECURITY, v1_error_responses
 from gateway.model_names import CREATED, OWNER, model_ids, resolve_model
 from gateway.protocol import ModelCard, ModelList
 
 
-@get("/v1/models", tags=["models"], summary="List models", sync_to_thread=False)
+@get(
+    "/v1/models",
+    tags=["models"],
+    summary="List models",
+    sync_to_thread=False,
+    responses=v1_error_responses({}),
+    security=BEARER_SECURITY,
+)
 def list_models() -> ModelList:
     """Every accepted model id: `chatterbox` and the OpenAI names that alias it."""
     return ModelList(data=[ModelCard(id=model_id, created=CREATED, owned_by=OWNER) for model_id in model_ids()])
@@ -21,7 +28,8 @@ def list_models() -> ModelList:
     tags=["models"],
     summary="Retrieve a model",
     sync_to_thread=False,
-    responses=error_responses({400: "Invalid request", 404: "Unknown model (`code`: `model_not_found`)"}),
+    responses=v1_error_responses({400: "Invalid request", 404: "Unknown model (`code`: `model_not_found`)"}),
+    security=BEARER_SECURITY,
 )
 def retrieve_model(model_id: FromPath[str]) -> ModelCard:
     """One model or alias by id; 404 `model_not_found` for anything else."""

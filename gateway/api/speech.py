@@ -14,7 +14,7 @@ from litestar.openapi.spec import Operation, RequestBody, Schema
 from litestar.response import Stream
 
 from gateway.api.disconnect import unless_disconnected
-from gateway.api.errors import error_responses
+from gateway.api.errors import BEARER_SECURITY, v1_error_responses
 from gateway.api.request_context import request_id_of
 from gateway.audio.encoder import CONTENT_TYPES
 from gateway.errors import UnsupportedMediaTypeError
@@ -75,7 +75,8 @@ class _SpeechOperation(Operation):
     operation_class=_SpeechOperation,
     response_description="The audio file in `response_format`, sent as it is produced (or SSE events "
     "with base64 audio when `stream_format` is `sse`).",
-    responses=error_responses(_ERRORS),
+    responses=v1_error_responses(_ERRORS),
+    security=BEARER_SECURITY,
 )
 async def create_speech(request: Request[Any, Any, Any], services: NamedDependency[AppServices]) -> Stream:
     """Speech from text, OpenAI-compatible. Chatterbox controls (`exaggeration`, `cfg_weight`,

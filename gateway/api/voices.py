@@ -20,7 +20,7 @@ from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath
 
-from gateway.api.errors import error_responses
+from gateway.api.errors import BEARER_SECURITY, v1_error_responses
 from gateway.errors import EngineUnavailableError
 from gateway.protocol import AudioVoice, AudioVoiceDeleted, VoiceCard, VoiceList
 from gateway.services import LOADING_RETRY_AFTER_S, AppServices
@@ -48,8 +48,9 @@ class VoiceUpload:
 class VoicesController(Controller):
     path = "/v1/audio/voices"
     tags = ["voices"]
+    security = BEARER_SECURITY
 
-    @get(summary="List voices", sync_to_thread=False)
+    @get(summary="List voices", sync_to_thread=False, responses=v1_error_responses({503: "Voice library loading"}))
     def list_voices(self, services: NamedDependency[AppServices]) -> VoiceList:
         """Every voice: built-in ones (the 13 OpenAI names are aliases of them), the model's own
         voice and user voices. `id`, `name` and every alias can be sent as `voice`."""
@@ -65,7 +66,7 @@ class VoicesController(Controller):
     @post(
         summary="Create a voice",
         status_code=200,
-        responses=error_responses(
+        responses=v1_error_responses(
             {
                 400: "Not audio, too short or too long, silent, or an unsafe name (`param` says which)",
                 409: "A voice with this name exists",
@@ -94,7 +95,7 @@ class VoicesController(Controller):
         "/{voice_id:str}",
         summary="Retrieve a voice",
         sync_to_thread=False,
-        responses=error_responses({404: "No voice has this id, name or alias", 503: "Voice library loading"}),
+        responses=v1_error_responses({404: "No voice has this id, name or alias", 503: "Voice library loading"}),
     )
     def retrieve_voice(self, voice_id: FromPath[str], services: NamedDependency[AppServices]) -> AudioVoice:
         """One voice by id, name or alias."""
@@ -104,7 +105,7 @@ class VoicesController(Controller):
         "/{voice_id:str}",
         summary="Delete a voice",
         status_code=200,
-        responses=error_responses(
+        responses=v1_error_responses(
             {
                 400: "A built-in or dropped-in voice (not deletable through the API)",
                 404: "No voice created through the API has this id",

@@ -32,3 +32,22 @@ def test_document_describes_the_speech_contract() -> None:
     assert {"400", "404", "413", "503"} <= set(speech["responses"])
     assert "422" not in json.dumps(document["paths"])
     assert {"/v1/models", "/v1/audio/voices", "/health", "/ready"} <= set(document["paths"])
+
+
+def test_v1_routes_declare_bearer_auth_and_401_health_does_not() -> None:
+    import json
+    from pathlib import Path
+
+    document = json.loads((Path(__file__).parents[2] / "openapi" / "openapi.json").read_text())
+    assert document["components"]["securitySchemes"]["BearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key, when the server has keys configured; otherwise any value.",
+    }
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"BearerAuth": []}], (method, path)
+                assert "401" in operation["responses"], (method, path)
+            else:
+                assert "security" not in operation and "401" not in operation["responses"], (method, path)
