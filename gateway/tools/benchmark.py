@@ -207,7 +207,7 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
     import torch
 
     from gateway.engine.base import SAMPLE_RATE
-    from gateway.engine.vocoder import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
+    from gateway.engine.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
     from gateway.tools.parity_vocoder import reference_dict
 
     from chatterbox.models.s3gen import S3Gen

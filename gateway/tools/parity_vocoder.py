@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.engine.vocoder import FlowRow, HiftRow, NoiseTapes, S3GenBatch, Vocoder
+from gateway.engine.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
+from gateway.engine.vocoder import Vocoder
 from gateway.engine.vocoder_windows import WindowPolicy
 from gateway.settings import load_settings
 

@@ -324,7 +324,7 @@ async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, 
 
 
 async def test_stage_timer_times_each_part_and_changes_nothing(s3gen, ref) -> None:
-    from gateway.engine.vocoder import StageTimer
+    from gateway.engine.s3gen_batch import StageTimer
 
     vocoder = _vocoder(s3gen)
     assert vocoder.batch.timer is None  # serving never synchronises for timing
