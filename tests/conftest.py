@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -20,10 +18,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from litestar import Litestar
 
 from gateway.app import create_app
+from loopback_server import serve_on_loopback
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 
@@ -134,30 +132,9 @@ def live_engine() -> FakeEngine:
 
 @pytest.fixture
 def live_server(settings: Settings, live_engine: FakeEngine) -> Iterator[LiveServer]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
     app = create_app(settings, engine=live_engine)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("live server did not become ready")
-        time.sleep(0.05)
-    try:
-        yield LiveServer(base_url=base_url, port=port, engine=live_engine)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serve_on_loopback(app) as base_url:
+        yield LiveServer(base_url=base_url, port=int(base_url.rsplit(":", 1)[1]), engine=live_engine)
 
 
 # --- decoding audio like a client -------------------------------------------------------------

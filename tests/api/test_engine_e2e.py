@@ -10,17 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from gateway.app import create_app
+from loopback_server import serve_on_loopback
 from gateway.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -43,29 +40,9 @@ def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         flow_steps=2,
         log_format="json",
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            try:
-                ready = httpx.get(f"{base_url}/ready", timeout=2)
-                if ready.status_code == 200:
-                    break
-                assert "failed" not in ready.json()["error"]["message"], ready.text
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and thread.is_alive(), f"{engine} engine did not load"
-            time.sleep(0.5)
+    # dummy checkpoint, engine load (and on the GPU vLLM's compile and graph capture)
+    with serve_on_loopback(create_app(settings), timeout_s=400, poll_s=0.5, join_s=60) as base_url:
         yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def test_sdk_speech_on_a_real_engine(engine_server: str, valid_audio) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,9 +17,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from gateway.engine.factory import vllm_available
+from loopback_server import serve_on_loopback
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not vllm_available(), reason="needs CUDA and vLLM")]
@@ -39,29 +37,9 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                         voices_dir=str(root / "voices"), max_speech_tokens=MAX_TOKENS,
                         vllm_max_num_seqs=16, vllm_max_model_len=1024, vllm_gpu_memory_utilization=0.3,
                         log_format="json")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 400  # dummy checkpoint, vLLM compile and graph capture
-    try:
-        while True:
-            try:
-                ready = httpx.get(f"{base_url}/ready", timeout=2)
-                if ready.status_code == 200:
-                    break
-                assert "failed" not in ready.json()["error"]["message"], ready.text
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and thread.is_alive(), "vLLM engine did not load"
-            time.sleep(0.5)
+    # dummy checkpoint, vLLM compile and graph capture
+    with serve_on_loopback(create_app(settings), timeout_s=400, poll_s=0.5, join_s=60) as base_url:
         yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
 
 
 def _sdk(base_url: str) -> openai.OpenAI:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,10 +20,10 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 from litestar import Litestar
 
 from gateway.app import create_app
+from loopback_server import serve_on_loopback
 from gateway.engine.base import AudioChunk, SynthesisJob
 from gateway.engine.fake import FakeEngine
 from gateway.services import AppServices
@@ -122,35 +121,13 @@ class Live:
 @contextmanager
 def live_server(settings: Settings, engine: FakeEngine, *, wait_ready: bool = True) -> Iterator[Live]:
     """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
     app = create_app(settings, engine=engine)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    path = "/ready" if wait_ready else "/health"
-    while True:
-        try:
-            if httpx.get(f"{base_url}{path}", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("live server did not come up")
-        time.sleep(0.05)
     try:
-        yield Live(base_url=base_url, app=app, engine=engine)
+        with serve_on_loopback(app, ready_path="/ready" if wait_ready else "/health", graceful_shutdown_s=2) as base_url:
+            yield Live(base_url=base_url, app=app, engine=engine)
     finally:
         if isinstance(engine, GatedEngine):
             engine.gate.set()
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 def child_pids(pid: int | None = None) -> set[int]:
