@@ -18,12 +18,12 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
+from gateway.engine.upstream_voices import UpstreamVoices
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
 
@@ -32,7 +32,7 @@ EDGE_FADE_OUT_S = 0.010
 """Every chunk starts and ends at silence (raised-cosine edges), so chunks join without clicks."""
 
 
-class ReferenceEngine:
+class ReferenceEngine(UpstreamVoices):
     name = "reference"
     sample_rate = SAMPLE_RATE
 
@@ -103,32 +103,7 @@ class ReferenceEngine:
             raise EngineUnavailableError(f"the reference engine is {self.state}")
         return self._components
 
-    # --- voices and text -----------------------------------------------------------------
-
-    def compute_conditionals(self, clip: Path) -> Any:
-        from gateway.engine.components import compute_conditionals
-
-        return compute_conditionals(self._ready(), clip)
-
-    def save_conditionals(self, conditionals: Any, path: Path) -> None:
-        from gateway.engine.components import save_conditionals
-
-        save_conditionals(conditionals, path)
-
-    def load_conditionals(self, path: Path) -> Any:
-        from gateway.engine.components import load_conditionals
-
-        return load_conditionals(path, self._ready().device)
-
-    def builtin_conditionals(self) -> Any | None:
-        return self._ready().builtin_conditionals
-
-    def count_text_tokens(self, text: str) -> int:
-        from gateway.engine.components import count_text_tokens
-
-        return count_text_tokens(self._ready().tokenizer, text)
-
-    # --- synthesis -----------------------------------------------------------------------
+    # --- synthesis (voice and text methods come from UpstreamVoices) ----------------------
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         components = self._ready()

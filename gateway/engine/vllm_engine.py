@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
+from gateway.engine.upstream_voices import UpstreamVoices
 from gateway.engine.t3_vllm.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
@@ -38,7 +39,7 @@ COND_ROWS = 34
 """Speaker + 32 Perceiver rows + emotion: the conditioning prefix of every upstream voice."""
 
 
-class VllmEngine:
+class VllmEngine(UpstreamVoices):
     name = "vllm"
     sample_rate = SAMPLE_RATE
 
@@ -175,30 +176,7 @@ class VllmEngine:
     def components(self) -> Any:
         return self._ready()
 
-    # --- voices and text -----------------------------------------------------------------
-
-    def compute_conditionals(self, clip: Path) -> Any:
-        from gateway.engine.components import compute_conditionals
-
-        return compute_conditionals(self._ready(), clip)
-
-    def save_conditionals(self, conditionals: Any, path: Path) -> None:
-        from gateway.engine.components import save_conditionals
-
-        save_conditionals(conditionals, path)
-
-    def load_conditionals(self, path: Path) -> Any:
-        from gateway.engine.components import load_conditionals
-
-        return load_conditionals(path, self._ready().device)
-
-    def builtin_conditionals(self) -> Any | None:
-        return self._ready().builtin_conditionals
-
-    def count_text_tokens(self, text: str) -> int:
-        from gateway.engine.components import count_text_tokens
-
-        return count_text_tokens(self._ready().tokenizer, text)
+    # --- text limits (voice and text methods come from UpstreamVoices) --------------------
 
     def max_text_tokens(self) -> int:
         """Most text tokens one chunk may have: T3's text positions, and the prompt side
