@@ -201,9 +201,9 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
         await fast.close()
     return rows
 
+
 def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_tokens: int = 250) -> list[dict]:
     """Per-part device time of one vocoder batch (see the module docstring)."""
-    import numpy as np
     import torch
 
     from gateway.engine.base import SAMPLE_RATE

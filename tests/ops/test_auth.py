@@ -7,7 +7,6 @@ import hmac
 import re
 from pathlib import Path
 
-import httpx
 import msgspec
 import openai
 import pytest

@@ -5,7 +5,6 @@ cancels the rest (engine job aborted, FFmpeg killed), closes the engine and exit
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
