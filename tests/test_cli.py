@@ -157,31 +157,31 @@ def cli_server(tmp_path: Path):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def readme_block(starts_with: str) -> str:
+    """The README's code block (or line) that starts with ``starts_with``, exactly as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for block in readme.split("```")[1::2]:
+        body = block.split("\n", 1)[1] if "\n" in block else block  # drop the language tag
+        for line_no, line in enumerate(body.splitlines()):
+            if line.startswith(starts_with):
+                return line if starts_with.startswith("curl") else "\n".join(body.splitlines()[line_no:])
+    raise AssertionError(f"the README has no code starting with {starts_with!r}")
+
+
+def on_port(text: str, port: int) -> str:
+    assert "127.0.0.1:8000" in text  # the README's documented address
+    return text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+
+
 def test_readme_curl(cli_server: int, tmp_path: Path, valid_audio) -> None:
-    command = (
-        f"curl -sS http://127.0.0.1:{cli_server}/v1/audio/speech "
-        '-H "Content-Type: application/json" '
-        """-d '{"model":"tts-1","input":"Hello","voice":"alloy"}' -o out.mp3"""
-    )
+    command = on_port(readme_block("curl -sS http://127.0.0.1:8000/v1/audio/speech"), cli_server)
     result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     valid_audio((tmp_path / "out.mp3").read_bytes(), "mp3")
 
 
 def test_readme_python_sdk(cli_server: int, tmp_path: Path, valid_audio) -> None:
-    snippet = f"""
-from openai import OpenAI
-
-client = OpenAI(base_url="http://127.0.0.1:{cli_server}/v1", api_key="unused")
-with client.audio.speech.with_streaming_response.create(
-    model="tts-1",
-    voice="alloy",
-    input="Hello from Chatterbox!",
-    response_format="mp3",
-    extra_body={{"exaggeration": 0.7, "seed": 42}},
-) as response:
-    response.stream_to_file("speech.mp3")
-"""
+    snippet = on_port(readme_block("from openai import OpenAI"), cli_server)
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     valid_audio((tmp_path / "speech.mp3").read_bytes(), "mp3")
