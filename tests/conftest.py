@@ -4,13 +4,11 @@ FFmpeg-based probe that decodes audio the way a client would."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from litestar import Litestar
 
 from gateway.app import create_app
-from loopback_server import serve_on_loopback
+from harness import InProcess, in_process, serve_on_loopback
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 
@@ -43,56 +40,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
-
-
-@asynccontextmanager
-async def run_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Drive the app's ASGI lifespan on the current loop (httpx's ASGITransport does not)."""
-    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, to_app.get, from_app.put))
-    await to_app.put({"type": "lifespan.startup"})
-    started = await from_app.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise RuntimeError(f"app failed to start: {started}")
-    try:
-        yield
-    finally:
-        await to_app.put({"type": "lifespan.shutdown"})
-        await from_app.get()
-        await task
-
-
-async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (await client.get("/ready")).status_code == 200:
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError("engine did not become ready")
-
-
-@dataclass
-class InProcess:
-    app: Litestar
-    engine: FakeEngine
-    http: httpx.AsyncClient
-    """Raw HTTP against the app (for what the SDK cannot send: malformed JSON, wrong method)."""
-    sdk: openai.AsyncOpenAI
-
-
-@asynccontextmanager
-async def in_process(settings: Settings, engine: FakeEngine, *, ready: bool = True) -> AsyncIterator[InProcess]:
-    app = create_app(settings, engine=engine)
-    async with run_lifespan(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
-            if ready:
-                await wait_ready(http)
-            sdk = openai.AsyncOpenAI(
-                api_key="test", base_url="http://gateway.test/v1", http_client=http, max_retries=0
-            )
-            yield InProcess(app=app, engine=engine, http=http, sdk=sdk)
 
 
 @pytest.fixture

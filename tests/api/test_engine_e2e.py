@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from loopback_server import serve_on_loopback
+from harness import serve_on_loopback
 from gateway.settings import Settings
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from gateway.engine.factory import vllm_available
-from loopback_server import serve_on_loopback
+from harness import serve_on_loopback
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not vllm_available(), reason="needs CUDA and vLLM")]

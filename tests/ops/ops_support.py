@@ -12,18 +12,15 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Any
 
-import httpx
-import openai
 from litestar import Litestar
 
 from gateway.app import create_app
-from loopback_server import serve_on_loopback
+from harness import InProcess, in_process, serve_on_loopback  # noqa: F401 (ops tests import them from here)
 from gateway.engine.base import AudioChunk, SynthesisJob
 from gateway.engine.fake import FakeEngine
 from gateway.services import AppServices
@@ -62,49 +59,6 @@ class GatedEngine(FakeEngine):
                 count += 1
         finally:
             await inner.aclose()
-
-
-@dataclass
-class InProcess:
-    app: Litestar
-    engine: FakeEngine
-    http: httpx.AsyncClient
-    sdk: openai.AsyncOpenAI
-
-
-@asynccontextmanager
-async def _lifespan(app: Litestar) -> AsyncIterator[None]:
-    """Drive the app's ASGI lifespan on the current loop (httpx's ASGITransport does not)."""
-    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, to_app.get, from_app.put))  # type: ignore[arg-type]
-    await to_app.put({"type": "lifespan.startup"})
-    started = await from_app.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise RuntimeError(f"app failed to start: {started}")
-    try:
-        yield
-    finally:
-        await to_app.put({"type": "lifespan.shutdown"})
-        await from_app.get()
-        await task
-
-
-@asynccontextmanager
-async def in_process(settings: Settings, engine: FakeEngine) -> AsyncIterator[InProcess]:
-    """The app with its lifespan, once the engine is ready; raw httpx and the SDK over ASGI."""
-    app = create_app(settings, engine=engine)
-    async with _lifespan(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
-            deadline = time.monotonic() + 15
-            while (await http.get("/ready")).status_code != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("engine did not become ready")
-                await asyncio.sleep(0.02)
-            sdk = openai.AsyncOpenAI(api_key="test", base_url="http://gateway.test/v1", http_client=http, max_retries=0)
-            yield InProcess(app=app, engine=engine, http=http, sdk=sdk)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""How tests run the app: in process (ASGI, with its lifespan) or on a real uvicorn server on
+127.0.0.1 (own thread and event loop).
+
+Shared by the HTTP tests, the ops tests and the end-to-end tests on real engines. A module
+with its own name, not a conftest, so any test file can import it whatever the collection
+order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import uvicorn
+from litestar import Litestar
+
+from gateway.app import create_app
+from gateway.engine.base import Engine
+from gateway.settings import Settings
+
+
+@asynccontextmanager
+async def run_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Drive the app's ASGI lifespan on the current loop (httpx's ASGITransport does not)."""
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, to_app.get, from_app.put))  # type: ignore[arg-type]
+    await to_app.put({"type": "lifespan.startup"})
+    started = await from_app.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"app failed to start: {started}")
+    try:
+        yield
+    finally:
+        await to_app.put({"type": "lifespan.shutdown"})
+        await from_app.get()
+        await task
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await client.get("/ready")).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("engine did not become ready")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class InProcess:
+    app: Litestar
+    engine: Any
+    http: httpx.AsyncClient
+    """Raw HTTP against the app (for what the SDK cannot send: malformed JSON, wrong method)."""
+    sdk: openai.AsyncOpenAI
+
+
+@asynccontextmanager
+async def in_process(settings: Settings, engine: Engine, *, ready: bool = True) -> AsyncIterator[InProcess]:
+    """The app with its lifespan (once the engine is ready, unless ``ready=False``); raw httpx
+    and the OpenAI SDK over an ASGI transport."""
+    app = create_app(settings, engine=engine)
+    async with run_lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+            if ready:
+                await wait_ready(http)
+            sdk = openai.AsyncOpenAI(api_key="test", base_url="http://gateway.test/v1", http_client=http, max_retries=0)
+            yield InProcess(app=app, engine=engine, http=http, sdk=sdk)
+
+
+@contextmanager
+def serve_on_loopback(
+    app: Litestar,
+    *,
+    ready_path: str = "/ready",
+    timeout_s: float = 15.0,
+    poll_s: float = 0.05,
+    graceful_shutdown_s: float | None = None,
+    join_s: float = 15.0,
+) -> Iterator[str]:
+    """Yield the server's base URL once ``ready_path`` answers 200; stop the server after.
+
+    Fails fast when the server thread dies or ``/ready`` reports a failed engine."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                answer = httpx.get(f"{base_url}{ready_path}", timeout=2)
+                if answer.status_code == 200:
+                    break
+                if answer.status_code == 503 and "failed" in answer.json()["error"]["message"]:
+                    raise RuntimeError(f"the engine failed to load: {answer.text}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the server did not answer 200 on {ready_path} within {timeout_s} s")
+            time.sleep(poll_s)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=join_s)
+        sock.close()
