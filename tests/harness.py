@@ -9,12 +9,14 @@ order.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -118,3 +120,23 @@ def serve_on_loopback(
         server.should_exit = True
         thread.join(timeout=join_s)
         sock.close()
+
+
+def ffmpeg_children(pid: int | None = None) -> set[int]:
+    """FFmpeg processes whose parent is ``pid`` (default: this process, whose threads run the
+    in-process and loopback servers), zombies included: an exited but unreaped FFmpeg leaks."""
+    parent = pid or os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # already gone
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == parent and comm.startswith("ffmpeg"):
+            found.add(int(entry.name))
+    return found

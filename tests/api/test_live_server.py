@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from harness import ffmpeg_children
 
 from gateway.audio.encoder import CONTENT_TYPES
 
 FORMATS = tuple(CONTENT_TYPES)
 LONG_TEXT = " ".join(f"This is sentence number {i}, spoken by the gateway." for i in range(40))
-
-
-def ffmpeg_children() -> list[int]:
-    """FFmpeg processes started by this process (the server runs in a thread of it)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and name.startswith("ffmpeg"):
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for(condition, timeout_s: float = 10.0) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import ffmpeg_children
 
 
 @dataclass(frozen=True)
@@ -55,25 +55,6 @@ def decode_audio(tmp_path: Path) -> Callable[[bytes, str], Decoded]:
     return lambda data, fmt: decode(data, fmt, tmp_path)
 
 
-def ffmpeg_children() -> list[int]:
-    """Pids of FFmpeg processes whose parent is this test process, zombies included."""
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == me and comm.startswith("ffmpeg"):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def list_ffmpeg_children() -> Callable[[], list[int]]:
-    return ffmpeg_children
+    return lambda: sorted(ffmpeg_children())

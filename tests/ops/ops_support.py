@@ -8,19 +8,17 @@ name ``conftest``, so importing one by name depends on collection order.)"""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 
 from litestar import Litestar
 
 from gateway.app import create_app
-from harness import InProcess, in_process, serve_on_loopback  # noqa: F401 (ops tests import them from here)
+from harness import InProcess, ffmpeg_children, in_process, serve_on_loopback  # noqa: F401 (ops tests import them from here)
 from gateway.engine.base import AudioChunk, SynthesisJob
 from gateway.engine.fake import FakeEngine
 from gateway.services import AppServices
@@ -82,33 +80,6 @@ def live_server(settings: Settings, engine: FakeEngine, *, wait_ready: bool = Tr
     finally:
         if isinstance(engine, GatedEngine):
             engine.gate.set()
-
-
-def child_pids(pid: int | None = None) -> set[int]:
-    """Direct children of a process (all its threads), from /proc."""
-    pid = pid or os.getpid()
-    children: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children.update(int(p) for p in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return children
-
-
-def ffmpeg_children(pid: int | None = None) -> set[int]:
-    """Children that are FFmpeg processes, or zombies (exited but never reaped: a leak too)."""
-    found = set()
-    for child in child_pids(pid):
-        try:
-            program = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0", 1)[0]
-            status = Path(f"/proc/{child}/status").read_text()
-        except OSError:
-            continue  # already gone
-        zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
-        if zombie or b"ffmpeg" in os.path.basename(program):
-            found.add(child)
-    return found
 
 
 def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
