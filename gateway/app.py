@@ -20,24 +20,24 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway import __version__
-from gateway.api.errors import handle_exception
-from gateway.api.health import health, ready
-from gateway.api.metrics import metrics
-from gateway.api.models import list_models, retrieve_model
-from gateway.api.request_context import add_request_id_header, request_context_middleware
-from gateway.api.speech import create_speech
-from gateway.api.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
-from gateway.auth import auth_middleware, log_auth_mode
-from gateway.cors import cors_config
+from gateway.http.errors import handle_exception
+from gateway.http.health import health, ready
+from gateway.http.metrics import metrics
+from gateway.http.models import list_models, retrieve_model
+from gateway.http.request_context import add_request_id_header, request_context_middleware
+from gateway.http.speech import create_speech
+from gateway.http.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
+from gateway.http.auth import auth_middleware, log_auth_mode
+from gateway.http.cors import cors_config
 from gateway.engine.base import Engine
 from gateway.engine.factory import build_engine
-from gateway.engine_watch import watch_engine
-from gateway.metrics import GatewayMetrics, service_gauges
-from gateway.services import AppServices, provide_services
+from gateway.server.engine_watch import watch_engine
+from gateway.observability.metrics import GatewayMetrics, service_gauges
+from gateway.server.services import AppServices, provide_services
 from gateway.settings import Settings
-from gateway.shutdown import close_engine, drain
-from gateway.voice_cache import VoiceCache
-from gateway.voice_library import VoiceLibrary
+from gateway.server.shutdown import close_engine, drain
+from gateway.voices.cache import VoiceCache
+from gateway.voices.library import VoiceLibrary
 
 OPENAPI_PATH = "/schema"
 """The live server serves the OpenAPI document at ``/schema/openapi.json``."""

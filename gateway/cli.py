@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_weights(settings)
 
     from gateway.app import create_app
-    from gateway.logging import configure_logging
+    from gateway.observability.logging import configure_logging
 
     configure_logging(settings)
     run_server(create_app(settings), settings)
@@ -106,14 +106,14 @@ def _check_weights(settings: Settings) -> None:
     """Fail before the server starts when the configured weights cannot be had."""
     if settings.engine == "fake":
         return
-    from gateway.engine.weights import resolve_weights
+    from gateway.engine.checkpoint.weights import resolve_weights
 
     resolve_weights(settings)
 
 
 def _download(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    from gateway.engine.weights import download_weights
+    from gateway.engine.checkpoint.weights import download_weights
 
     path = download_weights(settings)
     print(path)

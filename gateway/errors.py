@@ -1,6 +1,6 @@
 """Typed exceptions, each carrying its HTTP status and OpenAI error type.
 
-Raise these anywhere; one handler (``gateway.api.errors``) renders every one of them as the
+Raise these anywhere; one handler (``gateway.http.errors``) renders every one of them as the
 OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}``.
 """
 

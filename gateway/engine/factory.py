@@ -41,11 +41,11 @@ def resolve_engine_name(settings: Settings) -> str:
 def build_engine(settings: Settings) -> Engine:
     name = resolve_engine_name(settings)
     if name == "reference":
-        from gateway.engine.reference import ReferenceEngine
+        from gateway.engine.reference.engine import ReferenceEngine
 
         return ReferenceEngine(settings)
     if name == "vllm":
-        from gateway.engine.vllm_engine import VllmEngine
+        from gateway.engine.vllm.engine import VllmEngine
 
         return VllmEngine(settings)
     from gateway.engine.fake import FakeEngine

@@ -50,9 +50,9 @@ def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict
     import torch
     from vllm import LLM, SamplingParams
 
-    from gateway.engine.t3_vllm.config import write_model_dir
-    from gateway.engine.t3_vllm.plugin import register
-    from gateway.engine.t3_vllm.prompt import T3PromptBuilder
+    from gateway.engine.vllm.t3.config import write_model_dir
+    from gateway.engine.vllm.t3.plugin import register
+    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
 
     register()
     torch.manual_seed(0)
@@ -161,8 +161,8 @@ async def _measure(engine, name: str, tokens: int, ttfb_conc: list[int], agg_con
 async def stage_engine(tokens: int, concurrency: list[int], reference_concurrency: list[int],
                        budget_s: float) -> list[dict]:
     """VllmEngine vs ReferenceEngine, same dummy checkpoint, same process and GPU."""
-    from gateway.engine.reference import ReferenceEngine
-    from gateway.engine.vllm_engine import VllmEngine
+    from gateway.engine.reference.engine import ReferenceEngine
+    from gateway.engine.vllm.engine import VllmEngine
     from gateway.settings import load_settings
 
     deadline = time.perf_counter() + budget_s
@@ -207,7 +207,7 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
     import torch
 
     from gateway.engine.base import SAMPLE_RATE
-    from gateway.engine.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
+    from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
     from gateway.tools.parity_vocoder import reference_dict
 
     from chatterbox.models.s3gen import S3Gen

@@ -130,8 +130,8 @@ def _vllm_worker(model_dir: str, dtype: str, n_tokens: int, penalty: float, out:
     """One vLLM engine (own process, so its GPU memory is gone when it exits)."""
     from vllm import LLM, SamplingParams
 
-    from gateway.engine.t3_vllm.plugin import register
-    from gateway.engine.t3_vllm.prompt import T3PromptBuilder
+    from gateway.engine.vllm.t3.plugin import register
+    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
 
     register()
     builder = T3PromptBuilder.from_checkpoint(Path(model_dir) / "model.safetensors")
@@ -192,7 +192,7 @@ def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, 
     import torch
     from safetensors.torch import save_file
 
-    from gateway.engine.t3_vllm.config import write_model_dir
+    from gateway.engine.vllm.t3.config import write_model_dir
 
     results: list[tuple[str, bool, str]] = []
     work = Path(tempfile.mkdtemp(prefix="t3-parity-"))

@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.engine.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
-from gateway.engine.vocoder import Vocoder
-from gateway.engine.vocoder_windows import WindowPolicy
+from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
+from gateway.engine.vllm.vocoder import Vocoder
+from gateway.engine.vllm.vocoder_windows import WindowPolicy
 from gateway.settings import load_settings
 
 REF_SR = 24_000

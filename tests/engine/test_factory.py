@@ -24,7 +24,7 @@ def test_fake(tmp_path: Path) -> None:
 
 
 def test_reference_is_built_but_not_loaded(tmp_path: Path) -> None:
-    from gateway.engine.reference import ReferenceEngine
+    from gateway.engine.reference.engine import ReferenceEngine
 
     engine = build_engine(_settings(tmp_path, "reference"))
     assert isinstance(engine, ReferenceEngine) and isinstance(engine, Engine)

@@ -1,0 +1,235 @@
+"""The reference engine: upstream Chatterbox in PyTorch (T3 with CFG, then S3Gen), one chunk
+at a time, behind the :class:`~gateway.engine.base.Engine` interface.
+
+It is the correctness baseline (the vLLM engine is checked against it on the same weights)
+and the engine for CPU machines. One job at a time holds the model (a lock): upstream modules
+are not batched here, and on CPU a second concurrent job would only halve both.
+
+Cancellation: ``synthesize`` runs each chunk in a worker thread; when the consumer closes the
+iterator or its task is cancelled, the job's stop event is set and the worker stops at the
+next T3 decode step or the next S3Gen flow-matching step (a forward pre-hook inside the CFM
+estimator), not at the end of the chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
+from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
+from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
+from gateway.settings import Settings
+
+EDGE_FADE_IN_S = 0.005
+EDGE_FADE_OUT_S = 0.010
+"""Every chunk starts and ends at silence (raised-cosine edges), so chunks join without clicks."""
+
+
+class ReferenceEngine(UpstreamVoices):
+    name = "reference"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, settings: Settings) -> None:
+        from gateway.engine.checkpoint.weights import model_identity
+
+        self.settings = settings
+        self.model_id = model_identity(settings)
+        self.state: EngineState = "loading"
+        self.decode_steps = 0
+        """T3 decode steps run so far (all jobs); tests use it to see that cancelling stops work."""
+        self.flow_steps_run = 0
+        """S3Gen flow-matching estimator calls so far (all jobs)."""
+        self._components: Any = None
+        self._model_lock = threading.Lock()
+        self._active_stop: threading.Event | None = None
+        self._live_jobs: set[threading.Event] = set()
+        self._hook: Any = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._load)
+        except BaseException:
+            self.state = "failed"
+            raise
+        self.state = "ready"
+
+    def _load(self) -> None:
+        from gateway.engine.checkpoint.components import load_components, resolve_device
+        from gateway.engine.checkpoint.weights import checkpoint_dir
+
+        directory = checkpoint_dir(self.settings)
+        components = load_components(directory, resolve_device(self.settings.device))
+        # Upstream calls estimator.forward() directly (no hooks fire there); its time MLP is
+        # called through __call__ exactly once per Euler step.
+        time_mlp = components.s3gen.flow.decoder.estimator.time_mlp
+        self._hook = time_mlp.register_forward_pre_hook(self._flow_step_hook)
+        self._components = components
+
+    async def close(self) -> None:
+        self.state = "closed"
+        for stop in list(self._live_jobs):
+            stop.set()
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
+        with self._model_lock:  # waits for the running chunk to notice its stop event
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            components, self._components = self._components, None
+        if components is not None and components.device.type == "cuda":
+            import torch
+
+            del components
+            torch.cuda.empty_cache()
+
+    @property
+    def components(self) -> Any:
+        """The loaded upstream modules (:class:`~gateway.engine.checkpoint.components.Components`), e.g.
+        for parity checks against another engine on the same weights."""
+        return self._ready()
+
+    def _ready(self) -> Any:
+        if self.state != "ready" or self._components is None:
+            raise EngineUnavailableError(f"the reference engine is {self.state}")
+        return self._components
+
+    # --- synthesis (voice and text methods come from UpstreamVoices) ----------------------
+
+    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
+        components = self._ready()
+        self._check_text(components, job)
+        stop = threading.Event()
+        self._live_jobs.add(stop)
+        try:
+            for index, text in enumerate(job.chunks):
+                try:
+                    chunk = await asyncio.to_thread(self._render_chunk, components, job, index, text, stop)
+                except GatewayError:
+                    raise
+                except _Stopped:
+                    raise EngineUnavailableError("the engine is shutting down") from None
+                except Exception as exc:  # noqa: BLE001 - any model failure is the engine's, not the client's
+                    raise EngineError(f"synthesis failed: {type(exc).__name__}: {exc}") from exc
+                yield chunk
+        finally:
+            # Reached on completion, on aclose() at a yield, and on task cancellation while a
+            # worker runs (that worker keeps going until it sees this event).
+            stop.set()
+            self._live_jobs.discard(stop)
+
+    def _check_text(self, components: Any, job: SynthesisJob) -> None:
+        from gateway.engine.checkpoint.components import count_text_tokens, max_text_tokens
+
+        limit = max_text_tokens(components.t3)
+        for text in job.chunks:
+            if count_text_tokens(components.tokenizer, text) > limit:
+                raise InvalidRequestError(f"a text chunk exceeds the model's {limit} text tokens", param="input")
+
+    def _render_chunk(self, components: Any, job: SynthesisJob, index: int, text: str, stop: threading.Event) -> AudioChunk:
+        import torch
+
+        from gateway.engine.checkpoint.components import request_t3_cond, text_token_ids
+        from gateway.engine.reference.t3_decode import DecodeCancelled, Sampling, generate_speech_tokens, valid_speech_tokens
+
+        params = job.params
+        with self._model_lock:
+            if stop.is_set():
+                raise _Stopped
+            self._active_stop = stop
+            try:
+                with torch.inference_mode(), _seeded(params.seed, index, components.device):
+                    raw = generate_speech_tokens(
+                        components.t3,
+                        request_t3_cond(job.voice.conditionals, params.exaggeration),
+                        text_token_ids(components.tokenizer, components.t3, text),
+                        Sampling(
+                            cfg_weight=params.cfg_weight,
+                            temperature=params.temperature,
+                            top_p=params.top_p,
+                            min_p=params.min_p,
+                            repetition_penalty=params.repetition_penalty,
+                        ),
+                        max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
+                        should_stop=stop.is_set,
+                        on_step=self._count_decode_step,
+                    )
+                    tokens = valid_speech_tokens(raw)
+                    if tokens.numel() == 0:  # random weights can sample only special ids
+                        return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
+                    wav, _ = components.s3gen.inference(
+                        speech_tokens=tokens.to(components.device),
+                        # upstream writes device casts back into the dict: keep the cached one intact
+                        ref_dict=dict(job.voice.conditionals.gen),
+                        n_cfm_timesteps=self.settings.flow_steps,
+                    )
+            except DecodeCancelled:
+                raise _Stopped from None
+            finally:
+                self._active_stop = None
+        samples = wav.squeeze(0).detach().to("cpu", torch.float32).numpy()
+        if self.settings.watermark:
+            samples = components.watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)
+        samples = fade_edges(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
+        return AudioChunk(samples=samples, speech_tokens=int(tokens.numel()))
+
+    def _count_decode_step(self, _step: int) -> None:
+        self.decode_steps += 1
+
+    def _flow_step_hook(self, _module: Any, _args: Any) -> None:
+        # Runs in the worker thread once per CFM estimator call (each Euler step).
+        self.flow_steps_run += 1
+        stop = self._active_stop
+        if stop is not None and stop.is_set():
+            from gateway.engine.reference.t3_decode import DecodeCancelled
+
+            raise DecodeCancelled
+
+
+class _Stopped(Exception):
+    """The job's stop event was set while its chunk was waiting or running."""
+
+
+def fade_edges(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` with raised-cosine fade-in/out, so consecutive chunks meet at zero."""
+    out = samples.astype(np.float32, copy=True)
+    for seconds, at_start in ((EDGE_FADE_IN_S, True), (EDGE_FADE_OUT_S, False)):
+        n = min(int(seconds * sample_rate), out.size // 2)
+        if n <= 0:
+            continue
+        ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float32))).astype(np.float32)
+        if at_start:
+            out[:n] *= ramp
+        else:
+            out[-n:] *= ramp[::-1]
+    return out
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """A per-chunk seed: the same request gives the same audio, chunks differ from each other."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, index: int, device: Any) -> Iterator[None]:
+    """Seed torch's global RNG for one chunk (T3 sampling and S3Gen noise both draw from it),
+    restoring it afterwards. Safe under the model lock: one chunk renders at a time."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(chunk_seed(seed, index))
+        yield

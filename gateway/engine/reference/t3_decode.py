@@ -1,0 +1,127 @@
+"""The reference T3 decode loop: upstream ``T3.inference`` step for step, but stoppable.
+
+Upstream ``T3.inference`` loops over ``max_new_tokens`` with no way to stop it from outside,
+so a cancelled request would run to the end. This loop drives the same upstream submodules
+(``prepare_input_embeds``, the Llama backbone with its KV cache, ``speech_emb``,
+``speech_pos_emb``, ``speech_head``) and the same logits processors in the same order, and
+checks a ``should_stop`` callback before every step. With the same torch RNG state it samples
+exactly the tokens upstream samples (tests/engine/reference/test_reference_engine.py checks this), which makes
+it the parity baseline for the vLLM engine.
+
+Quirks kept on purpose, because the model was trained/served that way upstream:
+- the start-of-speech token is fed twice (once inside ``prepare_input_embeds``, once as the
+  first decode input, both at speech position 0);
+- the repetition penalty sees the start-of-speech id among the generated ids;
+- CFG: ``cond + w * (cond - uncond)`` on logits, the unconditional row having zeroed text
+  embeddings (text positions kept).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE, drop_invalid_tokens
+from chatterbox.models.t3 import T3
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopPLogitsWarper,
+)
+
+
+class DecodeCancelled(Exception):
+    """``should_stop`` said stop; the partial tokens are discarded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    cfg_weight: float = 0.5
+    temperature: float = 0.8
+    top_p: float = 1.0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.2
+
+
+def _cache_kwarg(backbone: torch.nn.Module) -> str:
+    # transformers 5.x renames past_key_values -> cache (the old name warns on every call).
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def generate_speech_tokens(
+    t3: T3,
+    t3_cond: T3Cond,
+    text_ids: torch.Tensor,
+    sampling: Sampling,
+    *,
+    max_new_tokens: int,
+    generator: torch.Generator | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Raw sampled speech ids, shape (1, n), the stop token included when it was sampled.
+
+    ``text_ids``: (1, L) with start/stop text tokens. ``t3_cond`` is consumed (T3 caches the
+    prompt embedding in it): pass a fresh one per call. ``should_stop`` is checked before each
+    step and raises :class:`DecodeCancelled`; ``on_step(i)`` is called after step ``i``.
+    """
+    hp = t3.hp
+    device = t3.device
+    use_cfg = sampling.cfg_weight > 0.0
+    # Upstream always runs a CFG pair; with weight 0 the unconditional row cannot change the
+    # result, so it is skipped (upstream would even fail on the batch-of-one embeddings).
+    text = text_ids.to(device=device, dtype=torch.long)
+    if use_cfg:
+        text = torch.cat([text, text], dim=0)
+    rows = text.size(0)
+    start = torch.full((rows, 1), hp.start_speech_token, dtype=torch.long, device=device)
+    embeds, _ = t3.prepare_input_embeds(
+        t3_cond=t3_cond.to(device=device), text_tokens=text, speech_tokens=start, cfg_weight=sampling.cfg_weight
+    )
+    bos = t3.speech_emb(start[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)
+    inputs = torch.cat([embeds, bos.expand(rows, -1, -1)], dim=1)
+
+    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(sampling.repetition_penalty))
+    min_p = MinPLogitsWarper(min_p=sampling.min_p)
+    top_p = TopPLogitsWarper(top_p=sampling.top_p)
+    cache = DynamicCache(config=t3.cfg)
+    cache_kw = _cache_kwarg(t3.tfmr)
+    generated = start[:1].clone()
+    predicted: list[torch.Tensor] = []
+    max_new_tokens = min(max_new_tokens, hp.max_speech_tokens)  # learned positions end there
+    for step in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            raise DecodeCancelled
+        hidden = t3.tfmr(inputs_embeds=inputs, use_cache=True, **{cache_kw: cache}).last_hidden_state
+        logits = t3.speech_head(hidden[:, -1, :])
+        if use_cfg:
+            cond, uncond = logits[0:1], logits[1:2]
+            logits = cond + sampling.cfg_weight * (cond - uncond)
+        logits = repetition(generated, logits)
+        if sampling.temperature != 1.0:
+            logits = logits / sampling.temperature
+        logits = min_p(generated, logits)
+        logits = top_p(generated, logits)
+        token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+        predicted.append(token)
+        generated = torch.cat([generated, token], dim=1)
+        if on_step is not None:
+            on_step(step)
+        if int(token) == hp.stop_speech_token:
+            break
+        embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
+        inputs = embed.expand(rows, -1, -1)
+    if not predicted:
+        return torch.zeros((1, 0), dtype=torch.long, device=device)
+    return torch.cat(predicted, dim=1)
+
+
+def valid_speech_tokens(raw: torch.Tensor) -> torch.Tensor:
+    """What upstream ``generate`` hands S3Gen: ids before the stop token, special ids dropped."""
+    tokens = drop_invalid_tokens(raw[0] if raw.dim() == 2 else raw)
+    return tokens[tokens < SPEECH_VOCAB_SIZE]

@@ -1,0 +1,302 @@
+"""S3Gen (flow encoder + CFM decoder + HiFT) run on padded batches of token-window rows.
+
+What the vocoder loop (:mod:`gateway.engine.vllm.vocoder`) calls, on its worker thread::
+
+    batch = S3GenBatch(s3gen, device=..., flow_dtype=..., flow_steps=..., tapes=NoiseTapes.generate(...))
+    voice = batch.prepare_voice(ref_dict)            # VoiceRef, once per voice
+    mels = batch.run_flow([FlowRow(voice, tokens, context_start, new_tokens, final), ...])
+    waves = batch.run_hift([HiftRow(mel, start_frame, phase, carry), ...])
+
+Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 only, and its
+``finalize=False`` path fails on a mask length mismatch in
+``CausalMaskedDiffWithXvec.inference``):
+
+* Flow: each row is ``[voice prompt tokens | left context | window | lookahead]``, right
+  padded to a bucketed length (a multiple of ``bucket_tokens``: a bounded set of shapes for
+  compile/graphs). The Conformer encoder runs with key-padding masks; the one place where
+  padding would leak is the pre-lookahead conv (a lone row reads ``F.pad`` zeros past its
+  end, a padded row would read the embedded padding), so padded positions are zeroed before
+  it. The CFM estimator is causal-conv + masked attention, so right padding cannot leak.
+  Rows may use different voices (prompt lengths).
+* Noise: upstream draws fresh ``randn_like`` noise per call (its ``rand_noise`` buffer is
+  set to None), which makes batched != alone and streamed != one-shot. We use fixed noise
+  tapes (:class:`NoiseTapes`): CFM noise indexed by [prompt frame | absolute stream frame],
+  and the HiFT NSF source noise indexed by absolute stream sample, with the harmonic phases
+  carried across windows. Streams are therefore deterministic and position-consistent.
+* HiFT: non-causal convs and an iSTFT cannot be padded without leaking, so rows are grouped
+  by exact mel length (windows of one size share it) and each group runs as a batch. The
+  NSF excitation is computed here from upstream's SineGen parameters so that its noise comes
+  from the tape; then ``HiFTGenerator.decode`` runs unchanged. HiFT always runs in fp32
+  (cumulative phase, ``exp`` magnitudes and the iSTFT are precision sensitive; cuFFT has no
+  bf16); the flow encoder and CFM estimator run in ``flow_dtype`` (bf16/fp16 on CUDA).
+* Per voice (:class:`VoiceRef`, which the vocoder keeps in an LRU keyed by the voice key):
+  prompt token ids, the prompt mel on the device in the flow dtype, and the normalised and
+  projected x-vector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
+
+MEL_BINS = 80
+
+
+def _pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """True at valid positions, (B, max_len)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class StageTimer:
+    """Wall time per named part of S3GenBatch's work (profiling only; off by default).
+
+    With a CUDA device every section synchronises before and after, so each part's time is
+    its own kernels' time, not the launch time; this serialises the GPU, so a timer belongs
+    in a profiling run, never in serving (``S3GenBatch.timer`` is None there).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class NoiseTapes:
+    """Fixed noise, so a stream's audio does not depend on batching or windowing."""
+
+    flow: torch.Tensor
+    """(80, n) initial CFM noise: columns [0, prompt frames) for the prompt, then
+    ``prompt frames + absolute stream frame`` (as a one-shot call slices one long draw)."""
+    hift_phase: torch.Tensor
+    """(harmonics,) initial phase of each NSF harmonic, the fundamental at 0 (as upstream)."""
+    hift: torch.Tensor
+    """(harmonics, n) unit normal NSF noise indexed by absolute stream sample."""
+
+    @classmethod
+    def generate(cls, seed: int, *, flow_frames: int, hift_samples: int, harmonics: int,
+                 device: torch.device | str) -> NoiseTapes:
+        gen = torch.Generator().manual_seed(seed)
+        flow = torch.randn(MEL_BINS, flow_frames, generator=gen)
+        phase = (torch.rand(harmonics, generator=gen) * 2 - 1) * math.pi
+        phase[0] = 0.0
+        hift = torch.randn(harmonics, hift_samples, generator=gen)
+        return cls(flow.to(device), phase.to(device), hift.to(device))
+
+    def flow_noise(self, prompt_frames: int, first_frame: int, frames: int) -> torch.Tensor:
+        """(80, prompt_frames + frames) noise for a row whose generated part starts at
+        absolute stream frame ``first_frame`` (the tape wraps around)."""
+        dev = self.flow.device
+        idx = torch.cat([torch.arange(prompt_frames, device=dev),
+                         prompt_frames + first_frame + torch.arange(frames, device=dev)])
+        return self.flow[:, idx % self.flow.shape[1]]
+
+    def hift_noise(self, starts: Sequence[int], samples: int) -> torch.Tensor:
+        """(rows, harmonics, samples) source noise from each row's absolute start sample."""
+        dev = self.hift.device
+        idx = torch.tensor(list(starts), device=dev)[:, None] + torch.arange(samples, device=dev)[None, :]
+        return self.hift[:, idx % self.hift.shape[1]].permute(1, 0, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceRef:
+    """A voice's S3Gen reference, prepared once for the device and dtype."""
+
+    prompt_tokens: torch.Tensor
+    """(P,) int64 prompt speech token ids, on the CPU (rows are assembled there)."""
+    prompt_feat: torch.Tensor
+    """(80, 2P) prompt mel, on the device, flow dtype (the CFM's condition)."""
+    speaker: torch.Tensor
+    """(80,) normalised x-vector through ``spk_embed_affine_layer``, device, flow dtype."""
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt_tokens.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRow:
+    voice: VoiceRef
+    tokens: Sequence[int]
+    """Stream tokens ``[context_start, input_end)`` of the window."""
+    context_start: int
+    new_tokens: int
+    """Tokens whose mel this row commits: the last ones before the lookahead."""
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HiftRow:
+    mel: torch.Tensor
+    """(80, F) fp32: carried frames of the previous window, then this window's new frames."""
+    start_frame: int
+    """Absolute stream frame of ``mel[:, 0]``."""
+    phase: torch.Tensor | None
+    """(harmonics,) phase in cycles at the first sample; None at the stream start (zeros)."""
+    carry: int
+    """Trailing frames carried into the next window (the phase there is returned); 0: none."""
+
+
+class S3GenBatch:
+    """S3Gen (flow encoder + CFM decoder + HiFT) on padded batches of rows. Blocking; run it
+    on one worker thread. Casts ``s3gen.flow`` to ``flow_dtype`` and HiFT to fp32 in place."""
+
+    def __init__(self, s3gen: torch.nn.Module, *, device: torch.device | str, flow_dtype: torch.dtype,
+                 flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16) -> None:
+        self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
+        self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
+        self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()
+        self.device = torch.device(device)
+        self.dtype = flow_dtype
+        self.flow_steps = flow_steps
+        self.tapes = tapes
+        self.bucket_tokens = bucket_tokens
+        self.timer: StageTimer | None = None
+        """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
+        self.lookahead = int(self.flow.pre_lookahead_len)
+        enc = self.flow.encoder
+        # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
+        if enc.static_chunk_size or enc.use_dynamic_chunk or enc.global_cmvn is not None or not enc.normalize_before:
+            raise ValueError("unsupported flow encoder configuration for batched inference")
+        if self.flow.token_mel_ratio != TOKEN_MEL_RATIO:
+            raise ValueError("S3Gen token/mel ratio differs from the window planner's")
+
+    def _section(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.timer is None else self.timer.section(name)
+
+    def bucket(self, tokens: int) -> int:
+        return -(-tokens // self.bucket_tokens) * self.bucket_tokens
+
+    @torch.inference_mode()
+    def prepare_voice(self, ref_dict: Mapping[str, Any]) -> VoiceRef:
+        tokens = torch.as_tensor(ref_dict["prompt_token"]).reshape(-1).long().cpu()
+        if ref_dict.get("prompt_token_len") is not None:
+            tokens = tokens[: int(torch.as_tensor(ref_dict["prompt_token_len"]).reshape(-1)[0])]
+        feat = torch.as_tensor(ref_dict["prompt_feat"]).reshape(-1, MEL_BINS)
+        # Upstream assumes 2 prompt frames per prompt token (embed_ref trims tokens to match).
+        n = min(int(tokens.shape[0]), feat.shape[0] // TOKEN_MEL_RATIO)
+        xvec = torch.as_tensor(ref_dict["embedding"]).reshape(1, -1).to(self.device, self.dtype)
+        speaker = self.flow.spk_embed_affine_layer(F.normalize(xvec, dim=1))[0]
+        return VoiceRef(
+            prompt_tokens=tokens[:n].clone(),
+            prompt_feat=feat[: TOKEN_MEL_RATIO * n].T.contiguous().to(self.device, self.dtype),
+            speaker=speaker.contiguous(),
+        )
+
+    def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """UpsampleConformerEncoder.forward through its submodules, padding made leak-free."""
+        enc = self.flow.encoder
+        masks = _pad_mask(lengths, x.size(1)).unsqueeze(1)
+        x, pos_emb, masks = enc.embed(x, masks)
+        # A lone row's pre-lookahead conv reads F.pad zeros past its end; make a padded row
+        # read the same zeros instead of its embedded padding.
+        x = x * masks.transpose(1, 2).to(x.dtype)
+        x = enc.pre_lookahead_layer(x)
+        x = enc.forward_layers(x, masks, pos_emb, masks)
+        x, lengths = enc.up_layer(x.transpose(1, 2).contiguous(), lengths)
+        x = x.transpose(1, 2).contiguous()
+        masks = _pad_mask(lengths, x.size(1)).unsqueeze(1)
+        x, pos_emb, masks = enc.up_embed(x, masks)
+        x = enc.forward_up_layers(x, masks, pos_emb, masks)
+        return enc.after_norm(x)
+
+    @torch.inference_mode()
+    def run_flow(self, rows: Sequence[FlowRow], *, pad_to: int = 0) -> list[torch.Tensor]:
+        """Each row's new mel frames, (80, 2 * new_tokens) fp32 on the device."""
+        lengths = [r.voice.prompt_len + len(r.tokens) for r in rows]
+        width = self.bucket(max(max(lengths), pad_to))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = r.voice.prompt_len
+            ids[i, :p] = r.voice.prompt_tokens
+            ids[i, p:lengths[i]] = torch.as_tensor(list(r.tokens), dtype=torch.long)
+        with self._section("flow encoder"):
+            ids = ids.to(self.device, non_blocking=True)
+            lens = torch.tensor(lengths, device=self.device)
+            valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
+            h = self._encode(self.flow.input_embedding(ids) * valid, lens)
+            mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
+        frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
+        mel_width = mu.shape[2]
+        with self._section("CFM inputs"):  # per-row Python loop: shows in the profile if it grows
+            cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
+            noise = torch.zeros_like(cond)
+            for i, r in enumerate(rows):
+                pf = TOKEN_MEL_RATIO * r.voice.prompt_len
+                cond[i, :, :pf] = r.voice.prompt_feat
+                noise[i, :, :frames[i]] = self.tapes.flow_noise(pf, TOKEN_MEL_RATIO * r.context_start,
+                                                                frames[i] - pf)
+            mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
+            spks = torch.stack([r.voice.speaker for r in rows])
+        # noised_mels covering every frame replaces the decoder's own randn draw entirely.
+        with self._section("CFM decoder"):
+            feat, _ = self.flow.decoder(mu=mu, mask=mask, spks=spks, cond=cond,
+                                        n_timesteps=self.flow_steps, noised_mels=noise)
+        return [feat[i, :, frames[i] - TOKEN_MEL_RATIO * r.new_tokens: frames[i]].float()
+                for i, r in enumerate(rows)]
+
+    def _excitation(self, f0: torch.Tensor, starts: Sequence[int],
+                    phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The NSF source (SourceModuleHnNSF with SineGen's parameters) for (B, 1, S) f0 in
+        Hz, its noise from the tape and its phase continued from ``phase`` (B, H) cycles."""
+        src = self.hift.m_source
+        gen = src.l_sin_gen
+        harmonics = torch.arange(1, gen.harmonic_num + 2, device=f0.device, dtype=f0.dtype)
+        cycles = torch.cumsum(f0 * harmonics[None, :, None] / gen.sampling_rate, dim=-1) + phase[:, :, None]
+        theta = 2 * np.pi * (cycles % 1)
+        sine = gen.sine_amp * torch.sin(theta + self.tapes.hift_phase[None, :, None])
+        uv = (f0 > gen.voiced_threshold).to(f0.dtype)
+        noise_amp = uv * gen.noise_std + (1 - uv) * gen.sine_amp / 3
+        waves = sine * uv + noise_amp * self.tapes.hift_noise(starts, f0.shape[-1])
+        merged = src.l_tanh(src.l_linear(waves.transpose(1, 2)))
+        return merged.transpose(1, 2), cycles
+
+    @torch.inference_mode()
+    def run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each row's waveform (F * 480,) fp32 and the phase at its carried frames."""
+        with self._section("HiFT"):
+            return self._run_hift(rows)
+
+    def _run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        out: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(rows)  # type: ignore[list-item]
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.mel.shape[1], []).append(i)
+        harmonics = self.hift.m_source.l_sin_gen.harmonic_num + 1
+        for frames, idx in groups.items():
+            mel = torch.stack([rows[i].mel for i in idx]).float()
+            phase = torch.stack([torch.zeros(harmonics, device=self.device) if rows[i].phase is None
+                                 else rows[i].phase for i in idx])
+            f0 = self.hift.f0_upsamp(self.hift.f0_predictor(mel)[:, None])  # (b, 1, S)
+            starts = [rows[i].start_frame * SAMPLES_PER_FRAME for i in idx]
+            source, cycles = self._excitation(f0, starts, phase)
+            wav = self.hift.decode(x=mel, s=source)
+            for j, i in enumerate(idx):
+                carry = rows[i].carry
+                nxt = None if not carry else cycles[j, :, (frames - carry) * SAMPLES_PER_FRAME - 1] % 1
+                out[i] = (wav[j], nxt)
+        return out

@@ -1,0 +1,64 @@
+"""The HF-style ``config.json`` that vLLM reads for the T3 model directory.
+
+vLLM only needs a config it can parse (``model_type: llama``) naming our architecture; our
+model reads its own shape from the ``t3_*`` fields. ``hidden_size`` is T3's width (1024): it
+is the width of the prompt embeddings vLLM carries. ``vocab_size`` is the speech vocabulary
+(8194) because it must equal the width of the logits. ``mrope_section`` in the rope
+parameters switches vLLM's M-RoPE position path on: our side channel (see ``layout``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_TEXT_VOCAB, SPEECH_VOCAB, START_SPEECH, STOP_SPEECH
+
+ARCHITECTURE = "ChatterboxT3ForCausalLM"
+
+
+def t3_model_config(*, text_vocab_size: int = 704, max_speech_tokens: int = 4096,
+                    max_text_tokens: int = 2048, dtype: str = "bfloat16") -> dict[str, Any]:
+    """The config dict for upstream T3 (``T3Config.english_only()`` + ``Llama_520M``)."""
+    if not 0 < text_vocab_size <= MAX_TEXT_VOCAB:
+        raise ValueError(f"text vocabulary {text_vocab_size} does not fit the id side channel")
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "vocab_size": SPEECH_VOCAB,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "mrope_section": [32],
+        },
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+        "bos_token_id": START_SPEECH,
+        "eos_token_id": STOP_SPEECH,
+        "t3_text_vocab_size": text_vocab_size,
+        "t3_speech_positions": max_speech_tokens + 4,
+        "t3_text_positions": max_text_tokens + 2,
+    }
+
+
+def write_model_dir(directory: Path, **kwargs: Any) -> Path:
+    """Write ``config.json`` into ``directory`` (created) and return the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(t3_model_config(**kwargs), indent=2))
+    return directory

@@ -1,0 +1,141 @@
+"""API keys: ``Authorization: Bearer <key>`` on every /v1 route when keys are configured.
+
+Keys come from ``settings.all_api_keys()`` (the ``api_keys`` setting plus ``api_keys_file``),
+read once when the app is built. A presented key is compared with every configured key in
+constant time (``hmac.compare_digest``, no early exit), so response timing says nothing about
+how close a guess was or which key matched. Keys are never logged: only the fact that a
+request was refused.
+
+With no keys configured every request is accepted, with or without a bearer (the OpenAI SDK
+always sends one, so "any bearer" must work), and start-up logs a warning saying so.
+``/health`` and ``/ready`` are always open; ``/metrics`` needs a key only when
+``settings.metrics_require_auth`` is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+import msgspec
+import structlog
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from gateway.errors import AuthenticationError
+from gateway.settings import Settings, SettingsError
+
+API_PREFIX = "/v1"
+METRICS_PATH = "/metrics"
+
+_BEARER = b"bearer "
+
+
+class KeyChecker:
+    """Holds the accepted keys (as bytes) and answers "is this presented key one of them"."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys: tuple[bytes, ...] = tuple(sorted(k.encode("utf-8") for k in keys if k))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def count(self) -> int:
+        return len(self._keys)
+
+    def accepts(self, presented: bytes) -> bool:
+        # compare against every key, whatever matched earlier: the time taken depends only on
+        # the number and length of configured keys, never on which one (if any) matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        return matched
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of the first ``Authorization: Bearer`` header, raw bytes, or None."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            if value[: len(_BEARER)].lower() == _BEARER:
+                return value[len(_BEARER):].strip()
+            return None
+    return None
+
+
+def needs_key(path: str, *, metrics_require_auth: bool) -> bool:
+    if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+        return True
+    return metrics_require_auth and path == METRICS_PATH
+
+
+class APIKeyMiddleware(ASGIMiddleware):
+    """Refuses protected routes without a configured key, before any handler work."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, checker: KeyChecker, *, metrics_require_auth: bool) -> None:
+        self.checker = checker
+        self.metrics_require_auth = metrics_require_auth
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        # CORS preflights never carry credentials; they reveal nothing and must pass.
+        if (
+            self.checker.enabled
+            and scope.get("method") != "OPTIONS"
+            and any(
+                # the route Litestar matched as well as the raw path: however a path is
+                # spelled, a request that reaches a /v1 handler is checked
+                needs_key(path, metrics_require_auth=self.metrics_require_auth)
+                for path in (scope["path"], scope.get("path_template") or "")
+            )
+        ):
+            token = bearer_token(scope["headers"])
+            if token is None:
+                await _refuse(send, AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'."))
+                return
+            if not self.checker.accepts(token):
+                await _refuse(send, AuthenticationError("Incorrect API key provided."))
+                return
+        await next_app(scope, receive, send)
+
+
+async def _refuse(send: Send, exc: AuthenticationError) -> None:
+    """Answer 401 here rather than raise: the request's own middleware (request id, access
+    log line, metrics) then sees an ordinary response instead of an exception."""
+    body = msgspec.json.encode(exc.envelope())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def auth_middleware(settings: Settings) -> APIKeyMiddleware:
+    """The middleware for ``create_app``: reads the key file once, here."""
+    try:
+        keys = settings.all_api_keys()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"api_keys_file: cannot read {settings.api_keys_file!r}: {exc}") from None
+    return APIKeyMiddleware(KeyChecker(keys), metrics_require_auth=settings.metrics_require_auth)
+
+
+def log_auth_mode(middleware: APIKeyMiddleware, logger: structlog.typing.FilteringBoundLogger | None = None) -> None:
+    """Say at start-up whether keys are enforced (never which keys)."""
+    log = logger or structlog.get_logger("gateway.http.auth")
+    if middleware.checker.enabled:
+        log.info("api_keys_enforced", key_count=middleware.checker.count)
+    else:
+        log.warning(
+            "api_keys_disabled",
+            detail="no API keys configured: any request is accepted; set CHATTERBOX_API_KEYS or --api-keys-file",
+        )

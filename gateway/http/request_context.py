@@ -1,0 +1,106 @@
+"""Per-request context: the request id (echoed as ``x-request-id``) and one log line per request.
+
+The id is the client's ``x-request-id`` when it sent a sane one, else a fresh one. It is bound
+into structlog's context variables for everything logged while the request runs, handed to
+the engine as the job id, and put on every response, errors and unknown routes included
+(the header is added in a ``before_send`` hook, which sees every response).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from litestar.datastructures import MutableScopeHeaders
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.request_record import close_record, finish_request, open_record
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_of(scope: Scope | dict[str, Any]) -> str:
+    """The request's id, decided once per request and kept in the scope state."""
+    state = scope.setdefault("state", {})
+    request_id = state.get("request_id")
+    if request_id is None:
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        state["request_id"] = request_id
+    return str(request_id)
+
+
+def _client_request_id(scope: Scope | dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER.encode():
+            candidate = value.decode("latin-1").strip()
+            return candidate if _SANE_ID.fullmatch(candidate) else None
+    return None
+
+
+async def add_request_id_header(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: every HTTP response carries the request id."""
+    if message["type"] == "http.response.start" and scope["type"] == "http":
+        headers = MutableScopeHeaders.from_message(message)
+        headers[REQUEST_ID_HEADER] = request_id_of(scope)
+
+
+def request_context_middleware(app: ASGIApp) -> ASGIApp:
+    """Bind the request id for logging and write one canonical line when the response ends
+    (the line and the request metrics come from ``gateway.observability.request_record``)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        seen: dict[str, Any] = {"status": None, "first_byte": None, "completed": False, "disconnected": False}
+        started = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                if seen["first_byte"] is None and message.get("body"):
+                    seen["first_byte"] = time.perf_counter()
+                if not message.get("more_body", False):
+                    seen["completed"] = True
+            await send(message)
+
+        async def receive_and_watch() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not seen["completed"]:
+                seen["disconnected"] = True
+            return message
+
+        record, token = open_record(route=scope["path"])
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await app(scope, receive_and_watch, send_and_record)
+            finally:
+                close_record(token)
+                first_byte = seen["first_byte"]
+                finish_request(
+                    record,
+                    request_id=request_id,
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=seen["status"],
+                    total_s=time.perf_counter() - started,
+                    ttfb_s=None if first_byte is None else first_byte - started,
+                    completed=seen["completed"],
+                    disconnected=seen["disconnected"],
+                    metrics=_metrics_of(scope),
+                )
+
+    return middleware
+
+
+def _metrics_of(scope: Scope) -> GatewayMetrics | None:
+    app = scope.get("litestar_app")
+    services = app.state.get("services") if app is not None else None
+    return getattr(services, "metrics", None)

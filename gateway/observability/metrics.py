@@ -1,0 +1,153 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process).
+
+What an operator needs to see the server's health under load: requests by outcome, work in
+flight and queued (read live from the admission controller), time to first byte and
+real-time factor (synthesis seconds per audio second) histograms, audio produced, encoder
+failures, engine batch sizes, and the process's own memory/CPU (``process_*``, which the
+load test also reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+NAMESPACE = "chatterbox"
+
+# Seconds: a first byte under ~100 ms is great, over 10 s is a problem worth seeing.
+TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Real-time factor: < 1 means faster than real time.
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _LiveGauges(Collector):
+    """Gauges whose values are read at scrape time from callables (admission, engine)."""
+
+    def __init__(self, sources: Callable[[], Mapping[str, tuple[str, float]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, (doc, value) in self._sources().items():
+            yield GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+class _VocoderStats(Collector):
+    """The batching vocoder's own counters (``engine.vocoder.stats``, see
+    ``gateway.engine.vllm.vocoder.VocoderStats``), read at scrape time; absent for engines
+    without a batching vocoder (the fake one)."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def describe(self) -> Iterable[Any]:
+        return []  # the families depend on the engine loaded later
+
+    def collect(self) -> Iterable[Any]:
+        stats = getattr(getattr(self._engine(), "vocoder", None), "stats", None)
+        if stats is None:
+            return
+        sizes = dict(stats.rows_per_batch)
+        buckets = []
+        for bound in BATCH_BUCKETS:
+            buckets.append((str(float(bound)), float(sum(n for size, n in sizes.items() if size <= bound))))
+        buckets.append(("+Inf", float(sum(sizes.values()))))
+        yield HistogramMetricFamily(
+            f"{NAMESPACE}_engine_batch_size",
+            "Token windows per batched vocoder (S3Gen) call.",
+            buckets=buckets,
+            sum_value=float(sum(size * n for size, n in sizes.items())),
+        )
+        counters = {
+            "vocoder_batches": ("Batched vocoder calls.", stats.batches),
+            "vocoder_windows": ("Token windows vocoded.", stats.rows),
+            "vocoder_windows_dropped": ("Windows dropped because their stream was cancelled.", stats.windows_dropped),
+            "vocoder_busy_seconds": ("Seconds the vocoder worker spent computing.", stats.busy_s),
+            "vocoder_audio_seconds": ("Seconds of audio the vocoder produced.", stats.audio_s),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))
+
+
+class GatewayMetrics:
+    """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
+
+    def __init__(
+        self,
+        live: Callable[[], Mapping[str, tuple[str, float]]] | None = None,
+        engine: Callable[[], Any] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        if live is not None:
+            self.registry.register(_LiveGauges(live))
+        if engine is not None:
+            self.registry.register(_VocoderStats(engine))
+        r = self.registry
+        self.requests = Counter(
+            f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r
+        )
+        self.ttfb = Histogram(
+            f"{NAMESPACE}_time_to_first_byte_seconds",
+            "Speech requests: seconds from request start to the first audio byte sent.",
+            ["stream_format"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{NAMESPACE}_request_duration_seconds",
+            "Speech requests: seconds from request start to the last byte.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.rtf = Histogram(
+            f"{NAMESPACE}_real_time_factor",
+            "Speech requests: wall seconds per second of audio produced (< 1: faster than real time).",
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+        self.audio_seconds = Counter(f"{NAMESPACE}_audio_seconds", "Seconds of audio produced.", registry=r)
+        self.input_chars = Counter(f"{NAMESPACE}_input_characters", "Characters of input text accepted.", registry=r)
+        self.encoder_failures = Counter(
+            f"{NAMESPACE}_encoder_failures", "FFmpeg encoder failures by output format.", ["format"], registry=r
+        )
+
+    def observe_speech(
+        self,
+        *,
+        stream_format: str,
+        ttfb_s: float | None,
+        total_s: float,
+        audio_s: float,
+        input_chars: int,
+    ) -> None:
+        """One finished speech request that produced a response (any outcome)."""
+        if ttfb_s is not None:
+            self.ttfb.labels(stream_format=stream_format).observe(ttfb_s)
+        self.duration.observe(total_s)
+        self.input_chars.inc(input_chars)
+        if audio_s > 0:
+            self.audio_seconds.inc(audio_s)
+            self.rtf.observe(total_s / audio_s)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def service_gauges(services: Any) -> dict[str, tuple[str, float]]:
+    """Live values of an app's services (``gateway.server.services.AppServices``) for the scrape."""
+    admission = services.admission
+    values: dict[str, tuple[str, float]] = {
+        "in_flight_requests": ("Speech requests admitted and not yet finished.", float(admission.in_flight)),
+        "queued_requests": ("Speech requests waiting for an admission slot.", float(admission.queued)),
+        "max_in_flight_requests": ("Configured admission limit (max_in_flight).", float(admission.max_in_flight)),
+        "engine_ready": ("1 while the engine is loaded and healthy, else 0.", 1.0 if services.engine_state == "ready" else 0.0),
+    }
+    return values

@@ -1,0 +1,191 @@
+"""Voice conditionals, computed once per (clip content, model) and kept in memory and on disk.
+
+Key: the SHA-256 of the clip's bytes and the engine's ``model_id``. The file hash itself is
+remembered per (path, mtime_ns, size), so a request for a known, unchanged clip costs one
+``stat``. Lookup order: memory LRU -> ``<cache_dir>/<model>/<sha>.pt`` -> compute (in a
+worker thread). Concurrent requests for the same uncomputed voice share one computation
+(single flight); a requester that goes away does not cancel it for the others.
+
+The model's own voice (source "checkpoint") comes from ``engine.builtin_conditionals()``
+under the key ``checkpoint:<model_id>``; an engine without one makes that voice unknown
+(VoiceNotFoundError), never silently another voice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.engine.base import Engine, Voice
+from gateway.errors import EngineError, GatewayError, VoiceNotFoundError
+from gateway.voices.library import VoiceInfo
+
+_HASH_BLOCK = 1 << 20
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_dir_name(model_id: str) -> str:
+    """A folder name for a model id: readable, filesystem-safe, and distinct per id."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("._")[:80] or "model"
+    return f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+
+
+class VoiceCache:
+    def __init__(self, engine: Engine, cache_dir: Path, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.engine = engine
+        self.capacity = capacity
+        self.dir = Path(cache_dir) / model_dir_name(engine.model_id)
+        self._memory: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._hashes: dict[Path, tuple[int, int, str]] = {}
+        self._log = structlog.get_logger("gateway.voices.cache")
+        self.computed = 0
+        """Conditionals computed from clips (not loaded from disk) by this cache."""
+        self.disk_hits = 0
+
+    async def get(self, info: VoiceInfo) -> Voice:
+        """The voice's conditionals, computing them only if no cache has them."""
+        if info.clip is None:
+            key = f"checkpoint:{self.engine.model_id}"
+            stat = None
+        else:
+            stat = _stat(info)
+            key = f"{self.engine.model_id}:{await self._sha(info, stat)}"
+        conditionals = self._memory.get(key)
+        if conditionals is not None:
+            self._memory.move_to_end(key)
+            return Voice(name=info.name, key=key, conditionals=conditionals)
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._produce(info, key, stat))
+            self._inflight[key] = future
+            future.add_done_callback(lambda f, k=key: self._settled(k, f))
+        # shield: a cancelled requester (client hung up) must not cancel the shared work.
+        conditionals = await asyncio.shield(future)
+        return Voice(name=info.name, key=key, conditionals=conditionals)
+
+    def _settled(self, key: str, future: asyncio.Future[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter may have gone; a later get() retries
+
+    # ---- producing ---------------------------------------------------------------------
+
+    async def _produce(self, info: VoiceInfo, key: str, stat: os.stat_result | None) -> Any:
+        if info.clip is None:
+            conditionals = await asyncio.to_thread(self.engine.builtin_conditionals)
+            if conditionals is None:
+                raise VoiceNotFoundError(
+                    f"Voice '{info.name}' is the checkpoint's own voice, and the loaded model "
+                    f"({self.engine.model_id}) has none.",
+                    param="voice",
+                )
+            self._remember(key, conditionals)
+            return conditionals
+
+        path = self.dir / f"{key.rsplit(':', 1)[1]}.pt"
+        conditionals = await asyncio.to_thread(self._load, path)
+        if conditionals is not None:
+            self.disk_hits += 1
+        else:
+            try:
+                conditionals = await asyncio.to_thread(self.engine.compute_conditionals, info.clip)
+            except FileNotFoundError:
+                raise _gone(info) from None
+            except GatewayError:
+                raise  # e.g. a dropped-in clip that is not usable audio: a 400 naming the voice
+            except Exception as exc:
+                raise EngineError(
+                    f"Could not compute conditionals for voice '{info.name}': {type(exc).__name__}: {exc}"
+                ) from exc
+            self.computed += 1
+            if not _unchanged(info.clip, stat):
+                # The clip changed while we worked: these conditionals belong to neither
+                # version's hash. Serve this request, cache nothing.
+                return conditionals
+            await asyncio.to_thread(self._save, conditionals, path)
+        self._remember(key, conditionals)
+        return conditionals
+
+    def _remember(self, key: str, conditionals: Any) -> None:
+        self._memory[key] = conditionals
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+
+    def _load(self, path: Path) -> Any | None:
+        if not path.is_file():
+            return None
+        try:
+            return self.engine.load_conditionals(path)
+        except Exception as exc:  # a torn or foreign file: recompute and overwrite it
+            self._log.warning("voice_cache_unreadable", path=str(path), error=f"{type(exc).__name__}: {exc}")
+            path.unlink(missing_ok=True)
+            return None
+
+    def _save(self, conditionals: Any, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine.save_conditionals(conditionals, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A full or read-only disk costs a recomputation after restart, nothing more.
+            self._log.warning("voice_cache_write_failed", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ---- hashing -----------------------------------------------------------------------
+
+    async def _sha(self, info: VoiceInfo, stat: os.stat_result) -> str:
+        clip = info.clip
+        assert clip is not None
+        known = self._hashes.get(clip)
+        if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size):
+            return known[2]
+        try:
+            sha = await asyncio.to_thread(_hash_file, clip)
+        except FileNotFoundError:
+            raise _gone(info) from None
+        if _unchanged(clip, stat):  # only remember a hash we know matches that (mtime, size)
+            self._hashes[clip] = (stat.st_mtime_ns, stat.st_size, sha)
+        return sha
+
+
+def _stat(info: VoiceInfo) -> os.stat_result:
+    assert info.clip is not None
+    try:
+        return info.clip.stat()
+    except FileNotFoundError:
+        raise _gone(info) from None
+
+
+def _gone(info: VoiceInfo) -> VoiceNotFoundError:
+    return VoiceNotFoundError(f"Voice '{info.name}' no longer exists (its clip was removed).", param="voice")
+
+
+def _unchanged(clip: Path, stat: os.stat_result | None) -> bool:
+    try:
+        now = clip.stat()
+    except OSError:
+        return False
+    return stat is not None and (now.st_mtime_ns, now.st_size) == (stat.st_mtime_ns, stat.st_size)

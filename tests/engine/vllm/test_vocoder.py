@@ -1,0 +1,340 @@
+"""The batched streaming vocoder: window planning and seams (pure), then the real S3Gen with
+random weights at tiny sizes: parity checks, the loop's batching, priority, cancel and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.engine.vllm.vocoder import Vocoder
+from gateway.engine.vllm.vocoder_windows import (
+    SAMPLES_PER_FRAME,
+    SeamState,
+    WindowPolicy,
+    crossfade_weights,
+    next_window,
+)
+from gateway.errors import EngineError, EngineUnavailableError
+from gateway.settings import load_settings
+from gateway.tools import parity_vocoder
+from gateway.tools.parity_vocoder import Sizes
+
+# --- windows (pure) -----------------------------------------------------------------------
+
+
+def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False):
+    """Feed ``total`` tokens ``arrival`` at a time, committing each window as soon as planned."""
+    windows, available, committed = [], 0, 0
+    while True:
+        finished = available >= total
+        w = next_window(policy, available=available, committed=committed, finished=finished,
+                        index=len(windows), one_shot=one_shot)
+        if w is not None:
+            assert w.input_end <= available, "a window must only read tokens that arrived"
+            windows.append(w)
+            committed = w.end
+            continue
+        if finished:
+            return windows
+        available = min(total, available + arrival)
+
+
+@pytest.mark.parametrize("total", [1, 5, 20, 23, 24, 73, 200])
+@pytest.mark.parametrize("arrival", [1, 7, 1000])
+@pytest.mark.parametrize("policy", [WindowPolicy(), WindowPolicy(first_tokens=6, tokens=8, left_context=4),
+                                    WindowPolicy(first_tokens=40, tokens=10, final_merge_tokens=1),
+                                    WindowPolicy(first_tokens=6, tokens=8, left_context=4, max_tokens=30)])
+def test_windows_tile_the_stream_exactly(policy: WindowPolicy, total: int, arrival: int) -> None:
+    windows = _plan(policy, total, arrival)
+    assert windows[0].start == 0 and windows[-1].end == total
+    assert [w.final for w in windows] == [False] * (len(windows) - 1) + [True]
+    for prev, w in zip(windows, windows[1:]):
+        assert w.start == prev.end
+    for w in windows:
+        assert w.context_start == max(0, w.start - policy.left_context)
+        if not w.final:
+            if w.index == 0:
+                assert w.new_tokens == policy.first_tokens
+            else:  # the planned size, or more when tokens were waiting, in steps of `tokens`
+                assert policy.size(w.index) <= w.new_tokens <= policy.cap
+                assert w.new_tokens % policy.tokens == 0 or w.new_tokens == policy.size(w.index)
+            assert w.input_end == w.end + policy.lookahead
+        else:
+            assert w.input_end == w.end
+        assert w.mel_frames_out == 2 * (w.end - w.context_start)
+        assert w.new_mel_frames == 2 * w.new_tokens
+
+
+def test_first_window_is_small_and_waits_for_lookahead() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50)
+    assert next_window(policy, available=22, committed=0, finished=False, index=0) is None
+    w = next_window(policy, available=23, committed=0, finished=False, index=0)
+    assert (w.start, w.end, w.input_end, w.final) == (0, 20, 23, False)
+    assert next_window(policy, available=72, committed=20, finished=False, index=1) is None
+    w = next_window(policy, available=73, committed=20, finished=False, index=1)
+    assert (w.context_start, w.start, w.end) == (0, 20, 70)
+
+
+def test_finished_utterance_still_gets_a_small_first_window() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50)
+    w = next_window(policy, available=90, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (20, False)
+    w = next_window(policy, available=40, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (40, True)
+    w = next_window(policy, available=120, committed=20, finished=True, index=1)
+    assert (w.end, w.final) == (120, True)
+
+
+def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)
+    assert [policy.size(i) for i in range(6)] == [20, 50, 100, 200, 200, 200]
+    # Tokens trickling in: each window waits for its planned size plus the lookahead.
+    assert next_window(policy, available=122, committed=20, finished=False, index=2) is None
+    w = next_window(policy, available=73, committed=20, finished=False, index=1)
+    assert (w.start, w.end, w.input_end) == (20, 70, 73)
+    w = next_window(policy, available=173, committed=70, finished=False, index=2)
+    assert (w.start, w.end) == (70, 170)
+    # T3 ran ahead: the second window takes the waiting tokens (multiples of 50, capped).
+    w = next_window(policy, available=180, committed=20, finished=False, index=1)
+    assert (w.end, w.final) == (170, False)
+    w = next_window(policy, available=400, committed=20, finished=False, index=1)
+    assert (w.end, w.input_end) == (220, 223)
+    # The first window stays small whatever waits (time to first audio).
+    w = next_window(policy, available=400, committed=0, finished=False, index=0)
+    assert w.end == 20
+    # Without max_tokens nothing grows.
+    assert WindowPolicy(tokens=50).size(5, backlog=500) == 50
+
+
+def test_one_shot_waits_for_finish_then_takes_everything() -> None:
+    policy = WindowPolicy()
+    assert next_window(policy, available=500, committed=0, finished=False, index=0, one_shot=True) is None
+    w = next_window(policy, available=500, committed=0, finished=True, index=0, one_shot=True)
+    assert (w.start, w.end, w.final) == (0, 500, True)
+    assert next_window(policy, available=500, committed=500, finished=True, index=1) is None
+
+
+def test_policy_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        WindowPolicy(first_tokens=0)
+    with pytest.raises(ValueError):
+        WindowPolicy(left_context=-1)
+    with pytest.raises(ValueError):
+        WindowPolicy(first_tokens=2, mel_overlap=8)
+    with pytest.raises(ValueError):
+        WindowPolicy(lookahead=0)
+
+
+def test_crossfade_weights_sum_to_one() -> None:
+    fade_in, fade_out = crossfade_weights(3840)
+    np.testing.assert_allclose(fade_in + fade_out, 1.0, atol=1e-6)
+    assert fade_in[0] < 0.01 and fade_in[-1] > 0.99 and np.all(np.diff(fade_in) > 0)
+
+
+def test_seams_emit_every_sample_once_and_keep_a_constant_constant() -> None:
+    seam = SeamState()
+    out = []
+    windows = [(20, False), (50, False), (50, False), (7, True)]  # new frames per window
+    for frames, final in windows:
+        carry = seam.carry_for(frames, mel_overlap=8, final=final)
+        hift_frames = seam.carried_frames + frames
+        assert seam.hift_start_frame() == seam.frames_committed - seam.carried_frames
+        out.append(seam.join(np.ones(hift_frames * SAMPLES_PER_FRAME, np.float32), hift_frames=hift_frames,
+                             carry=carry))
+    audio = np.concatenate(out)
+    assert audio.shape[0] == sum(f for f, _ in windows) * SAMPLES_PER_FRAME == seam.samples_emitted
+    np.testing.assert_allclose(audio, 1.0, atol=1e-6)
+    with pytest.raises(ValueError):
+        SeamState().join(np.ones(100, np.float32), hift_frames=1, carry=0)
+
+
+# --- the real S3Gen (random weights, tiny sizes) ------------------------------------------
+
+SIZES = Sizes(prompt_tokens=12, utterances=(27, 15), flow_steps=1, first_window=6, window=8, left_context=4)
+POLICY = WindowPolicy(first_tokens=6, tokens=8, left_context=4, final_merge_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def s3gen():
+    from chatterbox.models.s3gen import S3Gen
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield S3Gen().eval()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ref(s3gen):
+    s3gen.float()  # embed_ref runs in the flow's dtype; a bf16 test may have cast it
+    return parity_vocoder.reference_dict(s3gen, SIZES.prompt_tokens, 120.0, 0)
+
+
+def _vocoder(s3gen, **settings) -> Vocoder:
+    base = {"flow_steps": 1, "max_speech_tokens": 64}
+    base.update(settings)
+    return Vocoder(s3gen, load_settings({}, base), policy=POLICY)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.slow
+def test_parity_checks_pass_on_cpu(s3gen) -> None:
+    results = parity_vocoder.run("cpu", torch.float32, SIZES, s3gen=s3gen)
+    names = {r.name for r in results}
+    assert len(names) == 6 and all(r.passed for r in results), results
+    streamed = next(r for r in results if "streamed" in r.name)
+    assert math.isfinite(streamed.value), "the streamed check must really window the streams"
+
+
+@pytest.mark.slow
+def test_parity_checks_run_in_bf16(s3gen) -> None:
+    """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
+    results = parity_vocoder.run("cpu", torch.bfloat16, SIZES, s3gen=s3gen)
+    assert len(results) == 5 and all(r.passed for r in results), results
+    assert s3gen.flow.encoder_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in s3gen.mel2wav.parameters())
+
+
+@pytest.mark.slow
+async def test_loop_batches_concurrent_streams_as_tokens_arrive(s3gen, ref) -> None:
+    batches = []
+    voc = _vocoder(s3gen)
+    voc.on_batch = lambda rows, tokens, seconds: batches.append(rows)
+    await voc.start()
+    try:
+        lengths = (22, 17, 9)
+        streams = [voc.open_stream("A", ref) for _ in lengths]
+
+        async def produce(stream, tokens):
+            for i in range(0, len(tokens), 5):  # T3 yields small deltas
+                stream.push(tokens[i:i + 5])
+                await asyncio.sleep(0)
+            stream.push([6561, 6562])  # start/stop ids never reach S3Gen
+            stream.finish()
+
+        async def consume(stream):
+            return [a async for a in stream.audio()]
+
+        tokens = [_tokens(n, i) for i, n in enumerate(lengths)]
+        chunks = (await asyncio.gather(*[produce(s, t) for s, t in zip(streams, tokens)],
+                                       *[consume(s) for s in streams]))[len(lengths):]
+    finally:
+        await voc.close()
+    for n, parts in zip(lengths, chunks):
+        assert all(p.dtype == np.float32 for p in parts)
+        assert sum(p.shape[0] for p in parts) == n * 2 * SAMPLES_PER_FRAME
+        assert np.isfinite(np.concatenate(parts)).all()
+    st = voc.stats
+    assert st.rows == sum(st.rows_per_batch[k] * k for k in st.rows_per_batch) == sum(batches)
+    assert st.batches == len(batches) < st.rows, "windows of different streams must share batches"
+    assert st.first_window_rows == len(lengths) and max(batches) > 1
+    assert math.isclose(st.audio_s, sum(lengths) / 25)
+
+
+@pytest.mark.slow
+async def test_first_windows_are_served_before_later_windows(s3gen, ref) -> None:
+    voc = _vocoder(s3gen, vocoder_max_batch=1)
+    await voc.start()
+    order = []
+    try:
+        a = voc.open_stream("A", ref)
+        b = voc.open_stream("A", ref)
+        a.push(_tokens(40, 1))  # enough for several windows
+        b.push(_tokens(9, 2))   # one first window
+
+        async def consume(name, stream):
+            async for _ in stream.audio():
+                order.append(name)
+
+        ta = asyncio.create_task(consume("a", a))
+        tb = asyncio.create_task(consume("b", b))
+        while len(order) < 3:
+            await asyncio.sleep(0.01)
+        a.cancel()
+        b.cancel()
+        await asyncio.gather(ta, tb)
+    finally:
+        await voc.close()
+    assert order[:3] == ["a", "b", "a"], order
+
+
+@pytest.mark.slow
+async def test_cancel_drops_the_stream_and_others_continue(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        doomed = voc.open_stream("A", ref)
+        doomed.push(_tokens(60, 3))
+        survivor = voc.open_stream("A", ref)
+        survivor.push(_tokens(12, 4))
+        survivor.finish()
+        audio = doomed.audio()
+        first = await audio.__anext__()
+        assert first.size > 0
+        await audio.aclose()  # what the HTTP layer does on disconnect
+        rows_before = voc.stats.rows
+        rest = [a async for a in survivor.audio()]
+        assert sum(a.shape[0] for a in rest) == 12 * 2 * SAMPLES_PER_FRAME
+        await asyncio.sleep(0.05)
+        assert doomed not in voc._streams and doomed.tokens_vocoded < 60
+        assert voc.stats.rows - rows_before <= 2, "the cancelled stream must not be vocoded further"
+        doomed.push([1, 2, 3])  # late T3 deltas after a cancel are ignored
+        assert doomed.tokens_vocoded < 60 and doomed not in voc._streams
+        with pytest.raises(RuntimeError):
+            survivor.push([1, 2, 3])
+    finally:
+        await voc.close()
+
+
+@pytest.mark.slow
+async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        broken = voc.open_stream("broken", {"prompt_token": ref["prompt_token"]})  # no prompt_feat
+        healthy = voc.open_stream("A", ref)
+        for stream in (broken, healthy):
+            stream.push(_tokens(8, 5))  # one final window each, planned into one batch
+            stream.finish()
+        with pytest.raises(EngineError):
+            async for _ in broken.audio():
+                pass
+        assert sum(a.shape[0] for a in [a async for a in healthy.audio()]) == 8 * 2 * SAMPLES_PER_FRAME
+        assert voc.stats.rows_per_batch == {1: 1}, "the broken row fails alone, its batch-mate runs"
+        waiting = voc.open_stream("A", ref)
+        waiting.push(_tokens(3, 6))  # too few tokens for a window: nothing in flight
+        empty = voc.open_stream("A", ref)
+        empty.finish()
+        assert [a async for a in empty.audio()] == []
+    finally:
+        await voc.close()
+    with pytest.raises(EngineUnavailableError):
+        async for _ in waiting.audio():
+            pass
+    with pytest.raises(EngineUnavailableError):
+        voc.open_stream("A", ref)
+
+
+async def test_stage_timer_times_each_part_and_changes_nothing(s3gen, ref) -> None:
+    from gateway.engine.vllm.s3gen_batch import StageTimer
+
+    vocoder = _vocoder(s3gen)
+    assert vocoder.batch.timer is None  # serving never synchronises for timing
+    await vocoder.start()
+    try:
+        plain = await vocoder.vocode("a", ref, _tokens(14, 3))
+        timer = vocoder.batch.timer = StageTimer("cpu")
+        timed = await vocoder.vocode("a", ref, _tokens(14, 3))
+    finally:
+        await vocoder.close()
+    np.testing.assert_array_equal(plain, timed)
+    assert set(timer.seconds) == {"flow encoder", "CFM inputs", "CFM decoder", "HiFT", "host copy"}
+    assert all(s > 0 for s in timer.seconds.values())

@@ -1,0 +1,96 @@
+"""Prometheus /metrics: a registry per app, counters that move with requests, histograms for
+time to first byte and real-time factor, live in-flight/queue gauges, vocoder batch sizes."""
+
+from __future__ import annotations
+
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.engine.fake import FakeEngine
+from gateway.engine.vllm.vocoder import VocoderStats
+from gateway.settings import Settings
+from ops_support import in_process
+
+SPEECH = {"model": "tts-1", "voice": "alloy", "input": "Counting this one.", "response_format": "wav"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(scraped: dict, name: str, **labels: str) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_and_histograms_move(settings: Settings) -> None:
+    async with in_process(settings, FakeEngine()) as gw:
+        before = samples((await gw.http.get("/metrics")).text)
+        assert value(before, "chatterbox_requests_total", route="/v1/audio/speech", outcome="ok") == 0
+        for _ in range(2):
+            assert (await gw.http.post("/v1/audio/speech", json=SPEECH)).status_code == 200
+        sse = await gw.http.post("/v1/audio/speech", json={**SPEECH, "stream_format": "sse"})
+        assert sse.status_code == 200
+        assert (await gw.http.post("/v1/audio/speech", json={**SPEECH, "voice": "nobody"})).status_code == 400
+        response = await gw.http.get("/metrics")
+        assert response.headers["content-type"].startswith("text/plain")
+        after = samples(response.text)
+
+    speech = "/v1/audio/speech"
+    assert value(after, "chatterbox_requests_total", route=speech, outcome="ok") == 3
+    assert value(after, "chatterbox_requests_total", route=speech, outcome="client_error") == 1
+    assert value(after, "chatterbox_time_to_first_byte_seconds_count", stream_format="audio") == 2
+    assert value(after, "chatterbox_time_to_first_byte_seconds_count", stream_format="sse") == 1
+    assert value(after, "chatterbox_real_time_factor_count") == 3
+    assert value(after, "chatterbox_request_duration_seconds_count") == 3
+    # the fake speaks 0.5 token per character, 25 tokens per second
+    expected_audio = 3 * round(len(SPEECH["input"]) * 0.5) / 25
+    assert abs(value(after, "chatterbox_audio_seconds_total") - expected_audio) < 1e-6
+    assert value(after, "chatterbox_input_characters_total") == 4 * len(SPEECH["input"]) - len(SPEECH["input"])
+    assert value(after, "chatterbox_in_flight_requests") == 0
+    assert value(after, "chatterbox_queued_requests") == 0
+    assert value(after, "chatterbox_max_in_flight_requests") == settings.max_in_flight
+    assert value(after, "chatterbox_engine_ready") == 1
+    assert value(after, "process_resident_memory_bytes") > 0
+    # the scrape before counted itself only once the response was done
+    assert value(after, "chatterbox_requests_total", route="/metrics", outcome="ok") == 1
+
+
+async def test_each_app_has_its_own_registry(settings: Settings) -> None:
+    async with in_process(settings, FakeEngine()) as first:
+        await first.http.post("/v1/audio/speech", json=SPEECH)
+        async with in_process(settings, FakeEngine()) as second:
+            scraped = samples((await second.http.get("/metrics")).text)
+            assert value(scraped, "chatterbox_requests_total", route="/v1/audio/speech", outcome="ok") == 0
+
+
+async def test_metrics_can_be_turned_off(settings: Settings, api_error) -> None:
+    async with in_process(msgspec.structs.replace(settings, metrics_enabled=False), FakeEngine()) as gw:
+        api_error(await gw.http.get("/metrics"), 404)
+        assert (await gw.http.post("/v1/audio/speech", json=SPEECH)).status_code == 200
+
+
+class _BatchingEngine(FakeEngine):
+    """A fake engine carrying a batching vocoder's stats, as the real engines do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vocoder = type("VocoderView", (), {"stats": VocoderStats()})()
+        stats = self.vocoder.stats
+        stats.batches, stats.rows, stats.windows_dropped = 3, 1 + 4 + 9, 2
+        stats.rows_per_batch = {1: 1, 4: 1, 9: 1}
+
+
+async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
+    async with in_process(settings, _BatchingEngine()) as gw:
+        scraped = samples((await gw.http.get("/metrics")).text)
+    assert value(scraped, "chatterbox_engine_batch_size_count") == 3
+    assert value(scraped, "chatterbox_engine_batch_size_sum") == 14
+    assert value(scraped, "chatterbox_engine_batch_size_bucket", le="4.0") == 2
+    assert value(scraped, "chatterbox_engine_batch_size_bucket", le="8.0") == 2
+    assert value(scraped, "chatterbox_engine_batch_size_bucket", le="16.0") == 3
+    assert value(scraped, "chatterbox_vocoder_batches_total") == 3
+    assert value(scraped, "chatterbox_vocoder_windows_dropped_total") == 2

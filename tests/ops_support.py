@@ -1,0 +1,91 @@
+"""Helpers for the ops tests: instrumented fake engines, the app in-process (lifespan on the
+test's loop, httpx + the OpenAI SDK over ASGI), a real uvicorn server on loopback that
+exposes its app, and a /proc scan for FFmpeg children of this process.
+
+(Kept here rather than imported from tests/conftest.py: several conftest modules share the
+name ``conftest``, so importing one by name depends on collection order.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+from litestar import Litestar
+
+from gateway.app import create_app
+from harness import InProcess, ffmpeg_children, in_process, serve_on_loopback  # noqa: F401 (ops tests import them from here)
+from gateway.engine.base import AudioChunk, SynthesisJob
+from gateway.engine.fake import FakeEngine
+from gateway.server.services import AppServices
+from gateway.settings import Settings
+
+HOLD = "HOLD"
+"""Jobs whose text contains this word are held by GatedEngine (others run freely)."""
+
+
+class GatedEngine(FakeEngine):
+    """A FakeEngine that, for jobs whose text contains ``HOLD``, yields ``hold_after`` pieces
+    and then waits (forever, or until ``gate`` is set). Models a stuck or slow engine."""
+
+    def __init__(self, *, hold_after: int = 0, fail_after: int | None = None, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.hold_after = hold_after
+        self.fail_after = fail_after
+        """If set, held jobs raise RuntimeError after this many pieces instead of waiting."""
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        """Set once a held job has produced its pieces and is waiting."""
+
+    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
+        held = any(HOLD in chunk for chunk in job.chunks)
+        inner = super().synthesize(job)
+        count = 0
+        try:
+            async for chunk in inner:
+                if held and self.fail_after is not None and count >= self.fail_after:
+                    raise RuntimeError("engine blew up mid-stream")
+                if held and count >= self.hold_after:
+                    self.holding.set()
+                    while not self.gate.is_set():
+                        await asyncio.sleep(0.01)
+                yield chunk
+                count += 1
+        finally:
+            await inner.aclose()
+
+
+@dataclass
+class Live:
+    base_url: str
+    app: Litestar
+    engine: FakeEngine
+
+    @property
+    def services(self) -> AppServices:
+        return self.app.state.services  # type: ignore[no-any-return]
+
+
+@contextmanager
+def live_server(settings: Settings, engine: FakeEngine, *, wait_ready: bool = True) -> Iterator[Live]:
+    """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop)."""
+    app = create_app(settings, engine=engine)
+    try:
+        with serve_on_loopback(app, ready_path="/ready" if wait_ready else "/health", graceful_shutdown_s=2) as base_url:
+            yield Live(base_url=base_url, app=app, engine=engine)
+    finally:
+        if isinstance(engine, GatedEngine):
+            engine.gate.set()
+
+
+def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

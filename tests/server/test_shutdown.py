@@ -1,0 +1,216 @@
+"""Graceful shutdown of a real server process (``gateway.cli.run_server``, as ``serve`` runs
+it): on SIGTERM it stops accepting, lets in-flight streams finish within shutdown_grace_s,
+cancels the rest (engine job aborted, FFmpeg killed), closes the engine and exits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+_SERVER = """
+import json, os, sys
+from pathlib import Path
+from gateway.app import create_app
+from gateway.cli import run_server
+from gateway.engine.fake import FakeEngine
+from gateway.observability.logging import configure_logging
+from gateway.settings import load_settings
+
+
+class ReportingEngine(FakeEngine):
+    async def close(self):
+        await super().close()
+        # the last thing the app does: say what happened to the work, and which children remain
+        children = []
+        for task in Path("/proc/self/task").iterdir():
+            children += (task / "children").read_text().split()
+        print("REPORT " + json.dumps({"closed": self.closed, "cancelled": self.cancelled,
+                                      "completed": self.completed, "children": children}), flush=True)
+
+
+settings = load_settings(environ={}, overrides=json.loads(sys.argv[1]))
+configure_logging(settings)
+run_server(create_app(settings, engine=ReportingEngine(piece_delay_s=float(sys.argv[2]))), settings)
+"""
+
+# uvicorn re-raises the signal it handled once shutdown is complete: exiting "by SIGTERM"
+# after a graceful shutdown is the normal end (as for any well-behaved service).
+CLEAN_EXIT = {0, -signal.SIGTERM}
+
+TEXT = "This sentence is spoken slowly, so that the server is still streaming it when it is told to stop. " * 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, tmp_path: Path, *, grace_s: float, piece_delay_s: float) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        overrides = {
+            "engine": "fake",
+            "port": self.port,
+            "cache_dir": str(tmp_path / "cache"),
+            "voices_dir": str(tmp_path / "voices"),
+            "shutdown_grace_s": grace_s,
+            "max_speech_tokens": 1000,
+            "log_format": "json",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, json.dumps(overrides), str(piece_delay_s)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, "\n".join(self.lines)
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.lines:
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def report(self) -> dict[str, object]:
+        self._reader.join(timeout=5)
+        reports = [line for line in self.lines if line.startswith("REPORT ")]
+        assert reports, "\n".join(self.lines[-30:])
+        return json.loads(reports[-1][len("REPORT "):])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _stream_in_thread(base_url: str, result: dict[str, object], first_bytes: threading.Event) -> None:
+    body = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "mp3"}
+    received = b""
+    try:
+        with httpx.stream("POST", f"{base_url}/v1/audio/speech", json=body, timeout=60) as response:
+            result["status"] = response.status_code
+            for data in response.iter_raw():
+                received += data
+                first_bytes.set()
+        result["complete"] = True
+    except httpx.HTTPError as exc:
+        result["error"] = type(exc).__name__
+    finally:
+        result["bytes"] = received
+        first_bytes.set()
+
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_streams_finish_within_grace(tmp_path: Path, valid_audio) -> None:
+    server = Server(tmp_path, grace_s=20, piece_delay_s=0.03)
+    try:
+        result: dict[str, object] = {}
+        first = threading.Event()
+        client = threading.Thread(target=_stream_in_thread, args=(server.base_url, result, first))
+        client.start()
+        assert first.wait(20)
+        sent_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):  # no longer accepting
+            httpx.get(f"{server.base_url}/health", timeout=2)
+        client.join(30)
+        assert result.get("complete") and result["status"] == 200, result.get("error")
+        valid_audio(result["bytes"], "mp3")
+        assert server.proc.wait(20) in CLEAN_EXIT
+        assert time.monotonic() - sent_at < 20
+        report = server.report()
+        assert report["closed"] is True
+        assert len(report["completed"]) == 1 and report["cancelled"] == []
+        assert report["children"] == []
+        events = [e["event"] for e in server.events()]
+        assert "shutdown_drained" in events and "engine_closed" in events
+        assert events.index("engine_closed") > events.index("shutdown_drained")
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_streams_past_the_grace_period(tmp_path: Path) -> None:
+    server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.3)
+    try:
+        result: dict[str, object] = {}
+        first = threading.Event()
+        client = threading.Thread(target=_stream_in_thread, args=(server.base_url, result, first))
+        client.start()
+        assert first.wait(30)
+        sent_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) in CLEAN_EXIT
+        stopped_after = time.monotonic() - sent_at
+        assert stopped_after < 6.0, stopped_after  # 1 s grace, not the ~30 s the stream needed
+        client.join(10)
+        assert not result.get("complete")  # the stream was cut, not finished
+        report = server.report()
+        assert report["closed"] is True
+        assert len(report["cancelled"]) == 1 and report["completed"] == []
+        assert report["children"] == []  # its FFmpeg process was killed and reaped
+        lines = [e for e in server.events() if e.get("event") == "request" and e.get("path") == "/v1/audio/speech"]
+        assert lines and lines[0]["outcome"] in {"cancelled", "error"}
+    finally:
+        server.stop()
+
+
+def test_drain_refuses_new_work_and_waits_for_admitted(tmp_path: Path) -> None:
+    """The lifespan half on its own: queued/new requests are refused, admitted ones awaited."""
+    import asyncio
+
+    from gateway.server.services import AppServices
+    from gateway.settings import Settings
+    from gateway.server.shutdown import drain
+
+    async def scenario() -> None:
+        services = AppServices(Settings(max_in_flight=1, max_queued=1, cache_dir=str(tmp_path)))
+        slot = await services.admission.acquire()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, slot.release)
+        started = time.monotonic()
+        assert await drain(services, 5.0) is True
+        assert 0.15 < time.monotonic() - started < 2.0
+        with pytest.raises(Exception) as info:
+            await services.admission.acquire()
+        assert getattr(info.value, "status_code", None) == 503
+        stuck = AppServices(Settings(cache_dir=str(tmp_path)))
+        await stuck.admission.acquire()
+        started = time.monotonic()
+        assert await drain(stuck, 0.2) is False
+        assert time.monotonic() - started < 1.0
+
+    asyncio.run(scenario())
