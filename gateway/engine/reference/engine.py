@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,12 +23,9 @@ import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
+from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
-
-EDGE_FADE_IN_S = 0.005
-EDGE_FADE_OUT_S = 0.010
-"""Every chunk starts and ends at silence (raised-cosine edges), so chunks join without clicks."""
 
 
 class ReferenceEngine(UpstreamVoices):
@@ -197,27 +193,6 @@ class ReferenceEngine(UpstreamVoices):
 
 class _Stopped(Exception):
     """The job's stop event was set while its chunk was waiting or running."""
-
-
-def fade_edges(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """``samples`` with raised-cosine fade-in/out, so consecutive chunks meet at zero."""
-    out = samples.astype(np.float32, copy=True)
-    for seconds, at_start in ((EDGE_FADE_IN_S, True), (EDGE_FADE_OUT_S, False)):
-        n = min(int(seconds * sample_rate), out.size // 2)
-        if n <= 0:
-            continue
-        ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float32))).astype(np.float32)
-        if at_start:
-            out[:n] *= ramp
-        else:
-            out[-n:] *= ramp[::-1]
-    return out
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    """A per-chunk seed: the same request gives the same audio, chunks differ from each other."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @contextlib.contextmanager

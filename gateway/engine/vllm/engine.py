@@ -31,6 +31,7 @@ import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
+from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
@@ -212,8 +213,6 @@ class VllmEngine(UpstreamVoices):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from gateway.engine.reference.engine import chunk_seed
-
         p = job.params
         room = self.settings.vllm_max_model_len - prompt_rows
         if room < 1:
@@ -241,7 +240,6 @@ class VllmEngine(UpstreamVoices):
 
     async def _chunk(self, components: Any, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         from gateway.engine.checkpoint.components import text_token_ids
-        from gateway.engine.reference.engine import fade_edges
 
         prompt = self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
         sampling = self._sampling(job, index, len(prompt.token_ids))
@@ -259,7 +257,7 @@ class VllmEngine(UpstreamVoices):
                 if stream.one_shot:
                     samples = fade_edges(samples)
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
-                    samples = _fade_in(samples)
+                    samples = fade_edges(samples, fade_out=False)
                 first = False
                 vocoded = stream.tokens_vocoded
                 yield AudioChunk(samples=samples, speech_tokens=vocoded - made)
@@ -288,11 +286,3 @@ class VllmEngine(UpstreamVoices):
         except Exception as exc:  # noqa: BLE001 - a vLLM failure is the engine's, not the client's
             stream.cancel()
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _fade_in(samples: np.ndarray, seconds: float = 0.005) -> np.ndarray:
-    n = min(int(seconds * SAMPLE_RATE), samples.size)
-    if n > 0:
-        samples = samples.copy()
-        samples[:n] *= 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float32))
-    return samples

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, GenerationParams, SynthesisJob, Voice
-from gateway.engine.reference.engine import ReferenceEngine, fade_edges
+from gateway.engine.reference.engine import ReferenceEngine
 from gateway.errors import EngineUnavailableError, InvalidRequestError
 from gateway.settings import Settings
 
@@ -242,11 +242,3 @@ async def test_an_engine_that_is_not_started_refuses_work(voice: Voice, tmp_path
         await _collect(idle, _job(voice, "Hello."))
     with pytest.raises(EngineUnavailableError):
         idle.count_text_tokens("Hello.")
-
-
-def test_fade_edges() -> None:
-    samples = np.ones(2400, dtype=np.float32)
-    faded = fade_edges(samples)
-    assert faded[0] == 0 and faded[-1] == 0 and faded[1200] == 1
-    assert np.all(np.diff(faded[:120]) >= 0) and np.all(np.diff(faded[-240:]) <= 0)
-    assert fade_edges(np.zeros(0, dtype=np.float32)).size == 0
