@@ -1,9 +1,7 @@
-"""Helpers for the ops tests: instrumented fake engines, the app in-process (lifespan on the
-test's loop, httpx + the OpenAI SDK over ASGI), a real uvicorn server on loopback that
-exposes its app, and a /proc scan for FFmpeg children of this process.
-
-(Kept here rather than imported from tests/conftest.py: several conftest modules share the
-name ``conftest``, so importing one by name depends on collection order.)"""
+"""Helpers for the server-level tests: a fake engine that holds or fails jobs on cue, and a
+real uvicorn server on loopback that exposes its app. (The in-process app and the FFmpeg-child
+scan live in tests/harness.py. A module with its own name, not a conftest, so any test file can
+import it whatever the collection order.)"""
 
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from litestar import Litestar
 
 from gateway.app import create_app
-from harness import InProcess, ffmpeg_children, in_process, serve_on_loopback  # noqa: F401 (ops tests import them from here)
+from harness import serve_on_loopback
 from gateway.engine.base import AudioChunk, SynthesisJob
 from gateway.engine.fake import FakeEngine
 from gateway.server.services import AppServices

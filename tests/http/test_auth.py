@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from gateway.http.auth import KeyChecker, bearer_token
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import in_process
+from harness import in_process
 
 
 KEYS = ("sk-first-key-0123456789", "sk-second-key-abcdef")

@@ -10,7 +10,7 @@ import pytest
 from gateway.audio.encoder import CONTENT_TYPES
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import in_process
+from harness import in_process
 
 
 def speech_json(text: str, **extra: object) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from gateway.voices.library import VoiceLibrary
-from ops_support import in_process
+from harness import in_process
 
 FFMPEG = "ffmpeg"
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.engine.fake import FakeEngine
 from gateway.engine.vllm.vocoder import VocoderStats
 from gateway.settings import Settings
-from ops_support import in_process
+from harness import in_process
 
 SPEECH = {"model": "tts-1", "voice": "alloy", "input": "Counting this one.", "response_format": "wav"}
 

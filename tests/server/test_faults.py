@@ -17,7 +17,8 @@ from structlog.testing import capture_logs
 import gateway.server.engine_watch
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import HOLD, GatedEngine, ffmpeg_children, live_server, wait_until
+from harness import ffmpeg_children
+from ops_support import HOLD, GatedEngine, live_server, wait_until
 
 LONG = "A sentence long enough to give several pieces of audio before anything goes wrong. " * 2
 

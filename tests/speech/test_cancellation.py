@@ -12,7 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.settings import Settings
-from ops_support import HOLD, GatedEngine, ffmpeg_children, live_server, wait_until
+from harness import ffmpeg_children
+from ops_support import HOLD, GatedEngine, live_server, wait_until
 
 NORMAL_TEXT = "Other people are still listening to this sentence while someone else hangs up on theirs."
 

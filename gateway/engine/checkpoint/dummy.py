@@ -2,7 +2,7 @@
 
 Like vLLM's ``load_format="dummy"``, but written to disk once so that dummy mode then runs the
 very loading code real weights go through (:func:`gateway.engine.checkpoint.components.load_components`).
-The directory holds all of :data:`~gateway.engine.checkpoint.weights.CHECKPOINT_FILES`:
+The directory holds all of :data:`~gateway.engine.checkpoint.layout.CHECKPOINT_FILES`:
 
 - ``t3_cfg.safetensors``, ``s3gen.safetensors``, ``ve.safetensors``: the modules built with
   ``torch.manual_seed(dummy_seed)`` (same seed, same weights, on any machine);
@@ -25,6 +25,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from gateway.engine.checkpoint.layout import CHECKPOINT_FILES, validate_checkpoint_dir
 from gateway.settings import Settings
 
 ENGLISH_VOCAB_SIZE = 704
@@ -44,8 +45,6 @@ def dummy_checkpoint_path(settings: Settings) -> Path:
 
 def materialize_dummy_checkpoint(settings: Settings) -> Path:
     """The dummy checkpoint directory for ``settings.dummy_seed``, written if not there yet."""
-    from gateway.engine.checkpoint.weights import CHECKPOINT_FILES, validate_checkpoint_dir
-
     target = dummy_checkpoint_path(settings)
     if all((target / name).is_file() for name in CHECKPOINT_FILES):
         return target

@@ -1,6 +1,7 @@
 """Where the model weights come from: the Hugging Face Hub, a local directory, or dummy.
 
-Every engine loads a *checkpoint directory* holding :data:`CHECKPOINT_FILES` (the layout of
+Every engine loads a *checkpoint directory* holding
+:data:`~gateway.engine.checkpoint.layout.CHECKPOINT_FILES` (the layout of
 ``ResembleAI/chatterbox`` on the Hub). :func:`checkpoint_dir` gives that directory for any
 ``load_format``; dummy weights are written once into such a directory (see
 :mod:`gateway.engine.checkpoint.dummy`) so that dummy mode runs the real loading code.
@@ -17,23 +18,14 @@ import hashlib
 import os
 from pathlib import Path
 
+from gateway.engine.checkpoint.dummy import materialize_dummy_checkpoint
+from gateway.engine.checkpoint.layout import CHECKPOINT_FILES, WHAT_TO_DO, validate_checkpoint_dir
 from gateway.errors import WeightsUnavailableError
 from gateway.settings import Settings
-
-CHECKPOINT_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
-"""The files upstream ``ChatterboxTTS.from_pretrained`` fetches and ``from_local`` reads."""
 
 HUB_PROBE_TIMEOUT_S = 10.0
 """One request, no retries, to learn whether the Hub answers before a download starts."""
 HUB_ETAG_TIMEOUT_S = 10.0
-
-WHAT_TO_DO = (
-    "Run `chatterbox-gateway download` on a machine that can reach the Hugging Face Hub "
-    "(it fills the cache under --cache-dir), or pass --model-path DIR --load-format local with a "
-    "directory holding " + ", ".join(CHECKPOINT_FILES) + ", or start with --load-format dummy "
-    "for random weights (tests and benchmarks only: the speech is noise)."
-)
-
 
 def hub_cache_dir(settings: Settings) -> Path:
     """The Hugging Face cache we download into (inside our own cache directory)."""
@@ -72,21 +64,7 @@ def checkpoint_dir(settings: Settings) -> Path:
     path = resolve_weights(settings)
     if path is not None:
         return path
-    from gateway.engine.checkpoint.dummy import materialize_dummy_checkpoint
-
     return materialize_dummy_checkpoint(settings)
-
-
-def validate_checkpoint_dir(path: Path) -> Path:
-    """``path`` resolved, if it is a directory holding every checkpoint file."""
-    if not path.is_dir():
-        raise WeightsUnavailableError(f"model path {str(path)!r} is not a directory. " + WHAT_TO_DO)
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-    if missing:
-        raise WeightsUnavailableError(
-            f"model path {str(path)!r} lacks {', '.join(missing)}. " + WHAT_TO_DO
-        )
-    return path.resolve()
 
 
 def cached_snapshot(settings: Settings) -> Path | None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.engine.checkpoint.layout import CHECKPOINT_FILES
 from gateway.engine.checkpoint.weights import (
-    CHECKPOINT_FILES,
     cached_snapshot,
     download_weights,
     model_identity,

@@ -62,7 +62,7 @@ async def _wait_idle(engine: ReferenceEngine, timeout_s: float = 60.0) -> None:
 
 def test_loaded_from_a_dummy_checkpoint_on_disk(engine: ReferenceEngine) -> None:
     from gateway.engine.checkpoint.dummy import dummy_checkpoint_path, materialize_dummy_checkpoint
-    from gateway.engine.checkpoint.weights import CHECKPOINT_FILES
+    from gateway.engine.checkpoint.layout import CHECKPOINT_FILES
 
     assert isinstance(engine, Engine)
     assert (engine.name, engine.model_id, engine.sample_rate, engine.state) == ("reference", "dummy-seed0", 24000, "ready")
