@@ -67,10 +67,33 @@ class AudioChunk:
 
 
 EngineState = Literal["loading", "ready", "failed", "closed"]
+"""The engine's lifecycle as the server sees it; kept in one place, ``AppServices.engine_state``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Counters of an engine that batches work of many requests (the vLLM engine's vocoder),
+    read by the metrics layer at each scrape. Monotonic except ``rows_per_batch``'s shape."""
+
+    batches: int = 0
+    """Batched calls made."""
+    rows: int = 0
+    """Work items (token windows) in those calls."""
+    rows_dropped: int = 0
+    """Work items dropped because their request was cancelled."""
+    busy_s: float = 0.0
+    """Seconds spent computing."""
+    audio_s: float = 0.0
+    """Seconds of audio produced."""
+    rows_per_batch: dict[int, int] = field(default_factory=dict)
+    """Histogram: batch size -> batches of that size."""
 
 
 @runtime_checkable
 class Engine(Protocol):
+    """What the server needs of an engine. Subclass it to inherit the defaults of the optional
+    parts (:meth:`check_health`, :meth:`batch_stats`)."""
+
     name: str
     """Implementation name: "reference", "vllm" or "fake"."""
     model_id: str
@@ -99,3 +122,14 @@ class Engine(Protocol):
         """Audio for the job's chunks, in order, as it is produced. Closing the iterator
         cancels the job."""
         ...
+
+    async def check_health(self) -> None:
+        """Return when the engine can serve, raise when it cannot (a worker process died, the
+        device failed). ``gateway.server.engine_watch`` calls it every few seconds and marks
+        the server not ready on the first failure. Default: healthy while the process lives."""
+        return None
+
+    def batch_stats(self) -> BatchStats | None:
+        """Counters of cross-request batching for the metrics layer; None when the engine does
+        not batch (the default)."""
+        return None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, Engine, SynthesisJob
 from gateway.errors import EngineError
 
 SAMPLES_PER_TOKEN = SAMPLE_RATE // SPEECH_TOKENS_PER_SECOND
@@ -30,7 +30,7 @@ TOKENS_PER_PIECE = 10
 DEFAULT_SEED = 0
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     name = "fake"
     sample_rate = SAMPLE_RATE
 

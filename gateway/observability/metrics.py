@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from gateway.engine.base import Engine
+
 NAMESPACE = "chatterbox"
 
 # Seconds: a first byte under ~100 ms is great, over 10 s is a problem worth seeing.
@@ -38,19 +40,19 @@ class _LiveGauges(Collector):
             yield GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
 
 
-class _VocoderStats(Collector):
-    """The batching vocoder's own counters (``engine.vocoder.stats``, see
-    ``gateway.engine.vllm.vocoder.VocoderStats``), read at scrape time; absent for engines
-    without a batching vocoder (the fake one)."""
+class _BatchStats(Collector):
+    """An engine's cross-request batching counters (``Engine.batch_stats()``, e.g. the vLLM
+    engine's vocoder loop), read at scrape time; absent for engines that do not batch."""
 
-    def __init__(self, engine: Callable[[], Any]) -> None:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self._engine = engine
 
     def describe(self) -> Iterable[Any]:
         return []  # the families depend on the engine loaded later
 
     def collect(self) -> Iterable[Any]:
-        stats = getattr(getattr(self._engine(), "vocoder", None), "stats", None)
+        engine = self._engine()
+        stats = engine.batch_stats() if engine is not None else None
         if stats is None:
             return
         sizes = dict(stats.rows_per_batch)
@@ -67,7 +69,7 @@ class _VocoderStats(Collector):
         counters = {
             "vocoder_batches": ("Batched vocoder calls.", stats.batches),
             "vocoder_windows": ("Token windows vocoded.", stats.rows),
-            "vocoder_windows_dropped": ("Windows dropped because their stream was cancelled.", stats.windows_dropped),
+            "vocoder_windows_dropped": ("Windows dropped because their stream was cancelled.", stats.rows_dropped),
             "vocoder_busy_seconds": ("Seconds the vocoder worker spent computing.", stats.busy_s),
             "vocoder_audio_seconds": ("Seconds of audio the vocoder produced.", stats.audio_s),
         }
@@ -81,14 +83,14 @@ class GatewayMetrics:
     def __init__(
         self,
         live: Callable[[], Mapping[str, tuple[str, float]]] | None = None,
-        engine: Callable[[], Any] | None = None,
+        engine: Callable[[], Engine | None] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         if live is not None:
             self.registry.register(_LiveGauges(live))
         if engine is not None:
-            self.registry.register(_VocoderStats(engine))
+            self.registry.register(_BatchStats(engine))
         r = self.registry
         self.requests = Counter(
             f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r

@@ -1,18 +1,17 @@
 """Engine death: a loaded engine that stops working makes the server not ready.
 
-An engine may offer ``check_health()`` (plain or async; vLLM's ``AsyncLLM`` has one): it
-returns when the engine can serve and raises when it cannot (its worker process died, the
-device failed). While the app runs, :func:`watch_engine` calls it every few seconds and, on
-the first failure, marks the engine failed: ``/ready`` then answers 503 and new speech
-requests get 503 with Retry-After instead of hanging on a dead engine. A load balancer
-takes the instance out; an orchestrator restarts it. Engines without ``check_health``
-(the in-process reference engine) are trusted while the process lives.
+Every engine has ``check_health()`` (``gateway.engine.base.Engine``): it returns when the
+engine can serve and raises when it cannot (its worker process died, the device failed; the
+vLLM engine asks ``AsyncLLM``, the in-process engines are healthy while the process lives).
+While the app runs, :func:`watch_engine` calls it every few seconds and, on the first
+failure, marks the engine failed: ``/ready`` then answers 503 and new speech requests get
+503 with Retry-After instead of hanging on a dead engine. A load balancer takes the instance
+out; an orchestrator restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 
 import structlog
 
@@ -32,14 +31,11 @@ def mark_engine_dead(services: AppServices, reason: str) -> None:
 async def check_engine(services: AppServices, *, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
     """One health check of a ready engine; False (and the engine marked failed) if it fails."""
     engine = services.engine
-    check = getattr(engine, "check_health", None)
-    if services.engine_state != "ready" or check is None:
+    if services.engine_state != "ready" or engine is None:
         return services.engine_state == "ready"
     try:
         async with asyncio.timeout(timeout_s):
-            result = check()
-            if inspect.isawaitable(result):
-                await result
+            await engine.check_health()
     except TimeoutError:
         mark_engine_dead(services, f"health check did not answer within {timeout_s:g} s")
         return False
@@ -54,7 +50,5 @@ async def watch_engine(services: AppServices, *, interval_s: float | None = None
     (app shutdown) or it dies."""
     while services.engine_state in ("loading", "ready"):
         await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
-        if services.engine_state == "ready" and getattr(services.engine, "check_health", None) is None:
-            return  # nothing to watch
         if not await check_engine(services):
             return

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.engine.base import Engine
 from gateway.engine.factory import build_engine, resolve_engine_name, vllm_available
+from gateway.errors import EngineUnavailableError
 from gateway.settings import Settings, SettingsError
 
 
@@ -28,7 +29,9 @@ def test_reference_is_built_but_not_loaded(tmp_path: Path) -> None:
 
     engine = build_engine(_settings(tmp_path, "reference"))
     assert isinstance(engine, ReferenceEngine) and isinstance(engine, Engine)
-    assert (engine.name, engine.model_id, engine.sample_rate, engine.state) == ("reference", "dummy-seed0", 24000, "loading")
+    assert (engine.name, engine.model_id, engine.sample_rate) == ("reference", "dummy-seed0", 24000)
+    with pytest.raises(EngineUnavailableError):  # not loaded until start()
+        engine.components
     assert not (tmp_path / "dummy").exists()  # nothing is written before start()
 
 

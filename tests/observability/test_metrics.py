@@ -7,7 +7,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.engine.fake import FakeEngine
-from gateway.engine.vllm.vocoder import VocoderStats
+from gateway.engine.base import BatchStats
 from gateway.settings import Settings
 from harness import in_process
 
@@ -74,14 +74,10 @@ async def test_metrics_can_be_turned_off(settings: Settings, api_error) -> None:
 
 
 class _BatchingEngine(FakeEngine):
-    """A fake engine carrying a batching vocoder's stats, as the real engines do."""
+    """A fake engine reporting batching counters, as the vLLM engine's vocoder loop does."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.vocoder = type("VocoderView", (), {"stats": VocoderStats()})()
-        stats = self.vocoder.stats
-        stats.batches, stats.rows, stats.windows_dropped = 3, 1 + 4 + 9, 2
-        stats.rows_per_batch = {1: 1, 4: 1, 9: 1}
+    def batch_stats(self) -> BatchStats:
+        return BatchStats(batches=3, rows=1 + 4 + 9, rows_dropped=2, rows_per_batch={1: 1, 4: 1, 9: 1})
 
 
 async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:

@@ -87,7 +87,7 @@ async def test_ffmpeg_dying_mid_stream_ends_only_that_stream(settings: Settings,
                     events = await reader
                     assert events[0]["type"] == "speech.audio.delta"
                     assert events[-1]["type"] == "error"
-                    assert events[-1]["error"]["code"] == "encoder_error"
+                    assert events[-1]["error"]["code"] == "encoder_error", events[-1]
                 else:
                     with pytest.raises(httpx.RemoteProtocolError):  # connection closed, no final chunk
                         await reader

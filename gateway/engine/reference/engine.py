@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
 
 
-class ReferenceEngine(UpstreamVoices):
+class ReferenceEngine(UpstreamVoices, Engine):
     name = "reference"
     sample_rate = SAMPLE_RATE
 
@@ -37,7 +37,6 @@ class ReferenceEngine(UpstreamVoices):
 
         self.settings = settings
         self.model_id = model_identity(settings)
-        self.state: EngineState = "loading"
         self.decode_steps = 0
         """T3 decode steps run so far (all jobs); tests use it to see that cancelling stops work."""
         self.flow_steps_run = 0
@@ -51,12 +50,7 @@ class ReferenceEngine(UpstreamVoices):
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await asyncio.to_thread(self._load)
-        except BaseException:
-            self.state = "failed"
-            raise
-        self.state = "ready"
+        await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
         from gateway.engine.checkpoint.components import load_components, resolve_device
@@ -71,17 +65,16 @@ class ReferenceEngine(UpstreamVoices):
         self._components = components
 
     async def close(self) -> None:
-        self.state = "closed"
+        components, self._components = self._components, None  # new jobs fail from here on
         for stop in list(self._live_jobs):
             stop.set()
-        await asyncio.to_thread(self._release)
+        await asyncio.to_thread(self._release, components)
 
-    def _release(self) -> None:
+    def _release(self, components: Any) -> None:
         with self._model_lock:  # waits for the running chunk to notice its stop event
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
-            components, self._components = self._components, None
         if components is not None and components.device.type == "cuda":
             import torch
 
@@ -95,8 +88,8 @@ class ReferenceEngine(UpstreamVoices):
         return self._ready()
 
     def _ready(self) -> Any:
-        if self.state != "ready" or self._components is None:
-            raise EngineUnavailableError(f"the reference engine is {self.state}")
+        if self._components is None:
+            raise EngineUnavailableError("the reference engine is not loaded")
         return self._components
 
     # --- synthesis (voice and text methods come from UpstreamVoices) ----------------------
@@ -138,45 +131,58 @@ class ReferenceEngine(UpstreamVoices):
         from gateway.engine.reference.t3_decode import DecodeCancelled, Sampling, generate_speech_tokens, valid_speech_tokens
 
         params = job.params
-        with self._model_lock:
-            if stop.is_set():
-                raise _Stopped
-            self._active_stop = stop
-            try:
-                with torch.inference_mode(), _seeded(params.seed, index, components.device):
-                    raw = generate_speech_tokens(
-                        components.t3,
-                        request_t3_cond(job.voice.conditionals, params.exaggeration),
-                        text_token_ids(components.tokenizer, components.t3, text),
-                        Sampling(
-                            cfg_weight=params.cfg_weight,
-                            temperature=params.temperature,
-                            top_p=params.top_p,
-                            min_p=params.min_p,
-                            repetition_penalty=params.repetition_penalty,
-                        ),
-                        max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
-                        should_stop=stop.is_set,
-                        on_step=self._count_decode_step,
-                    )
-                    tokens = valid_speech_tokens(raw)
-                    if tokens.numel() == 0:  # random weights can sample only special ids
-                        return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
-                    wav, _ = components.s3gen.inference(
-                        speech_tokens=tokens.to(components.device),
-                        # upstream writes device casts back into the dict: keep the cached one intact
-                        ref_dict=dict(job.voice.conditionals.gen),
-                        n_cfm_timesteps=self.settings.flow_steps,
-                    )
-            except DecodeCancelled:
-                raise _Stopped from None
-            finally:
-                self._active_stop = None
+        try:
+            with self.holding_model(stop), torch.inference_mode(), _seeded(params.seed, index, components.device):
+                raw = generate_speech_tokens(
+                    components.t3,
+                    request_t3_cond(job.voice.conditionals, params.exaggeration),
+                    text_token_ids(components.tokenizer, components.t3, text),
+                    Sampling(
+                        cfg_weight=params.cfg_weight,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        min_p=params.min_p,
+                        repetition_penalty=params.repetition_penalty,
+                    ),
+                    max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
+                    should_stop=stop.is_set,
+                    on_step=self._count_decode_step,
+                )
+                tokens = valid_speech_tokens(raw)
+                if tokens.numel() == 0:  # random weights can sample only special ids
+                    return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
+                wav, _ = components.s3gen.inference(
+                    speech_tokens=tokens.to(components.device),
+                    # upstream writes device casts back into the dict: keep the cached one intact
+                    ref_dict=dict(job.voice.conditionals.gen),
+                    n_cfm_timesteps=self.settings.flow_steps,
+                )
+        except DecodeCancelled:
+            raise _Stopped from None
         samples = wav.squeeze(0).detach().to("cpu", torch.float32).numpy()
         if self.settings.watermark:
             samples = components.watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)
         samples = fade_edges(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
         return AudioChunk(samples=samples, speech_tokens=int(tokens.numel()))
+
+    @contextlib.contextmanager
+    def holding_model(self, stop: threading.Event) -> Iterator[None]:
+        """Hold the model for one piece of work (one chunk: T3 then S3Gen) that ``stop`` can
+        cancel: T3 checks it before every step and S3Gen at every flow step (the hook below
+        raises ``DecodeCancelled``). Raises ``_Stopped`` if ``stop`` was set while waiting."""
+        with self._model_lock:
+            if stop.is_set():
+                raise _Stopped
+            self._active_stop = stop
+            try:
+                yield
+            finally:
+                self._active_stop = None
+
+    @property
+    def busy(self) -> bool:
+        """True while some job holds the model (a cancelled job's worker may still be finishing)."""
+        return self._model_lock.locked()
 
     def _count_decode_step(self, _step: int) -> None:
         self.decode_steps += 1

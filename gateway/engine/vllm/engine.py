@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, EngineState, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH
@@ -40,7 +40,7 @@ COND_ROWS = 34
 """Speaker + 32 Perceiver rows + emotion: the conditioning prefix of every upstream voice."""
 
 
-class VllmEngine(UpstreamVoices):
+class VllmEngine(UpstreamVoices, Engine):
     name = "vllm"
     sample_rate = SAMPLE_RATE
 
@@ -53,7 +53,6 @@ class VllmEngine(UpstreamVoices):
             raise ValueError(f"vllm_max_model_len is at most {MAX_POSITIONS} for the T3 model")
         self.settings = settings
         self.model_id = model_identity(settings)
-        self.state: EngineState = "loading"
         self.vllm_load_format = vllm_load_format
         self.llm: Any = None
         self.vocoder: Any = None
@@ -72,10 +71,8 @@ class VllmEngine(UpstreamVoices):
             await self.vocoder.start()
             await self._warm_up()
         except BaseException:
-            self.state = "failed"
             await self._shutdown()
             raise
-        self.state = "ready"
 
     def _load(self) -> None:
         import perth
@@ -150,7 +147,6 @@ class VllmEngine(UpstreamVoices):
             pass
 
     async def close(self) -> None:
-        self.state = "closed"
         await self._shutdown()
 
     async def check_health(self) -> None:
@@ -159,7 +155,16 @@ class VllmEngine(UpstreamVoices):
         if self.llm is not None:
             await self.llm.check_health()
 
+    def batch_stats(self) -> BatchStats | None:
+        """The vocoder loop's counters (one batched S3Gen call per tick, all streams)."""
+        if self.vocoder is None:
+            return None
+        stats = self.vocoder.stats
+        return BatchStats(batches=stats.batches, rows=stats.rows, rows_dropped=stats.windows_dropped,
+                          busy_s=stats.busy_s, audio_s=stats.audio_s, rows_per_batch=dict(stats.rows_per_batch))
+
     async def _shutdown(self) -> None:
+        self._components = None  # new jobs fail from here on
         if self.vocoder is not None:
             await self.vocoder.close()
         if self.llm is not None:
@@ -169,8 +174,8 @@ class VllmEngine(UpstreamVoices):
             llm.shutdown()
 
     def _ready(self) -> Any:
-        if self.state != "ready" and not (self.state == "loading" and self.llm is not None):
-            raise EngineUnavailableError(f"the vLLM engine is {self.state}")
+        if self._components is None or self.llm is None:
+            raise EngineUnavailableError("the vLLM engine is not loaded")
         return self._components
 
     @property

@@ -55,7 +55,7 @@ async def _collect(engine: ReferenceEngine, job: SynthesisJob) -> list[AudioChun
 async def _wait_idle(engine: ReferenceEngine, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     await asyncio.sleep(0.05)
-    while engine._model_lock.locked():
+    while engine.busy:
         assert time.monotonic() < deadline, "the engine kept working after the job was cancelled"
         await asyncio.sleep(0.05)
 
@@ -65,7 +65,7 @@ def test_loaded_from_a_dummy_checkpoint_on_disk(engine: ReferenceEngine) -> None
     from gateway.engine.checkpoint.layout import CHECKPOINT_FILES
 
     assert isinstance(engine, Engine)
-    assert (engine.name, engine.model_id, engine.sample_rate, engine.state) == ("reference", "dummy-seed0", 24000, "ready")
+    assert (engine.name, engine.model_id, engine.sample_rate) == ("reference", "dummy-seed0", 24000)
     path = dummy_checkpoint_path(engine.settings)
     assert all((path / name).is_file() for name in CHECKPOINT_FILES)
     stamp = (path / "t3_cfg.safetensors").stat().st_mtime_ns
@@ -185,19 +185,17 @@ def test_flow_matching_checks_the_stop_event_every_step(engine: ReferenceEngine,
     components = engine.components
     stop = threading.Event()
     tokens = torch.randint(0, 6561, (10,))
-    with engine._model_lock:
-        engine._active_stop = stop
-        try:
-            before = engine.flow_steps_run
+    with engine.holding_model(stop):
+        assert engine.busy
+        before = engine.flow_steps_run
+        components.s3gen.inference(speech_tokens=tokens, ref_dict=voice.conditionals.gen, n_cfm_timesteps=2)
+        assert engine.flow_steps_run - before == 2  # one hook call per Euler step
+        stop.set()
+        before = engine.flow_steps_run
+        with pytest.raises(DecodeCancelled):
             components.s3gen.inference(speech_tokens=tokens, ref_dict=voice.conditionals.gen, n_cfm_timesteps=2)
-            assert engine.flow_steps_run - before == 2  # one hook call per Euler step
-            stop.set()
-            before = engine.flow_steps_run
-            with pytest.raises(DecodeCancelled):
-                components.s3gen.inference(speech_tokens=tokens, ref_dict=voice.conditionals.gen, n_cfm_timesteps=2)
-            assert engine.flow_steps_run - before == 1
-        finally:
-            engine._active_stop = None
+        assert engine.flow_steps_run - before == 1
+    assert not engine.busy
 
 
 def test_voice_conditionals_from_a_clip_round_trip(engine: ReferenceEngine, tmp_path: Path) -> None:

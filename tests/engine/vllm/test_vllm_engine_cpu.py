@@ -48,7 +48,9 @@ def _job(voice: Voice, **params) -> SynthesisJob:
 
 def test_constructing_needs_no_vllm(engine) -> None:
     assert "vllm" not in sys.modules
-    assert engine.state == "loading" and engine.name == "vllm"
+    assert engine.name == "vllm" and engine.batch_stats() is None
+    with pytest.raises(EngineUnavailableError):  # not loaded until start()
+        engine.components
 
 
 def test_context_beyond_the_side_channel_is_refused(tmp_path) -> None:
