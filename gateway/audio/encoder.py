@@ -37,6 +37,7 @@ import ffmpeg
 import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
+from gateway.iterators import aclose_quietly
 from gateway.errors import EncoderError, InvalidRequestError
 
 CONTENT_TYPES: dict[str, str] = {
@@ -162,13 +163,6 @@ def _validate(response_format: str, sample_rate: int, speed: float) -> None:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
 
 
-async def _close_iterator(chunks: AsyncIterator[np.ndarray]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(RuntimeError):  # already running/closed elsewhere
-            await aclose()
-
-
 async def encode_audio(
     chunks: AsyncIterator[np.ndarray],
     *,
@@ -185,7 +179,7 @@ async def encode_audio(
     try:
         _validate(response_format, sample_rate, speed)
     except InvalidRequestError:
-        await _close_iterator(chunks)
+        await aclose_quietly(chunks)
         raise
     if response_format in ("pcm", "wav") and speed == 1.0 and sample_rate == OUTPUT_SAMPLE_RATE:
         inner = _encode_in_python(chunks, with_header=response_format == "wav")
@@ -206,7 +200,7 @@ async def _encode_in_python(chunks: AsyncIterator[np.ndarray], *, with_header: b
             if data:
                 yield data
     finally:
-        await _close_iterator(chunks)
+        await aclose_quietly(chunks)
 
 
 async def _encode_with_ffmpeg(
@@ -221,7 +215,7 @@ async def _encode_with_ffmpeg(
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
-        await _close_iterator(chunks)
+        await aclose_quietly(chunks)
         raise EncoderError(f"could not start FFmpeg ({cmd[0]}): {exc}") from exc
 
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -244,7 +238,7 @@ async def _encode_with_ffmpeg(
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await writer
-        await _close_iterator(chunks)
+        await aclose_quietly(chunks)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -263,6 +257,10 @@ async def _feed(proc: asyncio.subprocess.Process, chunks: AsyncIterator[np.ndarr
             data = np.ascontiguousarray(chunk, dtype="<f4").reshape(-1).tobytes()
             if not data:
                 continue
+            if stdin.is_closing():
+                # FFmpeg went away and its pipe is closed (writing now would raise RuntimeError,
+                # not BrokenPipeError); its exit status and stderr tell why.
+                return
             stdin.write(data)
             await stdin.drain()
     except (BrokenPipeError, ConnectionResetError):
