@@ -14,16 +14,13 @@ hung up mid-response), ``error`` (5xx, or a stream that broke after its status l
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from gateway.engine.base import SAMPLE_RATE
-from gateway.errors import GatewayError, RequestTimeoutError
 from gateway.observability.metrics import GatewayMetrics
 
 SPEECH_ROUTE = "/v1/audio/speech"
@@ -162,22 +159,3 @@ def finish_request(
             audio_s=record.audio_seconds,
             input_chars=record.input_chars or 0,
         )
-
-
-async def watched_stream(body: AsyncIterator[bytes], record: RequestRecord) -> AsyncGenerator[bytes, None]:
-    """A chunked audio body that, when it breaks after the status line went out, records and
-    logs why and re-raises: the server then drops the connection without the final chunk, so
-    the client sees a truncated response rather than a short file that looks complete."""
-    try:
-        async for data in body:
-            yield data
-    except Exception as exc:
-        message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-        record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
-        structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
-        raise
-    finally:
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(RuntimeError):
-                await aclose()

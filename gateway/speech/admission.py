@@ -14,9 +14,9 @@ cheaply instead:
 A request holds its :class:`Slot` from before its engine work starts until its last byte is
 sent (or it is cancelled); ``Slot.release`` is idempotent so every exit path may call it.
 
-The total time limit (``request_timeout_s``) is :func:`deadline_iter`: it bounds every step of
-an async iterator by the time left, so a stuck engine or encoder call cannot pin a
-connection forever. Before the response starts this ends as a 504 envelope; mid-stream the
+The total time limit (``request_timeout_s``) is :func:`next_within` and :func:`within_deadline`:
+every step of a request (the voice, each piece of engine audio and encoder output) is bounded
+by the time left, so a stuck engine or encoder call cannot pin a connection forever. Before the response starts this ends as a 504 envelope; mid-stream the
 stream is closed (the caller logs it).
 """
 
@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from gateway.errors import EngineUnavailableError, OverloadedError, RequestTimeoutError
@@ -174,30 +174,19 @@ class AdmissionController:
         self._in_flight -= 1
 
 
-async def deadline_iter(source: AsyncIterator[T], deadline: float, *, what: str = "request") -> AsyncIterator[T]:
-    """Items of ``source`` while ``time.monotonic() < deadline``; then RequestTimeoutError.
-
-    Each step is bounded by the time left, so a producer stuck inside one ``__anext__`` is
-    cancelled at the deadline. ``source`` is always closed on exit (timeout, error, or the
-    consumer closing us), which is how its engine/encoder work is cancelled.
-    """
+async def next_within(source: AsyncIterator[T], deadline: float, *, what: str = "request") -> T:
+    """The next item of ``source`` if it comes before ``deadline`` (``time.monotonic()``), else
+    RequestTimeoutError. A producer stuck inside its ``__anext__`` is cancelled at the deadline
+    (its own cleanup runs then); closing ``source`` is the caller's job. StopAsyncIteration
+    when it is exhausted."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.")
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.")
-            try:
-                async with asyncio.timeout(remaining):
-                    item = await anext(source)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.") from None
-            yield item
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        async with asyncio.timeout(remaining):
+            return await anext(source)
+    except TimeoutError:
+        raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.") from None
 
 
 @contextlib.asynccontextmanager
@@ -208,16 +197,3 @@ async def within_deadline(deadline: float, *, what: str = "request") -> AsyncIte
             yield
     except TimeoutError:
         raise RequestTimeoutError(f"The {what} exceeded its time limit and was stopped.") from None
-
-
-async def hold_slot(body: AsyncIterator[T], slot: Slot) -> AsyncGenerator[T, None]:
-    """``body``'s items; the admission slot is given back when it ends, however it ends."""
-    try:
-        async for item in body:
-            yield item
-    finally:
-        slot.release()
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(RuntimeError):
-                await aclose()

@@ -1,12 +1,20 @@
 """One speech request, from a validated body to the bytes of the response.
 
 ``prepare_speech`` does everything that can fail with a client error (model, voice, text)
-or a 503 (engine not ready) before the response starts, then starts synthesis and waits for
-the engine's first audio and the encoder's first bytes, so a failure to start is still a
-proper error response. What it
-returns is an async byte iterator for Litestar's ``Stream``: engine audio -> FFmpeg encoder
--> bytes, or the same bytes wrapped as server-sent events. Closing that iterator (the client
-hung up) closes the encoder, which closes the engine's iterator, which cancels the job.
+or a 503 (engine not ready, no admission slot in time) before the response starts, then
+starts synthesis and waits for the engine's first audio and the encoder's first bytes, so a
+failure to start is still a proper error response. It returns one body generator.
+
+One owner for cleanup: the admission slot, the engine's audio iterator and the encoder are
+entered into a single ``AsyncExitStack`` as they are acquired, and the body generator holds
+that stack. However the body ends (last byte sent, client gone, time limit, engine or
+encoder failure), the stack unwinds in reverse: the encoder is closed (its FFmpeg process
+killed and reaped), the engine's iterator is closed (the engine drops the job), and only
+then is the slot released. A failure before the body exists unwinds the same stack at once.
+
+After the status line an error can no longer be a status: an ``audio`` body is cut short
+(the server drops the connection without the final chunk, so the client sees a truncated
+response, not a short file that looks complete); an ``sse`` body ends with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -14,20 +22,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import numpy as np
 import structlog
 
-from gateway.speech.admission import deadline_iter, hold_slot, within_deadline
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
 from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
-from gateway.errors import EncoderError, GatewayError, InvalidRequestError, VoiceNotFoundError
-from gateway.speech.model_names import resolve_model
-from gateway.observability.request_record import RequestRecord, current_record, watched_stream
+from gateway.errors import EncoderError, GatewayError, InvalidRequestError, RequestTimeoutError, VoiceNotFoundError
 from gateway.http.protocol import (
     CONTROL_FIELDS,
     ErrorDetail,
@@ -37,22 +42,45 @@ from gateway.http.protocol import (
     SpeechStreamError,
     SpeechUsage,
 )
+from gateway.iterators import aclose_quietly
+from gateway.observability.request_record import RequestRecord, current_record
 from gateway.server.services import AppServices
 from gateway.settings import Settings
-from gateway.speech.text import normalize_text, split_text
+from gateway.speech.admission import next_within, within_deadline
+from gateway.speech.model_names import resolve_model
+from gateway.speech.text import split_text
 
 SSE_CONTENT_TYPE = "text/event-stream"
 
-T = TypeVar("T")
-
 _SSE_ENCODER = msgspec.json.Encoder()
+
+
+class SpeechBody:
+    """The response body: iterate it for the bytes; ``aclose()`` ends the request's work (engine
+    job, encoder, admission slot) whether or not iteration ever started. (Closing a generator
+    that never started runs none of its code, so the stack is closed here as well.)"""
+
+    def __init__(self, body: AsyncGenerator[bytes, None], stack: contextlib.AsyncExitStack) -> None:
+        self._body = body
+        self._stack = stack
+
+    def __aiter__(self) -> SpeechBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._body)
+
+    async def aclose(self) -> None:
+        try:
+            await aclose_quietly(self._body)
+        finally:
+            await self._stack.aclose()  # a no-op once the body has unwound it
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedSpeech:
     media_type: str
-    body: AsyncGenerator[bytes, None]
-    """Yields the response body; ``aclose()`` cancels the synthesis behind it."""
+    body: SpeechBody
 
 
 @dataclass(slots=True)
@@ -80,25 +108,21 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     resolve_model(request.model)
     engine = services.ready_engine()
     voices, voice_cache = services.ready_voices()
-    try:
+    with _voice_is_a_parameter():
         voice_info = voices.get(request.voice_name)
-    except VoiceNotFoundError as exc:
-        # A speech request names a voice as a parameter: an unknown one is a bad value (400),
-        # never a silent fallback to another voice.
-        raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
-    chunks = tuple(split_text(normalize_text(request.input), settings.max_chunk_chars))
-    if not chunks:
-        raise InvalidRequestError("'input' has no speakable text.", param="input")
+    chunks = tuple(split_text(request.input, settings.max_chunk_chars))
+    speed = 1.0 if request.speed is None else request.speed
+    usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
 
-    # Admission before any engine work (conditionals included): 429 at once when full.
-    slot = await services.admission.acquire()
-    record.queued_s = slot.queued_s
+    stack = contextlib.AsyncExitStack()
     try:
-        try:
-            async with within_deadline(deadline):
+        # Admission before any engine work (conditionals included): 429 at once when full.
+        slot = await services.admission.acquire()
+        stack.callback(slot.release)
+        record.queued_s = slot.queued_s
+        async with within_deadline(deadline):
+            with _voice_is_a_parameter():  # e.g. the checkpoint voice of an engine without one
                 voice = await voice_cache.get(voice_info)
-        except VoiceNotFoundError as exc:  # e.g. the checkpoint voice of an engine without one
-            raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
         job = SynthesisJob(
             request_id=request_id,
             chunks=chunks,
@@ -106,79 +130,59 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
             params=generation_params(request, settings),
             streaming=True,
         )
-        usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
-        speed = 1.0 if request.speed is None else request.speed
-        # The engine's first chunk, then the encoder's first bytes, before the status line:
+        produced = engine.synthesize(job)
+        stack.push_async_callback(aclose_quietly, produced)
+        # The engine's first audio, then the encoder's first bytes, before the status line:
         # the encoder alone would not do, as WAV's header leaves before any audio exists.
-        async with within_deadline(deadline):
-            produced = await _primed(engine.synthesize(job))
-        encoded = _encoded_audio(produced, engine.sample_rate, request.response_format, speed, usage, record)
-        # the total time limit bounds every step, from the first byte to the last
-        audio = await _primed(deadline_iter(encoded, deadline, what="speech request"))
+        first_audio = await _first(produced, deadline)
+        encoded = encode_audio(
+            _counted(first_audio, produced, usage, record),
+            response_format=request.response_format,
+            sample_rate=engine.sample_rate,
+            speed=speed,
+        )
+        stack.push_async_callback(aclose_quietly, encoded)
+        first_bytes = await _first(encoded, deadline, record)
     except BaseException:
-        slot.release()
+        await stack.aclose()
         raise
-    if request.stream_format == "sse":
-        return PreparedSpeech(media_type=SSE_CONTENT_TYPE, body=hold_slot(_sse_events(audio, usage), slot))
-    body = hold_slot(watched_stream(audio, record), slot)
-    return PreparedSpeech(media_type=CONTENT_TYPES[request.response_format], body=body)
+    sse = request.stream_format == "sse"
+    body = SpeechBody(_body(stack, first_bytes, encoded, deadline, sse=sse, usage=usage, record=record), stack)
+    return PreparedSpeech(media_type=SSE_CONTENT_TYPE if sse else CONTENT_TYPES[request.response_format], body=body)
 
 
-async def _encoded_audio(
-    produced: AsyncGenerator[AudioChunk, None],
-    sample_rate: int,
-    response_format: str,
-    speed: float,
+async def _body(
+    stack: contextlib.AsyncExitStack,
+    first: bytes | None,
+    encoded: AsyncIterator[bytes],
+    deadline: float,
+    *,
+    sse: bool,
     usage: _Usage,
     record: RequestRecord,
 ) -> AsyncGenerator[bytes, None]:
-    async def samples() -> AsyncIterator[np.ndarray]:
-        async for chunk in produced:
-            usage.output_tokens += chunk.speech_tokens
-            record.add_audio(len(chunk.samples))
-            yield chunk.samples
-
-    encoded = encode_audio(samples(), response_format=response_format, sample_rate=sample_rate, speed=speed)
-    try:
-        async for data in encoded:
-            yield data
-    except EncoderError:
-        record.encoder_failed = True
-        raise
-    finally:
-        # The encoder closes its input, but the engine's iterator is closed here as well: an
-        # iterator that was never started is not closed by closing its consumer.
-        await _aclose(encoded)
-        await _aclose(produced)
-
-
-async def _sse_events(audio: AsyncGenerator[bytes, None], usage: _Usage) -> AsyncGenerator[bytes, None]:
-    try:
-        async for data in audio:
-            yield _event(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii")))
-        yield _event(
-            SpeechAudioDone(
-                usage=SpeechUsage(
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    total_tokens=usage.input_tokens + usage.output_tokens,
-                )
-            )
-        )
-    except Exception as exc:  # the status line is gone: the error travels as the last event
-        detail = _error_detail(exc)
-        current_record().fail("timeout" if detail.code == "timeout" else "error", detail.message)
-        structlog.get_logger("gateway.speech").error("speech_stream_failed", error=detail.message, exc_info=exc)
-        yield _event(SpeechStreamError(error=detail))
-    finally:
-        await _aclose(audio)
+    """The response body: owns ``stack`` (slot, engine job, encoder) and closes it on any exit."""
+    async with stack:
+        try:
+            data = first
+            while data is not None:
+                yield _sse_event(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))) if sse else data
+                data = await _next(encoded, deadline, record)
+            if sse:
+                total = usage.input_tokens + usage.output_tokens
+                done = SpeechUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=total)
+                yield _sse_event(SpeechAudioDone(usage=done))
+        except Exception as exc:  # the status line is gone: record why, then end the body
+            message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+            record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
+            structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
+            if not sse:
+                raise
+            yield _sse_event(SpeechStreamError(error=error_detail(exc)))
 
 
-def _event(payload: msgspec.Struct) -> bytes:
-    return b"data: " + _SSE_ENCODER.encode(payload) + b"\n\n"
-
-
-def _error_detail(exc: Exception) -> ErrorDetail:
+def error_detail(exc: BaseException) -> ErrorDetail:
+    """The OpenAI error object for ``exc``: our typed errors as they are, anything else generic."""
     if isinstance(exc, GatewayError):
         return ErrorDetail(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
     return ErrorDetail(
@@ -186,37 +190,46 @@ def _error_detail(exc: Exception) -> ErrorDetail:
     )
 
 
-async def _primed(items: AsyncIterator[T]) -> AsyncGenerator[T, None]:
-    """Wait for the first item before the response starts, so a failure to start is still an
-    error response; then yield it and the rest. Closing the result closes ``items``."""
+async def _first(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None = None) -> Any:
+    """The first item (None if there is none), within the request's time limit."""
+    return await _next(items, deadline, record)
+
+
+async def _next(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None) -> Any:
     try:
-        first = await anext(items)
+        return await next_within(items, deadline, what="speech request")
     except StopAsyncIteration:
-        await _aclose(items)
-        return _empty()
-    except BaseException:
-        await _aclose(items)
+        return None
+    except EncoderError:
+        if record is not None:
+            record.encoder_failed = True
         raise
 
-    async def chained() -> AsyncGenerator[T, None]:
-        try:
-            yield first
-            async for item in items:
-                yield item
-        finally:
-            await _aclose(items)
 
-    return chained()
+async def _counted(
+    first: AudioChunk | None, rest: AsyncIterator[AudioChunk], usage: _Usage, record: RequestRecord
+) -> AsyncIterator[np.ndarray]:
+    """The engine's samples for the encoder, counting speech tokens and audio as they pass.
+    (The engine's iterator is closed by the request's exit stack, not here.)"""
+    if first is None:
+        return
+    chunk: AudioChunk | None = first
+    while chunk is not None:
+        usage.output_tokens += chunk.speech_tokens
+        record.add_audio(len(chunk.samples))
+        yield chunk.samples
+        chunk = await anext(rest, None)
 
 
-async def _empty() -> AsyncGenerator[Any, None]:
-    return
-    yield
+@contextlib.contextmanager
+def _voice_is_a_parameter() -> Iterator[None]:
+    """A speech request names its voice as a parameter: an unknown one is a bad value (400
+    naming ``voice``), never a silent fallback to another voice."""
+    try:
+        yield
+    except VoiceNotFoundError as exc:
+        raise InvalidRequestError(exc.message, param="voice", code="voice_not_found") from None
 
 
-async def _aclose(iterator: object) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(RuntimeError):
-            # RuntimeError: the generator is already running its own cleanup in another frame.
-            await close()
+def _sse_event(payload: msgspec.Struct) -> bytes:
+    return b"data: " + _SSE_ENCODER.encode(payload) + b"\n\n"

@@ -1,4 +1,4 @@
-"""AdmissionController and deadline_iter on their own (the HTTP-level tests are in test_admission.py)."""
+"""AdmissionController and next_within on their own (the HTTP-level tests are in tests/http/test_admission_http.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.speech.admission import AdmissionController, QueueTimeoutError, deadline_iter
+from gateway.speech.admission import AdmissionController, QueueTimeoutError, next_within
 from gateway.errors import EngineUnavailableError, OverloadedError, RequestTimeoutError
 
 
@@ -93,31 +93,37 @@ async def test_close_refuses_new_and_queued_requests() -> None:
     assert admission.in_flight == 0
 
 
-async def test_deadline_iter_stops_a_stuck_producer_and_closes_it() -> None:
-    closed = asyncio.Event()
+async def test_next_within_cancels_a_stuck_producer_at_the_deadline() -> None:
+    cancelled = asyncio.Event()
 
     async def stuck() -> object:
+        yield 1
         try:
-            yield 1
             await asyncio.sleep(3600)
-            yield 2
-        finally:
-            closed.set()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield 2
 
-    got = []
+    source = stuck()
+    assert await next_within(source, time.monotonic() + 5) == 1
     started = time.monotonic()
     with pytest.raises(RequestTimeoutError):
-        async for item in deadline_iter(stuck(), time.monotonic() + 0.2):
-            got.append(item)
-    assert got == [1]
+        await next_within(source, time.monotonic() + 0.2)
     assert time.monotonic() - started < 1.0
-    assert closed.is_set()
+    assert cancelled.is_set()  # the producer's own cleanup ran
+    with pytest.raises(RequestTimeoutError):  # a deadline already past: no wait at all
+        await next_within(source, time.monotonic() - 1)
 
 
-async def test_deadline_iter_passes_everything_through_in_time() -> None:
+async def test_next_within_passes_everything_through_in_time() -> None:
     async def quick() -> object:
         for i in range(5):
             await asyncio.sleep(0)
             yield i
 
-    assert [i async for i in deadline_iter(quick(), time.monotonic() + 5)] == [0, 1, 2, 3, 4]
+    source = quick()
+    got = [await next_within(source, time.monotonic() + 5) for _ in range(5)]
+    assert got == [0, 1, 2, 3, 4]
+    with pytest.raises(StopAsyncIteration):
+        await next_within(source, time.monotonic() + 5)

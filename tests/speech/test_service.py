@@ -1,0 +1,51 @@
+"""The speech service's one body pipeline, driven directly (no HTTP): whatever way a body ends,
+the exit stack it owns drops the engine job, reaps the encoder and frees the admission slot."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.http.protocol import SpeechRequest
+from gateway.observability.request_record import close_record, open_record
+from gateway.settings import Settings
+from gateway.speech.service import prepare_speech
+from harness import ffmpeg_children, in_process
+from ops_support import HOLD, GatedEngine, wait_until
+
+
+def _request(text: str, **kw: object) -> SpeechRequest:
+    return SpeechRequest(model="tts-1", voice="alloy", input=text, response_format="mp3", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+async def test_a_body_closed_before_its_first_read_still_ends_its_work(settings: Settings, stream_format: str) -> None:
+    """A client can leave between the status line and the first body read: closing a generator
+    that never started runs none of its code, so the body must still unwind its stack."""
+    engine = GatedEngine(hold_after=2)
+    async with in_process(settings, engine) as gw:
+        services = gw.app.state.services
+        _, token = open_record("/v1/audio/speech")
+        try:
+            prepared = await prepare_speech(services, _request(f"{HOLD}. " + "Some words to speak for a while. " * 4, stream_format=stream_format), "r-1")
+        finally:
+            close_record(token)
+        assert services.admission.in_flight == 1 and ffmpeg_children()
+        await prepared.body.aclose()
+        assert services.admission.in_flight == 0
+        assert "r-1" in engine.cancelled
+        assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+
+
+async def test_a_body_read_to_the_end_frees_everything(settings: Settings) -> None:
+    async with in_process(settings, GatedEngine()) as gw:
+        services = gw.app.state.services
+        _, token = open_record("/v1/audio/speech")
+        try:
+            prepared = await prepare_speech(services, _request("Hello there."), "r-2")
+        finally:
+            close_record(token)
+        data = b"".join([chunk async for chunk in prepared.body])
+        assert data and services.admission.in_flight == 0
+        assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
