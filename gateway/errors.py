@@ -1,7 +1,10 @@
-"""Typed exceptions, each carrying its HTTP status and OpenAI error type.
+"""Typed exceptions, each carrying its HTTP status, OpenAI error type and code.
 
-Raise these anywhere; one handler (``gateway.http.errors``) renders every one of them as the
-OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}``.
+These classes are the one source of what an error looks like on the wire: raise them
+anywhere; ``gateway.http.errors`` renders every one of them (and any error Litestar raises
+itself, through :func:`error_for_status`) as the OpenAI envelope
+``{"error": {"message", "type", "param", "code"}}``, and the speech stream's SSE ``error``
+event carries the same object.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ class GatewayError(Exception):
             self.code = code
         self.headers = headers or {}
 
-    def envelope(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+"""What a client is told of a failure that is not one of ours (details go to the log only)."""
 
 
 class InvalidRequestError(GatewayError):
@@ -61,6 +65,20 @@ class MethodNotAllowedError(GatewayError):
     status_code = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class ForbiddenError(GatewayError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
+class ClientTimeoutError(GatewayError):
+    """The client took too long to send its request."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class ConflictError(GatewayError):
@@ -123,5 +141,35 @@ class EncoderError(GatewayError):
     code = "encoder_error"
 
 
+def as_gateway_error(exc: BaseException) -> GatewayError:
+    """``exc`` itself if it is one of ours, else a generic server error (500)."""
+    return exc if isinstance(exc, GatewayError) else GatewayError(INTERNAL_ERROR_MESSAGE)
+
+
+def error_for_status(status: int, message: str) -> GatewayError:
+    """Our error for a status raised by the framework itself (a 404 route, a 405, a 413), taken
+    from the first class (base classes first) that declares that status; 4xx only."""
+    cls = _CLASS_FOR_STATUS.get(status)
+    if cls is None:
+        error = GatewayError(message)
+        error.status_code, error.error_type, error.code = status, "invalid_request_error", None
+        return error
+    return cls(message)
+
+
+def _classes_by_status() -> dict[int, type[GatewayError]]:
+    found: dict[int, type[GatewayError]] = {}
+    pending = list(GatewayError.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        if 400 <= cls.status_code < 500:
+            found.setdefault(cls.status_code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
 class WeightsUnavailableError(Exception):
     """Start-up cannot get model weights; the message tells the user what to do."""
+
+
+_CLASS_FOR_STATUS = _classes_by_status()

@@ -24,6 +24,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationError
+from gateway.http.errors import error_response
 from gateway.settings import Settings, SettingsError
 
 API_PREFIX = "/v1"
@@ -105,7 +106,7 @@ class APIKeyMiddleware(ASGIMiddleware):
 async def _refuse(send: Send, exc: AuthenticationError) -> None:
     """Answer 401 here rather than raise: the request's own middleware (request id, access
     log line, metrics) then sees an ordinary response instead of an exception."""
-    body = msgspec.json.encode(exc.envelope())
+    body = msgspec.json.encode(error_response(exc))
     await send(
         {
             "type": "http.response.start",

@@ -1,8 +1,9 @@
 """The one exception handler: every error leaves the gateway as the OpenAI envelope.
 
 ``{"error": {"message", "type", "param", "code"}}`` for our typed errors, for Litestar's own
-routing and protocol errors (404, 405, 413, its validation errors) and for anything
-unexpected (500, logged with its traceback). Litestar's 422 never reaches a client: a
+routing and protocol errors (404, 405, 413, its validation errors: the status picks the class
+in ``gateway.errors`` that supplies type and code) and for anything unexpected (500, logged
+with its traceback). Litestar's 422 never reaches a client: a
 validation failure is a client error and the OpenAI contract says 400.
 """
 
@@ -15,21 +16,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 
-from gateway.errors import GatewayError
-from gateway.http.protocol import ErrorResponse
-
-_STATUS_CODES: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_value"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "forbidden"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    408: ("invalid_request_error", "request_timeout"),
-    409: ("invalid_request_error", "conflict"),
-    413: ("invalid_request_error", "payload_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-}
+from gateway.errors import GatewayError, as_gateway_error, error_for_status
+from gateway.http.protocol import ErrorDetail, ErrorResponse
 
 _MESSAGES: dict[int, str] = {
     404: "Unknown URL: {method} {path}. See GET /v1/models and the OpenAPI document at /schema/openapi.json.",
@@ -58,44 +46,38 @@ def error_responses(descriptions: dict[int, str]) -> dict[int, ResponseSpec]:
     }
 
 
-def envelope(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, dict[str, Any]]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+def error_response(exc: BaseException) -> ErrorResponse:
+    """The OpenAI envelope for ``exc`` (our typed errors as they are, anything else generic);
+    the HTTP error responses and the speech stream's SSE ``error`` event both use it."""
+    error = as_gateway_error(exc)
+    return ErrorResponse(error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code))
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Render any exception raised while handling a request (registered for ``Exception``)."""
+    log = structlog.get_logger("gateway.http")
+    if isinstance(exc, HTTPException) and not isinstance(exc, GatewayError):
+        status = 400 if exc.status_code == 422 else exc.status_code
+        if status >= 500:
+            log.error("request_failed", error=exc.detail, exc_info=exc)
+            return _render(as_gateway_error(exc), status)
+        template = _MESSAGES.get(status)
+        message = template.format(method=request.method, path=request.url.path) if template else str(exc.detail or "")
+        error = error_for_status(status, message)
+        error.param = _param_of(exc)
+        return _render(error, status, dict(exc.headers) if exc.headers else None)
     if isinstance(exc, GatewayError):
         if exc.status_code >= 500:
             # 503/504 are expected states (engine loading, queue or time limit), not faults.
-            log = structlog.get_logger("gateway.http")
             emit = log.warning if exc.status_code in (503, 504) else log.error
             emit("request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None)
-        return Response(content=exc.envelope(), status_code=exc.status_code, headers=exc.headers or None)
+        return _render(exc, exc.status_code, exc.headers or None)
+    log.exception("unhandled_error", error=repr(exc))
+    return _render(as_gateway_error(exc), 500)
 
-    if isinstance(exc, HTTPException):
-        status = 400 if exc.status_code == 422 else exc.status_code
-        if status >= 500:
-            structlog.get_logger("gateway.http").error("request_failed", error=exc.detail, exc_info=exc)
-            return Response(
-                content=envelope("The server had an error while processing your request.", "server_error", None, None),
-                status_code=status,
-            )
-        error_type, code = _STATUS_CODES.get(status, ("invalid_request_error", None))
-        template = _MESSAGES.get(status)
-        message = (
-            template.format(method=request.method, path=request.url.path) if template else str(exc.detail or "")
-        )
-        return Response(
-            content=envelope(message, error_type, _param_of(exc), code),
-            status_code=status,
-            headers=dict(exc.headers) if exc.headers else None,
-        )
 
-    structlog.get_logger("gateway.http").exception("unhandled_error", error=repr(exc))
-    return Response(
-        content=envelope("The server had an error while processing your request.", "server_error", None, None),
-        status_code=500,
-    )
+def _render(error: GatewayError, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(content=error_response(error), status_code=status, headers=headers)
 
 
 def _param_of(exc: HTTPException) -> str | None:

@@ -33,9 +33,9 @@ import structlog
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
 from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
 from gateway.errors import EncoderError, GatewayError, InvalidRequestError, RequestTimeoutError, VoiceNotFoundError
+from gateway.http.errors import error_response
 from gateway.http.protocol import (
     CONTROL_FIELDS,
-    ErrorDetail,
     SpeechAudioDelta,
     SpeechAudioDone,
     SpeechRequest,
@@ -178,16 +178,7 @@ async def _body(
             structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
             if not sse:
                 raise
-            yield _sse_event(SpeechStreamError(error=error_detail(exc)))
-
-
-def error_detail(exc: BaseException) -> ErrorDetail:
-    """The OpenAI error object for ``exc``: our typed errors as they are, anything else generic."""
-    if isinstance(exc, GatewayError):
-        return ErrorDetail(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
-    return ErrorDetail(
-        message="The server had an error while processing your request.", type="server_error", param=None, code=None
-    )
+            yield _sse_event(SpeechStreamError(error=error_response(exc).error))
 
 
 async def _first(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None = None) -> Any:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import ModelNotFoundError
+from gateway.http.errors import error_response
 from gateway.speech.model_names import CHATTERBOX, model_ids, resolve_model
 
 
@@ -36,7 +37,7 @@ def test_unknown_names_are_model_not_found(name: str) -> None:
     assert error.status_code == 404
     assert error.code == "model_not_found"
     assert error.param == "model"
-    assert error.envelope()["error"]["type"] == "invalid_request_error"
+    assert error_response(error).error.type == "invalid_request_error"
 
 
 def test_model_ids_list_the_model_first_then_aliases_without_duplicates() -> None:
