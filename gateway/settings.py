@@ -44,6 +44,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """A file with one accepted key per line, merged with ``api_keys``."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed to call the API from a browser ("*" for any). Empty: CORS off."""
+    playground_enabled: bool = True
+    """Serve the playground page at ``/`` (a browser page to try the API; it uses the same keys)."""
     metrics_enabled: bool = True
     metrics_require_auth: bool = False
     log_format: Literal["auto", "json", "console"] = "auto"
