@@ -23,7 +23,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from gateway import __version__
 from gateway.http.api_docs import api_docs_assets, render_plugins
 from gateway.http.errors import handle_exception
-from gateway.http.health import health, ready
+from gateway.http.health import health, health_head, ready, ready_head
 from gateway.http.metrics import metrics
 from gateway.http.models import list_models, retrieve_model
 from gateway.http.playground import playground_routes
@@ -77,7 +77,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             await close_engine(services)
 
     route_handlers: list[Any] = [
-        create_speech, list_models, retrieve_model, voices_router, health, ready, metrics, api_docs_assets()
+        create_speech, list_models, retrieve_model, voices_router, health, health_head, ready, ready_head, metrics,
+        api_docs_assets(),
     ]
     if settings.playground_enabled:
         route_handlers += playground_routes()

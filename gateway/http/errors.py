@@ -8,6 +8,7 @@ validation failure is a client error and the OpenAI contract says 400.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from gateway.errors import GatewayError
 from gateway.http.protocol import ErrorResponse
+from gateway.observability.request_record import current_record
 
 _STATUS_CODES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_value"),
@@ -65,10 +67,15 @@ def envelope(message: str, error_type: str, param: str | None, code: str | None)
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Render any exception raised while handling a request (registered for ``Exception``)."""
     if isinstance(exc, GatewayError):
-        if exc.status_code >= 500:
-            # 503/504 are expected states (engine loading, queue or time limit), not faults.
+        expected = exc.status_code in (503, 504)  # engine loading, queue or time limit: not faults
+        if expected and exc.__cause__ is None:
+            # the request's one log line (a warning for these statuses) carries the reason:
+            # a load balancer polling /ready while the engine loads writes one line per poll
+            record = current_record()
+            record.error = record.error or exc.message
+        elif exc.status_code >= 500:
             log = structlog.get_logger("gateway.http")
-            emit = log.warning if exc.status_code in (503, 504) else log.error
+            emit = log.warning if expected else log.error
             emit("request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None)
         return Response(content=exc.envelope(), status_code=exc.status_code, headers=exc.headers or None)
 
@@ -85,8 +92,11 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         message = (
             template.format(method=request.method, path=request.url.path) if template else str(exc.detail or "")
         )
+        param, reason = _validation_problem(exc)
+        if reason:
+            message = f"{message}: {reason}"
         return Response(
-            content=envelope(message, error_type, _param_of(exc), code),
+            content=envelope(message, error_type, param, code),
             status_code=status,
             headers=dict(exc.headers) if exc.headers else None,
         )
@@ -98,12 +108,22 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     )
 
 
-def _param_of(exc: HTTPException) -> str | None:
-    """The field a Litestar validation error is about (its ``extra`` carries ``key``)."""
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_BODY_KEY = "data"
+"""What Litestar calls the whole request body in a validation error: not a field a client sent."""
+
+
+def _validation_problem(exc: HTTPException) -> tuple[str | None, str | None]:
+    """The field a Litestar validation error is about and why (its ``extra`` carries ``key``
+    and msgspec's ``message``); a missing field is named, not reported as the whole body."""
     extra = exc.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        key = extra[0].get("key")
-        return str(key) if key is not None else None
-    if isinstance(extra, dict) and "key" in extra:
-        return str(extra["key"])
-    return None
+        extra = extra[0]
+    if not isinstance(extra, dict):
+        return None, None
+    key = extra.get("key")
+    reason = extra.get("message")
+    if isinstance(reason, str) and (missing := _MISSING_FIELD.search(reason)):
+        return missing.group(1), f"missing required field '{missing.group(1)}'"
+    param = str(key) if key is not None and key != _BODY_KEY else None
+    return param, str(reason) if reason else None
