@@ -38,8 +38,10 @@ def launch_browser() -> Iterator[Any]:
             pytest.fail(f"no browser at {CHROMIUM} (apt-get install chromium)")
         pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as playwright:
-        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start. The fake
+        # capture device is a microphone that plays a beep, granted without a prompt.
+        args = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             yield browser
         finally:

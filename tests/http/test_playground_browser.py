@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,24 @@ def test_uploaded_voice_is_listed_used_and_deleted(
     page.click("#voice-list [data-voice-id] button")
     watched.wait_js("!document.querySelector('#voice-list [data-voice-id]')")
     assert voice_id not in page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert watched.problems() == []
+
+
+def test_a_voice_recorded_from_the_microphone_is_created(browser: Any, server: str) -> None:
+    watched = _open(browser, server)
+    page = watched.page
+    _pickers_loaded(watched)
+    page.click("#record")
+    watched.wait_js("document.querySelector('#record').textContent === 'Stop recording'")
+    time.sleep(3.6)  # the server wants at least 3 s of audio
+    page.click("#record")
+    watched.wait_js("!document.querySelector('#clip-preview').hidden")
+    page.fill("#voice-name", "recorded")
+    page.check("#voice-consent")
+    page.click("#create-voice")
+    watched.wait_js("document.querySelector('#voice-list [data-voice-id]') || !document.querySelector('#voice-error').hidden")
+    assert page.is_hidden("#voice-error"), page.text_content("#voice-error")
+    assert "recorded" in page.text_content("#voice-list")
     assert watched.problems() == []
 
 
