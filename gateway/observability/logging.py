@@ -29,6 +29,8 @@ _HARMLESS_WARNINGS = (
     # diffusers, imported by upstream Chatterbox's S3Gen: asks for the optional PEFT package,
     # which nothing here uses
     r"`LoRACompatibleLinear` is deprecated",
+    # torch, on upstream T3's attention context manager at the first request
+    r"`torch.backends.cuda.sdp_kernel\(\)` is deprecated",
 )
 
 
