@@ -102,6 +102,25 @@ def test_page_loads_and_speak_streams_audio(browser: Any, server: str, engine: F
     assert watched.problems() == []
 
 
+def test_stop_ends_the_request_and_the_sound(browser: Any, server: str, engine: FakeEngine) -> None:
+    watched = _open(browser, server)
+    page = watched.page
+    _pickers_loaded(watched)
+    page.fill("#input", "A long text that takes a while to speak. " * 20)
+    page.click("#speak")
+    watched.wait_js("document.querySelector('#ttfa').textContent !== '–'")  # playing, still downloading
+    page.click("#stop")
+    assert page.text_content("#play-state") == "stopped"
+    assert page.evaluate("document.querySelector('#player').paused")
+    # the server saw the client go and cancelled the engine job
+    deadline = time.monotonic() + 10
+    while not engine.cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.cancelled
+    # aborting the fetch is a failed request by design; nothing else
+    assert [p for p in watched.problems() if "/v1/audio/speech" not in p] == []
+
+
 @pytest.mark.parametrize("response_format", ["wav", "pcm", "opus", "aac", "flac"])
 def test_every_format_plays(browser: Any, server: str, response_format: str) -> None:
     watched = _open(browser, server)
