@@ -201,7 +201,8 @@ async def test_form_mistakes_are_400(settings: Settings, clip: bytes, api_error)
 @pytest.mark.parametrize(("fields", "missing"), [({"name": "no-clip"}, "audio_sample"), ({}, "name")])
 async def test_a_missing_form_field_is_named(settings: Settings, clip: bytes, fields, missing, api_error) -> None:
     # a multipart form with the other field (and an unrelated file, so httpx sends multipart)
-    files = {"other": ("c.wav", clip, "audio/wav")} if missing == "audio_sample" else {"audio_sample": ("c.wav", clip, "audio/wav")}
+    file_field = "other" if missing == "audio_sample" else "audio_sample"
+    files = {file_field: ("c.wav", clip, "audio/wav")}
     async with in_process(settings, FakeEngine()) as gw:
         error = api_error(await gw.http.post("/v1/audio/voices", data=fields, files=files), 400, param=missing)
         assert f"missing required field '{missing}'" in error["message"]
