@@ -53,7 +53,9 @@ def server(settings: Settings, engine: FakeEngine) -> Iterator[str]:
 
 @pytest.fixture
 def keyed_server(settings: Settings, engine: FakeEngine) -> Iterator[str]:
-    yield from _serve(msgspec.structs.replace(settings, api_keys=(KEY,)), engine)
+    # CORS on for another site: the page is same-origin and must not be affected
+    configured = msgspec.structs.replace(settings, api_keys=(KEY,), cors_origins=("https://app.example",))
+    yield from _serve(configured, engine)
 
 
 def _open(browser: Any, base_url: str) -> Watched:
