@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import structlog
 from litestar import Litestar, Router
@@ -20,10 +21,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway import __version__
+from gateway.http.api_docs import api_docs_assets, render_plugins
 from gateway.http.errors import handle_exception
-from gateway.http.health import health, ready
+from gateway.http.health import health, health_head, ready, ready_head
 from gateway.http.metrics import metrics
 from gateway.http.models import list_models, retrieve_model
+from gateway.http.playground import playground_routes
 from gateway.http.request_context import add_request_id_header, request_context_middleware
 from gateway.http.speech import create_speech
 from gateway.http.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
@@ -73,8 +76,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             await asyncio.gather(loader, watcher, return_exceptions=True)
             await close_engine(services)
 
+    route_handlers: list[Any] = [
+        create_speech, list_models, retrieve_model, voices_router, health, health_head, ready, ready_head, metrics,
+        api_docs_assets(),
+    ]
+    if settings.playground_enabled:
+        route_handlers += playground_routes()
+
     return Litestar(
-        route_handlers=[create_speech, list_models, retrieve_model, voices_router, health, ready, metrics],
+        route_handlers=route_handlers,
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
@@ -88,6 +98,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             version=__version__,
             description="OpenAI-compatible text-to-speech for Resemble AI's Chatterbox models.",
             path=OPENAPI_PATH,
+            render_plugins=render_plugins(),
             components=Components(
                 security_schemes={
                     "BearerAuth": SecurityScheme(

@@ -146,12 +146,13 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each also CHATTERBOX_<NAME> in the environment)")
     hints = typing.get_type_hints(Settings, include_extras=True)
     docs = _field_docs()
-    defaults = {f.name: f.default for f in msgspec.structs.fields(Settings)}
+    fields = {f.name: f for f in msgspec.structs.fields(Settings)}
     for name in Settings.__struct_fields__:
         flag = "--" + name.replace("_", "-")
         base, choices = _flag_type(hints[name])
         help_text = docs.get(name, "")
-        default = defaults[name]
+        field = fields[name]
+        default = field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
         if default is not msgspec.NODEFAULT and default is not None and default != ():
             help_text = f"{help_text} (default: {default})".strip()
         help_text = help_text.replace("%", "%%")
@@ -199,5 +200,6 @@ def _field_docs() -> dict[str, str]:
                     and isinstance(following.value, ast.Constant)
                     and isinstance(following.value.value, str)
                 ):
-                    docs[current.target.id] = " ".join(following.value.value.split())
+                    # reStructuredText ``literals`` read as plain words on a terminal
+                    docs[current.target.id] = " ".join(following.value.value.replace("``", "").split())
     return docs

@@ -33,7 +33,9 @@ def _default_cache_dir() -> str:
 class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # --- HTTP -------------------------------------------------------------------------------
     host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    """TCP port to listen on."""
     max_body_bytes: PositiveInt = 1_048_576
     """Largest JSON body accepted on /v1/audio/speech (413 beyond)."""
     max_upload_bytes: PositiveInt = 10 * 1_048_576
@@ -44,24 +46,35 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """A file with one accepted key per line, merged with ``api_keys``."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed to call the API from a browser ("*" for any). Empty: CORS off."""
+    playground_enabled: bool = True
+    """Serve the playground page at ``/`` (a browser page to try the API; it uses the same keys)."""
     metrics_enabled: bool = True
+    """Serve Prometheus metrics at /metrics."""
     metrics_require_auth: bool = False
+    """Ask for an API key on /metrics too (when keys are configured)."""
     log_format: Literal["auto", "json", "console"] = "auto"
+    """auto: console lines on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe log level written."""
 
     # --- Engine and weights -----------------------------------------------------------------
     engine: Literal["auto", "reference", "vllm", "fake"] = "auto"
     """auto: vllm when CUDA and vLLM are importable, else reference."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
     load_format: Literal["hub", "local", "dummy"] = "hub"
     """hub: download from the Hugging Face Hub; local: read ``model_path``; dummy: the real
     architecture with random weights (tests, benchmarks, machines without the Hub)."""
     model_path: str | None = None
+    """A local checkpoint folder (with load_format local)."""
     hf_repo: str = DEFAULT_HF_REPO
+    """Hugging Face Hub repository of the weights (with load_format hub)."""
     hf_revision: str = DEFAULT_HF_REVISION
+    """Hub revision (commit) of the weights: pinned, never a moving branch."""
     cache_dir: str = msgspec.field(default_factory=_default_cache_dir)
     """Weights (hub downloads) and computed voice conditionals live under here."""
     dummy_seed: int = 0
+    """Seed of the random weights (with load_format dummy)."""
     watermark: bool = True
     """Apply the Perth imperceptible watermark to every output (as upstream does)."""
 
@@ -88,16 +101,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     max_queued: Annotated[int, Meta(ge=0)] = 64
     """Requests waiting for a slot; past this, 429 at once."""
     queue_timeout_s: NonNegativeFloat = 30.0
+    """Longest a speech request waits in the queue for a slot before a 503 (seconds)."""
     request_timeout_s: NonNegativeFloat = 600.0
+    """Longest a speech request may take in all (seconds): 504 before the first byte, the stream closed after."""
     shutdown_grace_s: NonNegativeFloat = 10.0
+    """On SIGTERM/SIGINT: how long open requests may finish before they are cancelled (seconds)."""
 
     # --- vLLM engine ------------------------------------------------------------------------
     vllm_max_num_seqs: PositiveInt = 128
+    """vLLM: most sequences decoded in one batch."""
     vllm_max_model_len: PositiveInt = 2048
+    """vLLM: longest sequence (prompt and speech tokens)."""
     vllm_gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    """vLLM: share of GPU memory its engine may use (weights and KV cache)."""
     vllm_kv_cache_memory_bytes: Annotated[int, Meta(ge=0)] = 0
     """If non-zero, the exact KV cache size (overrides gpu_memory_utilization)."""
     vllm_enforce_eager: bool = False
+    """vLLM: no CUDA graphs (slower, starts faster, less memory)."""
     vocoder_max_batch: PositiveInt = 64
     """Most token windows one batched S3Gen call vocodes."""
     stream_first_window_tokens: PositiveInt = 20

@@ -185,3 +185,15 @@ def test_readme_python_sdk(cli_server: int, tmp_path: Path, valid_audio) -> None
     result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     valid_audio((tmp_path / "speech.mp3").read_bytes(), "mp3")
+
+
+def test_serve_help_describes_every_flag_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    flags = {action.dest: action for action in serve._actions if action.dest in Settings.__struct_fields__}
+    assert set(flags) == set(Settings.__struct_fields__)
+    undocumented = [name for name, action in flags.items() if not (action.help or "").split("(default:")[0].strip()]
+    assert undocumented == []
+    assert not [name for name, action in flags.items() if "`" in (action.help or "")]
+    # a default computed at start-up is shown too
+    assert "(default: /somewhere/cache/chatterbox-gateway)" in flags["cache_dir"].help

@@ -9,6 +9,7 @@ validation failure is a client error and the OpenAI contract says 400.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -18,6 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from gateway.errors import GatewayError, as_gateway_error, error_for_status
 from gateway.http.protocol import ErrorDetail, ErrorResponse
+from gateway.observability.request_record import current_record
 
 _MESSAGES: dict[int, str] = {
     404: "Unknown URL: {method} {path}. See GET /v1/models and the OpenAPI document at /schema/openapi.json.",
@@ -63,13 +65,21 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
             return _render(as_gateway_error(exc), status)
         template = _MESSAGES.get(status)
         message = template.format(method=request.method, path=request.url.path) if template else str(exc.detail or "")
+        param, reason = _validation_problem(exc)
+        if reason:
+            message = f"{message}: {reason}"
         error = error_for_status(status, message)
-        error.param = _param_of(exc)
+        error.param = param
         return _render(error, status, dict(exc.headers) if exc.headers else None)
     if isinstance(exc, GatewayError):
-        if exc.status_code >= 500:
-            # 503/504 are expected states (engine loading, queue or time limit), not faults.
-            emit = log.warning if exc.status_code in (503, 504) else log.error
+        expected = exc.status_code in (503, 504)  # engine loading, queue or time limit: not faults
+        if expected and exc.__cause__ is None:
+            # the request's one log line (a warning for these statuses) carries the reason:
+            # a load balancer polling /ready while the engine loads writes one line per poll
+            record = current_record()
+            record.error = record.error or exc.message
+        elif exc.status_code >= 500:
+            emit = log.warning if expected else log.error
             emit("request_failed", error=exc.message, code=exc.code, exc_info=exc.__cause__ is not None)
         return _render(exc, exc.status_code, exc.headers or None)
     log.exception("unhandled_error", error=repr(exc))
@@ -80,12 +90,22 @@ def _render(error: GatewayError, status: int, headers: dict[str, str] | None = N
     return Response(content=error_response(error), status_code=status, headers=headers)
 
 
-def _param_of(exc: HTTPException) -> str | None:
-    """The field a Litestar validation error is about (its ``extra`` carries ``key``)."""
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_BODY_KEY = "data"
+"""What Litestar calls the whole request body in a validation error: not a field a client sent."""
+
+
+def _validation_problem(exc: HTTPException) -> tuple[str | None, str | None]:
+    """The field a Litestar validation error is about and why (its ``extra`` carries ``key``
+    and msgspec's ``message``); a missing field is named, not reported as the whole body."""
     extra = exc.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        key = extra[0].get("key")
-        return str(key) if key is not None else None
-    if isinstance(extra, dict) and "key" in extra:
-        return str(extra["key"])
-    return None
+        extra = extra[0]
+    if not isinstance(extra, dict):
+        return None, None
+    key = extra.get("key")
+    reason = extra.get("message")
+    if isinstance(reason, str) and (missing := _MISSING_FIELD.search(reason)):
+        return missing.group(1), f"missing required field '{missing.group(1)}'"
+    param = str(key) if key is not None and key != _BODY_KEY else None
+    return param, str(reason) if reason else None

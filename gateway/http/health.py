@@ -1,8 +1,11 @@
-"""Liveness and readiness: /health says the process answers, /ready that the engine is loaded."""
+"""Liveness and readiness: /health says the process answers, /ready that the engine is loaded.
+
+Both also answer HEAD (some probes and load balancers send it): the same status, no body.
+"""
 
 from __future__ import annotations
 
-from litestar import get
+from litestar import get, head
 from litestar.di import NamedDependency
 
 from gateway.http.errors import error_responses
@@ -27,3 +30,13 @@ def ready(services: NamedDependency[AppServices]) -> HealthStatus:
     """200 once the engine has loaded; 503 with the error envelope and Retry-After until then."""
     engine = services.ready_engine()
     return HealthStatus(status="ready", engine=engine.name, model=engine.model_id)
+
+
+@head("/health", include_in_schema=False, sync_to_thread=False)
+def health_head() -> None:
+    return None
+
+
+@head("/ready", include_in_schema=False, sync_to_thread=False)
+def ready_head(services: NamedDependency[AppServices]) -> None:
+    services.ready_engine()  # 503 (Retry-After) until the engine has loaded, like GET

@@ -18,4 +18,6 @@ def metrics(services: NamedDependency[AppServices]) -> Response[bytes]:
     if services.metrics is None:
         raise NotFoundError("Metrics are disabled (metrics_enabled=false).")
     body, content_type = services.metrics.render()
-    return Response(content=body, media_type=content_type, headers={"Cache-Control": "no-store"})
+    # as a header, not media_type: Litestar appends "; charset=utf-8" to a text/* media type,
+    # and Prometheus' content type already ends with it
+    return Response(content=body, headers={"content-type": content_type, "Cache-Control": "no-store"})

@@ -108,15 +108,15 @@ class VoicesController(Controller):
         responses=v1_error_responses(
             {
                 400: "A built-in or dropped-in voice (not deletable through the API)",
-                404: "No voice created through the API has this id",
+                404: "No voice has this id or name",
                 503: "Voice library loading",
             }
         ),
     )
     async def delete_voice(self, voice_id: FromPath[str], services: NamedDependency[AppServices]) -> AudioVoiceDeleted:
-        """Delete a voice created through this API, by its id."""
-        await asyncio.to_thread(_library(services).delete, voice_id)
-        return AudioVoiceDeleted(id=voice_id)
+        """Delete a voice created through this API, by its id or name (as GET finds it)."""
+        removed = await asyncio.to_thread(_library(services).delete, voice_id)
+        return AudioVoiceDeleted(id=removed.id)
 
 
 def _library(services: AppServices) -> VoiceLibrary:

@@ -3,17 +3,35 @@
 One stdlib handler on stdout renders both: JSON lines when stdout is not a terminal (or
 ``log_format=json``), coloured console lines on a terminal (or ``log_format=console``).
 ``merge_contextvars`` comes first so the request id bound per request is on every line.
+
+Third-party noise at start-up goes the same way: Python warnings become ``py.warnings`` log
+lines (and known harmless ones are dropped), and :func:`prints_to_log` turns the bare
+``print`` of a library we load into log lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import structlog
 
 from gateway.settings import Settings
+
+
+_HARMLESS_WARNINGS = (
+    # diffusers, imported by upstream Chatterbox's S3Gen: asks for the optional PEFT package,
+    # which nothing here uses
+    r"`LoRACompatibleLinear` is deprecated",
+    # torch, on upstream T3's attention context manager at the first request
+    r"`torch.backends.cuda.sdp_kernel\(\)` is deprecated",
+)
 
 
 def _renderer(log_format: str, stream: TextIO) -> Any:
@@ -51,8 +69,58 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # warnings.warn() from libraries: a log line (once per place, Python's default), not stderr text
+    logging.captureWarnings(True)
+    for message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     # uvicorn installs its own handlers unless told otherwise; route its loggers to ours.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+class _LinesToLog(io.TextIOBase):
+    """A text stream whose complete lines become ``info`` events of ``logger``."""
+
+    def __init__(self, logger: Any, fallback: TextIO) -> None:
+        self._logger = logger
+        self._fallback = fallback
+        self._pending = ""
+        self._busy = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if getattr(self._busy, "active", False):  # a logger that itself prints to stdout
+            return self._fallback.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._emit(self._pending)
+            self._pending = ""
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        self._busy.active = True
+        try:
+            self._logger.info("library_output", output=line.strip())
+        finally:
+            self._busy.active = False
+
+
+@contextlib.contextmanager
+def prints_to_log(logger_name: str) -> Iterator[None]:
+    """While inside, ``print`` output (of a library being loaded) becomes log lines. Swaps
+    ``sys.stdout`` for the whole process: keep it around a short, synchronous call."""
+    stream = _LinesToLog(structlog.get_logger(logger_name), sys.stdout)
+    with contextlib.redirect_stdout(stream):  # type: ignore[type-var]
+        yield
+    stream.flush()

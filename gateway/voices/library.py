@@ -172,28 +172,30 @@ class VoiceLibrary:
             raise
         return VoiceInfo(voice_id, name, (), "user", self._created_dir / voice_id / "clip.flac", created_at)
 
-    def delete(self, voice_id: str) -> None:
-        """Remove a voice created through the API (by its id)."""
+    def delete(self, name_or_id: str) -> VoiceInfo:
+        """Remove a voice created through the API, found by id or name like :meth:`get`
+        (case-insensitive, the same precedence); returns the voice removed."""
+        wanted = name_or_id.strip().lower()
         with self._lock:
             for voice in self._builtins:
-                if voice_id.lower() in _keys(voice):
-                    raise InvalidRequestError(f"Voice '{voice_id}' is built in and cannot be deleted.", param="voice_id")
-            target = self._created_dir / voice_id
-            if _is_created_id(voice_id) and (target / "voice.json").is_file():
-                # Rename first: the voice disappears atomically even if removal is interrupted.
-                trash = self._created_dir / f"{_TRASH_PREFIX}{voice_id}"
-                os.replace(target, trash)
-                _fsync_dir(self._created_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-                self._created_cache.pop(voice_id, None)
-                return
+                if wanted in _keys(voice):
+                    raise InvalidRequestError(f"Voice '{name_or_id}' is built in and cannot be deleted.", param="voice_id")
+            for voice in self._scan_created():
+                if wanted in _keys(voice):
+                    # Rename first: the voice disappears atomically even if removal is interrupted.
+                    trash = self._created_dir / f"{_TRASH_PREFIX}{voice.id}"
+                    os.replace(self._created_dir / voice.id, trash)
+                    _fsync_dir(self._created_dir)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    self._created_cache.pop(voice.id, None)
+                    return voice
             for voice in self._scan_dropped():
-                if voice_id.lower() in _keys(voice):
+                if wanted in _keys(voice):
                     raise InvalidRequestError(
-                        f"Voice '{voice_id}' is a file in the voices directory; remove the file to delete it.",
+                        f"Voice '{name_or_id}' is a file in the voices directory; remove the file to delete it.",
                         param="voice_id",
                     )
-        raise NotFoundError(f"Voice '{voice_id}' does not exist.", param="voice_id")
+        raise NotFoundError(f"Voice '{name_or_id}' does not exist.", param="voice_id")
 
     # ---- scanning ----------------------------------------------------------------------
 

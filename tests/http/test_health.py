@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import httpx
+from structlog.testing import capture_logs
+
+from gateway.app import create_app
 from gateway.engine.fake import FakeEngine
+from harness import serve_on_loopback
 
 SPEECH = {"model": "tts-1", "input": "Hello.", "voice": "alloy", "response_format": "pcm"}
 
@@ -62,3 +68,28 @@ async def test_shutdown_closes_the_engine(make_gateway) -> None:
     async with make_gateway(engine):
         assert engine.started and not engine.closed
     assert engine.closed
+
+
+def test_head_health_and_ready_answer_like_get(settings) -> None:
+    """On a real server (probes and load balancers send HEAD): 200 for /health at once, 503
+    with Retry-After for /ready while loading, then 200; never a body."""
+    app = create_app(settings, engine=FakeEngine(start_delay_s=1.0))
+    with serve_on_loopback(app, ready_path="/health") as base_url:
+        health = httpx.head(f"{base_url}/health")
+        assert health.status_code == 200 and health.content == b""
+        loading = httpx.head(f"{base_url}/ready")
+        assert loading.status_code == 503 and loading.content == b""
+        assert int(loading.headers["retry-after"]) > 0
+        for _ in range(300):
+            if (ready := httpx.head(f"{base_url}/ready")).status_code == 200:
+                break
+            time.sleep(0.01)
+        assert ready.status_code == 200 and ready.content == b""
+
+
+async def test_a_ready_poll_while_loading_writes_one_log_line(make_gateway) -> None:
+    async with make_gateway(FakeEngine(start_delay_s=5), ready=False) as gw:
+        with capture_logs() as logs:
+            assert (await gw.http.get("/ready")).status_code == 503
+    assert [(e["event"], e["log_level"]) for e in logs] == [("request", "warning")]
+    assert logs[0]["status"] == 503 and "loading" in logs[0]["error"]

@@ -80,6 +80,17 @@ async def test_create_list_get_use_delete(settings: Settings, clip: bytes, valid
         api_error(gone, 400, param="voice")
 
 
+async def test_delete_by_name_answers_with_the_id(settings: Settings, clip: bytes, api_error) -> None:
+    async with in_process(settings, FakeEngine()) as gw:
+        voice = (await gw.http.post("/v1/audio/voices", **upload("my-voice", clip))).json()
+        assert (await gw.http.get("/v1/audio/voices/my-voice")).status_code == 200
+        deleted = await gw.http.delete("/v1/audio/voices/my-voice")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json() == {"id": voice["id"], "object": "audio.voice.deleted", "deleted": True}
+        api_error(await gw.http.get(f"/v1/audio/voices/{voice['id']}"), 404)
+        api_error(await gw.http.delete("/v1/audio/voices/my-voice"), 404, param="voice_id")
+
+
 async def test_openai_sdk_creates_and_deletes(settings: Settings, clip: bytes) -> None:
     async with in_process(settings, FakeEngine()) as gw:
         voice = await gw.sdk.audio.voices.create(
@@ -185,6 +196,16 @@ async def test_form_mistakes_are_400(settings: Settings, clip: bytes, api_error)
             ),
             400,
         )
+
+
+@pytest.mark.parametrize(("fields", "missing"), [({"name": "no-clip"}, "audio_sample"), ({}, "name")])
+async def test_a_missing_form_field_is_named(settings: Settings, clip: bytes, fields, missing, api_error) -> None:
+    # a multipart form with the other field (and an unrelated file, so httpx sends multipart)
+    file_field = "other" if missing == "audio_sample" else "audio_sample"
+    files = {file_field: ("c.wav", clip, "audio/wav")}
+    async with in_process(settings, FakeEngine()) as gw:
+        error = api_error(await gw.http.post("/v1/audio/voices", data=fields, files=files), 400, param=missing)
+        assert f"missing required field '{missing}'" in error["message"]
 
 
 async def test_voices_survive_a_restart_without_recomputing(settings: Settings, clip: bytes) -> None:

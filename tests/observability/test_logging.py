@@ -3,12 +3,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from gateway.observability.logging import configure_logging
+from gateway.observability.logging import configure_logging, prints_to_log
 from gateway.settings import Settings
 
 
@@ -19,6 +20,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
     structlog.reset_defaults()
 
 
@@ -54,3 +56,23 @@ def test_explicit_json_wins_over_a_terminal(restore_logging: None) -> None:
     configure_logging(Settings(log_format="json"), stream=stream)
     structlog.get_logger("gateway.test").info("hello")
     assert json.loads(stream.getvalue().splitlines()[0])["event"] == "hello"
+
+
+def test_library_warnings_and_prints_become_log_lines(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # pytest's own filters aside: Python's default
+        configure_logging(Settings(log_format="json"), stream=stream)  # re-applies its filters
+        warnings.warn("this API will change", FutureWarning, stacklevel=1)
+        warnings.warn("`LoRACompatibleLinear` is deprecated and will be removed", FutureWarning, stacklevel=1)
+    with prints_to_log("gateway.engine"):
+        print("loaded PerthNet (Implicit) at step 250,000")
+        print("no newline at the end", end="")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("py.warnings", "warning"), ("gateway.engine", "info"), ("gateway.engine", "info")
+    ]
+    assert "this API will change" in lines[0]["event"]
+    assert [line["output"] for line in lines[1:]] == ["loaded PerthNet (Implicit) at step 250,000", "no newline at the end"]
+    captured = capsys.readouterr()
+    assert captured.out == "" and "LoRACompatibleLinear" not in captured.err

@@ -275,6 +275,15 @@ def test_delete_removes_a_created_voice_for_good(builtin_dir: Path, tmp_path: Pa
         lib.delete(voice.id)
 
 
+def test_delete_finds_a_voice_by_name_like_get(builtin_dir: Path, tmp_path: Path, audio_file) -> None:
+    lib = VoiceLibrary(builtin_dir, tmp_path / "user")
+    voice = lib.create("By-Name", audio_file("a.wav").read_bytes(), None)
+    assert lib.get("by-name") == voice
+    assert lib.delete("BY-NAME").id == voice.id
+    with pytest.raises(VoiceNotFoundError):
+        lib.get(voice.id)
+
+
 @pytest.mark.parametrize("voice_id", ["aria", "default", "alloy"])
 def test_builtins_cannot_be_deleted(library: VoiceLibrary, voice_id: str) -> None:
     with pytest.raises(InvalidRequestError):

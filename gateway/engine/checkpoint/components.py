@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
     from transformers.modeling_utils import no_init_weights
 
 from gateway.errors import InvalidRequestError
+from gateway.observability.logging import prints_to_log
 
 ENC_COND_SECONDS = 6
 """Seconds of the clip (at 16 kHz) the S3 tokenizer turns into T3's speech prompt (upstream)."""
@@ -95,7 +96,8 @@ def load_components(checkpoint_dir: Path, device: str | torch.device) -> Compone
     builtin = None
     if (checkpoint_dir / "conds.pt").is_file():
         builtin = load_conditionals(checkpoint_dir / "conds.pt", device)
-    watermarker = perth.PerthImplicitWatermarker(device=str(device))
+    with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
+        watermarker = perth.PerthImplicitWatermarker(device=str(device))
     return Components(t3, s3gen, ve, tokenizer, watermarker, builtin, device)
 
 

@@ -1,0 +1,96 @@
+"""Headless Chromium for the page tests: the distribution's browser driven by Playwright.
+
+Nothing is downloaded: Playwright starts the system browser (``/usr/bin/chromium``, from
+``apt-get install chromium``; ``CHATTERBOX_TEST_CHROMIUM`` overrides). Without it the
+browser tests skip, unless ``CHATTERBOX_REQUIRE_BROWSER=1`` (CI) makes that a failure.
+
+Every page is watched: console errors, uncaught exceptions, failed requests and any request
+that leaves the server under test are recorded, and requests to other hosts are refused, so
+a page that would fetch something from the internet fails here even on a machine online.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+CHROMIUM = os.environ.get("CHATTERBOX_TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+def launch_browser() -> Iterator[Any]:
+    """A fixture body: yields a Playwright Browser, or skips (fails under CI) without one."""
+    required = os.environ.get("CHATTERBOX_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("the playwright wheel is not installed")
+    if not Path(CHROMIUM).is_file():
+        if required:
+            pytest.fail(f"no browser at {CHROMIUM} (apt-get install chromium)")
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start. The fake
+        # capture device is a microphone that plays a beep, granted without a prompt.
+        args = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@dataclass
+class Watched:
+    page: Any
+    origin: str
+    console_errors: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    foreign_requests: list[str] = field(default_factory=list)
+
+    def problems(self, *, allow_console: tuple[str, ...] = ()) -> list[str]:
+        console = [text for text in self.console_errors if not any(part in text for part in allow_console)]
+        return console + self.failed_requests + self.foreign_requests
+
+    def wait_js(self, expression: str, timeout_s: float = 20.0) -> Any:
+        """Poll a JS expression until truthy. (Playwright's wait_for_function evaluates a
+        string, which the playground's Content-Security-Policy forbids, as it should.)"""
+        deadline = time.monotonic() + timeout_s
+        while not (value := self.page.evaluate(expression)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still false after {timeout_s} s: {expression}; problems: {self.problems()}")
+            time.sleep(0.05)
+        return value
+
+
+def watched_page(browser: Any, origin: str, **context_options: Any) -> Watched:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, **context_options)
+    page = context.new_page()
+    watched = Watched(page=page, origin=origin)
+
+    def route(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(("blob:", "data:")) or urlsplit(url)._replace(path="", query="", fragment="").geturl() == origin:
+            route.continue_()
+        else:
+            watched.foreign_requests.append(url)
+            route.abort()
+
+    page.route("**/*", route)
+    page.on("console", lambda message: message.type == "error" and watched.console_errors.append(message.text))
+    page.on("pageerror", lambda error: watched.console_errors.append(f"uncaught: {error}"))
+    page.on(
+        "requestfailed",
+        lambda request: request.url not in watched.foreign_requests
+        and not request.url.startswith("blob:")
+        and watched.failed_requests.append(f"{request.url}: {request.failure}"),
+    )
+    return watched
