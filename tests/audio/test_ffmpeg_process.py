@@ -1,0 +1,78 @@
+"""The FFmpeg-process route's own guarantees: the child is killed and reaped, the Python
+pcm/wav path matches FFmpeg byte for byte, the imageio-ffmpeg binary works as a fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from audio_signals import SR, chunked, collect, tone
+
+from gateway.audio import formats as formats_mod
+from gateway.audio.encoder import encode_audio, wav_stream_header
+from gateway.audio.ffmpeg_binary import ffmpeg_exe
+from gateway.audio.ffmpeg_process import build_command
+from gateway.errors import EncoderError
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav"])
+async def test_python_fast_path_is_byte_identical_to_ffmpeg(fmt: str) -> None:
+    audio = np.concatenate([tone(0.5), np.array([1.5, -1.5, 0.99999, -1.0, 0.5 / 32768, np.nan], dtype=np.float32)])
+    ours = await collect(encode_audio(chunked(audio, 1000), response_format=fmt, sample_rate=SR))
+    theirs = subprocess.run(
+        build_command(response_format=fmt, sample_rate=SR, speed=1.0),
+        input=np.nan_to_num(audio).tobytes(), capture_output=True, check=True,
+    ).stdout
+    assert ours == theirs
+    if fmt == "wav":
+        assert ours[:44] == wav_stream_header()
+        assert ours[4:8] == b"\xff\xff\xff\xff" and ours[40:44] == b"\xff\xff\xff\xff"
+
+
+async def test_early_close_kills_and_reaps_ffmpeg_and_closes_input(list_ffmpeg_children) -> None:
+    input_closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[np.ndarray]:
+        try:
+            while True:
+                yield tone(0.1)
+                await asyncio.sleep(0)
+        finally:
+            input_closed.set()
+
+    assert list_ffmpeg_children() == []
+    out = encode_audio(endless(), response_format="mp3", sample_rate=SR, route="ffmpeg")
+    first = await out.__anext__()
+    assert first
+    running = list_ffmpeg_children()
+    assert len(running) == 1
+    await out.aclose()
+    assert input_closed.is_set()
+    assert list_ffmpeg_children() == []  # killed and reaped: not even a zombie remains
+
+
+async def test_ffmpeg_failure_names_the_exit_status(monkeypatch, list_ffmpeg_children) -> None:
+    broken = formats_mod.FormatSpec("mp3", "no_such_encoder", SR)
+    monkeypatch.setitem(formats_mod.FORMATS, "mp3", broken)
+    with pytest.raises(EncoderError, match="FFmpeg exited with status"):
+        await collect(encode_audio(chunked(tone(1.0)), response_format="mp3", sample_rate=SR, route="ffmpeg"))
+    assert list_ffmpeg_children() == []
+
+
+async def test_imageio_ffmpeg_fallback_encodes(monkeypatch, decode_audio) -> None:
+    import imageio_ffmpeg
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    ffmpeg_exe.cache_clear()
+    try:
+        assert ffmpeg_exe() == imageio_ffmpeg.get_ffmpeg_exe()
+        data = await collect(encode_audio(chunked(tone(1.0)), response_format="opus", sample_rate=SR, route="ffmpeg"))
+    finally:
+        monkeypatch.undo()
+        ffmpeg_exe.cache_clear()
+    got = decode_audio(data, "opus")
+    assert (got.codec, got.sample_rate) == ("opus", 48_000)
