@@ -43,9 +43,11 @@ from typing import Literal
 
 import numpy as np
 
+from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.audio.ffmpeg_process import encode_with_ffmpeg
 from gateway.audio.formats import (
     CONTENT_TYPES,
+    FORMATS,
     MAX_SPEED,
     MIN_SPEED,
     OPUS_SAMPLE_RATE,
@@ -53,7 +55,7 @@ from gateway.audio.formats import (
     validate,
 )
 from gateway.audio.input_close import close_iterator
-from gateway.audio.pyav_encoder import encode_in_process, pyav_available
+from gateway.audio.pyav_encoder import PyAVEncoder, encode_in_process, pyav_available
 from gateway.errors import InvalidRequestError
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "float_to_s16le",
     "resolve_route",
     "wav_stream_header",
+    "warm_up",
 ]
 
 EncoderRoute = Literal["auto", "inprocess", "ffmpeg"]
@@ -80,6 +83,23 @@ def resolve_route(route: EncoderRoute) -> Literal["inprocess", "ffmpeg"]:
     if route == "auto":
         return "inprocess" if pyav_available() else "ffmpeg"
     return route
+
+
+def warm_up(route: EncoderRoute) -> None:
+    """Pay at start what the first request would: in-process, PyAV's import and each codec's
+    first set-up (~0.1-0.3 s once per process); otherwise the FFmpeg binary's lookup.
+    Blocking: run it off the event loop. Raises EncoderError when the route cannot work."""
+    if resolve_route(route) == "ffmpeg":
+        ffmpeg_exe()
+        return
+    silence = np.zeros(OUTPUT_SAMPLE_RATE // 10, dtype=np.float32)
+    for spec in FORMATS.values():
+        encoder = PyAVEncoder(spec, sample_rate=OUTPUT_SAMPLE_RATE, speed=1.0)
+        try:
+            encoder.encode(silence)
+            encoder.finish()
+        finally:
+            encoder.close()
 
 
 def float_to_s16le(samples: np.ndarray) -> bytes:

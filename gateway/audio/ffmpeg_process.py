@@ -32,8 +32,9 @@ _STDIN_HIGH_WATER = 64 * 1024
 _STDERR_TAIL_LINES = 20
 
 
-def build_command(*, response_format: str, sample_rate: int, speed: float) -> list[str]:
-    """The FFmpeg command line for one request (raw float32 mono on stdin, file on stdout)."""
+def build_command(*, response_format: str, sample_rate: int, speed: float, exe: str | None = None) -> list[str]:
+    """The FFmpeg command line for one request (raw float32 mono on stdin, file on stdout).
+    ``exe``: the binary to run (default :func:`ffmpeg_exe`)."""
     spec = FORMATS[response_format]
     # Raw input needs no probing; tiny probe/analyze limits let the first frame through at once.
     stream = ffmpeg.input(
@@ -58,13 +59,13 @@ def build_command(*, response_format: str, sample_rate: int, speed: float) -> li
         **codec_args,
         **spec.muxer_options,
     )
-    return [ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "error", *ffmpeg.get_args(out)]
+    return [exe or ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "error", *ffmpeg.get_args(out)]
 
 
 async def encode_with_ffmpeg(
-    chunks: AsyncIterator[np.ndarray], *, response_format: str, sample_rate: int, speed: float
+    chunks: AsyncIterator[np.ndarray], *, response_format: str, sample_rate: int, speed: float, exe: str | None = None
 ) -> AsyncIterator[bytes]:
-    cmd = build_command(response_format=response_format, sample_rate=sample_rate, speed=speed)
+    cmd = build_command(response_format=response_format, sample_rate=sample_rate, speed=speed, exe=exe)
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd,

@@ -1,5 +1,6 @@
 """The FFmpeg-process route's own guarantees: the child is killed and reaped, the Python
-pcm/wav path matches FFmpeg byte for byte, the imageio-ffmpeg binary works as a fallback."""
+pcm/wav path matches FFmpeg byte for byte, the wheel's static binary is preferred and the
+system's is the fallback."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from audio_signals import SR, chunked, collect, tone
 from gateway.audio import formats as formats_mod
 from gateway.audio.encoder import encode_audio, wav_stream_header
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
-from gateway.audio.ffmpeg_process import build_command
+from gateway.audio.ffmpeg_process import build_command, encode_with_ffmpeg
 from gateway.errors import EncoderError
 
 
@@ -63,16 +64,40 @@ async def test_ffmpeg_failure_names_the_exit_status(monkeypatch, list_ffmpeg_chi
     assert list_ffmpeg_children() == []
 
 
-async def test_imageio_ffmpeg_fallback_encodes(monkeypatch, decode_audio) -> None:
+def test_the_wheels_static_ffmpeg_is_preferred() -> None:
     import imageio_ffmpeg
 
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     ffmpeg_exe.cache_clear()
     try:
         assert ffmpeg_exe() == imageio_ffmpeg.get_ffmpeg_exe()
+    finally:
+        ffmpeg_exe.cache_clear()
+
+
+async def test_system_ffmpeg_is_the_fallback(monkeypatch, decode_audio) -> None:
+    import imageio_ffmpeg
+
+    def no_binary() -> str:
+        raise RuntimeError("no ffmpeg binary for this platform")
+
+    system = shutil.which("ffmpeg")
+    assert system, "the tests need a system FFmpeg (apt-get install ffmpeg)"
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_binary)
+    ffmpeg_exe.cache_clear()
+    try:
+        assert ffmpeg_exe() == system
         data = await collect(encode_audio(chunked(tone(1.0)), response_format="opus", sample_rate=SR, route="ffmpeg"))
     finally:
         monkeypatch.undo()
         ffmpeg_exe.cache_clear()
     got = decode_audio(data, "opus")
     assert (got.codec, got.sample_rate) == ("opus", 48_000)
+
+
+async def test_a_given_binary_is_the_one_run(decode_audio) -> None:
+    import imageio_ffmpeg
+
+    for exe in (shutil.which("ffmpeg"), imageio_ffmpeg.get_ffmpeg_exe()):
+        assert build_command(response_format="mp3", sample_rate=SR, speed=1.0, exe=exe)[0] == exe
+        data = await collect(encode_with_ffmpeg(chunked(tone(1.0)), response_format="aac", sample_rate=SR, speed=1.0, exe=exe))
+        assert decode_audio(data, "aac").codec == "aac"

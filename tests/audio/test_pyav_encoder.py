@@ -12,7 +12,7 @@ import pytest
 from audio_signals import SR, chunked, collect, tone
 from harness import encoder_threads, ffmpeg_children
 
-from gateway.audio.encoder import encode_audio
+from gateway.audio.encoder import encode_audio, warm_up
 from gateway.audio.pyav_encoder import READAHEAD_CHUNKS, encode_in_process
 from gateway.errors import EncoderError
 
@@ -109,3 +109,14 @@ async def test_without_pyav_the_in_process_route_is_an_encoder_error(monkeypatch
     with pytest.raises(EncoderError, match="PyAV"):
         await collect(encode_audio(source, response_format="mp3", sample_rate=SR, route="inprocess"))
     assert source.closed
+
+
+def test_warm_up_sets_every_codec_up_and_leaves_nothing_running() -> None:
+    warm_up("inprocess")  # raises if any format's encoder cannot be set up
+    assert encoder_threads() == set()
+
+
+def test_warm_up_fails_loudly_when_the_chosen_route_cannot_work(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(EncoderError, match="PyAV"):
+        warm_up("inprocess")
