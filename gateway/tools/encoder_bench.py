@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-chunk-s", type=float, default=CHUNK_S)
     parser.add_argument("--seconds", type=float, default=30.0, help="audio encoded per CPU measurement")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     rows = asyncio.run(run(args))
-    print(f"{_cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, Python {platform.python_version()}")
+    print(
+        f"{_cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, Python {platform.python_version()}, "
+        f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
     print(render(rows))
 
 

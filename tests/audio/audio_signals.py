@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -21,3 +22,14 @@ async def chunked(audio: np.ndarray, size: int = 2400) -> AsyncIterator[np.ndarr
 
 async def collect(it: AsyncIterator[bytes]) -> bytes:
     return b"".join([b async for b in it])
+
+
+async def endless(closed: asyncio.Event | None = None, pause_s: float = 0.0) -> AsyncIterator[np.ndarray]:
+    """A stream that never ends on its own; sets ``closed`` once it is closed."""
+    try:
+        while True:
+            yield tone(0.1)
+            await asyncio.sleep(pause_s)
+    finally:
+        if closed is not None:
+            closed.set()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from audio_signals import SR, chunked, collect, tone
+from audio_signals import SR, chunked, collect, endless, tone
 from harness import live_encoders
 
 from gateway.audio import formats as formats_mod
@@ -169,15 +169,10 @@ async def test_first_bytes_leave_before_input_ends(route: str, fmt: str) -> None
 
 @pytest.mark.parametrize("route", ROUTES)
 async def test_consumer_cancellation_cleans_up(route: str) -> None:
-    async def endless() -> AsyncIterator[np.ndarray]:
-        while True:
-            yield tone(0.1)
-            await asyncio.sleep(0.01)
-
     got_bytes = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in encode_audio(endless(), response_format="opus", sample_rate=SR, route=route):
+        async for _ in encode_audio(endless(pause_s=0.01), response_format="opus", sample_rate=SR, route=route):
             got_bytes.set()
 
     task = asyncio.create_task(consume())
@@ -225,15 +220,7 @@ async def test_input_error_propagates_and_the_encoder_is_released(route: str) ->
 
 async def test_input_is_closed_when_python_path_output_closes() -> None:
     closed = asyncio.Event()
-
-    async def endless() -> AsyncIterator[np.ndarray]:
-        try:
-            while True:
-                yield tone(0.1)
-        finally:
-            closed.set()
-
-    out = encode_audio(endless(), response_format="pcm", sample_rate=SR)
+    out = encode_audio(endless(closed), response_format="pcm", sample_rate=SR)
     assert await out.__anext__()
     await out.aclose()
     assert closed.is_set()

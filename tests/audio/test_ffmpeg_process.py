@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from audio_signals import SR, chunked, collect, tone
+from audio_signals import SR, chunked, collect, endless, tone
 
 from gateway.audio import formats as formats_mod
 from gateway.audio.encoder import encode_audio, wav_stream_header
@@ -36,17 +35,8 @@ async def test_python_fast_path_is_byte_identical_to_ffmpeg(fmt: str) -> None:
 
 async def test_early_close_kills_and_reaps_ffmpeg_and_closes_input(list_ffmpeg_children) -> None:
     input_closed = asyncio.Event()
-
-    async def endless() -> AsyncIterator[np.ndarray]:
-        try:
-            while True:
-                yield tone(0.1)
-                await asyncio.sleep(0)
-        finally:
-            input_closed.set()
-
     assert list_ffmpeg_children() == []
-    out = encode_audio(endless(), response_format="mp3", sample_rate=SR, route="ffmpeg")
+    out = encode_audio(endless(input_closed), response_format="mp3", sample_rate=SR, route="ffmpeg")
     first = await out.__anext__()
     assert first
     running = list_ffmpeg_children()

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from audio_signals import SR, chunked, collect, tone
+from audio_signals import SR, chunked, collect, endless, tone
 from harness import encoder_threads, ffmpeg_children
 
 from gateway.audio.encoder import encode_audio, warm_up
@@ -19,17 +19,8 @@ from gateway.errors import EncoderError
 
 async def test_early_close_joins_the_worker_and_closes_input() -> None:
     input_closed = asyncio.Event()
-
-    async def endless() -> AsyncIterator[np.ndarray]:
-        try:
-            while True:
-                yield tone(0.1)
-                await asyncio.sleep(0)
-        finally:
-            input_closed.set()
-
     assert encoder_threads() == set()
-    out = encode_audio(endless(), response_format="mp3", sample_rate=SR, route="inprocess")
+    out = encode_audio(endless(input_closed), response_format="mp3", sample_rate=SR, route="inprocess")
     assert await out.__anext__()
     assert len(encoder_threads()) == 1
     assert ffmpeg_children() == set()  # no process: the libraries run here
