@@ -180,3 +180,22 @@ async def test_a_dead_vllm_engine_core_marks_the_server_not_ready(settings: Sett
     assert await check_engine(services) is False
     assert services.engine_state == "failed" and "EngineCore" in (services.engine_error or "")
     engine.llm = None
+
+
+async def test_an_engine_that_loads_for_several_health_intervals_is_still_watched(settings: Settings) -> None:
+    from gateway.server.engine_watch import watch_engine
+    from gateway.server.services import AppServices
+
+    engine = DyingEngine()
+    services = AppServices(settings)
+    services.engine = engine  # state "loading"
+    watcher = asyncio.create_task(watch_engine(services, interval_s=0.01))
+    try:
+        await asyncio.sleep(0.1)  # ten intervals of loading
+        assert not watcher.done()
+        services.engine_state = "ready"
+        engine.dead = True
+        await asyncio.wait_for(watcher, 5)
+        assert services.engine_state == "failed" and "died" in (services.engine_error or "")
+    finally:
+        watcher.cancel()
