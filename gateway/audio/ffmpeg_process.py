@@ -116,11 +116,13 @@ async def _feed(proc: asyncio.subprocess.Process, chunks: AsyncIterator[np.ndarr
             data = np.ascontiguousarray(chunk, dtype="<f4").reshape(-1).tobytes()
             if not data:
                 continue
-            stdin.write(data)
-            await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        # FFmpeg went away; its exit status and stderr tell why.
-        return
+            try:
+                stdin.write(data)
+                await stdin.drain()
+            except (BrokenPipeError, ConnectionResetError, RuntimeError):
+                # FFmpeg went away (RuntimeError: asyncio already closed the pipe's transport
+                # because the process exited); its exit status and stderr tell why.
+                return
     except BaseException:
         # The input failed (or we were cancelled): this output can never be completed.
         if proc.returncode is None:
