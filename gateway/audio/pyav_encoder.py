@@ -11,11 +11,14 @@ it, mux what the encoder returns and hand back what the sink holds; nothing wait
 next chunk. Speed != 1 runs the same atempo chain as the FFmpeg route, in a filter graph.
 
 Threads and backpressure: the encoding runs in one worker thread per request (PyAV releases
-the GIL inside the codec), never on the event loop. A feeder task pulls engine chunks and
-has the worker encode them one at a time; the bytes wait in a queue for the consumer. The
-feeder pulls the next chunk only while the consumer is fewer than READAHEAD_CHUNKS encoded
-chunks behind: like the FFmpeg route's stdin pipe, the engine runs ahead of a slow client by
-a bounded amount, and never waits for the network while within it. The worker thread runs
+the GIL inside the codec), never on the event loop. A feeder task pulls engine chunks, cuts
+each into slices of at most SLICE_S seconds and has the worker encode them one at a time, so
+the first bytes of a 0.8 s window leave after its first slice is encoded, not the whole
+window (the mp3 encoder alone needs ~5-8 ms per 0.8 s); the bytes wait in a queue for the
+consumer. The feeder encodes the next slice only while fewer than READAHEAD_SLICES encoded
+slices wait: like the FFmpeg route's stdin pipe, the engine runs ahead of a slow client by a
+bounded amount (under a second of audio beyond the chunk in hand), and never waits for the
+network while within it. The worker thread runs
 jobs in order, so closing (queued behind any job still running when we were cancelled) can
 never free the codec under a running encode; ``finally`` waits for the close and joins the
 thread, so no thread outlives the stream.
@@ -40,10 +43,11 @@ from gateway.errors import EncoderError
 T = TypeVar("T")
 
 THREAD_NAME_PREFIX = "audio-encoder"
-# Encoded chunks the engine may run ahead of a slow consumer (as the FFmpeg route's stdin
-# pipe lets it): the engine never waits on the network or the encoder within this bound,
-# and a stalled client holds at most this many chunks, plus one being encoded.
-READAHEAD_CHUNKS = 2
+# Most audio one worker job encodes: the first bytes of a window wait for one slice only.
+SLICE_S = 0.2
+# Encoded slices that may wait for a slow consumer (0.8 s of audio, about what the FFmpeg
+# route's 64 KiB stdin pipe holds): within it the engine never waits on the network.
+READAHEAD_SLICES = 4
 # Formats the encoder is offered in order of preference: float input converts to these
 # without a lossy step before the codec (as FFmpeg's own format negotiation would choose).
 _PREFERRED_SAMPLE_FMTS = ("fltp", "flt", "s16", "s16p")
@@ -226,8 +230,9 @@ async def encode_in_process(
     encoder = PyAVEncoder(FORMATS[response_format], sample_rate=sample_rate, speed=speed)
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
     ready: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the feeder has ended
-    room = asyncio.Semaphore(READAHEAD_CHUNKS)
-    feeder = asyncio.create_task(_feed(chunks, encoder, worker, ready, room))
+    room = asyncio.Semaphore(READAHEAD_SLICES)
+    step = max(1, round(sample_rate * SLICE_S))
+    feeder = asyncio.create_task(_feed(chunks, step, encoder, worker, ready, room))
     try:
         while (data := await ready.get()) is not None:
             room.release()
@@ -250,21 +255,25 @@ async def encode_in_process(
 
 async def _feed(
     chunks: AsyncIterator[np.ndarray],
+    step: int,
     encoder: PyAVEncoder,
     worker: concurrent.futures.Executor,
     ready: asyncio.Queue[bytes | None],
     room: asyncio.Semaphore,
 ) -> None:
-    """Pull chunks (while the consumer is at most READAHEAD_CHUNKS behind), encode each in
-    the worker, queue the bytes; then finish the file. Always ends with None on ``ready``."""
+    """Pull chunks, encode them ``step`` samples at a time in the worker (while fewer than
+    READAHEAD_SLICES encoded slices wait), queue the bytes; then finish the file. Always ends
+    with None on ``ready``."""
     try:
         async for chunk in chunks:
-            await room.acquire()
-            data = await _in_worker(worker, encoder.encode, chunk)
-            if data:
-                ready.put_nowait(data)
-            else:
-                room.release()
+            samples = np.asarray(chunk).reshape(-1)
+            for start in range(0, len(samples), step):
+                await room.acquire()
+                data = await _in_worker(worker, encoder.encode, samples[start : start + step])
+                if data:
+                    ready.put_nowait(data)
+                else:
+                    room.release()
         data = await _in_worker(worker, encoder.finish)
         if data:
             ready.put_nowait(data)

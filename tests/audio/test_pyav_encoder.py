@@ -13,7 +13,7 @@ from audio_signals import SR, chunked, collect, endless, tone
 from harness import encoder_threads, ffmpeg_children
 
 from gateway.audio.encoder import encode_audio, warm_up
-from gateway.audio.pyav_encoder import READAHEAD_CHUNKS, encode_in_process
+from gateway.audio.pyav_encoder import READAHEAD_SLICES, SLICE_S, encode_in_process
 from gateway.errors import EncoderError
 
 
@@ -67,10 +67,17 @@ async def test_the_engine_runs_ahead_of_a_slow_consumer_by_a_bounded_amount() ->
     try:
         assert await out.__anext__()
         await asyncio.sleep(0.3)  # a stalled consumer: the engine is pulled ahead, but not far
-        # READAHEAD_CHUNKS waiting, one being encoded, one pulled and waiting for room
-        assert 1 + READAHEAD_CHUNKS <= pulled <= 1 + READAHEAD_CHUNKS + 2, pulled
+        # READAHEAD_SLICES slices of 0.2 s wait, one 0.5 s chunk is in hand being sliced
+        ahead_s = pulled * 0.5
+        assert READAHEAD_SLICES * SLICE_S <= ahead_s <= READAHEAD_SLICES * SLICE_S + 1.0, pulled
     finally:
         await out.aclose()
+
+
+async def test_a_long_chunk_leaves_in_slices_not_after_it_is_all_encoded() -> None:
+    one_chunk = chunked(tone(4.0), SR * 4)
+    parts = [data async for data in encode_in_process(one_chunk, response_format="aac", sample_rate=SR, speed=1.0)]
+    assert len(parts) >= 15  # 20 slices of 0.2 s, not 1 part and the trailer
 
 
 async def test_pcm_matches_the_python_path_byte_for_byte() -> None:
