@@ -12,13 +12,14 @@ next chunk. Speed != 1 runs the same atempo chain as the FFmpeg route, in a filt
 
 Threads and backpressure: the encoding runs in one worker thread per request (PyAV releases
 the GIL inside the codec), never on the event loop. A feeder task pulls engine chunks, cuts
-each into slices of at most SLICE_S seconds and has the worker encode them one at a time, so
-the first bytes of a 0.8 s window leave after its first slice is encoded, not the whole
-window (the mp3 encoder alone needs ~5-8 ms per 0.8 s); the bytes wait in a queue for the
-consumer. The feeder encodes the next slice only while fewer than READAHEAD_SLICES encoded
-slices wait: like the FFmpeg route's stdin pipe, the engine runs ahead of a slow client by a
-bounded amount (under a second of audio beyond the chunk in hand), and never waits for the
-network while within it. The worker thread runs
+them into slices and has the worker encode them one at a time; the bytes wait in a queue for
+the consumer. The stream's first slice is short (FIRST_SLICE_S), so the first bytes leave
+after 0.2 s of audio is encoded, not a whole first window (the mp3 encoder alone needs ~7 ms
+per 0.8 s); later slices are longer (SLICE_S), as each worker hand-off costs ~0.2 ms of CPU.
+The feeder encodes the next slice only while fewer than READAHEAD_SLICES encoded slices
+wait: like the FFmpeg route's stdin pipe, the engine runs ahead of a slow client by a
+bounded amount (1.6 s of audio beyond the chunk in hand), and never waits for the network
+while within it. The worker thread runs
 jobs in order, so closing (queued behind any job still running when we were cancelled) can
 never free the codec under a running encode; ``finally`` waits for the close and joins the
 thread, so no thread outlives the stream.
@@ -43,11 +44,13 @@ from gateway.errors import EncoderError
 T = TypeVar("T")
 
 THREAD_NAME_PREFIX = "audio-encoder"
-# Most audio one worker job encodes: the first bytes of a window wait for one slice only.
-SLICE_S = 0.2
-# Encoded slices that may wait for a slow consumer (0.8 s of audio, about what the FFmpeg
-# route's 64 KiB stdin pipe holds): within it the engine never waits on the network.
-READAHEAD_SLICES = 4
+# Audio in the stream's first worker job: the first bytes wait for this much to be encoded.
+FIRST_SLICE_S = 0.2
+# Most audio in any later worker job (fewer hand-offs: each costs ~0.2 ms of CPU).
+SLICE_S = 0.8
+# Encoded slices that may wait for a slow consumer (1.6 s of audio; the FFmpeg route's 64 KiB
+# stdin pipe held ~0.7 s): within it the engine never waits on the network.
+READAHEAD_SLICES = 2
 # Formats the encoder is offered in order of preference: float input converts to these
 # without a lossy step before the codec (as FFmpeg's own format negotiation would choose).
 _PREFERRED_SAMPLE_FMTS = ("fltp", "flt", "s16", "s16p")
@@ -231,8 +234,8 @@ async def encode_in_process(
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
     ready: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the feeder has ended
     room = asyncio.Semaphore(READAHEAD_SLICES)
-    step = max(1, round(sample_rate * SLICE_S))
-    feeder = asyncio.create_task(_feed(chunks, step, encoder, worker, ready, room))
+    steps = (max(1, round(sample_rate * FIRST_SLICE_S)), max(1, round(sample_rate * SLICE_S)))
+    feeder = asyncio.create_task(_feed(chunks, steps, encoder, worker, ready, room))
     try:
         while (data := await ready.get()) is not None:
             room.release()
@@ -255,21 +258,25 @@ async def encode_in_process(
 
 async def _feed(
     chunks: AsyncIterator[np.ndarray],
-    step: int,
+    steps: tuple[int, int],
     encoder: PyAVEncoder,
     worker: concurrent.futures.Executor,
     ready: asyncio.Queue[bytes | None],
     room: asyncio.Semaphore,
 ) -> None:
-    """Pull chunks, encode them ``step`` samples at a time in the worker (while fewer than
-    READAHEAD_SLICES encoded slices wait), queue the bytes; then finish the file. Always ends
-    with None on ``ready``."""
+    """Pull chunks, encode them in the worker a slice at a time (``steps``: the first slice's
+    samples, then every later one's) while fewer than READAHEAD_SLICES encoded slices wait,
+    queue the bytes; then finish the file. Always ends with None on ``ready``."""
+    step = steps[0]
     try:
         async for chunk in chunks:
             samples = np.asarray(chunk).reshape(-1)
-            for start in range(0, len(samples), step):
+            start = 0
+            while start < len(samples):
+                piece = samples[start : start + step]
+                start, step = start + step, steps[1]
                 await room.acquire()
-                data = await _in_worker(worker, encoder.encode, samples[start : start + step])
+                data = await _in_worker(worker, encoder.encode, piece)
                 if data:
                     ready.put_nowait(data)
                 else:

@@ -13,7 +13,7 @@ from audio_signals import SR, chunked, collect, endless, tone
 from harness import encoder_threads, ffmpeg_children
 
 from gateway.audio.encoder import encode_audio, warm_up
-from gateway.audio.pyav_encoder import READAHEAD_SLICES, SLICE_S, encode_in_process
+from gateway.audio.pyav_encoder import FIRST_SLICE_S, READAHEAD_SLICES, SLICE_S, PyAVEncoder, encode_in_process
 from gateway.errors import EncoderError
 
 
@@ -67,17 +67,28 @@ async def test_the_engine_runs_ahead_of_a_slow_consumer_by_a_bounded_amount() ->
     try:
         assert await out.__anext__()
         await asyncio.sleep(0.3)  # a stalled consumer: the engine is pulled ahead, but not far
-        # READAHEAD_SLICES slices of 0.2 s wait, one 0.5 s chunk is in hand being sliced
+        # READAHEAD_SLICES slices wait (one of them the short first one), one 0.5 s chunk is
+        # in hand being sliced
         ahead_s = pulled * 0.5
-        assert READAHEAD_SLICES * SLICE_S <= ahead_s <= READAHEAD_SLICES * SLICE_S + 1.0, pulled
+        assert 1.0 <= ahead_s <= READAHEAD_SLICES * SLICE_S + 1.0, pulled
     finally:
         await out.aclose()
 
 
-async def test_a_long_chunk_leaves_in_slices_not_after_it_is_all_encoded() -> None:
-    one_chunk = chunked(tone(4.0), SR * 4)
-    parts = [data async for data in encode_in_process(one_chunk, response_format="aac", sample_rate=SR, speed=1.0)]
-    assert len(parts) >= 15  # 20 slices of 0.2 s, not 1 part and the trailer
+async def test_the_first_bytes_wait_for_a_short_first_slice_then_slices_are_longer() -> None:
+    encoded: list[int] = []
+    original = PyAVEncoder.encode
+
+    def recording(self: PyAVEncoder, samples: np.ndarray) -> bytes:
+        encoded.append(len(samples))
+        return original(self, samples)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PyAVEncoder, "encode", recording)
+        one_chunk = chunked(tone(4.0), SR * 4)
+        parts = [data async for data in encode_in_process(one_chunk, response_format="aac", sample_rate=SR, speed=1.0)]
+    assert encoded[0] == round(SR * FIRST_SLICE_S) < round(SR * SLICE_S) == encoded[1]
+    assert sum(encoded) == 4 * SR and len(parts) >= 4  # bytes leave slice by slice
 
 
 async def test_pcm_matches_the_python_path_byte_for_byte() -> None:
