@@ -1,8 +1,10 @@
 """The in-process route: FFmpeg's libraries through PyAV, no process to start.
 
-Why: starting a dynamically linked ``ffmpeg`` costs ~40 ms before the first byte (loading its
-shared libraries), a static one ~9 ms; the same encoders called in-process cost ~4 ms for the
-first 0.8 s of audio, and the same CPU per audio-second after that (docs/benchmarks.md).
+Why: with a process per stream, starting a dynamically linked ``ffmpeg`` costs ~60 ms before
+the first byte (loading its shared libraries), a static one ~12 ms; the same encoders called
+in-process give the first bytes in 1-3 ms. CPU per audio-second is lower in-process for opus,
+aac and flac, ~3 ms higher for mp3 (the wheel's libmp3lame build is slower; same bytes out).
+Figures: docs/benchmarks.md.
 
 How: one muxer per request writes into a non-seekable in-memory sink (so every muxer
 behaves exactly as it does on FFmpeg's stdout pipe: nothing is ever rewritten), with
