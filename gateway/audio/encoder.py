@@ -54,9 +54,9 @@ from gateway.audio.formats import (
     OUTPUT_SAMPLE_RATE,
     validate,
 )
-from gateway.audio.input_close import close_iterator
 from gateway.audio.pyav_encoder import PyAVEncoder, encode_in_process, pyav_available
 from gateway.errors import InvalidRequestError
+from gateway.iterators import aclose_quietly
 
 __all__ = [
     "CONTENT_TYPES",
@@ -139,7 +139,7 @@ async def encode_audio(
     try:
         validate(response_format, sample_rate, speed)
     except InvalidRequestError:
-        await close_iterator(chunks)
+        await aclose_quietly(chunks)
         raise
     if response_format in ("pcm", "wav") and speed == 1.0 and sample_rate == OUTPUT_SAMPLE_RATE:
         inner = _encode_in_python(chunks, with_header=response_format == "wav")
@@ -162,4 +162,4 @@ async def _encode_in_python(chunks: AsyncIterator[np.ndarray], *, with_header: b
             if data:
                 yield data
     finally:
-        await close_iterator(chunks)
+        await aclose_quietly(chunks)

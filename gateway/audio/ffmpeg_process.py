@@ -22,8 +22,8 @@ import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.audio.formats import FORMATS, atempo_factors
-from gateway.audio.input_close import close_iterator
 from gateway.errors import EncoderError
+from gateway.iterators import aclose_quietly
 
 _READ_SIZE = 64 * 1024
 # The stdin pipe's write buffer: drain() blocks above this, which is what bounds how far the
@@ -74,7 +74,7 @@ async def encode_with_ffmpeg(
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:
-        await close_iterator(chunks)
+        await aclose_quietly(chunks)
         raise EncoderError(f"could not start FFmpeg ({cmd[0]}): {exc}") from exc
 
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -97,7 +97,7 @@ async def encode_with_ffmpeg(
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await writer
-        await close_iterator(chunks)
+        await aclose_quietly(chunks)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

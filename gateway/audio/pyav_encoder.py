@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from gateway.audio.formats import FORMATS, FormatSpec, atempo_factors
-from gateway.audio.input_close import close_iterator
 from gateway.errors import EncoderError
+from gateway.iterators import aclose_quietly
 
 T = TypeVar("T")
 
@@ -230,7 +230,7 @@ async def encode_in_process(
     try:
         _import_av()
     except EncoderError:
-        await close_iterator(chunks)
+        await aclose_quietly(chunks)
         raise
     encoder = PyAVEncoder(FORMATS[response_format], sample_rate=sample_rate, speed=speed)
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
@@ -255,7 +255,7 @@ async def encode_in_process(
             await asyncio.shield(asyncio.wrap_future(closing))
             worker.shutdown(wait=True)  # the queue is empty: this only joins the exiting thread
         finally:
-            await close_iterator(chunks)
+            await aclose_quietly(chunks)
 
 
 async def _feed(
