@@ -68,12 +68,44 @@ def pyav_available() -> bool:
     return True
 
 
+def name_native_thread() -> None:
+    """Give the calling thread the OS-level name THREAD_NAME_PREFIX (Linux), so tools outside
+    the process (the load test, ``top -H``) can count encoder threads in /proc/<pid>/task."""
+    with contextlib.suppress(Exception):  # not Linux, or no prctl: the name is only a help
+        import ctypes  # only in encoder threads, once each
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, THREAD_NAME_PREFIX.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+
+
 def _import_av() -> Any:
     try:
         import av  # heavy: loads FFmpeg's libraries, so only when this route is used
     except ImportError as exc:
         raise EncoderError("the in-process encoder needs PyAV: pip install av") from exc
+    _one_ffmpeg_thread_per_stream()
     return av
+
+
+@functools.cache
+def _one_ffmpeg_thread_per_stream() -> bool:
+    """Make the in-process FFmpeg size its thread pools to 1 CPU (process-wide).
+
+    FFmpeg gives every filter graph (PyAV's resampler builds one per stream) a pool of as many
+    threads as the machine has CPUs: 2 here, 128 per stream on a large GPU host. Each stream
+    already has its worker thread and the encoders are single-threaded, so those pools only
+    cost memory and scheduling. ``av_cpu_force_count(1)`` in the libavutil PyAV loaded (found
+    in /proc/self/maps) stops them. False where that cannot be done (not Linux, unusual
+    builds): encoding still works, with the pools."""
+    import ctypes  # once per process
+
+    with contextlib.suppress(OSError, AttributeError, ValueError, IndexError):
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                if "libavutil" in line:
+                    ctypes.CDLL(line.split(None, 5)[5].strip()).av_cpu_force_count(1)
+                    return True
+    return False
 
 
 class _Sink:
@@ -197,6 +229,7 @@ def _sample_fmt_for(codec_context: Any) -> str:
 
 def _tempo_graph(av: Any, sample_rate: int, factors: list[float]) -> Any:
     graph = av.filter.Graph()
+    graph.threads = 1  # see _one_ffmpeg_thread_per_stream
     node = graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=Fraction(1, sample_rate))
     for factor in factors:
         stage = graph.add("atempo", f"{factor:.6f}")
@@ -233,7 +266,9 @@ async def encode_in_process(
         await aclose_quietly(chunks)
         raise
     encoder = PyAVEncoder(FORMATS[response_format], sample_rate=sample_rate, speed=speed)
-    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX)
+    worker = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX, initializer=name_native_thread
+    )
     ready: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the feeder has ended
     room = asyncio.Semaphore(READAHEAD_SLICES)
     steps = (max(1, round(sample_rate * FIRST_SLICE_S)), max(1, round(sample_rate * SLICE_S)))

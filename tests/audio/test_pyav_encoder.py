@@ -4,6 +4,7 @@ even when cancelled mid-encode), backpressure holds one chunk, and without PyAV 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,7 @@ from harness import encoder_threads, ffmpeg_children
 from gateway.audio.encoder import encode_audio, warm_up
 from gateway.audio.pyav_encoder import FIRST_SLICE_S, READAHEAD_SLICES, SLICE_S, PyAVEncoder, encode_in_process
 from gateway.errors import EncoderError
+from gateway.tools import loadtest
 
 
 async def test_early_close_joins_the_worker_and_closes_input() -> None:
@@ -23,10 +25,14 @@ async def test_early_close_joins_the_worker_and_closes_input() -> None:
     out = encode_audio(endless(input_closed), response_format="mp3", sample_rate=SR, route="inprocess")
     assert await out.__anext__()
     assert len(encoder_threads()) == 1
+    # the OS sees it by name too, and it is alone: threads FFmpeg starts from it inherit the
+    # name, and FFmpeg would start a CPU-count-sized pool per stream for PyAV's resampler
+    assert loadtest.encoder_threads(os.getpid()) == 1
     assert ffmpeg_children() == set()  # no process: the libraries run here
     await out.aclose()
     assert input_closed.is_set()
     assert encoder_threads() == set()
+    assert loadtest.encoder_threads(os.getpid()) == 0
 
 
 async def test_cancelled_while_encoding_waits_for_the_encode_then_releases() -> None:
