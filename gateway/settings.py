@@ -98,8 +98,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # --- Audio -----------------------------------------------------------------------------
     audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
     """How mp3/opus/aac/flac (and wav/pcm at speed != 1) are encoded. inprocess: FFmpeg's
-    libraries through PyAV in a worker thread (1-3 ms to the first bytes); ffmpeg: one FFmpeg
-    process per request (~12-60 ms to the first bytes, ~3 ms less CPU per audio-second for
+    libraries through PyAV in a worker thread (1-5 ms to the first bytes); ffmpeg: one FFmpeg
+    process per request (~13-90 ms to the first bytes, ~3 ms less CPU per audio-second for
     mp3); auto: inprocess when PyAV imports."""
 
     # --- Admission and time limits ----------------------------------------------------------

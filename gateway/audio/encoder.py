@@ -6,8 +6,8 @@ closes the input and releases everything; every format below holds on every rout
 - ``pcm`` and ``wav`` at speed 1.0 and 24 kHz need no codec: encoded in Python with exactly
   the bytes FFmpeg would write (same float->s16 rounding, same 44-byte streaming WAV header).
 - in-process (``pyav_encoder``): FFmpeg's libraries through PyAV, in a worker thread. The
-  default (``audio_encoder=auto`` when PyAV imports): no process to start, 1-3 ms to the first
-  bytes against ~12-60 ms for starting an ``ffmpeg`` process (docs/benchmarks.md).
+  default (``audio_encoder=auto`` when PyAV imports): no process to start, 1-5 ms to the first
+  bytes against ~13-90 ms for starting an ``ffmpeg`` process (docs/benchmarks.md).
 - FFmpeg process (``ffmpeg_process``): one ``ffmpeg`` child per request; the fallback
   (``audio_encoder=ffmpeg``, or ``auto`` without PyAV).
 

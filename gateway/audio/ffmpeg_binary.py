@@ -1,9 +1,9 @@
 """Which FFmpeg executable we run: the static one in the imageio-ffmpeg wheel, else the system's.
 
 The wheel's binary first: it is a dependency (so always there on the platforms it ships
-for), the same build everywhere, and statically linked, so its first bytes come in ~12 ms where
-a distribution's dynamically linked ``ffmpeg`` spends ~60 ms, mostly loading shared libraries
-(2 cores; docs/benchmarks.md, encoder). The system's is the fallback where the wheel has no binary.
+for), the same build everywhere, and statically linked, so its first bytes come in ~13-18 ms
+where a distribution's dynamically linked ``ffmpeg`` spends ~60-90 ms, mostly loading shared
+libraries (2 cores; docs/benchmarks.md, encoder). The system's is the fallback where the wheel has no binary.
 
 Resolved lazily, once per process (the first encode or voice upload pays for the lookup),
 so importing the gateway never touches the filesystem.

@@ -1,10 +1,10 @@
 """The in-process route: FFmpeg's libraries through PyAV, no process to start.
 
-Why: with a process per stream, starting a dynamically linked ``ffmpeg`` costs ~60 ms before
-the first byte (loading its shared libraries), a static one ~12 ms; the same encoders called
-in-process give the first bytes in 1-3 ms. CPU per audio-second is lower in-process for opus,
-aac and flac, ~3 ms higher for mp3 (the wheel's libmp3lame build is slower; same bytes out).
-Figures: docs/benchmarks.md.
+Why: with a process per stream, starting a dynamically linked ``ffmpeg`` costs ~60-90 ms
+before the first byte (loading its shared libraries), a static one ~13-18 ms; the same
+encoders called in-process give the first bytes in 1-5 ms. CPU per audio-second is lower
+in-process for opus, aac and flac, ~3 ms higher for mp3 (the wheel's libmp3lame build is
+slower; same bytes out). Figures: docs/benchmarks.md.
 
 How: one muxer per request writes into a non-seekable in-memory sink (so every muxer
 behaves exactly as it does on FFmpeg's stdout pipe: nothing is ever rewritten), with
@@ -21,10 +21,11 @@ per 0.8 s); later slices are longer (SLICE_S), as each worker hand-off costs ~0.
 The feeder encodes the next slice only while fewer than READAHEAD_SLICES encoded slices
 wait: like the FFmpeg route's stdin pipe, the engine runs ahead of a slow client by a
 bounded amount (1.6 s of audio beyond the chunk in hand), and never waits for the network
-while within it. The worker thread runs
-jobs in order, so closing (queued behind any job still running when we were cancelled) can
-never free the codec under a running encode; ``finally`` waits for the close and joins the
-thread, so no thread outlives the stream.
+while within it. The worker thread runs jobs in order, so closing (queued behind any job
+still running when we were cancelled) can never free the codec under a running encode;
+``finally`` waits for the close and joins the thread, so no thread outlives the stream.
+FFmpeg's own thread pools are switched off (one thread per stream, see
+``_one_ffmpeg_thread_per_stream``).
 """
 
 from __future__ import annotations
