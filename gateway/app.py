@@ -21,6 +21,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway import __version__
+from gateway.audio.encoder import warm_up as warm_up_encoder
 from gateway.http.api_docs import api_docs_assets, render_plugins
 from gateway.http.errors import handle_exception
 from gateway.http.health import health, health_head, ready, ready_head
@@ -128,6 +129,8 @@ async def _load(services: AppServices, engine: Engine | None) -> None:
             engine = await asyncio.to_thread(build_engine, settings)
         services.engine = engine
         log.info("engine_loading", engine=engine.name)
+        # the encoder's one-time set-up (PyAV's import, codec tables) here, not in a first byte
+        await asyncio.to_thread(warm_up_encoder, settings.audio_encoder)
         await engine.start()
 
         services.voice_cache = VoiceCache(engine, Path(settings.cache_dir) / "conditionals", settings.voice_cache_size)

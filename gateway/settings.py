@@ -95,6 +95,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     voice_cache_size: PositiveInt = 64
     """Voice conditionals kept in memory (LRU); all are also kept on disk."""
 
+    # --- Audio -----------------------------------------------------------------------------
+    audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
+    """How mp3/opus/aac/flac (and wav/pcm at speed != 1) are encoded. inprocess: FFmpeg's
+    libraries through PyAV in a worker thread (1-5 ms to the first bytes); ffmpeg: one FFmpeg
+    process per request (~13-90 ms to the first bytes, ~3 ms less CPU per audio-second for
+    mp3); auto: inprocess when PyAV imports."""
+
     # --- Admission and time limits ----------------------------------------------------------
     max_in_flight: PositiveInt = 32
     """Requests synthesising at once; more wait in the queue."""

@@ -140,3 +140,16 @@ def ffmpeg_children(pid: int | None = None) -> set[int]:
         if ppid == parent and comm.startswith("ffmpeg"):
             found.add(int(entry.name))
     return found
+
+
+def encoder_threads() -> set[str]:
+    """In-process encoder worker threads still alive (the in-process route's FFmpeg children)."""
+    from gateway.audio.pyav_encoder import THREAD_NAME_PREFIX
+
+    return {t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME_PREFIX)}
+
+
+def live_encoders() -> set[str]:
+    """Every encoder still alive in this process, whichever route runs it: FFmpeg children
+    (zombies included) and in-process encoder threads. Empty once every stream is released."""
+    return {f"ffmpeg pid {pid}" for pid in ffmpeg_children()} | {f"thread {name}" for name in encoder_threads()}

@@ -50,5 +50,7 @@ async def watch_engine(services: AppServices, *, interval_s: float | None = None
     (app shutdown) or it dies."""
     while services.engine_state in ("loading", "ready"):
         await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
+        if services.engine_state == "loading":
+            continue  # nothing to check yet: an engine that loads for longer is watched once ready
         if not await check_engine(services):
             return

@@ -140,6 +140,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
             response_format=request.response_format,
             sample_rate=engine.sample_rate,
             speed=speed,
+            route=settings.audio_encoder,
         )
         stack.push_async_callback(aclose_quietly, encoded)
         first_bytes = await _first(encoded, deadline, record)

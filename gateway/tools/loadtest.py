@@ -168,6 +168,20 @@ def ffmpeg_children(pid: int) -> int:
     return count
 
 
+def encoder_threads(pid: int) -> int:
+    """How many in-process encoder threads the server has right now (leak check after the run;
+    they carry the OS thread name ``audio-encoder``)."""
+    from gateway.audio.pyav_encoder import THREAD_NAME_PREFIX
+
+    count = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            count += (task / "comm").read_text().strip() == THREAD_NAME_PREFIX
+        except OSError:
+            continue
+    return count
+
+
 def rss_from_proc(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -265,6 +279,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "total_ms": {"p50": ms(_percentile(results.total_s, 50)), "p95": ms(_percentile(results.total_s, 95))},
         "audio_bytes": results.audio_bytes,
         "server_ffmpeg_children_after": ffmpeg_children(args.server_pid) if args.server_pid else None,
+        "server_encoder_threads_after": encoder_threads(args.server_pid) if args.server_pid else None,
         "server_in_flight_after": metrics_after.get("chatterbox_in_flight_requests"),
         "server_queued_after": metrics_after.get("chatterbox_queued_requests"),
         "server_rss_mib": {

@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from harness import ffmpeg_children
+from harness import live_encoders
 
 from gateway.audio.encoder import CONTENT_TYPES
 
@@ -66,7 +66,7 @@ def test_client_disconnect_cancels_the_engine_job(live_server, stream_format: st
         # leaving the block closes the connection mid-body
     assert wait_for(lambda: request_id in live_server.engine.cancelled), live_server.engine.cancelled
     assert request_id not in live_server.engine.completed
-    assert wait_for(lambda: not ffmpeg_children()), "the encoder process outlived the request"
+    assert wait_for(lambda: not live_encoders()), "the encoder outlived the request"
 
 
 def test_sse_events_stream_and_decode(live_server, valid_audio) -> None:

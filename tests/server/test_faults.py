@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 import gateway.server.engine_watch
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from harness import ffmpeg_children
+from harness import ffmpeg_children, live_encoders
 from ops_support import HOLD, GatedEngine, live_server, wait_until
 
 LONG = "A sentence long enough to give several pieces of audio before anything goes wrong. " * 2
@@ -65,7 +65,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 async def test_ffmpeg_dying_mid_stream_ends_only_that_stream(settings: Settings, valid_audio) -> None:
     # 15 pieces (6 s of audio) before the hold: the MP3 encoder has surely sent bytes by then
     engine = GatedEngine(hold_after=15)
-    config = msgspec.structs.replace(settings, max_speech_tokens=400)
+    # the FFmpeg-process route: its child is what this test kills
+    config = msgspec.structs.replace(settings, max_speech_tokens=400, audio_encoder="ffmpeg")
     with capture_logs() as logs, live_server(config, engine) as live:
         async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
             for stream_format in ("audio", "sse"):
@@ -121,7 +122,7 @@ async def test_engine_exception_mid_stream_ends_only_that_stream(settings: Setti
             again = await client.post("/v1/audio/speech", json=speech("And the next request works."))
             assert again.status_code == 200
             assert live.services.admission.in_flight == 0
-            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+            assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5)
     failures = [e for e in logs if e["event"] == "speech_stream_failed"]
     assert len(failures) == 2
     assert any("blew up" in str(e.get("error")) or e.get("exc_info") for e in failures)
@@ -179,3 +180,22 @@ async def test_a_dead_vllm_engine_core_marks_the_server_not_ready(settings: Sett
     assert await check_engine(services) is False
     assert services.engine_state == "failed" and "EngineCore" in (services.engine_error or "")
     engine.llm = None
+
+
+async def test_an_engine_that_loads_for_several_health_intervals_is_still_watched(settings: Settings) -> None:
+    from gateway.server.engine_watch import watch_engine
+    from gateway.server.services import AppServices
+
+    engine = DyingEngine()
+    services = AppServices(settings)
+    services.engine = engine  # state "loading"
+    watcher = asyncio.create_task(watch_engine(services, interval_s=0.01))
+    try:
+        await asyncio.sleep(0.1)  # ten intervals of loading
+        assert not watcher.done()
+        services.engine_state = "ready"
+        engine.dead = True
+        await asyncio.wait_for(watcher, 5)
+        assert services.engine_state == "failed" and "died" in (services.engine_error or "")
+    finally:
+        watcher.cancel()

@@ -1,10 +1,12 @@
 """A client that hangs up mid-stream stops all work for it (real uvicorn server on loopback):
-the engine sees the cancel, the FFmpeg process is killed and reaped, the admission slot comes
-back, and other streams running at the same time finish normally."""
+the engine sees the cancel, the encoder is released (in-process worker thread joined, or an
+FFmpeg process killed and reaped), the admission slot comes back, and other streams running
+at the same time finish normally."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import msgspec
@@ -12,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.settings import Settings
-from harness import ffmpeg_children
+from harness import live_encoders
 from ops_support import HOLD, GatedEngine, live_server, wait_until
 
 NORMAL_TEXT = "Other people are still listening to this sentence while someone else hangs up on theirs."
@@ -28,33 +30,40 @@ async def _read_all(client: httpx.AsyncClient, body: dict[str, object]) -> bytes
         return await response.aread()
 
 
-async def _hang_up_after_first_bytes(client: httpx.AsyncClient, body: dict[str, object]) -> str:
+async def _hang_up_after_first_bytes(
+    client: httpx.AsyncClient, body: dict[str, object], *, once: threading.Event | None = None
+) -> str:
+    """Read the first bytes, then (after ``once`` is set, if given) close the connection."""
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
         assert response.status_code == 200
         async for data in response.aiter_raw():
             if data:
+                # (still inside the loop: leaving it closes the response)
+                if once is not None:
+                    assert await asyncio.to_thread(once.wait, 10)
                 break
         return response.headers["x-request-id"]
     # leaving the block unread closes the connection: the server sees the disconnect
 
 
-async def test_disconnect_mid_stream_cancels_engine_and_kills_ffmpeg(settings: Settings, valid_audio) -> None:
+async def test_disconnect_mid_stream_cancels_engine_and_releases_the_encoder(settings: Settings, valid_audio) -> None:
     engine = GatedEngine(hold_after=2, piece_delay_s=0.03)
     config = msgspec.structs.replace(settings, max_speech_tokens=200)
-    assert ffmpeg_children() == set()
+    assert live_encoders() == set()
     with capture_logs() as logs, live_server(config, engine) as live:
         async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
             others = [asyncio.create_task(_read_all(client, speech(NORMAL_TEXT))) for _ in range(2)]
             hold = speech(f"{HOLD}. " + "A long text that will never be heard to the end. " * 4)
-            holding = asyncio.create_task(_hang_up_after_first_bytes(client, hold))
+            # hang up only once the engine is held: the first bytes can come before that
+            holding = asyncio.create_task(_hang_up_after_first_bytes(client, hold, once=engine.holding))
             assert await asyncio.to_thread(engine.holding.wait, 10)
-            # while held, its FFmpeg encoder is alive (so the check below is meaningful)
-            assert ffmpeg_children()
+            # while held, its encoder is alive (so the check below is meaningful)
+            assert live_encoders()
             request_id = await holding
 
             assert await asyncio.to_thread(wait_until, lambda: request_id in engine.cancelled, 5)
             outputs = await asyncio.gather(*others)
-            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5), ffmpeg_children()
+            assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5), live_encoders()
             assert live.services.admission.in_flight == 0
             for data in outputs:
                 valid_audio(data, "mp3")
@@ -71,7 +80,7 @@ async def test_disconnect_mid_sse_stream_cancels_too(settings: Settings) -> None
             hold = speech(f"{HOLD}. " + "Streamed as events, abandoned half way. " * 3, stream_format="sse")
             request_id = await _hang_up_after_first_bytes(client, hold)
             assert await asyncio.to_thread(wait_until, lambda: request_id in engine.cancelled, 5)
-            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+            assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5)
             assert live.services.admission.in_flight == 0
             # the server is unaffected
             after = await client.post("/v1/audio/speech", json=speech("Still here."))
@@ -88,7 +97,7 @@ async def test_many_disconnects_leave_nothing_behind(settings: Settings) -> None
                 *(_hang_up_after_first_bytes(client, speech(t, response_format=f)) for t, f in zip(texts, formats))
             )
             assert await asyncio.to_thread(wait_until, lambda: set(ids) <= set(engine.cancelled), 10)
-            assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5), ffmpeg_children()
+            assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5), live_encoders()
             assert live.services.admission.in_flight == 0
 
 

@@ -1,5 +1,5 @@
 """The speech service's one body pipeline, driven directly (no HTTP): whatever way a body ends,
-the exit stack it owns drops the engine job, reaps the encoder and frees the admission slot."""
+the exit stack it owns drops the engine job, releases the encoder and frees the admission slot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gateway.http.protocol import SpeechRequest
 from gateway.observability.request_record import close_record, open_record
 from gateway.settings import Settings
 from gateway.speech.service import prepare_speech
-from harness import ffmpeg_children, in_process
+from harness import in_process, live_encoders
 from ops_support import HOLD, GatedEngine, wait_until
 
 
@@ -31,11 +31,11 @@ async def test_a_body_closed_before_its_first_read_still_ends_its_work(settings:
             prepared = await prepare_speech(services, _request(f"{HOLD}. " + "Some words to speak for a while. " * 4, stream_format=stream_format), "r-1")
         finally:
             close_record(token)
-        assert services.admission.in_flight == 1 and ffmpeg_children()
+        assert services.admission.in_flight == 1 and live_encoders()
         await prepared.body.aclose()
         assert services.admission.in_flight == 0
         assert "r-1" in engine.cancelled
-        assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+        assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5)
 
 
 async def test_a_body_read_to_the_end_frees_everything(settings: Settings) -> None:
@@ -48,4 +48,4 @@ async def test_a_body_read_to_the_end_frees_everything(settings: Settings) -> No
             close_record(token)
         data = b"".join([chunk async for chunk in prepared.body])
         assert data and services.admission.in_flight == 0
-        assert await asyncio.to_thread(wait_until, lambda: not ffmpeg_children(), 5)
+        assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5)

@@ -47,6 +47,7 @@ def test_against_a_live_server(live_server, tmp_path: Path) -> None:
     assert report["ttfb_ms"]["p50"] > 0 and report["ttfb_ms"]["p95"] >= report["ttfb_ms"]["p50"]
     assert report["server_rss_mib"]["before"] > 0 and report["server_rss_mib"]["after"] > 0
     assert report["server_in_flight_after"] == 0 and report["server_ffmpeg_children_after"] == 0
+    assert report["server_encoder_threads_after"] == 0
 
 
 @pytest.fixture
