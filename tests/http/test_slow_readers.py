@@ -94,7 +94,7 @@ def test_the_whole_response_is_bounded_by_request_timeout(settings: Settings) ->
     config = msgspec.structs.replace(
         settings, max_in_flight=1, max_queued=0, max_speech_tokens=400, send_timeout_s=60.0, request_timeout_s=2.0
     )
-    engine = FakeEngine()
+    engine = FakeEngine(piece_delay_s=0.02)  # the job outlasts the deadline
     with live_server(config, engine, guarded=True) as live:
         admission = live.services.admission
         with stalled(live.base_url, 1, response_format="wav", stream_format="audio", speed=0.25):
