@@ -60,7 +60,7 @@ def response_guard(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
 
 
 class _GuardedResponse:
-    __slots__ = ("_abort", "_expired", "_receive", "_scope", "_send", "_send_timeout_s", "_cancel_scope", "reason")
+    __slots__ = ("_abort", "_expired", "_parked", "_receive", "_scope", "_send", "_send_timeout_s", "_cancel_scope", "reason")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, send_timeout_s: float) -> None:
         self._scope = scope
@@ -70,13 +70,14 @@ class _GuardedResponse:
         hook = scope.get("extensions", {}).get(CONNECTION_EXTENSION) or {}  # type: ignore[union-attr]
         self._abort: Callable[[], None] | None = hook.get("abort")
         self._expired = asyncio.Event()
+        self._parked = asyncio.Event()
         self._cancel_scope: asyncio.Timeout | None = None
         self.reason: str | None = None
 
     async def run(self, app: ASGIApp, total_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(total_s, self._expire, "the request exceeded its time limit")
-        receive = self._receive if self._abort is not None else self._receive_or_expired
+        receive = self._receive_after_parked if self._abort is not None else self._receive_or_expired
         try:
             async with asyncio.timeout(None) as cancel_scope:
                 self._cancel_scope = cancel_scope
@@ -104,15 +105,26 @@ class _GuardedResponse:
             try:
                 async with asyncio.timeout(self._send_timeout_s):
                     await self._send(message)
-                return
+                if not self._expired.is_set():
+                    return
+                # the deadline passed while this write waited: the server dropped it
             except TimeoutError:
                 self._expire(f"the client left a response write pending for {self._send_timeout_s:g} s")
-        if self._abort is None:
-            # no way to drop the socket: never return, the stream is cancelled around us
-            await asyncio.Event().wait()
+        # Never return: the app is cancelled while it waits here, with its body iterator
+        # suspended between items, so the iterator's close runs outside the cancelled scope
+        # and completes (closing it from inside a cancelled anyio scope would be cut short).
+        self._parked.set()
+        await asyncio.Event().wait()
+
+    async def _receive_after_parked(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self._expired.is_set():
+            await self._wait_parked()  # our own abort: let the stream reach its next send first
+        return message
 
     async def _receive_or_expired(self) -> Message:
         if self._expired.is_set():
+            await self._wait_parked()
             return _DISCONNECT
         received = asyncio.ensure_future(self._receive())
         expired = asyncio.ensure_future(self._expired.wait())
@@ -126,4 +138,10 @@ class _GuardedResponse:
                         await task
         if received.done() and not received.cancelled():
             return received.result()
+        await self._wait_parked()
         return _DISCONNECT
+
+    async def _wait_parked(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_GRACE_S):
+                await self._parked.wait()
