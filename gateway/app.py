@@ -43,6 +43,7 @@ from gateway.settings import Settings
 from gateway.server.http_server import SHUTDOWN_CLOCK_STATE
 from gateway.server.shutdown import ShutdownClock, close_engine, drain
 from gateway.voices.cache import VoiceCache
+from gateway.voices.clip_probe import DecodeLimits
 from gateway.voices.library import VoiceLibrary
 
 OPENAPI_PATH = "/schema"
@@ -127,6 +128,16 @@ async def _load(services: AppServices, engine: Engine | None) -> None:
             settings.resolved_builtin_voices_dir(),
             settings.resolved_voices_dir(),
             max_clip_bytes=settings.max_upload_bytes,
+            max_created=settings.max_created_voices,
+            max_consent_chars=settings.max_consent_chars,
+            decode_limits=DecodeLimits(
+                memory_bytes=settings.upload_decode_memory_bytes,
+                cpu_s=settings.upload_decode_cpu_s,
+                timeout_s=settings.upload_decode_timeout_s,
+                min_sample_rate=settings.upload_min_sample_rate,
+                max_sample_rate=settings.upload_max_sample_rate,
+                max_channels=settings.upload_max_channels,
+            ),
         )
         if engine is None:
             # Building may import torch and read config files: keep it off the event loop.

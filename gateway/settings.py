@@ -115,7 +115,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     voice_cache_size: PositiveInt = 64
     """Voice conditionals kept in memory (LRU); all are also kept on disk."""
     max_created_voices: Annotated[int, Meta(ge=0)] = 1000
-    """Voices that may be created through the API (409-free 400 ``too_many_voices`` beyond)."""
+    """Voices that may be created through the API (400 ``too_many_voices`` beyond)."""
     max_consent_chars: PositiveInt = 1024
     """Longest ``consent`` text stored with a created voice."""
     upload_decode_memory_bytes: Annotated[int, Meta(ge=64 * 1_048_576)] = 1024 * 1_048_576
@@ -124,6 +124,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """CPU seconds one upload's FFmpeg child may use (RLIMIT_CPU)."""
     upload_decode_timeout_s: Annotated[float, Meta(gt=0.0)] = 15.0
     """Wall time one upload's FFmpeg child may take before it is killed."""
+    upload_min_sample_rate: PositiveInt = 8_000
+    """Lowest sample rate an uploaded clip's header may declare (checked before decoding)."""
+    upload_max_sample_rate: PositiveInt = 192_000
+    """Highest sample rate an uploaded clip's header may declare."""
+    upload_max_channels: PositiveInt = 8
+    """Most channels an uploaded clip's header may declare."""
 
     # --- Audio -----------------------------------------------------------------------------
     audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
