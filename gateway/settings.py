@@ -73,7 +73,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """An idle keep-alive connection is closed after this long."""
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
     """Largest request line plus headers (431-style refusal beyond: the connection gets a 400)."""
-    send_timeout_s: Annotated[float, Meta(gt=0.0)] = 30.0
+    send_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
     """Longest a client may leave one response write pending (stop reading); then the response
     is abandoned like a disconnect: engine job dropped, encoder killed, slot released."""
 

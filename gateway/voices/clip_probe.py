@@ -14,6 +14,7 @@ past them, whatever the file does) and whose wall time is capped by a timeout:
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import subprocess
@@ -28,6 +29,7 @@ _STREAM = re.compile(r"Stream #0:\d+[^:\n]*: Audio: [^\n]*?, (\d+) Hz, ([^,\n]+)
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 _CHANNELS = re.compile(r"(\d+) channels")
 _NAMED_LAYOUTS = {"mono": 1, "stereo": 2}
+DECODER_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class DecoderTimeoutError(Exception):
 def run_limited(
     cmd: Sequence[str], limits: DecodeLimits, *, input_bytes: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``cmd`` with RLIMIT_AS/RLIMIT_CPU set in the child before exec, and a wall timeout."""
+    """Run ``cmd`` with RLIMIT_AS/RLIMIT_CPU set (and a lower priority) in the child before
+    exec, and a wall timeout."""
     try:
         return subprocess.run(
             list(cmd),
@@ -70,9 +73,11 @@ def run_limited(
 def _rlimits(limits: DecodeLimits) -> Callable[[], None]:
     memory, cpu = limits.memory_bytes, limits.cpu_s
 
-    def apply() -> None:  # runs in the child between fork and exec: nothing but setrlimit
+    def apply() -> None:  # runs in the child between fork and exec: only system calls
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        # a lower priority than the server: a burst of uploads must not starve the event loop
+        os.nice(DECODER_NICENESS)
 
     return apply
 
