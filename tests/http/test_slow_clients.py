@@ -131,6 +131,14 @@ def test_a_body_shorter_than_its_content_length_is_a_client_failure(settings: Se
     assert 'route="/v1/audio/speech",outcome="error"' not in metrics
 
 
+def _peek(sock: socket.socket) -> bytes:
+    sock.settimeout(0.1)
+    try:
+        return sock.recv(200)
+    except OSError as exc:
+        return repr(exc).encode()
+
+
 def _speech_lines(logs: list[dict[str, object]]) -> list[dict[str, object]]:
     return [e for e in logs if e.get("event") == "request" and e.get("path") == "/v1/audio/speech"]
 
@@ -156,7 +164,7 @@ def test_an_idle_flood_cannot_lock_out_health(settings: Settings) -> None:
 
 def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(settings: Settings) -> None:
     config = guarded(settings, max_connections=3, max_in_flight=4)
-    engine = GatedEngine(hold_after=1)
+    engine = GatedEngine(hold_after=0)
     with live_server(config, engine, guarded=True) as live:
         body = (
             b'{"model":"tts-1","voice":"alloy","input":"' + HOLD.encode() + b' forever.","response_format":"pcm"}'
@@ -168,7 +176,8 @@ def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(settings: Se
                     b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
                 )
-            assert wait_until(lambda: live.services.admission.in_flight == 3, timeout_s=10)
+            assert wait_until(lambda: live.services.admission.in_flight == 3, timeout_s=10), [
+                (live.services.admission.in_flight, len(engine.jobs)), [_peek(sock) for sock in busy]]
             extra = connect(live.base_url)
             received, took = read_until_closed(extra, 5)
             extra.close()

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import ffmpeg_children, live_server, wait_until
+from harness import ffmpeg_children
+from ops_support import live_server, wait_until
 
 LONG_INPUT = ("A sentence that goes on and on for the listener who never listens. " * 61)[:4096]
 
