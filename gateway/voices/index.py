@@ -15,15 +15,24 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.voices.library import VoiceInfo
+from typing import Generic, Protocol, TypeVar
 
 RACY_S = 1.0
 
 
-class VoiceIndex:
+class _Named(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+
+
+VoiceInfo = TypeVar("VoiceInfo", bound=_Named)
+
+
+class VoiceIndex(Generic[VoiceInfo]):
     def __init__(self, build: Callable[[], list[VoiceInfo]], *folders: Path) -> None:
         self._build = build
         self._folders = folders
