@@ -28,6 +28,7 @@ from gateway.http.health import health, health_head, ready, ready_head
 from gateway.http.metrics import metrics
 from gateway.http.models import list_models, retrieve_model
 from gateway.http.playground import playground_routes
+from gateway.http.response_guard import response_guard
 from gateway.http.request_context import add_request_id_header, request_context_middleware
 from gateway.http.speech import create_speech
 from gateway.http.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
@@ -39,8 +40,10 @@ from gateway.server.engine_watch import watch_engine
 from gateway.observability.metrics import GatewayMetrics, service_gauges
 from gateway.server.services import AppServices, provide_services
 from gateway.settings import Settings
-from gateway.server.shutdown import close_engine, drain
+from gateway.server.http_server import SHUTDOWN_CLOCK_STATE
+from gateway.server.shutdown import ShutdownClock, close_engine, drain
 from gateway.voices.cache import VoiceCache
+from gateway.voices.clip_probe import DecodeLimits
 from gateway.voices.library import VoiceLibrary
 
 OPENAPI_PATH = "/schema"
@@ -50,6 +53,7 @@ OPENAPI_PATH = "/schema"
 def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     """The gateway as an ASGI app. ``engine`` replaces the configured one (tests)."""
     services = AppServices(settings=settings)
+    shutdown_clock = ShutdownClock(settings.shutdown_grace_s)
 
     api_keys = auth_middleware(settings)
     # voice uploads get their own body limit (a clip is far larger than a speech request)
@@ -69,8 +73,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         try:
             yield
         finally:
-            # stop admitting and let admitted work finish (bounded), then release the device
-            await drain(services, settings.shutdown_grace_s)
+            # stop admitting and let admitted work finish within what is left of the grace
+            # (the server has spent part of it on open connections), then release the device
+            await drain(services, shutdown_clock.remaining())
             services.engine_state = "closed"
             for task in (loader, watcher):
                 task.cancel()
@@ -89,11 +94,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
-        middleware=[request_context_middleware, api_keys],
+        middleware=[request_context_middleware, response_guard(settings), api_keys],
         cors_config=cors_config(settings),
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,
-        state=State({"services": services}),
+        state=State({"services": services, SHUTDOWN_CLOCK_STATE: shutdown_clock}),
         openapi_config=OpenAPIConfig(
             title="chatterbox-gateway",
             version=__version__,
@@ -123,6 +128,16 @@ async def _load(services: AppServices, engine: Engine | None) -> None:
             settings.resolved_builtin_voices_dir(),
             settings.resolved_voices_dir(),
             max_clip_bytes=settings.max_upload_bytes,
+            max_created=settings.max_created_voices,
+            max_consent_chars=settings.max_consent_chars,
+            decode_limits=DecodeLimits(
+                memory_bytes=settings.upload_decode_memory_bytes,
+                cpu_s=settings.upload_decode_cpu_s,
+                timeout_s=settings.upload_decode_timeout_s,
+                min_sample_rate=settings.upload_min_sample_rate,
+                max_sample_rate=settings.upload_max_sample_rate,
+                max_channels=settings.upload_max_channels,
+            ),
         )
         if engine is None:
             # Building may import torch and read config files: keep it off the event loop.

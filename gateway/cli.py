@@ -89,17 +89,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 def run_server(app: Any, settings: Settings) -> None:
     """Serve ``app`` until SIGTERM/SIGINT; then stop accepting, give open requests
-    ``shutdown_grace_s`` to finish (the rest are cancelled), and run the app's shutdown."""
+    ``shutdown_grace_s`` in total to finish (the rest are dropped), and run the app's shutdown.
+
+    The soft open-files limit is raised to the hard one first: connections are capped below
+    it (``gateway.server.http_server``), so running out of descriptors means refusals."""
     import uvicorn
 
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # configure_logging owns the handlers
-        access_log=False,  # one canonical line per request comes from the app
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )
+    from gateway.http.connection_guard import raise_descriptor_limit
+    from gateway.server.http_server import install_accept_log_limit, server_config
+
+    raise_descriptor_limit()
+    install_accept_log_limit()
+    uvicorn.Server(server_config(app, settings)).run()
 
 
 def _check_weights(settings: Settings) -> None:

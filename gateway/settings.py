@@ -57,6 +57,26 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Least severe log level written."""
 
+    # --- Connections (what a client may hold before and while it is served) -----------------
+    max_connections: PositiveInt = 1000
+    """Open connections at most (also kept below the process's file-descriptor limit). At the
+    cap, the oldest connection still waiting for request headers is closed to make room;
+    when every connection is busy, new ones are refused."""
+    listen_backlog: PositiveInt = 256
+    """Connections the kernel queues before they are accepted."""
+    header_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
+    """Time a client has to send a request's line and headers, from its first byte (or from
+    the connection's start)."""
+    body_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0
+    """Time a client has to send a request body, once the headers are in."""
+    keep_alive_timeout_s: Annotated[float, Meta(gt=0.0)] = 5.0
+    """An idle keep-alive connection is closed after this long."""
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
+    """Largest request line plus headers (431-style refusal beyond: the connection gets a 400)."""
+    send_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
+    """Longest a client may leave one response write pending (stop reading); then the response
+    is abandoned like a disconnect: engine job dropped, encoder killed, slot released."""
+
     # --- Engine and weights -----------------------------------------------------------------
     engine: Literal["auto", "reference", "vllm", "fake"] = "auto"
     """auto: vllm when CUDA and vLLM are importable, else reference."""
@@ -94,6 +114,22 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Built-in voice manifest and clips. Default: the ``voices/`` folder shipped with us."""
     voice_cache_size: PositiveInt = 64
     """Voice conditionals kept in memory (LRU); all are also kept on disk."""
+    max_created_voices: Annotated[int, Meta(ge=0)] = 1000
+    """Voices that may be created through the API (400 ``too_many_voices`` beyond)."""
+    max_consent_chars: PositiveInt = 1024
+    """Longest ``consent`` text stored with a created voice."""
+    upload_decode_memory_bytes: Annotated[int, Meta(ge=64 * 1_048_576)] = 1024 * 1_048_576
+    """Address space one FFmpeg child decoding an upload may map (RLIMIT_AS, enforced by the OS)."""
+    upload_decode_cpu_s: PositiveInt = 10
+    """CPU seconds one upload's FFmpeg child may use (RLIMIT_CPU)."""
+    upload_decode_timeout_s: Annotated[float, Meta(gt=0.0)] = 15.0
+    """Wall time one upload's FFmpeg child may take before it is killed."""
+    upload_min_sample_rate: PositiveInt = 8_000
+    """Lowest sample rate an uploaded clip's header may declare (checked before decoding)."""
+    upload_max_sample_rate: PositiveInt = 192_000
+    """Highest sample rate an uploaded clip's header may declare."""
+    upload_max_channels: PositiveInt = 8
+    """Most channels an uploaded clip's header may declare."""
 
     # --- Audio -----------------------------------------------------------------------------
     audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
@@ -110,9 +146,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     queue_timeout_s: NonNegativeFloat = 30.0
     """Longest a speech request waits in the queue for a slot before a 503 (seconds)."""
     request_timeout_s: NonNegativeFloat = 600.0
-    """Longest a speech request may take in all (seconds): 504 before the first byte, the stream closed after."""
+    """Longest a request may take in all, from its headers to its last byte sent (seconds),
+    whatever the format: the engine, the encoder and a client reading slowly all count; 504
+    before the first byte, the stream closed after."""
     shutdown_grace_s: NonNegativeFloat = 10.0
-    """On SIGTERM/SIGINT: how long open requests may finish before they are cancelled (seconds)."""
+    """On SIGTERM/SIGINT: how long open requests may take in total (seconds); what still runs
+    then is cancelled."""
 
     # --- vLLM engine ------------------------------------------------------------------------
     vllm_max_num_seqs: PositiveInt = 128

@@ -88,16 +88,20 @@ def serve_on_loopback(
     poll_s: float = 0.05,
     graceful_shutdown_s: float | None = None,
     join_s: float = 15.0,
+    config: uvicorn.Config | None = None,
 ) -> Iterator[str]:
     """Yield the server's base URL once ``ready_path`` answers 200; stop the server after.
 
+    ``config``: the server's configuration (``gateway.server.http_server.server_config``, to
+    run with the production connection limits); default: plain uvicorn.
     Fails fast when the server thread dies or ``/ready`` reports a failed engine."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
-    )
+    if config is None:
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
+        )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

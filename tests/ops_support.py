@@ -19,6 +19,7 @@ from gateway.app import create_app
 from harness import serve_on_loopback
 from gateway.engine.base import AudioChunk, SynthesisJob
 from gateway.engine.fake import FakeEngine
+from gateway.server.http_server import server_config
 from gateway.server.services import AppServices
 from gateway.settings import Settings
 
@@ -69,11 +70,17 @@ class Live:
 
 
 @contextmanager
-def live_server(settings: Settings, engine: FakeEngine, *, wait_ready: bool = True) -> Iterator[Live]:
-    """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop)."""
+def live_server(
+    settings: Settings, engine: FakeEngine, *, wait_ready: bool = True, guarded: bool = False, fd_limit: int | None = None
+) -> Iterator[Live]:
+    """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop). ``guarded``:
+    with the production server configuration (connection limits, read deadlines)."""
     app = create_app(settings, engine=engine)
+    config = server_config(app, settings, fd_limit=fd_limit) if guarded else None
     try:
-        with serve_on_loopback(app, ready_path="/ready" if wait_ready else "/health", graceful_shutdown_s=2) as base_url:
+        with serve_on_loopback(
+            app, ready_path="/ready" if wait_ready else "/health", graceful_shutdown_s=2, config=config
+        ) as base_url:
             yield Live(base_url=base_url, app=app, engine=engine)
     finally:
         if isinstance(engine, GatedEngine):

@@ -17,8 +17,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 
-from gateway.errors import GatewayError, as_gateway_error, error_for_status
+from gateway.errors import GatewayError, InvalidRequestError, as_gateway_error, error_for_status
 from gateway.http.protocol import ErrorDetail, ErrorResponse
+from gateway.http.disconnect import ClientDisconnectedError
+from gateway.http.request_context import client_disconnected
 from gateway.observability.request_record import current_record
 
 _MESSAGES: dict[int, str] = {
@@ -58,6 +60,15 @@ def error_response(exc: BaseException) -> ErrorResponse:
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Render any exception raised while handling a request (registered for ``Exception``)."""
     log = structlog.get_logger("gateway.http")
+    if isinstance(exc, UnicodeDecodeError):
+        # bytes a client sent that are not UTF-8 (e.g. a multipart text field Litestar decodes)
+        error = InvalidRequestError("A text field of the request is not valid UTF-8.", code="invalid_encoding")
+        return _render(error, error.status_code)
+    if isinstance(exc, HTTPException) and exc.status_code >= 500 and client_disconnected(request.scope):
+        # e.g. a body shorter than its Content-Length: Litestar's read fails with a 500, but
+        # the client left; nobody will read this answer, and it is not the server's fault
+        current_record().fail("cancelled", "the client disconnected before the request was read")
+        return _render(ClientDisconnectedError(str(exc.detail)), 499)
     if isinstance(exc, HTTPException) and not isinstance(exc, GatewayError):
         status = 400 if exc.status_code == 422 else exc.status_code
         if status >= 500:

@@ -24,10 +24,14 @@ MAX_INSTRUCTIONS_CHARS = 4096
 MAX_SEED = 2**32 - 1
 
 
+MAX_VOICE_CHARS = 256
+"""Longest voice name, alias or id a request may send (plain string or ``{"id"}``)."""
+
+
 class VoiceRef(msgspec.Struct, forbid_unknown_fields=False):
     """A voice given as an object, as newer OpenAI clients send it: ``{"id": "alloy"}``."""
 
-    id: Annotated[str, Meta(min_length=1, max_length=256, description="Voice name, alias or id.")]
+    id: Annotated[str, Meta(min_length=1, max_length=MAX_VOICE_CHARS, description="Voice name, alias or id.")]
 
 
 class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -47,7 +51,7 @@ class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         Meta(min_length=1, max_length=MAX_INPUT_CHARS, description="Text to speak: 1 to 4096 characters, not blank."),
     ]
     voice: Annotated[
-        str | VoiceRef,
+        Annotated[str, Meta(max_length=MAX_VOICE_CHARS)] | VoiceRef,
         Meta(description='A voice name, alias or id (see GET /v1/audio/voices), or `{"id": "..."}`.'),
     ]
     instructions: Annotated[

@@ -24,6 +24,14 @@ REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+_DISCONNECTED = "client_disconnected"
+
+
+def client_disconnected(scope: Scope | dict[str, Any]) -> bool:
+    """Whether the client hung up before the response was complete (seen on ``receive``)."""
+    return bool(scope.get("state", {}).get(_DISCONNECTED))
+
+
 def request_id_of(scope: Scope | dict[str, Any]) -> str:
     """The request's id, decided once per request and kept in the scope state."""
     state = scope.setdefault("state", {})
@@ -75,6 +83,7 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
             message = await receive()
             if message["type"] == "http.disconnect" and not seen["completed"]:
                 seen["disconnected"] = True
+                scope["state"][_DISCONNECTED] = True
             return message
 
         record, token = open_record(route=scope["path"])

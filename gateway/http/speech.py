@@ -92,11 +92,17 @@ async def create_speech(request: Request[Any, Any, Any], services: NamedDependen
         request.receive, prepare_speech(services, speech, request_id_of(request.scope))
     )
     headers = {"Cache-Control": "no-cache"}
+
+    async def close_body() -> None:
+        # A coroutine function: Litestar runs any other callable in a worker thread, where
+        # ``aclose`` would only create an awaitable that nobody awaits.
+        await prepared.body.aclose()
+
     return Stream(
         prepared.body,
         media_type=prepared.media_type,
         headers=headers,
         # Runs when the body ends, also after a client disconnect: closing the iterator is
         # what cancels the engine job and kills the encoder.
-        background=BackgroundTask(prepared.body.aclose),
+        background=BackgroundTask(close_body),
     )

@@ -3,12 +3,15 @@ close the engine (which cancels whatever is left and releases the device).
 
 Under uvicorn (``chatterbox-gateway serve``) the order on SIGTERM/SIGINT is:
 
-1. uvicorn stops listening: new connections are refused;
-2. it waits up to ``shutdown_grace_s`` (``timeout_graceful_shutdown``) for open requests;
-   streams still running then are cancelled, which closes their body iterators: the engine
-   job is aborted and the FFmpeg process killed, as for a client that hung up;
-3. the app lifespan ends: :func:`drain` (a no-op by then, unless another server skipped
-   step 2) and ``engine.close()``.
+1. uvicorn stops listening: new connections are refused; idle connections are closed;
+   the :class:`ShutdownClock` starts;
+2. open requests get ``shutdown_grace_s`` in total. A response still running at
+   ``ShutdownClock.abort_in`` (the grace less a short margin) has its connection dropped
+   (:mod:`gateway.http.connection_guard`): the app sees a disconnect and closes the body
+   iterator, so the engine job is aborted and FFmpeg killed exactly as for a client that
+   hung up, without a cancelled task's traceback, and a slow reader cannot stretch it;
+3. the app lifespan ends: :func:`drain` waits for admitted work for what is left of the
+   grace (a no-op by then, unless another server skipped step 2), then ``engine.close()``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,30 @@ import structlog
 from gateway.server.services import AppServices
 
 POLL_S = 0.05
+ABORT_MARGIN_S = 1.0
+"""Time kept at the end of the grace for cancelled streams to clean up (at most a quarter of it)."""
+
+
+class ShutdownClock:
+    """When shutdown began, shared by the server (which starts it) and the lifespan (which
+    spends what is left of the grace)."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.started_at: float | None = None
+
+    def start(self) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def remaining(self) -> float:
+        if self.started_at is None:
+            return self.grace_s
+        return max(0.0, self.grace_s - (time.monotonic() - self.started_at))
+
+    def abort_in(self) -> float:
+        """Seconds from now until running responses are dropped."""
+        return max(0.0, self.remaining() - min(ABORT_MARGIN_S, self.grace_s / 4))
 
 
 async def drain(services: AppServices, grace_s: float) -> bool:

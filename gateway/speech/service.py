@@ -19,6 +19,7 @@ response, not a short file that looks complete); an ``sse`` body ends with an ``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import time
@@ -110,7 +111,8 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     voices, voice_cache = services.ready_voices()
     with _voice_is_a_parameter():
         voice_info = voices.get(request.voice_name)
-    chunks = tuple(split_text(request.input, settings.max_chunk_chars))
+    # Up to 4096 characters of normalising and splitting: CPU work, kept off the event loop.
+    chunks = tuple(await asyncio.to_thread(split_text, request.input, settings.max_chunk_chars))
     speed = 1.0 if request.speed is None else request.speed
     usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
 

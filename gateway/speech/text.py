@@ -40,16 +40,19 @@ _TRANSLATE = str.maketrans(
 
 _SENTENCE_ENDERS = ".!?\u061f\u06d4\u0964\u0965"  # . ! ? Arabic ? Urdu full stop, Devanagari danda
 _CLOSERS = "\"')]}"
+# Every pattern that starts with a repeated class is anchored to the start of its run
+# ("(?<!\s)\s+", "(?<!\.)\.{2,}+"): otherwise a failed match is retried from every position
+# inside a long run, and 4,000 spaces or dots cost quadratic time.
 # An ellipsis is a pause: a comma. Before a space, a closing quote or the end it needs no
 # space of its own ('"wait…"' -> '"wait,"'); glued to the next word it gets one.
-_ELLIPSIS_AT_BREAK = re.compile(r"\.{2,}(?=\s|$|[\"')\]}])")
+_ELLIPSIS_AT_BREAK = re.compile(r"(?<!\.)\.{2,}+(?=\s|$|[\"')\]}])")
 _ELLIPSIS = re.compile(r"\.{2,}")
 # A run of dashes used as punctuation (em/en dash, "--", a hyphen standing alone).
-_DASH = re.compile(r"(?:\s*(?:[\u2013\u2014\u2015]|--+|(?<!\S)-(?!\S)))+\s*")
+_DASH = re.compile(r"(?<!\s)(?:\s*(?:[\u2013\u2014\u2015]|--+|(?<!\S)-(?!\S)))+\s*")
 _DIGIT_RANGE_DASH = re.compile(r"(?<=\d)[\u2013\u2014](?=\d)")
 _DIGIT_COLON = re.compile(r"(?<=\d):(?=\d)")
 _CLAUSE_MARKS = re.compile(r"[;:]")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.!?\u060c\u061f])")
+_SPACE_BEFORE_PUNCT = re.compile(r"(?<!\s)\s+([,.!?\u060c\u061f])")
 _REPEATED_PUNCT = re.compile(r"([,.!?])\1+")  # ellipses are gone by now: ".." is a typo
 _COMMA_AFTER_PUNCT = re.compile(r"(?<=[.!?\u061f]),|,(?=[.!?\u061f])|(?<=[,.!?][\"')\]]),")
 _COMMA_GLUED_TO_WORD = re.compile(r",(?=[^\W\d_])")  # "a,b" -> "a, b" (but "1,000" stays)
@@ -151,8 +154,8 @@ def _sentence_pieces(text: str) -> list[str]:
     pieces: list[str] = []
     start = 0
     for match in re.finditer(rf"[{_SENTENCE_ENDERS}][{re.escape(_CLOSERS)}]* ", text):
-        before = text[start : match.start() + 1]
-        last_word = before.rsplit(" ", 1)[-1]
+        # the word before the mark, found without copying everything since ``start``
+        last_word = text[max(start, text.rfind(" ", start, match.start()) + 1) : match.start() + 1]
         if match.group(0)[0] == "." and _is_abbreviation(last_word):
             continue
         pieces.append(text[start : match.end() - 1])
@@ -180,16 +183,17 @@ def _hard_cut(word: str, max_chars: int) -> list[str]:
     """Cut a space-less run into pieces of <= max_chars, never inside a combining sequence
     (accents, emoji modifiers, ZWJ emoji) when a nearby cut avoids it."""
     out: list[str] = []
-    while len(word) > max_chars:
+    start = 0
+    while len(word) - start > max_chars:
         cut = max_chars
-        while cut > 1 and _joins_previous(word, cut):
+        while cut > 1 and _joins_previous(word, start + cut):
             cut -= 1
-        if cut == 1 and _joins_previous(word, cut):
+        if cut == 1 and _joins_previous(word, start + cut):
             cut = max_chars  # one cluster longer than max_chars: cutting it is unavoidable
-        out.append(word[:cut])
-        word = word[cut:]
-    if word:
-        out.append(word)
+        out.append(word[start : start + cut])
+        start += cut
+    if start < len(word):
+        out.append(word[start:])
     return out
 
 

@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
+from gateway.voices.clip_probe import DecodeLimits, DecoderTimeoutError, ffmpeg_input_args, probe_clip, run_limited, with_input
+from gateway.voices.index import VoiceIndex
 from gateway.errors import (
     ConflictError,
     InvalidRequestError,
@@ -52,6 +54,10 @@ CLIP_SAMPLE_RATE = 24_000
 DEFAULT_MIN_CLIP_S = 3.0
 DEFAULT_MAX_CLIP_S = 30.0
 DEFAULT_MAX_CLIP_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_CREATED = 1000
+DEFAULT_MAX_CONSENT_CHARS = 1024
+SHOWN_NAME_CHARS = 80
+"""A voice name longer than this is cut in error messages (and never logged whole)."""
 CREATED_DIR = "created"
 _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".deleting-"
@@ -92,15 +98,22 @@ class VoiceLibrary:
         max_clip_bytes: int = DEFAULT_MAX_CLIP_BYTES,
         min_clip_s: float = DEFAULT_MIN_CLIP_S,
         max_clip_s: float = DEFAULT_MAX_CLIP_S,
+        max_created: int = DEFAULT_MAX_CREATED,
+        max_consent_chars: int = DEFAULT_MAX_CONSENT_CHARS,
+        decode_limits: DecodeLimits | None = None,
     ) -> None:
         self.builtin_dir = Path(builtin_dir).resolve()
         self.user_dir = Path(user_dir).resolve()
         self.max_clip_bytes = max_clip_bytes
         self.min_clip_s = min_clip_s
         self.max_clip_s = max_clip_s
+        self.max_created = max_created
+        self.max_consent_chars = max_consent_chars
+        self.decode_limits = decode_limits or DecodeLimits()
         self._builtins = _load_manifest(self.builtin_dir)
         self._lock = threading.Lock()
         self._created_cache: dict[str, tuple[int, VoiceInfo]] = {}
+        self._index = VoiceIndex(self._build_list, self.user_dir, self._created_dir)
         self._created_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging()
 
@@ -111,7 +124,11 @@ class VoiceLibrary:
     # ---- lookup ------------------------------------------------------------------------
 
     def list(self) -> list[VoiceInfo]:
-        """Every voice, built-in first, each name/alias/id appearing once."""
+        """Every voice, built-in first, each name/alias/id appearing once (cached; rebuilt
+        when the voices folders change, see :class:`VoiceIndex`)."""
+        return self._index.voices()
+
+    def _build_list(self) -> list[VoiceInfo]:
         voices = list(self._builtins)
         taken = {key for v in voices for key in _keys(v)}
         for candidate in [*self._scan_created(), *self._scan_dropped()]:
@@ -125,11 +142,11 @@ class VoiceLibrary:
     def get(self, name_or_id: str) -> VoiceInfo:
         """The voice with this id, name or alias (case-insensitive)."""
         wanted = name_or_id.strip().lower()
-        for voice in self.list():
-            if wanted in _keys(voice):
-                return voice
+        voice = self._index.by_key().get(wanted)
+        if voice is not None:
+            return voice
         raise VoiceNotFoundError(
-            f"Voice '{name_or_id}' does not exist. GET /v1/audio/voices lists the voices "
+            f"Voice '{_shown(name_or_id)}' does not exist. GET /v1/audio/voices lists the voices "
             "(and the OpenAI names that are aliases of them).",
             param="voice",
         )
@@ -142,6 +159,10 @@ class VoiceLibrary:
             raise InvalidRequestError(
                 "Voice name must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.", param="name"
             )
+        if consent is not None and len(consent) > self.max_consent_chars:
+            raise InvalidRequestError(
+                f"consent is {len(consent)} characters; the limit is {self.max_consent_chars}.", param="consent"
+            )
         if len(clip_bytes) > self.max_clip_bytes:
             raise PayloadTooLargeError(
                 f"audio_sample is {len(clip_bytes)} bytes; the limit is {self.max_clip_bytes} bytes.",
@@ -149,6 +170,8 @@ class VoiceLibrary:
             )
         if not clip_bytes:
             raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
+        # Cheap refusals before any decoding (checked again at the rename, under the lock).
+        self._check_room_for(name)
         samples = self._decode_upload(clip_bytes)
         voice_id = "voice_" + secrets.token_hex(12)
         created_at = int(time.time())
@@ -163,14 +186,25 @@ class VoiceLibrary:
             _atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
             _fsync_dir(staging)
             with self._lock:
-                if name.lower() in {key for v in self.list() for key in _keys(v)}:
-                    raise ConflictError(f"A voice named '{name}' already exists.", param="name")
+                self._check_room_for(name)
                 os.replace(staging, self._created_dir / voice_id)
                 _fsync_dir(self._created_dir)
+                self._index.invalidate()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return VoiceInfo(voice_id, name, (), "user", self._created_dir / voice_id / "clip.flac", created_at)
+
+    def _check_room_for(self, name: str) -> None:
+        if name.lower() in self._index.by_key():
+            raise ConflictError(f"A voice named '{name}' already exists.", param="name")
+        created = sum(1 for v in self.list() if v.source == "user" and _is_created_id(v.id))
+        if created >= self.max_created:
+            raise InvalidRequestError(
+                f"This server holds its limit of {self.max_created} created voices; delete one first.",
+                param="name",
+                code="too_many_voices",
+            )
 
     def delete(self, name_or_id: str) -> VoiceInfo:
         """Remove a voice created through the API, found by id or name like :meth:`get`
@@ -188,6 +222,7 @@ class VoiceLibrary:
                     _fsync_dir(self._created_dir)
                     shutil.rmtree(trash, ignore_errors=True)
                     self._created_cache.pop(voice.id, None)
+                    self._index.invalidate()
                     return voice
             for voice in self._scan_dropped():
                 if wanted in _keys(voice):
@@ -261,7 +296,11 @@ class VoiceLibrary:
                 "audio_sample is not a supported audio file (WAV, FLAC, MP3, Ogg/Opus, AAC, M4A/MP4, WebM/Matroska, AIFF).",
                 param="audio_sample",
             )
-        samples = decode_to_mono(clip_bytes, container, max_seconds=self.max_clip_s + 0.5)
+        probe_clip(clip_bytes, container, self.decode_limits, max_duration_s=self.max_clip_s)
+        try:
+            samples = decode_to_mono(clip_bytes, container, max_seconds=self.max_clip_s + 0.5, limits=self.decode_limits)
+        except DecoderTimeoutError:
+            raise InvalidRequestError("audio_sample took too long to decode.", param="audio_sample") from None
         if samples is None:
             raise InvalidRequestError("audio_sample could not be decoded as audio.", param="audio_sample")
         duration = len(samples) / CLIP_SAMPLE_RATE
@@ -280,6 +319,10 @@ class VoiceLibrary:
         if float(np.abs(samples).max(initial=0.0)) < _SILENCE_PEAK:
             raise InvalidRequestError("audio_sample is silent.", param="audio_sample")
         return samples
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= SHOWN_NAME_CHARS else f"{name[:SHOWN_NAME_CHARS]}… ({len(name)} characters)"
 
 
 def _keys(voice: VoiceInfo) -> set[str]:
@@ -346,30 +389,23 @@ def sniff_container(data: bytes) -> str | None:
     return None
 
 
-def decode_to_mono(data: bytes, container: str, *, max_seconds: float) -> np.ndarray | None:
-    """Decode an upload (audio stream only) to float32 mono at 24 kHz; None if FFmpeg fails.
+def decode_to_mono(
+    data: bytes, container: str, *, max_seconds: float, limits: DecodeLimits | None = None
+) -> np.ndarray | None:
+    """Decode an upload (audio stream only) to float32 mono at 24 kHz; None if FFmpeg fails
+    (a child past its memory or CPU limit fails too). DecoderTimeoutError past the wall limit.
 
     The bytes go in on stdin (FFmpeg reads nothing else: only the pipe protocol is allowed),
-    except MP4/M4A, whose index may sit at the end of the file and needs seeking: those are
-    written to a private temporary file first.
+    except MP4/M4A, which are read from a private temporary file (see ``with_input``).
     """
-    import tempfile
-
+    bounds = limits or DecodeLimits()
     out_args = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_seconds:.3f}", "-ac", "1",
                 "-ar", str(CLIP_SAMPLE_RATE), "-f", "f32le", "pipe:1"]
-    base = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-f", container]
-    try:
-        if container == "mov":
-            with tempfile.NamedTemporaryFile(suffix=".m4a") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                cmd = [*base, "-protocol_whitelist", "file", "-i", tmp.name, *out_args]
-                proc = subprocess.run(cmd, capture_output=True, timeout=_DECODE_TIMEOUT_S)
-        else:
-            cmd = [*base, "-protocol_whitelist", "pipe", "-i", "pipe:0", *out_args]
-            proc = subprocess.run(cmd, input=data, capture_output=True, timeout=_DECODE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return None
+
+    def run(source: str, stdin: bytes | None) -> subprocess.CompletedProcess[bytes]:
+        return run_limited([*ffmpeg_input_args(container, source, loglevel="error"), *out_args], bounds, input_bytes=stdin)
+
+    proc = with_input(data, container, run)
     if proc.returncode != 0 or not proc.stdout:
         return None
     return np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4")

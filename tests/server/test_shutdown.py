@@ -58,7 +58,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp_path: Path, *, grace_s: float, piece_delay_s: float) -> None:
+    def __init__(
+        self, tmp_path: Path, *, grace_s: float, piece_delay_s: float, preexec_fn=None, **settings: object  # type: ignore[no-untyped-def]
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         overrides = {
@@ -69,6 +71,7 @@ class Server:
             "shutdown_grace_s": grace_s,
             "max_speech_tokens": 1000,
             "log_format": "json",
+            **settings,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER, json.dumps(overrides), str(piece_delay_s)],
@@ -76,6 +79,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -186,6 +190,81 @@ def test_sigterm_cancels_streams_past_the_grace_period(tmp_path: Path) -> None:
         assert lines and lines[0]["outcome"] in {"cancelled", "error"}
     finally:
         server.stop()
+
+
+def _stalled_reader(port: int) -> socket.socket:
+    """A long wav request from a socket with a tiny receive buffer that is never read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    body = json.dumps(
+        {"model": "tts-1", "voice": "alloy", "input": TEXT * 10, "response_format": "wav", "speed": 0.25}
+    ).encode()
+    sock.sendall(
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+@pytest.mark.slow
+def test_sigterm_with_slow_readers_ends_within_the_grace_without_tracebacks(tmp_path: Path) -> None:
+    """Streams blocked on clients that stopped reading are dropped like disconnects inside the
+    grace (not cancelled after it, then waited for again by the lifespan)."""
+    grace_s = 3.0
+    server = Server(tmp_path, grace_s=grace_s, piece_delay_s=0.0, send_timeout_s=120.0, max_speech_tokens=300)
+    readers = [_stalled_reader(server.port) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.base_url}/metrics", timeout=2).text.count("chatterbox_in_flight_requests 4.0") == 0:
+            assert time.monotonic() < deadline, "the stalled requests did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # their sockets fill up
+        sent_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(20) in CLEAN_EXIT
+        stopped_after = time.monotonic() - sent_at
+        assert stopped_after < grace_s + 1.5, stopped_after
+        report = server.report()
+        assert len(report["cancelled"]) == 4 and report["children"] == []
+        assert not [line for line in server.lines if "Exception in ASGI application" in line or "Traceback" in line]
+        assert "shutdown_grace_exceeded" not in [e["event"] for e in server.events()]
+    finally:
+        for sock in readers:
+            sock.close()
+        server.stop()
+
+
+def test_running_out_of_descriptors_means_refusals_not_a_log_flood(tmp_path: Path) -> None:
+    """With 128 descriptors (soft = hard, so the server cannot raise it), 400 idle connections:
+    the cap sits below the limit, the oldest idle ones are evicted, /health still answers and
+    asyncio's accept() error is not logged thousands of times."""
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, header_timeout_s=60)
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            try:
+                opened.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+            except OSError:
+                break
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        for sock in opened:
+            sock.close()
+        server.stop()
+    flood = [line for line in server.lines if "out of system resource" in line]
+    assert len(flood) <= 3, len(flood)
+    limits = [e for e in server.events() if e.get("event") == "connection_limits"]
+    assert limits and limits[0]["max_connections"] < 128
 
 
 def test_drain_refuses_new_work_and_waits_for_admitted(tmp_path: Path) -> None:

@@ -1,0 +1,44 @@
+"""The adversarial-run tool: loopback only, bounded, and against a live server (production
+configuration) it reports /health probes under attack and what the server holds after."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gateway.engine.fake import FakeEngine
+from gateway.settings import Settings
+from gateway.tools import attack
+from ops_support import live_server
+
+
+def test_refuses_targets_that_are_not_loopback_and_unknown_attacks() -> None:
+    assert attack.main(["--url", "http://192.0.2.1:80", "--duration", "1"]) == 2
+    assert attack.main(["--url", "http://127.0.0.1:1", "--attacks", "nuke"]) == 2
+
+
+def test_runs_are_bounded() -> None:
+    parser = attack.build_parser()
+    for bad in (["--duration", "1000"], ["--idle", "100000"], ["--stalled", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--url", "http://127.0.0.1:1", *bad])
+
+
+def test_against_a_live_server(settings: Settings, tmp_path: Path) -> None:
+    config = msgspec.structs.replace(settings, max_in_flight=2, send_timeout_s=0.5, header_timeout_s=1.0)
+    out = tmp_path / "rows.json"
+    with live_server(config, FakeEngine(), guarded=True) as live:
+        attack.main(
+            ["--url", live.base_url, "--duration", "1.5", "--settle", "1.5", "--stalled", "2", "--idle", "50",
+             "--attacks", "stalled-readers,slow-headers,idle-flood,upload-bombs",
+             "--server-pid", str(os.getpid()), "--json", str(out)]
+        )
+    rows = json.loads(out.read_text())
+    assert [r["attack"] for r in rows] == ["stalled-readers", "slow-headers", "idle-flood", "upload-bombs"]
+    for row in rows:
+        assert row["probes"] >= 5 and row["failed"] == 0, row
+        assert row["in_flight_after"] == 0 and row["ffmpeg_after"] == 0, row
