@@ -9,7 +9,7 @@ past them, whatever the file does) and whose wall time is capped by a timeout:
 1. :func:`probe_clip`: FFmpeg reads the container's header and prints what it found (no
    output file, so no decoding); sample rate, channels and duration must be within bounds,
    else a 400 at once;
-2. the decode proper (``gateway.voices.library.decode_to_mono``), under the same limits.
+2. the decode proper (``gateway.voices.clip_files.decode_to_mono``), under the same limits.
 """
 
 from __future__ import annotations

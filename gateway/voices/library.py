@@ -23,17 +23,14 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from gateway.audio.ffmpeg_binary import ffmpeg_exe
-from gateway.voices.clip_probe import DecodeLimits, DecoderTimeoutError, ffmpeg_input_args, probe_clip, run_limited, with_input
+from gateway.voices.clip_files import CLIP_SAMPLE_RATE, atomic_write, decode_upload, fsync_dir, write_flac
+from gateway.voices.clip_probe import DecodeLimits
 from gateway.voices.index import VoiceIndex
 from gateway.errors import (
     ConflictError,
@@ -47,7 +44,6 @@ VoiceSource = Literal["checkpoint", "builtin", "user"]
 
 CLIP_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".m4a", ".mp4", ".aac", ".webm", ".aiff", ".aif"})
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CLIP_SAMPLE_RATE = 24_000
 # Chatterbox reads the first 6 s of a clip for its speech-token prompt and the first 10 s
 # for S3Gen's reference: 3 s is the least that still conditions usefully, anything past
 # 10 s is ignored, and 30 s leaves room for an unedited recording.
@@ -63,8 +59,6 @@ _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".deleting-"
 _STALE_STAGING_S = 3600
 # Peak below this (about -80 dBFS) is silence: nothing to learn a voice from.
-_SILENCE_PEAK = 1e-4
-_DECODE_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -172,7 +166,7 @@ class VoiceLibrary:
             raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
         # Cheap refusals before any decoding (checked again at the rename, under the lock).
         self._check_room_for(name)
-        samples = self._decode_upload(clip_bytes)
+        samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=self.decode_limits)
         voice_id = "voice_" + secrets.token_hex(12)
         created_at = int(time.time())
         meta = {"id": voice_id, "name": name, "created_at": created_at, "consent": consent,
@@ -182,13 +176,13 @@ class VoiceLibrary:
         staging = self._created_dir / f"{_STAGING_PREFIX}{voice_id}"
         staging.mkdir(parents=True)
         try:
-            _write_flac(samples, staging / "clip.flac")
-            _atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
-            _fsync_dir(staging)
+            write_flac(samples, staging / "clip.flac")
+            atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
+            fsync_dir(staging)
             with self._lock:
                 self._check_room_for(name)
                 os.replace(staging, self._created_dir / voice_id)
-                _fsync_dir(self._created_dir)
+                fsync_dir(self._created_dir)
                 self._index.invalidate()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -219,7 +213,7 @@ class VoiceLibrary:
                     # Rename first: the voice disappears atomically even if removal is interrupted.
                     trash = self._created_dir / f"{_TRASH_PREFIX}{voice.id}"
                     os.replace(self._created_dir / voice.id, trash)
-                    _fsync_dir(self._created_dir)
+                    fsync_dir(self._created_dir)
                     shutil.rmtree(trash, ignore_errors=True)
                     self._created_cache.pop(voice.id, None)
                     self._index.invalidate()
@@ -287,39 +281,6 @@ class VoiceLibrary:
             if entry.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)) and entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
-    # ---- decoding ----------------------------------------------------------------------
-
-    def _decode_upload(self, clip_bytes: bytes) -> np.ndarray:
-        container = sniff_container(clip_bytes)
-        if container is None:
-            raise InvalidRequestError(
-                "audio_sample is not a supported audio file (WAV, FLAC, MP3, Ogg/Opus, AAC, M4A/MP4, WebM/Matroska, AIFF).",
-                param="audio_sample",
-            )
-        probe_clip(clip_bytes, container, self.decode_limits, max_duration_s=self.max_clip_s)
-        try:
-            samples = decode_to_mono(clip_bytes, container, max_seconds=self.max_clip_s + 0.5, limits=self.decode_limits)
-        except DecoderTimeoutError:
-            raise InvalidRequestError("audio_sample took too long to decode.", param="audio_sample") from None
-        if samples is None:
-            raise InvalidRequestError("audio_sample could not be decoded as audio.", param="audio_sample")
-        duration = len(samples) / CLIP_SAMPLE_RATE
-        if duration < self.min_clip_s:
-            raise InvalidRequestError(
-                f"audio_sample is {duration:.1f} s long; at least {self.min_clip_s:g} s of speech is needed "
-                "(6-10 s works best).",
-                param="audio_sample",
-            )
-        if duration > self.max_clip_s:
-            raise InvalidRequestError(
-                f"audio_sample is longer than {self.max_clip_s:g} s; the model uses only the first 10 s, "
-                "so trim it to 6-10 s of clean speech.",
-                param="audio_sample",
-            )
-        if float(np.abs(samples).max(initial=0.0)) < _SILENCE_PEAK:
-            raise InvalidRequestError("audio_sample is silent.", param="audio_sample")
-        return samples
-
 
 def _shown(name: str) -> str:
     return name if len(name) <= SHOWN_NAME_CHARS else f"{name[:SHOWN_NAME_CHARS]}… ({len(name)} characters)"
@@ -360,92 +321,3 @@ def _load_manifest(builtin_dir: Path) -> list[VoiceInfo]:
         seen |= keys
         voices.append(info)
     return voices
-
-
-def sniff_container(data: bytes) -> str | None:
-    """The FFmpeg demuxer for an upload, from its first bytes; None when it is not one we take.
-
-    Naming the demuxer (never letting FFmpeg guess) keeps playlist and script formats (HLS,
-    concat, ...) out: those could make FFmpeg open other files or URLs.
-    """
-    head = data[:16]
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[4:8] == b"ftyp":
-        return "mov"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "matroska"
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    if head[:3] == b"ID3":
-        return "mp3"
-    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
-        # MPEG audio frame sync: layer bits 00 are ADTS AAC, anything else MP3.
-        return "aac" if head[1] & 0x06 == 0 else "mp3"
-    return None
-
-
-def decode_to_mono(
-    data: bytes, container: str, *, max_seconds: float, limits: DecodeLimits | None = None
-) -> np.ndarray | None:
-    """Decode an upload (audio stream only) to float32 mono at 24 kHz; None if FFmpeg fails
-    (a child past its memory or CPU limit fails too). DecoderTimeoutError past the wall limit.
-
-    The bytes go in on stdin (FFmpeg reads nothing else: only the pipe protocol is allowed),
-    except MP4/M4A, which are read from a private temporary file (see ``with_input``).
-    """
-    bounds = limits or DecodeLimits()
-    out_args = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_seconds:.3f}", "-ac", "1",
-                "-ar", str(CLIP_SAMPLE_RATE), "-f", "f32le", "pipe:1"]
-
-    def run(source: str, stdin: bytes | None) -> subprocess.CompletedProcess[bytes]:
-        return run_limited([*ffmpeg_input_args(container, source, loglevel="error"), *out_args], bounds, input_bytes=stdin)
-
-    proc = with_input(data, container, run)
-    if proc.returncode != 0 or not proc.stdout:
-        return None
-    return np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4")
-
-
-def _write_flac(samples: np.ndarray, path: Path) -> None:
-    """24 kHz mono 16-bit FLAC, written atomically (FFmpeg writes a temporary file in the same
-    folder, seekable so the header carries the length; then fsync and rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-           "-f", "f32le", "-ar", str(CLIP_SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
-           "-c:a", "flac", "-sample_fmt", "s16", "-compression_level", "8",
-           "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", "flac", "-y", str(tmp)]
-    try:
-        proc = subprocess.run(cmd, input=samples.astype("<f4").tobytes(), capture_output=True, timeout=_DECODE_TIMEOUT_S)
-        if proc.returncode != 0:
-            raise RuntimeError(f"FFmpeg could not write FLAC: {proc.stderr.decode(errors='replace')[-500:]}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError, VoiceNotFoundError
-from gateway.voices.library import VoiceLibrary, sanitize_name, sniff_container
+from gateway.voices.clip_files import sniff_container
+from gateway.voices.library import VoiceLibrary, sanitize_name
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar")
 REPO_VOICES = Path(__file__).resolve().parents[2] / "voices"

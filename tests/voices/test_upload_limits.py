@@ -89,7 +89,7 @@ def test_hundreds_of_channels_are_refused_from_the_header(library: VoiceLibrary)
 _DECODE_IN_CHILD = """
 import json, sys
 from gateway.voices.clip_probe import DecodeLimits
-from gateway.voices.library import decode_to_mono
+from gateway.voices.clip_files import decode_to_mono
 data = open(sys.argv[1], "rb").read()
 limits = DecodeLimits(memory_bytes=int(sys.argv[2]), cpu_s=5, timeout_s=20)
 samples = decode_to_mono(data, "wav", max_seconds=30.5, limits=limits)
