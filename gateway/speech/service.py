@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 import numpy as np
 import structlog
@@ -75,7 +76,7 @@ class SpeechBody:
         try:
             await aclose_quietly(self._body)
         finally:
-            await self._stack.aclose()  # a no-op once the body has unwound it
+            await _unwind(self._stack)  # a no-op once the body has unwound it
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         stack.push_async_callback(aclose_quietly, encoded)
         first_bytes = await _first(encoded, deadline, record)
     except BaseException:
-        await stack.aclose()
+        await _unwind(stack)
         raise
     sse = request.stream_format == "sse"
     body = SpeechBody(_body(stack, first_bytes, encoded, deadline, sse=sse, usage=usage, record=record), stack)
@@ -165,23 +166,32 @@ async def _body(
     record: RequestRecord,
 ) -> AsyncGenerator[bytes, None]:
     """The response body: owns ``stack`` (slot, engine job, encoder) and closes it on any exit."""
-    async with stack:
-        try:
-            data = first
-            while data is not None:
-                yield _sse_event(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))) if sse else data
-                data = await _next(encoded, deadline, record)
-            if sse:
-                total = usage.input_tokens + usage.output_tokens
-                done = SpeechUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=total)
-                yield _sse_event(SpeechAudioDone(usage=done))
-        except Exception as exc:  # the status line is gone: record why, then end the body
-            message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-            record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
-            structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
-            if not sse:
-                raise
-            yield _sse_event(SpeechStreamError(error=error_response(exc).error))
+    try:
+        data = first
+        while data is not None:
+            yield _sse_event(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))) if sse else data
+            data = await _next(encoded, deadline, record)
+        if sse:
+            total = usage.input_tokens + usage.output_tokens
+            done = SpeechUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=total)
+            yield _sse_event(SpeechAudioDone(usage=done))
+    except Exception as exc:  # the status line is gone: record why, then end the body
+        message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+        record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
+        structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
+        if not sse:
+            raise
+        yield _sse_event(SpeechStreamError(error=error_response(exc).error))
+    finally:
+        await _unwind(stack)
+
+
+async def _unwind(stack: contextlib.AsyncExitStack) -> None:
+    """Close the request's resources, shielded: a body cancelled inside an anyio scope (a
+    client disconnect in Litestar's stream task group) has every later await cancelled too,
+    which would cut the encoder's and the engine's cleanup short."""
+    with anyio.CancelScope(shield=True):
+        await stack.aclose()
 
 
 async def _first(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None = None) -> Any:
