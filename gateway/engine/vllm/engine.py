@@ -32,12 +32,9 @@ import numpy as np
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
-from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH
+from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_to_milli
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
-
-COND_ROWS = 34
-"""Speaker + 32 Perceiver rows + emotion: the conditioning prefix of every upstream voice."""
 
 
 class VllmEngine(UpstreamVoices, Engine):
@@ -58,7 +55,9 @@ class VllmEngine(UpstreamVoices, Engine):
         self.vocoder: Any = None
         self._components: Any = None
         self._builder: Any = None
-        self._cond_cache: OrderedDict[tuple[str, float], Any] = OrderedDict()
+        self._cond_cache: OrderedDict[str, Any] = OrderedDict()
+        """Voice key -> the voice's conditioning rows (Perceiver output; no exaggeration row)."""
+        self._cond_pending: dict[str, asyncio.Future[Any]] = {}
         self.fixed_length = False
         """Benchmarks only: never stop before the token budget (random weights may sample the
         stop token; fixed lengths keep runs comparable)."""
@@ -151,9 +150,12 @@ class VllmEngine(UpstreamVoices, Engine):
 
     async def check_health(self) -> None:
         """Raise when vLLM's engine core process has died (``AsyncLLM.check_health`` raises
-        ``EngineDeadError``); ``gateway.server.engine_watch`` then marks the server not ready."""
+        ``EngineDeadError``) or the vocoder cannot serve (its loop died, or its batches keep
+        failing); ``gateway.server.engine_watch`` then marks the server not ready."""
         if self.llm is not None:
             await self.llm.check_health()
+        if self.vocoder is not None and self._components is not None:
+            self.vocoder.check_health()
 
     def batch_stats(self) -> BatchStats | None:
         """The vocoder loop's counters (one batched S3Gen call per tick, all streams)."""
@@ -189,30 +191,48 @@ class VllmEngine(UpstreamVoices, Engine):
         channel's row budget (conditioning + start/stop text + two start-of-speech rows)."""
         from gateway.engine.checkpoint.components import max_text_tokens
 
-        return min(max_text_tokens(self._ready().t3), MAX_PROMPT - 1 - COND_ROWS - 4)
+        return min(max_text_tokens(self._ready().t3), MAX_PROMPT - 1 - self._builder.cond_rows - 4)
 
     # --- synthesis -----------------------------------------------------------------------
 
-    def _conditioning(self, job: SynthesisJob) -> Any:
-        key = (job.voice.key, round(float(job.params.exaggeration), 6))
+    async def _conditioning(self, job: SynthesisJob) -> Any:
+        """The job's conditioning rows. The voice's part (Perceiver over its prompt, ~the
+        only CPU-heavy step) is cached per voice and computed on a worker thread, once per
+        voice however many requests wait for it; the exaggeration is a single row added per
+        request, so no request parameter can make the cache miss."""
+        key = job.voice.key
         rows = self._cond_cache.get(key)
         if rows is None:
-            from gateway.engine.checkpoint.components import request_t3_cond
+            pending = self._cond_pending.get(key)
+            if pending is None:
+                from gateway.engine.checkpoint.components import request_t3_cond
 
-            rows = self._builder.conditioning(request_t3_cond(job.voice.conditionals, job.params.exaggeration))
+                cond = request_t3_cond(job.voice.conditionals, 0.0)
+                pending = asyncio.ensure_future(asyncio.to_thread(self._builder.voice_rows, cond))
+                self._cond_pending[key] = pending
+                pending.add_done_callback(lambda _f, k=key: self._cond_pending.pop(k, None))
+            rows = await asyncio.shield(pending)  # one waiter's cancellation spares the others
             self._cond_cache[key] = rows
-            while len(self._cond_cache) > 2 * self.settings.voice_cache_size:
+            while len(self._cond_cache) > self.settings.voice_cache_size:
                 self._cond_cache.popitem(last=False)
         else:
             self._cond_cache.move_to_end(key)
-        return rows
+        return self._builder.with_exaggeration(rows, job.params.exaggeration)
 
-    def _prompt(self, job: SynthesisJob, text_tokens: list[int]) -> Any:
+    async def _prompt(self, job: SynthesisJob, text_tokens: list[int]) -> Any:
         """The chunk's vLLM prompt (rows + side-channel ids carrying ``cfg_weight``)."""
+        rows = await self._conditioning(job)
         try:
-            return self._builder.build(self._conditioning(job), text_tokens, job.params.cfg_weight)
+            cfg_to_milli(job.params.cfg_weight)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="cfg_weight") from None
+        if rows.shape[0] + len(text_tokens) + 2 >= MAX_PROMPT:
+            raise InvalidRequestError(f"a text chunk is too long for the model's prompt ({MAX_PROMPT - 1} rows)",
+                                      param="input")
+        try:
+            return self._builder.build(rows, text_tokens, job.params.cfg_weight)
+        except ValueError as exc:  # anything else is ours (ids, rows), not the client's
+            raise EngineError(f"could not build the T3 prompt: {exc}") from exc
 
     def _sampling(self, job: SynthesisJob, index: int, prompt_rows: int) -> Any:
         from vllm import SamplingParams
@@ -246,7 +266,7 @@ class VllmEngine(UpstreamVoices, Engine):
     async def _chunk(self, components: Any, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         from gateway.engine.checkpoint.components import text_token_ids
 
-        prompt = self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
+        prompt = await self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
         sampling = self._sampling(job, index, len(prompt.token_ids))
         stream = self.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming)
         request_id = f"{job.request_id}-{index}-{uuid.uuid4().hex[:8]}"
@@ -254,7 +274,7 @@ class VllmEngine(UpstreamVoices, Engine):
         made = 0
         first = True
         try:
-            async for samples in stream.audio():
+            async for samples, vocoded in stream.chunks():
                 if self.settings.watermark:
                     samples = await asyncio.to_thread(
                         components.watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)
@@ -264,7 +284,6 @@ class VllmEngine(UpstreamVoices, Engine):
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
                     samples = fade_edges(samples, fade_out=False)
                 first = False
-                vocoded = stream.tokens_vocoded
                 yield AudioChunk(samples=samples, speech_tokens=vocoded - made)
                 made = vocoded
             await producer  # surfaces a T3 failure that ended the stream early

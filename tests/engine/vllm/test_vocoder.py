@@ -338,3 +338,84 @@ async def test_stage_timer_times_each_part_and_changes_nothing(s3gen, ref) -> No
     np.testing.assert_array_equal(plain, timed)
     assert set(timer.seconds) == {"flow encoder", "CFM inputs", "CFM decoder", "HiFT", "host copy"}
     assert all(s > 0 for s in timer.seconds.values())
+
+
+async def test_a_dead_loop_ends_open_streams_at_once_and_turns_health_red(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        voc.check_health()
+        stream = voc.open_stream("A", ref)
+
+        def broken():
+            raise RuntimeError("boom")
+
+        voc._collect = broken  # the loop's own code fails (not a batch): the loop task dies
+        stream.push(_tokens(9, 1))
+        with pytest.raises(EngineUnavailableError, match="boom"):
+            await asyncio.wait_for(anext(stream.audio()), timeout=2)
+        with pytest.raises(EngineUnavailableError, match="died"):
+            voc.check_health()
+        with pytest.raises(EngineUnavailableError):
+            voc.open_stream("A", ref)
+    finally:
+        await voc.close()
+
+
+@pytest.mark.slow
+async def test_batches_failing_in_a_row_turn_health_red_until_one_succeeds(s3gen, ref) -> None:
+    voc = _vocoder(s3gen, vocoder_unhealthy_after_failures=2)
+    await voc.start()
+    real = voc._run_jobs
+
+    def sticky_fault(jobs, refs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    try:
+        voc._run_jobs = sticky_fault
+        for i in range(2):
+            voc.check_health()
+            with pytest.raises(EngineError):
+                await voc.vocode("A", ref, _tokens(8, i))
+        with pytest.raises(EngineUnavailableError, match="2 batches failed"):
+            voc.check_health()
+        voc._run_jobs = real
+        assert (await voc.vocode("A", ref, _tokens(8, 3))).size > 0
+        voc.check_health()
+    finally:
+        await voc.close()
+
+
+def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3gen, ref) -> None:
+    import time
+
+    voc = _vocoder(s3gen, vocoder_max_batch=1, vocoder_max_later_wait_s=0.5)
+    voc._task = object()  # open_stream only checks that the loop was started
+    playing = voc.open_stream("A", ref)
+    playing.push(_tokens(40, 1))
+    playing._index, playing._committed = 1, 6  # its first window was delivered: later windows
+    fresh = voc.open_stream("A", ref)
+    fresh.push(_tokens(9, 2))
+    assert [s for s, _ in voc._collect()] == [fresh], "first windows first..."
+    playing._ready_since = time.monotonic() - 0.6
+    assert [s for s, _ in voc._collect()] == [playing], "...but not past the wait bound"
+    voc._task = None
+
+
+async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) -> None:
+    """The count must travel with the samples: reading it from the stream after an await
+    could include the next window's tokens."""
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        stream = voc.open_stream("A", ref)
+        stream.push(_tokens(27, 4))
+        stream.finish()
+        await asyncio.sleep(0)
+        while voc._streams:  # let every window be delivered before reading any
+            await asyncio.sleep(0.05)
+        counts = [n async for _, n in stream.chunks()]
+    finally:
+        await voc.close()
+    assert len(counts) > 1 and counts == sorted(counts) and counts[-1] == 27
+    assert counts[0] == POLICY.first_tokens
