@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import uuid
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, Syn
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_to_milli
+from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
 
@@ -273,12 +275,20 @@ class VllmEngine(UpstreamVoices, Engine):
         producer = asyncio.create_task(self._tokens(prompt.vllm_prompt(), sampling, request_id, stream))
         made = 0
         first = True
+        marker = None
+        if self.settings.watermark and not stream.one_shot:  # one-shot: one watermark pass, as upstream
+            marker = StreamWatermark(functools.partial(components.watermarker.apply_watermark,
+                                                       sample_rate=SAMPLE_RATE), SAMPLE_RATE)
         try:
             async for samples, vocoded in stream.chunks():
-                if self.settings.watermark:
+                if marker is not None:
+                    samples = await asyncio.to_thread(marker.push, samples)
+                elif self.settings.watermark:
                     samples = await asyncio.to_thread(
                         components.watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+                if not samples.size:
+                    continue  # all held back by the watermark: its tokens count with the next chunk
                 if stream.one_shot:
                     samples = fade_edges(samples)
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
@@ -286,6 +296,11 @@ class VllmEngine(UpstreamVoices, Engine):
                 first = False
                 yield AudioChunk(samples=samples, speech_tokens=vocoded - made)
                 made = vocoded
+            if marker is not None:
+                rest = np.clip(await asyncio.to_thread(marker.flush), -1.0, 1.0)
+                if rest.size or made != stream.tokens_vocoded:
+                    yield AudioChunk(samples=_fade_in(rest) if first else rest,
+                                     speech_tokens=stream.tokens_vocoded - made)
             await producer  # surfaces a T3 failure that ended the stream early
         finally:
             if not producer.done():

@@ -189,7 +189,8 @@ def _tokens(n: int, seed: int) -> list[int]:
 def test_parity_checks_pass_on_cpu(s3gen) -> None:
     results = parity_vocoder.run("cpu", torch.float32, SIZES, s3gen=s3gen)
     names = {r.name for r in results}
-    assert len(names) == 6 and all(r.passed for r in results), results
+    assert len(names) == 7 and all(r.passed for r in results), results
+    assert any("watermark on" in n for n in names)
     streamed = next(r for r in results if "streamed" in r.name)
     assert math.isfinite(streamed.value), "the streamed check must really window the streams"
 
@@ -198,7 +199,7 @@ def test_parity_checks_pass_on_cpu(s3gen) -> None:
 def test_parity_checks_run_in_bf16(s3gen) -> None:
     """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
     results = parity_vocoder.run("cpu", torch.bfloat16, SIZES, s3gen=s3gen)
-    assert len(results) == 5 and all(r.passed for r in results), results
+    assert len(results) == 6 and all(r.passed for r in results), results
     assert s3gen.flow.encoder_proj.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in s3gen.mel2wav.parameters())
 
