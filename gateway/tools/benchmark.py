@@ -288,11 +288,12 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
     return rows
 
 
-async def _http_level(base: str, n: int, fmt: str) -> tuple[float, list[float], int]:
-    """n concurrent streaming requests: (wall s, first-byte latencies s, failures)."""
+async def _http_level(base: str, n: int, fmt: str, voice: str = "default") -> tuple[float, list[float], int]:
+    """n concurrent streaming requests: (wall s, first-byte latencies s, failures). The
+    checkpoint's voice by default: the one the engine stage uses."""
     import httpx
 
-    body = {"model": "tts-1", "input": TEXT_10S, "voice": "alloy", "response_format": fmt}
+    body = {"model": "tts-1", "input": TEXT_10S, "voice": voice, "response_format": fmt}
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
 
     async def one(client: httpx.AsyncClient) -> float | None:
@@ -301,6 +302,7 @@ async def _http_level(base: str, n: int, fmt: str) -> tuple[float, list[float], 
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
+                print(f"HTTP {response.status_code}: {response.text[:500]}", flush=True)
                 return None
             async for part in response.aiter_bytes():
                 if part and first is None:
@@ -341,7 +343,7 @@ def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float,
            "--max-in-flight", str(peak), "--max-queued", str(2 * peak), "--vllm-max-num-seqs", str(peak),
            "--vllm-max-model-len", "1024", "--vllm-gpu-memory-utilization", "0.4",
            "--cache-dir", tempfile.mkdtemp(prefix="bench-http-")]
-    log = open((out_dir or Path(tempfile.gettempdir())) / "http_server.log", "w")
+    log = open(Path(tempfile.gettempdir()) / "http_server.log", "w")  # large: one line per request
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     rows: list[dict] = []
@@ -353,7 +355,7 @@ def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float,
             except httpx.TransportError:
                 pass
             if server.poll() is not None or time.perf_counter() - t0 > 400:
-                raise RuntimeError(f"the server did not get ready (exit {server.poll()}); see http_server.log")
+                raise RuntimeError(f"the server did not get ready (exit {server.poll()}); see {log.name}")
             time.sleep(0.5)
         rows.append({"stage": "http", "metric": "server start s (to /ready)", "value": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
@@ -367,11 +369,15 @@ def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float,
                          "value": f"{_pct(firsts, .5) * 1000:.0f} / {_pct(firsts, .95) * 1000:.0f}, {audio / wall:.1f}",
                          "detail": f"{audio:.0f} s audio in {wall:.2f} s; failed {failed}"})
             print(rows[-1], flush=True)
+        wall, firsts, failed = asyncio.run(_http_level(base, 1, fmt, voice="alloy"))
+        rows.append({"stage": "http", "metric": f"HTTP {fmt}: a clip voice (alloy), first request", "concurrency": 1,
+                     "value": "failed" if failed else f"{wall:.2f} s (voice preparation included)"})
+        print(rows[-1], flush=True)
         if loadtest_s > 0:
             from gateway.tools import loadtest
 
             target = (out_dir or Path(tempfile.gettempdir())) / "loadtest.json"
-            code = loadtest.main(["--url", base, "--concurrency", "64", "--duration", str(loadtest_s),
+            code = loadtest.main(["--url", base, "--concurrency", "64", "--duration", str(loadtest_s), "--voice", "default",
                                   "--server-pid", str(server.pid), "--format", fmt, "--json", str(target)])
             rows.append({"stage": "http", "metric": f"loadtest 64 x {loadtest_s:.0f} s", "value": f"exit {code}",
                          "detail": target.read_text()[:1500] if target.exists() else ""})

@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if skip:
             continue
         try:
-            results += fn()
+            found = fn()
+            results += found
+            for name, ok, detail in found:  # now, not only at the end: a later stage may be cut short
+                print(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |", flush=True)
         except Exception as exc:  # one broken stage must not hide the others' results
             import traceback
 
