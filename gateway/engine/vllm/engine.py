@@ -84,7 +84,7 @@ class VllmEngine(UpstreamVoices, Engine):
         from gateway.engine.checkpoint.components import load_components
         from gateway.engine.vllm.t3.plugin import register
         from gateway.engine.vllm.t3.prompt import T3PromptBuilder
-        from gateway.engine.vllm.vocoder import Vocoder
+        from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
         from gateway.engine.checkpoint.weights import checkpoint_dir
 
         if not torch.cuda.is_available():
@@ -114,7 +114,7 @@ class VllmEngine(UpstreamVoices, Engine):
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, **memory)
         self.llm = AsyncLLM.from_engine_args(args)
-        self.vocoder = Vocoder(comps.s3gen, self.settings, device=device, flow_dtype=torch.bfloat16)
+        self.vocoder = Vocoder(with_own_flow(comps.s3gen), self.settings, device=device, flow_dtype=torch.bfloat16)
 
     def _model_dir(self, checkpoint: Path) -> Path:
         """A directory vLLM can load: our config.json and the checkpoint's T3 weights (a link:

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -206,6 +208,13 @@ class VocoderStream:
         self._closed = True
         self._queue.put_nowait(item)
         self._vocoder._streams.discard(self)
+
+
+def with_own_flow(s3gen: torch.nn.Module) -> Any:
+    """What :class:`Vocoder` needs of ``s3gen`` (flow, HiFT, trim fade), with a copy of the
+    flow: the vocoder casts its flow to the serving dtype in place, and ``S3Gen.embed_ref``
+    (preparing a voice from a clip) runs in the dtype of ``s3gen.flow``, which must stay fp32."""
+    return SimpleNamespace(flow=copy.deepcopy(s3gen.flow), mel2wav=s3gen.mel2wav, trim_fade=s3gen.trim_fade)
 
 
 class Vocoder:

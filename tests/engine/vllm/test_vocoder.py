@@ -420,3 +420,17 @@ async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) 
         await voc.close()
     assert len(counts) > 1 and counts == sorted(counts) and counts[-1] == 27
     assert counts[0] == POLICY.first_tokens
+
+
+def test_a_bf16_vocoder_leaves_voice_preparation_in_fp32(s3gen) -> None:
+    """Seen on the GPU: the vocoder cast the shared S3Gen's flow to bf16 in place, and every
+    clip voice then failed in ``embed_ref`` (it runs in the flow's dtype; no bf16 FFT)."""
+    from gateway.engine.vllm.vocoder import with_own_flow
+
+    s3gen.float()
+    voc = Vocoder(with_own_flow(s3gen), load_settings({}, {"flow_steps": 1, "max_speech_tokens": 64}),
+                  policy=POLICY, flow_dtype=torch.bfloat16)
+    assert voc.batch.flow.encoder_proj.weight.dtype == torch.bfloat16
+    assert s3gen.dtype == torch.float32
+    ref = parity_vocoder.reference_dict(s3gen, 12, 150.0, 1)  # embed_ref on the shared S3Gen
+    assert ref["prompt_feat"].dtype == torch.float32
