@@ -299,7 +299,7 @@ class VllmEngine(UpstreamVoices, Engine):
             if marker is not None:
                 rest = np.clip(await asyncio.to_thread(marker.flush), -1.0, 1.0)
                 if rest.size or made != stream.tokens_vocoded:
-                    yield AudioChunk(samples=_fade_in(rest) if first else rest,
+                    yield AudioChunk(samples=fade_edges(rest, fade_out=False) if first else rest,
                                      speech_tokens=stream.tokens_vocoded - made)
             await producer  # surfaces a T3 failure that ended the stream early
         finally:
