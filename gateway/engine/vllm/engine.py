@@ -2,10 +2,14 @@
 feeding the shared batched vocoder loop, behind the :class:`~gateway.engine.base.Engine`
 interface.
 
-Per text chunk: the prompt rows are built on the CPU (``t3_vllm.prompt``; the voice's
-conditioning rows are cached per voice and exaggeration), one vLLM request streams speech
-token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream, and the vocoder's
-windows come back as audio chunks (watermarked when ``settings.watermark``). Closing the
+Per text chunk: the prompt rows are built on the CPU (``t3.prompt``; the voice's
+conditioning rows, i.e. the Perceiver's work, are computed once per voice on a worker thread
+and cached per voice; the request's exaggeration sets one row), one vLLM request streams
+speech token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream, and the
+vocoder's windows come back as audio chunks, each with the token count of its own window
+(watermarked when ``settings.watermark``: a streamed utterance through
+:class:`~gateway.engine.vllm.watermark.StreamWatermark`, so it agrees with watermarking the
+whole utterance once, as a one-shot one is). Closing the
 ``synthesize`` iterator cancels the token task, which makes ``AsyncLLM.generate`` abort the
 vLLM request, and cancels the vocoder stream.
 
