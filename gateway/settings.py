@@ -166,6 +166,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """vLLM: no CUDA graphs (slower, starts faster, less memory)."""
     vocoder_max_batch: PositiveInt = 64
     """Most token windows one batched S3Gen call vocodes."""
+    vocoder_max_later_wait_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.5
+    """First windows go ahead of later ones (time to first audio), but a later window that
+    has waited this long joins them: streams already playing cannot starve under load."""
+    vocoder_unhealthy_after_failures: Annotated[int, Meta(ge=1, le=1000)] = 3
+    """Vocoder batches failed in a row after which the engine reports itself not ready (a
+    sticky GPU fault fails every batch); one success resets the count."""
+    vocoder_cuda_graphs: bool = True
+    """Capture S3Gen's whole CFM solve as CUDA graphs at start, one per bucketed (rows,
+    frames) shape (GPU only); batches outside the buckets run eager."""
+    vocoder_graph_max_frames: Annotated[int, Meta(ge=64, le=8192)] = 1536
+    """Widest flow input (mel frames, voice prompt included: 2 per token) captured as a
+    CUDA graph; each bucket's graph memory is shared, start time grows with the count."""
     stream_first_window_tokens: PositiveInt = 20
     """Speech tokens in a stream's first vocoded window (small: fast first byte)."""
     stream_window_tokens: PositiveInt = 50

@@ -15,7 +15,13 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   prompt), each part timed on the device with synchronisation: flow encoder, CFM decoder
   (all steps), HiFT, the device-to-host copy and the Perth watermark, for a first window
   (20 tokens), a regular window (50 + 25 left context) and a one-shot 10 s utterance, at
-  batch 1/8/32: what bounds time to first audio and throughput.
+  batch 1/8/32, with the CFM solve eager and through its CUDA graphs: what bounds time to
+  first audio and throughput.
+* ``http``: the same figures as a client sees them: a live server (``python -m gateway serve
+  --engine vllm``, dummy weights, a subprocess) and N concurrent streaming clients asking for
+  mp3; time to first audio byte p50/p95 and audio-seconds per wall-second (audio seconds from
+  the server's ``chatterbox_audio_seconds_total``); then, with ``--loadtest-s``, the load test
+  (``gateway.tools.loadtest``, 64 streams) against the same server.
 """
 
 from __future__ import annotations
@@ -221,6 +227,14 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
                                 harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
     batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=flow_steps, tapes=tapes)
     voice = batch.prepare_voice(ref)
+    graph_s = None
+    if device == "cuda":
+        from gateway.engine.vllm.cfm_solver import GraphBuckets
+
+        graph_s = batch.cfm.capture(GraphBuckets.plan(max_rows=max(batches), max_frames=1024))
+        print(f"profile: {len(batch.cfm._graphs)} CFM graphs captured in {graph_s:.1f} s, "
+              f"{batch.cfm.graph_bytes / 2**20:.0f} MiB", flush=True)
+    buckets = batch.cfm.buckets
     watermarker = None
     try:
         import perth
@@ -234,41 +248,147 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
              ("one-shot 10 s", 0, 250, True, 0)]
     timer = StageTimer(device)
     rows: list[dict] = []
-    for name, context, new, final, carried in kinds:
+    modes = ["eager"] + (["graphs"] if buckets is not None else [])
+    for (name, context, new, final, carried), mode, b in (
+            (k, m, b) for k in kinds for b in batches for m in modes):
         n_in = context + new + (0 if final else batch.lookahead)
-        for b in batches:
-            flow_rows = [FlowRow(voice, torch.randint(0, 6561, (n_in,), generator=gen).tolist(), 0, new, final)
-                         for _ in range(b)]
-            samples: dict[str, list[float]] = {}
-            for rep in range(repeats + 1):  # the first run warms up (cuDNN autotune, allocator)
-                batch.timer = timer
-                timer.reset()
-                t0 = time.perf_counter()
-                mels = batch.run_flow(flow_rows)
-                hift_rows = [HiftRow(torch.cat([m[:, :carried], m], dim=1) if carried else m, 0, None,
-                                     0 if final else 8) for m in mels]
-                waves = batch.run_hift(hift_rows)
-                with timer.section("host copy"):
-                    host = [w.cpu().numpy() for w, _ in waves]
-                if watermarker is not None:
-                    with timer.section("watermark (per row, serial)"):
-                        for audio in host:
-                            watermarker.apply_watermark(audio, sample_rate=SAMPLE_RATE)
-                total = time.perf_counter() - t0
-                batch.timer = None
-                if rep:
-                    for part, sec in timer.seconds.items():
-                        samples.setdefault(part, []).append(sec)
-                    samples.setdefault("total", []).append(total)
-            med = {part: statistics.median(v) * 1000 for part, v in samples.items()}
-            audio_s = b * new / 25
-            row = {"stage": "profile", "window": f"{name} ({n_in} + {prompt_tokens} prompt tokens)",
-                   "batch": b, **{f"{k} ms": round(v, 1) for k, v in med.items()},
-                   "vocoder audio-s/s (no watermark)": round(audio_s / ((med["total"] - med.get(
-                       "watermark (per row, serial)", 0.0)) / 1000), 1)}
-            rows.append(row)
-            print(row, flush=True)
-            del mels, waves, host
+        batch.cfm.buckets = buckets if mode == "graphs" else None
+        flow_rows = [FlowRow(voice, torch.randint(0, 6561, (n_in,), generator=gen).tolist(), 0, new, final)
+                     for _ in range(b)]
+        samples: dict[str, list[float]] = {}
+        for rep in range(repeats + 1):  # the first run warms up (cuDNN autotune, allocator)
+            batch.timer = timer
+            timer.reset()
+            t0 = time.perf_counter()
+            mels = batch.run_flow(flow_rows)
+            hift_rows = [HiftRow(torch.cat([m[:, :carried], m], dim=1) if carried else m, 0, None,
+                                 0 if final else 8) for m in mels]
+            waves = batch.run_hift(hift_rows)
+            with timer.section("host copy"):
+                host = [w.cpu().numpy() for w, _ in waves]
+            if watermarker is not None:
+                with timer.section("watermark (per row, serial)"):
+                    for audio in host:
+                        watermarker.apply_watermark(audio, sample_rate=SAMPLE_RATE)
+            total = time.perf_counter() - t0
+            batch.timer = None
+            if rep:
+                for part, sec in timer.seconds.items():
+                    samples.setdefault(part, []).append(sec)
+                samples.setdefault("total", []).append(total)
+        med = {part: statistics.median(v) * 1000 for part, v in samples.items()}
+        audio_s = b * new / 25
+        row = {"stage": "profile", "window": f"{name} ({n_in} + {prompt_tokens} prompt tokens)",
+               "batch": b, "CFM": mode, **{f"{k} ms": round(v, 1) for k, v in med.items()},
+               "vocoder audio-s/s (no watermark)": round(audio_s / ((med["total"] - med.get(
+                   "watermark (per row, serial)", 0.0)) / 1000), 1)}
+        rows.append(row)
+        print(row, flush=True)
+        del mels, waves, host
+    return rows
+
+
+async def _http_level(base: str, n: int, fmt: str, voice: str = "default") -> tuple[float, list[float], int]:
+    """n concurrent streaming requests: (wall s, first-byte latencies s, failures). The
+    checkpoint's voice by default: the one the engine stage uses."""
+    import httpx
+
+    body = {"model": "tts-1", "input": TEXT_10S, "voice": voice, "response_format": fmt}
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+
+    async def one(client: httpx.AsyncClient) -> float | None:
+        t0 = time.perf_counter()
+        first = None
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                print(f"HTTP {response.status_code}: {response.text[:500]}", flush=True)
+                return None
+            async for part in response.aiter_bytes():
+                if part and first is None:
+                    first = time.perf_counter() - t0
+        return first
+
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one(client) for _ in range(n)), return_exceptions=True)
+        wall = time.perf_counter() - t0
+    firsts = [r for r in res if isinstance(r, float)]
+    return wall, firsts, n - len(firsts)
+
+
+def _audio_seconds(base: str) -> float:
+    import httpx
+
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("chatterbox_audio_seconds_total"):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float, out_dir: Path | None) -> list[dict]:
+    """A live server on the vLLM engine and streaming HTTP clients (see the module docstring)."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    peak = max(concurrency)
+    cmd = [sys.executable, "-m", "gateway", "serve", "--engine", "vllm", "--load-format", "dummy",
+           "--host", "127.0.0.1", "--port", str(port), "--max-speech-tokens", str(tokens),
+           "--max-in-flight", str(peak), "--max-queued", str(2 * peak), "--vllm-max-num-seqs", str(peak),
+           "--vllm-max-model-len", "1024", "--vllm-gpu-memory-utilization", "0.4",
+           "--cache-dir", tempfile.mkdtemp(prefix="bench-http-")]
+    log = open(Path(tempfile.gettempdir()) / "http_server.log", "w")  # large: one line per request
+    t0 = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    rows: list[dict] = []
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.perf_counter() - t0 > 400:
+                raise RuntimeError(f"the server did not get ready (exit {server.poll()}); see {log.name}")
+            time.sleep(0.5)
+        rows.append({"stage": "http", "metric": "server start s (to /ready)", "value": round(time.perf_counter() - t0, 1)})
+        print(rows[-1], flush=True)
+        asyncio.run(_http_level(base, 1, fmt))  # warm-up (first request per voice)
+        for n in concurrency:
+            before = _audio_seconds(base)
+            wall, firsts, failed = asyncio.run(_http_level(base, n, fmt))
+            audio = _audio_seconds(base) - before
+            rows.append({"stage": "http", "metric": f"HTTP {fmt} streaming: TTFB ms p50 / p95, audio-s per wall-s",
+                         "concurrency": n,
+                         "value": f"{_pct(firsts, .5) * 1000:.0f} / {_pct(firsts, .95) * 1000:.0f}, {audio / wall:.1f}",
+                         "detail": f"{audio:.0f} s audio in {wall:.2f} s; failed {failed}"})
+            print(rows[-1], flush=True)
+        wall, firsts, failed = asyncio.run(_http_level(base, 1, fmt, voice="alloy"))
+        rows.append({"stage": "http", "metric": f"HTTP {fmt}: a clip voice (alloy), first request", "concurrency": 1,
+                     "value": "failed" if failed else f"{wall:.2f} s (voice preparation included)"})
+        print(rows[-1], flush=True)
+        if loadtest_s > 0:
+            from gateway.tools import loadtest
+
+            target = (out_dir or Path(tempfile.gettempdir())) / "loadtest.json"
+            code = loadtest.main(["--url", base, "--concurrency", "64", "--duration", str(loadtest_s), "--voice", "default",
+                                  "--server-pid", str(server.pid), "--format", fmt, "--json", str(target)])
+            rows.append({"stage": "http", "metric": f"loadtest 64 x {loadtest_s:.0f} s", "value": f"exit {code}",
+                         "detail": target.read_text()[:1500] if target.exists() else ""})
+            print(rows[-1], flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
     return rows
 
 
@@ -297,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                          " 'none' skips it")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new engine measurements after this")
     ap.add_argument("--json", type=Path, default=None, help="also write every row here")
+    ap.add_argument("--http-concurrency", default="1,8,32,128")
+    ap.add_argument("--http-format", default="mp3")
+    ap.add_argument("--loadtest-s", type=float, default=0.0, help="http stage: then a 64-stream load test this long")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
@@ -311,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "profile":
                 rows += stage_profile([int(b) for b in args.profile_batches.split(",")], args.flow_steps,
                                       args.profile_repeats)
+            elif stage == "http":
+                rows += stage_http(args.tokens, [int(c) for c in args.http_concurrency.split(",")], args.http_format,
+                                   args.loadtest_s, args.json.parent if args.json else None)
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))

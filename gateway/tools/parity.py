@@ -18,6 +18,13 @@ Upstream decodes over all 8194 ids; the served model masks ids that are no speec
 (6561, >= 6563). So that both decode over the same set, the random weights give those ids
 a zero speech-head row (logit exactly 0, never the argmax among 6562 random logits).
 
+Long context (issue 9: attention planned for the heads the kernels run), bf16 on vLLM's
+default attention backend (FlashAttention on Hopper), ``enforce_eager`` so that every step
+lets FlashAttention choose its own splits: one request decoding past 900 tokens, then a mixed
+batch: 16 requests running past 300 tokens when 32 new requests with long texts arrive
+(steps of far more than 256 tokens). Passes if the engine survives and every request ends
+with its full length of valid speech ids.
+
 Vocoder checks (batched vs one-at-a-time S3Gen, streamed vs one-shot) come from
 ``gateway.tools.parity_vocoder`` when present. Prints a pass/fail table; exit status 1 on
 any failure.
@@ -157,6 +164,80 @@ def _vllm_worker(model_dir: str, dtype: str, n_tokens: int, penalty: float, out:
     Path(out).write_text(json.dumps({"tokens": toks, "single": single, "init_s": init_s, "logprobs": logprobs}))
 
 
+def _long_worker(model_dir: str, out: str) -> None:
+    """The long-context runs (own process); writes what each request produced."""
+    from vllm import LLM, SamplingParams
+
+    from gateway.engine.vllm.t3.plugin import register
+    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
+
+    register()
+    builder = T3PromptBuilder.from_checkpoint(Path(model_dir) / "model.safetensors")
+
+    def prompt(i: int, n_text: int) -> dict:
+        return builder.build(builder.conditioning(_conds(300 + i % 4, 0.5)), _text(400 + i, n_text), 0.5).vllm_prompt()
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
+              max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.3, seed=0,
+              load_format="safetensors", enforce_eager=True)
+    init_s = time.perf_counter() - t0
+
+    def sp(n: int) -> SamplingParams:
+        return SamplingParams(temperature=0.8, min_p=0.05, repetition_penalty=1.2, max_tokens=n, min_tokens=n,
+                              detokenize=False)
+
+    t0 = time.perf_counter()
+    long = llm.generate([prompt(0, 60)], sp(950), use_tqdm=False)[0].outputs[0].token_ids
+    long_s = time.perf_counter() - t0
+    engine = llm.llm_engine
+    for i in range(16):
+        engine.add_request(f"old{i}", prompt(i, 30), sp(600))
+    lengths: dict[str, list[int]] = {}
+    steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        if steps == 320:  # the old ones are past 300 tokens of context
+            for j in range(32):
+                engine.add_request(f"new{j}", prompt(100 + j, 220), sp(200))
+        for o in engine.step():
+            if o.finished:
+                lengths[o.request_id] = list(o.outputs[0].token_ids)
+        steps += 1
+    Path(out).write_text(json.dumps({"init_s": init_s, "long": list(long), "long_s": long_s, "steps": steps,
+                                     "mixed_s": time.perf_counter() - t0, "mixed": lengths}))
+
+
+def check_long(seed: int) -> list[tuple[str, bool, str]]:
+    from safetensors.torch import save_file
+
+    from gateway.engine.vllm.t3.config import write_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="t3-long-"))
+    t3 = _random_t3(seed)
+    model_dir = write_model_dir(work / "model")
+    save_file({k: v.contiguous() for k, v in t3.state_dict().items()}, str(model_dir / "model.safetensors"))
+    del t3
+    out = work / "long.json"
+    proc = subprocess.run([sys.executable, "-m", "gateway.tools.parity", "--long-worker", str(model_dir), str(out)])
+    if proc.returncode != 0 or not out.exists():
+        return [("T3 vLLM bf16 long context runs", False, f"worker exit {proc.returncode}")]
+    got = json.loads(out.read_text())
+
+    def valid(toks: list[int], n: int) -> bool:
+        return len(toks) == n and all(0 <= t < 6561 or t == 6562 for t in toks)
+
+    mixed = got["mixed"]
+    old_ok = sum(valid(mixed.get(f"old{i}", []), 600) for i in range(16))
+    new_ok = sum(valid(mixed.get(f"new{j}", []), 200) for j in range(32))
+    return [
+        ("T3 vLLM bf16 eager: one request decodes 950 tokens", valid(got["long"], 950),
+         f"{len(got['long'])} tokens in {got['long_s']:.1f} s (context ~1050 rows); engine init {got['init_s']:.0f} s"),
+        ("T3 vLLM bf16 eager: 32 new long prompts join 16 requests at 300+ tokens", old_ok == 16 and new_ok == 32,
+         f"{old_ok}/16 running requests reached 600 tokens, {new_ok}/32 new ones 200; {got['steps']} steps in "
+         f"{got['mixed_s']:.1f} s"),
+    ]
+
+
 def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -247,12 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--vllm-worker":
         _vllm_worker(argv[1], argv[2], int(argv[3]), float(argv[4]), argv[5])
         return 0
+    if argv and argv[0] == "--long-worker":
+        _long_worker(argv[1], argv[2])
+        return 0
     ap = argparse.ArgumentParser(prog="python -m gateway.tools.parity", description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=200, help="greedy speech tokens per T3 request")
     ap.add_argument("--repetition-penalty", type=float, default=1.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-t3", action="store_true")
     ap.add_argument("--skip-vocoder", action="store_true")
+    ap.add_argument("--skip-long", action="store_true", help="skip the long-context / mixed-batch T3 runs")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
@@ -260,12 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     results: list[tuple[str, bool, str]] = []
     stages = [("T3", lambda: check_t3(args.tokens, args.repetition_penalty, args.seed), args.skip_t3),
+              ("T3 long context", lambda: check_long(args.seed), args.skip_long),
               ("vocoder", check_vocoder, args.skip_vocoder)]
     for name, fn, skip in stages:
         if skip:
             continue
         try:
-            results += fn()
+            found = fn()
+            results += found
+            for name, ok, detail in found:  # now, not only at the end: a later stage may be cut short
+                print(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |", flush=True)
         except Exception as exc:  # one broken stage must not hide the others' results
             import traceback
 

@@ -2,10 +2,14 @@
 feeding the shared batched vocoder loop, behind the :class:`~gateway.engine.base.Engine`
 interface.
 
-Per text chunk: the prompt rows are built on the CPU (``t3_vllm.prompt``; the voice's
-conditioning rows are cached per voice and exaggeration), one vLLM request streams speech
-token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream, and the vocoder's
-windows come back as audio chunks (watermarked when ``settings.watermark``). Closing the
+Per text chunk: the prompt rows are built on the CPU (``t3.prompt``; the voice's
+conditioning rows, i.e. the Perceiver's work, are computed once per voice on a worker thread
+and cached per voice; the request's exaggeration sets one row), one vLLM request streams
+speech token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream, and the
+vocoder's windows come back as audio chunks, each with the token count of its own window
+(watermarked when ``settings.watermark``: a streamed utterance through
+:class:`~gateway.engine.vllm.watermark.StreamWatermark`, so it agrees with watermarking the
+whole utterance once, as a one-shot one is). Closing the
 ``synthesize`` iterator cancels the token task, which makes ``AsyncLLM.generate`` abort the
 vLLM request, and cancels the vocoder stream.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import uuid
 from collections import OrderedDict
@@ -32,12 +37,10 @@ import numpy as np
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
-from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH
+from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_to_milli
+from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.settings import Settings
-
-COND_ROWS = 34
-"""Speaker + 32 Perceiver rows + emotion: the conditioning prefix of every upstream voice."""
 
 
 class VllmEngine(UpstreamVoices, Engine):
@@ -58,7 +61,9 @@ class VllmEngine(UpstreamVoices, Engine):
         self.vocoder: Any = None
         self._components: Any = None
         self._builder: Any = None
-        self._cond_cache: OrderedDict[tuple[str, float], Any] = OrderedDict()
+        self._cond_cache: OrderedDict[str, Any] = OrderedDict()
+        """Voice key -> the voice's conditioning rows (Perceiver output; no exaggeration row)."""
+        self._cond_pending: dict[str, asyncio.Future[Any]] = {}
         self.fixed_length = False
         """Benchmarks only: never stop before the token budget (random weights may sample the
         stop token; fixed lengths keep runs comparable)."""
@@ -83,7 +88,7 @@ class VllmEngine(UpstreamVoices, Engine):
         from gateway.engine.checkpoint.components import load_components
         from gateway.engine.vllm.t3.plugin import register
         from gateway.engine.vllm.t3.prompt import T3PromptBuilder
-        from gateway.engine.vllm.vocoder import Vocoder
+        from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
         from gateway.engine.checkpoint.weights import checkpoint_dir
 
         if not torch.cuda.is_available():
@@ -113,7 +118,7 @@ class VllmEngine(UpstreamVoices, Engine):
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, **memory)
         self.llm = AsyncLLM.from_engine_args(args)
-        self.vocoder = Vocoder(comps.s3gen, self.settings, device=device, flow_dtype=torch.bfloat16)
+        self.vocoder = Vocoder(with_own_flow(comps.s3gen), self.settings, device=device, flow_dtype=torch.bfloat16)
 
     def _model_dir(self, checkpoint: Path) -> Path:
         """A directory vLLM can load: our config.json and the checkpoint's T3 weights (a link:
@@ -151,9 +156,12 @@ class VllmEngine(UpstreamVoices, Engine):
 
     async def check_health(self) -> None:
         """Raise when vLLM's engine core process has died (``AsyncLLM.check_health`` raises
-        ``EngineDeadError``); ``gateway.server.engine_watch`` then marks the server not ready."""
+        ``EngineDeadError``) or the vocoder cannot serve (its loop died, or its batches keep
+        failing); ``gateway.server.engine_watch`` then marks the server not ready."""
         if self.llm is not None:
             await self.llm.check_health()
+        if self.vocoder is not None and self._components is not None:
+            self.vocoder.check_health()
 
     def batch_stats(self) -> BatchStats | None:
         """The vocoder loop's counters (one batched S3Gen call per tick, all streams)."""
@@ -189,30 +197,48 @@ class VllmEngine(UpstreamVoices, Engine):
         channel's row budget (conditioning + start/stop text + two start-of-speech rows)."""
         from gateway.engine.checkpoint.components import max_text_tokens
 
-        return min(max_text_tokens(self._ready().t3), MAX_PROMPT - 1 - COND_ROWS - 4)
+        return min(max_text_tokens(self._ready().t3), MAX_PROMPT - 1 - self._builder.cond_rows - 4)
 
     # --- synthesis -----------------------------------------------------------------------
 
-    def _conditioning(self, job: SynthesisJob) -> Any:
-        key = (job.voice.key, round(float(job.params.exaggeration), 6))
+    async def _conditioning(self, job: SynthesisJob) -> Any:
+        """The job's conditioning rows. The voice's part (Perceiver over its prompt, ~the
+        only CPU-heavy step) is cached per voice and computed on a worker thread, once per
+        voice however many requests wait for it; the exaggeration is a single row added per
+        request, so no request parameter can make the cache miss."""
+        key = job.voice.key
         rows = self._cond_cache.get(key)
         if rows is None:
-            from gateway.engine.checkpoint.components import request_t3_cond
+            pending = self._cond_pending.get(key)
+            if pending is None:
+                from gateway.engine.checkpoint.components import request_t3_cond
 
-            rows = self._builder.conditioning(request_t3_cond(job.voice.conditionals, job.params.exaggeration))
+                cond = request_t3_cond(job.voice.conditionals, 0.0)
+                pending = asyncio.ensure_future(asyncio.to_thread(self._builder.voice_rows, cond))
+                self._cond_pending[key] = pending
+                pending.add_done_callback(lambda _f, k=key: self._cond_pending.pop(k, None))
+            rows = await asyncio.shield(pending)  # one waiter's cancellation spares the others
             self._cond_cache[key] = rows
-            while len(self._cond_cache) > 2 * self.settings.voice_cache_size:
+            while len(self._cond_cache) > self.settings.voice_cache_size:
                 self._cond_cache.popitem(last=False)
         else:
             self._cond_cache.move_to_end(key)
-        return rows
+        return self._builder.with_exaggeration(rows, job.params.exaggeration)
 
-    def _prompt(self, job: SynthesisJob, text_tokens: list[int]) -> Any:
+    async def _prompt(self, job: SynthesisJob, text_tokens: list[int]) -> Any:
         """The chunk's vLLM prompt (rows + side-channel ids carrying ``cfg_weight``)."""
+        rows = await self._conditioning(job)
         try:
-            return self._builder.build(self._conditioning(job), text_tokens, job.params.cfg_weight)
+            cfg_to_milli(job.params.cfg_weight)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="cfg_weight") from None
+        if rows.shape[0] + len(text_tokens) + 2 >= MAX_PROMPT:
+            raise InvalidRequestError(f"a text chunk is too long for the model's prompt ({MAX_PROMPT - 1} rows)",
+                                      param="input")
+        try:
+            return self._builder.build(rows, text_tokens, job.params.cfg_weight)
+        except ValueError as exc:  # anything else is ours (ids, rows), not the client's
+            raise EngineError(f"could not build the T3 prompt: {exc}") from exc
 
     def _sampling(self, job: SynthesisJob, index: int, prompt_rows: int) -> Any:
         from vllm import SamplingParams
@@ -246,27 +272,39 @@ class VllmEngine(UpstreamVoices, Engine):
     async def _chunk(self, components: Any, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         from gateway.engine.checkpoint.components import text_token_ids
 
-        prompt = self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
+        prompt = await self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
         sampling = self._sampling(job, index, len(prompt.token_ids))
         stream = self.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming)
         request_id = f"{job.request_id}-{index}-{uuid.uuid4().hex[:8]}"
         producer = asyncio.create_task(self._tokens(prompt.vllm_prompt(), sampling, request_id, stream))
         made = 0
         first = True
+        marker = None
+        if self.settings.watermark and not stream.one_shot:  # one-shot: one watermark pass, as upstream
+            marker = StreamWatermark(functools.partial(components.watermarker.apply_watermark,
+                                                       sample_rate=SAMPLE_RATE), SAMPLE_RATE)
         try:
-            async for samples in stream.audio():
-                if self.settings.watermark:
+            async for samples, vocoded in stream.chunks():
+                if marker is not None:
+                    samples = await asyncio.to_thread(marker.push, samples)
+                elif self.settings.watermark:
                     samples = await asyncio.to_thread(
                         components.watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+                if not samples.size:
+                    continue  # all held back by the watermark: its tokens count with the next chunk
                 if stream.one_shot:
                     samples = fade_edges(samples)
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
                     samples = fade_edges(samples, fade_out=False)
                 first = False
-                vocoded = stream.tokens_vocoded
                 yield AudioChunk(samples=samples, speech_tokens=vocoded - made)
                 made = vocoded
+            if marker is not None:
+                rest = np.clip(await asyncio.to_thread(marker.flush), -1.0, 1.0)
+                if rest.size or made != stream.tokens_vocoded:
+                    yield AudioChunk(samples=fade_edges(rest, fade_out=False) if first else rest,
+                                     speech_tokens=stream.tokens_vocoded - made)
             await producer  # surfaces a T3 failure that ended the stream early
         finally:
             if not producer.done():

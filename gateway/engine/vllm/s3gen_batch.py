@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gateway.engine.vllm.cfm_solver import CfmSolver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
 MEL_BINS = 80
@@ -178,6 +179,8 @@ class S3GenBatch:
         self.timer: StageTimer | None = None
         """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
         self.lookahead = int(self.flow.pre_lookahead_len)
+        self.cfm = CfmSolver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype)
+        """The CFM solve: eager with per-batch masks, or CUDA graphs once ``cfm.capture`` ran."""
         enc = self.flow.encoder
         # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
         if enc.static_chunk_size or enc.use_dynamic_chunk or enc.global_cmvn is not None or not enc.normalize_before:
@@ -189,7 +192,11 @@ class S3GenBatch:
         return contextlib.nullcontext() if self.timer is None else self.timer.section(name)
 
     def bucket(self, tokens: int) -> int:
-        return -(-tokens // self.bucket_tokens) * self.bucket_tokens
+        """The padded flow width (tokens, prompt included) of a row of ``tokens``: a multiple
+        of ``bucket_tokens``, or the width of the smallest captured CFM graph that holds it."""
+        width = -(-tokens // self.bucket_tokens) * self.bucket_tokens
+        frames = self.cfm.frames_for(TOKEN_MEL_RATIO * width)
+        return -(-frames // TOKEN_MEL_RATIO)
 
     @torch.inference_mode()
     def prepare_voice(self, ref_dict: Mapping[str, Any]) -> VoiceRef:
@@ -252,10 +259,9 @@ class S3GenBatch:
                                                                 frames[i] - pf)
             mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
             spks = torch.stack([r.voice.speaker for r in rows])
-        # noised_mels covering every frame replaces the decoder's own randn draw entirely.
+        # The tape's noise covers every frame: it replaces upstream's own randn draw entirely.
         with self._section("CFM decoder"):
-            feat, _ = self.flow.decoder(mu=mu, mask=mask, spks=spks, cond=cond,
-                                        n_timesteps=self.flow_steps, noised_mels=noise)
+            feat = self.cfm.solve(noise, mu, mask, spks, cond)
         return [feat[i, :, frames[i] - TOKEN_MEL_RATIO * r.new_tokens: frames[i]].float()
                 for i, r in enumerate(rows)]
 

@@ -34,18 +34,22 @@ each batch's row count, padded tokens and seconds. The engine still applies the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from gateway.engine.base import SAMPLE_RATE
+from gateway.engine.vllm.cfm_solver import GraphBuckets
 from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, VoiceRef
 from gateway.engine.vllm.vocoder_windows import (
     SAMPLES_PER_FRAME,
@@ -120,7 +124,9 @@ class VocoderStream:
         self._seam = SeamState()
         self._mel_tail: torch.Tensor | None = None
         self._phase: torch.Tensor | None = None
-        self._queue: asyncio.Queue[np.ndarray | BaseException | None] = asyncio.Queue()
+        self._ready_since: float | None = None
+        """When the stream's pending window became ready (monotonic; None: none pending)."""
+        self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
 
     @property
     def tokens_vocoded(self) -> int:
@@ -153,6 +159,13 @@ class VocoderStream:
 
     async def audio(self) -> AsyncIterator[np.ndarray]:
         """The stream's samples in order; closing this iterator early cancels the stream."""
+        async with contextlib.aclosing(self.chunks()) as chunks:
+            async for samples, _ in chunks:
+                yield samples
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """(samples, tokens vocoded up to and including them), in order: the count travels
+        with its samples (later windows may be delivered before a consumer reads these)."""
         try:
             while True:
                 item = await self._queue.get()
@@ -185,7 +198,7 @@ class VocoderStream:
         self._committed, self._index = window.end, window.index + 1
         self._mel_tail, self._phase = result.mel_tail, result.phase
         if audio.size:
-            self._queue.put_nowait(audio)
+            self._queue.put_nowait((audio, self._committed))
         if window.final:
             self._end(None)
 
@@ -195,6 +208,13 @@ class VocoderStream:
         self._closed = True
         self._queue.put_nowait(item)
         self._vocoder._streams.discard(self)
+
+
+def with_own_flow(s3gen: torch.nn.Module) -> Any:
+    """What :class:`Vocoder` needs of ``s3gen`` (flow, HiFT, trim fade), with a copy of the
+    flow: the vocoder casts its flow to the serving dtype in place, and ``S3Gen.embed_ref``
+    (preparing a voice from a clip) runs in the dtype of ``s3gen.flow``, which must stay fp32."""
+    return SimpleNamespace(flow=copy.deepcopy(s3gen.flow), mel2wav=s3gen.mel2wav, trim_fade=s3gen.trim_fade)
 
 
 class Vocoder:
@@ -220,6 +240,10 @@ class Vocoder:
             harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
         self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype, flow_steps=settings.flow_steps,
                                 tapes=tapes, bucket_tokens=bucket_tokens)
+        if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
+            self.batch.cfm.capture(GraphBuckets.plan(
+                max_rows=self.max_batch_rows, max_frames=settings.vocoder_graph_max_frames,
+                min_frames=min(512, settings.vocoder_graph_max_frames), max_cells=TOKEN_MEL_RATIO * max_batch_tokens))
         if self.policy.lookahead != self.batch.lookahead:
             raise ValueError(f"window lookahead must be the flow's pre-lookahead ({self.batch.lookahead})")
         self._trim_fade = self.batch.trim_fade
@@ -229,12 +253,38 @@ class Vocoder:
         self._wake = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._failed_batches = 0
+        """Batches failed in a row (reset by a success): a sticky device fault fails them all."""
+        self._dead: BaseException | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             return
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
+        self._dead = None
         self._task = asyncio.create_task(self._loop(), name="vocoder-loop")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The loop never returns: if it raised, no window will ever run again, so every open
+        stream ends now with a clean error (not a wait forever) and readiness turns red."""
+        if task.cancelled() or task is not self._task:
+            return
+        exc = task.exception()
+        self._dead = exc or RuntimeError("the vocoder loop ended")
+        for stream in list(self._streams):
+            stream._end(EngineUnavailableError(f"the vocoder stopped: {self._dead}"))
+
+    def check_health(self) -> None:
+        """Raise :class:`EngineUnavailableError` when the vocoder cannot serve: its loop died,
+        or its last ``vocoder_unhealthy_after_failures`` batches all failed (a sticky CUDA
+        fault in S3Gen fails every batch)."""
+        if self._task is None:
+            raise EngineUnavailableError("the vocoder is not running")
+        if self._dead is not None:
+            raise EngineUnavailableError(f"the vocoder loop died: {self._dead}")
+        if self._failed_batches >= self.settings.vocoder_unhealthy_after_failures:
+            raise EngineUnavailableError(f"the vocoder's last {self._failed_batches} batches failed")
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -244,6 +294,8 @@ class Vocoder:
                 await task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # noqa: BLE001 - a loop that died was reported when it did
+                pass
         for stream in list(self._streams):
             stream._end(EngineUnavailableError("the vocoder was shut down"))
         if self._executor is not None:
@@ -251,7 +303,7 @@ class Vocoder:
             await asyncio.to_thread(executor.shutdown, wait=True)
 
     def open_stream(self, voice_key: str, ref_dict: Mapping[str, Any], *, one_shot: bool = False) -> VocoderStream:
-        if self._task is None:
+        if self._task is None or self._dead is not None:
             raise EngineUnavailableError("the vocoder is not running")
         stream = VocoderStream(self, voice_key, ref_dict, one_shot)
         self._streams.add(stream)
@@ -267,8 +319,18 @@ class Vocoder:
 
     # --- the loop -----------------------------------------------------------------------
     def _collect(self) -> list[tuple[VocoderStream, Window]]:
-        ready = [(s, w) for s in self._streams if (w := s._next_window()) is not None]
-        ready.sort(key=lambda sw: (sw[1].index > 0, sw[0]._idle_since))  # first windows, then FIFO
+        now = time.monotonic()
+        ready = []
+        for s in self._streams:
+            if (w := s._next_window()) is not None:
+                if s._ready_since is None:
+                    s._ready_since = now
+                ready.append((s, w))
+        # First windows first (time to first audio), then FIFO; but a later window that has
+        # waited ``vocoder_max_later_wait_s`` joins the first ones (aging): a stream already
+        # playing must not starve and underrun while new streams keep arriving.
+        bound = self.settings.vocoder_max_later_wait_s
+        ready.sort(key=lambda sw: (sw[1].index > 0 and now - sw[0]._ready_since < bound, sw[0]._idle_since))
         chosen: list[tuple[VocoderStream, Window]] = []
         longest = 0
         for stream, window in ready:
@@ -292,6 +354,7 @@ class Vocoder:
             jobs = []
             for stream, window in chosen:
                 stream._in_flight = True
+                stream._ready_since = None
                 seam = stream._seam
                 jobs.append(_Job(
                     stream, stream.voice_key, window,
@@ -304,6 +367,9 @@ class Vocoder:
                 outcomes = await loop.run_in_executor(self._executor, self._run_jobs, jobs, refs)
             except Exception as exc:  # the whole batch failed: fail its streams, keep serving
                 outcomes = [exc] * len(jobs)
+                self._failed_batches += 1
+            else:
+                self._failed_batches = 0
             done = [(j, r) for j, r in zip(jobs, outcomes) if isinstance(r, _Result)]
             if done:
                 self._count([j for j, _ in done], [r for _, r in done], time.perf_counter() - t0)

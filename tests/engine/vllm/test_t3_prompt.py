@@ -75,6 +75,18 @@ def test_prompt_rows_equal_upstream_input_embeds(t3: T3, cfg_weight: float, exag
     assert len(prompt.token_ids) == prompt.embeds.shape[0]
 
 
+@pytest.mark.parametrize("exaggeration", [0.0, 0.25, 0.7, 1.9999])
+def test_voice_rows_plus_exaggeration_equal_full_conditioning(t3: T3, exaggeration: float) -> None:
+    """The Perceiver runs once per voice (cached, off the event loop); a request's
+    exaggeration only sets the emotion row, so it is no part of the cache key."""
+    builder = T3PromptBuilder.from_state_dict(t3.state_dict(), t3.hp)
+    voice = builder.voice_rows(_cond(5))
+    assert voice.shape[0] == builder.cond_rows == 34
+    full = builder.conditioning(_cond(5), exaggeration)
+    assert torch.equal(builder.with_exaggeration(voice, exaggeration), full)
+    assert not torch.equal(builder.with_exaggeration(voice, exaggeration + 0.5), full)
+
+
 def test_conditioning_does_not_mutate_the_voice(t3: T3) -> None:
     builder = T3PromptBuilder.from_state_dict(t3.state_dict(), t3.hp)
     voice = _cond(3)
@@ -177,3 +189,7 @@ def test_model_config_is_what_vllm_needs(tmp_path) -> None:
     assert parsed.rope_parameters["rope_type"] == "llama3"
     assert parsed.rope_parameters["mrope_section"] == [32]
     assert parsed.t3_text_vocab_size == 704
+    # What the attention kernels run (two CFG streams of T3's 16 heads): vLLM's backends
+    # plan from these; T3's own count has a field of its own.
+    assert (parsed.num_attention_heads, parsed.num_key_value_heads, parsed.head_dim) == (32, 32, 64)
+    assert parsed.t3_num_heads == 16

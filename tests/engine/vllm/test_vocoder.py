@@ -189,7 +189,8 @@ def _tokens(n: int, seed: int) -> list[int]:
 def test_parity_checks_pass_on_cpu(s3gen) -> None:
     results = parity_vocoder.run("cpu", torch.float32, SIZES, s3gen=s3gen)
     names = {r.name for r in results}
-    assert len(names) == 6 and all(r.passed for r in results), results
+    assert len(names) == 7 and all(r.passed for r in results), results
+    assert any("watermark on" in n for n in names)
     streamed = next(r for r in results if "streamed" in r.name)
     assert math.isfinite(streamed.value), "the streamed check must really window the streams"
 
@@ -198,7 +199,7 @@ def test_parity_checks_pass_on_cpu(s3gen) -> None:
 def test_parity_checks_run_in_bf16(s3gen) -> None:
     """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
     results = parity_vocoder.run("cpu", torch.bfloat16, SIZES, s3gen=s3gen)
-    assert len(results) == 5 and all(r.passed for r in results), results
+    assert len(results) == 6 and all(r.passed for r in results), results
     assert s3gen.flow.encoder_proj.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in s3gen.mel2wav.parameters())
 
@@ -338,3 +339,98 @@ async def test_stage_timer_times_each_part_and_changes_nothing(s3gen, ref) -> No
     np.testing.assert_array_equal(plain, timed)
     assert set(timer.seconds) == {"flow encoder", "CFM inputs", "CFM decoder", "HiFT", "host copy"}
     assert all(s > 0 for s in timer.seconds.values())
+
+
+async def test_a_dead_loop_ends_open_streams_at_once_and_turns_health_red(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        voc.check_health()
+        stream = voc.open_stream("A", ref)
+
+        def broken():
+            raise RuntimeError("boom")
+
+        voc._collect = broken  # the loop's own code fails (not a batch): the loop task dies
+        stream.push(_tokens(9, 1))
+        with pytest.raises(EngineUnavailableError, match="boom"):
+            await asyncio.wait_for(anext(stream.audio()), timeout=2)
+        with pytest.raises(EngineUnavailableError, match="died"):
+            voc.check_health()
+        with pytest.raises(EngineUnavailableError):
+            voc.open_stream("A", ref)
+    finally:
+        await voc.close()
+
+
+@pytest.mark.slow
+async def test_batches_failing_in_a_row_turn_health_red_until_one_succeeds(s3gen, ref) -> None:
+    voc = _vocoder(s3gen, vocoder_unhealthy_after_failures=2)
+    await voc.start()
+    real = voc._run_jobs
+
+    def sticky_fault(jobs, refs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    try:
+        voc._run_jobs = sticky_fault
+        for i in range(2):
+            voc.check_health()
+            with pytest.raises(EngineError):
+                await voc.vocode("A", ref, _tokens(8, i))
+        with pytest.raises(EngineUnavailableError, match="2 batches failed"):
+            voc.check_health()
+        voc._run_jobs = real
+        assert (await voc.vocode("A", ref, _tokens(8, 3))).size > 0
+        voc.check_health()
+    finally:
+        await voc.close()
+
+
+def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3gen, ref) -> None:
+    import time
+
+    voc = _vocoder(s3gen, vocoder_max_batch=1, vocoder_max_later_wait_s=0.5)
+    voc._task = object()  # open_stream only checks that the loop was started
+    playing = voc.open_stream("A", ref)
+    playing.push(_tokens(40, 1))
+    playing._index, playing._committed = 1, 6  # its first window was delivered: later windows
+    fresh = voc.open_stream("A", ref)
+    fresh.push(_tokens(9, 2))
+    assert [s for s, _ in voc._collect()] == [fresh], "first windows first..."
+    playing._ready_since = time.monotonic() - 0.6
+    assert [s for s, _ in voc._collect()] == [playing], "...but not past the wait bound"
+    voc._task = None
+
+
+async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) -> None:
+    """The count must travel with the samples: reading it from the stream after an await
+    could include the next window's tokens."""
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        stream = voc.open_stream("A", ref)
+        stream.push(_tokens(27, 4))
+        stream.finish()
+        await asyncio.sleep(0)
+        while voc._streams:  # let every window be delivered before reading any
+            await asyncio.sleep(0.05)
+        counts = [n async for _, n in stream.chunks()]
+    finally:
+        await voc.close()
+    assert len(counts) > 1 and counts == sorted(counts) and counts[-1] == 27
+    assert counts[0] == POLICY.first_tokens
+
+
+def test_a_bf16_vocoder_leaves_voice_preparation_in_fp32(s3gen) -> None:
+    """Seen on the GPU: the vocoder cast the shared S3Gen's flow to bf16 in place, and every
+    clip voice then failed in ``embed_ref`` (it runs in the flow's dtype; no bf16 FFT)."""
+    from gateway.engine.vllm.vocoder import with_own_flow
+
+    s3gen.float()
+    voc = Vocoder(with_own_flow(s3gen), load_settings({}, {"flow_steps": 1, "max_speech_tokens": 64}),
+                  policy=POLICY, flow_dtype=torch.bfloat16)
+    assert voc.batch.flow.encoder_proj.weight.dtype == torch.bfloat16
+    assert s3gen.dtype == torch.float32
+    ref = parity_vocoder.reference_dict(s3gen, 12, 150.0, 1)  # embed_ref on the shared S3Gen
+    assert ref["prompt_feat"].dtype == torch.float32

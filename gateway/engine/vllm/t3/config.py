@@ -3,7 +3,11 @@
 vLLM only needs a config it can parse (``model_type: llama``) naming our architecture; our
 model reads its own shape from the ``t3_*`` fields. ``hidden_size`` is T3's width (1024): it
 is the width of the prompt embeddings vLLM carries. ``vocab_size`` is the speech vocabulary
-(8194) because it must equal the width of the logits. ``mrope_section`` in the rope
+(8194) because it must equal the width of the logits. The head counts are what the
+attention kernels run: 32 heads and 32 KV heads of 64 (T3's 16 heads for each of the two
+CFG streams side by side, see ``model``): vLLM's attention backends plan their schedules
+(FlashAttention-3's split heuristic, buffer sizes) from these fields, and a plan made for 16
+heads does not fit a kernel run with 32. T3's own head count is ``t3_num_heads``. ``mrope_section`` in the rope
 parameters switches vLLM's M-RoPE position path on: our side channel (see ``layout``).
 """
 
@@ -16,6 +20,8 @@ from typing import Any
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_TEXT_VOCAB, SPEECH_VOCAB, START_SPEECH, STOP_SPEECH
 
 ARCHITECTURE = "ChatterboxT3ForCausalLM"
+T3_HEADS = 16
+"""Attention heads of T3 itself (Llama 520M); the served model runs twice as many."""
 
 
 def t3_model_config(*, text_vocab_size: int = 704, max_speech_tokens: int = 4096,
@@ -29,8 +35,8 @@ def t3_model_config(*, text_vocab_size: int = 704, max_speech_tokens: int = 4096
         "hidden_size": 1024,
         "intermediate_size": 4096,
         "num_hidden_layers": 30,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
+        "num_attention_heads": 2 * T3_HEADS,
+        "num_key_value_heads": 2 * T3_HEADS,
         "head_dim": 64,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
@@ -51,6 +57,7 @@ def t3_model_config(*, text_vocab_size: int = 704, max_speech_tokens: int = 4096
         "torch_dtype": dtype,
         "bos_token_id": START_SPEECH,
         "eos_token_id": STOP_SPEECH,
+        "t3_num_heads": T3_HEADS,
         "t3_text_vocab_size": text_vocab_size,
         "t3_speech_positions": max_speech_tokens + 4,
         "t3_text_positions": max_text_tokens + 2,

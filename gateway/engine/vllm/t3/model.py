@@ -42,7 +42,9 @@ class T3Attention(nn.Module):
     def __init__(self, config, vllm_config: VllmConfig, max_position: int, prefix: str) -> None:
         super().__init__()
         self.width = config.hidden_size
-        heads, head_dim = config.num_attention_heads, config.head_dim
+        heads, head_dim = config.t3_num_heads, config.head_dim  # T3's; attention runs 2x
+        if config.num_attention_heads != 2 * heads or config.num_key_value_heads != 2 * heads:
+            raise ValueError("config must declare the 2 x t3_num_heads heads the kernels run")
         self.qkv_proj = QKVParallelLinear(self.width, head_dim, heads, heads, bias=False, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(heads * head_dim, self.width, bias=False, prefix=f"{prefix}.o_proj")
         rope = {k: v for k, v in config.rope_parameters.items() if k != "mrope_section"}

@@ -86,6 +86,30 @@ class T3PromptBuilder(nn.Module):
             cond.cond_prompt_speech_emb = self.speech_emb(tokens) + self.speech_pos_emb(tokens)
         return self.cond_enc(cond)[0].float()
 
+    @property
+    def cond_rows(self) -> int:
+        """Conditioning rows of every prompt: speaker, the Perceiver's queries (or the prompt
+        speech tokens without one), emotion."""
+        perceiver = self.cond_enc.perceiver
+        prompt = perceiver.pre_attention_query.shape[1] if perceiver is not None else self.hp.speech_cond_prompt_len
+        return 1 + int(prompt) + int(bool(self.hp.emotion_adv))
+
+    def voice_rows(self, t3_cond) -> torch.Tensor:
+        """The conditioning rows that depend on the voice alone (the Perceiver's work): cache
+        these per voice; :meth:`with_exaggeration` adds a request's emotion row."""
+        return self.conditioning(t3_cond, 0.0)
+
+    @torch.inference_mode()
+    def with_exaggeration(self, voice_rows: torch.Tensor, exaggeration: float) -> torch.Tensor:
+        """``conditioning(t3_cond, exaggeration)`` from :meth:`voice_rows`: the emotion row is
+        ``emotion_adv_fc`` (bias-free, one input) of the exaggeration, i.e. a scaled column."""
+        fc = self.cond_enc.emotion_adv_fc
+        if fc is None:
+            return voice_rows
+        rows = voice_rows.clone()
+        rows[-1] = torch.tensor(float(exaggeration), dtype=torch.float32) * fc.weight[:, 0].float()
+        return rows
+
     @torch.inference_mode()
     def build(self, cond_rows: torch.Tensor, text_tokens: Sequence[int], cfg_weight: float) -> T3Prompt:
         """The prompt for ``text_tokens`` (already wrapped in start/stop text tokens)."""

@@ -1,0 +1,106 @@
+"""The CFM solve without per-step overhead: same function as upstream's decoder, no host
+synchronisation inside, and the graph buckets' arithmetic (capture itself is a GPU check in
+``gateway.tools.parity_vocoder``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    from chatterbox.models.s3gen import S3Gen
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    yield S3Gen().eval().flow.decoder
+    torch.set_num_threads(threads)
+
+
+def _inputs(rows: int, frames: int, valid: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows, 80, frames, generator=g)
+    mu = torch.randn(rows, 80, frames, generator=g)
+    cond = torch.randn(rows, 80, frames, generator=g)
+    spks = torch.randn(rows, 80, generator=g)
+    mask = (torch.arange(frames)[None, :] < torch.tensor(valid)[:, None]).float()[:, None, :]
+    return noise, mu, mask, spks, cond
+
+
+def test_eager_solve_equals_upstream_decoder(decoder) -> None:
+    solver = CfmSolver(decoder, steps=3, device="cpu", dtype=torch.float32)
+    noise, mu, mask, spks, cond = _inputs(2, 48, [48, 30], seed=1)
+    ours = solver.solve(noise, mu, mask, spks, cond)
+    ref, _ = decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=3, noised_mels=noise)
+    err = (ours - ref).norm() / ref.norm()
+    assert err < 1e-5, err
+    assert solver.eager_runs == 1 and solver.graph_replays == 0
+
+
+def test_eager_solve_never_synchronises_with_the_host(decoder, monkeypatch) -> None:
+    """Upstream's mask helper calls ``.item()`` 17 times a step (a GPU sync each, and no graph
+    capture possible); ours builds the masks once and never reads a value back."""
+    solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    args = _inputs(1, 32, [32], seed=2)
+    calls = []
+    real = torch.Tensor.item
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    solver.solve_eager(*args)
+    assert calls == []
+    decoder(mu=args[1], mask=args[2], spks=args[3], cond=args[4], n_timesteps=2, noised_mels=args[0])
+    assert len(calls) > 0, "the check must be able to see upstream's synchronisations"
+
+
+def test_padding_rows_and_frames_does_not_change_real_rows(decoder) -> None:
+    """What a graph replay does to a batch: pad rows (fully masked) and frames (masked)."""
+    solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    noise, mu, mask, spks, cond = _inputs(2, 40, [40, 25], seed=3)
+    alone = solver.solve_eager(noise, mu, mask, spks, cond)
+
+    def pad(t, rows, frames):
+        out = torch.zeros((rows,) + t.shape[1:-1] + (frames,)) if t.dim() == 3 else torch.zeros(rows, t.shape[1])
+        if t.dim() == 3:
+            out[:t.shape[0], :, :t.shape[2]] = t
+        else:
+            out[:t.shape[0]] = t
+        return out
+
+    padded = solver.solve_eager(*(pad(t, 4, 64) for t in (noise, mu, mask, spks, cond)))
+    for i, n in enumerate([40, 25]):
+        err = (padded[i, :, :n] - alone[i, :, :n]).norm() / alone[i, :, :n].norm()
+        assert err < 1e-5, (i, err)
+    assert torch.isfinite(padded).all()
+
+
+def test_graph_buckets_are_bounded_and_fit_the_smallest_shape() -> None:
+    b = GraphBuckets.plan(max_rows=64, max_frames=1536, min_frames=512, max_cells=65536)
+    assert b.rows == (1, 2, 4, 8, 16, 32, 64)
+    assert b.frames[0] == 512 and b.frames[-1] == 1536
+    assert all(f % 32 == 0 for f in b.frames)
+    assert all(nxt <= 1.25 * prev + 32 for prev, nxt in zip(b.frames, b.frames[1:])), "at most ~25% padding"
+    shapes = b.shapes()
+    assert all(r * f <= 65536 for r, f in shapes) and (64, 1536) not in shapes
+    assert len(shapes) < 50
+    assert b.fit(3, 100) == (4, 512)
+    assert b.fit(1, 513) == (1, b.frames[1])
+    assert b.fit(1, 1537) is None and b.fit(65, 100) is None
+    assert b.fit(64, 1400) is None, "over the batch budget: eager"
+    assert GraphBuckets.plan(max_rows=5, max_frames=600).rows == (1, 2, 4, 5)
+
+
+def test_frames_for_pads_to_a_captured_width_only_when_graphs_exist(decoder) -> None:
+    solver = CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32)
+    assert solver.frames_for(546) == 546
+    assert solver.capture(GraphBuckets.plan(max_rows=2, max_frames=1024)) == 0.0, "no graphs on the CPU"
+    assert solver.frames_for(546) == 546
+    solver.buckets = GraphBuckets.plan(max_rows=2, max_frames=1024)
+    assert solver.frames_for(546) == 640 and solver.frames_for(2000) == 2000
