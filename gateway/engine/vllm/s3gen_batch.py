@@ -188,7 +188,8 @@ class S3GenBatch:
         if self.flow.token_mel_ratio != TOKEN_MEL_RATIO:
             raise ValueError("S3Gen token/mel ratio differs from the window planner's")
 
-    def _section(self, name: str) -> contextlib.AbstractContextManager[None]:
+    def section(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time a part of a batch under ``name`` when a profile timer is set (else nothing)."""
         return contextlib.nullcontext() if self.timer is None else self.timer.section(name)
 
     def bucket(self, tokens: int) -> int:
@@ -241,7 +242,7 @@ class S3GenBatch:
             p = r.voice.prompt_len
             ids[i, :p] = r.voice.prompt_tokens
             ids[i, p:lengths[i]] = torch.as_tensor(list(r.tokens), dtype=torch.long)
-        with self._section("flow encoder"):
+        with self.section("flow encoder"):
             ids = ids.to(self.device, non_blocking=True)
             lens = torch.tensor(lengths, device=self.device)
             valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
@@ -249,7 +250,7 @@ class S3GenBatch:
             mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
         frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
         mel_width = mu.shape[2]
-        with self._section("CFM inputs"):  # per-row Python loop: shows in the profile if it grows
+        with self.section("CFM inputs"):  # per-row Python loop: shows in the profile if it grows
             cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
             noise = torch.zeros_like(cond)
             for i, r in enumerate(rows):
@@ -260,7 +261,7 @@ class S3GenBatch:
             mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
             spks = torch.stack([r.voice.speaker for r in rows])
         # The tape's noise covers every frame: it replaces upstream's own randn draw entirely.
-        with self._section("CFM decoder"):
+        with self.section("CFM decoder"):
             feat = self.cfm.solve(noise, mu, mask, spks, cond)
         return [feat[i, :, frames[i] - TOKEN_MEL_RATIO * r.new_tokens: frames[i]].float()
                 for i, r in enumerate(rows)]
@@ -284,7 +285,7 @@ class S3GenBatch:
     @torch.inference_mode()
     def run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each row's waveform (F * 480,) fp32 and the phase at its carried frames."""
-        with self._section("HiFT"):
+        with self.section("HiFT"):
             return self._run_hift(rows)
 
     def _run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -34,12 +34,11 @@ each batch's row count, padded tokens and seconds. The engine still applies the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -51,20 +50,10 @@ import torch
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm.cfm_solver import GraphBuckets
 from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, VoiceRef
-from gateway.engine.vllm.vocoder_windows import (
-    SAMPLES_PER_FRAME,
-    TOKEN_MEL_RATIO,
-    SeamState,
-    Window,
-    WindowPolicy,
-    next_window,
-)
-from gateway.errors import EngineError, EngineUnavailableError
+from gateway.engine.vllm.vocoder_stream import VocoderStream, WindowJob, WindowResult
+from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO, Window, WindowPolicy
+from gateway.errors import EngineUnavailableError
 from gateway.settings import Settings
-
-SPEECH_VOCAB_SIZE = 6561
-"""Valid S3 speech token ids are below this; T3's start/stop ids (6561, 6562) are not."""
-
 
 @dataclass(slots=True)
 class VocoderStats:
@@ -80,134 +69,6 @@ class VocoderStats:
     last_batch_padded_tokens: int = 0
     rows_per_batch: dict[int, int] = field(default_factory=dict)
     """Histogram: batch size -> batches of that size."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """One stream's window as handed to the worker thread (a snapshot, never mutated)."""
-
-    stream: VocoderStream
-    voice_key: str
-    window: Window
-    tokens: tuple[int, ...]
-    mel_tail: torch.Tensor | None
-    phase: torch.Tensor | None
-    start_frame: int
-    carry: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Result:
-    audio: np.ndarray
-    hift_frames: int
-    mel_tail: torch.Tensor | None
-    phase: torch.Tensor | None
-    prompt_tokens: int
-
-
-class VocoderStream:
-    """One utterance's tokens in, its audio out. Use from the event-loop thread."""
-
-    def __init__(self, vocoder: Vocoder, voice_key: str, ref_dict: Mapping[str, Any], one_shot: bool) -> None:
-        self._vocoder = vocoder
-        self.voice_key = voice_key
-        self._ref_dict = ref_dict
-        self.one_shot = one_shot
-        self._tokens: list[int] = []
-        self._finished = False
-        self._closed = False
-        self._in_flight = False
-        self._committed = 0
-        self._index = 0
-        self._idle_since = next(vocoder._tickets)  # queue position: lower waits longer
-        self._prompt_tokens = 250  # budgeting guess (a 10 s prompt) until the voice is prepared
-        self._seam = SeamState()
-        self._mel_tail: torch.Tensor | None = None
-        self._phase: torch.Tensor | None = None
-        self._ready_since: float | None = None
-        """When the stream's pending window became ready (monotonic; None: none pending)."""
-        self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
-
-    @property
-    def tokens_vocoded(self) -> int:
-        return self._committed
-
-    def push(self, tokens: Iterable[int]) -> None:
-        """Append speech tokens; ids outside the speech vocabulary are dropped (as upstream
-        ``drop_invalid_tokens`` does). Ignored once the stream is cancelled or failed (T3 may
-        still be delivering deltas); an error after ``finish()``."""
-        if self._finished:
-            raise RuntimeError("push after finish()")
-        if self._closed:
-            return
-        self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
-        self._vocoder._wake.set()
-
-    def finish(self) -> None:
-        if self._closed:
-            return
-        self._finished = True
-        if not self._tokens:
-            self._end(None)
-        self._vocoder._wake.set()
-
-    def cancel(self) -> None:
-        """Drop this stream's pending and in-flight windows; audio() ends."""
-        if not self._closed:
-            self._vocoder.stats.windows_dropped += int(self._in_flight)
-            self._end(None)
-
-    async def audio(self) -> AsyncIterator[np.ndarray]:
-        """The stream's samples in order; closing this iterator early cancels the stream."""
-        async with contextlib.aclosing(self.chunks()) as chunks:
-            async for samples, _ in chunks:
-                yield samples
-
-    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
-        """(samples, tokens vocoded up to and including them), in order: the count travels
-        with its samples (later windows may be delivered before a consumer reads these)."""
-        try:
-            while True:
-                item = await self._queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancel()
-
-    # --- vocoder side -------------------------------------------------------------------
-    def _next_window(self) -> Window | None:
-        if self._closed or self._in_flight:
-            return None
-        return next_window(self._vocoder.policy, available=len(self._tokens), committed=self._committed,
-                           finished=self._finished, index=self._index, one_shot=self.one_shot)
-
-    def _deliver(self, window: Window, result: _Result, carry: int) -> None:
-        self._in_flight = False
-        self._idle_since = next(self._vocoder._tickets)
-        if self._closed:  # cancelled while in flight: the result is dropped
-            return
-        start = self._seam.samples_emitted
-        audio = self._seam.join(result.audio, hift_frames=result.hift_frames, carry=carry)
-        fade = self._vocoder._trim_fade
-        if start < fade.shape[0] and audio.size:
-            n = min(fade.shape[0] - start, audio.shape[0])
-            audio[:n] *= fade[start:start + n]  # upstream's fade-in against reference spill-over
-        self._committed, self._index = window.end, window.index + 1
-        self._mel_tail, self._phase = result.mel_tail, result.phase
-        if audio.size:
-            self._queue.put_nowait((audio, self._committed))
-        if window.final:
-            self._end(None)
-
-    def _end(self, item: BaseException | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put_nowait(item)
-        self._vocoder._streams.discard(self)
 
 
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
@@ -246,7 +107,8 @@ class Vocoder:
                 min_frames=min(512, settings.vocoder_graph_max_frames), max_cells=TOKEN_MEL_RATIO * max_batch_tokens))
         if self.policy.lookahead != self.batch.lookahead:
             raise ValueError(f"window lookahead must be the flow's pre-lookahead ({self.batch.lookahead})")
-        self._trim_fade = self.batch.trim_fade
+        self.trim_fade = self.batch.trim_fade
+        """Upstream's fade-in against reference spill-over, applied to each stream's first samples."""
         self._voices: OrderedDict[str, VoiceRef] = OrderedDict()  # worker thread only
         self._streams: set[VocoderStream] = set()
         self._tickets = itertools.count()
@@ -273,7 +135,7 @@ class Vocoder:
         exc = task.exception()
         self._dead = exc or RuntimeError("the vocoder loop ended")
         for stream in list(self._streams):
-            stream._end(EngineUnavailableError(f"the vocoder stopped: {self._dead}"))
+            stream.end(EngineUnavailableError(f"the vocoder stopped: {self._dead}"))
 
     def check_health(self) -> None:
         """Raise :class:`EngineUnavailableError` when the vocoder cannot serve: its loop died,
@@ -297,10 +159,28 @@ class Vocoder:
             except Exception:  # noqa: BLE001 - a loop that died was reported when it did
                 pass
         for stream in list(self._streams):
-            stream._end(EngineUnavailableError("the vocoder was shut down"))
+            stream.end(EngineUnavailableError("the vocoder was shut down"))
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True)
+
+    # --- what streams use (StreamHost) --------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def next_ticket(self) -> int:
+        return next(self._tickets)
+
+    def forget(self, stream: VocoderStream) -> None:
+        self._streams.discard(stream)
+
+    def count_dropped(self) -> None:
+        self.stats.windows_dropped += 1
+
+    @property
+    def open_streams(self) -> int:
+        """Streams not yet ended."""
+        return len(self._streams)
 
     def open_stream(self, voice_key: str, ref_dict: Mapping[str, Any], *, one_shot: bool = False) -> VocoderStream:
         if self._task is None or self._dead is not None:
@@ -318,25 +198,21 @@ class Vocoder:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     # --- the loop -----------------------------------------------------------------------
-    def _collect(self) -> list[tuple[VocoderStream, Window]]:
-        now = time.monotonic()
-        ready = []
-        for s in self._streams:
-            if (w := s._next_window()) is not None:
-                if s._ready_since is None:
-                    s._ready_since = now
-                ready.append((s, w))
+    def plan_batch(self, now: float | None = None) -> list[tuple[VocoderStream, Window]]:
+        """The streams and windows the next batch takes (``now``: monotonic time, for aging)."""
+        now = time.monotonic() if now is None else now
+        ready = [(s, w) for s in self._streams if (w := s.ready_window(now)) is not None]
         # First windows first (time to first audio), then FIFO; but a later window that has
         # waited ``vocoder_max_later_wait_s`` joins the first ones (aging): a stream already
         # playing must not starve and underrun while new streams keep arriving.
         bound = self.settings.vocoder_max_later_wait_s
-        ready.sort(key=lambda sw: (sw[1].index > 0 and now - sw[0]._ready_since < bound, sw[0]._idle_since))
+        ready.sort(key=lambda sw: (sw[1].index > 0 and now - (sw[0].ready_since or now) < bound, sw[0].idle_since))
         chosen: list[tuple[VocoderStream, Window]] = []
         longest = 0
         for stream, window in ready:
             if len(chosen) >= self.max_batch_rows:
                 break
-            cost = self.batch.bucket(window.input_tokens + stream._prompt_tokens)
+            cost = self.batch.bucket(stream.cost_tokens(window))
             if chosen and (len(chosen) + 1) * max(longest, cost) > self.max_batch_tokens:
                 continue
             longest = max(longest, cost)
@@ -346,45 +222,34 @@ class Vocoder:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            chosen = self._collect()
+            chosen = self.plan_batch()
             if not chosen:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            jobs = []
-            for stream, window in chosen:
-                stream._in_flight = True
-                stream._ready_since = None
-                seam = stream._seam
-                jobs.append(_Job(
-                    stream, stream.voice_key, window,
-                    tuple(stream._tokens[window.context_start:window.input_end]),
-                    stream._mel_tail, stream._phase, seam.hift_start_frame(),
-                    seam.carry_for(window.new_mel_frames, mel_overlap=self.policy.mel_overlap, final=window.final)))
-            refs = {s.voice_key: s._ref_dict for s, _ in chosen}
+            jobs = [stream.take(window) for stream, window in chosen]
+            refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
             t0 = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._run_jobs, jobs, refs)
+                outcomes = await loop.run_in_executor(self._executor, self.run_batch, jobs, refs)
             except Exception as exc:  # the whole batch failed: fail its streams, keep serving
                 outcomes = [exc] * len(jobs)
                 self._failed_batches += 1
             else:
                 self._failed_batches = 0
-            done = [(j, r) for j, r in zip(jobs, outcomes) if isinstance(r, _Result)]
+            done = [(j, r) for j, r in zip(jobs, outcomes) if isinstance(r, WindowResult)]
             if done:
                 self._count([j for j, _ in done], [r for _, r in done], time.perf_counter() - t0)
             for job, outcome in zip(jobs, outcomes):
-                if isinstance(outcome, _Result):
-                    job.stream._prompt_tokens = outcome.prompt_tokens
+                if isinstance(outcome, WindowResult):
                     try:
-                        job.stream._deliver(job.window, outcome, job.carry)
+                        job.stream.deliver(job, outcome)
                         continue
                     except Exception as exc:  # never let one stream's seam stop the loop
                         outcome = exc
-                job.stream._in_flight = False
-                job.stream._end(EngineError(f"vocoder failed: {outcome}"))
+                job.stream.fail(outcome)
 
-    def _count(self, jobs: list[_Job], results: list[_Result], seconds: float) -> None:
+    def _count(self, jobs: list[WindowJob], results: list[WindowResult], seconds: float) -> None:
         st = self.stats
         st.batches += 1
         st.rows += len(jobs)
@@ -407,10 +272,10 @@ class Vocoder:
         self._voices.move_to_end(key)
         return voice
 
-    def _run_jobs(self, jobs: list[_Job], refs: Mapping[str, Mapping[str, Any]]) -> list[_Result | Exception]:
+    def run_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> list[WindowResult | Exception]:
         """Worker thread: flow for all rows at once, then HiFT grouped by length. A row whose
         voice cannot be prepared fails alone; the others still run."""
-        outcomes: list[_Result | Exception] = []
+        outcomes: list[WindowResult | Exception] = []
         voices: list[VoiceRef | None] = []
         for job in jobs:
             try:
@@ -429,12 +294,12 @@ class Vocoder:
         rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
                         jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
         waves = self.batch.run_hift(rows)
-        with self.batch._section("host copy"):
+        with self.batch.section("host copy"):
             # One device-to-host copy (one synchronisation) for the whole batch, not one per row.
             flat = torch.cat([wav for wav, _ in waves]).cpu().numpy()
             host = np.split(flat, np.cumsum([wav.shape[0] for wav, _ in waves[:-1]]))
         for i, row, audio, (_, phase) in zip(live, rows, host, waves):
             frames, carry = row.mel.shape[1], jobs[i].carry
             tail = row.mel[:, frames - carry:] if carry else None
-            outcomes[i] = _Result(audio, frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
+            outcomes[i] = WindowResult(audio, frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
         return outcomes

@@ -285,10 +285,10 @@ async def test_cancel_drops_the_stream_and_others_continue(s3gen, ref) -> None:
         rest = [a async for a in survivor.audio()]
         assert sum(a.shape[0] for a in rest) == 12 * 2 * SAMPLES_PER_FRAME
         await asyncio.sleep(0.05)
-        assert doomed not in voc._streams and doomed.tokens_vocoded < 60
+        assert doomed.closed and doomed.tokens_vocoded < 60
         assert voc.stats.rows - rows_before <= 2, "the cancelled stream must not be vocoded further"
         doomed.push([1, 2, 3])  # late T3 deltas after a cancel are ignored
-        assert doomed.tokens_vocoded < 60 and doomed not in voc._streams
+        assert doomed.tokens_vocoded < 60 and doomed.closed
         with pytest.raises(RuntimeError):
             survivor.push([1, 2, 3])
     finally:
@@ -351,7 +351,7 @@ async def test_a_dead_loop_ends_open_streams_at_once_and_turns_health_red(s3gen,
         def broken():
             raise RuntimeError("boom")
 
-        voc._collect = broken  # the loop's own code fails (not a batch): the loop task dies
+        voc.plan_batch = broken  # the loop's own code fails (not a batch): the loop task dies
         stream.push(_tokens(9, 1))
         with pytest.raises(EngineUnavailableError, match="boom"):
             await asyncio.wait_for(anext(stream.audio()), timeout=2)
@@ -367,40 +367,39 @@ async def test_a_dead_loop_ends_open_streams_at_once_and_turns_health_red(s3gen,
 async def test_batches_failing_in_a_row_turn_health_red_until_one_succeeds(s3gen, ref) -> None:
     voc = _vocoder(s3gen, vocoder_unhealthy_after_failures=2)
     await voc.start()
-    real = voc._run_jobs
+    real = voc.run_batch
 
     def sticky_fault(jobs, refs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     try:
-        voc._run_jobs = sticky_fault
+        voc.run_batch = sticky_fault
         for i in range(2):
             voc.check_health()
             with pytest.raises(EngineError):
                 await voc.vocode("A", ref, _tokens(8, i))
         with pytest.raises(EngineUnavailableError, match="2 batches failed"):
             voc.check_health()
-        voc._run_jobs = real
+        voc.run_batch = real
         assert (await voc.vocode("A", ref, _tokens(8, 3))).size > 0
         voc.check_health()
     finally:
         await voc.close()
 
 
-def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3gen, ref) -> None:
-    import time
-
+async def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3gen, ref) -> None:
     voc = _vocoder(s3gen, vocoder_max_batch=1, vocoder_max_later_wait_s=0.5)
-    voc._task = object()  # open_stream only checks that the loop was started
-    playing = voc.open_stream("A", ref)
-    playing.push(_tokens(40, 1))
-    playing._index, playing._committed = 1, 6  # its first window was delivered: later windows
-    fresh = voc.open_stream("A", ref)
-    fresh.push(_tokens(9, 2))
-    assert [s for s, _ in voc._collect()] == [fresh], "first windows first..."
-    playing._ready_since = time.monotonic() - 0.6
-    assert [s for s, _ in voc._collect()] == [playing], "...but not past the wait bound"
-    voc._task = None
+    await voc.start()  # the loop task does not run before this test awaits: it plans by hand
+    try:
+        playing = voc.open_stream("A", ref)
+        playing.push(_tokens(40, 1))
+        playing._index, playing._committed = 1, 6  # history: its first window was delivered
+        fresh = voc.open_stream("A", ref)
+        fresh.push(_tokens(9, 2))
+        assert [s for s, _ in voc.plan_batch(now=100.0)] == [fresh], "first windows first..."
+        assert [s for s, _ in voc.plan_batch(now=100.6)] == [playing], "...but not past the wait bound"
+    finally:
+        await voc.close()
 
 
 async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) -> None:
@@ -413,7 +412,7 @@ async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) 
         stream.push(_tokens(27, 4))
         stream.finish()
         await asyncio.sleep(0)
-        while voc._streams:  # let every window be delivered before reading any
+        while voc.open_streams:  # let every window be delivered before reading any
             await asyncio.sleep(0.05)
         counts = [n async for _, n in stream.chunks()]
     finally:

@@ -1,0 +1,219 @@
+"""One utterance's side of the vocoder loop: tokens in, audio out, one window in flight.
+
+The engine uses ``push``/``finish``/``cancel``/``audio``/``chunks`` from the event-loop thread.
+The loop (:class:`gateway.engine.vllm.vocoder.Vocoder`) uses the "loop side" methods below and
+nothing else: it asks for a ready window (``ready_window``), takes it (``take``: a snapshot
+handed to the worker thread), and hands back the result (``deliver``) or a failure (``fail``).
+All of a stream's state is owned here; the loop owns the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, next_window
+from gateway.errors import EngineError
+
+SPEECH_VOCAB_SIZE = 6561
+"""Valid S3 speech token ids are below this; T3's start/stop ids (6561, 6562) are not."""
+
+PROMPT_TOKENS_GUESS = 250
+"""Budgeting guess for a voice's prompt tokens (a 10 s prompt) until the voice is prepared."""
+
+
+class StreamHost(Protocol):
+    """What a stream needs of its vocoder loop."""
+
+    policy: WindowPolicy
+    trim_fade: np.ndarray
+
+    def wake(self) -> None:
+        """New work may be ready."""
+
+    def next_ticket(self) -> int:
+        """A FIFO position: lower waits longer."""
+
+    def forget(self, stream: VocoderStream) -> None:
+        """The stream has ended: it has no more windows."""
+
+    def count_dropped(self) -> None:
+        """A cancelled stream's window was still running: its result will be dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowJob:
+    """One stream's window as handed to the worker thread (a snapshot, never mutated)."""
+
+    stream: VocoderStream
+    voice_key: str
+    window: Window
+    tokens: tuple[int, ...]
+    mel_tail: torch.Tensor | None
+    phase: torch.Tensor | None
+    start_frame: int
+    carry: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    audio: np.ndarray
+    hift_frames: int
+    mel_tail: torch.Tensor | None
+    phase: torch.Tensor | None
+    prompt_tokens: int
+
+
+class VocoderStream:
+    """One utterance's tokens in, its audio out. Use from the event-loop thread."""
+
+    def __init__(self, host: StreamHost, voice_key: str, ref_dict: Mapping[str, Any], one_shot: bool) -> None:
+        self._host = host
+        self.voice_key = voice_key
+        self.ref_dict = ref_dict
+        """The voice's S3Gen reference (``Conditionals.gen``), prepared by the loop once per voice."""
+        self.one_shot = one_shot
+        self._tokens: list[int] = []
+        self._finished = False
+        self._closed = False
+        self._in_flight = False
+        self._committed = 0
+        self._index = 0
+        self._idle_since = host.next_ticket()  # queue position: lower waits longer
+        self._prompt_tokens = PROMPT_TOKENS_GUESS
+        self._seam = SeamState()
+        self._mel_tail: torch.Tensor | None = None
+        self._phase: torch.Tensor | None = None
+        self._ready_since: float | None = None
+        """When the stream's pending window became ready (monotonic; None: none pending)."""
+        self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
+
+    @property
+    def tokens_vocoded(self) -> int:
+        return self._committed
+
+    def push(self, tokens: Iterable[int]) -> None:
+        """Append speech tokens; ids outside the speech vocabulary are dropped (as upstream
+        ``drop_invalid_tokens`` does). Ignored once the stream is cancelled or failed (T3 may
+        still be delivering deltas); an error after ``finish()``."""
+        if self._finished:
+            raise RuntimeError("push after finish()")
+        if self._closed:
+            return
+        self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
+        self._host.wake()
+
+    def finish(self) -> None:
+        if self._closed:
+            return
+        self._finished = True
+        if not self._tokens:
+            self.end(None)
+        self._host.wake()
+
+    def cancel(self) -> None:
+        """Drop this stream's pending and in-flight windows; audio() ends."""
+        if not self._closed and self._in_flight:
+            self._host.count_dropped()
+        self.end(None)
+
+    async def audio(self) -> AsyncIterator[np.ndarray]:
+        """The stream's samples in order; closing this iterator early cancels the stream."""
+        async with contextlib.aclosing(self.chunks()) as chunks:
+            async for samples, _ in chunks:
+                yield samples
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """(samples, tokens vocoded up to and including them), in order: the count travels
+        with its samples (later windows may be delivered before a consumer reads these)."""
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream has ended (finished, cancelled or failed)."""
+        return self._closed
+
+    # --- loop side ----------------------------------------------------------------------
+    @property
+    def ready_since(self) -> float | None:
+        """When the pending window became ready (monotonic), None when none is pending."""
+        return self._ready_since
+
+    @property
+    def idle_since(self) -> int:
+        """FIFO ticket of the stream's last delivery (or its opening): lower waits longer."""
+        return self._idle_since
+
+    def ready_window(self, now: float) -> Window | None:
+        """The window the stream could run now (None while one is in flight or none is due);
+        ``now`` is remembered as the moment it became ready."""
+        if self._closed or self._in_flight:
+            return None
+        window = next_window(self._host.policy, available=len(self._tokens), committed=self._committed,
+                             finished=self._finished, index=self._index, one_shot=self.one_shot)
+        if window is not None and self._ready_since is None:
+            self._ready_since = now
+        return window
+
+    def cost_tokens(self, window: Window) -> int:
+        """Flow tokens the window costs in a batch (its input plus the voice's prompt)."""
+        return window.input_tokens + self._prompt_tokens
+
+    def take(self, window: Window) -> WindowJob:
+        """Mark ``window`` in flight and snapshot what the worker thread needs for it."""
+        self._in_flight = True
+        self._ready_since = None
+        seam = self._seam
+        return WindowJob(
+            self, self.voice_key, window, tuple(self._tokens[window.context_start:window.input_end]),
+            self._mel_tail, self._phase, seam.hift_start_frame(),
+            seam.carry_for(window.new_mel_frames, mel_overlap=self._host.policy.mel_overlap, final=window.final))
+
+    def deliver(self, job: WindowJob, result: WindowResult) -> None:
+        """The job's audio: joined at the seam and queued for ``audio()`` (dropped if cancelled)."""
+        window = job.window
+        self._in_flight = False
+        self._prompt_tokens = result.prompt_tokens
+        self._idle_since = self._host.next_ticket()
+        if self._closed:  # cancelled while in flight: the result is dropped
+            return
+        start = self._seam.samples_emitted
+        audio = self._seam.join(result.audio, hift_frames=result.hift_frames, carry=job.carry)
+        fade = self._host.trim_fade
+        if start < fade.shape[0] and audio.size:
+            n = min(fade.shape[0] - start, audio.shape[0])
+            audio[:n] *= fade[start:start + n]  # upstream's fade-in against reference spill-over
+        self._committed, self._index = window.end, window.index + 1
+        self._mel_tail, self._phase = result.mel_tail, result.phase
+        if audio.size:
+            self._queue.put_nowait((audio, self._committed))
+        if window.final:
+            self.end(None)
+
+    def fail(self, reason: object) -> None:
+        """The job in flight failed: the stream ends with an EngineError."""
+        self._in_flight = False
+        self.end(EngineError(f"vocoder failed: {reason}"))
+
+    def end(self, error: BaseException | None) -> None:
+        """End the stream: ``audio()`` finishes, or raises ``error``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(error)
+        self._host.forget(self)
