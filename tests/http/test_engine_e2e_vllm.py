@@ -2,7 +2,7 @@
 SSE against a real server on loopback running VllmEngine with dummy weights, the audio
 decoded by FFmpeg, and cancellation freeing the engine for the next request.
 
-Run on the GPU: ``pytest -m gpu tests/engine/vllm/test_vllm_engine_gpu.py``.
+Run on the GPU: ``pytest -m gpu tests/http/test_engine_e2e_vllm.py``.
 """
 
 from __future__ import annotations
