@@ -105,8 +105,8 @@ def run_server(app: Any, settings: Settings) -> None:
 
 def _check_weights(settings: Settings) -> None:
     """Fail before the server starts when the configured weights cannot be had."""
-    if settings.engine == "fake":
-        return
+    if settings.engine == "fake" or settings.cluster not in (None, "local"):
+        return  # the engine replicas load the weights on their own nodes
     from gateway.engine.checkpoint.weights import resolve_weights
 
     resolve_weights(settings)

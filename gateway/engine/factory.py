@@ -39,6 +39,8 @@ def resolve_engine_name(settings: Settings) -> str:
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.cluster:
+        return build_remote_engine(settings)
     name = resolve_engine_name(settings)
     if name == "reference":
         from gateway.engine.reference.engine import ReferenceEngine
@@ -51,3 +53,14 @@ def build_engine(settings: Settings) -> Engine:
     from gateway.engine.fake import FakeEngine
 
     return FakeEngine()
+
+
+def build_remote_engine(settings: Settings) -> Engine:
+    """Cluster mode: the engine runs as Ray Serve replicas; this process holds a handle."""
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(
+            "--cluster needs Ray Serve. Install the cluster extra: pip install 'chatterbox-gateway[cluster]'."
+        )
+    from gateway.cluster.remote_engine import RemoteEngine
+
+    return RemoteEngine(settings)
