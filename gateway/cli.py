@@ -104,7 +104,12 @@ def run_server(app: Any, settings: Settings) -> None:
 
 
 def _check_weights(settings: Settings) -> None:
-    """Fail before the server starts when the configured weights cannot be had."""
+    """Fail before the server starts when the configured weights (or, in cluster mode, Ray
+    Serve and the replica bounds) cannot be had."""
+    if settings.cluster:
+        from gateway.cluster.options import check_cluster_settings
+
+        check_cluster_settings(settings)
     if settings.engine == "fake" or settings.cluster not in (None, "local"):
         return  # the engine replicas load the weights on their own nodes
     from gateway.engine.checkpoint.weights import resolve_weights

@@ -11,6 +11,7 @@ start before every slot is taken.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -77,3 +78,12 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             "target_ongoing_requests": max(1, math.floor(ongoing * TARGET_FRACTION)),
         }
     return options
+
+
+def check_cluster_settings(settings: Settings) -> None:
+    """Fail before anything starts: Ray Serve missing, or replica bounds that cannot be."""
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(
+            "--cluster needs Ray Serve. Install the cluster extra: pip install 'chatterbox-gateway[cluster]'."
+        )
+    deployment_options(settings)

@@ -57,10 +57,9 @@ def build_engine(settings: Settings) -> Engine:
 
 def build_remote_engine(settings: Settings) -> Engine:
     """Cluster mode: the engine runs as Ray Serve replicas; this process holds a handle."""
-    if importlib.util.find_spec("ray") is None:
-        raise SettingsError(
-            "--cluster needs Ray Serve. Install the cluster extra: pip install 'chatterbox-gateway[cluster]'."
-        )
+    from gateway.cluster.options import check_cluster_settings
+
+    check_cluster_settings(settings)
     from gateway.cluster.remote_engine import RemoteEngine
 
     return RemoteEngine(settings)
