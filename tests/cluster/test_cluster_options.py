@@ -4,12 +4,13 @@ the replicas are sent, the CLI flags, and how Ray's failures become the gateway'
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
 from gateway.cli import EXIT_USAGE, build_parser, main, settings_from_args
 from gateway.cluster.deploy import replica_settings
-from gateway.cluster.options import REFERENCE_MAX_ONGOING, deployment_options
+from gateway.cluster.options import DEPLOYMENT_NAME, REFERENCE_MAX_ONGOING, deployment_options
 from gateway.engine import factory
 from gateway.errors import EngineError, InvalidRequestError, OverloadedError
 from gateway.settings import Settings, SettingsError
@@ -116,3 +117,36 @@ def test_ray_failures_become_gateway_errors() -> None:
     other = gateway_error(RayTaskError("synthesize", "traceback", ValueError("boom")))
     assert isinstance(other, EngineError) and "ValueError: boom" in other.message
     assert isinstance(gateway_error(ActorDiedError()), ReplicaLostError)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_the_serve_config_builds_the_engine_application() -> None:
+    pytest.importorskip("ray.serve")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from gateway.cluster.deploy import app_builder
+
+    config = yaml.safe_load((DEPLOY / "serve-config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)  # what `serve deploy` checks first
+    app = schema.applications[0]
+    assert app.import_path == "gateway.cluster.deploy:app_builder"
+    application = app_builder(app.args)
+    deployment = application._bound_deployment
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.max_ongoing_requests == app.args["vllm_max_num_seqs"]
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert application._bound_deployment.init_args[0]["cache_dir"] == "/data/cache"
+
+
+def test_the_rayservice_deploys_the_same_serve_config() -> None:
+    import yaml
+
+    documents = list(yaml.safe_load_all((DEPLOY / "kuberay-rayservice.yaml").read_text()))
+    service = next(d for d in documents if d["kind"] == "RayService")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((DEPLOY / "serve-config.yaml").read_text())
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "chatterbox-gateway serve --cluster auto --no-cluster-deploy" in head["args"][0]
