@@ -83,7 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.observability.logging import configure_logging
 
     configure_logging(settings)
-    run_server(create_app(settings), settings)
+    engine = None
+    if settings.cluster:
+        from gateway.cluster.remote_engine import build_remote_engine
+
+        engine = build_remote_engine(settings)
+    run_server(create_app(settings, engine=engine), settings)
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gateway.cluster import deploy
+from gateway.cluster.options import check_cluster_settings
 from gateway.cluster.replica import EngineFactory, ReplicaInfo
 from gateway.cluster.voice_refs import VoiceRef, load_ref, save_ref
 from gateway.engine.base import AudioChunk, SynthesisJob
@@ -153,6 +154,13 @@ class RemoteEngine:
         if self._handle is None:
             raise EngineUnavailableError("the cluster engine is not connected")
         return self._handle
+
+
+def build_remote_engine(settings: Settings) -> RemoteEngine:
+    """The cluster's engine for ``create_app(settings, engine=...)``, after checking that Ray
+    Serve is installed and the replica bounds can be met."""
+    check_cluster_settings(settings)
+    return RemoteEngine(settings)
 
 
 def gateway_error(exc: BaseException) -> Exception:

@@ -40,7 +40,12 @@ def resolve_engine_name(settings: Settings) -> str:
 
 def build_engine(settings: Settings) -> Engine:
     if settings.cluster:
-        return build_remote_engine(settings)
+        # gateway.cluster builds its engines with this factory (in each replica), so the
+        # cluster engine is made by its own module: gateway.cluster.remote_engine.
+        raise SettingsError(
+            "cluster mode's engine is gateway.cluster.remote_engine.build_remote_engine(settings); "
+            "pass it to create_app(settings, engine=...), as `serve --cluster` does."
+        )
     name = resolve_engine_name(settings)
     if name == "reference":
         from gateway.engine.reference.engine import ReferenceEngine
@@ -54,12 +59,3 @@ def build_engine(settings: Settings) -> Engine:
 
     return FakeEngine()
 
-
-def build_remote_engine(settings: Settings) -> Engine:
-    """Cluster mode: the engine runs as Ray Serve replicas; this process holds a handle."""
-    from gateway.cluster.options import check_cluster_settings
-
-    check_cluster_settings(settings)
-    from gateway.cluster.remote_engine import RemoteEngine
-
-    return RemoteEngine(settings)

@@ -11,7 +11,7 @@ import pytest
 from gateway.cli import EXIT_USAGE, build_parser, main, settings_from_args
 from gateway.cluster.deploy import replica_settings
 from gateway.cluster.options import DEPLOYMENT_NAME, REFERENCE_MAX_ONGOING, deployment_options
-from gateway.engine import factory
+from gateway.engine.factory import build_engine
 from gateway.errors import EngineError, InvalidRequestError, OverloadedError
 from gateway.settings import Settings, SettingsError
 
@@ -91,8 +91,10 @@ def test_bad_cluster_values_are_settings_errors() -> None:
 def test_cluster_without_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    from gateway.cluster.remote_engine import build_remote_engine
+
     with pytest.raises(SettingsError, match=r"chatterbox-gateway\[cluster\]"):
-        factory.build_engine(Settings(cluster="auto"))
+        build_remote_engine(Settings(cluster="auto"))
     # the command says so before it starts anything
     assert main(["serve", "--cluster", "auto", "--engine", "fake"]) == EXIT_USAGE
     assert "chatterbox-gateway[cluster]" in capsys.readouterr().err
@@ -150,3 +152,10 @@ def test_the_rayservice_deploys_the_same_serve_config() -> None:
     assert embedded == yaml.safe_load((DEPLOY / "serve-config.yaml").read_text())
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "chatterbox-gateway serve --cluster auto --no-cluster-deploy" in head["args"][0]
+
+
+def test_the_local_factory_refuses_cluster_settings() -> None:
+    """The in-process factory (what each replica runs) never silently builds a local engine
+    for cluster settings."""
+    with pytest.raises(SettingsError, match="build_remote_engine"):
+        build_engine(Settings(cluster="auto", engine="fake"))
