@@ -11,6 +11,7 @@ and start). With ``cluster_deploy=False`` a process only attaches and waits for 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,11 @@ def app_builder(args: dict[str, Any]) -> Application:
 def connect(settings: Settings) -> bool:
     """Join (or, for ``local``, start) the Ray cluster; True when this call started Ray and
     so owns it. A process already connected (a test, a Ray job) is left as it is."""
+    # The server owns SIGTERM (graceful drain, then close). Ray's C++ failure-signal handler
+    # would catch it too and then abort the process when Ray shuts down (exit -6, no close).
+    # Read when Ray is imported and by each Ray process at start (with "local", the instance
+    # started here inherits it).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     if ray.is_initialized():
