@@ -6,9 +6,13 @@ contract) is the same code as in one process; only the engine behind it is remot
 - ``synthesize`` is a streaming handle call: each ``AudioChunk`` leaves the replica as it is
   produced. Closing the iterator (client gone) cancels the call, and Serve cancels the
   replica's generator, which drops the job.
-- Serve routes each call to the less loaded of two replicas. When every replica has
-  ``max_ongoing_requests`` and this process already has ``cluster_max_queued_requests``
-  waiting, Serve refuses the call: a 429 with Retry-After, like the server's own admission.
+- Serve routes each call to the less loaded of two replicas. This process keeps at most
+  (running replicas x ``max_ongoing_requests`` + ``cluster_max_queued_requests``) calls
+  open; past that a call is refused at once: a 429 with Retry-After, like the server's own
+  admission. (Serve's own bound on waiting calls, the same ``cluster_max_queued_requests``,
+  is set too, but it counts only calls it has not yet tried to place, so a full tier can
+  hold more than it says; several HTTP processes share the replicas, and Serve's bound is
+  what stops them together.)
 - A replica that dies fails the streams it was serving (``EngineError``: an SSE error event
   or a chunked body closed early). A call that had produced nothing yet is tried once more,
   on another replica.
@@ -30,7 +34,7 @@ from gateway.cluster import deploy
 from gateway.cluster.options import check_cluster_settings
 from gateway.cluster.replica import EngineFactory, ReplicaInfo
 from gateway.cluster.voice_refs import VoiceRef, load_ref, save_ref
-from gateway.engine.base import AudioChunk, SynthesisJob
+from gateway.engine.base import AudioChunk, Engine, SynthesisJob
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, OverloadedError
 from gateway.settings import Settings
 
@@ -47,7 +51,7 @@ class ReplicaLostError(Exception):
     """The replica serving a call died or became unreachable."""
 
 
-class RemoteEngine:
+class RemoteEngine(Engine):
     sample_rate: int
 
     def __init__(self, settings: Settings, *, engine_factory: EngineFactory | None = None) -> None:
@@ -58,6 +62,9 @@ class RemoteEngine:
         self.model_id = "cluster"
         self._handle: DeploymentHandle | None = None
         self._count: Callable[[str], int] = len
+        self._per_replica = 1
+        self._replicas = 0
+        self._open_calls = 0
         self._owns_ray = False
         self._builtin = False
         self._log = structlog.get_logger("gateway.cluster")
@@ -73,8 +80,9 @@ class RemoteEngine:
         self.sample_rate = info.sample_rate
         self._builtin = info.has_builtin_voice
         self._count = info.count_text_tokens
-        replicas = await asyncio.to_thread(deploy.running_replicas, self.settings)
-        self._log.info("cluster_attached", app=self.settings.cluster_app_name, engine=info.engine, replicas=replicas)
+        self._per_replica = info.max_ongoing_requests
+        self._replicas = await asyncio.to_thread(deploy.running_replicas, self.settings)
+        self._log.info("cluster_attached", app=self.settings.cluster_app_name, engine=info.engine, replicas=self._replicas)
 
     def _connect(self) -> DeploymentHandle:
         self._owns_ray = deploy.connect(self.settings)
@@ -88,8 +96,15 @@ class RemoteEngine:
         if self._owns_ray:
             await asyncio.to_thread(_shutdown_ray)
 
+    @property
+    def capacity(self) -> int:
+        """Calls this process keeps open at once (running and waiting for a replica)."""
+        return self._replicas * self._per_replica + self.settings.cluster_max_queued_requests
+
     async def check_health(self) -> None:
-        if await asyncio.to_thread(deploy.running_replicas, self.settings) == 0:
+        # also keeps the replica count behind `capacity` current (every few seconds)
+        self._replicas = await asyncio.to_thread(deploy.running_replicas, self.settings)
+        if self._replicas == 0:
             raise EngineUnavailableError(f"no engine replica of '{self.settings.cluster_app_name}' is running")
 
     # --- voices: references here, conditionals on the replicas ----------------------------
@@ -127,6 +142,23 @@ class RemoteEngine:
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         streaming = self._ready().options(stream=True)
+        if self._open_calls >= self.capacity:
+            raise OverloadedError(
+                f"Every engine replica is busy and {self.settings.cluster_max_queued_requests} requests "
+                "already wait for one; retry shortly."
+            )
+        self._open_calls += 1
+        call = self._call(streaming, job)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            try:
+                await call.aclose()  # now, not at garbage collection: it cancels the replica's job
+            finally:
+                self._open_calls -= 1
+
+    async def _call(self, streaming: DeploymentHandle, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         for attempt in range(ATTEMPTS):
             produced = finished = False
             stream = None

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.cluster.options import max_ongoing_requests
 from gateway.cluster.voice_refs import VoiceRef
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob, Voice
 from gateway.engine.factory import build_engine
@@ -52,6 +53,8 @@ class ReplicaInfo:
     sample_rate: int
     has_builtin_voice: bool
     count_text_tokens: Callable[[str], int]
+    max_ongoing_requests: int
+    """What Serve lets this replica take at once (the deployment's option, from the same settings)."""
 
 
 @dataclass(slots=True)
@@ -110,6 +113,7 @@ class EngineReplica:
             sample_rate=self.engine.sample_rate,
             has_builtin_voice=self.engine.builtin_conditionals() is not None,
             count_text_tokens=portable_token_counter(self.engine),
+            max_ongoing_requests=max_ongoing_requests(self.settings),
         )
 
     async def prepare_voice(self, ref: VoiceRef) -> VoiceRef:
@@ -143,9 +147,7 @@ class EngineReplica:
         return dataclasses.replace(job, voice=Voice(name=job.voice.name, key=voice.key, conditionals=voice.conditionals))
 
     async def check_health(self) -> None:
-        check = getattr(self.engine, "check_health", None)
-        if check is not None:
-            await check()
+        await self.engine.check_health()
 
     def record(self) -> ReplicaRecord:
         return ReplicaRecord(

@@ -192,14 +192,14 @@ def test_a_voice_created_through_http_is_used_by_both_replicas(tier: Settings, b
 
 async def test_a_full_tier_answers_429_with_retry_after(tier: Settings, base_url: str, gate: Path, api_error) -> None:
     """Past what the replicas run (max_ongoing_requests each) and what this HTTP process may
-    queue for them (cluster_max_queued_requests), Serve refuses the call: a 429, at once."""
+    queue for them (cluster_max_queued_requests), a call is refused: a 429, at once."""
     capacity = tier.cluster_max_replicas * tier.cluster_max_ongoing_requests + tier.cluster_max_queued_requests
     assert tier.max_in_flight > capacity + 8  # the HTTP tier's own admission is not what refuses
     body = speech(f"{HOLD} this slot.", response_format="pcm")  # held: none ends during the test
     limits = httpx.Limits(max_connections=capacity + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         answered = await early_answers(client, body, capacity + 8)
-    assert len(answered) >= 4  # of the 8 over capacity (Serve counts a call as queued until placed)
+    assert len(answered) >= 8  # the 8 over capacity (Serve's own bound may refuse a few more)
     for answer in answered:
         api_error(answer, 429, code="server_overloaded")
         assert int(answer.headers["retry-after"]) >= 1
