@@ -117,7 +117,8 @@ class EngineReplica:
         )
 
     async def prepare_voice(self, ref: VoiceRef) -> VoiceRef:
-        voice = await self.voices.get(ref.info("voice"))
+        # errors name the clip's file: the HTTP tier knows the voice's name, not the replica
+        voice = await self.voices.get(ref.info(Path(ref.clip).name if ref.clip else "default"))
         return dataclasses.replace(ref, sha=voice.key.rsplit(":", 1)[1] if ref.clip else None)
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:

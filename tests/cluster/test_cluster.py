@@ -37,6 +37,7 @@ from harness import serve_on_loopback  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
 from gateway.cluster.remote_engine import RemoteEngine  # noqa: E402
+from gateway.errors import EngineUnavailableError  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 LONG_TEXT = " ".join(f"This is sentence number {i}, spoken by the cluster." for i in range(12))
@@ -107,6 +108,14 @@ def test_requests_spread_over_both_replicas(tier: Settings, base_url: str, valid
     served = outcomes(tier, ids)
     assert {outcome for _, outcome in served.values()} == {"completed"} and set(served) == ids
     assert len({rid for rid, _ in served.values()}) == 2, served
+
+
+async def test_health_needs_a_running_replica(tier: Settings) -> None:
+    """/ready follows RemoteEngine.check_health: healthy while a replica runs, not without."""
+    await RemoteEngine(tier).check_health()
+    elsewhere = RemoteEngine(msgspec.structs.replace(tier, cluster_app_name="no-such-application"))
+    with pytest.raises(EngineUnavailableError, match="no engine replica"):
+        await elsewhere.check_health()
 
 
 def test_streaming_and_sse_through_the_sdk(tier: Settings, base_url: str, gate: Path, valid_audio) -> None:
