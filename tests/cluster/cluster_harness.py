@@ -33,6 +33,8 @@ observe and cancel."""
 
 HOLD = "HOLD"
 """Jobs whose text contains this word stop after their first piece while the gate file exists."""
+WAIT = "WAIT"
+"""Jobs whose text contains this word wait before their first piece while the gate file exists."""
 
 
 class GatedFakeEngine(FakeEngine):
@@ -45,6 +47,8 @@ class GatedFakeEngine(FakeEngine):
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         held = any(HOLD in chunk for chunk in job.chunks)
+        while any(WAIT in chunk for chunk in job.chunks) and self.gate.exists():
+            await asyncio.sleep(0.02)
         inner = super().synthesize(job)
         try:
             async for chunk in inner:

@@ -25,6 +25,7 @@ pytest.importorskip("ray.serve")
 
 from cluster_harness import (  # noqa: E402
     HOLD,
+    WAIT,
     cluster_settings,
     deploy_fake_tier,
     job_records,
@@ -290,3 +291,30 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
     wait_for_replicas(tier, 2)
     assert victim not in replica_records(tier)
     assert httpx.get(f"{base_url}/ready").status_code == 200
+
+
+def test_a_call_whose_replica_dies_before_any_audio_is_tried_again(tier: Settings, base_url: str, gate: Path, valid_audio) -> None:
+    """Nothing had left for the client yet, so the request is whole on another replica."""
+
+    def placed() -> tuple[str, int] | None:
+        for rid, job in job_records(tier):
+            if job.job.request_id == "retried" and job.outcome == "running":
+                return rid, replica_records(tier)[rid].pid
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = speech(f"{WAIT} for it.", response_format="wav")
+        answer = pool.submit(httpx.post, f"{base_url}/v1/audio/speech", json=body, headers={"x-request-id": "retried"}, timeout=60)
+        deadline = time.monotonic() + 20
+        while (first := placed()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first is not None
+        kill(first[1])
+        while ((again := placed()) is None or again[0] == first[0]) and time.monotonic() < deadline + 20:
+            time.sleep(0.05)
+        assert again is not None and again[0] != first[0]  # the same job, now on the other replica
+        gate.unlink()
+        response = answer.result()
+    assert response.status_code == 200, response.text
+    valid_audio(response.content, "wav")
+    wait_for_replicas(tier, 2)
