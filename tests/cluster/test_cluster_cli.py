@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +15,8 @@ import openai
 import pytest
 
 pytest.importorskip("ray.serve")
+
+from harness import cli_serve  # noqa: E402
 
 
 def children_of(pid: int) -> set[int]:
@@ -43,48 +41,18 @@ def alive(pid: int) -> bool:
 
 
 def test_serve_cluster_local_runs_and_stops_with_ray(tmp_path: Path, valid_audio) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exe = shutil.which("chatterbox-gateway", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "gateway"]
     flags = ["--cluster", "local", "--engine", "fake", "--cluster-min-replicas", "2", "--cluster-max-replicas", "2"]
-    process = subprocess.Popen(
-        [*command, "serve", *flags, "--port", str(port), "--cache-dir", str(tmp_path / "cache")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    ray_processes: set[int] = set()
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
-        assert httpx.get(f"{base_url}/ready").json()["engine"] == "cluster:fake"
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    flags += ["--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with cli_serve(flags, tmp_path, ready_timeout_s=180, stop_timeout_s=60, env=env) as run:
+        assert httpx.get(f"{run.base_url}/ready").json()["engine"] == "cluster:fake"
+        client = openai.OpenAI(base_url=f"{run.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
         valid_audio(client.audio.speech.create(model="tts-1", input="Hello, cluster.", voice="alloy").content, "mp3")
-        ray_processes = children_of(process.pid)  # Ray's GCS, raylet, workers, ...
+        ray_processes = children_of(run.process.pid)  # Ray's GCS, raylet, workers, ...
         assert ray_processes
-    finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Application shutdown complete" in output
-    events = [json.loads(line).get("event") for line in output.splitlines() if line.startswith("{")]
+    assert run.process.returncode in (0, -signal.SIGTERM), run.output
+    assert "Application shutdown complete" in run.output
+    events = [json.loads(line).get("event") for line in run.output.splitlines() if line.startswith("{")]
     assert "cluster_attached" in events and "engine_closed" in events
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
