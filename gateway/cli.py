@@ -83,7 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.observability.logging import configure_logging
 
     configure_logging(settings)
-    run_server(create_app(settings), settings)
+    engine = None
+    if settings.cluster:
+        from gateway.cluster.remote_engine import build_remote_engine
+
+        engine = build_remote_engine(settings)
+    run_server(create_app(settings, engine=engine), settings)
     return 0
 
 
@@ -104,9 +109,14 @@ def run_server(app: Any, settings: Settings) -> None:
 
 
 def _check_weights(settings: Settings) -> None:
-    """Fail before the server starts when the configured weights cannot be had."""
-    if settings.engine == "fake":
-        return
+    """Fail before the server starts when the configured weights (or, in cluster mode, Ray
+    Serve and the replica bounds) cannot be had."""
+    if settings.cluster:
+        from gateway.cluster.options import check_cluster_settings
+
+        check_cluster_settings(settings)
+    if settings.engine == "fake" or settings.cluster not in (None, "local"):
+        return  # the engine replicas load the weights on their own nodes
     from gateway.engine.checkpoint.weights import resolve_weights
 
     resolve_weights(settings)

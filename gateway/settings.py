@@ -153,6 +153,32 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """On SIGTERM/SIGINT: how long open requests may take in total (seconds); what still runs
     then is cancelled."""
 
+    # --- Cluster mode (Ray Serve; the `cluster` extra) -----------------------------------
+    cluster: str | None = None
+    """Run the engine tier as Ray Serve replicas: "local" starts a Ray instance on this
+    machine, "auto" joins the Ray cluster this node belongs to, any other value is a Ray
+    address (host:port). Unset: the engine runs in this process."""
+    cluster_app_name: str = "chatterbox-engine"
+    """The Serve application that holds the engine replicas (shared by every HTTP process)."""
+    cluster_deploy: bool = True
+    """Deploy the engine application when the cluster has none of that name (else attach to
+    it as it is); off: only attach (to one from serve deploy or a RayService) and wait."""
+    cluster_min_replicas: Annotated[int, Meta(ge=0)] = 1
+    """Fewest engine replicas (0 lets autoscaling stop them all when idle)."""
+    cluster_max_replicas: PositiveInt = 1
+    """Most engine replicas; above cluster_min_replicas turns on autoscaling on ongoing requests."""
+    cluster_replica_gpus: Annotated[float, Meta(ge=0.0)] | None = None
+    """GPUs per engine replica. Default: 1 for the vllm engine or device cuda, else 0."""
+    cluster_replica_cpus: Annotated[float, Meta(ge=0.0)] = 1.0
+    """CPUs Ray reserves for each engine replica."""
+    cluster_max_ongoing_requests: Annotated[int, Meta(ge=0)] = 0
+    """Requests one replica takes at once (more wait in the router). 0: from the engine's
+    batch bounds (vllm: vllm_max_num_seqs; reference: 2; fake: max_in_flight)."""
+    cluster_max_queued_requests: PositiveInt = 64
+    """Requests this HTTP process lets wait for a replica slot; past it, 429 at once."""
+    cluster_health_period_s: Annotated[float, Meta(gt=0.0)] = 5.0
+    """How often Ray checks each replica (a replica failing it is replaced)."""
+
     # --- vLLM engine ------------------------------------------------------------------------
     vllm_max_num_seqs: PositiveInt = 128
     """vLLM: most sequences decoded in one batch."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -157,3 +160,52 @@ def live_encoders() -> set[str]:
     """Every encoder still alive in this process, whichever route runs it: FFmpeg children
     (zombies included) and in-process encoder threads. Empty once every stream is released."""
     return {f"ffmpeg pid {pid}" for pid in ffmpeg_children()} | {f"thread {name}" for name in encoder_threads()}
+
+
+@dataclass
+class CliRun:
+    process: subprocess.Popen[str]
+    base_url: str
+    output: str = ""
+    """All it printed (stdout and stderr), once it has stopped."""
+
+
+@contextmanager
+def cli_serve(
+    flags: list[str], cwd: Path, *, ready_timeout_s: float = 30.0, stop_timeout_s: float = 20.0, env: dict[str, str] | None = None
+) -> Iterator[CliRun]:
+    """``chatterbox-gateway serve FLAGS --port PORT`` as a user starts it, once ``/ready`` says
+    200; stopped with SIGTERM after (killed if it does not stop within ``stop_timeout_s``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("chatterbox-gateway", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "gateway"]
+    process = subprocess.Popen(
+        [*command, "serve", *flags, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+    run = CliRun(process=process, base_url=f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{run.base_url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
+        yield run
+    finally:
+        process.terminate()
+        try:
+            run.output, _ = process.communicate(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            run.output, _ = process.communicate()

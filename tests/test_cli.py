@@ -7,14 +7,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from harness import cli_serve
 
 from gateway.cli import build_parser, main, openapi_json, settings_from_args
 from gateway.settings import Settings
@@ -108,45 +108,12 @@ def test_openapi_command_writes_the_committed_document(tmp_path: Path) -> None:
 # --- the README, verbatim, against `chatterbox-gateway serve` -----------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def cli_server(tmp_path: Path):
     """`chatterbox-gateway serve --engine fake --port PORT` as a user would start it."""
-    port = free_port()
-    exe = shutil.which("chatterbox-gateway", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "gateway"]
-    process = subprocess.Popen(
-        [*command, "serve", "--engine", "fake", "--port", str(port), "--cache-dir", str(tmp_path / "cache")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise RuntimeError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
-        yield port
-    finally:
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+    with cli_serve(["--engine", "fake", "--cache-dir", str(tmp_path / "cache")], tmp_path) as run:
+        yield int(run.base_url.rsplit(":", 1)[1])
+    process, output = run.process, run.output
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output

@@ -39,6 +39,13 @@ def resolve_engine_name(settings: Settings) -> str:
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.cluster:
+        # gateway.cluster builds its engines with this factory (in each replica), so the
+        # cluster engine is made by its own module: gateway.cluster.remote_engine.
+        raise SettingsError(
+            "cluster mode's engine is gateway.cluster.remote_engine.build_remote_engine(settings); "
+            "pass it to create_app(settings, engine=...), as `serve --cluster` does."
+        )
     name = resolve_engine_name(settings)
     if name == "reference":
         from gateway.engine.reference.engine import ReferenceEngine
@@ -51,3 +58,4 @@ def build_engine(settings: Settings) -> Engine:
     from gateway.engine.fake import FakeEngine
 
     return FakeEngine()
+

@@ -6,7 +6,9 @@ vLLM engine asks ``AsyncLLM``, the in-process engines are healthy while the proc
 While the app runs, :func:`watch_engine` calls it every few seconds and, on the first
 failure, marks the engine failed: ``/ready`` then answers 503 and new speech requests get
 503 with Retry-After instead of hanging on a dead engine. A load balancer takes the instance
-out; an orchestrator restarts it.
+out; an orchestrator restarts it. The check goes on after a failure, and an engine that
+passes it again is ready again (the cluster engine, once Ray has replaced its replicas; a
+dead vLLM engine core keeps failing).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 
 import structlog
 
+from gateway.engine.base import Engine
 from gateway.server.services import AppServices
 
 HEALTH_INTERVAL_S = 2.0
@@ -33,24 +36,40 @@ async def check_engine(services: AppServices, *, timeout_s: float = HEALTH_TIMEO
     engine = services.engine
     if services.engine_state != "ready" or engine is None:
         return services.engine_state == "ready"
+    reason = await _failure(engine, timeout_s)
+    if reason is not None:
+        mark_engine_dead(services, reason)
+    return reason is None
+
+
+async def _failure(engine: Engine, timeout_s: float) -> str | None:
+    """Why the engine cannot serve, or None when its health check passes."""
     try:
         async with asyncio.timeout(timeout_s):
             await engine.check_health()
     except TimeoutError:
-        mark_engine_dead(services, f"health check did not answer within {timeout_s:g} s")
-        return False
+        return f"health check did not answer within {timeout_s:g} s"
     except Exception as exc:  # whatever the engine raises means it cannot serve
-        mark_engine_dead(services, f"{type(exc).__name__}: {exc}")
-        return False
-    return True
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 async def watch_engine(services: AppServices, *, interval_s: float | None = None) -> None:
     """Check the engine every ``interval_s`` (default HEALTH_INTERVAL_S) until cancelled
-    (app shutdown) or it dies."""
+    (app shutdown). An engine that died is still checked: one whose check passes again is
+    ready again."""
     while services.engine_state in ("loading", "ready"):
         await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
         if services.engine_state == "loading":
             continue  # nothing to check yet: an engine that loads for longer is watched once ready
         if not await check_engine(services):
+            await _watch_for_recovery(services, interval_s)
+
+
+async def _watch_for_recovery(services: AppServices, interval_s: float | None) -> None:
+    while services.engine_state == "failed" and services.engine is not None:
+        await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
+        if await _failure(services.engine, HEALTH_TIMEOUT_S) is None and services.engine_state == "failed":
+            services.engine_state, services.engine_error = "ready", None
+            structlog.get_logger("gateway.engine").info("engine_recovered")
             return

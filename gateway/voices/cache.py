@@ -4,7 +4,9 @@ Key: the SHA-256 of the clip's bytes and the engine's ``model_id``. The file has
 remembered per (path, mtime_ns, size), so a request for a known, unchanged clip costs one
 ``stat``. Lookup order: memory LRU -> ``<cache_dir>/<model>/<sha>.pt`` -> compute (in a
 worker thread). Concurrent requests for the same uncomputed voice share one computation
-(single flight); a requester that goes away does not cancel it for the others.
+(single flight); a requester that goes away does not cancel it for the others. Processes that
+share the cache directory (engine replicas on one volume) compute a voice once too: a lock
+file per voice, then the others load what the first wrote.
 
 The model's own voice (source "checkpoint") comes from ``engine.builtin_conditionals()``
 under the key ``checkpoint:<model_id>``; an engine without one makes that voice unknown
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,27 +106,43 @@ class VoiceCache:
             return conditionals
 
         path = self.dir / f"{key.rsplit(':', 1)[1]}.pt"
-        conditionals = await asyncio.to_thread(self._load, path)
-        if conditionals is not None:
-            self.disk_hits += 1
-        else:
-            try:
-                conditionals = await asyncio.to_thread(self.engine.compute_conditionals, info.clip)
-            except FileNotFoundError:
-                raise _gone(info) from None
-            except GatewayError:
-                raise  # e.g. a dropped-in clip that is not usable audio: a 400 naming the voice
-            except Exception as exc:
-                raise EngineError(
-                    f"Could not compute conditionals for voice '{info.name}': {type(exc).__name__}: {exc}"
-                ) from exc
-            self.computed += 1
-            if not _unchanged(info.clip, stat):
-                # The clip changed while we worked: these conditionals belong to neither
-                # version's hash. Serve this request, cache nothing.
-                return conditionals
-            await asyncio.to_thread(self._save, conditionals, path)
-        self._remember(key, conditionals)
+        conditionals, cacheable = await asyncio.to_thread(self._load_or_compute, info, path, stat)
+        if cacheable:
+            self._remember(key, conditionals)
+        return conditionals
+
+    def _load_or_compute(self, info: VoiceInfo, path: Path, stat: os.stat_result | None) -> tuple[Any, bool]:
+        """From disk, or computed and saved; blocking. Processes sharing the cache directory
+        (engine replicas on a shared volume) compute each voice once: the first takes the
+        voice's lock file and computes, the others wait on it and then load the file."""
+        conditionals = self._load(path)
+        if conditionals is None:
+            with _exclusive(path.with_name(f".{path.name}.lock"), self._log):
+                conditionals = self._load(path)
+                if conditionals is None:
+                    conditionals = self._compute(info)
+                    if not _unchanged(info.clip, stat):
+                        # The clip changed while we worked: these conditionals belong to neither
+                        # version's hash. Serve this request, cache nothing.
+                        return conditionals, False
+                    self._save(conditionals, path)
+                    return conditionals, True
+        self.disk_hits += 1
+        return conditionals, True
+
+    def _compute(self, info: VoiceInfo) -> Any:
+        assert info.clip is not None
+        try:
+            conditionals = self.engine.compute_conditionals(info.clip)
+        except FileNotFoundError:
+            raise _gone(info) from None
+        except GatewayError:
+            raise  # e.g. a dropped-in clip that is not usable audio: a 400 naming the voice
+        except Exception as exc:
+            raise EngineError(
+                f"Could not compute conditionals for voice '{info.name}': {type(exc).__name__}: {exc}"
+            ) from exc
+        self.computed += 1
         return conditionals
 
     def _remember(self, key: str, conditionals: Any) -> None:
@@ -169,6 +190,32 @@ class VoiceCache:
         if _unchanged(clip, stat):  # only remember a hash we know matches that (mtime, size)
             self._hashes[clip] = (stat.st_mtime_ns, stat.st_size, sha)
         return sha
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, log: Any) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (NFSv4 and EFS honour it across hosts),
+    removed on the way out. Where the directory cannot hold a lock file or the filesystem has
+    no locks, go on without: the atomic rename keeps the files whole, a voice may then be
+    computed twice. (A waiter left holding a removed file's lock only re-reads the finished
+    file; two may compute only after the holder failed to.)"""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.warning("voice_cache_lock_unavailable", path=str(lock_path), error=f"{type(exc).__name__}: {exc}")
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("voice_cache_lock_unavailable", path=str(lock_path), error=f"{type(exc).__name__}: {exc}")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(fd)  # releases the lock
 
 
 def _stat(info: VoiceInfo) -> os.stat_result:

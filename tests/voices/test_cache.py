@@ -224,3 +224,17 @@ async def test_with_the_fake_engine_and_the_shipped_voices(tmp_path: Path) -> No
     assert default.key == f"checkpoint:{engine.model_id}"
     await VoiceCache(engine, tmp_path / "cache", 8).get(library.get("nova"))
     assert engine.conditionals_computed == 1  # restart: from disk
+
+
+async def test_caches_sharing_a_directory_compute_a_voice_once(tmp_path: Path) -> None:
+    """Two caches over one directory (two engine replicas on a shared volume): one computes,
+    the other waits on the voice's lock file and loads the result."""
+    info = clip_voice(tmp_path / "a.wav", b"clip")
+    one, two = CountingEngine(compute_s=0.3), CountingEngine(compute_s=0.3)
+    first, second = VoiceCache(one, tmp_path / "cache", 4), VoiceCache(two, tmp_path / "cache", 4)
+    v1, v2 = await asyncio.gather(first.get(info), second.get(info))
+    assert v1.conditionals == v2.conditionals
+    assert len(one.computed) + len(two.computed) == 1
+    assert first.disk_hits + second.disk_hits == 1
+    folder = tmp_path / "cache" / model_dir_name("counting-model")
+    assert sorted(p.name for p in folder.iterdir()) == [f"{v1.key.split(':')[1]}.pt"]  # the lock is gone
