@@ -44,6 +44,9 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(limits),
+        # The connection guard and the accept() log limit are built on asyncio's own loop and
+        # transports; uvloop (which Ray's extra pulls in) would be picked by "auto" otherwise.
+        loop="asyncio",
         log_config=None,  # configure_logging owns the handlers
         access_log=False,  # one canonical line per request comes from the app
         lifespan="on",
