@@ -53,6 +53,8 @@ class Family:
     tokenizer_files: tuple[str, ...]
     extra_files: tuple[str, ...] = ()
     """Needed by the text front end besides the tokenizer (Multilingual: Cangjie table)."""
+    optional_files: tuple[str, ...] = ()
+    """Downloaded when the repository has them; a checkpoint directory may lack them."""
     front_end: FrontEnd = "english"
     languages: tuple[str, ...] = ("en",)
     tags: tuple[str, ...] = ()
@@ -114,7 +116,8 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
             t3_file="t3_turbo_v1.safetensors",
             s3gen_file="s3gen_meanflow.safetensors",
             ve_file="ve.safetensors",
-            tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
+            tokenizer_files=("vocab.json", "merges.txt", "tokenizer_config.json"),
+            optional_files=("added_tokens.json", "special_tokens_map.json", "tokenizer.json"),
             front_end="gpt2",
             tags=TURBO_TAGS,
             honoured=("temperature", "top_p", "repetition_penalty", "seed"),

@@ -81,7 +81,7 @@ def test_hub_snapshot_in_the_cache_is_used_offline(tmp_path: Path, monkeypatch: 
     _write_checkpoint(snapshot)
     assert cached_snapshot(settings) == snapshot
     assert resolve_weights(settings) == snapshot.resolve()
-    assert download_weights(settings) == snapshot
+    assert download_weights(settings) == [snapshot]
 
     (snapshot / "tokenizer.json").unlink()  # incomplete snapshot: not used
     assert cached_snapshot(settings) is None
