@@ -30,17 +30,17 @@ def resolve_engine_name(settings: Settings) -> str:
     """
     if settings.engine == "auto":
         return "vllm" if vllm_available() and settings.models == (ORIGINAL,) else "reference"
-    if settings.engine == "vllm" and not vllm_available():
-        missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
-        raise SettingsError(
-            f"--engine vllm needs {missing}. Install the GPU extra (pip install "
-            "'chatterbox-gateway[gpu]') on a CUDA machine, or use --engine reference."
-        )
     if settings.engine == "vllm" and settings.models != (ORIGINAL,):
         others = ", ".join(name for name in settings.models if name != ORIGINAL)
         raise SettingsError(
             f"--engine vllm serves only {ORIGINAL} so far; {others} run on --engine reference "
             "(or leave --engine auto, which picks it for these models)."
+        )
+    if settings.engine == "vllm" and not vllm_available():
+        missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
+        raise SettingsError(
+            f"--engine vllm needs {missing}. Install the GPU extra (pip install "
+            "'chatterbox-gateway[gpu]') on a CUDA machine, or use --engine reference."
         )
     return settings.engine
 
