@@ -24,7 +24,7 @@ from harness import serve_on_loopback
 pytestmark = pytest.mark.slow
 
 
-def _serve(model: str, root: Path) -> Iterator[str]:
+def _serve(model: str, root: Path, max_speech_tokens: int) -> Iterator[str]:
     import torch
 
     torch.set_num_threads(2)
@@ -36,7 +36,7 @@ def _serve(model: str, root: Path) -> Iterator[str]:
         load_format="dummy",
         cache_dir=default_cache,  # the dummy checkpoint: once per machine
         voices_dir=str(root / "voices"),
-        max_speech_tokens=8,
+        max_speech_tokens=max_speech_tokens,
         flow_steps=2,
         log_format="json",
     )
@@ -47,16 +47,16 @@ def _serve(model: str, root: Path) -> Iterator[str]:
 
 @pytest.fixture
 def turbo_server(tmp_path: Path) -> Iterator[str]:
-    yield from _serve("chatterbox-turbo", tmp_path)
+    yield from _serve("chatterbox-turbo", tmp_path, 8)
 
 
 @pytest.fixture
 def multilingual_server(tmp_path: Path) -> Iterator[str]:
-    yield from _serve("chatterbox-multilingual", tmp_path)
+    yield from _serve("chatterbox-multilingual", tmp_path, 4)  # a Llama step with CFG costs most
 
 
 def _client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
 def test_turbo_speaks_tags_through_the_sdk(turbo_server: str, valid_audio) -> None:
@@ -86,7 +86,7 @@ def test_multilingual_speaks_a_detected_language_through_the_sdk(multilingual_se
         response_format="mp3",
         extra_body={"seed": 2},
     )
-    assert valid_audio(response.content, "mp3").duration_s < 1.5
+    assert valid_audio(response.content, "mp3").duration_s < 1.0
     response = client.audio.speech.create(
         model="chatterbox-multilingual", input="你好。", voice="james", response_format="flac", extra_body={"language": "zh", "seed": 2}
     )
