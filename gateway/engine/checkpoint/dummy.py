@@ -78,27 +78,10 @@ def materialize_dummy_checkpoint(settings: Settings, family: Family = FAMILIES[O
 
 def tokenizer_json() -> str:
     """A ``tokenizers`` BPE tokenizer.json with exactly :data:`ENGLISH_VOCAB_SIZE` entries."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from gateway.engine.checkpoint.dummy_text import grapheme_tokenizer_json
 
-    vocab: dict[str, int] = {}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    for char in string.printable[:94]:  # digits, letters, punctuation (no whitespace)
-        vocab[char] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    pairs = ((a, b) for a in string.ascii_lowercase for b in string.ascii_lowercase)
-    while len(vocab) < ENGLISH_VOCAB_SIZE:
-        if len(vocab) == START_TEXT_ID:
-            vocab["[START]"] = START_TEXT_ID
-            continue
-        a, b = next(pairs)
-        merges.append((a, b))
-        vocab[a + b] = len(vocab)
-    assert len(vocab) == ENGLISH_VOCAB_SIZE and vocab["[START]"] == START_TEXT_ID and vocab["[STOP]"] == 0
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(t) for t in (*SPECIAL_TOKENS, "[START]")])
-    return tokenizer.to_str()
+    tokens = [*SPECIAL_TOKENS, *string.printable[:94]]  # digits, letters, punctuation (no whitespace)
+    return grapheme_tokenizer_json(tokens, ENGLISH_VOCAB_SIZE, SPECIAL_TOKENS, string.ascii_lowercase)
 
 
 def synthetic_clip(seed: int, seconds: float = DUMMY_CLIP_SECONDS, sample_rate: int = 24_000):

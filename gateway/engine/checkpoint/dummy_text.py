@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import string
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from gateway.models.families import MULTILINGUAL_LANGUAGES, TURBO_TAGS
@@ -60,31 +61,41 @@ def write_turbo_tokenizer(directory: Path) -> None:
     tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
 
 
-def multilingual_tokenizer_json() -> str:
+def grapheme_tokenizer_json(tokens: Iterable[str], size: int, specials: Sequence[str], pair_alphabet: str) -> str:
+    """A ``tokenizers`` BPE tokenizer.json of exactly ``size`` entries laid out like upstream's
+    grapheme tokenizers: ``tokens`` in order (``[STOP]`` first), ``[START]`` at id 255, then
+    letter pairs of ``pair_alphabet`` as merges until ``size``; ``specials`` are added tokens."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        if len(vocab) == START_TEXT_ID:
+            vocab["[START]"] = START_TEXT_ID
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    pairs = ((a, b) for a in pair_alphabet for b in pair_alphabet)
+    while len(vocab) < size:
+        if len(vocab) == START_TEXT_ID:
+            vocab["[START]"] = START_TEXT_ID
+            continue
+        a, b = next(pairs)
+        merges.append((a, b))
+        vocab[a + b] = len(vocab)
+    assert len(vocab) == size and vocab["[START]"] == START_TEXT_ID and vocab["[STOP]"] == 0
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(t) for t in (*specials, "[START]")])
+    return tokenizer.to_str()
+
+
+def multilingual_tokenizer_json() -> str:
     specials = [*_SPECIAL, *(f"[{code}]" for code in MULTILINGUAL_LANGUAGES)]
     specials += [f"[cj_{c}]" for c in string.ascii_lowercase + string.digits + "."]
     letters = [*string.printable[:94]]
     ranges = ((0xC0, 0x17F), (0x300, 0x36F), (0x391, 0x3CE), (0x400, 0x44F), (0x5D0, 0x5EA), (0x620, 0x64A),
               (0x900, 0x97F), (0x3041, 0x3096), (0x30A1, 0x30FA), (0x1100, 0x1112), (0x1161, 0x1175), (0x11A8, 0x11C2))  # fmt: skip
     letters += [chr(c) for start, end in ranges for c in range(start, end + 1)]
-    vocab: dict[str, int] = {}
-    for token in itertools.chain(specials, letters):
-        if len(vocab) == START_TEXT_ID:
-            vocab["[START]"] = START_TEXT_ID
-        vocab.setdefault(token, len(vocab))
-    merges = []
-    pairs = ((a, b) for a in string.ascii_letters for b in string.ascii_letters)
-    while len(vocab) < MULTILINGUAL_VOCAB:
-        a, b = next(pairs)
-        merges.append((a, b))
-        vocab[a + b] = len(vocab)
-    assert len(vocab) == MULTILINGUAL_VOCAB and vocab["[START]"] == START_TEXT_ID and vocab["[STOP]"] == 0
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(t) for t in (*specials, "[START]")])
-    return tokenizer.to_str()
+    return grapheme_tokenizer_json([*specials, *letters], MULTILINGUAL_VOCAB, specials, string.ascii_letters)
 
 
 def cangjie_table_json() -> str:
