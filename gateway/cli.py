@@ -3,7 +3,7 @@
 - ``serve``: start the server. Every setting is a flag (``--load-format dummy``, ``--port``,
   ...) over the ``CHATTERBOX_*`` environment. Weights are checked before anything starts, so
   a machine without Hub access fails at once with a message saying what to do.
-- ``download``: fetch the pinned weights into the cache ahead of time.
+- ``download``: fetch the pinned weights of every model in ``--models`` into the cache ahead of time.
 - ``openapi``: write the OpenAPI document (no engine, no lifespan).
 """
 
@@ -118,16 +118,18 @@ def _check_weights(settings: Settings) -> None:
     if settings.engine == "fake" or settings.cluster not in (None, "local"):
         return  # the engine replicas load the weights on their own nodes
     from gateway.engine.checkpoint.weights import resolve_weights
+    from gateway.models.families import FAMILIES
 
-    resolve_weights(settings)
+    for name in settings.models:
+        resolve_weights(settings, FAMILIES[name])
 
 
 def _download(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     from gateway.engine.checkpoint.weights import download_weights
 
-    path = download_weights(settings)
-    print(path)
+    for path in download_weights(settings):
+        print(path)
     return 0
 
 

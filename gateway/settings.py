@@ -77,6 +77,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Longest a client may leave one response write pending (stop reading); then the response
     is abandoned like a disconnect: engine job dropped, encoder killed, slot released."""
 
+    # --- Models -----------------------------------------------------------------------------
+    models: tuple[str, ...] = ("chatterbox",)
+    """Model families to load: chatterbox, chatterbox-turbo, chatterbox-multilingual (comma
+    separated). Each costs its load time and memory; see docs/models.md."""
+    model_aliases: tuple[str, ...] = ()
+    """Extra or changed model names, as alias=family entries (e.g. tts-1=chatterbox). Defaults:
+    tts-1 -> turbo, tts-1-hd -> chatterbox, gpt-4o-mini-tts -> multilingual, each when loaded."""
+
     # --- Engine and weights -----------------------------------------------------------------
     engine: Literal["auto", "reference", "vllm", "fake"] = "auto"
     """auto: vllm when CUDA and vLLM are importable, else reference."""
@@ -86,9 +94,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """hub: download from the Hugging Face Hub; local: read ``model_path``; dummy: the real
     architecture with random weights (tests, benchmarks, machines without the Hub)."""
     model_path: str | None = None
-    """A local checkpoint folder (with load_format local)."""
+    """--load-format local: the chatterbox (original) checkpoint directory."""
+    turbo_model_path: str | None = None
+    """--load-format local: the chatterbox-turbo checkpoint directory."""
+    multilingual_model_path: str | None = None
+    """--load-format local: the chatterbox-multilingual files (default: ``model_path``, as on
+    the Hub both live in one repository)."""
     hf_repo: str = DEFAULT_HF_REPO
-    """Hugging Face Hub repository of the weights (with load_format hub)."""
+    """The original model's Hub repository (the other families' are pinned in the registry)."""
     hf_revision: str = DEFAULT_HF_REVISION
     """Hub revision (commit) of the weights: pinned, never a moving branch."""
     cache_dir: str = msgspec.field(default_factory=_default_cache_dir)
@@ -213,6 +226,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     tokens already waiting takes up to this many at once: every window re-runs the vocoder's
     flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
 
+    def __post_init__(self) -> None:
+        from gateway.models.families import FAMILIES
+        from gateway.speech.model_names import parse_alias_overrides
+
+        if not self.models:
+            raise ValueError("models must name at least one model family")
+        unknown = [name for name in self.models if name not in FAMILIES]
+        if unknown or len(set(self.models)) != len(self.models):
+            raise ValueError(
+                f"models {','.join(self.models)!r}: each of {', '.join(FAMILIES)} at most once"
+            )
+        parse_alias_overrides(self.model_aliases, self.models)
+
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"
 
@@ -233,7 +259,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         return frozenset(keys)
 
 
-_TUPLE_FIELDS = {"api_keys", "cors_origins"}
+_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases"}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:

@@ -72,6 +72,30 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
     assert "serve" in capsys.readouterr().out
 
 
+def test_models_and_aliases_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("CHATTERBOX_"):
+            monkeypatch.delenv(key)
+    args = ["serve", "--models", "chatterbox-turbo,chatterbox", "--model-aliases", "house=chatterbox-turbo"]
+    settings = settings_from_args(build_parser().parse_args(args))
+    assert settings.models == ("chatterbox-turbo", "chatterbox")
+    assert settings.model_aliases == ("house=chatterbox-turbo",)
+    assert Settings().models == ("chatterbox",)  # the default start loads only the original
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--models", "chatterbox,chatterbox-xl"], "each of chatterbox, chatterbox-turbo, chatterbox-multilingual"),
+        (["--models", "chatterbox", "--model-aliases", "tts-1=chatterbox-turbo"], "not loaded"),
+    ],
+)
+def test_unknown_models_or_aliases_fail_fast_without_traceback(flags: list[str], expected: str) -> None:
+    result = run_cli("serve", "--engine", "fake", *flags)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
 def test_invalid_setting_fails_fast_without_traceback() -> None:
     result = run_cli("serve", "--engine", "fake", env={"CHATTERBOX_PORT": "99999"})
     assert result.returncode == 2

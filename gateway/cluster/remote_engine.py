@@ -36,6 +36,7 @@ from gateway.cluster.replica import EngineFactory, ReplicaInfo
 from gateway.cluster.voice_refs import VoiceRef, load_ref, save_ref
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, OverloadedError
+from gateway.models.families import ORIGINAL
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class RemoteEngine(Engine):
         """What replicas build (default: gateway.engine.factory.build_engine); used when deploying."""
         self.name = "cluster"
         self.model_id = "cluster"
+        self.models: tuple[str, ...] = tuple(settings.models)
         self._handle: DeploymentHandle | None = None
         self._count: Callable[[str], int] = len
         self._per_replica = 1
@@ -77,6 +79,7 @@ class RemoteEngine(Engine):
         # Its own namespace: this tier's cache holds references, the replicas' the conditionals.
         self.name = f"cluster:{info.engine}"
         self.model_id = f"cluster:{info.model_id}"
+        self.models = info.models
         self.sample_rate = info.sample_rate
         self._builtin = info.has_builtin_voice
         self._count = info.count_text_tokens
@@ -109,23 +112,28 @@ class RemoteEngine(Engine):
 
     # --- voices: references here, conditionals on the replicas ----------------------------
 
-    def compute_conditionals(self, clip: Path) -> VoiceRef:
+    def weights_id(self, model: str) -> str:
+        return self.model_id if model == self.models[0] else f"{self.model_id}/{model}"
+
+    def compute_conditionals(self, clip: Path, model: str = ORIGINAL) -> VoiceRef:
         """Blocking (called in a worker thread): one replica makes the conditionals and
         leaves them in the shared cache for all."""
         ref = VoiceRef(clip=str(Path(clip).resolve()))
-        return self._blocking(lambda handle: handle.prepare_voice.remote(ref))
+        return self._blocking(lambda handle: handle.prepare_voice.remote(ref, model))
 
     def save_conditionals(self, conditionals: Any, path: Path) -> None:
         save_ref(conditionals, path)
 
-    def load_conditionals(self, path: Path) -> VoiceRef:
+    def load_conditionals(self, path: Path, model: str = ORIGINAL) -> VoiceRef:
         return load_ref(path)
 
-    def builtin_conditionals(self) -> VoiceRef | None:
+    def builtin_conditionals(self, model: str = ORIGINAL) -> VoiceRef | None:
         return VoiceRef(clip=None) if self._builtin else None
 
-    def count_text_tokens(self, text: str) -> int:
-        return self._count(text)
+    def count_text_tokens(self, text: str, model: str = ORIGINAL, language: str = "en") -> int:
+        # the replicas' counter is their first family's tokenizer; other families' tokenizers
+        # (GPT-2, multilingual front ends) do not travel: their usage counts characters
+        return self._count(text) if model == self.models[0] else len(text)
 
     def _blocking(self, call: Callable[[DeploymentHandle], Any]) -> Any:
         handle = self._ready()

@@ -35,6 +35,7 @@ from gateway.cluster.options import max_ongoing_requests
 from gateway.cluster.voice_refs import VoiceRef
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob, Voice
 from gateway.engine.factory import build_engine
+from gateway.models.families import ORIGINAL
 from gateway.settings import Settings
 from gateway.voices.cache import VoiceCache
 
@@ -50,6 +51,8 @@ class ReplicaInfo:
     pid: int
     engine: str
     model_id: str
+    models: tuple[str, ...]
+    """The model families the replica's engine loaded (the same settings everywhere)."""
     sample_rate: int
     has_builtin_voice: bool
     count_text_tokens: Callable[[str], int]
@@ -110,15 +113,16 @@ class EngineReplica:
             pid=os.getpid(),
             engine=self.engine.name,
             model_id=self.engine.model_id,
+            models=tuple(self.engine.models),
             sample_rate=self.engine.sample_rate,
             has_builtin_voice=self.engine.builtin_conditionals() is not None,
             count_text_tokens=portable_token_counter(self.engine),
             max_ongoing_requests=max_ongoing_requests(self.settings),
         )
 
-    async def prepare_voice(self, ref: VoiceRef) -> VoiceRef:
+    async def prepare_voice(self, ref: VoiceRef, model: str = ORIGINAL) -> VoiceRef:
         # errors name the clip's file: the HTTP tier knows the voice's name, not the replica
-        voice = await self.voices.get(ref.info(Path(ref.clip).name if ref.clip else "default"))
+        voice = await self.voices.get(ref.info(Path(ref.clip).name if ref.clip else "default"), model)
         return dataclasses.replace(ref, sha=voice.key.rsplit(":", 1)[1] if ref.clip else None)
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
@@ -144,7 +148,7 @@ class EngineReplica:
         ref = job.voice.conditionals
         if not isinstance(ref, VoiceRef):
             raise TypeError(f"a job's voice must arrive as a VoiceRef, got {type(ref).__name__}")
-        voice = await self.voices.get(ref.info(job.voice.name))
+        voice = await self.voices.get(ref.info(job.voice.name), job.model)
         return dataclasses.replace(job, voice=Voice(name=job.voice.name, key=voice.key, conditionals=voice.conditionals))
 
     async def check_health(self) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from gateway.models.families import ORIGINAL
+
 SAMPLE_RATE = 24_000
 SPEECH_TOKENS_PER_SECOND = 25
 
@@ -54,6 +56,10 @@ class SynthesisJob:
     chunks: tuple[str, ...]
     voice: Voice
     params: GenerationParams = field(default_factory=GenerationParams)
+    model: str = ORIGINAL
+    """The model family (registry id) to speak with: one of the engine's ``models``."""
+    language: str = "en"
+    """ISO 639-1, already validated against the family's languages."""
     streaming: bool = False
     """True when the client reads the audio as it is produced (favour a fast first chunk)."""
 
@@ -97,8 +103,10 @@ class Engine(Protocol):
     name: str
     """Implementation name: "reference", "vllm" or "fake"."""
     model_id: str
-    """Identity of the loaded model and weights; namespaces cached voice conditionals."""
+    """Identity of the loaded model and weights (of the first family loaded)."""
     sample_rate: int
+    models: tuple[str, ...]
+    """The model families loaded (registry ids); a job names one of them."""
 
     async def start(self) -> None:
         """Load weights and warm up. Slow; runs in the app lifespan, never at import."""
@@ -106,17 +114,21 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Cancel outstanding work and release the device."""
 
-    def compute_conditionals(self, clip: Path) -> Any:
+    def weights_id(self, model: str) -> str:
+        """Identity of one family's weights: voice conditionals are cached under it, as the
+        families compute different conditionals from the same clip."""
+
+    def compute_conditionals(self, clip: Path, model: str = ORIGINAL) -> Any:
         """Voice conditionals from a reference clip. Blocking: call it in a worker thread."""
 
     def save_conditionals(self, conditionals: Any, path: Path) -> None: ...
 
-    def load_conditionals(self, path: Path) -> Any: ...
+    def load_conditionals(self, path: Path, model: str = ORIGINAL) -> Any: ...
 
-    def builtin_conditionals(self) -> Any | None:
-        """The checkpoint's own voice (``conds.pt``), or None when it has none."""
+    def builtin_conditionals(self, model: str = ORIGINAL) -> Any | None:
+        """The family checkpoint's own voice (``conds.pt``), or None when it has none."""
 
-    def count_text_tokens(self, text: str) -> int: ...
+    def count_text_tokens(self, text: str, model: str = ORIGINAL, language: str = "en") -> int: ...
 
     def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         """Audio for the job's chunks, in order, as it is produced. Closing the iterator

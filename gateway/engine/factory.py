@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from gateway.engine.base import Engine
+from gateway.models.families import ORIGINAL
 from gateway.settings import Settings, SettingsError
 
 
@@ -28,7 +29,13 @@ def resolve_engine_name(settings: Settings) -> str:
     asked for on a machine that cannot run it.
     """
     if settings.engine == "auto":
-        return "vllm" if vllm_available() else "reference"
+        return "vllm" if vllm_available() and settings.models == (ORIGINAL,) else "reference"
+    if settings.engine == "vllm" and settings.models != (ORIGINAL,):
+        others = ", ".join(name for name in settings.models if name != ORIGINAL)
+        raise SettingsError(
+            f"--engine vllm serves only {ORIGINAL} so far; {others} run on --engine reference "
+            "(or leave --engine auto, which picks it for these models)."
+        )
     if settings.engine == "vllm" and not vllm_available():
         missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
         raise SettingsError(

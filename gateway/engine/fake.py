@@ -20,6 +20,7 @@ import numpy as np
 
 from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, Engine, SynthesisJob
 from gateway.errors import EngineError
+from gateway.models.families import FAMILIES, ORIGINAL
 
 SAMPLES_PER_TOKEN = SAMPLE_RATE // SPEECH_TOKENS_PER_SECOND
 # The fake speaks this many tokens per input character (then bounded by max_speech_tokens).
@@ -38,12 +39,15 @@ class FakeEngine(Engine):
         self,
         *,
         model_id: str = "fake-chatterbox",
+        models: tuple[str, ...] = tuple(FAMILIES),
         start_delay_s: float = 0.0,
         piece_delay_s: float = 0.0,
         fail_start: Exception | None = None,
         fail_after_pieces: int | None = None,
     ) -> None:
         self.model_id = model_id
+        self.models = models
+        """Families it speaks (all, by default: which are *loaded* is the server's setting)."""
         self.start_delay_s = start_delay_s
         self.piece_delay_s = piece_delay_s
         self.fail_start = fail_start
@@ -71,25 +75,28 @@ class FakeEngine(Engine):
 
     # --- voices: real files in, real files out ------------------------------------------------
 
-    def compute_conditionals(self, clip: Path) -> dict[str, Any]:
+    def weights_id(self, model: str) -> str:
+        return self.model_id if model == ORIGINAL else f"{self.model_id}/{model}"
+
+    def compute_conditionals(self, clip: Path, model: str = ORIGINAL) -> dict[str, Any]:
         data = Path(clip).read_bytes()
         if not data:
             raise ValueError(f"voice clip {clip} is empty")
         self.conditionals_computed += 1
-        return {"digest": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return {"digest": hashlib.sha256(data).hexdigest(), "size": len(data), "model": model}
 
     def save_conditionals(self, conditionals: Any, path: Path) -> None:
         Path(path).write_text(json.dumps(conditionals), encoding="utf-8")
 
-    def load_conditionals(self, path: Path) -> Any:
+    def load_conditionals(self, path: Path, model: str = ORIGINAL) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
-    def builtin_conditionals(self) -> dict[str, Any]:
-        return {"digest": "fake-builtin", "size": 0}
+    def builtin_conditionals(self, model: str = ORIGINAL) -> dict[str, Any]:
+        return {"digest": "fake-builtin", "size": 0, "model": model}
 
     # --- synthesis ------------------------------------------------------------------------------
 
-    def count_text_tokens(self, text: str) -> int:
+    def count_text_tokens(self, text: str, model: str = ORIGINAL, language: str = "en") -> int:
         return len(text)
 
     def speech_tokens_for(self, text: str, max_speech_tokens: int) -> int:

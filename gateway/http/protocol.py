@@ -42,13 +42,19 @@ class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         Meta(
             min_length=1,
             max_length=256,
-            description="`chatterbox`, or an OpenAI name: `tts-1`, `tts-1-hd`, `gpt-4o-mini-tts` "
-            "(dated variants too). See GET /v1/models.",
+            description="A loaded model (`chatterbox`, `chatterbox-turbo`, `chatterbox-multilingual`) or an "
+            "alias: `tts-1` (Turbo when loaded), `tts-1-hd`, `gpt-4o-mini-tts` (Multilingual when loaded; "
+            "dated variants too). See GET /v1/models for what this server has loaded.",
         ),
     ]
     input: Annotated[
         str,
-        Meta(min_length=1, max_length=MAX_INPUT_CHARS, description="Text to speak: 1 to 4096 characters, not blank."),
+        Meta(
+            min_length=1,
+            max_length=MAX_INPUT_CHARS,
+            description="Text to speak: 1 to 4096 characters, not blank. Paralinguistic tags such as `[laugh]`, "
+            "`[cough]`, `[sigh]` are voiced by chatterbox-turbo and removed for the other models.",
+        ),
     ]
     voice: Annotated[
         Annotated[str, Meta(max_length=MAX_VOICE_CHARS)] | VoiceRef,
@@ -72,6 +78,15 @@ class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         StreamFormat,
         Meta(description="`audio`: the audio bytes, chunked. `sse`: server-sent events with base64 audio."),
     ] = "audio"
+
+    language: Annotated[
+        Annotated[str, Meta(min_length=2, max_length=16)] | None,
+        Meta(
+            description="ISO 639-1 code of the input's language (`extra_body` in the OpenAI SDK). "
+            "chatterbox-multilingual: one of its 23 languages, detected from the input when absent. "
+            "The English models take only `en`."
+        ),
+    ] = None
 
     # Chatterbox controls (the OpenAI SDK sends these through `extra_body`). Null or absent:
     # the engine default. The outer Annotated carries the description, so that the OpenAPI
@@ -126,11 +141,24 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorDetail
 
 
-class ModelCard(msgspec.Struct):
+class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """OpenAI's model object, plus what a Chatterbox family supports. An alias carries
+    ``root``: the loaded model it stands for. (``object`` has no default so that
+    ``omit_defaults`` keeps it.)"""
+
     id: str
     created: int
     owned_by: str
-    object: Literal["model"] = "model"
+    object: Literal["model"]
+    root: str | None = None
+    description: str | None = None
+    languages: list[str] | None = None
+    controls: list[str] | None = None
+    """Request controls this model honours."""
+    ignored_controls: list[str] | None = None
+    """Controls it accepts and ignores."""
+    tags: list[str] | None = None
+    """Paralinguistic tags it voices (others are removed from the input)."""
 
 
 class ModelList(msgspec.Struct):

@@ -81,20 +81,24 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
 
 
 class _LinesToLog(io.TextIOBase):
-    """A text stream whose complete lines become ``info`` events of ``logger``."""
+    """A text stream whose complete lines, written by the thread that created it, become
+    ``info`` events of ``logger``. Other threads' writes pass straight to ``fallback``: while
+    ``sys.stdout`` is swapped, a server thread's own log line (a logger printing to stdout)
+    must not be turned into another log line under that logger's write lock (a deadlock)."""
 
     def __init__(self, logger: Any, fallback: TextIO) -> None:
         self._logger = logger
         self._fallback = fallback
         self._pending = ""
         self._busy = threading.local()
+        self._owner = threading.get_ident()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        if getattr(self._busy, "active", False):  # a logger that itself prints to stdout
-            return self._fallback.write(text)
+        if getattr(self._busy, "active", False) or threading.get_ident() != self._owner:
+            return self._fallback.write(text)  # a logger that prints to stdout, or another thread
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:

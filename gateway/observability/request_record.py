@@ -34,6 +34,11 @@ class RequestRecord:
 
     route: str = ""
     model: str | None = None
+    family: str | None = None
+    """The loaded model family the requested name resolved to."""
+    language: str | None = None
+    ignored_controls: tuple[str, ...] = ()
+    """Controls the request sent that its model family accepts and ignores."""
     voice: str | None = None
     response_format: str | None = None
     stream_format: str | None = None
@@ -127,6 +132,8 @@ def finish_request(
     if is_speech:
         fields.update(
             model=record.model,
+            family=record.family,
+            language=record.language,
             voice=record.voice,
             format=record.response_format,
             stream_format=record.stream_format,
@@ -134,6 +141,8 @@ def finish_request(
             audio_s=round(record.audio_seconds, 3),
             ttfb_ms=None if ttfb_s is None else round(ttfb_s * 1000, 1),
         )
+        if record.ignored_controls:
+            fields["ignored_controls"] = list(record.ignored_controls)
         if record.queued_s:
             fields["queued_ms"] = round(record.queued_s * 1000, 1)
     if record.error:

@@ -14,6 +14,7 @@ from gateway.speech.admission import AdmissionController
 from gateway.engine.base import Engine, EngineState
 from gateway.errors import EngineUnavailableError
 from gateway.settings import Settings
+from gateway.speech.model_names import ModelNames
 
 if TYPE_CHECKING:
     from gateway.observability.metrics import GatewayMetrics
@@ -30,6 +31,8 @@ class AppServices:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.model_names = ModelNames(settings.models, settings.model_aliases)
+        """The loaded model families and the names (aliases) that reach them."""
         self.engine: Engine | None = None
         self.engine_state: EngineState = "loading"
         self.engine_error: str | None = None

@@ -36,6 +36,7 @@ from gateway.audio.encoder import CONTENT_TYPES, encode_audio
 from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
 from gateway.errors import EncoderError, GatewayError, InvalidRequestError, RequestTimeoutError, VoiceNotFoundError
 from gateway.http.errors import error_response
+from gateway.models.families import Family
 from gateway.http.protocol import (
     CONTROL_FIELDS,
     SpeechAudioDelta,
@@ -49,7 +50,8 @@ from gateway.observability.request_record import RequestRecord, current_record
 from gateway.server.services import AppServices
 from gateway.settings import Settings
 from gateway.speech.admission import next_within, within_deadline
-from gateway.speech.model_names import resolve_model
+from gateway.speech.languages import resolve_language
+from gateway.speech.tags import protect, remove_tags, restore
 from gateway.speech.text import split_text
 
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -91,12 +93,33 @@ class _Usage:
     output_tokens: int = 0
 
 
-def generation_params(request: SpeechRequest, settings: Settings) -> GenerationParams:
-    """The request's Chatterbox controls over the engine defaults, bounded by the settings."""
-    given: dict[str, Any] = {
-        name: getattr(request, name) for name in CONTROL_FIELDS if getattr(request, name) is not None
-    }
+def generation_params(request: SpeechRequest, settings: Settings, family: Family) -> GenerationParams:
+    """The request's controls that ``family`` honours over the family's defaults (upstream's),
+    bounded by the settings. Controls it cannot honour are dropped: see :func:`ignored_controls`."""
+    given: dict[str, Any] = dict(family.defaults)
+    given.update(
+        (name, getattr(request, name))
+        for name in CONTROL_FIELDS
+        if name in family.honoured and getattr(request, name) is not None
+    )
     return GenerationParams(**given, max_speech_tokens=settings.max_speech_tokens)
+
+
+def ignored_controls(request: SpeechRequest, family: Family) -> tuple[str, ...]:
+    """Controls the request set that ``family`` accepts and ignores (for the log line)."""
+    return tuple(name for name in family.ignored if getattr(request, name) is not None)
+
+
+def speech_chunks(text: str, family: Family, max_chars: int) -> tuple[str, ...]:
+    """The input as the family's chunks: its paralinguistic tags kept whole (normalisation and
+    cuts never touch them), other families' tags removed."""
+    if not family.tags:
+        text = remove_tags(text)
+        if not text.strip():
+            raise InvalidRequestError(
+                f"'input' holds only paralinguistic tags, which the model '{family.id}' does not voice.", param="input"
+            )
+    return tuple(restore(chunk) for chunk in split_text(protect(text, family.tags), max_chars))
 
 
 async def prepare_speech(services: AppServices, request: SpeechRequest, request_id: str) -> PreparedSpeech:
@@ -107,15 +130,23 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     record.model, record.voice = request.model, request.voice_name
     record.response_format, record.stream_format = request.response_format, request.stream_format
     record.input_chars = len(request.input)
-    resolve_model(request.model)
+    family = services.model_names.resolve(request.model)
+    record.family = family.id
+    record.ignored_controls = ignored_controls(request, family)
     engine = services.ready_engine()
     voices, voice_cache = services.ready_voices()
     with _voice_is_a_parameter():
         voice_info = voices.get(request.voice_name)
+    if family.multilingual and request.language is None:
+        # detection loads Lingua's models on first use (seconds): off the event loop
+        language = await asyncio.to_thread(resolve_language, family, None, request.input)
+    else:
+        language = resolve_language(family, request.language, request.input)
+    record.language = language
     # Up to 4096 characters of normalising and splitting: CPU work, kept off the event loop.
-    chunks = tuple(await asyncio.to_thread(split_text, request.input, settings.max_chunk_chars))
+    chunks = await asyncio.to_thread(speech_chunks, request.input, family, settings.max_chunk_chars)
     speed = 1.0 if request.speed is None else request.speed
-    usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk) for chunk in chunks))
+    usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk, family.id, language) for chunk in chunks))
 
     stack = contextlib.AsyncExitStack()
     try:
@@ -125,12 +156,14 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         record.queued_s = slot.queued_s
         async with within_deadline(deadline):
             with _voice_is_a_parameter():  # e.g. the checkpoint voice of an engine without one
-                voice = await voice_cache.get(voice_info)
+                voice = await voice_cache.get(voice_info, family.id)
         job = SynthesisJob(
             request_id=request_id,
             chunks=chunks,
             voice=voice,
-            params=generation_params(request, settings),
+            params=generation_params(request, settings, family),
+            model=family.id,
+            language=language,
             streaming=True,
         )
         produced = engine.synthesize(job)

@@ -25,6 +25,9 @@ batch: 16 requests running past 300 tokens when 32 new requests with long texts 
 (steps of far more than 256 tokens). Passes if the engine survives and every request ends
 with its full length of valid speech ids.
 
+The new families' T3 (Multilingual on the Llama plugin, Turbo's GPT-2 model) come from
+``gateway.tools.parity_families`` (``--skip-families`` to leave them out).
+
 Vocoder checks (batched vs one-at-a-time S3Gen, streamed vs one-shot) come from
 ``gateway.tools.parity_vocoder`` when present. Prints a pass/fail table; exit status 1 on
 any failure.
@@ -323,6 +326,12 @@ def check_vocoder() -> list[tuple[str, bool, str]]:
     return list(parity_vocoder.run_checks())
 
 
+def _check_families() -> list[tuple[str, bool, str]]:
+    from gateway.tools import parity_families
+
+    return parity_families.run_checks()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--vllm-worker":
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-t3", action="store_true")
     ap.add_argument("--skip-vocoder", action="store_true")
     ap.add_argument("--skip-long", action="store_true", help="skip the long-context / mixed-batch T3 runs")
+    ap.add_argument("--skip-families", action="store_true", help="leave out Turbo's and Multilingual's T3")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
@@ -346,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[str, bool, str]] = []
     stages = [("T3", lambda: check_t3(args.tokens, args.repetition_penalty, args.seed), args.skip_t3),
               ("T3 long context", lambda: check_long(args.seed), args.skip_long),
-              ("vocoder", check_vocoder, args.skip_vocoder)]
+              ("vocoder", check_vocoder, args.skip_vocoder),
+              ("T3 families", _check_families, args.skip_families)]
     for name, fn, skip in stages:
         if skip:
             continue

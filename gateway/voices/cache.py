@@ -1,6 +1,7 @@
 """Voice conditionals, computed once per (clip content, model) and kept in memory and on disk.
 
-Key: the SHA-256 of the clip's bytes and the engine's ``model_id``. The file hash itself is
+Key: the SHA-256 of the clip's bytes and the weights of the model family
+(``engine.weights_id(model)``): the families compute different conditionals from one clip. The file hash itself is
 remembered per (path, mtime_ns, size), so a request for a known, unchanged clip costs one
 ``stat``. Lookup order: memory LRU -> ``<cache_dir>/<model>/<sha>.pt`` -> compute (in a
 worker thread). Concurrent requests for the same uncomputed voice share one computation
@@ -9,7 +10,7 @@ share the cache directory (engine replicas on one volume) compute a voice once t
 file per voice, then the others load what the first wrote.
 
 The model's own voice (source "checkpoint") comes from ``engine.builtin_conditionals()``
-under the key ``checkpoint:<model_id>``; an engine without one makes that voice unknown
+under the key ``checkpoint:<family weights>``; an engine without one makes that voice unknown
 (VoiceNotFoundError), never silently another voice.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 import structlog
 
 from gateway.engine.base import Engine, Voice
+from gateway.models.families import ORIGINAL
 from gateway.errors import EngineError, GatewayError, VoiceNotFoundError
 from gateway.voices.library import VoiceInfo
 
@@ -56,7 +58,7 @@ class VoiceCache:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.engine = engine
         self.capacity = capacity
-        self.dir = Path(cache_dir) / model_dir_name(engine.model_id)
+        self.root = Path(cache_dir)
         self._memory: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._hashes: dict[Path, tuple[int, int, str]] = {}
@@ -65,21 +67,25 @@ class VoiceCache:
         """Conditionals computed from clips (not loaded from disk) by this cache."""
         self.disk_hits = 0
 
-    async def get(self, info: VoiceInfo) -> Voice:
+    def dir_for(self, model: str = ORIGINAL) -> Path:
+        """Where one family's conditionals live on disk."""
+        return self.root / model_dir_name(self.engine.weights_id(model))
+
+    async def get(self, info: VoiceInfo, model: str = ORIGINAL) -> Voice:
         """The voice's conditionals, computing them only if no cache has them."""
         if info.clip is None:
-            key = f"checkpoint:{self.engine.model_id}"
+            key = f"checkpoint:{self.engine.weights_id(model)}"
             stat = None
         else:
             stat = _stat(info)
-            key = f"{self.engine.model_id}:{await self._sha(info, stat)}"
+            key = f"{self.engine.weights_id(model)}:{await self._sha(info, stat)}"
         conditionals = self._memory.get(key)
         if conditionals is not None:
             self._memory.move_to_end(key)
             return Voice(name=info.name, key=key, conditionals=conditionals)
         future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._produce(info, key, stat))
+            future = asyncio.ensure_future(self._produce(info, key, stat, model))
             self._inflight[key] = future
             future.add_done_callback(lambda f, k=key: self._settled(k, f))
         # shield: a cancelled requester (client hung up) must not cancel the shared work.
@@ -93,34 +99,34 @@ class VoiceCache:
 
     # ---- producing ---------------------------------------------------------------------
 
-    async def _produce(self, info: VoiceInfo, key: str, stat: os.stat_result | None) -> Any:
+    async def _produce(self, info: VoiceInfo, key: str, stat: os.stat_result | None, model: str) -> Any:
         if info.clip is None:
-            conditionals = await asyncio.to_thread(self.engine.builtin_conditionals)
+            conditionals = await asyncio.to_thread(self.engine.builtin_conditionals, model)
             if conditionals is None:
                 raise VoiceNotFoundError(
                     f"Voice '{info.name}' is the checkpoint's own voice, and the loaded model "
-                    f"({self.engine.model_id}) has none.",
+                    f"({self.engine.weights_id(model)}) has none.",
                     param="voice",
                 )
             self._remember(key, conditionals)
             return conditionals
 
-        path = self.dir / f"{key.rsplit(':', 1)[1]}.pt"
-        conditionals, cacheable = await asyncio.to_thread(self._load_or_compute, info, path, stat)
+        path = self.dir_for(model) / f"{key.rsplit(':', 1)[1]}.pt"
+        conditionals, cacheable = await asyncio.to_thread(self._load_or_compute, info, path, stat, model)
         if cacheable:
             self._remember(key, conditionals)
         return conditionals
 
-    def _load_or_compute(self, info: VoiceInfo, path: Path, stat: os.stat_result | None) -> tuple[Any, bool]:
+    def _load_or_compute(self, info: VoiceInfo, path: Path, stat: os.stat_result | None, model: str) -> tuple[Any, bool]:
         """From disk, or computed and saved; blocking. Processes sharing the cache directory
         (engine replicas on a shared volume) compute each voice once: the first takes the
         voice's lock file and computes, the others wait on it and then load the file."""
-        conditionals = self._load(path)
+        conditionals = self._load(path, model)
         if conditionals is None:
             with _exclusive(path.with_name(f".{path.name}.lock"), self._log):
-                conditionals = self._load(path)
+                conditionals = self._load(path, model)
                 if conditionals is None:
-                    conditionals = self._compute(info)
+                    conditionals = self._compute(info, model)
                     if not _unchanged(info.clip, stat):
                         # The clip changed while we worked: these conditionals belong to neither
                         # version's hash. Serve this request, cache nothing.
@@ -130,10 +136,10 @@ class VoiceCache:
         self.disk_hits += 1
         return conditionals, True
 
-    def _compute(self, info: VoiceInfo) -> Any:
+    def _compute(self, info: VoiceInfo, model: str) -> Any:
         assert info.clip is not None
         try:
-            conditionals = self.engine.compute_conditionals(info.clip)
+            conditionals = self.engine.compute_conditionals(info.clip, model)
         except FileNotFoundError:
             raise _gone(info) from None
         except GatewayError:
@@ -151,11 +157,11 @@ class VoiceCache:
         while len(self._memory) > self.capacity:
             self._memory.popitem(last=False)
 
-    def _load(self, path: Path) -> Any | None:
+    def _load(self, path: Path, model: str) -> Any | None:
         if not path.is_file():
             return None
         try:
-            return self.engine.load_conditionals(path)
+            return self.engine.load_conditionals(path, model)
         except Exception as exc:  # a torn or foreign file: recompute and overwrite it
             self._log.warning("voice_cache_unreadable", path=str(path), error=f"{type(exc).__name__}: {exc}")
             path.unlink(missing_ok=True)

@@ -50,3 +50,11 @@ def test_vllm_where_it_cannot_run_is_a_settings_error(tmp_path: Path) -> None:
         assert "vllm package" in message
     else:
         assert "CUDA" in message
+
+
+def test_vllm_with_families_it_does_not_serve_yet_is_a_settings_error(tmp_path: Path) -> None:
+    settings = Settings(engine="vllm", models=("chatterbox", "chatterbox-turbo"), cache_dir=str(tmp_path))
+    with pytest.raises(SettingsError, match="serves only chatterbox so far; chatterbox-turbo run on --engine reference"):
+        resolve_engine_name(settings)
+    auto = Settings(engine="auto", models=("chatterbox-multilingual",), cache_dir=str(tmp_path))
+    assert resolve_engine_name(auto) == "reference"

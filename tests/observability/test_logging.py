@@ -76,3 +76,28 @@ def test_library_warnings_and_prints_become_log_lines(restore_logging: None, cap
     assert [line["output"] for line in lines[1:]] == ["loaded PerthNet (Implicit) at step 250,000", "no newline at the end"]
     captured = capsys.readouterr()
     assert captured.out == "" and "LoRACompatibleLinear" not in captured.err
+
+
+def test_other_threads_write_through_while_prints_become_log_lines(restore_logging: None) -> None:
+    """A server thread logging (to stdout) while the engine loader swaps stdout must neither be
+    turned into a library_output line nor deadlock on its logger's write lock."""
+    import sys
+    import threading
+
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=stream)
+    real = io.StringIO()
+    saved, sys.stdout = sys.stdout, real
+    try:
+        with prints_to_log("gateway.engine"):
+            # a structlog PrintLogger made while stdout is swapped writes under a lock on that stream
+            other = threading.Thread(target=lambda: structlog.PrintLogger().msg("server line"))
+            other.start()
+            other.join(timeout=10)
+            assert not other.is_alive(), "a log line from another thread deadlocked"
+            print("loader line")
+    finally:
+        sys.stdout = saved
+    assert real.getvalue() == "server line\n"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["output"] for line in lines] == ["loader line"]

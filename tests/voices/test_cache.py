@@ -32,23 +32,26 @@ class CountingEngine:
         self.compute_threads: set[int] = set()
         self.fail_next: Exception | None = None
 
-    def compute_conditionals(self, clip: Path) -> dict[str, Any]:
+    def weights_id(self, model: str) -> str:
+        return self.model_id if model == "chatterbox" else f"{self.model_id}/{model}"
+
+    def compute_conditionals(self, clip: Path, model: str = "chatterbox") -> dict[str, Any]:
         self.compute_threads.add(threading.get_ident())
         time.sleep(self.compute_s)  # blocking on purpose: it must not run on the event loop
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
         self.computed.append(clip)
-        return {"sha": hashlib.sha256(clip.read_bytes()).hexdigest(), "model": self.model_id}
+        return {"sha": hashlib.sha256(clip.read_bytes()).hexdigest(), "model": self.weights_id(model)}
 
     def save_conditionals(self, conditionals: Any, path: Path) -> None:
         path.write_text(json.dumps(conditionals))
 
-    def load_conditionals(self, path: Path) -> Any:
+    def load_conditionals(self, path: Path, model: str = "chatterbox") -> Any:
         self.loaded.append(path)
         return json.loads(path.read_text())
 
-    def builtin_conditionals(self) -> Any | None:
+    def builtin_conditionals(self, model: str = "chatterbox") -> Any | None:
         return self.builtin
 
 
@@ -238,3 +241,22 @@ async def test_caches_sharing_a_directory_compute_a_voice_once(tmp_path: Path) -
     assert first.disk_hits + second.disk_hits == 1
     folder = tmp_path / "cache" / model_dir_name("counting-model")
     assert sorted(p.name for p in folder.iterdir()) == [f"{v1.key.split(':')[1]}.pt"]  # the lock is gone
+
+
+async def test_each_model_family_has_its_own_conditionals_for_one_clip(tmp_path: Path) -> None:
+    engine = CountingEngine(compute_s=0.0, builtin={"builtin": True})
+    cache = VoiceCache(engine, tmp_path / "cache", capacity=8)
+    info = clip_voice(tmp_path / "a.wav", b"clip-a")
+    original = await cache.get(info)
+    turbo = await cache.get(info, "chatterbox-turbo")
+    assert original.key != turbo.key
+    assert (original.conditionals["model"], turbo.conditionals["model"]) == ("counting-model", "counting-model/chatterbox-turbo")
+    assert len(engine.computed) == 2
+    assert (await cache.get(info, "chatterbox-turbo")).conditionals is turbo.conditionals
+    assert len(engine.computed) == 2
+    # on disk too: a new cache (a restart) loads each family's own file
+    again = VoiceCache(engine, tmp_path / "cache", capacity=8)
+    assert (await again.get(info, "chatterbox-turbo")).conditionals == turbo.conditionals
+    assert len(engine.computed) == 2 and cache.dir_for("chatterbox-turbo") != cache.dir_for()
+    builtin = await cache.get(CHECKPOINT, "chatterbox-turbo")
+    assert builtin.key == "checkpoint:counting-model/chatterbox-turbo"

@@ -1,11 +1,12 @@
-"""The upstream Chatterbox modules, loaded from a checkpoint directory, and what both engines
-do with them outside the decode loop: voice conditionals, per-request T3 conditioning, text
-tokens.
+"""The upstream Chatterbox modules of one model family, loaded from a checkpoint directory,
+and what both engines do with them outside the decode loop: voice conditionals, per-request
+T3 conditioning, text tokens.
 
-Everything here is upstream code (``chatterbox`` package: T3, S3Gen, VoiceEncoder,
-EnTokenizer, T3Cond, Conditionals, the Perth watermarker) driven the way upstream
-``ChatterboxTTS.from_local`` / ``prepare_conditionals`` / ``generate`` drive it, as reusable
-functions rather than methods of one engine.
+Everything here is upstream code (``chatterbox`` package: T3, S3Gen, VoiceEncoder, the
+tokenizers, T3Cond, Conditionals, the Perth watermarker) driven the way upstream
+``from_local`` / ``prepare_conditionals`` / ``generate`` of ``ChatterboxTTS``,
+``ChatterboxTurboTTS`` and ``ChatterboxMultilingualTTS`` drive it, as reusable functions
+rather than methods of one engine.
 """
 
 from __future__ import annotations
@@ -22,21 +23,20 @@ from chatterbox.models.s3gen import S3GEN_SR, S3Gen
 from chatterbox.models.s3tokenizer import S3_SR
 from chatterbox.models.t3 import T3
 from chatterbox.models.t3.modules.cond_enc import T3Cond
-from chatterbox.models.tokenizers import EnTokenizer
 from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import Conditionals
-from safetensors.torch import load_file
 
 try:  # transformers >= 5.x keeps it here; older releases in modeling_utils
     from transformers.initialization import no_init_weights
 except ImportError:  # pragma: no cover - depends on the installed transformers
     from transformers.modeling_utils import no_init_weights
 
+from gateway.engine.checkpoint.modules import build_s3gen, build_t3, build_voice_encoder, load_state
+from gateway.engine.checkpoint.text_front_ends import TextFrontEnd, load_front_end
 from gateway.errors import InvalidRequestError
+from gateway.models.families import FAMILIES, ORIGINAL, Family
 from gateway.observability.logging import prints_to_log
 
-ENC_COND_SECONDS = 6
-"""Seconds of the clip (at 16 kHz) the S3 tokenizer turns into T3's speech prompt (upstream)."""
 DEC_COND_SECONDS = 10
 """Seconds of the clip (at 24 kHz) S3Gen takes as its reference (upstream)."""
 MIN_CLIP_SECONDS = 2.0
@@ -50,12 +50,16 @@ class Components:
     t3: T3
     s3gen: S3Gen
     ve: VoiceEncoder
-    tokenizer: EnTokenizer
+    tokenizer: Any
+    """The family's upstream tokenizer (``front_end.tokenizer``)."""
     watermarker: Any
     """A ``perth.PerthImplicitWatermarker`` (``apply_watermark(wav, sample_rate=)``)."""
     builtin_conditionals: Conditionals | None
     """The checkpoint's own voice (``conds.pt``), on ``device``."""
     device: torch.device
+    family: Family = FAMILIES[ORIGINAL]
+    front_end: TextFrontEnd | None = None
+    """Text -> T3 ids for this family (None only in hand-built test objects: English)."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -65,40 +69,43 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def load_components(checkpoint_dir: Path, device: str | torch.device) -> Components:
-    """Every module of a checkpoint directory, in eval mode on ``device`` (fp32, as upstream)."""
+def load_components(checkpoint_dir: Path, device: str | torch.device, family: Family = FAMILIES[ORIGINAL]) -> Components:
+    """Every module of one family's checkpoint directory, in eval mode on ``device`` (fp32,
+    as upstream)."""
     import perth
 
     device = torch.device(device)
     # T3 and the voice encoder are loaded strictly, so skipping their random init (7 s for
     # T3 on CPU) is safe: every parameter is overwritten or load_state_dict raises.
     with no_init_weights():
-        t3 = T3()
-        ve = VoiceEncoder()
-    t3_state = load_file(checkpoint_dir / "t3_cfg.safetensors")
+        t3 = build_t3(family)
+        ve = build_voice_encoder()
+    t3_state = load_state(checkpoint_dir / family.t3_file)
     if "model" in t3_state:  # upstream accepts this wrapped layout too
         t3_state = t3_state["model"][0]
     t3.load_state_dict(t3_state)
     del t3_state
-    ve.load_state_dict(load_file(checkpoint_dir / "ve.safetensors"))
+    if t3.is_gpt:
+        del t3.tfmr.wte  # as upstream: T3 feeds embeddings, GPT-2's token table is never used
+    ve.load_state_dict(load_state(checkpoint_dir / family.ve_file))
 
-    s3gen = S3Gen()
-    result = s3gen.load_state_dict(load_file(checkpoint_dir / "s3gen.safetensors"), strict=False)
+    s3gen = build_s3gen(family)
+    result = s3gen.load_state_dict(load_state(checkpoint_dir / family.s3gen_file), strict=False)
     # Upstream loads non-strictly because published checkpoints lack two derived buffers.
     unexpected_missing = set(result.missing_keys) - set(S3Gen.ignore_state_dict_missing)
     if unexpected_missing:
-        raise RuntimeError(f"s3gen.safetensors lacks {sorted(unexpected_missing)[:5]}")
+        raise RuntimeError(f"{family.s3gen_file} lacks {sorted(unexpected_missing)[:5]}")
 
     t3.to(device).eval()
     ve.to(device).eval()
     s3gen.to(device).eval()
-    tokenizer = EnTokenizer(str(checkpoint_dir / "tokenizer.json"))
+    front_end = load_front_end(checkpoint_dir, family)
     builtin = None
     if (checkpoint_dir / "conds.pt").is_file():
         builtin = load_conditionals(checkpoint_dir / "conds.pt", device)
     with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
         watermarker = perth.PerthImplicitWatermarker(device=str(device))
-    return Components(t3, s3gen, ve, tokenizer, watermarker, builtin, device)
+    return Components(t3, s3gen, ve, front_end.tokenizer, watermarker, builtin, device, family, front_end)
 
 
 def load_clip(path: Path) -> np.ndarray:
@@ -119,16 +126,24 @@ def load_clip(path: Path) -> np.ndarray:
 
 @torch.inference_mode()
 def conditionals_from_wav(
-    s3gen: S3Gen, ve: VoiceEncoder, t3: T3, wav_24k: np.ndarray, device: torch.device, exaggeration: float = 0.5
+    s3gen: S3Gen,
+    ve: VoiceEncoder,
+    t3: T3,
+    wav_24k: np.ndarray,
+    device: torch.device,
+    exaggeration: float = 0.5,
+    family: Family = FAMILIES[ORIGINAL],
 ) -> Conditionals:
-    """Upstream ``prepare_conditionals`` on audio already loaded at 24 kHz."""
+    """Upstream ``prepare_conditionals`` of ``family`` on audio already loaded at 24 kHz."""
     import librosa
 
+    if family.clip_loudness_lufs is not None:
+        wav_24k = normalise_loudness(wav_24k, family.clip_loudness_lufs)
     ref_16k = librosa.resample(wav_24k, orig_sr=S3GEN_SR, target_sr=S3_SR)
     gen_ref = s3gen.embed_ref(wav_24k[: DEC_COND_SECONDS * S3GEN_SR], S3GEN_SR, device=device)
     prompt_tokens = None
     if prompt_len := t3.hp.speech_cond_prompt_len:
-        prompt_tokens, _ = s3gen.tokenizer.forward([ref_16k[: ENC_COND_SECONDS * S3_SR]], max_len=prompt_len)
+        prompt_tokens, _ = s3gen.tokenizer.forward([ref_16k[: family.prompt_clip_seconds * S3_SR]], max_len=prompt_len)
         prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
     speaker = torch.from_numpy(ve.embeds_from_wavs([ref_16k], sample_rate=S3_SR))
     speaker = speaker.mean(axis=0, keepdim=True).to(device)
@@ -140,10 +155,27 @@ def conditionals_from_wav(
     return Conditionals(t3_cond, gen_ref)
 
 
+def normalise_loudness(wav: np.ndarray, target_lufs: float) -> np.ndarray:
+    """Upstream Turbo's ``norm_loudness``: gain to ``target_lufs`` integrated loudness; the
+    clip unchanged when its loudness cannot be measured (silence)."""
+    import pyloudnorm
+
+    try:
+        loudness = pyloudnorm.Meter(S3GEN_SR).integrated_loudness(wav)
+    except ValueError:  # shorter than one gating block
+        return wav
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    if not np.isfinite(gain) or gain <= 0.0:
+        return wav
+    return (wav * gain).astype(np.float32)
+
+
 def compute_conditionals(components: Components, clip_path: Path, exaggeration: float = 0.5) -> Conditionals:
     """Voice conditionals from a clip (blocking: seconds on CPU; run it in a worker thread)."""
     wav = load_clip(clip_path)
-    return conditionals_from_wav(components.s3gen, components.ve, components.t3, wav, components.device, exaggeration)
+    return conditionals_from_wav(
+        components.s3gen, components.ve, components.t3, wav, components.device, exaggeration, components.family
+    )
 
 
 def save_conditionals(conditionals: Conditionals, path: Path) -> None:
@@ -181,13 +213,13 @@ def request_t3_cond(conditionals: Conditionals, exaggeration: float) -> T3Cond:
     )
 
 
-def text_token_ids(tokenizer: EnTokenizer, t3: T3, text: str) -> torch.Tensor:
+def text_token_ids(tokenizer: Any, t3: T3, text: str) -> torch.Tensor:
     """(1, n + 2) long tensor: start-of-text, the text's tokens, end-of-text (as upstream)."""
     ids = tokenizer.encode(text)
     return torch.tensor([[t3.hp.start_text_token, *ids, t3.hp.stop_text_token]], dtype=torch.long)
 
 
-def count_text_tokens(tokenizer: EnTokenizer, text: str) -> int:
+def count_text_tokens(tokenizer: Any, text: str) -> int:
     """Text tokens of ``text`` (usage accounting), without the start/stop tokens."""
     return len(tokenizer.encode(text))
 
@@ -195,3 +227,18 @@ def count_text_tokens(tokenizer: EnTokenizer, text: str) -> int:
 def max_text_tokens(t3: T3) -> int:
     """Most text tokens one chunk may have (T3's learned text positions, minus start/stop)."""
     return t3.hp.max_text_tokens
+
+
+def chunk_text_ids(components: Components, text: str, language: str) -> torch.Tensor:
+    """(1, n) long tensor: one chunk's T3 text ids, framed as the family expects."""
+    front_end = components.front_end
+    if front_end is None:  # hand-built English components
+        return text_token_ids(components.tokenizer, components.t3, text)
+    return torch.tensor([front_end.ids(text, language)], dtype=torch.long)
+
+
+def count_chunk_tokens(components: Components, text: str, language: str) -> int:
+    """Text tokens of one chunk (usage accounting, the T3 text limit), without framing."""
+    if components.front_end is None:
+        return count_text_tokens(components.tokenizer, text)
+    return components.front_end.count(text, language)

@@ -2,18 +2,26 @@
 
 Like vLLM's ``load_format="dummy"``, but written to disk once so that dummy mode then runs the
 very loading code real weights go through (:func:`gateway.engine.checkpoint.components.load_components`).
-The directory holds all of :data:`~gateway.engine.checkpoint.layout.CHECKPOINT_FILES`:
+One directory per model family holds all of the family's ``checkpoint_files``, in the formats
+upstream loads them from:
 
-- ``t3_cfg.safetensors``, ``s3gen.safetensors``, ``ve.safetensors``: the modules built with
-  ``torch.manual_seed(dummy_seed)`` (same seed, same weights, on any machine);
-- ``tokenizer.json``: a valid English tokenizer of 704 entries laid out like the real one
-  (``[STOP]`` = 0, ``[START]`` = 255, ``[SPACE]``, ``[UNK]``, printable ASCII, letter pairs);
+- T3, S3Gen, voice encoder: the family's modules (:mod:`~gateway.engine.checkpoint.modules`)
+  built under ``torch.manual_seed(dummy_seed)`` (same seed, same weights, on any machine);
+- tokenizer files: the original's ``tokenizer.json`` is a valid English tokenizer of 704
+  entries laid out like the real one (``[STOP]`` = 0, ``[START]`` = 255, ``[SPACE]``,
+  ``[UNK]``, printable ASCII, letter pairs); Turbo's and Multilingual's are in
+  :mod:`~gateway.engine.checkpoint.dummy_text`;
 - ``conds.pt``: the built-in voice, computed by these random modules from a synthetic
   4-second voiced clip, so dummy mode has a checkpoint voice as real weights do.
 
-It lives in ``<cache_dir>/dummy/`` keyed by seed and upstream package version, is written to a
-temporary directory and renamed into place (concurrent writers cannot leave half of one), and
-is reused on later starts: ~20 s and 3.2 GB once, then nothing.
+It lives in ``<cache_dir>/dummy/`` keyed by seed, family and upstream package version, is
+written to a temporary directory and renamed into place (concurrent writers cannot leave half
+of one), and is reused on later starts. Once per seed: original ~20 s and 3.0 GB, Turbo
+~25 s and 2.5 GB (GPT-2 keeps its unused 50276-row token table, as upstream's file does),
+Multilingual ~20 s and 3.0 GB (fp32, as upstream). Turbo's ``ve.safetensors`` is the
+original's (a hard link when the original's dummy exists: the same file name, format and
+architecture); S3Gen is not shared (Turbo's is the mean-flow variant, Multilingual's is
+stored as ``s3gen.pt``, a format upstream reads differently).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from gateway.engine.checkpoint.layout import CHECKPOINT_FILES, validate_checkpoint_dir
+from gateway.engine.checkpoint.layout import validate_checkpoint_dir
+from gateway.models.families import FAMILIES, ORIGINAL, Family
 from gateway.settings import Settings
 
 ENGLISH_VOCAB_SIZE = 704
@@ -35,59 +44,44 @@ DUMMY_CLIP_SECONDS = 4.0
 """Short on purpose: S3Gen's cost grows with the reference length, and tests run on CPU."""
 
 
-def dummy_checkpoint_path(settings: Settings) -> Path:
+def dummy_checkpoint_path(settings: Settings, family: Family = FAMILIES[ORIGINAL]) -> Path:
     try:
         upstream = version("videopython-chatterbox")
     except PackageNotFoundError:
         upstream = "unknown"
-    return Path(settings.cache_dir) / "dummy" / f"seed{settings.dummy_seed}-chatterbox-{upstream}"
+    return Path(settings.cache_dir) / "dummy" / f"seed{settings.dummy_seed}-{family.id}-{upstream}"
 
 
-def materialize_dummy_checkpoint(settings: Settings) -> Path:
-    """The dummy checkpoint directory for ``settings.dummy_seed``, written if not there yet."""
-    target = dummy_checkpoint_path(settings)
-    if all((target / name).is_file() for name in CHECKPOINT_FILES):
+def materialize_dummy_checkpoint(settings: Settings, family: Family = FAMILIES[ORIGINAL]) -> Path:
+    """The dummy checkpoint directory of ``family`` for ``settings.dummy_seed``, written if
+    not there yet."""
+    files = family.checkpoint_files
+    target = dummy_checkpoint_path(settings, family)
+    if all((target / name).is_file() for name in files):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        _write_checkpoint(staging, settings.dummy_seed)
+        _write_checkpoint(staging, settings.dummy_seed, family, dummy_checkpoint_path(settings))
         if target.exists():  # a stale partial directory; a complete one was returned above
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(staging, target)
         except OSError:
-            if not all((target / name).is_file() for name in CHECKPOINT_FILES):
+            if not all((target / name).is_file() for name in files):
                 raise  # nobody else finished one either
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return validate_checkpoint_dir(target)
+    return validate_checkpoint_dir(target, family)
 
 
 def tokenizer_json() -> str:
     """A ``tokenizers`` BPE tokenizer.json with exactly :data:`ENGLISH_VOCAB_SIZE` entries."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from gateway.engine.checkpoint.dummy_text import grapheme_tokenizer_json
 
-    vocab: dict[str, int] = {}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    for char in string.printable[:94]:  # digits, letters, punctuation (no whitespace)
-        vocab[char] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    pairs = ((a, b) for a in string.ascii_lowercase for b in string.ascii_lowercase)
-    while len(vocab) < ENGLISH_VOCAB_SIZE:
-        if len(vocab) == START_TEXT_ID:
-            vocab["[START]"] = START_TEXT_ID
-            continue
-        a, b = next(pairs)
-        merges.append((a, b))
-        vocab[a + b] = len(vocab)
-    assert len(vocab) == ENGLISH_VOCAB_SIZE and vocab["[START]"] == START_TEXT_ID and vocab["[STOP]"] == 0
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(t) for t in (*SPECIAL_TOKENS, "[START]")])
-    return tokenizer.to_str()
+    tokens = [*SPECIAL_TOKENS, *string.printable[:94]]  # digits, letters, punctuation (no whitespace)
+    return grapheme_tokenizer_json(tokens, ENGLISH_VOCAB_SIZE, SPECIAL_TOKENS, string.ascii_lowercase)
 
 
 def synthetic_clip(seed: int, seconds: float = DUMMY_CLIP_SECONDS, sample_rate: int = 24_000):
@@ -104,26 +98,51 @@ def synthetic_clip(seed: int, seconds: float = DUMMY_CLIP_SECONDS, sample_rate: 
     return (wav / np.abs(wav).max() * 0.5).astype(np.float32)
 
 
-def _write_checkpoint(directory: Path, seed: int) -> None:
+def _write_checkpoint(directory: Path, seed: int, family: Family, original_dir: Path) -> None:
     import torch
-    from chatterbox.models.s3gen import S3Gen
-    from chatterbox.models.t3 import T3
-    from chatterbox.models.voice_encoder import VoiceEncoder
-    from safetensors.torch import save_file
 
+    from gateway.engine.checkpoint import dummy_text
     from gateway.engine.checkpoint.components import conditionals_from_wav, save_conditionals
+    from gateway.engine.checkpoint.modules import build_s3gen, build_t3, build_voice_encoder, save_state
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        t3, s3gen, ve = T3().eval(), S3Gen().eval(), VoiceEncoder().eval()
-    for name, module in (("t3_cfg", t3), ("s3gen", s3gen), ("ve", ve)):
-        state = {key: value.contiguous() for key, value in module.state_dict().items()}
-        save_file(state, str(directory / f"{name}.safetensors"))
-    (directory / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
-    conds = conditionals_from_wav(s3gen, ve, t3, synthetic_clip(seed), torch.device("cpu"))
+        t3, s3gen, ve = build_t3(family).eval(), build_s3gen(family).eval(), build_voice_encoder().eval()
+    save_state(t3, directory / family.t3_file)
+    save_state(s3gen, directory / family.s3gen_file)
+    shared_ve = original_dir / FAMILIES[ORIGINAL].ve_file
+    if family.ve_file == shared_ve.name and family.id != ORIGINAL and _linked(shared_ve, directory / family.ve_file):
+        ve = _load_voice_encoder(shared_ve)
+    else:
+        save_state(ve, directory / family.ve_file)
+    if family.front_end == "gpt2":
+        dummy_text.write_turbo_tokenizer(directory)
+        del t3.tfmr.wte  # as the loader does after loading the file (which keeps it)
+    elif family.front_end == "multilingual":
+        (directory / family.tokenizer_files[0]).write_text(dummy_text.multilingual_tokenizer_json(), encoding="utf-8")
+        (directory / "Cangjie5_TC.json").write_text(dummy_text.cangjie_table_json(), encoding="utf-8")
+    else:
+        (directory / family.tokenizer_files[0]).write_text(tokenizer_json(), encoding="utf-8")
+    conds = conditionals_from_wav(s3gen, ve, t3, synthetic_clip(seed), torch.device("cpu"), family=family)
     save_conditionals(conds, directory / "conds.pt")
     (directory / "README.txt").write_text(
-        f"Dummy Chatterbox checkpoint: upstream architecture, random weights (torch seed {seed}).\n"
+        f"Dummy {family.id} checkpoint: upstream architecture, random weights (torch seed {seed}).\n"
         "Made by chatterbox-gateway for tests and benchmarks; its speech is noise.\n",
         encoding="utf-8",
     )
+
+
+def _linked(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # absent, or another file system: write our own
+        return False
+    return True
+
+
+def _load_voice_encoder(path: Path):  # noqa: ANN202 - upstream type, imported lazily
+    from gateway.engine.checkpoint.modules import build_voice_encoder, load_state
+
+    ve = build_voice_encoder()
+    ve.load_state_dict(load_state(path))
+    return ve.eval()

@@ -10,25 +10,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.errors import WeightsUnavailableError
+from gateway.models.families import FAMILIES, ORIGINAL, Family
 
-CHECKPOINT_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
-"""The files upstream ``ChatterboxTTS.from_pretrained`` fetches and ``from_local`` reads."""
+CHECKPOINT_FILES = FAMILIES[ORIGINAL].checkpoint_files
+"""The original's files (upstream ``ChatterboxTTS.from_pretrained``); every family declares
+its own in :mod:`gateway.models.families`."""
 
 WHAT_TO_DO = (
-    "Run `chatterbox-gateway download` on a machine that can reach the Hugging Face Hub "
-    "(it fills the cache under --cache-dir), or pass --model-path DIR --load-format local with a "
-    "directory holding " + ", ".join(CHECKPOINT_FILES) + ", or start with --load-format dummy "
-    "for random weights (tests and benchmarks only: the speech is noise)."
+    "Run `chatterbox-gateway download` (with the same --models) on a machine that can reach the "
+    "Hugging Face Hub (it fills the cache under --cache-dir), or pass --load-format local with "
+    "--model-path DIR (and --turbo-model-path / --multilingual-model-path for those models) holding "
+    "each model's files (the original's: " + ", ".join(CHECKPOINT_FILES) + "; docs/models.md lists "
+    "the others), or start with --load-format dummy for random weights (tests and benchmarks only: "
+    "the speech is noise)."
 )
 
 
-def validate_checkpoint_dir(path: Path) -> Path:
-    """``path`` resolved, if it is a directory holding every checkpoint file."""
+def validate_checkpoint_dir(path: Path, family: Family = FAMILIES[ORIGINAL]) -> Path:
+    """``path`` resolved, if it is a directory holding every checkpoint file of ``family``."""
     if not path.is_dir():
         raise WeightsUnavailableError(f"model path {str(path)!r} is not a directory. " + WHAT_TO_DO)
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    missing = [name for name in family.checkpoint_files if not (path / name).is_file()]
     if missing:
         raise WeightsUnavailableError(
-            f"model path {str(path)!r} lacks {', '.join(missing)}. " + WHAT_TO_DO
+            f"model path {str(path)!r} lacks {', '.join(missing)} ({family.id}). " + WHAT_TO_DO
         )
     return path.resolve()

@@ -1,5 +1,8 @@
-"""The reference engine: upstream Chatterbox in PyTorch (T3 with CFG, then S3Gen), one chunk
-at a time, behind the :class:`~gateway.engine.base.Engine` interface.
+"""The reference engine: upstream Chatterbox in PyTorch (T3, then S3Gen), one chunk at a time,
+behind the :class:`~gateway.engine.base.Engine` interface, for every model family in the
+``models`` setting: the original and Multilingual (Llama T3 with CFG, 10-step S3Gen with CFG),
+Turbo (GPT-2 T3 without CFG, 2-step mean-flow S3Gen, three silence tokens appended as
+upstream does).
 
 It is the correctness baseline (the vLLM engine is checked against it on the same weights)
 and the engine for CPU machines. One job at a time holds the model (a lock): upstream modules
@@ -25,6 +28,7 @@ from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
+from gateway.models.families import FAMILIES, TOP_K, Family
 from gateway.settings import Settings
 
 
@@ -36,16 +40,17 @@ class ReferenceEngine(UpstreamVoices, Engine):
         from gateway.engine.checkpoint.weights import model_identity
 
         self.settings = settings
-        self.model_id = model_identity(settings)
+        self.models: tuple[str, ...] = tuple(settings.models)
+        self.model_id = model_identity(settings, FAMILIES[self.models[0]])
         self.decode_steps = 0
         """T3 decode steps run so far (all jobs); tests use it to see that cancelling stops work."""
         self.flow_steps_run = 0
         """S3Gen flow-matching estimator calls so far (all jobs)."""
-        self._components: Any = None
+        self._components: dict[str, Any] | None = None
         self._model_lock = threading.Lock()
         self._active_stop: threading.Event | None = None
         self._live_jobs: set[threading.Event] = set()
-        self._hook: Any = None
+        self._hooks: list[Any] = []
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -56,13 +61,17 @@ class ReferenceEngine(UpstreamVoices, Engine):
         from gateway.engine.checkpoint.components import load_components, resolve_device
         from gateway.engine.checkpoint.weights import checkpoint_dir
 
-        directory = checkpoint_dir(self.settings)
-        components = load_components(directory, resolve_device(self.settings.device))
-        # Upstream calls estimator.forward() directly (no hooks fire there); its time MLP is
-        # called through __call__ exactly once per Euler step.
-        time_mlp = components.s3gen.flow.decoder.estimator.time_mlp
-        self._hook = time_mlp.register_forward_pre_hook(self._flow_step_hook)
-        self._components = components
+        loaded: dict[str, Any] = {}
+        for name in self.models:
+            family = FAMILIES[name]
+            directory = checkpoint_dir(self.settings, family)
+            components = load_components(directory, resolve_device(self.settings.device), family)
+            # Upstream calls estimator.forward() directly (no hooks fire there); its time MLP
+            # is called through __call__ once per Euler step (twice for mean-flow: t and r).
+            time_mlp = components.s3gen.flow.decoder.estimator.time_mlp
+            self._hooks.append(time_mlp.register_forward_pre_hook(self._flow_step_hook))
+            loaded[name] = components
+        self._components = loaded
 
     async def close(self) -> None:
         components, self._components = self._components, None  # new jobs fail from here on
@@ -72,10 +81,10 @@ class ReferenceEngine(UpstreamVoices, Engine):
 
     def _release(self, components: Any) -> None:
         with self._model_lock:  # waits for the running chunk to notice its stop event
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-        if components is not None and components.device.type == "cuda":
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+        if components and any(c.device.type == "cuda" for c in components.values()):
             import torch
 
             del components
@@ -83,19 +92,29 @@ class ReferenceEngine(UpstreamVoices, Engine):
 
     @property
     def components(self) -> Any:
-        """The loaded upstream modules (:class:`~gateway.engine.checkpoint.components.Components`), e.g.
-        for parity checks against another engine on the same weights."""
+        """The first loaded family's upstream modules
+        (:class:`~gateway.engine.checkpoint.components.Components`), e.g. for parity checks
+        against another engine on the same weights; :meth:`components_of` for any family."""
         return self._ready()
 
+    def components_of(self, model: str) -> Any:
+        return self._components_for(model)
+
     def _ready(self) -> Any:
+        return self._components_for(self.models[0])
+
+    def _components_for(self, model: str) -> Any:
         if self._components is None:
             raise EngineUnavailableError("the reference engine is not loaded")
-        return self._components
+        components = self._components.get(model)
+        if components is None:
+            raise EngineError(f"the reference engine has not loaded the model {model}")
+        return components
 
     # --- synthesis (voice and text methods come from UpstreamVoices) ----------------------
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
-        components = self._ready()
+        components = self._components_for(job.model)
         self._check_text(components, job)
         stop = threading.Event()
         self._live_jobs.add(stop)
@@ -117,45 +136,42 @@ class ReferenceEngine(UpstreamVoices, Engine):
             self._live_jobs.discard(stop)
 
     def _check_text(self, components: Any, job: SynthesisJob) -> None:
-        from gateway.engine.checkpoint.components import count_text_tokens, max_text_tokens
+        from gateway.engine.checkpoint.components import count_chunk_tokens, max_text_tokens
 
         limit = max_text_tokens(components.t3)
         for text in job.chunks:
-            if count_text_tokens(components.tokenizer, text) > limit:
+            if count_chunk_tokens(components, text, job.language) > limit:
                 raise InvalidRequestError(f"a text chunk exceeds the model's {limit} text tokens", param="input")
 
     def _render_chunk(self, components: Any, job: SynthesisJob, index: int, text: str, stop: threading.Event) -> AudioChunk:
         import torch
 
-        from gateway.engine.checkpoint.components import request_t3_cond, text_token_ids
-        from gateway.engine.reference.t3_decode import DecodeCancelled, Sampling, generate_speech_tokens, valid_speech_tokens
+        from gateway.engine.checkpoint.components import chunk_text_ids, request_t3_cond
+        from gateway.engine.reference.t3_decode import DecodeCancelled
 
+        family: Family = components.family
         params = job.params
         try:
             with self.holding_model(stop), torch.inference_mode(), _seeded(params.seed, index, components.device):
-                raw = generate_speech_tokens(
-                    components.t3,
+                tokens = self._speech_tokens(
+                    components,
+                    job,
                     request_t3_cond(job.voice.conditionals, params.exaggeration),
-                    text_token_ids(components.tokenizer, components.t3, text),
-                    Sampling(
-                        cfg_weight=params.cfg_weight,
-                        temperature=params.temperature,
-                        top_p=params.top_p,
-                        min_p=params.min_p,
-                        repetition_penalty=params.repetition_penalty,
-                    ),
-                    max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
-                    should_stop=stop.is_set,
-                    on_step=self._count_decode_step,
+                    chunk_text_ids(components, text, job.language),
+                    stop,
                 )
-                tokens = valid_speech_tokens(raw)
                 if tokens.numel() == 0:  # random weights can sample only special ids
                     return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
+                speech_tokens = int(tokens.numel())
+                if family.meanflow:  # upstream Turbo ends every utterance on S3Gen silence
+                    from chatterbox.models.s3gen.const import S3GEN_SIL
+
+                    tokens = torch.cat([tokens, torch.full((3,), S3GEN_SIL, dtype=tokens.dtype, device=tokens.device)])
                 wav, _ = components.s3gen.inference(
                     speech_tokens=tokens.to(components.device),
                     # upstream writes device casts back into the dict: keep the cached one intact
                     ref_dict=dict(job.voice.conditionals.gen),
-                    n_cfm_timesteps=self.settings.flow_steps,
+                    n_cfm_timesteps=family.flow_steps or self.settings.flow_steps,
                 )
         except DecodeCancelled:
             raise _Stopped from None
@@ -163,7 +179,39 @@ class ReferenceEngine(UpstreamVoices, Engine):
         if self.settings.watermark:
             samples = components.watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)
         samples = fade_edges(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
-        return AudioChunk(samples=samples, speech_tokens=int(tokens.numel()))
+        return AudioChunk(samples=samples, speech_tokens=speech_tokens)
+
+    def _speech_tokens(self, components: Any, job: SynthesisJob, t3_cond: Any, text_ids: Any, stop: threading.Event) -> Any:
+        """The chunk's speech tokens for S3Gen (runs under the model lock, in the worker)."""
+        from gateway.engine.reference.t3_decode import (
+            Sampling,
+            generate_speech_tokens,
+            generate_turbo_tokens,
+            turbo_speech_tokens,
+            valid_speech_tokens,
+        )
+
+        family: Family = components.family
+        params = job.params
+        sampling = Sampling(
+            cfg_weight=params.cfg_weight if family.cfg else 0.0,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            top_k=TOP_K.get(family.id, 0),
+        )
+        decode = generate_speech_tokens if family.cfg else generate_turbo_tokens
+        raw = decode(
+            components.t3,
+            t3_cond,
+            text_ids,
+            sampling,
+            max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
+            should_stop=stop.is_set,
+            on_step=self._count_decode_step,
+        )
+        return valid_speech_tokens(raw) if family.cfg else turbo_speech_tokens(raw)
 
     @contextlib.contextmanager
     def holding_model(self, stop: threading.Event) -> Iterator[None]:

@@ -40,6 +40,7 @@ from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_to_milli
 from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
+from gateway.models.families import ORIGINAL
 from gateway.settings import Settings
 
 
@@ -55,6 +56,8 @@ class VllmEngine(UpstreamVoices, Engine):
         if settings.vllm_max_model_len > MAX_POSITIONS:
             raise ValueError(f"vllm_max_model_len is at most {MAX_POSITIONS} for the T3 model")
         self.settings = settings
+        self.models: tuple[str, ...] = (ORIGINAL,)
+        """Turbo and Multilingual run on the reference engine so far (docs/models.md)."""
         self.model_id = model_identity(settings)
         self.vllm_load_format = vllm_load_format
         self.llm: Any = None

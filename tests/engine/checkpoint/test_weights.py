@@ -81,7 +81,7 @@ def test_hub_snapshot_in_the_cache_is_used_offline(tmp_path: Path, monkeypatch: 
     _write_checkpoint(snapshot)
     assert cached_snapshot(settings) == snapshot
     assert resolve_weights(settings) == snapshot.resolve()
-    assert download_weights(settings) == snapshot
+    assert download_weights(settings) == [snapshot]
 
     (snapshot / "tokenizer.json").unlink()  # incomplete snapshot: not used
     assert cached_snapshot(settings) is None
@@ -158,3 +158,43 @@ def test_dummy_tokenizer_is_a_valid_english_vocabulary(tmp_path: Path) -> None:
     assert max(ids) < 704
     assert tokenizer.decode(ids) == "Hello there, world!"
     assert vocab["[UNK]"] in tokenizer.encode("ü")
+
+
+def test_each_family_finds_its_own_pinned_snapshot_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.models.families import FAMILIES
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = _settings(tmp_path, load_format="hub", models=("chatterbox-turbo", "chatterbox-multilingual"))
+    turbo, mtl = FAMILIES["chatterbox-turbo"], FAMILIES["chatterbox-multilingual"]
+    hub = tmp_path / "cache" / "hub"
+    turbo_dir = hub / "models--ResembleAI--chatterbox-turbo" / "snapshots" / turbo.hub_revision
+    turbo_dir.mkdir(parents=True)
+    for name in turbo.checkpoint_files:
+        (turbo_dir / name).write_bytes(b"x")
+    assert resolve_weights(settings, turbo) == turbo_dir.resolve()
+    # Multilingual lives in the original's repository at its own pinned revision: not cached here
+    with pytest.raises(WeightsUnavailableError, match=f"ResembleAI/chatterbox@{mtl.hub_revision}"):
+        resolve_weights(settings, mtl)
+    (turbo_dir / "s3gen_meanflow.safetensors").unlink()
+    assert cached_snapshot(settings, turbo) is None
+
+
+def test_local_families_need_their_own_directories_and_files(tmp_path: Path) -> None:
+    from gateway.models.families import FAMILIES
+
+    turbo = FAMILIES["chatterbox-turbo"]
+    with pytest.raises(WeightsUnavailableError, match="--turbo-model-path"):
+        resolve_weights(_settings(tmp_path, load_format="local"), turbo)
+    directory = _write_checkpoint(tmp_path / "turbo")  # the original's files are not Turbo's
+    with pytest.raises(WeightsUnavailableError, match="t3_turbo_v1.safetensors"):
+        resolve_weights(_settings(tmp_path, load_format="local", turbo_model_path=str(directory)), turbo)
+
+
+def test_families_have_distinct_identities(tmp_path: Path) -> None:
+    from gateway.models.families import FAMILIES
+
+    for load_format in ("dummy", "hub"):
+        settings = _settings(tmp_path, load_format=load_format)
+        identities = {model_identity(settings, family) for family in FAMILIES.values()}
+        assert len(identities) == 3
+        assert model_identity(settings) == model_identity(settings, FAMILIES["chatterbox"])

@@ -193,3 +193,40 @@ def test_model_config_is_what_vllm_needs(tmp_path) -> None:
     # plan from these; T3's own count has a field of its own.
     assert (parsed.num_attention_heads, parsed.num_key_value_heads, parsed.head_dim) == (32, 32, 64)
     assert parsed.t3_num_heads == 16
+
+
+def test_multilingual_text_ids_ride_a_wider_id_layout() -> None:
+    wide = layout.IdLayout(2454)
+    text = [255, 708, *range(700, 760), 2453, 0]  # [START], [en], ids past the English 737, [STOP]
+    ids = layout.placeholder_ids(34, text, 0.5, wide)
+    assert all(6563 <= i < wide.logits_width for i in ids[:-2]) and ids[-2:] == [6561, 6561]
+    positions, delta = layout.mrope_positions(ids + [5, 6], wide)
+    rows = layout.decode_positions(positions, max_position=2048, speech_positions=4100, text_vocab=2454)
+    assert rows.text_token[34:34 + len(text)].tolist() == text
+    assert rows.is_generated.tolist()[-2:] == [True, True]
+    assert torch.equal(rows.cfg_weight[0], torch.tensor(0.5))
+    with pytest.raises(ValueError):
+        layout.placeholder_ids(34, [255, 2454, 0], 0.5, wide)
+    # the English layout cannot carry them, and keeps its 8194-wide logits
+    with pytest.raises(ValueError):
+        layout.placeholder_ids(34, [255, 708, 0], 0.5)
+    assert layout.ENGLISH.logits_width == 8194 and layout.ENGLISH.cond_digit_base == 7300
+
+
+def test_multilingual_config_widens_logits_but_not_the_speech_vocabulary() -> None:
+    config = t3_model_config(text_vocab_size=2454)
+    assert config["vocab_size"] == layout.IdLayout(2454).logits_width > 8194
+    assert config["t3_speech_vocab_size"] == 8194 and config["t3_text_vocab_size"] == 2454
+    assert "t3_speech_vocab_size" not in t3_model_config()
+
+
+def test_multilingual_prompt_builder_uses_the_wide_layout() -> None:
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    hp = T3Config.multilingual()
+    hp.llama_config_name = "Llama_520M"
+    builder = T3PromptBuilder(hp)
+    text = [255, 708, 2000, 0]
+    prompt = builder.build(builder.conditioning(_cond(2)), text, 0.5)
+    assert prompt.token_ids[34:38] == [6563 + t for t in text]
+    assert prompt.token_ids[0] >= layout.IdLayout(2454).cond_digit_base

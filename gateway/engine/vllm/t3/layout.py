@@ -23,6 +23,12 @@ length and ``w_code = round(200 w) < 1024`` the CFG weight in steps of 0.005 (so
 request's CFG weight with no per-request Python state in ``forward``.
 Rows 1 and 2 equal row 0 for generated tokens and are negative for prompt rows
 (``-1``: conditioning/BOS, ``-(2 + t)``: text token ``t``).
+
+Text vocabularies larger than the 737 ids between 6563 and the CFG digits (Multilingual:
+2454) get an :class:`IdLayout` whose CFG digits and filler move up past the text ids, and
+whose logits are that much wider (``logits_width``; the extra columns are masked like every
+id >= 6563), so every placeholder id stays a valid vocabulary id for vLLM's penalties. The
+English layout (704 text ids) is exactly the one above: its logits stay 8194 wide.
 """
 
 from __future__ import annotations
@@ -55,6 +61,29 @@ MAX_CFG_MILLI = (1 << (31 - W_SHIFT)) - 1
 MAX_TEXT_VOCAB = COND_DIGIT_BASE - TEXT_ID_BASE
 
 
+@dataclass(frozen=True, slots=True)
+class IdLayout:
+    """Where the placeholder ids of a T3 with ``text_vocab`` text ids lie."""
+
+    text_vocab: int = 704
+
+    @property
+    def cond_digit_base(self) -> int:
+        return max(COND_DIGIT_BASE, TEXT_ID_BASE + self.text_vocab)
+
+    @property
+    def cond_filler(self) -> int:
+        return self.cond_digit_base + COND_DIGITS
+
+    @property
+    def logits_width(self) -> int:
+        """``vocab_size`` of the vLLM model: the speech vocabulary, or wider to hold every id."""
+        return max(SPEECH_VOCAB, self.cond_filler + 1)
+
+
+ENGLISH = IdLayout()
+
+
 def cfg_to_milli(cfg_weight: float) -> int:
     milli = round(float(cfg_weight) * CFG_SCALE)
     if not 0 <= milli <= MAX_CFG_MILLI:
@@ -62,15 +91,16 @@ def cfg_to_milli(cfg_weight: float) -> int:
     return milli
 
 
-def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float) -> list[int]:
+def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float, layout: IdLayout = ENGLISH) -> list[int]:
     """The prompt's placeholder token ids (see the module docstring)."""
     if n_cond < 2:
         raise ValueError("a T3 prompt has at least two conditioning rows (speaker, emotion)")
-    if any(not 0 <= t < MAX_TEXT_VOCAB for t in text_tokens):
-        raise ValueError(f"text token ids must lie in [0, {MAX_TEXT_VOCAB})")
+    if any(not 0 <= t < layout.text_vocab for t in text_tokens):
+        raise ValueError(f"text token ids must lie in [0, {layout.text_vocab})")
     milli = cfg_to_milli(cfg_weight)
-    cond = [COND_DIGIT_BASE + milli // COND_DIGITS, COND_DIGIT_BASE + milli % COND_DIGITS]
-    cond += [COND_FILLER] * (n_cond - 2)
+    base = layout.cond_digit_base
+    cond = [base + milli // COND_DIGITS, base + milli % COND_DIGITS]
+    cond += [layout.cond_filler] * (n_cond - 2)
     ids = cond + [TEXT_ID_BASE + t for t in text_tokens] + [START_SPEECH, START_SPEECH]
     if len(ids) >= MAX_PROMPT:
         raise ValueError(f"prompt of {len(ids)} rows is too long (limit {MAX_PROMPT - 1})")
@@ -86,19 +116,20 @@ def prompt_length(ids: list[int]) -> int:
     raise ValueError("not a T3 prompt: no pair of start-of-speech rows")
 
 
-def mrope_positions(ids: list[int]) -> tuple[torch.Tensor, int]:
+def mrope_positions(ids: list[int], layout: IdLayout = ENGLISH) -> tuple[torch.Tensor, int]:
     """``(positions [3, len(ids)], delta)`` for vLLM's M-RoPE hook (see the module docstring)."""
     n = len(ids)
     length = prompt_length(ids)
-    milli = (ids[0] - COND_DIGIT_BASE) * COND_DIGITS + (ids[1] - COND_DIGIT_BASE)
-    if not (0 <= ids[0] - COND_DIGIT_BASE < COND_DIGITS and 0 <= ids[1] - COND_DIGIT_BASE < COND_DIGITS):
+    base = layout.cond_digit_base
+    milli = (ids[0] - base) * COND_DIGITS + (ids[1] - base)
+    if not (0 <= ids[0] - base < COND_DIGITS and 0 <= ids[1] - base < COND_DIGITS):
         raise ValueError("not a T3 prompt: the first two rows do not carry the CFG weight")
     delta = (length << POS_BITS) | (milli << W_SHIFT)
     row0 = torch.arange(n, dtype=torch.int64) + delta
     kind = row0.clone()
     for i in range(length):
         t = ids[i] - TEXT_ID_BASE
-        kind[i] = -(2 + t) if 0 <= t < MAX_TEXT_VOCAB else -1
+        kind[i] = -(2 + t) if 0 <= t < layout.text_vocab else -1
     return torch.stack((row0, kind, kind)), delta
 
 

@@ -34,7 +34,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.sequence import IntermediateTensors
 
-from gateway.engine.vllm.t3.layout import START_SPEECH, STOP_SPEECH, decode_positions, mrope_positions
+from gateway.engine.vllm.t3.layout import START_SPEECH, STOP_SPEECH, IdLayout, decode_positions, mrope_positions
 from gateway.engine.vllm.t3.weights import map_name
 
 
@@ -114,7 +114,7 @@ class T3Backbone(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(self.width, eps=config.rms_norm_eps)
-        self.speech_emb = nn.Embedding(config.vocab_size, self.width)
+        self.speech_emb = nn.Embedding(getattr(config, "t3_speech_vocab_size", config.vocab_size), self.width)
         self.speech_pos_emb = nn.Embedding(self.speech_positions, self.width)
         self.text_emb = nn.Embedding(self.text_vocab, self.width)
 
@@ -148,7 +148,10 @@ class ChatterboxT3ForCausalLM(nn.Module, SupportsMRoPE):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.model = T3Backbone(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
-        self.speech_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.speech_head = nn.Linear(
+            config.hidden_size, getattr(config, "t3_speech_vocab_size", config.vocab_size), bias=False
+        )
+        self.id_layout = IdLayout(config.t3_text_vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -161,13 +164,15 @@ class ChatterboxT3ForCausalLM(nn.Module, SupportsMRoPE):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: guided fp32 rows; the head runs in fp32 like upstream's CFG mix.
         logits = F.linear(hidden_states.float(), self.speech_head.weight.float())
+        if logits.shape[-1] < self.config.vocab_size:  # wide id layout (Multilingual): masked columns
+            logits = F.pad(logits, (0, self.config.vocab_size - logits.shape[-1]), value=float("-inf"))
         # Only speech tokens 0..6560 and the stop token can be produced.
         logits[:, START_SPEECH] = float("-inf")
         logits[:, STOP_SPEECH + 1:] = float("-inf")
         return logits
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        return mrope_positions(list(input_tokens))
+        return mrope_positions(list(input_tokens), self.id_layout)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

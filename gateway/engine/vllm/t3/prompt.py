@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gateway.engine.vllm.t3.layout import START_SPEECH, placeholder_ids
+from gateway.engine.vllm.t3.layout import START_SPEECH, IdLayout, placeholder_ids
 
 _NEEDED_PREFIXES = ("cond_enc.", "speech_emb.", "speech_pos_emb.", "text_pos_emb.", "text_emb.")
 
@@ -117,7 +117,9 @@ class T3PromptBuilder(nn.Module):
         text_rows = self.text_pos_emb(tokens)
         bos = self.speech_emb.weight[START_SPEECH] + self.speech_pos_emb.get_fixed_embedding(0)[0, 0]
         embeds = torch.cat((cond_rows, text_rows, bos[None], bos[None])).float().contiguous()
-        ids = placeholder_ids(cond_rows.shape[0], [int(t) for t in text_tokens], cfg_weight)
+        ids = placeholder_ids(
+            cond_rows.shape[0], [int(t) for t in text_tokens], cfg_weight, IdLayout(self.hp.text_tokens_dict_size)
+        )
         return T3Prompt(embeds, ids, cond_rows.shape[0], tokens.shape[1])
 
     @torch.inference_mode()

@@ -1,0 +1,1 @@
+"""The Chatterbox model families this server can load, and what each one accepts."""
