@@ -16,7 +16,7 @@ contract) is the same code as in one process; only the engine behind it is remot
 - A replica that dies fails the streams it was serving (``EngineError``: an SSE error event
   or a chunked body closed early). A call that had produced nothing yet is tried once more,
   on another replica.
-- Voice conditionals stay on the replicas; this side caches a ``VoiceRef`` (see
+- Voice conditionals stay on the replicas; this side caches a ``ClipReference`` (see
   :mod:`gateway.cluster.voice_refs`), under its own ``model_id`` namespace.
 - ``check_health`` passes while at least one replica runs.
 """
@@ -33,7 +33,7 @@ import structlog
 from gateway.cluster import deploy
 from gateway.cluster.options import check_cluster_settings
 from gateway.cluster.replica import EngineFactory, ReplicaInfo
-from gateway.cluster.voice_refs import VoiceRef, load_ref, save_ref
+from gateway.cluster.voice_refs import ClipReference, load_ref, save_ref
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, OverloadedError
 from gateway.models.families import ORIGINAL
@@ -115,20 +115,20 @@ class RemoteEngine(Engine):
     def weights_id(self, model: str) -> str:
         return self.model_id if model == self.models[0] else f"{self.model_id}/{model}"
 
-    def compute_conditionals(self, clip: Path, model: str = ORIGINAL) -> VoiceRef:
+    def compute_conditionals(self, clip: Path, model: str = ORIGINAL) -> ClipReference:
         """Blocking (called in a worker thread): one replica makes the conditionals and
         leaves them in the shared cache for all."""
-        ref = VoiceRef(clip=str(Path(clip).resolve()))
+        ref = ClipReference(clip=str(Path(clip).resolve()))
         return self._blocking(lambda handle: handle.prepare_voice.remote(ref, model))
 
     def save_conditionals(self, conditionals: Any, path: Path) -> None:
         save_ref(conditionals, path)
 
-    def load_conditionals(self, path: Path, model: str = ORIGINAL) -> VoiceRef:
+    def load_conditionals(self, path: Path, model: str = ORIGINAL) -> ClipReference:
         return load_ref(path)
 
-    def builtin_conditionals(self, model: str = ORIGINAL) -> VoiceRef | None:
-        return VoiceRef(clip=None) if self._builtin else None
+    def builtin_conditionals(self, model: str = ORIGINAL) -> ClipReference | None:
+        return ClipReference(clip=None) if self._builtin else None
 
     def count_text_tokens(self, text: str, model: str = ORIGINAL, language: str = "en") -> int:
         # the replicas' counter is their first family's tokenizer; other families' tokenizers

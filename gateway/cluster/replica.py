@@ -32,7 +32,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.cluster.options import max_ongoing_requests
-from gateway.cluster.voice_refs import VoiceRef
+from gateway.cluster.voice_refs import ClipReference
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob, Voice
 from gateway.engine.factory import build_engine
 from gateway.models.families import ORIGINAL
@@ -63,7 +63,7 @@ class ReplicaInfo:
 @dataclass(slots=True)
 class JobRecord:
     job: SynthesisJob
-    """As received (the voice is a VoiceRef)."""
+    """As received (the voice is a ClipReference)."""
     started_at: float
     outcome: JobOutcome = "running"
 
@@ -120,7 +120,7 @@ class EngineReplica:
             max_ongoing_requests=max_ongoing_requests(self.settings),
         )
 
-    async def prepare_voice(self, ref: VoiceRef, model: str = ORIGINAL) -> VoiceRef:
+    async def prepare_voice(self, ref: ClipReference, model: str = ORIGINAL) -> ClipReference:
         # errors name the clip's file: the HTTP tier knows the voice's name, not the replica
         voice = await self.voices.get(ref.info(Path(ref.clip).name if ref.clip else "default"), model)
         return dataclasses.replace(ref, sha=voice.key.rsplit(":", 1)[1] if ref.clip else None)
@@ -146,8 +146,8 @@ class EngineReplica:
 
     async def _resolve(self, job: SynthesisJob) -> SynthesisJob:
         ref = job.voice.conditionals
-        if not isinstance(ref, VoiceRef):
-            raise TypeError(f"a job's voice must arrive as a VoiceRef, got {type(ref).__name__}")
+        if not isinstance(ref, ClipReference):
+            raise TypeError(f"a job's voice must arrive as a ClipReference, got {type(ref).__name__}")
         voice = await self.voices.get(ref.info(job.voice.name), job.model)
         return dataclasses.replace(job, voice=Voice(name=job.voice.name, key=voice.key, conditionals=voice.conditionals))
 

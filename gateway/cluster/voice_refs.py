@@ -1,7 +1,7 @@
 """What crosses the tiers in place of voice conditionals: a reference to the clip.
 
 Conditionals are engine objects (tensors on the replica's device) and stay on the engine
-replicas. The HTTP tier's voice cache holds a :class:`VoiceRef` instead: the clip's path on
+replicas. The HTTP tier's voice cache holds a :class:`ClipReference` instead: the clip's path on
 the shared voice store (``None`` for the checkpoint's own voice). A replica turns it into
 conditionals with its own :class:`~gateway.voices.cache.VoiceCache` over the shared cache
 directory: memory, then the shared disk, then one computation for the whole cluster (a file
@@ -18,7 +18,7 @@ from gateway.voices.library import VoiceInfo
 
 
 @dataclass(frozen=True, slots=True)
-class VoiceRef:
+class ClipReference:
     clip: str | None
     """Absolute path of the reference clip on the shared voice store; None: the checkpoint voice."""
     sha: str | None = None
@@ -36,13 +36,13 @@ class VoiceRef:
         )
 
 
-def save_ref(ref: VoiceRef, path: Path) -> None:
+def save_ref(ref: ClipReference, path: Path) -> None:
     Path(path).write_text(json.dumps({"clip": ref.clip, "sha": ref.sha}), encoding="utf-8")
 
 
-def load_ref(path: Path) -> VoiceRef:
+def load_ref(path: Path) -> ClipReference:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     clip, sha = data["clip"], data.get("sha")
     if not (clip is None or isinstance(clip, str)) or not (sha is None or isinstance(sha, str)):
         raise ValueError(f"{path} is not a voice reference")
-    return VoiceRef(clip=clip, sha=sha)
+    return ClipReference(clip=clip, sha=sha)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from gateway.engine.checkpoint.dummy import materialize_dummy_checkpoint
-from gateway.engine.checkpoint.layout import CHECKPOINT_FILES, WHAT_TO_DO, validate_checkpoint_dir
+from gateway.engine.checkpoint.layout import WHAT_TO_DO, validate_checkpoint_dir
 from gateway.errors import WeightsUnavailableError
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO, Family
 from gateway.settings import Settings

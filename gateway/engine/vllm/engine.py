@@ -37,7 +37,7 @@ import numpy as np
 from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, SynthesisJob
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
-from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_to_milli
+from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_code
 from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.models.families import ORIGINAL
@@ -232,7 +232,7 @@ class VllmEngine(UpstreamVoices, Engine):
         """The chunk's vLLM prompt (rows + side-channel ids carrying ``cfg_weight``)."""
         rows = await self._conditioning(job)
         try:
-            cfg_to_milli(job.params.cfg_weight)
+            cfg_code(job.params.cfg_weight)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="cfg_weight") from None
         if rows.shape[0] + len(text_tokens) + 2 >= MAX_PROMPT:

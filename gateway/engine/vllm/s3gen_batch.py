@@ -3,7 +3,7 @@
 What the vocoder loop (:mod:`gateway.engine.vllm.vocoder`) calls, on its worker thread::
 
     batch = S3GenBatch(s3gen, device=..., flow_dtype=..., flow_steps=..., tapes=NoiseTapes.generate(...))
-    voice = batch.prepare_voice(ref_dict)            # VoiceRef, once per voice
+    voice = batch.prepare_voice(ref_dict)            # S3GenVoice, once per voice
     mels = batch.run_flow([FlowRow(voice, tokens, context_start, new_tokens, final), ...])
     waves = batch.run_hift([HiftRow(mel, start_frame, phase, carry), ...])
 
@@ -29,7 +29,7 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   from the tape; then ``HiFTGenerator.decode`` runs unchanged. HiFT always runs in fp32
   (cumulative phase, ``exp`` magnitudes and the iSTFT are precision sensitive; cuFFT has no
   bf16); the flow encoder and CFM estimator run in ``flow_dtype`` (bf16/fp16 on CUDA).
-* Per voice (:class:`VoiceRef`, which the vocoder keeps in an LRU keyed by the voice key):
+* Per voice (:class:`S3GenVoice`, which the vocoder keeps in an LRU keyed by the voice key):
   prompt token ids, the prompt mel on the device in the flow dtype, and the normalised and
   projected x-vector.
 """
@@ -124,7 +124,7 @@ class NoiseTapes:
 
 
 @dataclass(frozen=True, slots=True)
-class VoiceRef:
+class S3GenVoice:
     """A voice's S3Gen reference, prepared once for the device and dtype."""
 
     prompt_tokens: torch.Tensor
@@ -141,7 +141,7 @@ class VoiceRef:
 
 @dataclass(frozen=True, slots=True)
 class FlowRow:
-    voice: VoiceRef
+    voice: S3GenVoice
     tokens: Sequence[int]
     """Stream tokens ``[context_start, input_end)`` of the window."""
     context_start: int
@@ -200,7 +200,7 @@ class S3GenBatch:
         return -(-frames // TOKEN_MEL_RATIO)
 
     @torch.inference_mode()
-    def prepare_voice(self, ref_dict: Mapping[str, Any]) -> VoiceRef:
+    def prepare_voice(self, ref_dict: Mapping[str, Any]) -> S3GenVoice:
         tokens = torch.as_tensor(ref_dict["prompt_token"]).reshape(-1).long().cpu()
         if ref_dict.get("prompt_token_len") is not None:
             tokens = tokens[: int(torch.as_tensor(ref_dict["prompt_token_len"]).reshape(-1)[0])]
@@ -209,7 +209,7 @@ class S3GenBatch:
         n = min(int(tokens.shape[0]), feat.shape[0] // TOKEN_MEL_RATIO)
         xvec = torch.as_tensor(ref_dict["embedding"]).reshape(1, -1).to(self.device, self.dtype)
         speaker = self.flow.spk_embed_affine_layer(F.normalize(xvec, dim=1))[0]
-        return VoiceRef(
+        return S3GenVoice(
             prompt_tokens=tokens[:n].clone(),
             prompt_feat=feat[: TOKEN_MEL_RATIO * n].T.contiguous().to(self.device, self.dtype),
             speaker=speaker.contiguous(),

@@ -49,7 +49,7 @@ import torch
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm.cfm_solver import GraphBuckets
-from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, VoiceRef
+from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, S3GenVoice
 from gateway.engine.vllm.vocoder_stream import VocoderStream, WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO, Window, WindowPolicy
 from gateway.errors import EngineUnavailableError
@@ -109,7 +109,7 @@ class Vocoder:
             raise ValueError(f"window lookahead must be the flow's pre-lookahead ({self.batch.lookahead})")
         self.trim_fade = self.batch.trim_fade
         """Upstream's fade-in against reference spill-over, applied to each stream's first samples."""
-        self._voices: OrderedDict[str, VoiceRef] = OrderedDict()  # worker thread only
+        self._voices: OrderedDict[str, S3GenVoice] = OrderedDict()  # worker thread only
         self._streams: set[VocoderStream] = set()
         self._tickets = itertools.count()
         self._wake = asyncio.Event()
@@ -263,7 +263,7 @@ class Vocoder:
         if self.on_batch is not None:
             self.on_batch(len(jobs), st.last_batch_padded_tokens, seconds)
 
-    def _voice(self, key: str, ref_dict: Mapping[str, Any]) -> VoiceRef:
+    def _voice(self, key: str, ref_dict: Mapping[str, Any]) -> S3GenVoice:
         voice = self._voices.get(key)
         if voice is None:
             voice = self._voices[key] = self.batch.prepare_voice(ref_dict)
@@ -276,7 +276,7 @@ class Vocoder:
         """Worker thread: flow for all rows at once, then HiFT grouped by length. A row whose
         voice cannot be prepared fails alone; the others still run."""
         outcomes: list[WindowResult | Exception] = []
-        voices: list[VoiceRef | None] = []
+        voices: list[S3GenVoice | None] = []
         for job in jobs:
             try:
                 voices.append(self._voice(job.voice_key, refs[job.voice_key]))

@@ -56,7 +56,7 @@ LEN_MASK = (1 << LEN_BITS) - 1
 MAX_PROMPT = 1 << LEN_BITS
 """Prompt rows (conditioning + text + 2) must stay below this."""
 W_SHIFT = POS_BITS + LEN_BITS
-MAX_CFG_MILLI = (1 << (31 - W_SHIFT)) - 1
+MAX_CFG_CODE = (1 << (31 - W_SHIFT)) - 1
 """Largest CFG code (the weight 5.115): the three fields fill the 31 bits of an int32."""
 MAX_TEXT_VOCAB = COND_DIGIT_BASE - TEXT_ID_BASE
 
@@ -84,11 +84,12 @@ class IdLayout:
 ENGLISH = IdLayout()
 
 
-def cfg_to_milli(cfg_weight: float) -> int:
-    milli = round(float(cfg_weight) * CFG_SCALE)
-    if not 0 <= milli <= MAX_CFG_MILLI:
-        raise ValueError(f"cfg_weight {cfg_weight} outside [0, {MAX_CFG_MILLI / CFG_SCALE}]")
-    return milli
+def cfg_code(cfg_weight: float) -> int:
+    """The CFG weight as it travels in the side channel: an integer in steps of 1/CFG_SCALE."""
+    code = round(float(cfg_weight) * CFG_SCALE)
+    if not 0 <= code <= MAX_CFG_CODE:
+        raise ValueError(f"cfg_weight {cfg_weight} outside [0, {MAX_CFG_CODE / CFG_SCALE}]")
+    return code
 
 
 def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float, layout: IdLayout = ENGLISH) -> list[int]:
@@ -97,9 +98,9 @@ def placeholder_ids(n_cond: int, text_tokens: list[int], cfg_weight: float, layo
         raise ValueError("a T3 prompt has at least two conditioning rows (speaker, emotion)")
     if any(not 0 <= t < layout.text_vocab for t in text_tokens):
         raise ValueError(f"text token ids must lie in [0, {layout.text_vocab})")
-    milli = cfg_to_milli(cfg_weight)
+    code = cfg_code(cfg_weight)
     base = layout.cond_digit_base
-    cond = [base + milli // COND_DIGITS, base + milli % COND_DIGITS]
+    cond = [base + code // COND_DIGITS, base + code % COND_DIGITS]
     cond += [layout.cond_filler] * (n_cond - 2)
     ids = cond + [TEXT_ID_BASE + t for t in text_tokens] + [START_SPEECH, START_SPEECH]
     if len(ids) >= MAX_PROMPT:
@@ -121,10 +122,10 @@ def mrope_positions(ids: list[int], layout: IdLayout = ENGLISH) -> tuple[torch.T
     n = len(ids)
     length = prompt_length(ids)
     base = layout.cond_digit_base
-    milli = (ids[0] - base) * COND_DIGITS + (ids[1] - base)
+    code = (ids[0] - base) * COND_DIGITS + (ids[1] - base)
     if not (0 <= ids[0] - base < COND_DIGITS and 0 <= ids[1] - base < COND_DIGITS):
         raise ValueError("not a T3 prompt: the first two rows do not carry the CFG weight")
-    delta = (length << POS_BITS) | (milli << W_SHIFT)
+    delta = (length << POS_BITS) | (code << W_SHIFT)
     row0 = torch.arange(n, dtype=torch.int64) + delta
     kind = row0.clone()
     for i in range(length):
@@ -157,10 +158,10 @@ def decode_positions(
     kind = positions[1]
     p = (v & POS_MASK).clamp(max=max_position - 1)
     length = (v >> POS_BITS) & LEN_MASK
-    milli = v >> W_SHIFT
+    code = v >> W_SHIFT
     is_gen = kind >= 0
     speech_index = (p - length + 1).clamp(0, speech_positions - 1)
     is_text = kind <= -2
     text_token = (-kind - 2).clamp(0, text_vocab - 1)
-    cfg = milli.clamp(0, MAX_CFG_MILLI).to(torch.float32) / CFG_SCALE
+    cfg = code.clamp(0, MAX_CFG_CODE).to(torch.float32) / CFG_SCALE
     return DecodedPositions(p, is_gen, speech_index, is_text, text_token, cfg)
