@@ -170,7 +170,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         stack.push_async_callback(aclose_quietly, produced)
         # The engine's first audio, then the encoder's first bytes, before the status line:
         # the encoder alone would not do, as WAV's header leaves before any audio exists.
-        first_audio = await _first(produced, deadline)
+        first_audio = await _next(produced, deadline, None)
         encoded = encode_audio(
             _counted(first_audio, produced, usage, record),
             response_format=request.response_format,
@@ -179,7 +179,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
             route=settings.audio_encoder,
         )
         stack.push_async_callback(aclose_quietly, encoded)
-        first_bytes = await _first(encoded, deadline, record)
+        first_bytes = await _next(encoded, deadline, record)
     except BaseException:
         await _unwind(stack)
         raise
@@ -227,12 +227,9 @@ async def _unwind(stack: contextlib.AsyncExitStack) -> None:
         await stack.aclose()
 
 
-async def _first(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None = None) -> Any:
-    """The first item (None if there is none), within the request's time limit."""
-    return await _next(items, deadline, record)
-
-
 async def _next(items: AsyncIterator[Any], deadline: float, record: RequestRecord | None) -> Any:
+    """The next item (None when there is none) within the request's time limit; an encoder
+    failure is marked on ``record`` (None for the engine's iterator)."""
     try:
         return await next_within(items, deadline, what="speech request")
     except StopAsyncIteration:
