@@ -131,18 +131,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Voices that may be created through the API (400 ``too_many_voices`` beyond)."""
     max_consent_chars: PositiveInt = 1024
     """Longest ``consent`` text stored with a created voice."""
-    upload_decode_memory_bytes: Annotated[int, Meta(ge=64 * 1_048_576)] = 1024 * 1_048_576
-    """Address space one FFmpeg child decoding an upload may map (RLIMIT_AS, enforced by the OS)."""
+    upload_decode_memory_bytes: Annotated[int, Meta(ge=256 * 1_048_576)] = 1024 * 1_048_576
+    """Address space the child process decoding an upload may map (RLIMIT_AS, enforced by the
+    OS; Python and PyAV need ~130 MiB of it to start)."""
     upload_decode_cpu_s: PositiveInt = 10
-    """CPU seconds one upload's FFmpeg child may use (RLIMIT_CPU)."""
+    """CPU seconds one upload's decoding child may use (RLIMIT_CPU)."""
     upload_decode_timeout_s: Annotated[float, Meta(gt=0.0)] = 15.0
-    """Wall time one upload's FFmpeg child may take before it is killed."""
+    """Wall time one upload's decoding child may take before it is killed."""
     upload_min_sample_rate: PositiveInt = 8_000
-    """Lowest sample rate an uploaded clip's header may declare (checked before decoding)."""
+    """Lowest sample rate an uploaded clip's stream may declare or any of its frames may have
+    (checked before resampling)."""
     upload_max_sample_rate: PositiveInt = 192_000
-    """Highest sample rate an uploaded clip's header may declare."""
+    """Highest sample rate an uploaded clip's stream or frames may have."""
     upload_max_channels: PositiveInt = 8
-    """Most channels an uploaded clip's header may declare."""
+    """Most channels an uploaded clip's stream or frames may have."""
 
     # --- Audio -----------------------------------------------------------------------------
     audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
