@@ -168,6 +168,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """On SIGTERM/SIGINT: how long open requests may take in total (seconds); what still runs
     then is cancelled."""
 
+    # --- Isolation between clients and keys (docs/operations.md, "Fair shares") ------------
+    max_client_share: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.25
+    """Largest share of the admission budget one client (an IP address; IPv6: its /64) may
+    hold: ceil(share x max_in_flight) requests synthesising and ceil(share x max_queued)
+    waiting; more of its requests wait for its own to finish, past that 429
+    ``client_concurrency_limit``. 1: no per-client limit."""
+    max_key_share: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    """The same share per API key, applied when two or more keys are configured (one key has
+    no one to share with); 429 ``key_concurrency_limit``. 1: no per-key limit."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (comma separated, e.g. 127.0.0.1,10.0.0.0/8) of reverse proxies
+    whose X-Forwarded-For names the client. Empty: the peer address is the client and
+    X-Forwarded-For is ignored."""
+    admin_api_keys: tuple[str, ...] = ()
+    """Keys (comma separated) that are accepted like ``api_keys`` and also see, use and
+    delete every voice, whoever created it."""
+
     # --- Cluster mode (Ray Serve; the `cluster` extra) -----------------------------------
     cluster: str | None = None
     """Run the engine tier as Ray Serve replicas: "local" starts a Ray instance on this
@@ -240,6 +257,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 f"models {','.join(self.models)!r}: each of {', '.join(FAMILIES)} at most once"
             )
         parse_alias_overrides(self.model_aliases, self.models)
+        for proxy in self.trusted_proxies:
+            _network(proxy)
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"
@@ -261,7 +280,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         return frozenset(keys)
 
 
-_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases"}
+_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases", "trusted_proxies", "admin_api_keys"}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
@@ -276,6 +295,15 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
             continue
         out[field] = [v.strip() for v in value.split(",") if v.strip()] if field in _TUPLE_FIELDS else value
     return out
+
+
+def _network(text: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"trusted_proxies: {text!r} is not an IP address or network") from None
 
 
 class SettingsError(ValueError):

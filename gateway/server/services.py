@@ -29,7 +29,7 @@ class AppServices:
     """Deliberately a plain class (not a dataclass): Litestar resolves the field types of
     structured dependency types, and the voice types are only imported for type checkers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, key_count: int = 0) -> None:
         self.settings = settings
         self.model_names = ModelNames(settings.models, settings.model_aliases)
         """The loaded model families and the names (aliases) that reach them."""
@@ -39,8 +39,9 @@ class AppServices:
         """Why the engine failed to load (shown by /ready and on 503s)."""
         self.voices: VoiceLibrary | None = None
         self.voice_cache: VoiceCache | None = None
-        self.admission = AdmissionController.from_settings(settings)
-        """Bounded in-flight speech work (429/503 past it); see gateway.speech.admission."""
+        self.admission = AdmissionController.from_settings(settings, key_count=key_count)
+        """Bounded in-flight speech work, fairly shared by clients and (``key_count`` >= 2) API
+        keys (429/503 past it); see gateway.speech.admission."""
         self.upload_admission = AdmissionController.for_uploads(settings)
         """Bounded voice-clip processing (FFmpeg decode + FLAC write per upload)."""
         self.metrics: GatewayMetrics | None = None
