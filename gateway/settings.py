@@ -210,6 +210,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Requests this HTTP process lets wait for a replica slot; past it, 429 at once."""
     cluster_health_period_s: Annotated[float, Meta(gt=0.0)] = 5.0
     """How often Ray checks each replica (a replica failing it is replaced)."""
+    cluster_loopback_only: bool = True
+    """With cluster=local: the Ray instance started here (GCS, raylet, workers, object
+    manager, dashboard agent) listens on 127.0.0.1 only. Off: on this machine's address, so
+    that other machines can join it (keep such a cluster on a private network)."""
 
     # --- vLLM engine ------------------------------------------------------------------------
     vllm_max_num_seqs: PositiveInt = 128

@@ -36,7 +36,10 @@ class AppServices:
         self.engine: Engine | None = None
         self.engine_state: EngineState = "loading"
         self.engine_error: str | None = None
-        """Why the engine failed to load (shown by /ready and on 503s)."""
+        """Why the engine failed to load or stopped working (shown by /ready and on 503s)."""
+        self.engine_died = False
+        """The engine had loaded and then failed its health check (``engine_watch``): /ready
+        says it stopped working, not that it failed to load."""
         self.voices: VoiceLibrary | None = None
         self.voice_cache: VoiceCache | None = None
         self.admission = AdmissionController.from_settings(settings, key_count=key_count)
@@ -60,6 +63,11 @@ class AppServices:
         return self.voices, self.voice_cache
 
     def unavailable_message(self) -> str:
+        if self.engine_state == "failed" and self.engine_died:
+            return (
+                f"The speech engine stopped working: {self.engine_error}. The server checks it every few "
+                "seconds and is ready again as soon as it works."
+            )
         if self.engine_state == "failed":
             return f"The speech engine failed to load: {self.engine_error}"
         if self.engine_state == "closed":

@@ -74,7 +74,9 @@ def test_a_1_hz_clip_is_refused_from_its_header(library: VoiceLibrary, container
     assert caught.value.param == "audio_sample"
     # what the header says (1 Hz, so 2048 s for 2048 samples) is enough: nothing is decoded
     assert "1 Hz" in caught.value.message or "2048.0 s" in caught.value.message, caught.value.message
-    assert time.monotonic() - started < 2.0
+    # decoding it would take seconds and gigabytes; the refusal costs the decoding child's start
+    # (Python and PyAV: ~0.1-0.5 s, more on a machine loaded many times over)
+    assert time.monotonic() - started < 5.0
 
 
 def test_hundreds_of_channels_are_refused_from_the_header(library: VoiceLibrary) -> None:
