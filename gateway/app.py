@@ -52,10 +52,10 @@ OPENAPI_PATH = "/schema"
 
 def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     """The gateway as an ASGI app. ``engine`` replaces the configured one (tests)."""
-    services = AppServices(settings=settings)
+    api_keys = auth_middleware(settings)
+    services = AppServices(settings=settings, key_count=api_keys.checker.count)
     shutdown_clock = ShutdownClock(settings.shutdown_grace_s)
 
-    api_keys = auth_middleware(settings)
     # voice uploads get their own body limit (a clip is far larger than a speech request)
     voices_router = Router(
         path="/",
@@ -63,7 +63,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         request_max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
     )
     if settings.metrics_enabled:
-        services.metrics = GatewayMetrics(live=lambda: service_gauges(services), engine=lambda: services.engine)
+        services.metrics = GatewayMetrics(
+            live=lambda: service_gauges(services),
+            engine=lambda: services.engine,
+            refusals=lambda: services.admission.rejected_by,
+        )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

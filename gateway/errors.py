@@ -103,6 +103,8 @@ class OverloadedError(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "server_overloaded"
+    limit = "server"
+    """Which admission limit refused it (``client``/``key`` for a fair-share refusal)."""
 
     def __init__(self, message: str, *, retry_after_s: int = 1, **kw: object) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)}, **kw)  # type: ignore[arg-type]

@@ -131,18 +131,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Voices that may be created through the API (400 ``too_many_voices`` beyond)."""
     max_consent_chars: PositiveInt = 1024
     """Longest ``consent`` text stored with a created voice."""
-    upload_decode_memory_bytes: Annotated[int, Meta(ge=64 * 1_048_576)] = 1024 * 1_048_576
-    """Address space one FFmpeg child decoding an upload may map (RLIMIT_AS, enforced by the OS)."""
+    upload_decode_memory_bytes: Annotated[int, Meta(ge=256 * 1_048_576)] = 1024 * 1_048_576
+    """Address space the child process decoding an upload may map (RLIMIT_AS, enforced by the
+    OS; Python and PyAV need ~130 MiB of it to start)."""
     upload_decode_cpu_s: PositiveInt = 10
-    """CPU seconds one upload's FFmpeg child may use (RLIMIT_CPU)."""
+    """CPU seconds one upload's decoding child may use (RLIMIT_CPU)."""
     upload_decode_timeout_s: Annotated[float, Meta(gt=0.0)] = 15.0
-    """Wall time one upload's FFmpeg child may take before it is killed."""
+    """Wall time one upload's decoding child may take before it is killed."""
     upload_min_sample_rate: PositiveInt = 8_000
-    """Lowest sample rate an uploaded clip's header may declare (checked before decoding)."""
+    """Lowest sample rate an uploaded clip's stream may declare or any of its frames may have
+    (checked before resampling)."""
     upload_max_sample_rate: PositiveInt = 192_000
-    """Highest sample rate an uploaded clip's header may declare."""
+    """Highest sample rate an uploaded clip's stream or frames may have."""
     upload_max_channels: PositiveInt = 8
-    """Most channels an uploaded clip's header may declare."""
+    """Most channels an uploaded clip's stream or frames may have."""
 
     # --- Audio -----------------------------------------------------------------------------
     audio_encoder: Literal["auto", "inprocess", "ffmpeg"] = "auto"
@@ -165,6 +167,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     shutdown_grace_s: NonNegativeFloat = 10.0
     """On SIGTERM/SIGINT: how long open requests may take in total (seconds); what still runs
     then is cancelled."""
+
+    # --- Isolation between clients and keys (docs/operations.md, "Fair shares") ------------
+    max_client_share: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.25
+    """Largest share of the admission budget one client (an IP address; IPv6: its /64) may
+    hold: ceil(share x max_in_flight) requests synthesising and ceil(share x max_queued)
+    waiting; more of its requests wait for its own to finish, past that 429
+    ``client_concurrency_limit``. 1: no per-client limit."""
+    max_key_share: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    """The same share per API key, applied when two or more keys are configured (one key has
+    no one to share with); 429 ``key_concurrency_limit``. 1: no per-key limit."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (comma separated, e.g. 127.0.0.1,10.0.0.0/8) of reverse proxies
+    whose X-Forwarded-For names the client. Empty: the peer address is the client and
+    X-Forwarded-For is ignored."""
+    admin_api_keys: tuple[str, ...] = ()
+    """Keys (comma separated) that are accepted like ``api_keys`` and also see, use and
+    delete every voice, whoever created it."""
 
     # --- Cluster mode (Ray Serve; the `cluster` extra) -----------------------------------
     cluster: str | None = None
@@ -191,6 +210,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Requests this HTTP process lets wait for a replica slot; past it, 429 at once."""
     cluster_health_period_s: Annotated[float, Meta(gt=0.0)] = 5.0
     """How often Ray checks each replica (a replica failing it is replaced)."""
+    cluster_loopback_only: bool = True
+    """With cluster=local: the Ray instance started here (GCS, raylet, workers, object
+    manager, dashboard agent) listens on 127.0.0.1 only. Off: on this machine's address, so
+    that other machines can join it (keep such a cluster on a private network)."""
 
     # --- vLLM engine ------------------------------------------------------------------------
     vllm_max_num_seqs: PositiveInt = 128
@@ -238,6 +261,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 f"models {','.join(self.models)!r}: each of {', '.join(FAMILIES)} at most once"
             )
         parse_alias_overrides(self.model_aliases, self.models)
+        for proxy in self.trusted_proxies:
+            _network(proxy)
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"
@@ -259,7 +284,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         return frozenset(keys)
 
 
-_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases"}
+_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases", "trusted_proxies", "admin_api_keys"}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
@@ -274,6 +299,15 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
             continue
         out[field] = [v.strip() for v in value.split(",") if v.strip()] if field in _TUPLE_FIELDS else value
     return out
+
+
+def _network(text: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"trusted_proxies: {text!r} is not an IP address or network") from None
 
 
 class SettingsError(ValueError):

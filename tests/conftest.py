@@ -34,6 +34,10 @@ def settings(tmp_path: Path) -> Settings:
         max_speech_tokens=50,
         max_body_bytes=64 * 1024,
         log_format="json",
+        # every test client is 127.0.0.1, one client: a test that drives several requests at
+        # once must not meet its fair share (tests/speech/test_admission.py and
+        # tests/http/test_fair_shares.py test the shares with their own settings)
+        max_client_share=1.0,
     )
 
 

@@ -16,17 +16,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 
+from gateway.cluster.loopback import LOCAL_ONLY_ENV, is_loopback, keep_ray_on_loopback
 from gateway.cluster.options import DEPLOYMENT_NAME, deployment_options
 from gateway.cluster.replica import EngineFactory, EngineReplica
 from gateway.errors import EngineUnavailableError
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from ray.serve import Application
     from ray.serve.handle import DeploymentHandle
 
-SECRET_FIELDS = frozenset({"api_keys", "api_keys_file"})
+SECRET_FIELDS = frozenset({"api_keys", "api_keys_file", "admin_api_keys"})
 """Never shipped to the replicas (deployment arguments are visible in Ray's dashboard)."""
 ATTACH_TIMEOUT_S = 600.0
 
@@ -59,12 +61,23 @@ def connect(settings: Settings) -> bool:
     # Read when Ray is imported and by each Ray process at start (with "local", the instance
     # started here inherits it).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    local = settings.cluster == "local"
+    if local and settings.cluster_loopback_only:
+        keep_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
         return False
-    address = None if settings.cluster == "local" else settings.cluster
-    ray.init(address=address, namespace="chatterbox", log_to_driver=False)
+    ray.init(address=None if local else settings.cluster, namespace="chatterbox", log_to_driver=False)
+    if local:
+        node = ray.util.get_node_ip_address()
+        structlog.get_logger("gateway.cluster").info("ray_started", node_address=node, loopback_only=is_loopback(node))
+        if settings.cluster_loopback_only and not is_loopback(node):
+            ray.shutdown()
+            raise SettingsError(
+                f"cluster_loopback_only: the local Ray instance started on {node}, not on loopback "
+                f"({LOCAL_ONLY_ENV} was changed after Ray read it?); set cluster_loopback_only=false to allow it"
+            )
     return True
 
 
@@ -103,9 +116,16 @@ def attach(settings: Settings, timeout_s: float = ATTACH_TIMEOUT_S) -> Deploymen
 
 def running_replicas(settings: Settings) -> int:
     """Engine replicas in state RUNNING (0 when the application does not exist); blocking."""
+    return replica_states(settings).get("RUNNING", 0)
+
+
+def replica_states(settings: Settings) -> dict[str, int]:
+    """How many engine replicas are in each of Serve's states (RUNNING, STARTING, RECOVERING,
+    STOPPING, ...); empty when the application does not exist. Blocking."""
     from ray import serve
 
     app = serve.status().applications.get(settings.cluster_app_name)
     if app is None or DEPLOYMENT_NAME not in app.deployments:
-        return 0
-    return int(app.deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0))
+        return {}
+    states = app.deployments[DEPLOYMENT_NAME].replica_states.items()
+    return {getattr(state, "value", str(state)): int(count) for state, count in states if count}

@@ -18,7 +18,8 @@ contract) is the same code as in one process; only the engine behind it is remot
   on another replica.
 - Voice conditionals stay on the replicas; this side caches a ``ClipReference`` (see
   :mod:`gateway.cluster.voice_refs`), under its own ``model_id`` namespace.
-- ``check_health`` passes while at least one replica runs.
+- ``check_health`` passes while at least one replica runs; when none does, it says what
+  the replicas are doing (Serve replaces a replica that died: STARTING, RECOVERING).
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ class RemoteEngine(Engine):
 
     async def check_health(self) -> None:
         # also keeps the replica count behind `capacity` current (every few seconds)
-        self._replicas = await asyncio.to_thread(deploy.running_replicas, self.settings)
+        states = await asyncio.to_thread(deploy.replica_states, self.settings)
+        self._replicas = states.get("RUNNING", 0)
         if self._replicas == 0:
-            raise EngineUnavailableError(f"no engine replica of '{self.settings.cluster_app_name}' is running")
+            raise EngineUnavailableError(replicas_down(self.settings.cluster_app_name, states))
 
     # --- voices: references here, conditionals on the replicas ----------------------------
 
@@ -194,6 +196,14 @@ class RemoteEngine(Engine):
         if self._handle is None:
             raise EngineUnavailableError("the cluster engine is not connected")
         return self._handle
+
+
+def replicas_down(app: str, states: dict[str, int]) -> str:
+    """What /ready says while no replica runs: that they are down, and what Serve is doing."""
+    if not states:
+        return f"no engine replica of '{app}' is running: the Serve application is gone (deploy it again)"
+    doing = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+    return f"no engine replica of '{app}' is running (replicas down; Ray Serve is restarting them: {doing})"
 
 
 def build_remote_engine(settings: Settings) -> RemoteEngine:

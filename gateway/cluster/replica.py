@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.cluster.loopback import keep_replica_grpc_on_loopback
 from gateway.cluster.options import max_ongoing_requests
 from gateway.cluster.voice_refs import ClipReference
 from gateway.engine.base import AudioChunk, Engine, SynthesisJob, Voice
@@ -94,6 +95,7 @@ def portable_token_counter(engine: Engine) -> Callable[[str], int]:
 
 class EngineReplica:
     async def __init__(self, settings: dict[str, Any], engine_factory: EngineFactory | None = None) -> None:
+        keep_replica_grpc_on_loopback()  # before Serve starts that server, right after this
         self.settings = msgspec.convert(settings, Settings)
         self.engine = await asyncio.to_thread(engine_factory or build_engine, self.settings)
         await self.engine.start()

@@ -1,10 +1,12 @@
 """API keys: ``Authorization: Bearer <key>`` on every /v1 route when keys are configured.
 
-Keys come from ``settings.all_api_keys()`` (the ``api_keys`` setting plus ``api_keys_file``),
-read once when the app is built. A presented key is compared with every configured key in
-constant time (``hmac.compare_digest``, no early exit), so response timing says nothing about
-how close a guess was or which key matched. Keys are never logged: only the fact that a
-request was refused.
+Keys come from ``settings.all_api_keys()`` (the ``api_keys`` setting plus ``api_keys_file``)
+and ``admin_api_keys``, read once when the app is built. A presented key is compared with
+every configured key in constant time (``hmac.compare_digest``, no early exit), so response
+timing says nothing about how close a guess was or which key matched. Keys are never logged
+or stored: only the fact that a request was refused, and a matched key's id
+(``gateway.http.caller``). Every request leaves its :class:`~gateway.http.caller.Caller`
+(client address, key id, admin or not) in its scope for admission and the voice library.
 
 With no keys configured every request is accepted, with or without a bearer (the OpenAI SDK
 always sends one, so "any bearer" must work), and start-up logs a warning saying so.
@@ -24,7 +26,9 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationError
+from gateway.http.caller import Caller, client_id, key_id, remember_caller
 from gateway.http.errors import error_response
+from gateway.observability.request_record import current_record
 from gateway.settings import Settings, SettingsError
 
 API_PREFIX = "/v1"
@@ -34,10 +38,15 @@ _BEARER = b"bearer "
 
 
 class KeyChecker:
-    """Holds the accepted keys (as bytes) and answers "is this presented key one of them"."""
+    """Holds the accepted keys (as bytes, with their ids) and answers "which of them is this
+    presented key", if any."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._keys: tuple[bytes, ...] = tuple(sorted(k.encode("utf-8") for k in keys if k))
+    def __init__(self, keys: Iterable[str], admin_keys: Iterable[str] = ()) -> None:
+        admins = {k.encode("utf-8") for k in admin_keys if k}
+        accepted = {k.encode("utf-8") for k in keys if k} | admins
+        self._keys: tuple[tuple[bytes, str, bool], ...] = tuple(
+            (key, key_id(key), key in admins) for key in sorted(accepted)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -47,13 +56,18 @@ class KeyChecker:
     def count(self) -> int:
         return len(self._keys)
 
-    def accepts(self, presented: bytes) -> bool:
+    def identify(self, presented: bytes) -> tuple[str, bool] | None:
+        """(key id, admin) of the configured key equal to ``presented``, else None."""
         # compare against every key, whatever matched earlier: the time taken depends only on
         # the number and length of configured keys, never on which one (if any) matched.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched
+        found = None
+        for key, ident, admin in self._keys:
+            if hmac.compare_digest(presented, key):
+                found = (ident, admin)
+        return found
+
+    def accepts(self, presented: bytes) -> bool:
+        return self.identify(presented) is not None
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -82,6 +96,7 @@ class APIKeyMiddleware(ASGIMiddleware):
         self.metrics_require_auth = metrics_require_auth
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        identity = None
         # CORS preflights never carry credentials; they reveal nothing and must pass.
         if (
             self.checker.enabled
@@ -97,9 +112,19 @@ class APIKeyMiddleware(ASGIMiddleware):
             if token is None:
                 await _refuse(send, AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'."))
                 return
-            if not self.checker.accepts(token):
+            identity = self.checker.identify(token)
+            if identity is None:
                 await _refuse(send, AuthenticationError("Incorrect API key provided."))
                 return
+        caller = Caller(
+            client=client_id(scope.get("client")),
+            key_id=identity[0] if identity else None,
+            admin=identity[1] if identity else False,
+            keys_enforced=self.checker.enabled,
+        )
+        remember_caller(scope, caller)
+        record = current_record()
+        record.key_id, record.client = caller.key_id, caller.client
         await next_app(scope, receive, send)
 
 
@@ -127,7 +152,7 @@ def auth_middleware(settings: Settings) -> APIKeyMiddleware:
         keys = settings.all_api_keys()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"api_keys_file: cannot read {settings.api_keys_file!r}: {exc}") from None
-    return APIKeyMiddleware(KeyChecker(keys), metrics_require_auth=settings.metrics_require_auth)
+    return APIKeyMiddleware(KeyChecker(keys, settings.admin_api_keys), metrics_require_auth=settings.metrics_require_auth)
 
 
 def log_auth_mode(middleware: APIKeyMiddleware, logger: structlog.typing.FilteringBoundLogger | None = None) -> None:

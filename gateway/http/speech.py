@@ -13,6 +13,7 @@ from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import Operation, RequestBody, Schema
 from litestar.response import Stream
 
+from gateway.http.caller import caller_of
 from gateway.http.disconnect import unless_disconnected
 from gateway.http.errors import BEARER_SECURITY, v1_error_responses
 from gateway.http.request_context import request_id_of
@@ -27,7 +28,8 @@ _ERRORS = {
     "a wrong Content-Type, an unknown voice)",
     404: "Unknown model (`code`: `model_not_found`)",
     413: "Body larger than the configured limit",
-    429: "Too much work in flight (Retry-After set)",
+    429: "Too much work in flight (Retry-After set; `code`: `server_overloaded`, or "
+    "`client_concurrency_limit` / `key_concurrency_limit` when this client or key holds its share)",
     503: "Engine loading or failed, or the queue wait limit passed (Retry-After set)",
     504: "The request time limit passed before the first byte",
 }
@@ -89,7 +91,7 @@ async def create_speech(request: Request[Any, Any, Any], services: NamedDependen
     speech = decode_speech_request(await request.body())
     # a client that leaves while queued or before the first audio stops its work right away
     prepared = await unless_disconnected(
-        request.receive, prepare_speech(services, speech, request_id_of(request.scope))
+        request.receive, prepare_speech(services, speech, request_id_of(request.scope), caller_of(request.scope))
     )
     headers = {"Cache-Control": "no-cache"}
 

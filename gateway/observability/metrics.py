@@ -40,6 +40,27 @@ class _LiveGauges(Collector):
             yield GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
 
 
+class _AdmissionRefusals(Collector):
+    """429s by the admission limit that refused them (read at scrape time)."""
+
+    LIMITS = ("server", "client", "key")
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        counts = self._counts()
+        family = CounterMetricFamily(
+            f"{NAMESPACE}_admission_refusals",
+            "Speech requests refused with 429 by limit: server (all slots and the queue full), "
+            "client or key (that client or API key held its share).",
+            labels=["limit"],
+        )
+        for limit in self.LIMITS:
+            family.add_metric([limit], float(counts.get(limit, 0)))
+        yield family
+
+
 class _BatchStats(Collector):
     """An engine's cross-request batching counters (``Engine.batch_stats()``, e.g. the vLLM
     engine's vocoder loop), read at scrape time; absent for engines that do not batch."""
@@ -84,11 +105,14 @@ class GatewayMetrics:
         self,
         live: Callable[[], Mapping[str, tuple[str, float]]] | None = None,
         engine: Callable[[], Engine | None] | None = None,
+        refusals: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         if live is not None:
             self.registry.register(_LiveGauges(live))
+        if refusals is not None:
+            self.registry.register(_AdmissionRefusals(refusals))
         if engine is not None:
             self.registry.register(_BatchStats(engine))
         r = self.registry

@@ -50,6 +50,12 @@ class RequestRecord:
     """Set by a handler that knows better than the status line (e.g. a stream that failed)."""
     error: str | None = None
     encoder_failed: bool = False
+    key_id: str | None = None
+    """The API key's id (never the key), when the server has keys."""
+    client: str | None = None
+    """The client's address (``gateway.http.caller``); logged only with a refusal."""
+    refused_by: str | None = None
+    """The admission limit that refused the request with a 429: server, client or key."""
 
     @property
     def audio_seconds(self) -> float:
@@ -147,6 +153,10 @@ def finish_request(
             fields["queued_ms"] = round(record.queued_s * 1000, 1)
     if record.error:
         fields["error"] = record.error
+    if record.key_id:
+        fields["key_id"] = record.key_id
+    if record.refused_by:
+        fields.update(limit=record.refused_by, client=record.client)
     log = structlog.get_logger("gateway.access")
     if outcome in {"error", "timeout"}:
         log.error("request", **fields)

@@ -28,6 +28,7 @@ def mark_engine_dead(services: AppServices, reason: str) -> None:
     if services.engine_state == "ready":
         services.engine_state = "failed"
         services.engine_error = reason
+        services.engine_died = True
         structlog.get_logger("gateway.engine").error("engine_died", error=reason)
 
 
@@ -70,6 +71,6 @@ async def _watch_for_recovery(services: AppServices, interval_s: float | None) -
     while services.engine_state == "failed" and services.engine is not None:
         await asyncio.sleep(HEALTH_INTERVAL_S if interval_s is None else interval_s)
         if await _failure(services.engine, HEALTH_TIMEOUT_S) is None and services.engine_state == "failed":
-            services.engine_state, services.engine_error = "ready", None
+            services.engine_state, services.engine_error, services.engine_died = "ready", None, False
             structlog.get_logger("gateway.engine").info("engine_recovered")
             return

@@ -54,6 +54,10 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        # X-Forwarded-For names the client only behind a proxy the operator listed (uvicorn
+        # would otherwise believe it from 127.0.0.1, letting a local client pick its identity)
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
     )
 
 

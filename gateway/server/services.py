@@ -29,18 +29,22 @@ class AppServices:
     """Deliberately a plain class (not a dataclass): Litestar resolves the field types of
     structured dependency types, and the voice types are only imported for type checkers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, key_count: int = 0) -> None:
         self.settings = settings
         self.model_names = ModelNames(settings.models, settings.model_aliases)
         """The loaded model families and the names (aliases) that reach them."""
         self.engine: Engine | None = None
         self.engine_state: EngineState = "loading"
         self.engine_error: str | None = None
-        """Why the engine failed to load (shown by /ready and on 503s)."""
+        """Why the engine failed to load or stopped working (shown by /ready and on 503s)."""
+        self.engine_died = False
+        """The engine had loaded and then failed its health check (``engine_watch``): /ready
+        says it stopped working, not that it failed to load."""
         self.voices: VoiceLibrary | None = None
         self.voice_cache: VoiceCache | None = None
-        self.admission = AdmissionController.from_settings(settings)
-        """Bounded in-flight speech work (429/503 past it); see gateway.speech.admission."""
+        self.admission = AdmissionController.from_settings(settings, key_count=key_count)
+        """Bounded in-flight speech work, fairly shared by clients and (``key_count`` >= 2) API
+        keys (429/503 past it); see gateway.speech.admission."""
         self.upload_admission = AdmissionController.for_uploads(settings)
         """Bounded voice-clip processing (FFmpeg decode + FLAC write per upload)."""
         self.metrics: GatewayMetrics | None = None
@@ -59,6 +63,11 @@ class AppServices:
         return self.voices, self.voice_cache
 
     def unavailable_message(self) -> str:
+        if self.engine_state == "failed" and self.engine_died:
+            return (
+                f"The speech engine stopped working: {self.engine_error}. The server checks it every few "
+                "seconds and is ready again as soon as it works."
+            )
         if self.engine_state == "failed":
             return f"The speech engine failed to load: {self.engine_error}"
         if self.engine_state == "closed":

@@ -34,7 +34,15 @@ import structlog
 
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
 from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
-from gateway.errors import EncoderError, GatewayError, InvalidRequestError, RequestTimeoutError, VoiceNotFoundError
+from gateway.errors import (
+    EncoderError,
+    GatewayError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestTimeoutError,
+    VoiceNotFoundError,
+)
+from gateway.http.caller import Caller
 from gateway.http.errors import error_response
 from gateway.models.families import Family
 from gateway.http.protocol import (
@@ -122,8 +130,12 @@ def speech_chunks(text: str, family: Family, max_chars: int) -> tuple[str, ...]:
     return tuple(restore(chunk) for chunk in split_text(protect(text, family.tags), max_chars))
 
 
-async def prepare_speech(services: AppServices, request: SpeechRequest, request_id: str) -> PreparedSpeech:
-    """Validate and resolve everything, start synthesis, and return the response body."""
+async def prepare_speech(
+    services: AppServices, request: SpeechRequest, request_id: str, caller: Caller
+) -> PreparedSpeech:
+    """Validate and resolve everything, start synthesis, and return the response body. The
+    voice is looked up among those ``caller`` may use, and its client and key take their
+    shares of admission."""
     settings = services.settings
     deadline = time.monotonic() + settings.request_timeout_s
     record = current_record()
@@ -136,7 +148,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     engine = services.ready_engine()
     voices, voice_cache = services.ready_voices()
     with _voice_is_a_parameter():
-        voice_info = voices.get(request.voice_name)
+        voice_info = voices.get(request.voice_name, caller.voices)
     if family.multilingual and request.language is None:
         # detection loads Lingua's models on first use (seconds): off the event loop
         language = await asyncio.to_thread(resolve_language, family, None, request.input)
@@ -151,7 +163,11 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     stack = contextlib.AsyncExitStack()
     try:
         # Admission before any engine work (conditionals included): 429 at once when full.
-        slot = await services.admission.acquire()
+        try:
+            slot = await services.admission.acquire(client=caller.client, key=caller.key_id)
+        except OverloadedError as exc:
+            record.refused_by = exc.limit
+            raise
         stack.callback(slot.release)
         record.queued_s = slot.queued_s
         async with within_deadline(deadline):
@@ -211,7 +227,12 @@ async def _body(
     except Exception as exc:  # the status line is gone: record why, then end the body
         message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
         record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
-        structlog.get_logger("gateway.speech").error("speech_stream_failed", error=message, exc_info=exc)
+        # one line: a failure we raised ourselves (an engine replica that died, FFmpeg) says
+        # what happened in its message; a traceback only for what we did not foresee
+        foreseen = isinstance(exc, GatewayError) and exc.__cause__ is None
+        structlog.get_logger("gateway.speech").error(
+            "speech_stream_failed", error=message, code=getattr(exc, "code", None), exc_info=None if foreseen else exc
+        )
         if not sse:
             raise
         yield _sse_event(SpeechStreamError(error=error_response(exc).error))

@@ -9,6 +9,10 @@ Attacks (each for ``--duration`` seconds, then a settle pause):
 - ``baseline``: nothing, for comparison;
 - ``stalled-readers``: long wav requests at speed 0.25 from sockets with a 1 KiB receive
   buffer that never read (kept at ``--stalled`` open);
+- ``stalled-resend``: the same stalled readers, all from one client address (127.0.0.2),
+  each re-sent as soon as the server drops it (issue 20: a few of them kept most slots busy),
+  while ``--others`` other clients (127.0.0.3, 127.0.0.4, ...) each ask for a short sentence
+  a second and read it; reported: how many of theirs were served and how many refused;
 - ``upload-bombs``: 4,140-byte WAVs declaring 1 Hz, and 512 channels, posted as voices;
 - ``slow-headers``: connections sending their headers a byte a second;
 - ``slow-bodies``: speech requests whose body comes a byte a second;
@@ -45,6 +49,8 @@ from gateway.tools.loadtest import NotLoopbackError, _bounded, _scrape, ffmpeg_c
 MAX_DURATION_S = 60.0
 MAX_CONNECTIONS = 2000
 PROBE_INTERVAL_S = 0.1
+ATTACKER_ADDRESS = "127.0.0.2"
+"""Where ``stalled-resend`` connects from: one client, apart from the others (127.0.0.3, ...)."""
 LONG_TEXT = ("A sentence that goes on and on for the listener who never listens. " * 61)[:4096]
 
 
@@ -94,13 +100,17 @@ class Attack:
     def __init__(self, host: str, port: int, args: argparse.Namespace) -> None:
         self.host, self.port, self.args = host, port, args
         self.sockets: list[socket.socket] = []
+        self.others: dict[str, int] = {}
+        """Outcomes of the other clients' requests (``stalled-resend``): ok, a status, failed."""
 
-    def connect(self, *, rcvbuf: int | None = None) -> socket.socket | None:
+    def connect(self, *, rcvbuf: int | None = None, source: str | None = None) -> socket.socket | None:
         if len(self.sockets) >= MAX_CONNECTIONS:
             return None
         sock = socket.socket()
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source:
+            sock.bind((source, 0))  # another loopback address: another client to the server
         sock.setblocking(False)
         try:
             sock.connect((self.host, self.port))
@@ -127,7 +137,7 @@ class Attack:
     async def baseline(self, until: float) -> None:
         await asyncio.sleep(max(0.0, until - time.monotonic()))
 
-    async def stalled_readers(self, until: float) -> None:
+    async def stalled_readers(self, until: float, source: str | None = None) -> None:
         body = json.dumps(
             {"model": "tts-1", "voice": "alloy", "input": LONG_TEXT, "response_format": "wav", "speed": 0.25}
         ).encode()
@@ -136,11 +146,32 @@ class Attack:
         while time.monotonic() < until:
             open_now = [s for s in open_now if _alive(s)]
             while len(open_now) < self.args.stalled:
-                sock = self.connect(rcvbuf=1024)
+                sock = self.connect(rcvbuf=1024, source=source)
                 if sock is None or not await self.send(sock, request):
                     break
                 open_now.append(sock)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)  # re-send a dropped one at once
+
+    async def stalled_resend(self, until: float) -> None:
+        others = [self._polite(until, f"127.0.0.{3 + i}") for i in range(self.args.others)]
+        await asyncio.gather(self.stalled_readers(until, source=ATTACKER_ADDRESS), *others)
+
+    async def _polite(self, until: float, source: str) -> None:
+        """One well-behaved client: a short sentence, read to its end, about once a second."""
+        body = {"model": "tts-1", "voice": "alloy", "input": "Hello there.", "response_format": "pcm"}
+        headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
+        transport = httpx.AsyncHTTPTransport(local_address=source)
+        async with httpx.AsyncClient(base_url=self.args.url, timeout=30, headers=headers, transport=transport) as client:
+            await asyncio.sleep(0.5)  # the stalled readers first, as in the issue
+            while time.monotonic() < until:
+                started = time.monotonic()
+                try:
+                    response = await client.post("/v1/audio/speech", json=body)
+                    outcome = "ok" if response.status_code == 200 and response.content else str(response.status_code)
+                except httpx.HTTPError:
+                    outcome = "failed"
+                self.others[outcome] = self.others.get(outcome, 0) + 1
+                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
 
     async def upload_bombs(self, until: float) -> None:
         bombs = [bomb_wav(sample_rate=1, channels=1), bomb_wav(sample_rate=24000, channels=512)]
@@ -211,7 +242,7 @@ def _alive(sock: socket.socket) -> bool:
 
 
 ATTACKS = [
-    "baseline", "stalled-readers", "upload-bombs", "slow-headers", "slow-bodies", "idle-flood",
+    "baseline", "stalled-readers", "stalled-resend", "upload-bombs", "slow-headers", "slow-bodies", "idle-flood",
     "pathological-text", "request-flood",
 ]
 
@@ -237,6 +268,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
             attack.close_all()
         await asyncio.sleep(args.settle)
         rows.append(await _row(name, prober, args))
+        if attack.others:
+            rows[-1]["others"] = dict(sorted(attack.others.items()))
     return rows
 
 
@@ -268,6 +301,9 @@ def table(rows: list[dict[str, object]]) -> str:
             f"| {r['attack']} | {r['probes']} | {r['failed']} | {r['p50_ms']} | {r['p95_ms']} | {r['max_ms']} | "
             f"{_n(r['in_flight_after'])} / {_n(r['queued_after'])} / {_n(r['ffmpeg_after'])} |"
         )
+    for r in rows:
+        if "others" in r:
+            lines.append(f"\n{r['attack']}: the other clients' requests: {r['others']}")
     return "\n".join(lines)
 
 
@@ -282,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=_bounded(0.0, 60.0), default=2.0, help="pause after each attack")
     p.add_argument("--stalled", type=_bounded(1, 256, int), default=32, help="stalled readers kept open")
     p.add_argument("--idle", type=_bounded(1, MAX_CONNECTIONS, int), default=1000, help="idle connections")
+    p.add_argument("--others", type=_bounded(1, 200, int), default=8, help="other clients (stalled-resend)")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=ATTACKS)
     p.add_argument("--budget-ms", type=float, default=50.0, help="p95 /health latency allowed under attack")
     p.add_argument("--server-pid", type=int, default=None)

@@ -341,6 +341,8 @@ def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float,
     cmd = [sys.executable, "-m", "gateway", "serve", "--engine", "vllm", "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(port), "--max-speech-tokens", str(tokens),
            "--max-in-flight", str(peak), "--max-queued", str(2 * peak), "--vllm-max-num-seqs", str(peak),
+           # every stream comes from 127.0.0.1, one client: no fair share, or it would get a quarter
+           "--max-client-share", "1",
            "--vllm-max-model-len", "1024", "--vllm-gpu-memory-utilization", "0.4",
            "--cache-dir", tempfile.mkdtemp(prefix="bench-http-")]
     log = open(Path(tempfile.gettempdir()) / "http_server.log", "w")  # large: one line per request

@@ -1,7 +1,7 @@
 """Voice clip files: what an upload is, decoding it within bounds, and writing clips durably.
 
-Decoding an upload is two FFmpeg runs under OS-enforced limits (see
-:mod:`gateway.voices.clip_probe`): the header probe, then the decode proper. What is stored
+Decoding an upload is one child process under OS-enforced limits that checks the stream's
+structure as it decodes (see :mod:`gateway.voices.clip_probe`). What is stored
 is 24 kHz mono 16-bit FLAC, written to a temporary name, fsynced and renamed into place.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.errors import InvalidRequestError
-from gateway.voices.clip_probe import DecodeLimits, DecoderTimeoutError, ffmpeg_input_args, probe_clip, run_limited, with_input
+from gateway.voices.clip_probe import DecodeLimits, decode_clip
 
 CLIP_SAMPLE_RATE = 24_000
 _SILENCE_PEAK = 1e-4
@@ -25,21 +25,16 @@ _DECODE_TIMEOUT_S = 60
 
 def decode_upload(clip_bytes: bytes, *, min_s: float, max_s: float, limits: DecodeLimits) -> np.ndarray:
     """An uploaded clip as float32 mono 24 kHz samples, or a 400 naming ``audio_sample``: the
-    container is sniffed, its header probed (rate, channels, duration) before any decoding,
-    then it is decoded under ``limits``; too short, too long or silent clips are refused."""
+    container is sniffed, then read by the decoding child under ``limits`` (which checks the
+    stream's declared and decoded parameters before resampling and stops at ``max_s``); too
+    short, too long or silent clips are refused."""
     container = sniff_container(clip_bytes)
     if container is None:
         raise InvalidRequestError(
             "audio_sample is not a supported audio file (WAV, FLAC, MP3, Ogg/Opus, AAC, M4A/MP4, WebM/Matroska, AIFF).",
             param="audio_sample",
         )
-    probe_clip(clip_bytes, container, limits, max_duration_s=max_s)
-    try:
-        samples = decode_to_mono(clip_bytes, container, max_seconds=max_s + 0.5, limits=limits)
-    except DecoderTimeoutError:
-        raise InvalidRequestError("audio_sample took too long to decode.", param="audio_sample") from None
-    if samples is None:
-        raise InvalidRequestError("audio_sample could not be decoded as audio.", param="audio_sample")
+    samples = decode_clip(clip_bytes, container, limits, max_seconds=max_s)
     duration = len(samples) / CLIP_SAMPLE_RATE
     if duration < min_s:
         raise InvalidRequestError(
@@ -83,28 +78,6 @@ def sniff_container(data: bytes) -> str | None:
         # MPEG audio frame sync: layer bits 00 are ADTS AAC, anything else MP3.
         return "aac" if head[1] & 0x06 == 0 else "mp3"
     return None
-
-
-def decode_to_mono(
-    data: bytes, container: str, *, max_seconds: float, limits: DecodeLimits | None = None
-) -> np.ndarray | None:
-    """Decode an upload (audio stream only) to float32 mono at 24 kHz; None if FFmpeg fails
-    (a child past its memory or CPU limit fails too). DecoderTimeoutError past the wall limit.
-
-    The bytes go in on stdin (FFmpeg reads nothing else: only the pipe protocol is allowed),
-    except MP4/M4A, which are read from a private temporary file (see ``with_input``).
-    """
-    bounds = limits or DecodeLimits()
-    out_args = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_seconds:.3f}", "-ac", "1",
-                "-ar", str(CLIP_SAMPLE_RATE), "-f", "f32le", "pipe:1"]
-
-    def run(source: str, stdin: bytes | None) -> subprocess.CompletedProcess[bytes]:
-        return run_limited([*ffmpeg_input_args(container, source, loglevel="error"), *out_args], bounds, input_bytes=stdin)
-
-    proc = with_input(data, container, run)
-    if proc.returncode != 0 or not proc.stdout:
-        return None
-    return np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4")
 
 
 def write_flac(samples: np.ndarray, path: Path) -> None:

@@ -1,34 +1,31 @@
-"""Look at an uploaded clip before decoding it, and decode it inside OS-enforced limits.
+"""Read an uploaded clip structurally, inside limits the OS enforces.
 
-A few kilobytes can ask the decoder for gigabytes: a WAV, FLAC, AIFF or Matroska header may
-claim a 1 Hz sample rate (resampling that to 24 kHz builds a filter sized by the ratio) or
-thousands of channels. So an upload is handled in two FFmpeg runs, each in a child process
+A few kilobytes can ask a decoder for gigabytes: a WAV, FLAC, AIFF or Matroska header may
+claim a 1 Hz sample rate (resampling that to 24 kHz builds a filter sized by the ratio),
+thousands of channels, or hours of audio, and a FLAC frame may switch to 16 Hz after a
+24 kHz header. So an upload is read by :mod:`gateway.voices.clip_decoder` in a child process
 whose address space and CPU time are capped by ``setrlimit`` (the kernel kills or starves it
-past them, whatever the file does) and whose wall time is capped by a timeout:
-
-1. :func:`probe_clip`: FFmpeg reads the container's header and prints what it found (no
-   output file, so no decoding); sample rate, channels and duration must be within bounds,
-   else a 400 at once;
-2. the decode proper (``gateway.voices.clip_files.decode_to_mono``), under the same limits.
+past them, whatever the file does) and whose wall time is capped by a timeout. The child
+checks the stream's declared rate, channels and duration, then every decoded frame against
+them, before it resamples anything, and stops at the duration limit; what it refuses is a
+400 naming ``audio_sample``. Nothing is matched in text FFmpeg prints.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import resource
 import subprocess
-import tempfile
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.audio.ffmpeg_binary import ffmpeg_exe
-from gateway.errors import InvalidRequestError
+import numpy as np
 
-_STREAM = re.compile(r"Stream #0:\d+[^:\n]*: Audio: [^\n]*?, (\d+) Hz, ([^,\n]+)")
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_CHANNELS = re.compile(r"(\d+) channels")
-_NAMED_LAYOUTS = {"mono": 1, "stereo": 2}
+from gateway.errors import InvalidRequestError
+from gateway.voices import clip_decoder
+
 DECODER_NICENESS = 10
 
 
@@ -42,15 +39,8 @@ class DecodeLimits:
     max_channels: int = 8
 
 
-@dataclass(frozen=True)
-class ClipInfo:
-    sample_rate: int
-    channels: int | None
-    duration_s: float | None
-
-
 class DecoderTimeoutError(Exception):
-    """The FFmpeg child ran past its wall-time limit and was killed."""
+    """The decoding child ran past its wall-time limit and was killed."""
 
 
 def run_limited(
@@ -67,7 +57,7 @@ def run_limited(
             preexec_fn=_rlimits(limits),
         )
     except subprocess.TimeoutExpired:
-        raise DecoderTimeoutError(f"FFmpeg took longer than {limits.timeout_s:g} s") from None
+        raise DecoderTimeoutError(f"the decoder took longer than {limits.timeout_s:g} s") from None
 
 
 def _rlimits(limits: DecodeLimits) -> Callable[[], None]:
@@ -82,67 +72,42 @@ def _rlimits(limits: DecodeLimits) -> Callable[[], None]:
     return apply
 
 
-def ffmpeg_input_args(container: str, source: str, *, loglevel: str = "info") -> list[str]:
-    """FFmpeg's input options: the demuxer we named, reading only the pipe or one file."""
-    protocol = "file" if source != "pipe:0" else "pipe"
-    return [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", loglevel, "-threads", "1", "-f", container,
-            "-protocol_whitelist", protocol, "-i", source]
-
-
-def with_input(data: bytes, container: str, run: Callable[[str, bytes | None], subprocess.CompletedProcess[bytes]]):  # type: ignore[no-untyped-def]
-    """Call ``run(source, stdin_bytes)`` with the clip on stdin, or, for MP4/M4A (whose index
-    may sit at the end of the file and needs seeking), in a private temporary file."""
-    if container == "mov":
-        with tempfile.NamedTemporaryFile(suffix=".m4a") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            return run(tmp.name, None)
-    return run("pipe:0", data)
-
-
-def probe_clip(data: bytes, container: str, limits: DecodeLimits, *, max_duration_s: float) -> ClipInfo:
-    """What the clip's header says, within bounds; InvalidRequestError (400) otherwise."""
-
-    def run(source: str, stdin: bytes | None) -> subprocess.CompletedProcess[bytes]:
-        # No output file: FFmpeg reads the header, prints the input's streams and stops.
-        return run_limited([*ffmpeg_input_args(container, source)], limits, input_bytes=stdin)
-
+def decode_clip(data: bytes, container: str, limits: DecodeLimits, *, max_seconds: float) -> np.ndarray:
+    """The clip as float32 mono samples at 24 kHz (at most ``max_seconds`` plus the child's
+    slack), read with the demuxer ``container``; InvalidRequestError (400) for anything the
+    child refuses or cannot read, and when it runs out of time."""
+    bounds = {
+        "format": container,
+        "max_seconds": max_seconds,
+        "min_rate": limits.min_sample_rate,
+        "max_rate": limits.max_sample_rate,
+        "max_channels": limits.max_channels,
+    }
+    # -I: no PYTHONPATH, no user site, no current directory on the path: the child imports
+    # only the standard library and PyAV, whatever the server's environment holds.
+    cmd = [sys.executable, "-I", clip_decoder.__file__, json.dumps(bounds)]
     try:
-        proc = with_input(data, container, run)
+        proc = run_limited(cmd, limits, input_bytes=data)
     except DecoderTimeoutError:
-        raise _bad("audio_sample could not be read in time.") from None
-    info = parse_probe(proc.stderr.decode("utf-8", "replace"))
-    if info is None:
-        raise _bad("audio_sample has no audio stream that could be read.")
-    if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
-        raise _bad(
-            f"audio_sample has a sample rate of {info.sample_rate} Hz; "
-            f"{limits.min_sample_rate}-{limits.max_sample_rate} Hz is accepted."
-        )
-    if info.channels is not None and info.channels > limits.max_channels:
-        raise _bad(f"audio_sample has {info.channels} channels; at most {limits.max_channels} are accepted.")
-    if info.duration_s is not None and info.duration_s > max_duration_s + 1.0:
-        raise _bad(
-            f"audio_sample is {info.duration_s:.1f} s long; the limit is {max_duration_s:g} s "
-            "(the model uses only the first 10 s)."
-        )
-    return info
+        raise _bad("audio_sample took too long to decode.") from None
+    verdict = _verdict(proc.stderr)
+    if proc.returncode == clip_decoder.REFUSED and isinstance(verdict.get("refused"), str):
+        raise _bad(verdict["refused"])
+    most = int((max_seconds + clip_decoder.DURATION_SLACK_S) * clip_decoder.OUTPUT_RATE + 1) * 4
+    if proc.returncode != 0 or "codec" not in verdict or not proc.stdout or len(proc.stdout) > most:
+        # a limit the OS enforces (memory, CPU) kills the child: the clip is not one we can read
+        raise _bad("audio_sample could not be decoded as audio.")
+    return np.frombuffer(proc.stdout[: len(proc.stdout) // 4 * 4], dtype="<f4")
 
 
-def parse_probe(stderr: str) -> ClipInfo | None:
-    """Sample rate, channels and duration of the first audio stream in FFmpeg's input report."""
-    stream = _STREAM.search(stderr)
-    if stream is None:
-        return None
-    layout = stream.group(2).strip()
-    counted = _CHANNELS.match(layout)
-    channels = int(counted.group(1)) if counted else _NAMED_LAYOUTS.get(layout)
-    duration = _DURATION.search(stderr)
-    seconds = None
-    if duration is not None:
-        hours, minutes, secs = duration.groups()
-        seconds = int(hours) * 3600 + int(minutes) * 60 + float(secs)
-    return ClipInfo(sample_rate=int(stream.group(1)), channels=channels, duration_s=seconds)
+def _verdict(stderr: bytes) -> dict[str, object]:
+    """The child's last stderr line as JSON ({} when there is none: it died first)."""
+    lines = stderr.strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return verdict if isinstance(verdict, dict) else {}
 
 
 def _bad(message: str) -> InvalidRequestError:

@@ -6,6 +6,8 @@ changes the modification time of the folder holding it, so the index keeps the l
 together with the two folders' ``st_mtime_ns`` and rebuilds it when either differs. A stamp
 taken less than :data:`RACY_S` after the folder changed is not trusted (a change within the
 file system's timestamp granularity would look like no change): the next lookup rebuilds.
+What callers derive from the list (each API key's view of it) is kept with it, computed once
+per list and key (:meth:`VoiceIndex.derived`).
 """
 
 from __future__ import annotations
@@ -13,23 +15,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 RACY_S = 1.0
 
 
-class _Named(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def aliases(self) -> tuple[str, ...]: ...
-
-
-VoiceInfo = TypeVar("VoiceInfo", bound=_Named)
+VoiceInfo = TypeVar("VoiceInfo")
+D = TypeVar("D")
 
 
 class VoiceIndex(Generic[VoiceInfo]):
@@ -39,17 +33,22 @@ class VoiceIndex(Generic[VoiceInfo]):
         self._lock = threading.Lock()
         self._stamp: tuple[int, ...] | None = None
         self._voices: list[VoiceInfo] = []
-        self._by_key: dict[str, VoiceInfo] = {}
+        self._derived: dict[Hashable, tuple[list[VoiceInfo], Any]] = {}
         self.builds = 0
 
     def voices(self) -> list[VoiceInfo]:
         self._refresh()
         return list(self._voices)
 
-    def by_key(self) -> dict[str, VoiceInfo]:
-        """Every id, name and alias (lower case) -> its voice."""
+    def derived(self, key: Hashable, make: Callable[[list[VoiceInfo]], D]) -> D:
+        """``make(voices)`` for the current list, computed once per list and ``key``."""
         self._refresh()
-        return self._by_key
+        with self._lock:
+            voices = self._voices
+            cached = self._derived.get(key)
+            if cached is None or cached[0] is not voices:
+                cached = self._derived[key] = (voices, make(voices))
+            return cached[1]  # type: ignore[no-any-return]
 
     def invalidate(self) -> None:
         with self._lock:
@@ -61,12 +60,9 @@ class VoiceIndex(Generic[VoiceInfo]):
             return
         with self._lock:
             voices = self._build()
-            by_key: dict[str, VoiceInfo] = {}
-            for voice in voices:
-                for key in (voice.id, voice.name, *voice.aliases):
-                    by_key.setdefault(key.lower(), voice)
             racy = stamp is None or any(time.time_ns() - ns < RACY_S * 1e9 for ns in stamp)
-            self._voices, self._by_key = voices, by_key
+            self._voices = voices
+            self._derived.clear()
             self._stamp = None if racy else stamp
             self.builds += 1
 

@@ -14,6 +14,15 @@ Three sources, one namespace (ids, names and aliases, compared case-insensitivel
   either no voice or a complete one.
 
 On a name clash the earlier source wins: built-in, then API-created, then dropped-in files.
+
+Owners: a voice created through the API with an API key belongs to that key (its id, see
+``gateway.http.caller``, is stored in ``voice.json``, so ownership survives restarts and holds
+in every process sharing the voices folder). Built-in and dropped-in voices, and voices
+created on a server without keys, are shared. Every lookup takes a :class:`VoiceAccess`: a
+key sees the shared voices and its own, and another key's voice does not exist for it (the
+same 404 or 400 as a name nobody uses, so a key cannot learn what others named their voices;
+names are unique per key and among shared voices, not across keys). An admin key, and every
+caller on a server without keys, sees every voice.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from gateway.voices.clip_probe import DecodeLimits
 from gateway.voices.index import VoiceIndex
 from gateway.errors import (
     ConflictError,
+    ForbiddenError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -70,6 +80,55 @@ class VoiceInfo:
     clip: Path | None
     created_at: int | None
     description: str = ""
+    owner: str | None = None
+    """The id of the API key that created it; None: shared (see the module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceAccess:
+    """Which voices a caller sees: the shared ones and those ``owner`` created, or, with
+    ``everything``, all of them (an admin key; a server without keys)."""
+
+    owner: str | None = None
+    everything: bool = False
+
+    def sees(self, voice: VoiceInfo) -> bool:
+        return self.everything or voice.owner is None or voice.owner == self.owner
+
+    def owns(self, voice: VoiceInfo) -> bool:
+        return voice.owner is None or voice.owner == self.owner
+
+
+EVERY_VOICE = VoiceAccess(everything=True)
+"""A server without API keys: one namespace, every voice visible (tools and tests too)."""
+
+
+@dataclass(frozen=True)
+class _View:
+    """One caller's voices: the listing (each id, name and alias once) and the lookup table."""
+
+    voices: tuple[VoiceInfo, ...]
+    by_key: dict[str, VoiceInfo]
+
+    @classmethod
+    def of(cls, everyone: list[VoiceInfo], access: VoiceAccess) -> _View:
+        own: list[VoiceInfo] = []
+        taken: set[str] = set()
+        for voice in everyone:
+            if access.owns(voice) and not _keys(voice) & taken:
+                own.append(voice)
+                taken |= _keys(voice)
+        by_key = {key: voice for voice in reversed(own) for key in _keys(voice)}
+        if not access.everything:
+            return cls(tuple(own), by_key)
+        # an admin also reaches other keys' voices: by id always, by name when neither a shared
+        # voice nor its own has that name
+        for voice in reversed(everyone):
+            for key in _keys(voice):
+                if key not in taken:
+                    by_key[key] = voice
+        shown = {id(v) for v in own}
+        return cls(tuple(v for v in everyone if id(v) in shown or not access.owns(v)), by_key)
 
 
 def sanitize_name(stem: str) -> str:
@@ -81,7 +140,9 @@ class VoiceLibrary:
     """All voices, looked up by id, name or alias; create/delete for the voice API.
 
     ``create`` and ``delete`` block (FFmpeg, fsync): call them in a worker thread from async
-    code. ``list`` and ``get`` only read a small directory.
+    code. ``list`` and ``get`` only read a small directory. Each takes the caller's
+    :class:`VoiceAccess`; left out, it is :data:`EVERY_VOICE` (a server without keys), so a
+    route serving API keys must pass its caller's (``gateway.http.caller.Caller.voices``).
     """
 
     def __init__(
@@ -117,26 +178,31 @@ class VoiceLibrary:
 
     # ---- lookup ------------------------------------------------------------------------
 
-    def list(self) -> list[VoiceInfo]:
-        """Every voice, built-in first, each name/alias/id appearing once (cached; rebuilt
-        when the voices folders change, see :class:`VoiceIndex`)."""
-        return self._index.voices()
+    def list(self, access: VoiceAccess = EVERY_VOICE) -> list[VoiceInfo]:
+        """The voices ``access`` sees, built-in first, each name/alias/id appearing once per
+        owner (cached; rebuilt when the voices folders change, see :class:`VoiceIndex`)."""
+        return list(self._view(access).voices)
+
+    def _view(self, access: VoiceAccess) -> _View:
+        return self._index.derived(access, lambda everyone: _View.of(everyone, access))
 
     def _build_list(self) -> list[VoiceInfo]:
+        """Every voice of every owner, in precedence order; a voice whose id, name or alias an
+        earlier voice of its owner's namespace (shared ones included) holds is shadowed."""
         voices = list(self._builtins)
-        taken = {key for v in voices for key in _keys(v)}
+        taken: dict[str | None, set[str]] = {None: {key for v in voices for key in _keys(v)}}
         for candidate in [*self._scan_created(), *self._scan_dropped()]:
-            keys = _keys(candidate)
-            if keys & taken:
+            keys, owner = _keys(candidate), candidate.owner
+            if keys & taken[None] or (owner is not None and keys & taken.get(owner, set())):
                 continue  # shadowed by an earlier source (see module docstring)
-            taken |= keys
+            taken.setdefault(owner, set()).update(keys)
             voices.append(candidate)
         return voices
 
-    def get(self, name_or_id: str) -> VoiceInfo:
-        """The voice with this id, name or alias (case-insensitive)."""
+    def get(self, name_or_id: str, access: VoiceAccess = EVERY_VOICE) -> VoiceInfo:
+        """The voice with this id, name or alias (case-insensitive) that ``access`` sees."""
         wanted = name_or_id.strip().lower()
-        voice = self._index.by_key().get(wanted)
+        voice = self._view(access).by_key.get(wanted)
         if voice is not None:
             return voice
         raise VoiceNotFoundError(
@@ -147,8 +213,11 @@ class VoiceLibrary:
 
     # ---- create / delete ---------------------------------------------------------------
 
-    def create(self, name: str, clip_bytes: bytes, consent: str | None = None) -> VoiceInfo:
-        """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice."""
+    def create(
+        self, name: str, clip_bytes: bytes, consent: str | None = None, *, access: VoiceAccess = EVERY_VOICE
+    ) -> VoiceInfo:
+        """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice,
+        owned by ``access.owner`` (None: shared)."""
         if not NAME_PATTERN.fullmatch(name):
             raise InvalidRequestError(
                 "Voice name must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.", param="name"
@@ -165,12 +234,14 @@ class VoiceLibrary:
         if not clip_bytes:
             raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
         # Cheap refusals before any decoding (checked again at the rename, under the lock).
-        self._check_room_for(name)
+        self._check_room_for(name, access)
         samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=self.decode_limits)
         voice_id = "voice_" + secrets.token_hex(12)
         created_at = int(time.time())
         meta = {"id": voice_id, "name": name, "created_at": created_at, "consent": consent,
                 "duration_s": round(len(samples) / CLIP_SAMPLE_RATE, 3)}
+        if access.owner is not None:
+            meta["owner"] = access.owner
         # Assemble the voice in a private folder (slow: FFmpeg, fsync) without the lock; only
         # the name check and the rename that makes it visible need to be serialised.
         staging = self._created_dir / f"{_STAGING_PREFIX}{voice_id}"
@@ -180,19 +251,22 @@ class VoiceLibrary:
             atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
             fsync_dir(staging)
             with self._lock:
-                self._check_room_for(name)
+                self._check_room_for(name, access)
                 os.replace(staging, self._created_dir / voice_id)
                 fsync_dir(self._created_dir)
                 self._index.invalidate()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return VoiceInfo(voice_id, name, (), "user", self._created_dir / voice_id / "clip.flac", created_at)
+        return VoiceInfo(
+            voice_id, name, (), "user", self._created_dir / voice_id / "clip.flac", created_at, owner=access.owner
+        )
 
-    def _check_room_for(self, name: str) -> None:
-        if name.lower() in self._index.by_key():
+    def _check_room_for(self, name: str, access: VoiceAccess) -> None:
+        # taken among the voices this caller sees: another key's names are not in its way
+        if name.lower() in self._view(access).by_key:
             raise ConflictError(f"A voice named '{name}' already exists.", param="name")
-        created = sum(1 for v in self.list() if v.source == "user" and _is_created_id(v.id))
+        created = sum(1 for v in self._index.voices() if v.source == "user" and _is_created_id(v.id))
         if created >= self.max_created:
             raise InvalidRequestError(
                 f"This server holds its limit of {self.max_created} created voices; delete one first.",
@@ -200,31 +274,39 @@ class VoiceLibrary:
                 code="too_many_voices",
             )
 
-    def delete(self, name_or_id: str) -> VoiceInfo:
+    def delete(self, name_or_id: str, access: VoiceAccess = EVERY_VOICE) -> VoiceInfo:
         """Remove a voice created through the API, found by id or name like :meth:`get`
-        (case-insensitive, the same precedence); returns the voice removed."""
-        wanted = name_or_id.strip().lower()
+        (case-insensitive, the same precedence, the same view); returns the voice removed. A
+        shared voice created without a key may be deleted only by a caller that sees
+        everything (an admin key; any caller on a server without keys)."""
+        voice = self._view(access).by_key.get(name_or_id.strip().lower())
+        if voice is None:
+            raise NotFoundError(f"Voice '{_shown(name_or_id)}' does not exist.", param="voice_id")
+        if voice.source != "user":
+            raise InvalidRequestError(f"Voice '{_shown(name_or_id)}' is built in and cannot be deleted.", param="voice_id")
+        if not _is_created_id(voice.id) or voice.clip is None or voice.clip.parent.parent != self._created_dir:
+            raise InvalidRequestError(
+                f"Voice '{_shown(name_or_id)}' is a file in the voices directory; remove the file to delete it.",
+                param="voice_id",
+            )
+        if voice.owner is None and not access.everything:
+            raise ForbiddenError(
+                f"Voice '{_shown(name_or_id)}' was created without an API key and is shared: only an admin key "
+                "(admin_api_keys) can delete it.",
+                param="voice_id",
+            )
         with self._lock:
-            for voice in self._builtins:
-                if wanted in _keys(voice):
-                    raise InvalidRequestError(f"Voice '{name_or_id}' is built in and cannot be deleted.", param="voice_id")
-            for voice in self._scan_created():
-                if wanted in _keys(voice):
-                    # Rename first: the voice disappears atomically even if removal is interrupted.
-                    trash = self._created_dir / f"{_TRASH_PREFIX}{voice.id}"
-                    os.replace(self._created_dir / voice.id, trash)
-                    fsync_dir(self._created_dir)
-                    shutil.rmtree(trash, ignore_errors=True)
-                    self._created_cache.pop(voice.id, None)
-                    self._index.invalidate()
-                    return voice
-            for voice in self._scan_dropped():
-                if wanted in _keys(voice):
-                    raise InvalidRequestError(
-                        f"Voice '{name_or_id}' is a file in the voices directory; remove the file to delete it.",
-                        param="voice_id",
-                    )
-        raise NotFoundError(f"Voice '{name_or_id}' does not exist.", param="voice_id")
+            # Rename first: the voice disappears atomically even if removal is interrupted.
+            trash = self._created_dir / f"{_TRASH_PREFIX}{voice.id}"
+            try:
+                os.replace(self._created_dir / voice.id, trash)
+            except FileNotFoundError:
+                raise NotFoundError(f"Voice '{_shown(name_or_id)}' does not exist.", param="voice_id") from None
+            fsync_dir(self._created_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            self._created_cache.pop(voice.id, None)
+            self._index.invalidate()
+        return voice
 
     # ---- scanning ----------------------------------------------------------------------
 
@@ -254,7 +336,11 @@ class VoiceLibrary:
                 return None
         except (OSError, ValueError, AttributeError):
             return None  # incomplete or foreign folder: not a voice
-        info = VoiceInfo(folder.name, meta["name"], (), "user", clip, int(meta.get("created_at") or 0))
+        owner = meta.get("owner")
+        info = VoiceInfo(
+            folder.name, meta["name"], (), "user", clip, int(meta.get("created_at") or 0),
+            owner=owner if isinstance(owner, str) and owner else None,
+        )
         self._created_cache[folder.name] = (mtime, info)
         return info
 

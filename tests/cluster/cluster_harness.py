@@ -95,6 +95,7 @@ def cluster_settings(root: Path, **overrides: Any) -> Settings:
         cluster_max_ongoing_requests=4,
         cluster_max_queued_requests=16,
         max_in_flight=64,
+        max_client_share=1.0,  # every request comes from 127.0.0.1: the tier's own limits are tested
     )
     values.update(overrides)
     return Settings(**values)

@@ -20,6 +20,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from structlog.testing import capture_logs
 
 pytest.importorskip("ray.serve")
 
@@ -257,24 +258,25 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
     victim = next(iter({rid for rid, _ in running.values()}))
     victim_pid = replica_records(tier)[victim].pid
     doomed = {rid for rid, (replica, _) in running.items() if replica == victim}
-    kill(victim_pid)
-    gate.unlink()  # the survivors' streams go on to the end
+    with capture_logs() as logs:
+        kill(victim_pid)
+        gate.unlink()  # the survivors' streams go on to the end
 
-    results: dict[str, str] = {}
-    for request_id, (client, response, pieces, first) in streams.items():
-        data = first
-        try:
-            for piece in pieces:
-                data += piece
-            if response.headers["content-type"].startswith("text/event-stream"):
-                results[request_id] = str(sse_events(data.decode())[-1]["type"])
-            else:
-                results[request_id] = "complete"
-        except httpx.TransportError:
-            results[request_id] = "closed early"
-        finally:
-            response.close()
-            client.close()
+        results: dict[str, str] = {}
+        for request_id, (client, response, pieces, first) in streams.items():
+            data = first
+            try:
+                for piece in pieces:
+                    data += piece
+                if response.headers["content-type"].startswith("text/event-stream"):
+                    results[request_id] = str(sse_events(data.decode())[-1]["type"])
+                else:
+                    results[request_id] = "complete"
+            except httpx.TransportError:
+                results[request_id] = "closed early"
+            finally:
+                response.close()
+                client.close()
     for request_id in ids:
         sse = ids.index(request_id) % 2 == 1
         if request_id in doomed:
@@ -282,6 +284,11 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
         else:
             assert results[request_id] == ("speech.audio.done" if sse else "complete"), (request_id, results)
     assert doomed and len(doomed) < len(ids)
+    # each stream the dead replica took down logs one line that says so, not a traceback
+    failed = [e for e in logs if e["event"] == "speech_stream_failed"]
+    assert len(failed) == len(doomed), failed
+    for event in failed:
+        assert "replica" in event["error"] and event["code"] == "engine_error" and not event.get("exc_info"), event
 
     # the surviving replica takes new requests at once, and the server stays ready
     assert httpx.get(f"{base_url}/ready").status_code == 200

@@ -67,8 +67,10 @@ def test_scale_to_zero_is_allowed_with_autoscaling() -> None:
 def test_replicas_get_no_api_keys_and_run_their_engine_in_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
     keys = tmp_path / "keys"
     keys.write_text("secret-2\n")
-    sent = replica_settings(Settings(api_keys=("secret-1",), api_keys_file=str(keys), cluster="auto", engine="fake"))
-    assert "api_keys" not in sent and "api_keys_file" not in sent
+    sent = replica_settings(
+        Settings(api_keys=("secret-1",), api_keys_file=str(keys), admin_api_keys=("secret-3",), cluster="auto", engine="fake")
+    )
+    assert "api_keys" not in sent and "api_keys_file" not in sent and "admin_api_keys" not in sent
     assert sent["cluster"] is None and sent["engine"] == "fake"
     assert "secret" not in repr(sent)
 
@@ -159,3 +161,11 @@ def test_the_local_factory_refuses_cluster_settings() -> None:
     for cluster settings."""
     with pytest.raises(SettingsError, match="build_remote_engine"):
         build_engine(Settings(cluster="auto", engine="fake"))
+
+
+def test_ready_says_the_replicas_are_down_and_restarting() -> None:
+    from gateway.cluster.remote_engine import replicas_down
+
+    said = replicas_down("chatterbox-engine", {"STARTING": 1, "RECOVERING": 1})
+    assert "replicas down" in said and "restarting" in said and "1 recovering, 1 starting" in said
+    assert "deploy it again" in replicas_down("chatterbox-engine", {})

@@ -52,9 +52,12 @@ async def test_an_engine_that_recovers_is_ready_again(watched) -> None:  # type:
     engine.healthy = False
     assert await wait_for(lambda: services.engine_state == "failed")
     assert "no engine replica" in (services.engine_error or "")
+    # what /ready and every 503 say: it had loaded and stopped, it did not fail to load
+    said = services.unavailable_message()
+    assert said.startswith("The speech engine stopped working: ") and "ready again" in said, said
     engine.healthy = True
     assert await wait_for(lambda: services.engine_state == "ready")
-    assert services.engine_error is None
+    assert services.engine_error is None and not services.engine_died
 
 
 async def test_an_engine_that_stays_dead_stays_failed(watched) -> None:  # type: ignore[no-untyped-def]

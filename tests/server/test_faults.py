@@ -126,6 +126,25 @@ async def test_engine_exception_mid_stream_ends_only_that_stream(settings: Setti
     failures = [e for e in logs if e["event"] == "speech_stream_failed"]
     assert len(failures) == 2
     assert any("blew up" in str(e.get("error")) or e.get("exc_info") for e in failures)
+    # an exception nobody foresaw keeps its traceback in the log
+    assert all(e.get("exc_info") for e in failures)
+
+
+async def test_a_failure_the_engine_reported_itself_is_one_line_without_a_traceback(settings: Settings) -> None:
+    """An engine's own EngineError (as the cluster engine raises for a replica that died) says
+    what happened: each stream it cuts logs one line, not a traceback."""
+    engine = FakeEngine(fail_after_pieces=2, piece_delay_s=0.01)
+    with capture_logs() as logs, live_server(settings, engine) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await read_stream(client, speech(LONG, response_format="pcm"))
+            events = await sse_events(client, speech(LONG, stream_format="sse", response_format="pcm"))
+            assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "engine_error"
+    failures = [e for e in logs if e["event"] == "speech_stream_failed"]
+    assert len(failures) == 2, failures
+    for failure in failures:
+        assert failure["code"] == "engine_error" and "fake engine failed" in failure["error"]
+        assert not failure.get("exc_info"), failure
 
 
 class DyingEngine(FakeEngine):
@@ -152,7 +171,10 @@ async def test_engine_death_marks_the_server_not_ready(
             engine.dead = True
             assert await asyncio.to_thread(wait_until, lambda: live.services.engine_state == "failed", 5)
             ready = await client.get("/ready")
-            assert "engine core process died" in api_error(ready, 503)["message"]
+            message = api_error(ready, 503)["message"]
+            assert "engine core process died" in message
+            # it had loaded: /ready says it stopped working, not that it failed to load
+            assert "stopped working" in message and "failed to load" not in message
             refused = await client.post("/v1/audio/speech", json=speech("Dead."))
             api_error(refused, 503, code="engine_unavailable")
             assert int(refused.headers["retry-after"]) >= 1

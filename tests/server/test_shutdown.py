@@ -71,6 +71,7 @@ class Server:
             "shutdown_grace_s": grace_s,
             "max_speech_tokens": 1000,
             "log_format": "json",
+            "max_client_share": 1.0,  # many streams from 127.0.0.1, one client
             **settings,
         }
         self.proc = subprocess.Popen(

@@ -7,12 +7,16 @@ import asyncio
 
 import pytest
 
+from gateway.http.caller import Caller
 from gateway.http.protocol import SpeechRequest
 from gateway.observability.request_record import close_record, open_record
 from gateway.settings import Settings
 from gateway.speech.service import prepare_speech
 from harness import in_process, live_encoders
 from ops_support import HOLD, GatedEngine, wait_until
+
+
+CALLER = Caller(client="127.0.0.1", key_id=None)
 
 
 def _request(text: str, **kw: object) -> SpeechRequest:
@@ -28,7 +32,7 @@ async def test_a_body_closed_before_its_first_read_still_ends_its_work(settings:
         services = gw.app.state.services
         _, token = open_record("/v1/audio/speech")
         try:
-            prepared = await prepare_speech(services, _request(f"{HOLD}. " + "Some words to speak for a while. " * 4, stream_format=stream_format), "r-1")
+            prepared = await prepare_speech(services, _request(f"{HOLD}. " + "Some words to speak for a while. " * 4, stream_format=stream_format), "r-1", CALLER)
         finally:
             close_record(token)
         assert services.admission.in_flight == 1 and live_encoders()
@@ -43,7 +47,7 @@ async def test_a_body_read_to_the_end_frees_everything(settings: Settings) -> No
         services = gw.app.state.services
         _, token = open_record("/v1/audio/speech")
         try:
-            prepared = await prepare_speech(services, _request("Hello there."), "r-2")
+            prepared = await prepare_speech(services, _request("Hello there."), "r-2", CALLER)
         finally:
             close_record(token)
         data = b"".join([chunk async for chunk in prepared.body])

@@ -42,3 +42,28 @@ def test_against_a_live_server(settings: Settings, tmp_path: Path) -> None:
     for row in rows:
         assert row["probes"] >= 5 and row["failed"] == 0, row
         assert row["in_flight_after"] == 0 and row["ffmpeg_after"] == 0, row
+
+
+def test_stalled_readers_resent_from_one_client_cannot_lock_the_others_out(settings: Settings, tmp_path: Path) -> None:
+    """Issue 20's attack on a 4 + 4 server: 16 stalled readers from 127.0.0.2, each re-sent as
+    soon as the send timeout drops it, and 6 other clients asking for a sentence a second.
+    Without fair shares (max_client_share 1) most of the others are refused; with the default
+    share the attacker holds 1 slot and 1 queue place, and the others are all served."""
+    others: dict[float, dict[str, int]] = {}
+    for share in (1.0, Settings().max_client_share):
+        config = msgspec.structs.replace(
+            settings, max_in_flight=4, max_queued=4, max_client_share=share, send_timeout_s=2.0,
+            max_speech_tokens=400, header_timeout_s=2.0,
+        )
+        out = tmp_path / f"rows-{share}.json"
+        with live_server(config, FakeEngine(), guarded=True) as live:
+            attack.main(
+                ["--url", live.base_url, "--attacks", "stalled-resend", "--stalled", "16", "--others", "6",
+                 "--duration", "5", "--settle", "1.5", "--json", str(out)]
+            )
+        (row,) = json.loads(out.read_text())
+        assert row["failed"] == 0 and row["in_flight_after"] == 0, row
+        others[share] = row["others"]
+    unfair, fair = others[1.0], others[Settings().max_client_share]
+    assert unfair.get("429", 0) > unfair.get("ok", 0), unfair  # the attack works without shares
+    assert fair.get("429", 0) == 0 and fair.get("ok", 0) >= 12, fair

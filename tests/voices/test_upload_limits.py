@@ -1,16 +1,14 @@
 """Uploads built to hurt: a few kilobytes whose header asks the decoder for gigabytes (1 Hz
 sample rates in WAV, FLAC, AIFF and Matroska; hundreds of channels), refused from the header
-before any decoding; the decoder itself bounded by limits the OS enforces; cheap refusals
+before any decoding; the decoding child itself bounded by limits the OS enforces; cheap refusals
 (taken name, voice count, consent size) before the clip is decoded; and the voice index not
 rebuilt per lookup."""
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +16,9 @@ import pytest
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.errors import ConflictError, InvalidRequestError
-from gateway.voices.clip_probe import DecodeLimits
+from gateway.voices.clip_probe import DecodeLimits, decode_clip
 from gateway.voices.library import VoiceLibrary
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES = b"\x10\x20" * 2048
 
 
@@ -77,7 +74,9 @@ def test_a_1_hz_clip_is_refused_from_its_header(library: VoiceLibrary, container
     assert caught.value.param == "audio_sample"
     # what the header says (1 Hz, so 2048 s for 2048 samples) is enough: nothing is decoded
     assert "1 Hz" in caught.value.message or "2048.0 s" in caught.value.message, caught.value.message
-    assert time.monotonic() - started < 2.0
+    # decoding it would take seconds and gigabytes; the refusal costs the decoding child's start
+    # (Python and PyAV: ~0.1-0.5 s, more on a machine loaded many times over)
+    assert time.monotonic() - started < 5.0
 
 
 def test_hundreds_of_channels_are_refused_from_the_header(library: VoiceLibrary) -> None:
@@ -86,33 +85,16 @@ def test_hundreds_of_channels_are_refused_from_the_header(library: VoiceLibrary)
     assert "512 channels" in caught.value.message, caught.value.message
 
 
-_DECODE_IN_CHILD = """
-import json, sys
-from gateway.voices.clip_probe import DecodeLimits
-from gateway.voices.clip_files import decode_to_mono
-data = open(sys.argv[1], "rb").read()
-limits = DecodeLimits(memory_bytes=int(sys.argv[2]), cpu_s=5, timeout_s=20)
-samples = decode_to_mono(data, "wav", max_seconds=30.5, limits=limits)
-print(json.dumps({"decoded": samples is not None}))
-"""
-
-
-def _decode_in_child(clip: Path, memory_bytes: int) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-c", _DECODE_IN_CHILD, str(clip), str(memory_bytes)],
-        cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def test_the_decoder_runs_under_a_memory_limit_the_os_enforces(tmp_path: Path) -> None:
-    """The FFmpeg child cannot map more than its RLIMIT_AS: with 32 MiB it cannot even start
-    (the kernel refuses the mappings) and the clip is not decoded; with the default it is."""
-    clip = tmp_path / "tone.wav"
-    clip.write_bytes(tone())
-    assert _decode_in_child(clip, 32 * 1_048_576)["decoded"] is False
-    assert _decode_in_child(clip, DecodeLimits().memory_bytes)["decoded"] is True
+def test_the_decoder_runs_under_a_memory_limit_the_os_enforces() -> None:
+    """The decoding child cannot map more than its RLIMIT_AS: with 32 MiB it cannot even start
+    (the kernel refuses the mappings) and the clip is refused, not decoded; with the default it
+    is decoded."""
+    clip = tone()
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_clip(clip, "wav", DecodeLimits(memory_bytes=32 * 1_048_576), max_seconds=30)
+    assert "could not be decoded" in caught.value.message
+    samples = decode_clip(clip, "wav", DecodeLimits(), max_seconds=30)
+    assert len(samples) == 4 * 24_000
 
 
 def test_the_decoder_is_bounded_in_time(library: VoiceLibrary, builtin_dir: Path, tmp_path: Path) -> None:
