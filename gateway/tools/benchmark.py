@@ -17,11 +17,17 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   (20 tokens), a regular window (50 + 25 left context) and a one-shot 10 s utterance, at
   batch 1/8/32, with the CFM solve eager and through its CUDA graphs: what bounds time to
   first audio and throughput.
-* ``http``: the same figures as a client sees them: a live server (``python -m gateway serve
-  --engine vllm``, dummy weights, a subprocess) and N concurrent streaming clients asking for
-  mp3; time to first audio byte p50/p95 and audio-seconds per wall-second (audio seconds from
-  the server's ``chatterbox_audio_seconds_total``); then, with ``--loadtest-s``, the load test
-  (``gateway.tools.loadtest``, 64 streams) against the same server.
+* ``timeline``, ``http``, ``loadtest``: as a client sees it, through one live server
+  (``python -m gateway serve --engine vllm``, dummy weights, a subprocess started once for
+  all three; ``gateway.tools.bench_server``). ``timeline``: every stage of one request's first
+  audio, from the server's log (``gateway.tools.bench_timeline``). ``http``: one row per model
+  (``--models``; ``mixed`` = the loaded families in turn) and concurrency: first audio
+  p50/p95, steady audio-s/s, RTF p50, errors, the server's memory and the GPU's
+  (``gateway.tools.bench_http`` defines each figure). ``loadtest``: ``gateway.tools.loadtest``
+  at 64 streams for ``--loadtest-s`` seconds, every stream's audio length checked.
+
+``--json`` writes ``{"card", "date", "command", "rows": [the http rows], "stages": {every
+other stage's output}}``, the shape of ``docs/benchmarks/*.json``.
 """
 
 from __future__ import annotations
@@ -35,20 +41,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps every stream "
-            "busy and the vocoder batches windows from all of them.")
+from gateway.tools.bench_http import TEXT_10S, pct
 
 
 def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+    value = pct(values, q)
+    return float("nan") if value is None else value
 
 
 def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict]:
@@ -288,108 +290,62 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_toke
     return rows
 
 
-async def _http_level(base: str, n: int, fmt: str, voice: str = "default") -> tuple[float, list[float], int]:
-    """n concurrent streaming requests: (wall s, first-byte latencies s, failures). The
-    checkpoint's voice by default: the one the engine stage uses."""
-    import httpx
+def stage_server(args: argparse.Namespace, stages: list[str]) -> tuple[list[dict], dict[str, Any]]:
+    """The stages that measure a live server (timeline, http, loadtest), on one server."""
+    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest
 
-    body = {"model": "tts-1", "input": TEXT_10S, "voice": voice, "response_format": fmt}
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-
-    async def one(client: httpx.AsyncClient) -> float | None:
-        t0 = time.perf_counter()
-        first = None
-        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                print(f"HTTP {response.status_code}: {response.text[:500]}", flush=True)
-                return None
-            async for part in response.aiter_bytes():
-                if part and first is None:
-                    first = time.perf_counter() - t0
-        return first
-
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one(client) for _ in range(n)), return_exceptions=True)
-        wall = time.perf_counter() - t0
-    firsts = [r for r in res if isinstance(r, float)]
-    return wall, firsts, n - len(firsts)
-
-
-def _audio_seconds(base: str) -> float:
-    import httpx
-
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("chatterbox_audio_seconds_total"):
-            return float(line.split()[-1])
-    return float("nan")
-
-
-def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float, out_dir: Path | None) -> list[dict]:
-    """A live server on the vLLM engine and streaming HTTP clients (see the module docstring)."""
-    import socket
-    import subprocess
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    peak = max(concurrency)
-    cmd = [sys.executable, "-m", "gateway", "serve", "--engine", "vllm", "--load-format", "dummy",
-           "--host", "127.0.0.1", "--port", str(port), "--max-speech-tokens", str(tokens),
-           "--max-in-flight", str(peak), "--max-queued", str(2 * peak), "--vllm-max-num-seqs", str(peak),
-           "--vllm-max-model-len", "1024", "--vllm-gpu-memory-utilization", "0.4",
-           "--cache-dir", tempfile.mkdtemp(prefix="bench-http-")]
-    log = open(Path(tempfile.gettempdir()) / "http_server.log", "w")  # large: one line per request
-    t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    models = [m for m in args.models.split(",") if m]
+    families = [f for f in (args.server_models or ",".join(m for m in models if m != "mixed")).split(",") if f]
+    levels = [int(c) for c in args.http_concurrency.split(",")]
+    peak = max(levels + [args.loadtest_concurrency if "loadtest" in stages else 1])
+    out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
+    log = args.server_log or out_dir / "server.log"
+    expect = args.tokens * 960 if args.server_engine == "vllm" else None  # fixed lengths: vLLM only
     rows: list[dict] = []
-    try:
-        while True:
+    found: dict[str, Any] = {}
+    with bench_server.running_server(engine=args.server_engine, models=families, tokens=args.tokens, peak=peak,
+                                     log=log, cache_dir=args.server_cache_dir, extra=args.server_args.split(),
+                                     url=args.server_url, pid=args.server_pid) as server:
+        found["server"] = {"start_s": server.start_s, "models": families, "engine": args.server_engine,
+                           "args": args.server_args, "log": str(log)}
+        print(f"server ready in {server.start_s} s", flush=True)
+        for stage in stages:
             try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.perf_counter() - t0 > 400:
-                raise RuntimeError(f"the server did not get ready (exit {server.poll()}); see {log.name}")
-            time.sleep(0.5)
-        rows.append({"stage": "http", "metric": "server start s (to /ready)", "value": round(time.perf_counter() - t0, 1)})
-        print(rows[-1], flush=True)
-        asyncio.run(_http_level(base, 1, fmt))  # warm-up (first request per voice)
-        for n in concurrency:
-            before = _audio_seconds(base)
-            wall, firsts, failed = asyncio.run(_http_level(base, n, fmt))
-            audio = _audio_seconds(base) - before
-            rows.append({"stage": "http", "metric": f"HTTP {fmt} streaming: TTFB ms p50 / p95, audio-s per wall-s",
-                         "concurrency": n,
-                         "value": f"{_pct(firsts, .5) * 1000:.0f} / {_pct(firsts, .95) * 1000:.0f}, {audio / wall:.1f}",
-                         "detail": f"{audio:.0f} s audio in {wall:.2f} s; failed {failed}"})
-            print(rows[-1], flush=True)
-        wall, firsts, failed = asyncio.run(_http_level(base, 1, fmt, voice="alloy"))
-        rows.append({"stage": "http", "metric": f"HTTP {fmt}: a clip voice (alloy), first request", "concurrency": 1,
-                     "value": "failed" if failed else f"{wall:.2f} s (voice preparation included)"})
-        print(rows[-1], flush=True)
-        if loadtest_s > 0:
-            from gateway.tools import loadtest
+                if stage == "timeline":
+                    if server.log is None:
+                        raise RuntimeError("the timeline stage reads the log of a server it started")
+                    result = bench_timeline.run_timeline(server.base, server.log, runs=args.timeline_runs,
+                                                         model=models[0] if models[0] != "mixed" else families[0],
+                                                         voice=args.voice, fmt=args.http_format)
+                    bench_timeline.print_table(result)
+                    found["timeline"] = result
+                elif stage == "http":
+                    for model in models:
+                        for n in levels:
+                            streams = bench_http.streams_for(model, n, families)
+                            row = asyncio.run(bench_http.measure_level(
+                                server.base, streams, window_s=args.http_window_s, voice=args.voice,
+                                fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model))
+                            rows.append(row)
+                            print(row, flush=True)
+                elif stage == "loadtest":
+                    target = out_dir / "loadtest.json"
+                    argv = ["--url", server.base, "--concurrency", str(args.loadtest_concurrency),
+                            "--duration", str(args.loadtest_s), "--voice", args.voice, "--format", args.http_format,
+                            "--model", models[0] if models[0] != "mixed" else families[0], "--text", TEXT_10S,
+                            "--json", str(target)]
+                    if server.pid:
+                        argv += ["--server-pid", str(server.pid)]
+                    if expect:
+                        argv += ["--expect-samples", str(expect)]
+                    code = loadtest.main(argv)
+                    found["loadtest"] = {"exit": code, **(json.loads(target.read_text()) if target.exists() else {})}
+            except Exception as exc:  # keep the other stages' numbers
+                import traceback
 
-            target = (out_dir or Path(tempfile.gettempdir())) / "loadtest.json"
-            code = loadtest.main(["--url", base, "--concurrency", "64", "--duration", str(loadtest_s), "--voice", "default",
-                                  "--server-pid", str(server.pid), "--format", fmt, "--json", str(target)])
-            rows.append({"stage": "http", "metric": f"loadtest 64 x {loadtest_s:.0f} s", "value": f"exit {code}",
-                         "detail": target.read_text()[:1500] if target.exists() else ""})
-            print(rows[-1], flush=True)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    return rows
+                traceback.print_exc()
+                found.setdefault("errors", []).append({"stage": stage, "error": repr(exc)[:500]})
+    return rows, found
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -403,10 +359,13 @@ def _print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
+SERVER_STAGES = ("timeline", "http", "loadtest")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway.tools.benchmark", description=__doc__.split("\n")[0])
     ap.add_argument("--stages", default="t3,engine,profile")
-    ap.add_argument("--profile-batches", default="1,8,32", help="vocoder batch sizes of the profile stage")
+    ap.add_argument("--profile-batches", default="1,8,32,64", help="vocoder batch sizes of the profile stage")
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
@@ -416,27 +375,50 @@ def main(argv: list[str] | None = None) -> int:
                     help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N;"
                          " 'none' skips it")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new engine measurements after this")
-    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
-    ap.add_argument("--http-concurrency", default="1,8,32,128")
-    ap.add_argument("--http-format", default="mp3")
-    ap.add_argument("--loadtest-s", type=float, default=0.0, help="http stage: then a 64-stream load test this long")
+    ap.add_argument("--json", type=Path, default=None, help="write {card, date, command, rows, stages} here")
+    server = ap.add_argument_group("the live-server stages (timeline, http, loadtest)")
+    server.add_argument("--models", default="chatterbox",
+                        help="API model names, one set of http rows each; 'mixed': the loaded families in turn")
+    server.add_argument("--server-models", default=None,
+                        help="families the server loads (default: those --models names)")
+    server.add_argument("--server-engine", default="vllm", choices=["vllm", "reference", "fake"])
+    server.add_argument("--server-args", default="", help="more serve flags, e.g. '--vocoder-compile dynamic'")
+    server.add_argument("--server-cache-dir", default=None, help="the server's cache (dummy weights): default a temp dir")
+    server.add_argument("--server-log", type=Path, default=None, help="default: server.log beside --json")
+    server.add_argument("--server-url", default=None, help="measure this running server instead of starting one")
+    server.add_argument("--server-pid", type=int, default=None, help="its process, for memory readings")
+    server.add_argument("--voice", default="alloy", help="a clip voice by default (aria.flac)")
+    server.add_argument("--http-concurrency", default="1,32,128")
+    server.add_argument("--http-window-s", type=float, default=30.0, help="seconds each http row measures")
+    server.add_argument("--http-format", default="pcm")
+    server.add_argument("--timeline-runs", type=int, default=5)
+    server.add_argument("--loadtest-s", type=float, default=60.0)
+    server.add_argument("--loadtest-concurrency", type=int, default=64)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
     # pool (prompt building) hangs the child, so start it fresh.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     conc = [int(c) for c in args.concurrency.split(",")]
+    stages = [s for s in args.stages.split(",") if s]
     rows: list[dict] = []
-    for stage in args.stages.split(","):
+    http_rows: list[dict] = []
+    found: dict[str, Any] = {}
+    if any(stage in SERVER_STAGES for stage in stages):
+        try:
+            http_rows, found = stage_server(args, [s for s in stages if s in SERVER_STAGES])
+        except Exception as exc:  # the server did not start: the other stages still run
+            import traceback
+
+            traceback.print_exc()
+            found = {"errors": [{"stage": "server", "error": repr(exc)[:1500]}]}
+    for stage in [s for s in stages if s not in SERVER_STAGES]:
         try:
             if stage == "t3":
                 rows += stage_t3(args.tokens, conc, args.text_tokens)
             elif stage == "profile":
                 rows += stage_profile([int(b) for b in args.profile_batches.split(",")], args.flow_steps,
                                       args.profile_repeats)
-            elif stage == "http":
-                rows += stage_http(args.tokens, [int(c) for c in args.http_concurrency.split(",")], args.http_format,
-                                   args.loadtest_s, args.json.parent if args.json else None)
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))
@@ -447,10 +429,26 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
             rows.append({"stage": stage, "error": repr(exc)[:300]})
+    if rows:
+        found["rows"] = rows
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report(http_rows, found, argv), indent=1) + "\n")
+    _print_table(http_rows)
     _print_table(rows)
-    return 0 if all("error" not in r for r in rows) else 1
+    failed = any("error" in r for r in rows) or bool(found.get("errors")) or any(r.get("errors") for r in http_rows)
+    return 1 if failed else 0
+
+
+def report(http_rows: list[dict], stages: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    """The benchmark's JSON document (docs/benchmarks/*.json)."""
+    import datetime
+
+    from gateway.tools.host_probes import card
+
+    command = "python -m gateway.tools.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    return {"card": card(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "rows": http_rows, "stages": stages}
 
 
 if __name__ == "__main__":
