@@ -30,17 +30,6 @@ class ScriptedT3:
             yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[token])])
 
 
-@pytest.fixture(scope="module")
-def s3gen():
-    from chatterbox.models.s3gen import S3Gen
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield S3Gen().eval()
-    torch.set_num_threads(threads)
-
-
 async def test_the_chunk_path_marks_every_stage_up_to_its_first_audio(s3gen, tmp_path, monkeypatch) -> None:
     settings = load_settings({}, {"load_format": "dummy", "cache_dir": str(tmp_path), "watermark": False,
                                   "flow_steps": 1, "max_speech_tokens": 64})

@@ -159,17 +159,6 @@ POLICY = WindowPolicy(first_tokens=6, tokens=8, left_context=4, final_merge_toke
 
 
 @pytest.fixture(scope="module")
-def s3gen():
-    from chatterbox.models.s3gen import S3Gen
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield S3Gen().eval()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ref(s3gen):
     s3gen.float()  # embed_ref runs in the flow's dtype; a bf16 test may have cast it
     return parity_vocoder.reference_dict(s3gen, SIZES.prompt_tokens, 120.0, 0)
