@@ -193,7 +193,7 @@ def _profile_rows(batch: Any, voice: Any, window: tuple, b: int, repeats: int, m
            "batch": b, **{f"{k} ms": round(v, 1) for k, v in med.items()},
            "vocoder audio-s/s (no watermark)": round(audio_s / (vocoder_ms / 1000), 1)}
     per_batch, busy = pipelined(batch, flow_rows, carried, final, pipeline_batches, depth)
-    row.update({f"pipelined ms/batch (depth {depth})": round(per_batch * 1000, 1),
+    row.update({"pipeline depth": depth, "pipelined ms/batch": round(per_batch * 1000, 1),
                 "gpu busy share": round(busy, 3),
                 "pipelined audio-s/s": round(audio_s / per_batch, 1)})
     return row

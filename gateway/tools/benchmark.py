@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -297,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--loadtest-s", type=float, default=60.0)
     server.add_argument("--loadtest-concurrency", type=int, default=64)
     args = ap.parse_args(argv)
+    # A time limit's SIGTERM unwinds like an error: the server this started is stopped, and
+    # the JSON written so far stays.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
     # pool (prompt building) hangs the child, so start it fresh.

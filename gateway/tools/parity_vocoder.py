@@ -310,7 +310,7 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
     utter = [_tokens(n, gen) for n in sizes.utterances]
     fp32 = dtype == torch.float32
     tol = FP32_SNR_DB if fp32 else LOW_PRECISION_SNR_DB
-    results: list[CheckResult] = []
+    results = _Printed()
     if fp32:
         results.append(_upstream_check(s3gen, ref_a, utter[1], sizes.flow_steps, device))
 
@@ -331,8 +331,6 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
     graph = _graph_check(batch, rows, tol)
     if graph is not None:
         results.append(graph)
-    if compile_mode != "off":
-        results += _compile_checks(batch, rows, tol, compile_mode)
 
     probe = rows[3]
     exact = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes,
@@ -354,7 +352,24 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
 
     jobs = [(("A", ref_a), ("B", ref_b))[i % 2] + (u,) for i, u in enumerate(utter)]
     results += asyncio.run(_vocoder_checks(s3gen, device, dtype, sizes, jobs, tol))
-    return results
+    if compile_mode != "off":  # last: the slowest (a compile), and the one most likely to stop
+        results += _compile_checks(batch, rows, tol, compile_mode)
+    return list(results)
+
+
+class _Printed(list):
+    """Check results, each printed as it is added: a run stopped by a time limit still shows
+    what it checked."""
+
+    def append(self, item: CheckResult) -> None:
+        print(f"  {'PASS' if item.passed else 'FAIL'} {item.name}: {item.value:.1f} dB (>= {item.tolerance:.0f}); "
+              f"{item.detail}", flush=True)
+        super().append(item)
+
+    def __iadd__(self, items):  # type: ignore[override]
+        for item in items:
+            self.append(item)
+        return self
 
 
 def bench(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY,

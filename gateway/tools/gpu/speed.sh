@@ -115,7 +115,7 @@ if [ "$PART" = part1 ]; then
     SIZES="--sizes real --compile dynamic"
     PROFILE="--profile-batches 1,8,32,64 --profile-oneshot-batches 1,32 --profile-knob-batches 1,32
              --profile-repeats 2 --profile-pipeline-batches 4 --profile-compile dynamic"
-    LIMITS=(130 160 230)
+    LIMITS=(120 150 220)
   fi
   # 1. parity in fp32 (exact-ish): batched/alone, padding, HiFT, graphs, compiled, compiled in graphs
   step parity_fp32 "${LIMITS[0]}" "$PY" -m gateway.tools.parity_vocoder --dtype fp32 $SIZES --json "$DIR/parity_fp32.json"
@@ -137,7 +137,7 @@ else
     LIMIT=420
   fi
   # 2. one server for the rest: the timeline, the HTTP rows, the load test (JSON rewritten after each)
-  step server "$LIMIT" "$PY" -m gateway.tools.benchmark --stages timeline,http,loadtest --models chatterbox \
+  step live_server "$LIMIT" "$PY" -m gateway.tools.benchmark --stages timeline,http,loadtest --models chatterbox \
     --voice alloy --http-format pcm --server-log "$LOGS/server.log" \
     --server-args="${SERVER_ARGS:---vocoder-compile dynamic}" $SERVER --json "$DIR/http.json"
   [ -f "$DIR/t3_profile.txt" ] && mv "$DIR/t3_profile.txt" "$LOGS/"
