@@ -65,6 +65,7 @@ export VLLM_CACHE_ROOT="$SPEED_CACHE/vllm"
 mkdir -p "$SPEED_CACHE"
 if [ -f .gpu/speed-cache.tar.xz ] && [ ! -f "$SPEED_CACHE/.unpacked" ]; then
   tar -xJf .gpu/speed-cache.tar.xz -C "$SPEED_CACHE" && touch "$SPEED_CACHE/.unpacked"
+  echo "compile caches unpacked from .gpu/speed-cache.tar.xz"
 fi
 
 DIR="$OUT/${PART/part/p}"
@@ -86,18 +87,25 @@ step() {
   tail -n 25 "$LOGS/$name.log"
 }
 
+pack_cache() {
+  # The compile caches, as small as they can travel: xz on every core, the largest part
+  # (vLLM's) left out when it is too big to come back.
+  local parts=""
+  for part in "$@"; do
+    [ -d "$SPEED_CACHE/$part" ] && [ "$(du -sm "$SPEED_CACHE/$part" | cut -f1)" -le 300 ] && parts="$parts $part"
+  done
+  [ -n "$parts" ] || return 0
+  (cd "$SPEED_CACHE" && tar -cf - $parts | xz -T0 -3 > "$OUT/cache.tar.xz")
+  [ "$(stat -c %s "$OUT/cache.tar.xz")" -le 15728640 ]
+}
+
 finish() {
-  # Logs in one file; the caches in another (if they fit what comes back).
   ( nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true )
+  pack_cache inductor triton vllm || pack_cache inductor triton || pack_cache inductor \
+    || { echo "the compile caches do not fit in 15 MiB: not returned" | tee -a "$STATUS"; rm -f "$OUT/cache.tar.xz"; }
+  du -sh "$SPEED_CACHE"/* 2>/dev/null | tee -a "$STATUS"
   tar -cJf "$DIR/logs.tar.xz" -C "$LOGS" . 2>/dev/null
-  tar -cJf "$OUT/cache.tar.xz" -C "$SPEED_CACHE" --exclude=.unpacked . 2>/dev/null
-  local size
-  size=$(stat -c %s "$OUT/cache.tar.xz" 2>/dev/null || echo 0)
-  if [ "$size" -gt 15728640 ]; then
-    echo "cache.tar.xz is $size bytes (over 15 MiB): dropped, only the inductor cache kept" | tee -a "$STATUS"
-    tar -cJf "$OUT/cache.tar.xz" -C "$SPEED_CACHE" inductor triton 2>/dev/null
-  fi
-  ls -la "$DIR" "$OUT/cache.tar.xz"
+  ls -la "$DIR" "$OUT"
   cat "$STATUS"
 }
 trap finish EXIT
@@ -133,7 +141,7 @@ else
     # 1. T3 per decode step (batch 1 and 32, sampler parts on and off) and a profiled decode
     step t3step 120 "$PY" -m gateway.tools.benchmark --stages t3step --json "$DIR/t3step.json"
     SERVER="--server-engine vllm --http-concurrency 1,32,128 --http-window-s 30 --timeline-runs 5 --loadtest-s 60
-            --loadtest-concurrency 64 --server-ready-s 300 --server-cache-dir $SPEED_CACHE/gateway"
+            --loadtest-concurrency 64 --server-ready-s 300 --server-cache-dir /root/speed-gateway-cache"
     LIMIT=420
   fi
   # 2. one server for the rest: the timeline, the HTTP rows, the load test (JSON rewritten after each)
