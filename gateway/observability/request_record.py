@@ -22,6 +22,7 @@ import structlog
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.timeline import Timeline
 
 SPEECH_ROUTE = "/v1/audio/speech"
 
@@ -56,10 +57,17 @@ class RequestRecord:
     """The client's address (``gateway.http.caller``); logged only with a refusal."""
     refused_by: str | None = None
     """The admission limit that refused the request with a 429: server, client or key."""
+    timeline: Timeline | None = None
+    """The first-audio timeline, when the request asked for one (``request_timeline``)."""
 
     @property
     def audio_seconds(self) -> float:
         return self.audio_samples / self.sample_rate if self.sample_rate else 0.0
+
+    def mark(self, stage: str) -> None:
+        """A timeline mark (nothing when the request has no timeline)."""
+        if self.timeline is not None:
+            self.timeline.mark(stage)
 
     def add_audio(self, samples: int) -> None:
         self.audio_samples += samples
@@ -157,6 +165,8 @@ def finish_request(
         fields["key_id"] = record.key_id
     if record.refused_by:
         fields.update(limit=record.refused_by, client=record.client)
+    if record.timeline is not None:
+        fields["timeline"] = record.timeline.as_json()
     log = structlog.get_logger("gateway.access")
     if outcome in {"error", "timeout"}:
         log.error("request", **fields)

@@ -67,7 +67,7 @@ class VllmEngine(UpstreamVoices, Engine):
         self._cond_cache: OrderedDict[str, Any] = OrderedDict()
         """Voice key -> the voice's conditioning rows (Perceiver output; no exaggeration row)."""
         self._cond_pending: dict[str, asyncio.Future[Any]] = {}
-        self.fixed_length = False
+        self.fixed_length = settings.fixed_speech_tokens
         """Benchmarks only: never stop before the token budget (random weights may sample the
         stop token; fixed lengths keep runs comparable)."""
 
@@ -172,7 +172,8 @@ class VllmEngine(UpstreamVoices, Engine):
             return None
         stats = self.vocoder.stats
         return BatchStats(batches=stats.batches, rows=stats.rows, rows_dropped=stats.windows_dropped,
-                          busy_s=stats.busy_s, audio_s=stats.audio_s, rows_per_batch=dict(stats.rows_per_batch))
+                          busy_s=stats.busy_s, audio_s=stats.audio_s, rows_per_batch=dict(stats.rows_per_batch),
+                          device_busy_s=stats.device_busy_s)
 
     async def _shutdown(self) -> None:
         self._components = None  # new jobs fail from here on
@@ -275,10 +276,14 @@ class VllmEngine(UpstreamVoices, Engine):
     async def _chunk(self, components: Any, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         from gateway.engine.checkpoint.components import text_token_ids
 
+        trace = job.trace if index == 0 else None  # the first audio comes from the first chunk
         prompt = await self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
         sampling = self._sampling(job, index, len(prompt.token_ids))
-        stream = self.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming)
+        stream = self.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming,
+                                          trace=trace)
         request_id = f"{job.request_id}-{index}-{uuid.uuid4().hex[:8]}"
+        if trace is not None:
+            trace.mark("t3 prompt built")
         producer = asyncio.create_task(self._tokens(prompt.vllm_prompt(), sampling, request_id, stream))
         made = 0
         first = True
@@ -296,6 +301,8 @@ class VllmEngine(UpstreamVoices, Engine):
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
                     continue  # all held back by the watermark: its tokens count with the next chunk
+                if first and trace is not None:
+                    trace.mark("watermarked" if self.settings.watermark else "clipped")
                 if stream.one_shot:
                     samples = fade_edges(samples)
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
