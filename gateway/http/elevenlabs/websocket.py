@@ -48,7 +48,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -90,6 +90,7 @@ from gateway.http.elevenlabs.protocol import (
     decode_client_message,
 )
 from gateway.http.elevenlabs.timings import ws_alignment
+from gateway.http.protocol import MAX_SEED
 from gateway.http.request_context import request_id_of
 from gateway.models.families import Family
 from gateway.speech.text_stream import DEFAULT_SCHEDULE, TextStream
@@ -101,6 +102,7 @@ DEFAULT_CONTEXT = "default"
 """The context of a multi-stream message that names none."""
 
 _ENCODER = msgspec.json.Encoder()
+T = TypeVar("T", int, float)
 _log = structlog.get_logger("gateway.elevenlabs")
 
 
@@ -206,22 +208,9 @@ class SocketOptions:
 
         language = one("language_code")
         inactivity = settings.elevenlabs_inactivity_timeout_s
-        if (raw := one("inactivity_timeout")) is not None:
-            try:
-                inactivity = float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"inactivity_timeout must be a number of seconds, got {raw[:20]!r}.", param="inactivity_timeout") from None
-            if not inactivity > 0:
-                raise InvalidRequestError("inactivity_timeout must be positive.", param="inactivity_timeout")
-            inactivity = min(inactivity, settings.elevenlabs_max_inactivity_timeout_s)
-        seed = None
-        if (raw := one("seed")) is not None:
-            try:
-                seed = int(raw)
-            except ValueError:
-                raise InvalidRequestError(f"seed must be an integer, got {raw[:20]!r}.", param="seed") from None
-            if not 0 <= seed <= 2**32 - 1:
-                raise InvalidRequestError("seed must be between 0 and 2^32-1.", param="seed")
+        if (asked := _number(one("inactivity_timeout"), "inactivity_timeout", float, low=1e-3)) is not None:
+            inactivity = min(asked, settings.elevenlabs_max_inactivity_timeout_s)
+        seed = _number(one("seed"), "seed", int, low=0, high=MAX_SEED)
         return SocketOptions(
             family=face.models.resolve(one("model_id"), language),
             output=parse_output_format(one("output_format")),
@@ -230,6 +219,19 @@ class SocketOptions:
             auto_mode=_flag(one("auto_mode"), "auto_mode"),
             seed=seed,
         )
+
+
+def _number(value: str | None, name: str, kind: type[T], *, low: T, high: T | None = None) -> T | None:
+    """A numeric query parameter in ``[low, high]``, or None when absent; 400 naming it."""
+    if value is None:
+        return None
+    try:
+        number = kind(value)  # type: ignore[call-arg]
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be a number, got {value[:20]!r}.", param=name) from None
+    if not low <= number or (high is not None and number > high):  # type: ignore[operator]
+        raise InvalidRequestError(f"{name} must be at least {low}" + (f" and at most {high}." if high is not None else "."), param=name)
+    return number
 
 
 def _flag(value: str | None, name: str) -> bool:
