@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import websockets
 from decoded_audio import decode_output
@@ -146,6 +147,11 @@ async def test_barge_in_cancels_the_engine_job_and_returns_the_slot(settings: Se
             assert f"{socket_id}-turn2-0" in engine.completed
         face = face_of(server.app)
         assert await asyncio.to_thread(wait_until, lambda: face.open_sockets == face.open_contexts == 0, 5)
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        assert 'chatterbox_websocket_contexts_total{endpoint="multi-stream-input",outcome="interrupted"} 1.0' in metrics
+        assert 'chatterbox_websocket_contexts_total{endpoint="multi-stream-input",outcome="ok"} 1.0' in metrics
+        assert 'chatterbox_websockets_total{endpoint="multi-stream-input",outcome="ok"} 1.0' in metrics
+        assert "chatterbox_websockets_open 0.0" in metrics and "chatterbox_websocket_first_audio_seconds_count 2.0" in metrics
     lines = {line["context_id"]: line for line in logs if line["event"] == "tts_context"}
     assert lines["turn1"]["outcome"] == "interrupted" and lines["turn2"]["outcome"] == "ok"
     assert lines["turn2"]["first_audio_ms"] is not None and lines["turn2"]["audio_s"] > 0
