@@ -251,6 +251,18 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def keepalive_timeout(self) -> None:
+        """A peer that stopped answering pings is gone: close with 1001 ("going away"), not
+        uvicorn's 1011, which clients read as a server fault."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.conn.fail(1001, "keepalive ping timeout")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
     """A protocol class bound to one server's limits (uvicorn instantiates it per connection)."""

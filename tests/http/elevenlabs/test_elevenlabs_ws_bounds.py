@@ -288,3 +288,43 @@ async def test_many_sockets_opened_and_abandoned_leave_nothing_behind(settings: 
         assert await asyncio.to_thread(wait_until, lambda: face.open_sockets == face.open_contexts == 0, 5)
         assert len(engine.cancelled) == 12
         await still_serving(server.base_url)
+
+
+def _frames(sock: socket.socket, timeout_s: float) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of every frame the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(4096):
+            data += chunk
+    frames = []
+    while len(data) >= 2:
+        opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            length, at = struct.unpack("!H", data[2:4])[0], 4
+        frames.append((opcode, data[at : at + length]))
+        data = data[at + length :]
+    return frames
+
+
+async def test_a_peer_that_stops_answering_pings_is_closed_as_going_away(settings: Settings) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.http.connection_guard import GuardedWebSocketProtocol
+    from harness import serve_on_loopback
+
+    app = create_app(face_settings(settings), engine=FakeEngine())
+    config = uvicorn.Config(
+        app, log_config=None, lifespan="on", ws=GuardedWebSocketProtocol, ws_ping_interval=0.2, ws_ping_timeout=0.3
+    )
+    with serve_on_loopback(app, config=config) as base_url:
+        sock = _raw_websocket(base_url, "/v1/text-to-speech/alloy/multi-stream-input")
+        try:
+            frames = await asyncio.to_thread(_frames, sock, 5.0)  # pings arrive; we never pong
+        finally:
+            sock.close()
+        assert frames[0][0] == 0x9  # a ping
+        opcode, payload = frames[-1]
+        assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001, frames
+        assert await asyncio.to_thread(wait_until, lambda: face_of(app).open_sockets == 0, 5)
