@@ -6,7 +6,7 @@ from __future__ import annotations
 from litestar import Router
 
 from gateway.http.elevenlabs.errors import handle_exception
-from gateway.http.elevenlabs.tts import convert, convert_with_timestamps, stream_with_timestamps
+from gateway.http.elevenlabs.tts import convert, convert_with_timestamps, stream, stream_with_timestamps
 from gateway.http.elevenlabs.voices import get_voice, list_voices
 from gateway.http.elevenlabs.websocket import (
     multi_stream_input,
@@ -22,6 +22,7 @@ def elevenlabs_router() -> Router:
         path="/",
         route_handlers=[
             convert,
+            stream,
             convert_with_timestamps,
             stream_with_timestamps,
             list_voices,

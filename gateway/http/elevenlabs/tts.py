@@ -117,8 +117,10 @@ def _route_options(summary: str, description: str, operation: type[Operation]) -
     }
 
 
+# Two handlers, not one with two paths: Litestar keeps a handler's paths in a set, so their
+# order in the OpenAPI document would change from one process to the next.
 @post(
-    ["/v1/text-to-speech/{voice_id:str}", "/v1/text-to-speech/{voice_id:str}/stream"],
+    "/v1/text-to-speech/{voice_id:str}",
     **_route_options("Text to speech (ElevenLabs)", "The audio in `output_format`, sent as it is made.", _AudioOperation),
 )
 async def convert(
@@ -130,14 +132,24 @@ async def convert(
     enable_logging: IgnoredQuery = None,
 ) -> Stream:
     """ElevenLabs-compatible speech: `voice_id` is a voice id, name or alias of GET /v1/voices.
-    Both paths send the audio as it is made (ElevenLabs' `/stream` and its one-shot route)."""
-    with voice_id_not_found():
-        speech, fmt = await _speech(request, voice_id, output_format)
-        prepared = await unless_disconnected(
-            request.receive, prepare_speech(services, speech, request_id_of(request.scope), output=fmt.spec)
-        )
-    current_record().response_format = fmt.name
-    return body_stream(prepared.body, fmt.media_type)
+    The audio is sent as it is made (the same as `/stream`)."""
+    return await _audio(request, services, voice_id, output_format)
+
+
+@post(
+    "/v1/text-to-speech/{voice_id:str}/stream",
+    **_route_options("Stream text to speech (ElevenLabs)", "The audio in `output_format`, sent as it is made.", _AudioOperation),
+)
+async def stream(
+    request: Request[Any, Any, Any],
+    voice_id: FromPath[str],
+    services: NamedDependency[AppServices],
+    output_format: OutputFormatQuery = None,
+    optimize_streaming_latency: IgnoredQuery = None,
+    enable_logging: IgnoredQuery = None,
+) -> Stream:
+    """As `POST /v1/text-to-speech/{voice_id}`."""
+    return await _audio(request, services, voice_id, output_format)
 
 
 @post(
@@ -267,6 +279,19 @@ async def _speech(
     record = current_record()
     record.input_chars = len(body.text)
     return speech, fmt
+
+
+async def _audio(
+    request: Request[Any, Any, Any], services: AppServices, voice_id: str, output_format: str | None
+) -> Stream:
+    """The OpenAI route's path (``prepare_speech``) with the face's body, format and errors."""
+    with voice_id_not_found():
+        speech, fmt = await _speech(request, voice_id, output_format)
+        prepared = await unless_disconnected(
+            request.receive, prepare_speech(services, speech, request_id_of(request.scope), output=fmt.spec)
+        )
+    current_record().response_format = fmt.name
+    return body_stream(prepared.body, fmt.media_type)
 
 
 async def _start(
