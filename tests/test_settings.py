@@ -58,3 +58,19 @@ def test_voice_dirs_default_under_cache_and_repo(tmp_path: Path):
     s = load_settings({"CHATTERBOX_CACHE_DIR": str(tmp_path)})
     assert s.resolved_voices_dir() == tmp_path / "voices"
     assert (s.resolved_builtin_voices_dir() / "manifest.json").name == "manifest.json"
+
+
+def test_elevenlabs_settings_from_the_environment_and_checked():
+    s = load_settings(
+        {
+            "CHATTERBOX_MODELS": "chatterbox,chatterbox-turbo",
+            "CHATTERBOX_ELEVENLABS_MODEL_ALIASES": "eleven_v3=chatterbox-turbo, my-id=chatterbox",
+            "CHATTERBOX_ELEVENLABS_MAX_CONTEXTS": "3",
+        }
+    )
+    assert s.elevenlabs_model_aliases == ("eleven_v3=chatterbox-turbo", "my-id=chatterbox")
+    assert s.elevenlabs_max_contexts == 3 and s.elevenlabs_enabled
+    with pytest.raises(SettingsError, match="not loaded"):
+        load_settings({"CHATTERBOX_ELEVENLABS_MODEL_ALIASES": "eleven_v3=chatterbox-multilingual"})
+    with pytest.raises(SettingsError, match="elevenlabs_max_message_bytes"):
+        load_settings({"CHATTERBOX_ELEVENLABS_MAX_MESSAGE_BYTES": "10"})

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, guarded_protocol
+from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, GuardedWebSocketProtocol, guarded_protocol
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
 
@@ -58,6 +58,12 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         # would otherwise believe it from 127.0.0.1, letting a local client pick its identity)
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=list(settings.trusted_proxies) or None,
+        # WebSockets (the ElevenLabs face): the abort hook for slow readers; a message larger
+        # than the limit is refused by the protocol (close 1009) before it is buffered; no
+        # per-message compression (base64 audio hardly compresses, and it costs CPU per byte)
+        ws=GuardedWebSocketProtocol,
+        ws_max_size=settings.elevenlabs_max_message_bytes,
+        ws_per_message_deflate=False,
     )
 
 
