@@ -12,6 +12,12 @@ Against any running server (the fake engine here, the vLLM engine on the GPU), a
 Both ask for the same ``--output-format`` (``pcm_24000`` by default: no codec in the way).
 Prints p50/p95 of each and of their difference; the target (issue 19) is ws <= rest + 20 ms
 at p50. ``--json FILE`` keeps every sample. One request at a time: this is latency, not load.
+
+Fair shares (docs/operations.md): everything here comes from one address, one client. One
+request at a time is always within a client's share, so the tool is never throttled by it; a
+server that refuses it anyway (another tool running from the same host, a tiny
+``max_in_flight``) makes it stop with the limit named: start that server with
+``--max-client-share 1``, as the GPU command in docs/benchmarks.md does.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ async def ws_first_audio(args: argparse.Namespace) -> float:
             async for raw in ws:
                 message = json.loads(raw)
                 if "error" in message:
-                    raise RuntimeError(f"server error: {message}")
+                    raise RuntimeError(f"server error: {message}{_share_hint(message['error'])}")
                 if message.get("audio") and not first_audio.done():
                     first_audio.set_result(time.perf_counter())
 
@@ -85,7 +91,9 @@ async def rest_first_audio(client: httpx.AsyncClient, args: argparse.Namespace) 
         "POST", f"/v1/text-to-speech/{args.voice}/stream", params={"output_format": args.output_format}, json=body
     ) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"REST answered {response.status_code}: {(await response.aread())[:300]!r}")
+            body = (await response.aread())[:300]
+            code = next((c for c in SHARE_CODES if c.encode() in body), "")
+            raise RuntimeError(f"REST answered {response.status_code}: {body!r}{_share_hint(code)}")
         first: float | None = None
         async for data in response.aiter_raw():  # read to the end: the next request starts clean
             if data and first is None:
@@ -93,6 +101,15 @@ async def rest_first_audio(client: httpx.AsyncClient, args: argparse.Namespace) 
     if first is None:
         raise RuntimeError("REST sent no audio")
     return first
+
+
+SHARE_CODES = ("client_concurrency_limit", "key_concurrency_limit")
+
+
+def _share_hint(code: str) -> str:
+    if code in SHARE_CODES:
+        return " (refused by a fair share: start the server with --max-client-share 1, or run one tool at a time)"
+    return ""
 
 
 def _pct(values: list[float], q: float) -> float:
