@@ -19,6 +19,7 @@ from agents_support import API_KEY, VOICE, agent_server, assert_cancelled_and_fr
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from ops_support import HOLD, GatedEngine
+from tls_support import make_tls_files
 
 TOKENS = ["Hello from ", "LiveKit. ", "This reply is written ", "token by token ", "by a language model."]
 CONNECT = APIConnectOptions(max_retry=0, timeout=10)
@@ -101,3 +102,19 @@ async def test_aclose_mid_sentence_cancels_the_engine_job(settings: Settings, se
             assert seconds > 0.3
         finally:
             await tts.aclose()
+
+
+async def test_over_https_and_wss(settings: Settings, tmp_path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    connector = aiohttp.TCPConnector(ssl=tls.client_context())
+    async with aiohttp.ClientSession(connector=connector) as trusting:
+        with agent_server(settings, FakeEngine(piece_delay_s=0.005), tls=tls) as live:
+            assert live.base_url.startswith("https://")
+            tts = plugin(live.base_url, trusting, encoding="pcm_24000")
+            try:
+                seconds, timed = await speak_streamed(tts, ["Spoken over ", "TLS, both ways."])
+                assert seconds > 0.3 and timed
+                frame = await tts.synthesize("And over https.", conn_options=CONNECT).collect()
+                assert frame.samples_per_channel > 0
+            finally:
+                await tts.aclose()
