@@ -7,8 +7,7 @@ FFmpeg libraries, and the checks on word timings and cancelled engine jobs.
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import msgspec
 
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import Live, live_server
+from ops_support import Live, live_server, wait_until
 from tls_support import TlsFiles
 
 API_KEY = "sk-agents-test"
@@ -71,15 +70,6 @@ def assert_word_times(words: list[tuple[str, float]], text: str, audio_s: float)
     assert starts == sorted(starts), words
     assert starts[0] >= 0 and starts[-1] < audio_s + 0.05, (words, audio_s)
     assert starts[-1] > 0, words  # not all at zero: real times
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
 
 
 def assert_cancelled_and_freed(live: Live, marker: str, timeout_s: float = 5.0) -> None:
