@@ -32,7 +32,10 @@ from gateway.http.response_guard import response_guard
 from gateway.http.request_context import add_request_id_header, request_context_middleware
 from gateway.http.speech import create_speech
 from gateway.http.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
-from gateway.http.auth import auth_middleware, log_auth_mode
+from gateway.http.auth import KEY_CHECKER_STATE, auth_middleware, log_auth_mode
+from gateway.http.elevenlabs.routes import elevenlabs_router
+from gateway.http.elevenlabs.docs import XI_API_KEY_SCHEME, xi_api_key_scheme
+from gateway.http.elevenlabs.face import FACE_STATE, ElevenLabsFace
 from gateway.http.cors import cors_config
 from gateway.engine.base import Engine
 from gateway.engine.factory import build_engine
@@ -88,6 +91,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     ]
     if settings.playground_enabled:
         route_handlers += playground_routes()
+    # the ElevenLabs face (voice agents): same services, its own wire shapes
+    state: dict[str, Any] = {KEY_CHECKER_STATE: api_keys.checker}
+    if settings.elevenlabs_enabled:
+        route_handlers.append(elevenlabs_router())
+        state[FACE_STATE] = ElevenLabsFace(services, api_keys.checker)
 
     return Litestar(
         route_handlers=route_handlers,
@@ -98,7 +106,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         cors_config=cors_config(settings),
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,
-        state=State({"services": services, SHUTDOWN_CLOCK_STATE: shutdown_clock}),
+        state=State({"services": services, SHUTDOWN_CLOCK_STATE: shutdown_clock, **state}),
         openapi_config=OpenAPIConfig(
             title="chatterbox-gateway",
             version=__version__,
@@ -111,7 +119,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
                         type="http",
                         scheme="bearer",
                         description="An API key, when the server has keys configured; otherwise any value.",
-                    )
+                    ),
+                    XI_API_KEY_SCHEME: xi_api_key_scheme(),
                 }
             ),
         ),

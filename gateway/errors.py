@@ -87,6 +87,14 @@ class ConflictError(GatewayError):
     code = "conflict"
 
 
+class UpgradeRequiredError(GatewayError):
+    """A WebSocket route asked for with plain HTTP."""
+
+    status_code = 426
+    error_type = "invalid_request_error"
+    code = "upgrade_required"
+
+
 class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -232,6 +232,33 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     tokens already waiting takes up to this many at once: every window re-runs the vocoder's
     flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
 
+    # --- ElevenLabs-compatible face (voice agents; docs/voice-agents.md) ---------------------
+    elevenlabs_enabled: bool = True
+    """Serve ElevenLabs' text-to-speech routes, voices and stream-input WebSockets next to
+    OpenAI's, on the same engine, voices, keys and admission slots."""
+    elevenlabs_model_aliases: tuple[str, ...] = ()
+    """Extra or changed ElevenLabs model ids, as id=family entries (e.g.
+    eleven_flash_v2_5=chatterbox); the defaults map flash/turbo ids to chatterbox-turbo,
+    multilingual and v3 ids to chatterbox-multilingual, other eleven_* ids to chatterbox."""
+    elevenlabs_max_sockets: PositiveInt = 256
+    """Text-to-speech WebSockets open at once (more are refused with 503). Each counts against
+    max_connections too; each text chunk being spoken holds an admission slot like a request."""
+    elevenlabs_max_contexts: PositiveInt = 10
+    """Contexts open at once on one multi-stream-input socket (past it: error, close 1008)."""
+    elevenlabs_max_message_bytes: Annotated[int, Meta(ge=1024)] = 65_536
+    """Largest WebSocket message a client may send (larger: closed with 1009 by the server's
+    WebSocket layer before it is buffered)."""
+    elevenlabs_max_buffered_chars: Annotated[int, Meta(ge=500)] = 20_000
+    """Text one context may hold that is not spoken yet, buffered or queued (past it: error,
+    close 1008): about 20 minutes of speech."""
+    elevenlabs_inactivity_timeout_s: Annotated[float, Meta(gt=0.0)] = 20.0
+    """A socket that receives no message and sends no audio for this long is closed (error
+    input_timeout_exceeded, 1008); a client may ask for another value with ?inactivity_timeout."""
+    elevenlabs_max_inactivity_timeout_s: Annotated[float, Meta(gt=0.0)] = 300.0
+    """The largest inactivity_timeout a client may ask for (larger values are lowered to it)."""
+    elevenlabs_max_socket_s: Annotated[float, Meta(gt=0.0)] = 3600.0
+    """Longest a text-to-speech WebSocket may stay open, however busy (then closed, 1008)."""
+
     def __post_init__(self) -> None:
         from gateway.models.families import FAMILIES
         from gateway.speech.model_names import parse_alias_overrides
@@ -244,6 +271,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 f"models {','.join(self.models)!r}: each of {', '.join(FAMILIES)} at most once"
             )
         parse_alias_overrides(self.model_aliases, self.models)
+        parse_alias_overrides(self.elevenlabs_model_aliases, self.models)
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")
 
@@ -267,7 +295,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         return frozenset(keys)
 
 
-_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases"}
+_TUPLE_FIELDS = {"api_keys", "cors_origins", "models", "model_aliases", "elevenlabs_model_aliases"}
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, object]:

@@ -52,6 +52,8 @@ from gateway.audio.formats import (
     MIN_SPEED,
     OPUS_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
+    FormatSpec,
+    spec_of,
     validate,
 )
 from gateway.audio.pyav_encoder import PyAVEncoder, encode_in_process, pyav_available
@@ -124,12 +126,13 @@ def wav_stream_header(sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
 async def encode_audio(
     chunks: AsyncIterator[np.ndarray],
     *,
-    response_format: str,
+    response_format: str | FormatSpec,
     sample_rate: int,
     speed: float = 1.0,
     route: EncoderRoute = "auto",
 ) -> AsyncIterator[bytes]:
-    """Encode float32 mono ``chunks`` at ``sample_rate`` into ``response_format`` bytes.
+    """Encode float32 mono ``chunks`` at ``sample_rate`` into ``response_format`` bytes (a
+    name of :data:`FORMATS`, or a spec at another rate or bit rate, see ``formats.pcm_spec``).
 
     Bytes are yielded as soon as they exist. Closing this generator early (client hung up)
     closes ``chunks`` and releases the encoder (FFmpeg killed and reaped, or the worker
@@ -141,8 +144,9 @@ async def encode_audio(
     except InvalidRequestError:
         await aclose_quietly(chunks)
         raise
-    if response_format in ("pcm", "wav") and speed == 1.0 and sample_rate == OUTPUT_SAMPLE_RATE:
-        inner = _encode_in_python(chunks, with_header=response_format == "wav")
+    spec = spec_of(response_format)
+    if spec.codec == "pcm_s16le" and speed == 1.0 and sample_rate == spec.sample_rate == OUTPUT_SAMPLE_RATE:
+        inner = _encode_in_python(chunks, with_header=spec.container == "wav")
     elif resolve_route(route) == "inprocess":
         inner = encode_in_process(chunks, response_format=response_format, sample_rate=sample_rate, speed=speed)
     else:

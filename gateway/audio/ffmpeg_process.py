@@ -21,7 +21,7 @@ import ffmpeg
 import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
-from gateway.audio.formats import FORMATS, atempo_factors
+from gateway.audio.formats import FormatSpec, atempo_factors, spec_of
 from gateway.errors import EncoderError
 from gateway.iterators import aclose_quietly
 
@@ -32,10 +32,10 @@ _STDIN_HIGH_WATER = 64 * 1024
 _STDERR_TAIL_LINES = 20
 
 
-def build_command(*, response_format: str, sample_rate: int, speed: float, exe: str | None = None) -> list[str]:
+def build_command(*, response_format: str | FormatSpec, sample_rate: int, speed: float, exe: str | None = None) -> list[str]:
     """The FFmpeg command line for one request (raw float32 mono on stdin, file on stdout).
     ``exe``: the binary to run (default :func:`ffmpeg_exe`)."""
-    spec = FORMATS[response_format]
+    spec = spec_of(response_format)
     # Raw input needs no probing; tiny probe/analyze limits let the first frame through at once.
     stream = ffmpeg.input(
         "pipe:0", format="f32le", ar=sample_rate, ac=1, probesize=32, analyzeduration=0
@@ -63,7 +63,12 @@ def build_command(*, response_format: str, sample_rate: int, speed: float, exe: 
 
 
 async def encode_with_ffmpeg(
-    chunks: AsyncIterator[np.ndarray], *, response_format: str, sample_rate: int, speed: float, exe: str | None = None
+    chunks: AsyncIterator[np.ndarray],
+    *,
+    response_format: str | FormatSpec,
+    sample_rate: int,
+    speed: float,
+    exe: str | None = None,
 ) -> AsyncIterator[bytes]:
     cmd = build_command(response_format=response_format, sample_rate=sample_rate, speed=speed, exe=exe)
     try:
@@ -92,7 +97,7 @@ async def encode_with_ffmpeg(
         await stderr_task
         if returncode != 0:
             tail = " | ".join(stderr_tail) or "no error output"
-            raise EncoderError(f"FFmpeg exited with status {returncode} encoding {response_format}: {tail}")
+            raise EncoderError(f"FFmpeg exited with status {returncode} encoding {_name(response_format)}: {tail}")
     finally:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -105,6 +110,10 @@ async def encode_with_ffmpeg(
         stderr_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await stderr_task
+
+
+def _name(response_format: str | FormatSpec) -> str:
+    return response_format if isinstance(response_format, str) else f"{response_format.codec} {response_format.sample_rate} Hz"
 
 
 async def _feed(proc: asyncio.subprocess.Process, chunks: AsyncIterator[np.ndarray]) -> None:

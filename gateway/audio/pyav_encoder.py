@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gateway.audio.formats import FORMATS, FormatSpec, atempo_factors
+from gateway.audio.formats import FormatSpec, atempo_factors, spec_of
 from gateway.errors import EncoderError
 from gateway.iterators import aclose_quietly
 
@@ -259,14 +259,14 @@ def _as_encoder_error(spec: FormatSpec):  # type: ignore[no-untyped-def]
 
 
 async def encode_in_process(
-    chunks: AsyncIterator[np.ndarray], *, response_format: str, sample_rate: int, speed: float
+    chunks: AsyncIterator[np.ndarray], *, response_format: str | FormatSpec, sample_rate: int, speed: float
 ) -> AsyncIterator[bytes]:
     try:
         _import_av()
     except EncoderError:
         await aclose_quietly(chunks)
         raise
-    encoder = PyAVEncoder(FORMATS[response_format], sample_rate=sample_rate, speed=speed)
+    encoder = PyAVEncoder(spec_of(response_format), sample_rate=sample_rate, speed=speed)
     worker = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX, initializer=name_native_thread
     )

@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` on every /v1 route when keys are configured.
+"""API keys: ``Authorization: Bearer <key>`` (or ElevenLabs' ``xi-api-key: <key>``) on every
+/v1 route when keys are configured.
 
 Keys come from ``settings.all_api_keys()`` (the ``api_keys`` setting plus ``api_keys_file``),
 read once when the app is built. A presented key is compared with every configured key in
@@ -10,12 +11,20 @@ With no keys configured every request is accepted, with or without a bearer (the
 always sends one, so "any bearer" must work), and start-up logs a warning saying so.
 ``/health`` and ``/ready`` are always open; ``/metrics`` needs a key only when
 ``settings.metrics_require_auth`` is set.
+
+WebSockets (the ElevenLabs face's ``stream-input``): a key in the handshake (either header,
+or the ``authorization`` / ``xi_api_key`` query parameter, for browsers that cannot set
+headers) is checked here, and a wrong one refused before the upgrade (401). A handshake
+without any key passes, marked unauthenticated (:func:`is_authenticated`): ElevenLabs lets
+the first message carry ``xi_api_key``, and the socket handler checks it with the same
+:class:`KeyChecker` (``app.state``, :data:`KEY_CHECKER_STATE`) before doing anything else.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
+from urllib.parse import parse_qs
 
 import msgspec
 import structlog
@@ -24,13 +33,20 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationError
+from gateway.http.elevenlabs.errors import error_body as elevenlabs_error_body
+from gateway.http.elevenlabs.paths import is_elevenlabs_path
 from gateway.http.errors import error_response
 from gateway.settings import Settings, SettingsError
 
 API_PREFIX = "/v1"
 METRICS_PATH = "/metrics"
+KEY_CHECKER_STATE = "api_key_checker"
+"""``app.state`` key of the app's :class:`KeyChecker` (the WebSocket handler's first-message check)."""
+AUTHENTICATED = "gateway.authenticated"
+"""Scope state flag: this request's key was checked here and accepted."""
 
 _BEARER = b"bearer "
+_XI_API_KEY = b"xi-api-key"
 
 
 class KeyChecker:
@@ -66,6 +82,32 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def presented_key(scope: Scope) -> bytes | None:
+    """The key a request presents: ``Authorization: Bearer``, else ``xi-api-key``, else (a
+    WebSocket handshake only) the ``authorization`` or ``xi_api_key`` query parameter."""
+    headers = scope["headers"]
+    token = bearer_token(headers)
+    if token is not None:
+        return token
+    for name, value in headers:
+        if name.lower() == _XI_API_KEY:
+            return value.strip()
+    if scope["type"] == "websocket":
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        for value in query.get("authorization", ()):
+            raw = value.encode("latin-1")
+            return raw[len(_BEARER):].strip() if raw[: len(_BEARER)].lower() == _BEARER else raw.strip()
+        for value in query.get("xi_api_key", ()):
+            return value.encode("latin-1").strip()
+    return None
+
+
+def is_authenticated(scope: Scope) -> bool:
+    """Whether the middleware checked and accepted this request's key (False when keys are
+    not enforced, or a WebSocket presented none in its handshake)."""
+    return bool(scope.get("state", {}).get(AUTHENTICATED))
+
+
 def needs_key(path: str, *, metrics_require_auth: bool) -> bool:
     if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
         return True
@@ -75,7 +117,7 @@ def needs_key(path: str, *, metrics_require_auth: bool) -> bool:
 class APIKeyMiddleware(ASGIMiddleware):
     """Refuses protected routes without a configured key, before any handler work."""
 
-    scopes = (ScopeType.HTTP,)
+    scopes = (ScopeType.HTTP, ScopeType.WEBSOCKET)
 
     def __init__(self, checker: KeyChecker, *, metrics_require_auth: bool) -> None:
         self.checker = checker
@@ -93,23 +135,39 @@ class APIKeyMiddleware(ASGIMiddleware):
                 for path in (scope["path"], scope.get("path_template") or "")
             )
         ):
-            token = bearer_token(scope["headers"])
-            if token is None:
-                await _refuse(send, AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'."))
+            token = presented_key(scope)
+            websocket = scope["type"] == "websocket"
+            if token is None and not websocket:
+                await _refuse(scope, send, AuthenticationError(MISSING_KEY_MESSAGE))
                 return
-            if not self.checker.accepts(token):
-                await _refuse(send, AuthenticationError("Incorrect API key provided."))
+            if token is not None and not self.checker.accepts(token):
+                await _refuse(scope, send, AuthenticationError("Incorrect API key provided."))
                 return
+            if token is not None:
+                scope.setdefault("state", {})[AUTHENTICATED] = True
         await next_app(scope, receive, send)
 
 
-async def _refuse(send: Send, exc: AuthenticationError) -> None:
+MISSING_KEY_MESSAGE = "Missing API key: send it as 'Authorization: Bearer <key>' or 'xi-api-key: <key>'."
+
+
+async def _refuse(scope: Scope, send: Send, exc: AuthenticationError) -> None:
     """Answer 401 here rather than raise: the request's own middleware (request id, access
-    log line, metrics) then sees an ordinary response instead of an exception."""
-    body = msgspec.json.encode(error_response(exc))
+    log line, metrics) then sees an ordinary response instead of an exception. The body is
+    the error shape of the face the path belongs to. A WebSocket handshake is refused with
+    the same 401 where the server can send a response to it, else with a close (403)."""
+    path = scope.get("path_template") or scope["path"]
+    shaped = elevenlabs_error_body(exc) if is_elevenlabs_path(scope["path"]) or is_elevenlabs_path(path) else error_response(exc)
+    body = msgspec.json.encode(shaped)
+    prefix = "http"
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        prefix = "websocket.http"
     await send(
         {
-            "type": "http.response.start",
+            "type": f"{prefix}.response.start",
             "status": exc.status_code,
             "headers": [
                 (b"content-type", b"application/json"),
@@ -118,7 +176,7 @@ async def _refuse(send: Send, exc: AuthenticationError) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": f"{prefix}.response.body", "body": body, "more_body": False})
 
 
 def auth_middleware(settings: Settings) -> APIKeyMiddleware:

@@ -20,6 +20,12 @@ times a second. :class:`GuardedH11Protocol` adds, per connection:
   its write buffer to drain.
 
 None of these run before accept(): past the cap a connection costs one accept and one close.
+
+A connection upgraded to a WebSocket (the ElevenLabs face's ``stream-input``) leaves the h11
+protocol for uvicorn's WebSocket protocol; it still counts against the cap (both keep their
+connections in the same set) but can never be evicted. :class:`GuardedWebSocketProtocol` puts
+the same ``abort`` hook in the socket's scope, so the socket handler can drop a client that
+stopped reading its messages (``send_timeout_s``) without waiting for the buffer to drain.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any, ClassVar, Protocol
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
@@ -238,6 +245,20 @@ class GuardedH11Protocol(H11Protocol):
         """Drop the connection now, unsent bytes included (a reader that stopped reading);
         uvicorn then reports ``http.disconnect`` to the request being served."""
         self._leave()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol with the ``abort`` hook in each socket's scope."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the handshake was accepted (else no app task is started)
+            scope.setdefault("extensions", {})[CONNECTION_EXTENSION] = {"abort": self.abort}
+
+    def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 

@@ -10,6 +10,7 @@ validation failure is a client error and the OpenAI contract says 400.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -57,8 +58,27 @@ def error_response(exc: BaseException) -> ErrorResponse:
     return ErrorResponse(error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code))
 
 
+Renderer = Callable[[GatewayError, int, "dict[str, str] | None"], Response[Any]]
+"""How an error leaves: our typed error, the status to send, extra headers."""
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Render any exception raised while handling a request (registered for ``Exception``)."""
+    return handle_with(request, exc, _render)
+
+
+def exception_handler(render: Renderer) -> Callable[[Request[Any, Any, Any], Exception], Response[Any]]:
+    """The same handling as :func:`handle_exception` with another error shape (a router of
+    another API face registers it: the ElevenLabs routes' ``{"detail": ...}``)."""
+
+    def handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return handle_with(request, exc, render)
+
+    return handler
+
+
+def handle_with(request: Request[Any, Any, Any], exc: Exception, _render: Renderer) -> Response[Any]:
+    """Classify ``exc`` (logging what is the server's fault) and render it with ``_render``."""
     log = structlog.get_logger("gateway.http")
     if isinstance(exc, UnicodeDecodeError):
         # bytes a client sent that are not UTF-8 (e.g. a multipart text field Litestar decodes)

@@ -8,7 +8,7 @@ The speech body is decoded here rather than by Litestar so that every way a body
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -230,10 +230,13 @@ _AT_FIELD = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
-def decode_speech_request(body: bytes) -> SpeechRequest:
-    """Decode and validate a speech body; every failure is a 400 naming the offending field."""
+T = TypeVar("T")
+
+
+def decode_json_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode a JSON body with ``decoder``; every failure is a 400 naming the offending field."""
     try:
-        request = _SPEECH_DECODER.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _validation_error(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -243,6 +246,11 @@ def decode_speech_request(body: bytes) -> SpeechRequest:
             param="body",
             code="invalid_json",
         ) from None
+
+
+def decode_speech_request(body: bytes) -> SpeechRequest:
+    """Decode and validate a speech body; every failure is a 400 naming the offending field."""
+    request = decode_json_body(_SPEECH_DECODER, body)
     if not request.input.strip():
         raise InvalidRequestError("'input' must not be blank.", param="input")
     if not request.voice_name.strip():

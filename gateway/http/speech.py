@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,14 @@ _ERRORS = {
 
 
 def speech_request_schema() -> dict[str, Any]:
-    """JSON schema of the speech body, inlined: we decode the body ourselves, so Litestar
-    cannot derive it from the handler signature or register it as a component."""
-    _, components = msgspec.json.schema_components((SpeechRequest,), ref_template="{name}")
+    """JSON schema of the speech body (see :func:`inline_schema`)."""
+    return inline_schema(SpeechRequest)
+
+
+def inline_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """JSON schema of a body type, inlined: we decode bodies ourselves, so Litestar cannot
+    derive it from the handler signature or register it as a component."""
+    _, components = msgspec.json.schema_components((struct,), ref_template="{name}")
 
     def inline(node: Any) -> Any:
         if isinstance(node, dict):
@@ -47,7 +53,7 @@ def speech_request_schema() -> dict[str, Any]:
             return [inline(value) for value in node]
         return node
 
-    return inline(components["SpeechRequest"])
+    return inline(components[struct.__name__])
 
 
 @dataclass
@@ -81,27 +87,37 @@ class _SpeechOperation(Operation):
 async def create_speech(request: Request[Any, Any, Any], services: NamedDependency[AppServices]) -> Stream:
     """Speech from text, OpenAI-compatible. Chatterbox controls (`exaggeration`, `cfg_weight`,
     `temperature`, `top_p`, `min_p`, `repetition_penalty`, `seed`) go in the same body."""
-    media_type = request.content_type[0]
-    if media_type != "application/json":
-        raise UnsupportedMediaTypeError(
-            f"Content-Type must be application/json, got '{media_type or 'none'}'.", param="Content-Type"
-        )
+    require_json(request)
     speech = decode_speech_request(await request.body())
     # a client that leaves while queued or before the first audio stops its work right away
     prepared = await unless_disconnected(
         request.receive, prepare_speech(services, speech, request_id_of(request.scope))
     )
-    headers = {"Cache-Control": "no-cache"}
+    return body_stream(prepared.body, prepared.media_type)
+
+
+def require_json(request: Request[Any, Any, Any]) -> None:
+    """415-style 400 unless the body is declared JSON."""
+    media_type = request.content_type[0]
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/json, got '{media_type or 'none'}'.", param="Content-Type"
+        )
+
+
+def body_stream(body: AsyncIterator[bytes], media_type: str) -> Stream:
+    """The streamed response of a prepared body (anything with ``aclose``: the speech body, or
+    a generator that owns its resources)."""
 
     async def close_body() -> None:
         # A coroutine function: Litestar runs any other callable in a worker thread, where
         # ``aclose`` would only create an awaitable that nobody awaits.
-        await prepared.body.aclose()
+        await body.aclose()  # type: ignore[attr-defined]
 
     return Stream(
-        prepared.body,
-        media_type=prepared.media_type,
-        headers=headers,
+        body,
+        media_type=media_type,
+        headers={"Cache-Control": "no-cache"},
         # Runs when the body ends, also after a client disconnect: closing the iterator is
         # what cancels the engine job and kills the encoder.
         background=BackgroundTask(close_body),

@@ -119,6 +119,21 @@ class GatewayMetrics:
         self.encoder_failures = Counter(
             f"{NAMESPACE}_encoder_failures", "FFmpeg encoder failures by output format.", ["format"], registry=r
         )
+        # --- the ElevenLabs face's WebSockets (gateway.http.elevenlabs) ---
+        self.websockets = Counter(
+            f"{NAMESPACE}_websockets", "Text-to-speech WebSockets closed, by endpoint and outcome.",
+            ["endpoint", "outcome"], registry=r,
+        )
+        self.websocket_contexts = Counter(
+            f"{NAMESPACE}_websocket_contexts", "Speech contexts of those sockets ended, by endpoint and outcome.",
+            ["endpoint", "outcome"], registry=r,
+        )
+        self.websocket_first_audio = Histogram(
+            f"{NAMESPACE}_websocket_first_audio_seconds",
+            "WebSocket contexts: seconds from the first text chunk cut to its first audio sent.",
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
 
     def observe_speech(
         self,
@@ -137,6 +152,10 @@ class GatewayMetrics:
         if audio_s > 0:
             self.audio_seconds.inc(audio_s)
             self.rtf.observe(total_s / audio_s)
+
+    def add_gauges(self, live: Callable[[], Mapping[str, tuple[str, float]]]) -> None:
+        """More gauges read at each scrape (``{name: (help, value)}``), e.g. open WebSockets."""
+        self.registry.register(_LiveGauges(live))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

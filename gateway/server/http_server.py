@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, guarded_protocol
+from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, GuardedWebSocketProtocol, guarded_protocol
 from gateway.http.tls import load_tls_context, tls_protocol_factory
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
@@ -63,6 +63,12 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        # WebSockets (the ElevenLabs face): the abort hook for slow readers; a message larger
+        # than the limit is refused by the protocol (close 1009) before it is buffered; no
+        # per-message compression (base64 audio hardly compresses, and it costs CPU per byte)
+        ws=GuardedWebSocketProtocol,
+        ws_max_size=settings.elevenlabs_max_message_bytes,
+        ws_per_message_deflate=False,
     )
 
 

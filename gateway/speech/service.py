@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 
 from gateway.audio.encoder import CONTENT_TYPES, encode_audio
+from gateway.audio.formats import FormatSpec
 from gateway.engine.base import AudioChunk, GenerationParams, SynthesisJob
 from gateway.errors import EncoderError, GatewayError, InvalidRequestError, RequestTimeoutError, VoiceNotFoundError
 from gateway.http.errors import error_response
@@ -53,6 +54,7 @@ from gateway.speech.admission import next_within, within_deadline
 from gateway.speech.languages import resolve_language
 from gateway.speech.tags import protect, remove_tags, restore
 from gateway.speech.text import split_text
+from gateway.voices.library import VoiceInfo
 
 SSE_CONTENT_TYPE = "text/event-stream"
 
@@ -122,26 +124,22 @@ def speech_chunks(text: str, family: Family, max_chars: int) -> tuple[str, ...]:
     return tuple(restore(chunk) for chunk in split_text(protect(text, family.tags), max_chars))
 
 
-async def prepare_speech(services: AppServices, request: SpeechRequest, request_id: str) -> PreparedSpeech:
-    """Validate and resolve everything, start synthesis, and return the response body."""
+async def prepare_speech(
+    services: AppServices, request: SpeechRequest, request_id: str, *, output: FormatSpec | None = None
+) -> PreparedSpeech:
+    """Validate and resolve everything, start synthesis, and return the response body.
+    ``output``: encode into this spec instead of ``request.response_format`` (the caller then
+    knows the media type: the ElevenLabs routes' ``output_format`` names)."""
     settings = services.settings
     deadline = time.monotonic() + settings.request_timeout_s
     record = current_record()
     record.model, record.voice = request.model, request.voice_name
     record.response_format, record.stream_format = request.response_format, request.stream_format
     record.input_chars = len(request.input)
-    family = services.model_names.resolve(request.model)
-    record.family = family.id
-    record.ignored_controls = ignored_controls(request, family)
+    family, voice_info = resolve_model_and_voice(services, request)
     engine = services.ready_engine()
-    voices, voice_cache = services.ready_voices()
-    with _voice_is_a_parameter():
-        voice_info = voices.get(request.voice_name)
-    if family.multilingual and request.language is None:
-        # detection loads Lingua's models on first use (seconds): off the event loop
-        language = await asyncio.to_thread(resolve_language, family, None, request.input)
-    else:
-        language = resolve_language(family, request.language, request.input)
+    _, voice_cache = services.ready_voices()
+    language = await resolve_language_of(family, request.language, request.input)
     record.language = language
     # Up to 4096 characters of normalising and splitting: CPU work, kept off the event loop.
     chunks = await asyncio.to_thread(speech_chunks, request.input, family, settings.max_chunk_chars)
@@ -155,7 +153,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         stack.callback(slot.release)
         record.queued_s = slot.queued_s
         async with within_deadline(deadline):
-            with _voice_is_a_parameter():  # e.g. the checkpoint voice of an engine without one
+            with voice_is_a_parameter():  # e.g. the checkpoint voice of an engine without one
                 voice = await voice_cache.get(voice_info, family.id)
         job = SynthesisJob(
             request_id=request_id,
@@ -173,7 +171,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         first_audio = await _next(produced, deadline, None)
         encoded = encode_audio(
             _counted(first_audio, produced, usage, record),
-            response_format=request.response_format,
+            response_format=output or request.response_format,
             sample_rate=engine.sample_rate,
             speed=speed,
             route=settings.audio_encoder,
@@ -255,8 +253,29 @@ async def _counted(
         chunk = await anext(rest, None)
 
 
+def resolve_model_and_voice(services: AppServices, request: SpeechRequest) -> tuple[Family, VoiceInfo]:
+    """The loaded family the request's model name means (404 otherwise) and its voice (400 when
+    unknown); 503 while the engine loads. Records the family and the ignored controls."""
+    record = current_record()
+    family = services.model_names.resolve(request.model)
+    record.family = family.id
+    record.ignored_controls = ignored_controls(request, family)
+    services.ready_engine()
+    voices, _ = services.ready_voices()
+    with voice_is_a_parameter():
+        return family, voices.get(request.voice_name)
+
+
+async def resolve_language_of(family: Family, language: str | None, text: str) -> str:
+    """``language`` checked against ``family``, or detected from ``text`` (400 when neither works)."""
+    if family.multilingual and language is None:
+        # detection loads Lingua's models on first use (seconds): off the event loop
+        return await asyncio.to_thread(resolve_language, family, None, text)
+    return resolve_language(family, language, text)
+
+
 @contextlib.contextmanager
-def _voice_is_a_parameter() -> Iterator[None]:
+def voice_is_a_parameter() -> Iterator[None]:
     """A speech request names its voice as a parameter: an unknown one is a bad value (400
     naming ``voice``), never a silent fallback to another voice."""
     try:

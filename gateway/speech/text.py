@@ -38,8 +38,8 @@ _TRANSLATE = str.maketrans(
     }
 )
 
-_SENTENCE_ENDERS = ".!?\u061f\u06d4\u0964\u0965"  # . ! ? Arabic ? Urdu full stop, Devanagari danda
-_CLOSERS = "\"')]}"
+SENTENCE_ENDERS = ".!?\u061f\u06d4\u0964\u0965"  # . ! ? Arabic ? Urdu full stop, Devanagari danda
+CLOSERS = "\"')]}"
 # Every pattern that starts with a repeated class is anchored to the start of its run
 # ("(?<!\s)\s+", "(?<!\.)\.{2,}+"): otherwise a failed match is retried from every position
 # inside a long run, and 4,000 spaces or dots cost quadratic time.
@@ -88,13 +88,13 @@ def _capitalise_first(text: str) -> str:
 
 
 def _ensure_sentence_end(text: str) -> str:
-    body = text.rstrip(_CLOSERS)
+    body = text.rstrip(CLOSERS)
     tail = text[len(body) :]
     if not any(ch.isalnum() for ch in body):
         return text  # only punctuation/emoji: a "." would add nothing to say
     # A trailing comma/colon/dash is an unfinished pause: the sentence end replaces it.
     body = body.rstrip(",;:-\u060c ")
-    if body[-1] in _SENTENCE_ENDERS:
+    if body[-1] in SENTENCE_ENDERS:
         return body + tail
     return body + tail + "."
 
@@ -153,10 +153,10 @@ def _sentence_pieces(text: str) -> list[str]:
     """Split at the space after a sentence end (". ", '?" ', "! "), skipping abbreviations."""
     pieces: list[str] = []
     start = 0
-    for match in re.finditer(rf"[{_SENTENCE_ENDERS}][{re.escape(_CLOSERS)}]* ", text):
+    for match in re.finditer(rf"[{SENTENCE_ENDERS}][{re.escape(CLOSERS)}]* ", text):
         # the word before the mark, found without copying everything since ``start``
         last_word = text[max(start, text.rfind(" ", start, match.start()) + 1) : match.start() + 1]
-        if match.group(0)[0] == "." and _is_abbreviation(last_word):
+        if match.group(0)[0] == "." and is_abbreviation(last_word):
             continue
         pieces.append(text[start : match.end() - 1])
         start = match.end()
@@ -164,7 +164,7 @@ def _sentence_pieces(text: str) -> list[str]:
     return [p for p in pieces if p]
 
 
-def _is_abbreviation(word: str) -> bool:
+def is_abbreviation(word: str) -> bool:
     core = word.lstrip("\"'([").rstrip(".").lower()
     # A single capital before "." is an initial ("J. R. R. Tolkien").
     return core in _ABBREVIATIONS or (len(core) == 1 and core.isalpha() and word.lstrip("\"'([")[0].isupper())
@@ -179,7 +179,7 @@ def _word_pieces(text: str) -> list[str]:
     return [p for p in text.split(" ") if p]
 
 
-def _hard_cut(word: str, max_chars: int) -> list[str]:
+def hard_cut(word: str, max_chars: int) -> list[str]:
     """Cut a space-less run into pieces of <= max_chars, never inside a combining sequence
     (accents, emoji modifiers, ZWJ emoji) when a nearby cut avoids it."""
     out: list[str] = []
@@ -216,7 +216,7 @@ def _fit(segment: str, max_chars: int, level: int) -> list[str]:
     if len(segment) <= max_chars:
         return [segment]
     if level == len(_LEVELS):
-        return _hard_cut(segment, max_chars)
+        return hard_cut(segment, max_chars)
     pieces = _LEVELS[level](segment)
     if len(pieces) <= 1:
         return _fit(segment, max_chars, level + 1)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from gateway.cli import openapi_json
+from gateway.http.elevenlabs.paths import is_elevenlabs_path
 
 COMMITTED = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 
@@ -46,7 +47,10 @@ def test_v1_routes_declare_bearer_auth_and_401_health_does_not() -> None:
     }
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
-            if path.startswith("/v1/"):
+            if is_elevenlabs_path(path):  # either header: ElevenLabs' xi-api-key or the bearer
+                assert operation["security"] == [{"XiApiKey": []}, {"BearerAuth": []}], (method, path)
+                assert "401" in operation["responses"], (method, path)
+            elif path.startswith("/v1/"):
                 assert operation["security"] == [{"BearerAuth": []}], (method, path)
                 assert "401" in operation["responses"], (method, path)
             else:
