@@ -21,7 +21,8 @@ from tls_support import TlsFiles
 
 API_KEY = "sk-agents-test"
 VOICE = "alloy"
-"""A built-in voice, by name (ElevenLabs clients call it ``voice_id``)."""
+"""A built-in voice, by one of its names (ElevenLabs clients call it ``voice_id``): the voice
+listing shows it among a built-in voice's ``aliases``."""
 ALL_FAMILIES = ("chatterbox", "chatterbox-turbo", "chatterbox-multilingual")
 
 
@@ -54,7 +55,8 @@ def decode(data: bytes, container: str | None = None) -> Decoded:
         stream = media.streams.audio[0]
         samples = sum(frame.samples for frame in media.decode(stream))
         rate = stream.codec_context.sample_rate
-        return Decoded(stream.codec_context.name, rate, stream.codec_context.channels, samples / rate)
+        codec = stream.codec_context.name.removesuffix("float")  # FFmpeg's mp3 decoder is "mp3float"
+        return Decoded(codec, rate, stream.codec_context.channels, samples / rate)
 
 
 def pcm_seconds(data: bytes, sample_rate: int) -> float:

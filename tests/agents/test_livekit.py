@@ -75,8 +75,7 @@ async def test_synthesize_and_voices(settings: Settings, session) -> None:
             frame = await tts.synthesize("One request, the whole text at once.", conn_options=CONNECT).collect()
             assert frame.sample_rate == 22050 and frame.samples_per_channel / frame.sample_rate > 0.5
             voices = await tts.list_voices()
-            assert VOICE in {voice.name for voice in voices}
-            assert all(voice.id and voice.category for voice in voices)
+            assert voices and all(voice.id and voice.name and voice.category for voice in voices)
         finally:
             await tts.aclose()
 
