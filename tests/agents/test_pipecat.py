@@ -88,7 +88,7 @@ async def test_barge_in_mid_sentence_cancels_the_engine_job(settings: Settings) 
             LLMFullResponseStartFrame(),
             LLMTextFrame(f"{HOLD} this first sentence is long enough to be cut off. "),
             LLMTextFrame("And the second one is still being "),
-            SleepFrame(sleep=1.5),  # the first sentence is being spoken (and held) now
+            SleepFrame(sleep=3),  # the first sentence is being spoken (and held) now (slack for a loaded machine)
             InterruptionFrame(),
             SleepFrame(sleep=1.0),
             *llm_turn(["After the barge in, ", "a new reply."]),
