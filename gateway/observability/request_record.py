@@ -80,13 +80,22 @@ def current_record() -> RequestRecord:
     return record if record is not None else RequestRecord()
 
 
+_TTS_ROUTES = ("", "/stream", "/with-timestamps", "/stream/with-timestamps")
+
+
 def route_label(path: str) -> str:
     """A bounded set of labels for metrics: ids in paths must not explode cardinality."""
     if path.startswith("/v1/audio/voices/"):
         return "/v1/audio/voices/{id}"
+    if path.startswith("/v1/text-to-speech/"):  # the ElevenLabs face: /v1/text-to-speech/{id}[...]
+        rest = path[len("/v1/text-to-speech/") :].partition("/")[2]
+        tail = f"/{rest}" if rest else ""
+        return f"/v1/text-to-speech/{{id}}{tail}" if tail in _TTS_ROUTES else "other"
+    if path.startswith("/v1/voices/"):
+        return "/v1/voices/{id}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
-    if path in {SPEECH_ROUTE, "/v1/audio/voices", "/v1/models", "/health", "/ready", "/metrics"}:
+    if path in {SPEECH_ROUTE, "/v1/audio/voices", "/v1/voices", "/v1/models", "/health", "/ready", "/metrics"}:
         return path
     return "other"
 
@@ -128,7 +137,7 @@ def finish_request(
         "outcome": outcome,
         "duration_ms": round(total_s * 1000, 1),
     }
-    is_speech = record.route == SPEECH_ROUTE and record.model is not None
+    is_speech = record.model is not None  # set by the speech routes of either face only
     if is_speech:
         fields.update(
             model=record.model,

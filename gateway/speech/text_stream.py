@@ -6,12 +6,13 @@ and cuts chunks off the front of the buffer:
 
 - **schedule** (ElevenLabs' ``chunk_length_schedule``, default ``[120, 160, 250, 290]``): the
   k-th chunk since the last flush is cut once the buffer holds ``schedule[k]`` characters (the
-  last value repeats), at the best boundary in the buffer past half that length: the last
-  sentence end, else the last clause mark (``,;:`` and dashes), else the last space between
-  words; if there is none past half, the last boundary before it.
-- **auto mode**: the schedule is off; every complete sentence is cut at once (the client sends
-  sentences or phrases). A buffer that reaches the schedule's last value without a sentence
-  end is cut as in schedule mode, so a run-on list still starts speaking.
+  last value repeats), at the best boundary between half that length and a quarter more: the
+  last sentence end, else the last clause mark (``,;:`` and dashes), else the last space
+  between words (none there: the first boundary past it, else the last one before half).
+- **auto mode**: the schedule is off; complete sentences are cut at once (the client sends
+  sentences or phrases), several together only while they fit in the schedule's last value.
+  A buffer that reaches that value without a sentence end is cut as in schedule mode, so a
+  run-on list still starts speaking.
 - **flush**: everything buffered, now; the schedule starts again (the next turn's first chunk
   is short again).
 - **try_trigger**: cut now, at the best boundary, when at least :data:`MIN_TRIGGER_CHARS` are
@@ -98,7 +99,7 @@ class TextStream:
         """``try_trigger_generation``: a chunk now if enough is buffered and a boundary exists."""
         if len(self._buffer) < MIN_TRIGGER_CHARS:
             return []
-        index = self._best_cut(MIN_TRIGGER_CHARS)
+        index = self._best_cut(len(self._buffer))
         return self._take(index) if index is not None else []
 
     def flush(self) -> list[str]:
@@ -117,12 +118,14 @@ class TextStream:
     def _ready_cut(self) -> int | None:
         if not self._buffer:
             return None
+        threshold = self._threshold()
         if self.auto_mode:
-            sentence_ends = [index for rank, index in self._boundaries() if rank == _SENTENCE]
-            if sentence_ends:
-                return sentence_ends[-1]
-        if len(self._buffer) >= self._threshold():
-            index = self._best_cut(self._threshold())
+            ends = [index for rank, index in self._boundaries() if rank == _SENTENCE]
+            if ends:  # the complete sentences, grouped up to the schedule's last value
+                within = [index for index in ends if index <= threshold]
+                return within[-1] if within else ends[0]
+        if len(self._buffer) >= threshold:
+            index = self._best_cut(threshold)
             if index is not None:
                 return index
         if len(self._buffer) >= self.max_chars:
@@ -130,15 +133,22 @@ class TextStream:
         return None
 
     def _best_cut(self, threshold: int) -> int | None:
-        """The end of the best boundary at or past half of ``threshold`` (else the last one)."""
-        floor = threshold // 2
+        """Where to end a chunk of about ``threshold`` characters: the best boundary between half
+        of it and a quarter more (the latest of the best rank: a sentence end just past the
+        threshold beats a space before it); else the first one past that; else the last one
+        before half of it; None when the buffer has no boundary."""
+        floor, ceiling = threshold // 2, threshold + threshold // 4
         best: tuple[int, int] | None = None
-        last: int | None = None
+        last_before: int | None = None
         for rank, index in self._boundaries():
-            last = index
-            if index >= floor and (best is None or rank >= best[0]):
-                best = (rank, index)
-        return best[1] if best is not None else last
+            if index < floor:
+                last_before = index
+            elif index <= ceiling:
+                if best is None or rank >= best[0]:
+                    best = (rank, index)
+            else:
+                return best[1] if best is not None else index
+        return best[1] if best is not None else last_before
 
     def _boundaries(self) -> Iterator[tuple[int, int]]:
         """(rank, end) of every complete boundary in the buffer, in order of ``end`` (several
