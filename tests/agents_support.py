@@ -1,17 +1,14 @@
 """What the voice-agent client tests (tests/agents/) share: the server they talk to (all three
 model families loaded, so every client's default ElevenLabs model id maps onto one; an API key
-given as ``xi-api-key``; TLS where a client insists on it), audio decoding with the real
-FFmpeg libraries, and the checks on word timings and cancelled engine jobs.
+given as ``xi-api-key``; TLS where a client insists on it) and the checks on word timings and
+cancelled engine jobs. (Audio is decoded by ``decoded_audio.decode_output``.)
 (A module with its own name, not a conftest, so any test file can import it.)"""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import av
 import msgspec
 
 from gateway.engine.fake import FakeEngine
@@ -37,26 +34,6 @@ def agent_server(settings: Settings, engine: FakeEngine, tls: TlsFiles | None = 
     config = agent_settings(settings, tls, **extra)
     with live_server(config, engine, guarded=True, tls_client=tls.client_context() if tls else None) as live:
         yield live
-
-
-@dataclass(frozen=True)
-class Decoded:
-    codec: str
-    sample_rate: int
-    channels: int
-    duration_s: float
-
-
-def decode(data: bytes, container: str | None = None) -> Decoded:
-    """Decode a whole encoded stream (mp3, ogg/opus, ...) with FFmpeg's libraries (PyAV),
-    counting every sample."""
-    assert data, "no audio bytes"
-    with av.open(io.BytesIO(data), format=container) as media:
-        stream = media.streams.audio[0]
-        samples = sum(frame.samples for frame in media.decode(stream))
-        rate = stream.codec_context.sample_rate
-        codec = stream.codec_context.name.removesuffix("float")  # FFmpeg's mp3 decoder is "mp3float"
-        return Decoded(codec, rate, stream.codec_context.channels, samples / rate)
 
 
 def pcm_seconds(data: bytes, sample_rate: int) -> float:

@@ -15,7 +15,8 @@ from elevenlabs import VoiceSettings
 from elevenlabs.client import ElevenLabs
 from elevenlabs.core.api_error import ApiError
 
-from agents_support import API_KEY, VOICE, agent_server, assert_word_times, decode, pcm_seconds
+from agents_support import API_KEY, VOICE, agent_server, assert_word_times, pcm_seconds
+from decoded_audio import decode_output
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from tls_support import TlsFiles, make_tls_files
@@ -63,33 +64,27 @@ def words_of(characters: list[str], starts: list[float]) -> list[tuple[str, floa
 
 def test_convert_defaults_to_mp3_44100(client: ElevenLabs, live) -> None:
     audio = b"".join(client.text_to_speech.convert(VOICE, text=TEXT))
-    decoded = decode(audio)
+    decoded = decode_output(audio, "mp3_44100_128")
     assert (decoded.codec, decoded.sample_rate, decoded.channels) == ("mp3", 44100, 1)
     assert decoded.duration_s > 0.5
 
 
 @pytest.mark.parametrize(
     ("output_format", "codec", "rate"),
-    [("pcm_16000", None, 16000), ("mp3_22050_32", "mp3", 22050), ("opus_48000_64", "opus", 48000)],
+    [("pcm_16000", "pcm_s16le", 16000), ("mp3_22050_32", "mp3", 22050), ("opus_48000_64", "opus", 48000)],
 )
-def test_stream_in_the_requested_format(client: ElevenLabs, output_format: str, codec: str | None, rate: int) -> None:
-    pieces = list(
-        client.text_to_speech.stream(
-            VOICE,
-            text=TEXT,
-            model_id="eleven_flash_v2_5",
-            output_format=output_format,
-            voice_settings=VoiceSettings(stability=0.4, similarity_boost=0.75, style=0.1, speed=1.0),
-            seed=7,
-        )
+def test_stream_in_the_requested_format(client: ElevenLabs, output_format: str, codec: str, rate: int) -> None:
+    pieces = client.text_to_speech.stream(
+        VOICE,
+        text=TEXT,
+        model_id="eleven_flash_v2_5",
+        output_format=output_format,
+        voice_settings=VoiceSettings(stability=0.4, similarity_boost=0.75, style=0.1, speed=1.0),
+        seed=7,
     )
-    audio = b"".join(pieces)
-    if codec is None:  # raw PCM16: nothing to decode
-        assert pcm_seconds(audio, rate) > 0.5
-    else:
-        decoded = decode(audio)
-        assert (decoded.codec, decoded.sample_rate, decoded.channels) == (codec, rate, 1)
-        assert decoded.duration_s > 0.5
+    decoded = decode_output(b"".join(pieces), output_format)
+    assert (decoded.codec, decoded.sample_rate, decoded.channels) == (codec, rate, 1)
+    assert decoded.duration_s > 0.5
 
 
 def test_convert_with_timestamps(client: ElevenLabs) -> None:
@@ -156,7 +151,7 @@ def test_realtime_helper_over_wss(client: ElevenLabs, live, tls_files: TlsFiles,
         yield from ["Hello", " there", ",", " this", " is", " streamed", " word", " by", " word", "."]
 
     audio = b"".join(client.text_to_speech.convert_realtime(VOICE, text=llm_tokens(), model_id="eleven_turbo_v2_5"))
-    decoded = decode(audio)  # its default output_format: mp3_44100_128
+    decoded = decode_output(audio, "mp3_44100_128")  # the helper's default output_format
     assert (decoded.codec, decoded.sample_rate) == ("mp3", 44100)
     assert decoded.duration_s > 0.5
     assert live.services.admission.in_flight == 0
