@@ -10,7 +10,9 @@
   times, so they add up without drift.
 
 ``alignment`` is the text as the client sent it; ``normalizedAlignment`` the text the engine
-read (punctuation normalised, see ``gateway.speech.text``).
+read (punctuation normalised, see ``gateway.speech.text``). On the WebSocket a chunk whose text
+does not end in a space gets one (of no duration, at the chunk's end): clients find words by
+the spaces in ``chars`` (Pipecat sends sentences without them).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def ws_alignment(chunks: Sequence[ChunkTimings], *, spoken: bool) -> WsAlignment
         chars.extend(timings.chars)
         starts.extend(round(t * 1000) for t in timings.starts)
         ends.extend(round(t * 1000) for t in timings.ends)
+        if chars and not chars[-1].isspace():
+            # A chunk ends a word: clients split words only at " " characters (Pipecat never
+            # closes a word left open at the end of a context, and runs a sentence sent as
+            # "model." into the next one's "It"), so a chunk whose text ends without a space
+            # gets one, of no duration, at its end.
+            chars.append(" ")
+            starts.append(ends[-1])
+            ends.append(ends[-1])
     return WsAlignment(
         chars=chars,
         char_start_times_ms=starts,
