@@ -51,7 +51,7 @@ def assert_word_times(words: list[tuple[str, float]], text: str, audio_s: float)
     assert starts[-1] > 0, words  # not all at zero: real times
 
 
-def assert_cancelled_and_freed(live: Live, marker: str, timeout_s: float = 5.0) -> None:
+def assert_cancelled_and_freed(live: Live, marker: str, timeout_s: float = 10.0) -> None:
     """The engine job that speaks ``marker`` was cancelled (not completed), and every admission
     slot is back."""
     engine = live.engine

@@ -6,6 +6,7 @@ over wss:// (a certificate made in the test), and its HTTP variant (stream/with-
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def audio_of(frames: Sequence[Frame]) -> bytes:
     return b"".join(f.audio for f in chunks)
 
 
+async def run_pipeline(tts: ElevenLabsTTSService | ElevenLabsHttpTTSService, frames: list[Frame]) -> list[Frame]:
+    """Pipecat's own test runner (source -> tts -> sink, then an EndFrame), bounded: a service
+    waiting forever for a context's end must fail the test, not hang the suite."""
+    down, _ = await asyncio.wait_for(run_test(tts, frames_to_send=frames, pipeline_params=PARAMS), timeout=60)
+    return list(down)
+
+
 def service(base_url: str) -> ElevenLabsTTSService:
     ws_url = base_url.replace("https://", "wss://").replace("http://", "ws://")
     return ElevenLabsTTSService(api_key=API_KEY, url=ws_url, settings=ElevenLabsTTSService.Settings(voice=VOICE))
@@ -70,7 +78,7 @@ async def test_a_turn_streams_audio_and_word_times(settings: Settings) -> None:
     with agent_server(settings, FakeEngine(piece_delay_s=0.005)) as live:
         tts = service(live.base_url)
         words = recording_word_times(tts)
-        down, _ = await run_test(tts, frames_to_send=[*llm_turn(REPLY), SleepFrame(sleep=3)], pipeline_params=PARAMS)
+        down = await run_pipeline(tts, [*llm_turn(REPLY), SleepFrame(sleep=3)])
         audio_s = pcm_seconds(audio_of(down), RATE)
         assert audio_s > 1
         assert_word_times(words, "".join(REPLY), audio_s)
@@ -94,7 +102,7 @@ async def test_barge_in_mid_sentence_cancels_the_engine_job(settings: Settings) 
             *llm_turn(["After the barge in, ", "a new reply."]),
             SleepFrame(sleep=3),
         ]
-        down, _ = await run_test(tts, frames_to_send=frames, pipeline_params=PARAMS)
+        down = await run_pipeline(tts, frames)
         assert engine.holding.is_set()
         assert_cancelled_and_freed(live, HOLD)
         after = down[next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame)) :]
@@ -109,7 +117,7 @@ async def test_over_wss(settings: Settings, tmp_path: Path, monkeypatch) -> None
     with agent_server(settings, FakeEngine(piece_delay_s=0.005), tls=tls) as live:
         assert live.base_url.startswith("https://")
         tts = service(live.base_url)
-        down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame("Spoken over TLS."), SleepFrame(sleep=2)], pipeline_params=PARAMS)
+        down = await run_pipeline(tts, [TTSSpeakFrame("Spoken over TLS."), SleepFrame(sleep=2)])
         assert pcm_seconds(audio_of(down), RATE) > 0.3
 
 
@@ -123,6 +131,6 @@ async def test_the_http_variant(settings: Settings) -> None:
                 settings=ElevenLabsHttpTTSService.Settings(voice=VOICE),
             )
             words = recording_word_times(tts)
-            down, _ = await run_test(tts, frames_to_send=[*llm_turn(REPLY), SleepFrame(sleep=2)], pipeline_params=PARAMS)
+            down = await run_pipeline(tts, [*llm_turn(REPLY), SleepFrame(sleep=2)])
         audio_s = pcm_seconds(audio_of(down), RATE)
         assert_word_times(words, "".join(REPLY), audio_s)
