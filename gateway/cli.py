@@ -78,6 +78,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _check_weights(settings)
+    from gateway.http.tls import load_tls_context
+
+    load_tls_context(settings)  # an unreadable certificate or key fails here, not after the engine loaded
 
     from gateway.app import create_app
     from gateway.observability.logging import configure_logging

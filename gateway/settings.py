@@ -77,6 +77,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Longest a client may leave one response write pending (stop reading); then the response
     is abandoned like a disconnect: engine job dropped, encoder killed, slot released."""
 
+    # --- TLS (https:// and wss://; gateway/http/tls.py) ---------------------------------------
+    ssl_certfile: str | None = None
+    """PEM certificate (chain) to serve HTTPS and WSS with, on the same port. Unset: plain HTTP."""
+    ssl_keyfile: str | None = None
+    """PEM private key of ssl_certfile (unset: the key is in the ssl_certfile file)."""
+
     # --- Models -----------------------------------------------------------------------------
     models: tuple[str, ...] = ("chatterbox",)
     """Model families to load: chatterbox, chatterbox-turbo, chatterbox-multilingual (comma
@@ -310,6 +316,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         for proxy in self.trusted_proxies:
             _network(proxy)
         parse_alias_overrides(self.elevenlabs_model_aliases, self.models)
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"

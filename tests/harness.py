@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -92,15 +93,19 @@ def serve_on_loopback(
     graceful_shutdown_s: float | None = None,
     join_s: float = 15.0,
     config: uvicorn.Config | None = None,
+    tls_client: ssl.SSLContext | None = None,
 ) -> Iterator[str]:
     """Yield the server's base URL once ``ready_path`` answers 200; stop the server after.
 
     ``config``: the server's configuration (``gateway.server.http_server.server_config``, to
-    run with the production connection limits); default: plain uvicorn.
+    run with the production connection limits); default: plain uvicorn. ``tls_client``: the
+    server speaks TLS (its config has a certificate); the URL is https:// and readiness is
+    polled with this client context.
     Fails fast when the server thread dies or ``/ready`` reports a failed engine."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    scheme = "https" if tls_client is not None else "http"
+    base_url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
     if config is None:
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
@@ -112,7 +117,7 @@ def serve_on_loopback(
     try:
         while True:
             try:
-                answer = httpx.get(f"{base_url}{ready_path}", timeout=2)
+                answer = httpx.get(f"{base_url}{ready_path}", timeout=2, verify=tls_client or True)
                 if answer.status_code == 200:
                     break
                 if answer.status_code == 503 and "failed" in answer.json()["error"]["message"]:

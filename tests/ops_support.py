@@ -6,6 +6,7 @@ import it whatever the collection order.)"""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -71,15 +72,26 @@ class Live:
 
 @contextmanager
 def live_server(
-    settings: Settings, engine: FakeEngine, *, wait_ready: bool = True, guarded: bool = False, fd_limit: int | None = None
+    settings: Settings,
+    engine: FakeEngine,
+    *,
+    wait_ready: bool = True,
+    guarded: bool = False,
+    fd_limit: int | None = None,
+    tls_client: ssl.SSLContext | None = None,
 ) -> Iterator[Live]:
     """The app on a real uvicorn server on 127.0.0.1 (own thread and event loop). ``guarded``:
-    with the production server configuration (connection limits, read deadlines)."""
+    with the production server configuration (connection limits, read deadlines, and TLS when
+    the settings name a certificate: then ``tls_client`` is the context that trusts it)."""
     app = create_app(settings, engine=engine)
     config = server_config(app, settings, fd_limit=fd_limit) if guarded else None
     try:
         with serve_on_loopback(
-            app, ready_path="/ready" if wait_ready else "/health", graceful_shutdown_s=2, config=config
+            app,
+            ready_path="/ready" if wait_ready else "/health",
+            graceful_shutdown_s=2,
+            config=config,
+            tls_client=tls_client,
         ) as base_url:
             yield Live(base_url=base_url, app=app, engine=engine)
     finally:

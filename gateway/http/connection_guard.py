@@ -36,7 +36,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -84,14 +84,22 @@ def raise_descriptor_limit() -> int:
     return soft
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 @dataclass
 class ConnectionLimits:
     max_connections: int
     header_timeout_s: float
     body_timeout_s: float
     shutdown_clock: ShutdownClock
-    waiting: dict[GuardedH11Protocol, None] = field(default_factory=dict)
-    """Connections waiting for request headers, oldest first (eviction order)."""
+    waiting: dict[Abortable, None] = field(default_factory=dict)
+    """Connections waiting for request headers (or, with TLS, for the end of their handshake),
+    oldest first (eviction order)."""
+    handshaking: int = 0
+    """TLS connections accepted whose handshake has not ended (:mod:`gateway.http.tls`): they
+    count toward ``max_connections`` before uvicorn knows of them."""
     refused: int = 0
     evicted: int = 0
     timed_out: int = 0
@@ -109,6 +117,17 @@ class ConnectionLimits:
             body_timeout_s=settings.body_timeout_s,
             shutdown_clock=shutdown_clock,
         )
+
+    def evict_oldest_waiting(self, keep: Abortable) -> bool:
+        """Close the oldest connection still waiting for headers (or a handshake), other than
+        ``keep``, to make room for a new one; False when there is none."""
+        for victim in self.waiting:
+            if victim is not keep:
+                self.evicted += 1
+                self.warn("connection_evicted", waiting=len(self.waiting))
+                victim.abort()
+                return True
+        return False
 
     def warn(self, event: str, **fields: Any) -> None:
         """At most one warning a second: a flood of refusals must not become a log flood."""
@@ -137,7 +156,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections and not self._evict_oldest_waiting():
+        open_now = len(self.connections) + self.limits.handshaking
+        if open_now > self.limits.max_connections and not self.limits.evict_oldest_waiting(keep=self):
             self.limits.refused += 1
             self.limits.warn("connection_refused", open=len(self.connections))
             self.connections.discard(self)
@@ -220,15 +240,6 @@ class GuardedH11Protocol(H11Protocol):
         else:
             # mid-body: the app is reading, so it hears of this as a disconnect
             self.abort()
-
-    def _evict_oldest_waiting(self) -> bool:
-        for victim in self.limits.waiting:
-            if victim is not self:
-                self.limits.evicted += 1
-                self.limits.warn("connection_evicted", open=len(self.connections))
-                victim.abort()
-                return True
-        return False
 
     def abort(self) -> None:
         """Drop the connection now, unsent bytes included (a reader that stopped reading);

@@ -3,8 +3,9 @@
 One place builds it, so ``chatterbox-gateway serve`` and the tests that need a real server
 run exactly the same configuration: the guarded h11 protocol (read deadlines, connection
 cap, see :mod:`gateway.http.connection_guard`), uvicorn's keep-alive timeout and header
-size limit, a listen backlog, the graceful-shutdown grace, and a rate limit on asyncio's
-"accept() out of system resource" log line.
+size limit, a listen backlog, the graceful-shutdown grace, a rate limit on asyncio's
+"accept() out of system resource" log line, and TLS when a certificate is configured
+(:mod:`gateway.http.tls`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import structlog
 import uvicorn
 
 from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, GuardedWebSocketProtocol, guarded_protocol
+from gateway.http.tls import load_tls_context, tls_protocol_factory
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
 
@@ -31,8 +33,15 @@ def shutdown_clock_of(app: Any, settings: Settings) -> ShutdownClock:
 
 def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) -> uvicorn.Config:
     limits = ConnectionLimits.from_settings(settings, shutdown_clock_of(app, settings), fd_limit=fd_limit)
+    protocol: Any = guarded_protocol(limits)
+    tls_context = load_tls_context(settings)
+    if tls_context is not None:
+        # TLS runs in the protocol (bounded handshake, counted connections), not in uvicorn:
+        # see gateway.http.tls. (uvicorn's own start-up line therefore says http://.)
+        protocol = tls_protocol_factory(protocol, tls_context, limits)
     structlog.get_logger("gateway.server").info(
         "connection_limits",
+        tls=tls_context is not None,
         max_connections=limits.max_connections,
         header_timeout_s=limits.header_timeout_s,
         body_timeout_s=limits.body_timeout_s,
@@ -43,7 +52,7 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         app,
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(limits),
+        http=protocol,
         # The connection guard and the accept() log limit are built on asyncio's own loop and
         # transports; uvloop (which Ray's extra pulls in) would be picked by "auto" otherwise.
         loop="asyncio",

@@ -1,0 +1,124 @@
+"""TLS for ``serve --ssl-certfile/--ssl-keyfile``: https:// and wss:// on the one port, with the
+connection guard's bounds kept for the handshake.
+
+asyncio's own TLS (what uvicorn's ``ssl_certfile`` turns on) gives a handshake 60 s and hands
+the connection to the HTTP protocol only once it is done: a client that opens a socket and
+never finishes its handshake is invisible to :mod:`gateway.http.connection_guard` (no header
+deadline, no place in the connection cap) for a minute. So uvicorn is given no certificate;
+instead its protocol factory puts a :class:`TlsHandshake` (asyncio's own TLS protocol, the
+class ``loop.create_server(ssl=...)`` uses) in front of each guarded h11 protocol, which:
+
+- counts the connection toward ``max_connections`` from its accept, and at the cap closes the
+  oldest connection still waiting for a handshake or headers (or refuses this one);
+- gives the handshake ``header_timeout_s`` (asyncio aborts it past that), after which the
+  header deadline runs as on plain HTTP;
+- gives the TLS shutdown (waiting for the client's close_notify) the same bound.
+
+Everything after the handshake (h11, the websocket upgrade, the response guard's abort) runs on
+the TLS transport exactly as on a plain one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from asyncio import sslproto
+from collections.abc import Callable
+from typing import Any
+
+from gateway.http.connection_guard import ConnectionLimits, GuardedH11Protocol
+from gateway.settings import Settings, SettingsError
+
+
+def load_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from ``ssl_certfile``/``ssl_keyfile``; None without them. A file
+    that cannot be read or a key that does not match is a :class:`SettingsError` (one line at
+    start, before the engine loads)."""
+    if not settings.ssl_certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])  # h11 only: no h2 to negotiate
+    try:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(
+            f"ssl_certfile/ssl_keyfile: cannot load the certificate and key "
+            f"({settings.ssl_certfile}, {settings.ssl_keyfile or 'key in the certificate file'}): {exc}"
+        ) from None
+    return context
+
+
+class TlsHandshake(sslproto.SSLProtocol):
+    """asyncio's TLS protocol for one accepted connection, counted by the connection guard until
+    its handshake ends (the guarded h11 protocol behind it counts it from then on)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_protocol: GuardedH11Protocol,
+        context: ssl.SSLContext,
+        limits: ConnectionLimits,
+        connections: set[Any],
+    ) -> None:
+        super().__init__(
+            loop,
+            app_protocol,
+            context,
+            None,
+            server_side=True,
+            ssl_handshake_timeout=limits.header_timeout_s,
+            ssl_shutdown_timeout=limits.header_timeout_s,
+        )
+        self._limits = limits
+        self._connections = connections  # uvicorn's set of connections past their handshake
+        self._pending = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # starts the handshake (and its timeout)
+        limits = self._limits
+        open_now = len(self._connections) + limits.handshaking
+        if open_now >= limits.max_connections and not limits.evict_oldest_waiting(keep=self):
+            limits.refused += 1
+            limits.warn("connection_refused", open=open_now, tls="handshake")
+            transport.abort()  # no HTTP can be spoken before the handshake: just close
+            return
+        self._pending = True
+        limits.handshaking += 1
+        limits.waiting[self] = None
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        # Settled before the h11 protocol's connection_made (called from here) counts itself.
+        self._settle()
+        super()._on_handshake_complete(handshake_exc)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._settle()
+        super().connection_lost(exc)
+
+    def abort(self) -> None:
+        """Evicted while still handshaking: drop the socket now."""
+        self._settle()
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+
+    def _settle(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._limits.handshaking -= 1
+            self._limits.waiting.pop(self, None)
+
+
+def tls_protocol_factory(
+    protocol_class: type[GuardedH11Protocol], context: ssl.SSLContext, limits: ConnectionLimits
+) -> Callable[..., TlsHandshake]:
+    """What uvicorn's ``http=`` takes: called per accepted connection with uvicorn's keyword
+    arguments, it returns the TLS protocol wrapping a new guarded h11 protocol."""
+
+    def create(*, config: Any, server_state: Any, app_state: dict[str, Any], _loop: Any = None) -> TlsHandshake:
+        loop = _loop or asyncio.get_event_loop()
+        app = protocol_class(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
+        return TlsHandshake(loop, app, context, limits, server_state.connections)
+
+    return create
