@@ -15,7 +15,6 @@ import wave
 from typing import Any
 
 import httpx
-import msgspec
 import numpy as np
 import websockets
 from elevenlabs_support import Received, face_settings, read_until, read_until_closed, send, ws_url
@@ -74,6 +73,31 @@ def keyed(settings: Settings, **changes: Any) -> Settings:
     return face_settings(settings, api_keys=(KEY_A, KEY_B), admin_api_keys=(ADMIN,), **changes)
 
 
+async def say(
+    url: str, text: str, *, header_key: str | None = None, first_key: str | None = None, local: str = "127.0.0.1"
+) -> Received:
+    """A stream-input socket from ``local``: its key in the handshake or the first message,
+    ``text``, the end of input; everything the server sent, up to its close."""
+    received = Received()
+    headers = xi(header_key) if header_key else {}
+    async with websockets.connect(url, additional_headers=headers, local_addr=(local, 0)) as ws:
+        first: dict[str, Any] = {"text": " "}
+        if first_key:
+            first["xi_api_key"] = first_key
+        # a refused socket may be closed before these arrive; what it sent is still read
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await send(ws, **first)
+            await send(ws, text=text, flush=True)
+            await send(ws, text="")
+        await read_until_closed(ws, received)
+    return received
+
+
+def spoken(received: Received) -> Received:
+    assert received.close_code == 1000 and received.audio(), received.messages
+    return received
+
+
 async def test_another_keys_voice_is_unknown_on_the_rest_routes(settings: Settings) -> None:
     engine = FakeEngine()
     with live_server(keyed(settings), engine, guarded=True) as live:
@@ -116,12 +140,6 @@ async def test_another_keys_voice_is_unknown_on_the_rest_routes(settings: Settin
             assert engine.jobs[-1].voice.name == "narrator"
 
 
-def spoken_voice_key(engine: FakeEngine, received: Received) -> str:
-    """The voice (content key) of the socket's last engine job."""
-    assert received.close_code == 1000 and received.audio(), received.messages
-    return engine.jobs[-1].voice.key
-
-
 async def test_sockets_see_their_keys_voices_whichever_way_the_key_came(settings: Settings) -> None:
     engine = FakeEngine()
     with live_server(keyed(settings), engine, guarded=True) as live:
@@ -136,34 +154,25 @@ async def test_sockets_see_their_keys_voices_whichever_way_the_key_came(settings
                 heard[key] = engine.jobs[-1].voice.key
             assert heard[KEY_A] != heard[KEY_B]
 
-        async def speak(url: str, *, header_key: str | None = None, first_key: str | None = None) -> Received:
-            received = Received()
-            headers = xi(header_key) if header_key else {}
-            async with websockets.connect(url, additional_headers=headers) as ws:
-                first: dict[str, Any] = {"text": " "}
-                if first_key:
-                    first["xi_api_key"] = first_key
-                # a refused socket may be closed before these arrive; what it sent is still read
-                with contextlib.suppress(websockets.ConnectionClosed):
-                    await send(ws, **first)
-                    await send(ws, text="Hello from a socket.")
-                    await send(ws, text="")
-                await read_until_closed(ws, received)
-            return received
+        def voice_spoken(received: Received) -> str:
+            """The voice (content key) of the socket's engine job."""
+            spoken(received)
+            return engine.jobs[-1].voice.key
 
+        text = "Hello from a socket."
         narrator = ws_url(live.base_url, "narrator", **PCM)
         for key in (KEY_A, KEY_B):
             # the key in the handshake, or in the first message: the same voice as on REST
-            assert spoken_voice_key(engine, await speak(narrator, header_key=key)) == heard[key]
-            assert spoken_voice_key(engine, await speak(narrator, first_key=key)) == heard[key]
-        assert spoken_voice_key(engine, await speak(ws_url(live.base_url, a_only["id"], **PCM), first_key=ADMIN))
+            assert voice_spoken(await say(narrator, text, header_key=key)) == heard[key]
+            assert voice_spoken(await say(narrator, text, first_key=key)) == heard[key]
+        spoken(await say(ws_url(live.base_url, a_only["id"], **PCM), text, first_key=ADMIN))
 
         # B asks for A's voice (by id or name), on either socket, either way: an unknown voice
         jobs = len(engine.jobs)
         for voice in (a_only["id"], "a-only"):
             for multi in (False, True):
                 url = ws_url(live.base_url, voice, multi=multi, **PCM)
-                for refused in (await speak(url, header_key=KEY_B), await speak(url, first_key=KEY_B)):
+                for refused in (await say(url, text, header_key=KEY_B), await say(url, text, first_key=KEY_B)):
                     assert refused.close_code == 1008, refused.messages
                     (error,) = refused.errors()
                     assert error["error"] == "voice_not_found" and error["code"] == 1008, error
@@ -172,10 +181,7 @@ async def test_sockets_see_their_keys_voices_whichever_way_the_key_came(settings
 
         # without a key the voice is not even looked up: a missing key is what it hears about
         for voice in ("a-only", "no-such-voice"):
-            received = Received()
-            async with websockets.connect(ws_url(live.base_url, voice, **PCM)) as ws:
-                await send(ws, text="No key.")
-                await read_until_closed(ws, received)
+            received = await say(ws_url(live.base_url, voice, **PCM), "No key.")
             assert received.close_code == 1008 and [e["error"] for e in received.errors()] == ["invalid_api_key"]
 
 
@@ -192,14 +198,7 @@ async def hold_a_chunk(url: str, *, first_key: str | None = None, local: str = "
 
 async def refused_chunk(url: str, *, first_key: str | None = None, local: str = "127.0.0.1") -> dict[str, Any]:
     """A stream-input socket whose chunk admission refuses: its error, then a 1013 close."""
-    received = Received()
-    async with websockets.connect(url, local_addr=(local, 0)) as ws:
-        first: dict[str, Any] = {"text": " "}
-        if first_key:
-            first["xi_api_key"] = first_key
-        await send(ws, **first)
-        await send(ws, text="One sentence too many.", flush=True)
-        await read_until_closed(ws, received)
+    received = await say(url, "One sentence too many.", first_key=first_key, local=local)
     assert received.close_code == 1013 and not received.audio(), received.messages
     (error,) = received.errors()
     assert error["code"] == 1013, error
@@ -219,13 +218,7 @@ async def test_a_socket_authenticated_by_its_first_message_takes_its_keys_share(
             error = await refused_chunk(url, first_key=KEY_A)
             assert error["error"] == "key_concurrency_limit" and "max_key_share" in error["message"], error
             # key B (first message too) still has its share: it is spoken at once
-            received = Received()
-            async with websockets.connect(url) as ws:
-                await send(ws, text=" ", xi_api_key=KEY_B)
-                await send(ws, text="My own share.")
-                await send(ws, text="")
-                await read_until_closed(ws, received)
-            assert received.close_code == 1000 and received.audio()
+            spoken(await say(url, "My own share.", first_key=KEY_B))
             assert admission.rejected_by["key"] == 1
         finally:
             await held.close()
@@ -268,12 +261,7 @@ async def test_the_per_client_share_applies_to_socket_chunks(settings: Settings)
                 assert rest.status_code == 429 and rest.json()["detail"]["status"] == "client_concurrency_limit"
                 assert int(rest.headers["retry-after"]) >= 1
             # another address is spoken at once
-            received = Received()
-            async with websockets.connect(url, local_addr=("127.0.0.3", 0)) as ws:
-                await send(ws, text="Another client.")
-                await send(ws, text="")
-                await read_until_closed(ws, received)
-            assert received.close_code == 1000 and received.audio()
+            spoken(await say(url, "Another client.", local="127.0.0.3"))
             assert admission.rejected_by["client"] == 3
         finally:
             await held.close()
