@@ -78,9 +78,12 @@ def keyed_server(settings: Settings) -> Iterator[str]:
     yield from _serve(configured, FakeEngine(start_delay_s=2.0), ready_path="/health")
 
 
-def _open(browser: Any, base_url: str, size: str = "desktop") -> Watched:
+def _open(browser: Any, base_url: str, size: str = "desktop", *, loaded: bool = True) -> Watched:
+    """The page at ``size``; ``loaded``: once the engine is ready and the pickers are filled."""
     watched = watched_page(browser, base_url, size)
     watched.page.goto(base_url + "/")
+    if loaded:
+        _pickers_loaded(watched)
     return watched
 
 
@@ -124,7 +127,6 @@ def _options(watched: Watched, select: str) -> list[tuple[str, str]]:
 def test_page_loads_and_speak_streams_audio(browser: Any, server: str, engine: FakeEngine, size: str, tmp_path: Path) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     assert _options(watched, "#model") == [("chatterbox", "chatterbox (tts-1, tts-1-hd, gpt-4o-mini-tts)")]
     assert "alloy" in page.text_content("#voice")  # OpenAI names shown as aliases
     assert page.is_hidden("#language-field") and page.is_hidden("#tag-picker")  # English, no tags
@@ -150,7 +152,6 @@ def test_page_loads_and_speak_streams_audio(browser: Any, server: str, engine: F
 def test_stop_ends_the_request_and_the_sound(browser: Any, server: str, engine: FakeEngine, size: str) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     page.fill("#input", "A long text that takes a while to speak. " * 20)
     page.click("#speak")
     watched.wait_js("document.querySelector('#ttfa').textContent !== '–'")  # playing, still downloading
@@ -170,7 +171,6 @@ def test_stop_ends_the_request_and_the_sound(browser: Any, server: str, engine: 
 @pytest.mark.parametrize("response_format", ["wav", "pcm", "opus", "aac", "flac"])
 def test_every_format_plays_to_the_end(browser: Any, server: str, response_format: str) -> None:
     watched = _open(browser, server)
-    _pickers_loaded(watched)
     watched.page.select_option("#format", response_format)
     _speak_and_wait(watched)
     assert _ms(watched, "#ttfa") > 0
@@ -188,7 +188,6 @@ def test_every_format_plays_to_the_end(browser: Any, server: str, response_forma
 def test_the_player_holds_only_the_current_response(browser: Any, server: str, size: str, tmp_path: Path) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     page.select_option("#format", "wav")
     _speak_and_wait(watched)
     _played_to_the_end(watched)
@@ -223,7 +222,6 @@ def test_text_is_checked_in_the_page_with_its_count(
 ) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     assert page.text_content("#input-count") == f"{len(DEFAULT_TEXT)} / 4096"
     for blank in ("", "  \n "):
         page.fill("#input", blank)
@@ -244,7 +242,7 @@ def test_text_is_checked_in_the_page_with_its_count(
 
 
 def test_api_key_is_asked_for_and_kept_for_the_tab_only(browser: Any, keyed_server: str, size: str, tmp_path: Path) -> None:
-    watched = _open(browser, keyed_server, size)
+    watched = _open(browser, keyed_server, size, loaded=False)
     page = watched.page
     # asked at once (the engine is still loading), the field focused; no raw 401
     watched.wait_js("!document.querySelector('#key-note').hidden")
@@ -278,7 +276,7 @@ def test_api_key_is_asked_for_and_kept_for_the_tab_only(browser: Any, keyed_serv
     # the browser logs the 401s and the 503s of /ready while the engine loads; nothing else
     assert watched.problems(allow_console=("status of 401", "status of 503")) == []
 
-    other_tab = _open(browser, keyed_server, size)  # a new browsing context starts without it
+    other_tab = _open(browser, keyed_server, size, loaded=False)  # a new browsing context starts without it
     other_tab.wait_js("!document.querySelector('#key-note').hidden")
     assert other_tab.page.input_value("#api-key") == ""
 
@@ -288,7 +286,6 @@ def test_models_language_and_tags_follow_the_loaded_families(
 ) -> None:
     watched = _open(browser, families_server, size)
     page = watched.page
-    _pickers_loaded(watched)
     # one entry per family, the OpenAI names folded in, the dated snapshots left out
     assert _options(watched, "#model") == [
         ("chatterbox", "chatterbox (tts-1-hd)"),
@@ -338,7 +335,6 @@ def _python_snippet(watched: Watched) -> str:
 def test_a_voice_can_be_heard(browser: Any, server: str, engine: FakeEngine, size: str) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     voice = next(value for value, label in _options(watched, "#voice") if "nova" in label)
     page.select_option("#voice", voice)
     page.fill("#input", "The text in the box is not what Hear says.")
@@ -355,7 +351,6 @@ def test_sse_plays_and_its_snippets_run(
 ) -> None:
     watched = _open(browser, server, size)
     page = watched.page
-    _pickers_loaded(watched)
     page.select_option("#stream-format", "sse")
     page.select_option("#format", "wav")
     _speak_and_wait(watched)
@@ -381,7 +376,6 @@ def test_an_error_in_the_event_stream_is_shown(browser: Any, settings: Settings,
     with serve_on_loopback(create_app(msgspec.structs.replace(settings, max_speech_tokens=200), engine=failing)) as base_url:
         watched = _open(browser, base_url)
         page = watched.page
-        _pickers_loaded(watched)
         page.select_option("#stream-format", "sse")
         page.fill("#input", "This sentence is long enough to fail half way through its audio. " * 3)
         page.click("#speak")
@@ -399,7 +393,6 @@ def test_uploaded_voice_is_listed_used_and_deleted(
 ) -> None:
     watched = _open(browser, families_server, size)
     page = watched.page
-    _pickers_loaded(watched)
     page.fill("#voice-name", "my-aria")
     page.set_input_files("#voice-file", str(CLIP))
     assert page.is_disabled("#create-voice")  # no consent yet
@@ -444,7 +437,6 @@ def test_uploaded_voice_is_listed_used_and_deleted(
 def test_a_voice_recorded_from_the_microphone_is_created(browser: Any, server: str) -> None:
     watched = _open(browser, server)
     page = watched.page
-    _pickers_loaded(watched)
     page.click("#record")
     watched.wait_js("document.querySelector('#record').textContent === 'Stop recording'")
     time.sleep(3.6)  # the server wants at least 3 s of audio
@@ -461,7 +453,6 @@ def test_a_voice_recorded_from_the_microphone_is_created(browser: Any, server: s
 
 def test_server_error_message_is_shown(browser: Any, server: str) -> None:
     watched = _open(browser, server)
-    _pickers_loaded(watched)
     watched.page.click("#controls summary")
     watched.page.fill("#seed", str(2**33))  # above the server's largest seed
     watched.page.click("#speak")
