@@ -224,7 +224,7 @@ const ready = (async () => {
       return;
     }
     const error = response ? await errorOf(response) : null;
-    ui.ready.textContent = error ? "loading" : "unreachable";
+    ui.ready.textContent = error ? "not ready" : "unreachable"; // the reason (loading, failed) in its title
     ui.ready.title = error ? error.message : "the server does not answer";
     ui.ready.className = "badge bad";
     await new Promise((resolve) => setTimeout(resolve, 2000));
