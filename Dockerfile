@@ -23,7 +23,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 # Dependencies first (cached layer), then the package itself.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./  # setup.py: the package list and its data (voices, pages)
 COPY gateway ./gateway
 COPY voices ./voices
 RUN pip install '.[gpu]'
