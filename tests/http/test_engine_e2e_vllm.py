@@ -20,6 +20,7 @@ import pytest
 
 from gateway.engine.factory import vllm_available
 from harness import serve_on_loopback
+from weights_support import cache_with_shared_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not vllm_available(), reason="needs CUDA and vLLM")]
@@ -33,7 +34,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from gateway.settings import Settings
 
     root = tmp_path_factory.mktemp("vllm")
-    settings = Settings(engine="vllm", load_format="dummy", cache_dir=str(root / "cache"),
+    settings = Settings(engine="vllm", load_format="dummy", cache_dir=cache_with_shared_weights(root),
                         voices_dir=str(root / "voices"), max_speech_tokens=MAX_TOKENS,
                         vllm_max_num_seqs=16, vllm_max_model_len=1024, vllm_gpu_memory_utilization=0.3,
                         log_format="json")
