@@ -19,6 +19,7 @@ import re
 import resource
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class DecodeLimits:
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
     max_channels: int = 8
+    deadline: float | None = None
+    """When (``time.monotonic()``) the request's time limit ends: no FFmpeg child runs past it."""
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,22 @@ def run_limited(
     cmd: Sequence[str], limits: DecodeLimits, *, input_bytes: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``cmd`` with RLIMIT_AS/RLIMIT_CPU set (and a lower priority) in the child before
-    exec, and a wall timeout."""
+    exec, and a wall timeout (the request's deadline, if that comes first)."""
+    timeout_s = limits.timeout_s
+    if limits.deadline is not None:
+        timeout_s = min(timeout_s, limits.deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise DecoderTimeoutError("the request's time limit has passed")
     try:
         return subprocess.run(
             list(cmd),
             input=input_bytes,
             capture_output=True,
-            timeout=limits.timeout_s,
+            timeout=timeout_s,
             preexec_fn=_rlimits(limits),
         )
     except subprocess.TimeoutExpired:
-        raise DecoderTimeoutError(f"FFmpeg took longer than {limits.timeout_s:g} s") from None
+        raise DecoderTimeoutError(f"FFmpeg took longer than {timeout_s:g} s") from None
 
 
 def _rlimits(limits: DecodeLimits) -> Callable[[], None]:

@@ -18,6 +18,7 @@ On a name clash the earlier source wins: built-in, then API-created, then droppe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     VoiceNotFoundError,
 )
 
@@ -147,8 +149,12 @@ class VoiceLibrary:
 
     # ---- create / delete ---------------------------------------------------------------
 
-    def create(self, name: str, clip_bytes: bytes, consent: str | None = None) -> VoiceInfo:
-        """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice."""
+    def create(
+        self, name: str, clip_bytes: bytes, consent: str | None = None, *, deadline: float | None = None
+    ) -> VoiceInfo:
+        """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice.
+        ``deadline`` (``time.monotonic()``): no FFmpeg child runs past it, and a voice whose
+        work ends past it is not created (504); the caller's answer can then still say so."""
         if not NAME_PATTERN.fullmatch(name):
             raise InvalidRequestError(
                 "Voice name must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.", param="name"
@@ -166,7 +172,12 @@ class VoiceLibrary:
             raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
         # Cheap refusals before any decoding (checked again at the rename, under the lock).
         self._check_room_for(name)
-        samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=self.decode_limits)
+        limits = self.decode_limits if deadline is None else dataclasses.replace(self.decode_limits, deadline=deadline)
+        try:
+            samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=limits)
+        except InvalidRequestError:
+            _check_deadline(deadline)  # cut by the request's limit, not refused for what it is
+            raise
         voice_id = "voice_" + secrets.token_hex(12)
         created_at = int(time.time())
         meta = {"id": voice_id, "name": name, "created_at": created_at, "consent": consent,
@@ -176,10 +187,12 @@ class VoiceLibrary:
         staging = self._created_dir / f"{_STAGING_PREFIX}{voice_id}"
         staging.mkdir(parents=True)
         try:
+            _check_deadline(deadline)
             write_flac(samples, staging / "clip.flac")
             atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
             fsync_dir(staging)
             with self._lock:
+                _check_deadline(deadline)  # the last moment to give up: after this it exists
                 self._check_room_for(name)
                 os.replace(staging, self._created_dir / voice_id)
                 fsync_dir(self._created_dir)
@@ -280,6 +293,11 @@ class VoiceLibrary:
         for entry in os.scandir(self._created_dir):
             if entry.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)) and entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RequestTimeoutError("The upload exceeded the request time limit; no voice was created.")
 
 
 def _shown(name: str) -> str:
