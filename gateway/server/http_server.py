@@ -1,10 +1,10 @@
 """The uvicorn server the gateway runs under, with every connection limit from the settings.
 
 One place builds it, so ``chatterbox-gateway serve`` and the tests that need a real server
-run exactly the same configuration: the guarded h11 protocol (read deadlines, body rate and
-byte budget, header size, connection cap, see :mod:`gateway.http.connection_guard`),
-uvicorn's keep-alive timeout and header size limit, a listen backlog, the graceful-shutdown grace, and a rate limit on asyncio's
-"accept() out of system resource" log line.
+run exactly the same configuration: the guarded h11 protocol (read deadlines, body rate,
+size and byte budget, header size, connection cap, see :mod:`gateway.http.connection_guard`),
+uvicorn's keep-alive timeout, a listen backlog, the graceful-shutdown grace, and a rate limit
+on asyncio's "accept() out of system resource" log line.
 """
 
 from __future__ import annotations

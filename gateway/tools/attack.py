@@ -1,5 +1,6 @@
 """A short adversarial run: each attack of issues 8 and 20 in turn against a gateway on this
-machine, while a prober asks ``GET /health`` on a fresh connection every 100 ms.
+machine, while a prober (a process of its own: :mod:`gateway.tools.health_prober`) asks
+``GET /health`` on a fresh connection every 100 ms.
 
     python -m gateway.tools.attack --url http://127.0.0.1:8000 [--duration 10] \
         [--server-pid PID] [--api-key KEY] [--json out.json]
@@ -38,13 +39,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import socket
 import statistics
 import struct
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -52,6 +51,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.tools.attack_bodies import BodyAttacks
+from gateway.tools.health_prober import Prober, ProbeResults
 from gateway.tools.loadtest import (
     NotLoopbackError, _bounded, _mib, _scrape, ffmpeg_children, require_loopback, rss_from_proc,
 )
@@ -59,7 +59,6 @@ from gateway.tools.server_watch import ServerWatch, open_fds, temp_file_bytes
 
 MAX_DURATION_S = 60.0
 MAX_CONNECTIONS = 2000
-PROBE_INTERVAL_S = 0.1
 LONG_TEXT = ("A sentence that goes on and on for the listener who never listens. " * 61)[:4096]
 
 
@@ -76,35 +75,6 @@ def _request(method: str, path: str, body: bytes, content_type: str, key: str | 
         f"{method} {path} HTTP/1.1\r\nHost: gateway\r\n{auth}Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-
-
-class Prober(threading.Thread):
-    """GET /health on a new connection every 100 ms, in its own thread with blocking sockets
-    (so the attack's own event loop cannot delay it)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(daemon=True)
-        self.address = (host, port)
-        self.latencies_ms: list[float] = []
-        self.failures = 0
-        self.failure_kinds: collections.Counter[str] = collections.Counter()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(PROBE_INTERVAL_S):
-            started = time.perf_counter()
-            try:
-                with socket.create_connection(self.address, timeout=5) as sock:
-                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
-                    answer = b""
-                    while chunk := sock.recv(65536):
-                        answer += chunk
-                if not answer.startswith(b"HTTP/1.1 200"):
-                    raise OSError(answer[:12].decode("latin-1") or "closed unanswered")
-                self.latencies_ms.append((time.perf_counter() - started) * 1000)
-            except OSError as exc:
-                self.failures += 1
-                self.failure_kinds[type(exc).__name__ if type(exc) is not OSError else str(exc)] += 1
 
 
 class Attack:
@@ -261,6 +231,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
         action: Callable[[float], Awaitable[None]] = getattr(attack, name.replace("-", "_"))
         prober = Prober(host, port)
         prober.start()
+        probes = ProbeResults()
         watch = ServerWatch(args.server_pid) if args.server_pid else None
         if watch is not None:
             watch.start()
@@ -270,19 +241,18 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
         except (asyncio.TimeoutError, httpx.HTTPError):
             pass
         finally:
-            prober.stop.set()
-            prober.join(10)
+            probes = prober.finish()
             attack.close_all()
             if watch is not None:
                 watch.stop.set()
                 watch.join(10)
         await asyncio.sleep(args.settle)
-        rows.append(await _row(name, prober, watch, attack, args))
+        rows.append(await _row(name, probes, watch, attack, args))
     return rows
 
 
 async def _row(
-    name: str, prober: Prober, watch: ServerWatch | None, attack: Attack, args: argparse.Namespace
+    name: str, prober: ProbeResults, watch: ServerWatch | None, attack: Attack, args: argparse.Namespace
 ) -> dict[str, object]:
     lat = sorted(prober.latencies_ms)
     cuts = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) >= 2 else None
@@ -295,7 +265,7 @@ async def _row(
         "attack": name,
         "probes": len(lat) + prober.failures,
         "failed": prober.failures,
-        "failures": dict(prober.failure_kinds),
+        "failures": prober.failure_kinds,
         "p50_ms": round(statistics.median(lat), 1) if lat else None,
         "p90_ms": round(p90, 1) if p90 is not None else None,
         "p95_ms": round(p95, 1) if p95 is not None else None,
