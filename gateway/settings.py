@@ -251,6 +251,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 f"models {','.join(self.models)!r}: each of {', '.join(FAMILIES)} at most once"
             )
         parse_alias_overrides(self.model_aliases, self.models)
+        if self.max_pending_body_bytes < max(self.max_body_bytes, self.max_upload_bytes):
+            # a body that can never fit in the budget would always be refused
+            raise ValueError(
+                "max_pending_body_bytes must hold at least one largest body "
+                f"(max_body_bytes and max_upload_bytes), got {self.max_pending_body_bytes}"
+            )
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"

@@ -187,7 +187,8 @@ def test_unfinished_bodies_are_bounded_in_bytes_and_give_their_memory_back(
     of 8 MiB."""
     budget = 8 * 1_048_576
     config = guarded(
-        settings, max_body_bytes=128 * 1024, max_pending_body_bytes=budget, max_connections=400, body_rate_grace_s=30
+        settings, max_body_bytes=128 * 1024, max_upload_bytes=budget, max_pending_body_bytes=budget,
+        max_connections=400, body_rate_grace_s=30,
     )
     with live_server(config, FakeEngine(), guarded=True) as live:
         stats = live.services.connection_stats
