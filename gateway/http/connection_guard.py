@@ -15,8 +15,11 @@ connection one phase at a time, each with its bound:
   at ``body_min_rate_bytes_s`` on average after ``body_rate_grace_s`` (stretched by up to
   :data:`GRACE_JITTER` at random, so bodies started together are not cut together); past
   either, ``408``.
-  The bytes of every unfinished body count against one budget (``max_pending_body_bytes``),
-  released when the body ends; the body that would pass it gets ``503`` (``Retry-After``).
+  A body larger than its route takes (``max_body_bytes``, or the path's entry in
+  ``body_caps``: uploads) gets ``413`` from its ``Content-Length``, before a byte of it is
+  read. The bytes of every unfinished body count against one budget
+  (``max_pending_body_bytes``), released when the body ends; the body that would pass it gets
+  ``503`` (``Retry-After``). Sockets are read :data:`READ_SIZE` at a time.
   The app is not started until the body is in, or until it must take the body (uvicorn
   buffers 64 KiB, or the client waits for ``100 Continue``): a request cut before that costs
   no app work at all (no middleware, no handler, no log line: the connection warnings count
@@ -34,8 +37,11 @@ connection that is not being served is closed to make room (see
 :meth:`GuardedH11Protocol._make_room`: lingering ones first, then idle ones, then the oldest
 half-sent requests; a just-opened connection such as a health check's last), so a flood of
 idle or half-sent requests cannot lock out ``/health``; only when every connection is in the
-app phase is the new one refused with ``503``. None of this runs before accept(): past the cap a connection
-costs one accept and one close.
+app phase is the new one refused with ``503``. An evicted connection is held silent for
+:data:`EVICTED_HOLD_S` before it closes (see :meth:`GuardedH11Protocol._evict`): a client that
+reconnects the moment it is dropped would otherwise start a chain of evictions as fast as the
+CPU allows. None of this runs before accept(): past the cap a connection costs one accept and
+one close.
 
 Answers written here carry the OpenAI error envelope; the app, still waiting for the body,
 sees a disconnect, and :class:`~gateway.http.connection_hook.ConnectionHook` tells its log
