@@ -15,7 +15,8 @@ from typing import Any
 import structlog
 import uvicorn
 
-from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, guarded_protocol
+from gateway.http.connection_guard import guarded_protocol
+from gateway.http.connection_limits import AcceptErrorFilter, ConnectionLimits
 from gateway.http.voices import VOICES_PATH, upload_body_limit
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
