@@ -71,6 +71,10 @@ class ConnectionLimits:
     """Connections waiting for request headers, longest waiting first, with when they began."""
     waiting_bodies: dict[Any, float] = field(default_factory=dict)
     """Connections waiting for the rest of a request body, longest waiting first."""
+    accept_batch: int = 256
+    """Connections accepted in one go (asyncio accepts up to the listen backlog per turn of
+    the loop, each a descriptor before any eviction frees one: past the descriptor limit
+    asyncio stops accepting for a second). The listen backlog is set to it."""
     max_held_evicted: int = 0
     """Evicted connections held silent before they close, outside the cap (the descriptors to
     spare beyond it, at most :data:`MAX_HELD_EVICTED`; see ``GuardedH11Protocol._evict``)."""
@@ -96,9 +100,11 @@ class ConnectionLimits:
         fds = descriptor_limit() if fd_limit is None else fd_limit
         room = fds - FD_RESERVE_BASE - FD_RESERVE_PER_REQUEST * settings.max_in_flight
         max_connections = max(1, min(settings.max_connections, room))
+        spare = max(0, room - max_connections)  # descriptors beyond the cap, shared by the two below
         return cls(
             max_connections=max_connections,
-            max_held_evicted=max(0, min(MAX_HELD_EVICTED, room - max_connections)),
+            max_held_evicted=min(MAX_HELD_EVICTED, spare // 2),
+            accept_batch=min(settings.listen_backlog, FD_RESERVE_BASE // 2 + spare // 2),
             header_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
             shutdown_clock=shutdown_clock,
