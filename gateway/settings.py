@@ -61,15 +61,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # --- Connections (what a client may hold before and while it is served) -----------------
     max_connections: PositiveInt = 1000
     """Open connections at most (also kept below the process's file-descriptor limit). At the
-    cap, the oldest connection still waiting for request headers is closed to make room;
-    when every connection is busy, new ones are refused."""
+    cap, a connection waiting for its headers or its body is evicted to make room (idle and
+    half-sent ones first, the newest last); when every connection is busy, new ones are
+    refused."""
     listen_backlog: PositiveInt = 256
     """Connections the kernel queues before they are accepted."""
     header_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
     """Time a client has to send a request's line and headers, from its first byte (or from
     the connection's start)."""
     body_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0
-    """Time a client has to send a request body, once the headers are in."""
+    """Time a client has to send a request body, once the headers are in (time the server was
+    not reading does not count); past it 408 and the connection is closed."""
     keep_alive_timeout_s: Annotated[float, Meta(gt=0.0)] = 5.0
     """An idle keep-alive connection is closed after this long."""
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384

@@ -184,3 +184,22 @@ def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(settings: Se
             engine.gate.set()
             for sock in busy:
                 sock.close()
+
+
+def test_a_large_body_that_stalls_gets_408_and_its_request_line_says_so(settings: Settings) -> None:
+    """The app is already reading this body (past 64 KiB) when it stops coming: the client gets
+    the 408 envelope and the request's one line says 408 and why, not a bare disconnect."""
+    config = guarded(settings, max_body_bytes=128 * 1024, body_rate_grace_s=0.3, body_min_rate_bytes_s=1_000_000)
+    with capture_logs() as logs, live_server(config, FakeEngine(), guarded=True) as live:
+        sock = connect(live.base_url)
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{\"input\": \"" + b"a" * 80_000
+        )
+        received, took = read_until_closed(sock, 5)
+        sock.close()
+        assert wait_until(lambda: _speech_lines(logs), timeout_s=5)
+    assert received.startswith(b"HTTP/1.1 408"), received[:80]
+    (line,) = _speech_lines(logs)
+    assert (line["status"], line["outcome"]) == (408, "client_error"), line
+    assert "slower than" in str(line["error"]), line
