@@ -174,7 +174,7 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.abort()
 
     async def _app_once_body_ready(self, scope: Any, receive: Any, send: Any) -> None:
-        hook = self._hook if self._hook is not None and self._hook is connection_hook(scope) else None
+        hook = connection_hook(scope)
         if hook is not None and hook.body_ready is not None and not await hook.body_ready:
             return  # cut before its body came (the cycle is marked disconnected: uvicorn stays quiet)
         await self._app(scope, receive, send)
