@@ -98,7 +98,7 @@ EXPECTED_CODECS = {
 
 
 @pytest.fixture
-def valid_audio(tmp_path: Path) -> Callable[[bytes, str], Probe]:
+def valid_audio(tmp_path: Path) -> Callable[[bytes, str], Decoded]:
     """``valid_audio(data, response_format)`` asserts the bytes decode as that format (codec,
     rate, mono, some duration) and returns what FFmpeg found (tests/media_support.py)."""
 

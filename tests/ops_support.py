@@ -6,6 +6,7 @@ import it whatever the collection order.)"""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -94,3 +95,25 @@ def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> b
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def connect(base_url: str) -> socket.socket:
+    """A raw TCP connection to the server at ``base_url`` (for what an HTTP client won't send)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took
+    (inf: it did not close within ``timeout_s``)."""
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except (TimeoutError, socket.timeout):
+        return received, float("inf")
+    except ConnectionResetError:
+        pass
+    return received, time.monotonic() - started

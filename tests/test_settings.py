@@ -58,3 +58,8 @@ def test_voice_dirs_default_under_cache_and_repo(tmp_path: Path):
     s = load_settings({"CHATTERBOX_CACHE_DIR": str(tmp_path)})
     assert s.resolved_voices_dir() == tmp_path / "voices"
     assert (s.resolved_builtin_voices_dir() / "manifest.json").name == "manifest.json"
+
+
+def test_the_body_budget_must_hold_one_largest_body() -> None:
+    with pytest.raises(SettingsError, match="max_pending_body_bytes"):
+        load_settings({"CHATTERBOX_MAX_PENDING_BODY_BYTES": "1048576"}, [])
