@@ -128,7 +128,12 @@ def _upstream_check(s3gen: Any, ref: dict[str, Any], tokens: list[int], steps: i
     # SineGen's harmonic phases and its source noise.
     torch.manual_seed(1234)
     frames = 2 * (ref["prompt_token"].shape[1] + len(tokens))
-    flow = torch.randn(1, 80, frames, device=device)
+    if getattr(s3gen, "meanflow", False):  # Turbo's flow_inference draws the generated frames' noise first
+        generated = torch.randn(1, 80, 2 * len(tokens), device=device)
+        flow = torch.randn(1, 80, frames, device=device)
+        flow[:, :, frames - generated.shape[2]:] = generated
+    else:
+        flow = torch.randn(1, 80, frames, device=device)
     phase = Uniform(low=-np.pi, high=np.pi).sample(sample_shape=(1, 9, 1)).to(device)
     phase[:, 0, :] = 0
     noise = torch.randn(1, 9, 2 * len(tokens) * 480, device=device)

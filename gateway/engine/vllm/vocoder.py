@@ -84,7 +84,7 @@ class Vocoder:
     def __init__(self, s3gen: torch.nn.Module, settings: Settings, *, device: torch.device | str = "cpu",
                  flow_dtype: torch.dtype = torch.float32, policy: WindowPolicy | None = None,
                  max_batch_tokens: int = 32768, bucket_tokens: int = 16, noise_seed: int = 0,
-                 max_prompt_frames: int = 1000,
+                 max_prompt_frames: int = 1000, flow_steps: int | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.settings = settings
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
@@ -99,7 +99,8 @@ class Vocoder:
             noise_seed, flow_frames=max_prompt_frames + frames,
             hift_samples=frames * SAMPLES_PER_FRAME,
             harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
-        self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype, flow_steps=settings.flow_steps,
+        self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype,
+                                flow_steps=flow_steps or settings.flow_steps,
                                 tapes=tapes, bucket_tokens=bucket_tokens)
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
             self.batch.cfm.capture(GraphBuckets.plan(
