@@ -22,6 +22,8 @@ its steps: a tenth of the estimator work per window.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from gateway.engine.vllm.cfm_solver import CfmSolver, _mask_bias, estimator_forward
@@ -36,10 +38,10 @@ class MeanFlowSolver(CfmSolver):
     """The mean-flow solve for padded batches; blocking, one worker thread only (as CfmSolver)."""
 
     def __init__(self, decoder: torch.nn.Module, *, steps: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, **options: Any) -> None:
         if not is_meanflow(decoder):
             raise ValueError("MeanFlowSolver needs S3Gen's mean-flow decoder (S3Gen(meanflow=True))")
-        super().__init__(decoder, steps=steps, device=device, dtype=dtype)
+        super().__init__(decoder, steps=steps, device=device, dtype=dtype, **options)
         self.mirrored = len(self.est.down_blocks) >= 1  # what CfmSolver.capture checks
         self.cfg_rate = 0.0  # distilled with CFG: none at inference (upstream basic_euler)
         # Upstream: linspace(0, 1, steps + 1) in the flow dtype, never the cosine schedule.
@@ -77,7 +79,8 @@ class MeanFlowSolver(CfmSolver):
         return x
 
 
-def flow_solver(decoder: torch.nn.Module, *, steps: int, device: torch.device | str, dtype: torch.dtype) -> CfmSolver:
-    """The CFM solver for ``decoder``: mean-flow (Turbo) or the original's CFG Euler solve."""
+def flow_solver(decoder: torch.nn.Module, **options: Any) -> CfmSolver:
+    """The CFM solver for ``decoder`` (``options``: CfmSolver's keywords): mean-flow (Turbo)
+    or the original's CFG Euler solve."""
     cls = MeanFlowSolver if is_meanflow(decoder) else CfmSolver
-    return cls(decoder, steps=steps, device=device, dtype=dtype)
+    return cls(decoder, **options)
