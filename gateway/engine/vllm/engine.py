@@ -134,6 +134,7 @@ class VllmEngine(UpstreamVoices, Engine):
         from gateway.engine.vllm.gpu_memory import kv_cache_plan
         from gateway.engine.vllm.t3.families import kv_bytes_per_token
         from gateway.engine.vllm.t3.plugin import register
+        from gateway.observability.logging import prints_to_log
 
         if not torch.cuda.is_available():
             raise EngineUnavailableError("the vLLM engine needs a CUDA GPU")
@@ -158,7 +159,8 @@ class VllmEngine(UpstreamVoices, Engine):
                 starting[name] = pool.submit(self._start_llm, name, configs[name])
                 if not self.settings.vllm_parallel_start:
                     self.runtimes[name].llm = starting[name].result()
-            watermarker = perth.PerthImplicitWatermarker(device=str(device))
+            with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
+                watermarker = perth.PerthImplicitWatermarker(device=str(device))
             for name in self.models:
                 with self._part(name, "modules", gpu=True):
                     self._load_modules(self.runtimes[name], directories[name], device, watermarker)
@@ -177,13 +179,14 @@ class VllmEngine(UpstreamVoices, Engine):
 
     def _engine_config(self, family: Family, directory: Path, memory: dict[str, Any]) -> Any:
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
 
         args = AsyncEngineArgs(
             model=str(self._model_dir(family, directory)), skip_tokenizer_init=True, enable_prompt_embeds=True,
             dtype="bfloat16", load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, **memory)
-        return args.create_engine_config()
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args
 
     def _model_dir(self, family: Family, checkpoint: Path) -> Path:
         """The family's vLLM model directory, under the cache dir, named for its weights."""
