@@ -228,6 +228,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     tokens already waiting takes up to this many at once: every window re-runs the vocoder's
     flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
 
+    # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
+    vocoder_compile: Literal["off", "dynamic", "static"] = "off"
+    """Compile the CFM estimator's blocks with torch.compile (inductor) inside the captured
+    CUDA graphs: dynamic: one compile for every shape; static: one per graph bucket (slower
+    start, warm caches help). Falls back to the plain blocks, with a warning, if compiling fails."""
+    vocoder_first_window_flow_steps: Annotated[int, Meta(ge=0, le=50)] = 0
+    """Euler steps of a stream's first window only (0: flow_steps, as upstream): fewer steps
+    make the first byte sooner and change that window's audio (docs/operations.md)."""
+    vocoder_prompt_tokens: Annotated[int, Meta(ge=0)] = 0
+    """Voice-prompt tokens the flow sees per window, the last ones of the voice's prompt (0:
+    all of them, up to 10 s as upstream). Fewer cost less per window and change the audio."""
+    fixed_speech_tokens: bool = False
+    """Benchmarks on dummy weights only: T3 never stops before max_speech_tokens (random weights
+    sample the stop token at random), so runs are comparable and each stream's length is known."""
+    request_timeline: bool = False
+    """Honour the ``X-Timeline: 1`` request header: that speech request's log line carries the
+    milliseconds of every stage up to its first byte (``python -m gateway.tools.benchmark
+    --stages timeline``). Off: the header is ignored and nothing is recorded."""
+
     # --- vLLM engine: several model families on one GPU -----------------------------------
     vllm_parallel_start: bool = True
     """Start the loaded families' vLLM engines side by side (each compiles in a process of its

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from gateway.models.families import ORIGINAL
+from gateway.observability.timeline import Timeline
 
 SAMPLE_RATE = 24_000
 SPEECH_TOKENS_PER_SECOND = 25
@@ -62,6 +63,9 @@ class SynthesisJob:
     """ISO 639-1, already validated against the family's languages."""
     streaming: bool = False
     """True when the client reads the audio as it is produced (favour a fast first chunk)."""
+    trace: Timeline | None = field(default=None, compare=False)
+    """The request's first-audio timeline (None unless it asked for one): engines mark their
+    stages in it (``gateway.observability.timeline``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class BatchStats:
     """Seconds of audio produced."""
     rows_per_batch: dict[int, int] = field(default_factory=dict)
     """Histogram: batch size -> batches of that size."""
+    device_busy_s: float = 0.0
+    """Seconds the device spent on those calls (its busy share over a span of wall time)."""
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.request_record import close_record, finish_request, open_record
+from gateway.observability.timeline import Timeline, wanted
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -69,15 +70,21 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
         seen: dict[str, Any] = {"status": None, "first_byte": None, "completed": False, "disconnected": False}
         started = time.perf_counter()
 
+        timeline = Timeline(origin=started) if _timeline_allowed(scope) and wanted(scope.get("headers")) else None
+
         async def send_and_record(message: Message) -> None:
+            first = False
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 if seen["first_byte"] is None and message.get("body"):
                     seen["first_byte"] = time.perf_counter()
+                    first = True
                 if not message.get("more_body", False):
                     seen["completed"] = True
             await send(message)
+            if first and timeline is not None:
+                timeline.mark("first byte written")  # handed to the transport (the socket)
 
         async def receive_and_watch() -> Message:
             message = await receive()
@@ -87,6 +94,7 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
             return message
 
         record, token = open_record(route=scope["path"])
+        record.timeline = timeline
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await app(scope, receive_and_watch, send_and_record)
@@ -109,7 +117,16 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _metrics_of(scope: Scope) -> GatewayMetrics | None:
+def _services_of(scope: Scope) -> Any:
     app = scope.get("litestar_app")
-    services = app.state.get("services") if app is not None else None
-    return getattr(services, "metrics", None)
+    return app.state.get("services") if app is not None else None
+
+
+def _metrics_of(scope: Scope) -> GatewayMetrics | None:
+    return getattr(_services_of(scope), "metrics", None)
+
+
+def _timeline_allowed(scope: Scope) -> bool:
+    """The server runs with ``request_timeline`` (else ``X-Timeline`` is ignored)."""
+    settings = getattr(_services_of(scope), "settings", None)
+    return bool(getattr(settings, "request_timeline", False))

@@ -19,6 +19,7 @@ from gateway.http.request_context import request_id_of
 from gateway.audio.encoder import CONTENT_TYPES
 from gateway.errors import UnsupportedMediaTypeError
 from gateway.http.protocol import SpeechRequest, decode_speech_request
+from gateway.observability.request_record import current_record
 from gateway.server.services import AppServices
 from gateway.speech.service import SSE_CONTENT_TYPE, prepare_speech
 
@@ -86,7 +87,11 @@ async def create_speech(request: Request[Any, Any, Any], services: NamedDependen
         raise UnsupportedMediaTypeError(
             f"Content-Type must be application/json, got '{media_type or 'none'}'.", param="Content-Type"
         )
-    speech = decode_speech_request(await request.body())
+    record = current_record()
+    body = await request.body()
+    record.mark("body read")
+    speech = decode_speech_request(body)
+    record.mark("body decoded")
     # a client that leaves while queued or before the first audio stops its work right away
     prepared = await unless_disconnected(
         request.receive, prepare_speech(services, speech, request_id_of(request.scope))

@@ -71,6 +71,8 @@ class _BatchStats(Collector):
             "vocoder_windows": ("Token windows vocoded.", stats.rows),
             "vocoder_windows_dropped": ("Windows dropped because their stream was cancelled.", stats.rows_dropped),
             "vocoder_busy_seconds": ("Seconds the vocoder worker spent computing.", stats.busy_s),
+            "vocoder_device_busy_seconds": ("Seconds the device ran vocoder batches (CUDA events).",
+                                            stats.device_busy_s),
             "vocoder_audio_seconds": ("Seconds of audio the vocoder produced.", stats.audio_s),
         }
         for name, (doc, value) in counters.items():

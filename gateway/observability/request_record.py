@@ -22,6 +22,7 @@ import structlog
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.timeline import Timeline
 
 SPEECH_ROUTE = "/v1/audio/speech"
 
@@ -50,10 +51,17 @@ class RequestRecord:
     """Set by a handler that knows better than the status line (e.g. a stream that failed)."""
     error: str | None = None
     encoder_failed: bool = False
+    timeline: Timeline | None = None
+    """The first-audio timeline, when the request asked for one (``request_timeline``)."""
 
     @property
     def audio_seconds(self) -> float:
         return self.audio_samples / self.sample_rate if self.sample_rate else 0.0
+
+    def mark(self, stage: str) -> None:
+        """A timeline mark (nothing when the request has no timeline)."""
+        if self.timeline is not None:
+            self.timeline.mark(stage)
 
     def add_audio(self, samples: int) -> None:
         self.audio_samples += samples
@@ -147,6 +155,8 @@ def finish_request(
             fields["queued_ms"] = round(record.queued_s * 1000, 1)
     if record.error:
         fields["error"] = record.error
+    if record.timeline is not None:
+        fields["timeline"] = record.timeline.as_json()
     log = structlog.get_logger("gateway.access")
     if outcome in {"error", "timeout"}:
         log.error("request", **fields)

@@ -137,6 +137,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     voices, voice_cache = services.ready_voices()
     with _voice_is_a_parameter():
         voice_info = voices.get(request.voice_name)
+    record.mark("model and voice resolved")
     if family.multilingual and request.language is None:
         # detection loads Lingua's models on first use (seconds): off the event loop
         language = await asyncio.to_thread(resolve_language, family, None, request.input)
@@ -145,6 +146,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
     record.language = language
     # Up to 4096 characters of normalising and splitting: CPU work, kept off the event loop.
     chunks = await asyncio.to_thread(speech_chunks, request.input, family, settings.max_chunk_chars)
+    record.mark("text split")
     speed = 1.0 if request.speed is None else request.speed
     usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk, family.id, language) for chunk in chunks))
 
@@ -154,9 +156,11 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         slot = await services.admission.acquire()
         stack.callback(slot.release)
         record.queued_s = slot.queued_s
+        record.mark("admitted")
         async with within_deadline(deadline):
             with _voice_is_a_parameter():  # e.g. the checkpoint voice of an engine without one
                 voice = await voice_cache.get(voice_info, family.id)
+        record.mark("voice conditionals ready")
         job = SynthesisJob(
             request_id=request_id,
             chunks=chunks,
@@ -165,12 +169,14 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
             model=family.id,
             language=language,
             streaming=True,
+            trace=record.timeline,
         )
         produced = engine.synthesize(job)
         stack.push_async_callback(aclose_quietly, produced)
         # The engine's first audio, then the encoder's first bytes, before the status line:
         # the encoder alone would not do, as WAV's header leaves before any audio exists.
         first_audio = await _next(produced, deadline, None)
+        record.mark("engine first audio")
         encoded = encode_audio(
             _counted(first_audio, produced, usage, record),
             response_format=request.response_format,
@@ -180,6 +186,7 @@ async def prepare_speech(services: AppServices, request: SpeechRequest, request_
         )
         stack.push_async_callback(aclose_quietly, encoded)
         first_bytes = await _next(encoded, deadline, record)
+        record.mark("encoder first bytes")
     except BaseException:
         await _unwind(stack)
         raise

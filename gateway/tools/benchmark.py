@@ -11,17 +11,23 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   1/8/32 concurrent, aggregate audio-seconds per second at 1/8/32/128, GPU memory, with the
   watermark on and off; also non-streaming (one-shot vocoding) audio-seconds per second at
   1/8/32/128.
-* ``profile``: the batched S3Gen vocoder alone (random weights, bf16 flow, 250-token voice
-  prompt), each part timed on the device with synchronisation: flow encoder, CFM decoder
-  (all steps), HiFT, the device-to-host copy and the Perth watermark, for a first window
-  (20 tokens), a regular window (50 + 25 left context) and a one-shot 10 s utterance, at
-  batch 1/8/32, with the CFM solve eager and through its CUDA graphs: what bounds time to
-  first audio and throughput.
-* ``http``: the same figures as a client sees them: a live server (``python -m gateway serve
-  --engine vllm``, dummy weights, a subprocess) and N concurrent streaming clients asking for
-  mp3; time to first audio byte p50/p95 and audio-seconds per wall-second (audio seconds from
-  the server's ``chatterbox_audio_seconds_total``); then, with ``--loadtest-s``, the load test
-  (``gateway.tools.loadtest``, 64 streams) against the same server.
+* ``t3step``: T3's time per decode step and what runs outside its CUDA graph
+  (``gateway.tools.bench_t3``).
+* ``profile``: the batched S3Gen vocoder alone, per part and per batch size, before and
+  after issue 18's changes in one run, plus the pipelined loop's GPU busy share and the
+  speed knobs (``gateway.tools.bench_profile`` says how each figure is made): what bounds
+  time to first audio and throughput.
+* ``timeline``, ``http``, ``loadtest``: as a client sees it, through one live server
+  (``python -m gateway serve --engine vllm``, dummy weights, a subprocess started once for
+  all three; ``gateway.tools.bench_server``). ``timeline``: every stage of one request's first
+  audio, from the server's log (``gateway.tools.bench_timeline``). ``http``: one row per model
+  (``--models``; ``mixed`` = the loaded families in turn) and concurrency: first audio
+  p50/p95, steady audio-s/s, RTF p50, errors, the server's memory and the GPU's
+  (``gateway.tools.bench_http`` defines each figure). ``loadtest``: ``gateway.tools.loadtest``
+  at 64 streams for ``--loadtest-s`` seconds, every stream's audio length checked.
+
+``--json`` writes ``{"card", "date", "command", "rows": [the http rows], "stages": {every
+other stage's output}}``, the shape of ``docs/benchmarks/*.json``.
 """
 
 from __future__ import annotations
@@ -35,59 +41,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps every stream "
-            "busy and the vocoder batches windows from all of them.")
+from gateway.tools.bench_http import TEXT_10S, pct
 
 
 def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict]:
-    """Offline vLLM decode throughput of the T3 model with CFG, dummy weights."""
-    import torch
-    from vllm import LLM, SamplingParams
-
-    from gateway.engine.vllm.t3.config import write_model_dir
-    from gateway.engine.vllm.t3.plugin import register
-    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
-
-    register()
-    torch.manual_seed(0)
-    builder = T3PromptBuilder()
-    from chatterbox.models.t3.modules.cond_enc import T3Cond
-
-    cond = T3Cond(speaker_emb=torch.randn(1, 256), cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150)),
-                  emotion_adv=0.5 * torch.ones(1, 1, 1))
-    rows = builder.conditioning(cond)
-    text = [255] + torch.randint(1, 704, (text_tokens,)).tolist() + [0]
-    model_dir = write_model_dir(Path(tempfile.mkdtemp()) / "t3")
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
-              load_format="dummy", max_model_len=1024, max_num_seqs=max(concurrency),
-              gpu_memory_utilization=0.5, seed=0)
-    sp = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.8, top_p=1.0, min_p=0.05,
-                        repetition_penalty=1.2, detokenize=False)
-    out = []
-    llm.generate([builder.build(rows, text, 0.5).vllm_prompt()], sp, use_tqdm=False)  # warm
-    for n in concurrency:
-        prompts = [builder.build(rows, text, 0.5).vllm_prompt() for _ in range(n)]
-        t0 = time.perf_counter()
-        res = llm.generate(prompts, sp, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        made = sum(len(r.outputs[0].token_ids) for r in res)
-        out.append({"stage": "t3", "concurrency": n, "wall_s": round(dt, 3), "tokens": made,
-                    "tokens_per_s": round(made / dt), "audio_s_per_s": round(made / dt / 25, 1)})
-        print(out[-1], flush=True)
-    return out
-
+    value = pct(values, q)
+    return float("nan") if value is None else value
 
 
 async def _run_jobs(engine, jobs) -> tuple[float, list[float], float]:
@@ -208,188 +171,70 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
     return rows
 
 
-def stage_profile(batches: list[int], flow_steps: int, repeats: int, prompt_tokens: int = 250) -> list[dict]:
-    """Per-part device time of one vocoder batch (see the module docstring)."""
-    import torch
+def stage_server(args: argparse.Namespace, stages: list[str],
+                 checkpoint: Any = None) -> tuple[list[dict], dict[str, Any]]:
+    """The stages that measure a live server (timeline, http, loadtest), on one server.
+    ``checkpoint(rows, found)`` is called after every row and stage (the JSON is rewritten
+    then, so a run cut short by a time limit keeps what it measured)."""
+    save = checkpoint or (lambda rows, found: None)
+    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest
 
-    from gateway.engine.base import SAMPLE_RATE
-    from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, StageTimer
-    from gateway.tools.parity_vocoder import reference_dict
-
-    from chatterbox.models.s3gen import S3Gen
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    s3gen = S3Gen().to(device).eval()
-    ref = reference_dict(s3gen, prompt_tokens, 120.0, 0)
-    tapes = NoiseTapes.generate(0, flow_frames=2 * (prompt_tokens + 600), hift_samples=600 * 2 * 480,
-                                harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
-    batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=flow_steps, tapes=tapes)
-    voice = batch.prepare_voice(ref)
-    graph_s = None
-    if device == "cuda":
-        from gateway.engine.vllm.cfm_solver import GraphBuckets
-
-        graph_s = batch.cfm.capture(GraphBuckets.plan(max_rows=max(batches), max_frames=1024))
-        print(f"profile: {len(batch.cfm._graphs)} CFM graphs captured in {graph_s:.1f} s, "
-              f"{batch.cfm.graph_bytes / 2**20:.0f} MiB", flush=True)
-    buckets = batch.cfm.buckets
-    watermarker = None
-    try:
-        import perth
-
-        watermarker = perth.PerthImplicitWatermarker(device=device)
-    except Exception as exc:  # noqa: BLE001 - the rest of the profile is still worth printing
-        print(f"profile: no watermarker ({exc!r})", flush=True)
-    gen = torch.Generator().manual_seed(0)
-    # (name, left context, new tokens, final, carried mel frames)
-    kinds = [("first window", 0, 20, False, 0), ("regular window", 25, 50, False, 8),
-             ("one-shot 10 s", 0, 250, True, 0)]
-    timer = StageTimer(device)
+    models = [m for m in args.models.split(",") if m]
+    families = [f for f in (args.server_models or ",".join(m for m in models if m != "mixed")).split(",") if f]
+    levels = [int(c) for c in args.http_concurrency.split(",")]
+    peak = max(levels + [args.loadtest_concurrency if "loadtest" in stages else 1])
+    out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
+    log = args.server_log or out_dir / "server.log"
+    expect = args.tokens * 960 if args.server_engine == "vllm" else None  # fixed lengths: vLLM only
     rows: list[dict] = []
-    modes = ["eager"] + (["graphs"] if buckets is not None else [])
-    for (name, context, new, final, carried), mode, b in (
-            (k, m, b) for k in kinds for b in batches for m in modes):
-        n_in = context + new + (0 if final else batch.lookahead)
-        batch.cfm.buckets = buckets if mode == "graphs" else None
-        flow_rows = [FlowRow(voice, torch.randint(0, 6561, (n_in,), generator=gen).tolist(), 0, new, final)
-                     for _ in range(b)]
-        samples: dict[str, list[float]] = {}
-        for rep in range(repeats + 1):  # the first run warms up (cuDNN autotune, allocator)
-            batch.timer = timer
-            timer.reset()
-            t0 = time.perf_counter()
-            mels = batch.run_flow(flow_rows)
-            hift_rows = [HiftRow(torch.cat([m[:, :carried], m], dim=1) if carried else m, 0, None,
-                                 0 if final else 8) for m in mels]
-            waves = batch.run_hift(hift_rows)
-            with timer.section("host copy"):
-                host = [w.cpu().numpy() for w, _ in waves]
-            if watermarker is not None:
-                with timer.section("watermark (per row, serial)"):
-                    for audio in host:
-                        watermarker.apply_watermark(audio, sample_rate=SAMPLE_RATE)
-            total = time.perf_counter() - t0
-            batch.timer = None
-            if rep:
-                for part, sec in timer.seconds.items():
-                    samples.setdefault(part, []).append(sec)
-                samples.setdefault("total", []).append(total)
-        med = {part: statistics.median(v) * 1000 for part, v in samples.items()}
-        audio_s = b * new / 25
-        row = {"stage": "profile", "window": f"{name} ({n_in} + {prompt_tokens} prompt tokens)",
-               "batch": b, "CFM": mode, **{f"{k} ms": round(v, 1) for k, v in med.items()},
-               "vocoder audio-s/s (no watermark)": round(audio_s / ((med["total"] - med.get(
-                   "watermark (per row, serial)", 0.0)) / 1000), 1)}
-        rows.append(row)
-        print(row, flush=True)
-        del mels, waves, host
-    return rows
-
-
-async def _http_level(base: str, n: int, fmt: str, voice: str = "default") -> tuple[float, list[float], int]:
-    """n concurrent streaming requests: (wall s, first-byte latencies s, failures). The
-    checkpoint's voice by default: the one the engine stage uses."""
-    import httpx
-
-    body = {"model": "tts-1", "input": TEXT_10S, "voice": voice, "response_format": fmt}
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-
-    async def one(client: httpx.AsyncClient) -> float | None:
-        t0 = time.perf_counter()
-        first = None
-        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                print(f"HTTP {response.status_code}: {response.text[:500]}", flush=True)
-                return None
-            async for part in response.aiter_bytes():
-                if part and first is None:
-                    first = time.perf_counter() - t0
-        return first
-
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one(client) for _ in range(n)), return_exceptions=True)
-        wall = time.perf_counter() - t0
-    firsts = [r for r in res if isinstance(r, float)]
-    return wall, firsts, n - len(firsts)
-
-
-def _audio_seconds(base: str) -> float:
-    import httpx
-
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("chatterbox_audio_seconds_total"):
-            return float(line.split()[-1])
-    return float("nan")
-
-
-def stage_http(tokens: int, concurrency: list[int], fmt: str, loadtest_s: float, out_dir: Path | None) -> list[dict]:
-    """A live server on the vLLM engine and streaming HTTP clients (see the module docstring)."""
-    import socket
-    import subprocess
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    peak = max(concurrency)
-    cmd = [sys.executable, "-m", "gateway", "serve", "--engine", "vllm", "--load-format", "dummy",
-           "--host", "127.0.0.1", "--port", str(port), "--max-speech-tokens", str(tokens),
-           "--max-in-flight", str(peak), "--max-queued", str(2 * peak), "--vllm-max-num-seqs", str(peak),
-           "--vllm-max-model-len", "1024", "--vllm-gpu-memory-utilization", "0.4",
-           "--cache-dir", tempfile.mkdtemp(prefix="bench-http-")]
-    log = open(Path(tempfile.gettempdir()) / "http_server.log", "w")  # large: one line per request
-    t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    rows: list[dict] = []
-    try:
-        while True:
+    found: dict[str, Any] = {}
+    with bench_server.running_server(engine=args.server_engine, models=families, tokens=args.tokens, peak=peak,
+                                     log=log, cache_dir=args.server_cache_dir, extra=args.server_args.split(),
+                                     url=args.server_url, pid=args.server_pid,
+                                     ready_timeout_s=args.server_ready_s) as server:
+        found["server"] = {"start_s": server.start_s, "models": families, "engine": args.server_engine,
+                           "args": args.server_args, "log": str(log)}
+        print(f"server ready in {server.start_s} s", flush=True)
+        for stage in stages:
             try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.perf_counter() - t0 > 400:
-                raise RuntimeError(f"the server did not get ready (exit {server.poll()}); see {log.name}")
-            time.sleep(0.5)
-        rows.append({"stage": "http", "metric": "server start s (to /ready)", "value": round(time.perf_counter() - t0, 1)})
-        print(rows[-1], flush=True)
-        asyncio.run(_http_level(base, 1, fmt))  # warm-up (first request per voice)
-        for n in concurrency:
-            before = _audio_seconds(base)
-            wall, firsts, failed = asyncio.run(_http_level(base, n, fmt))
-            audio = _audio_seconds(base) - before
-            rows.append({"stage": "http", "metric": f"HTTP {fmt} streaming: TTFB ms p50 / p95, audio-s per wall-s",
-                         "concurrency": n,
-                         "value": f"{_pct(firsts, .5) * 1000:.0f} / {_pct(firsts, .95) * 1000:.0f}, {audio / wall:.1f}",
-                         "detail": f"{audio:.0f} s audio in {wall:.2f} s; failed {failed}"})
-            print(rows[-1], flush=True)
-        wall, firsts, failed = asyncio.run(_http_level(base, 1, fmt, voice="alloy"))
-        rows.append({"stage": "http", "metric": f"HTTP {fmt}: a clip voice (alloy), first request", "concurrency": 1,
-                     "value": "failed" if failed else f"{wall:.2f} s (voice preparation included)"})
-        print(rows[-1], flush=True)
-        if loadtest_s > 0:
-            from gateway.tools import loadtest
+                if stage == "timeline":
+                    if server.log is None:
+                        raise RuntimeError("the timeline stage reads the log of a server it started")
+                    result = bench_timeline.run_timeline(server.base, server.log, runs=args.timeline_runs,
+                                                         model=models[0] if models[0] != "mixed" else families[0],
+                                                         voice=args.voice, fmt=args.http_format)
+                    bench_timeline.print_table(result)
+                    found["timeline"] = result
+                    save(rows, found)
+                elif stage == "http":
+                    for model in models:
+                        for n in levels:
+                            streams = bench_http.streams_for(model, n, families)
+                            row = asyncio.run(bench_http.measure_level(
+                                server.base, streams, window_s=args.http_window_s, voice=args.voice,
+                                fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model))
+                            rows.append(row)
+                            print(row, flush=True)
+                            save(rows, found)
+                elif stage == "loadtest":
+                    target = out_dir / "loadtest.json"
+                    argv = ["--url", server.base, "--concurrency", str(args.loadtest_concurrency),
+                            "--duration", str(args.loadtest_s), "--voice", args.voice, "--format", args.http_format,
+                            "--model", models[0] if models[0] != "mixed" else families[0], "--text", TEXT_10S,
+                            "--json", str(target)]
+                    if server.pid:
+                        argv += ["--server-pid", str(server.pid)]
+                    if expect:
+                        argv += ["--expect-samples", str(expect)]
+                    code = loadtest.main(argv)
+                    found["loadtest"] = {"exit": code, **(json.loads(target.read_text()) if target.exists() else {})}
+                    save(rows, found)
+            except Exception as exc:  # keep the other stages' numbers
+                import traceback
 
-            target = (out_dir or Path(tempfile.gettempdir())) / "loadtest.json"
-            code = loadtest.main(["--url", base, "--concurrency", "64", "--duration", str(loadtest_s), "--voice", "default",
-                                  "--server-pid", str(server.pid), "--format", fmt, "--json", str(target)])
-            rows.append({"stage": "http", "metric": f"loadtest 64 x {loadtest_s:.0f} s", "value": f"exit {code}",
-                         "detail": target.read_text()[:1500] if target.exists() else ""})
-            print(rows[-1], flush=True)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    return rows
+                traceback.print_exc()
+                found.setdefault("errors", []).append({"stage": stage, "error": repr(exc)[:500]})
+    return rows, found
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -403,40 +248,102 @@ def _print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
+SERVER_STAGES = ("timeline", "http", "loadtest")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gateway.tools.benchmark", description=__doc__.split("\n")[0])
     ap.add_argument("--stages", default="t3,engine,profile")
-    ap.add_argument("--profile-batches", default="1,8,32", help="vocoder batch sizes of the profile stage")
+    ap.add_argument("--profile-batches", default="1,8,32,64", help="vocoder batch sizes of the profile stage")
     ap.add_argument("--profile-repeats", type=int, default=3)
+    ap.add_argument("--profile-configs", default="before,after",
+                    help="before: estimator not compiled, one batch in flight; after: compiled, two in flight")
+    ap.add_argument("--profile-compile", default="dynamic", choices=["dynamic", "static", "off"],
+                    help="the after configuration's vocoder_compile")
+    ap.add_argument("--profile-knobs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the speed knobs (prompt length, first-window steps) on the after configuration")
+    ap.add_argument("--profile-pipeline-batches", type=int, default=4, help="batches per pipelined measurement")
+    ap.add_argument("--profile-oneshot-batches", default="1,32")
+    ap.add_argument("--profile-knob-batches", default="1,32")
+    ap.add_argument("--profile-prompt-tokens", type=int, default=250, help="the voice prompt's tokens")
     ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
+    ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
     ap.add_argument("--text-tokens", type=int, default=150)
     ap.add_argument("--reference-concurrency", default="1,8",
                     help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N;"
                          " 'none' skips it")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new engine measurements after this")
-    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
-    ap.add_argument("--http-concurrency", default="1,8,32,128")
-    ap.add_argument("--http-format", default="mp3")
-    ap.add_argument("--loadtest-s", type=float, default=0.0, help="http stage: then a 64-stream load test this long")
+    ap.add_argument("--json", type=Path, default=None, help="write {card, date, command, rows, stages} here")
+    server = ap.add_argument_group("the live-server stages (timeline, http, loadtest)")
+    server.add_argument("--models", default="chatterbox",
+                        help="API model names, one set of http rows each; 'mixed': the loaded families in turn")
+    server.add_argument("--server-models", default=None,
+                        help="families the server loads (default: those --models names)")
+    server.add_argument("--server-engine", default="vllm", choices=["vllm", "reference", "fake"])
+    server.add_argument("--server-args", default="", help="more serve flags, e.g. '--vocoder-compile dynamic'")
+    server.add_argument("--server-cache-dir", default=None, help="the server's cache (dummy weights): default a temp dir")
+    server.add_argument("--server-log", type=Path, default=None, help="default: server.log beside --json")
+    server.add_argument("--server-url", default=None, help="measure this running server instead of starting one")
+    server.add_argument("--server-pid", type=int, default=None, help="its process, for memory readings")
+    server.add_argument("--server-ready-s", type=float, default=480.0, help="longest the server may take to start")
+    server.add_argument("--voice", default="alloy", help="a clip voice by default (aria.flac)")
+    server.add_argument("--http-concurrency", default="1,32,128")
+    server.add_argument("--http-window-s", type=float, default=30.0, help="seconds each http row measures")
+    server.add_argument("--http-format", default="pcm")
+    server.add_argument("--timeline-runs", type=int, default=5)
+    server.add_argument("--loadtest-s", type=float, default=60.0)
+    server.add_argument("--loadtest-concurrency", type=int, default=64)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     # vLLM forks its engine process by default; a fork after torch used its CPU thread
     # pool (prompt building) hangs the child, so start it fresh.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     conc = [int(c) for c in args.concurrency.split(",")]
+    stages = [s for s in args.stages.split(",") if s]
     rows: list[dict] = []
-    for stage in args.stages.split(","):
+    http_rows: list[dict] = []
+    found: dict[str, Any] = {}
+    def checkpoint(http: list[dict], stages_found: dict[str, Any]) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report(http, stages_found, argv), indent=1) + "\n")
+
+    if any(stage in SERVER_STAGES for stage in stages):
+        try:
+            http_rows, found = stage_server(args, [s for s in stages if s in SERVER_STAGES], checkpoint)
+        except Exception as exc:  # the server did not start: the other stages still run
+            import traceback
+
+            traceback.print_exc()
+            found = {"errors": [{"stage": "server", "error": repr(exc)[:1500]}]}
+    for stage in [s for s in stages if s not in SERVER_STAGES]:
         try:
             if stage == "t3":
+                from gateway.tools.bench_t3 import stage_t3
+
                 rows += stage_t3(args.tokens, conc, args.text_tokens)
             elif stage == "profile":
-                rows += stage_profile([int(b) for b in args.profile_batches.split(",")], args.flow_steps,
-                                      args.profile_repeats)
-            elif stage == "http":
-                rows += stage_http(args.tokens, [int(c) for c in args.http_concurrency.split(",")], args.http_format,
-                                   args.loadtest_s, args.json.parent if args.json else None)
+                from gateway.tools.bench_profile import stage_profile
+
+                def profiled(row: dict) -> None:  # saved as it comes: a time limit keeps the rows so far
+                    rows.append(row)
+                    found["rows"] = rows
+                    checkpoint(http_rows, found)
+
+                stage_profile(_ints(args.profile_batches), args.flow_steps, args.profile_repeats, on_row=profiled,
+                                      config_names=args.profile_configs.split(","), compile_mode=args.profile_compile,
+                                      knobs=args.profile_knobs, pipeline_batches=args.profile_pipeline_batches,
+                                      one_shot_batches=_ints(args.profile_oneshot_batches),
+                                      knob_batches=_ints(args.profile_knob_batches),
+                                      prompt_tokens=args.profile_prompt_tokens)
+            elif stage == "t3step":
+                from gateway.tools.bench_t3 import stage_t3_step
+
+                out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
+                rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
+                                      profile_path=out_dir / "t3_profile.txt")
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))
@@ -447,10 +354,27 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
             rows.append({"stage": stage, "error": repr(exc)[:300]})
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        found["rows"] = rows
+        checkpoint(http_rows, found)
+    _print_table(http_rows)
     _print_table(rows)
-    return 0 if all("error" not in r for r in rows) else 1
+    failed = any("error" in r for r in rows) or bool(found.get("errors")) or any(r.get("errors") for r in http_rows)
+    return 1 if failed else 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def report(http_rows: list[dict], stages: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    """The benchmark's JSON document (docs/benchmarks/*.json)."""
+    import datetime
+
+    from gateway.tools.host_probes import card
+
+    command = "python -m gateway.tools.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    return {"card": card(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "rows": http_rows, "stages": stages}
 
 
 if __name__ == "__main__":

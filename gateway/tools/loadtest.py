@@ -7,8 +7,14 @@ Each client loops: POST /v1/audio/speech (streamed), read the body to its end, c
 until the time is up. Reported: requests, errors by kind, deliberate 429s (admission control
 working as designed) counted apart from errors, p50/p95/max time to first byte, and the
 server's resident memory before the run, at its peak and after it (from /proc/<pid>/status
-with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``), and
-what is left on the server afterwards (FFmpeg children, in-flight and queued requests).
+with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``; with
+--server-pid also the whole process tree's, vLLM's engine process included), the GPU's used
+memory at the same moments (when there is a GPU), and what is left on the server afterwards
+(FFmpeg children, in-flight and queued requests).
+
+Every pcm or wav body must hold a whole number of speech tokens' audio (960 samples each at
+24 kHz), and exactly ``--expect-samples`` samples when given (a server with fixed lengths:
+``fixed_speech_tokens``): a stream that ends early without an error is counted as one.
 
 Bounded on purpose: loopback hosts only (this is not a tool for hitting other people's
 servers), at most 1024 clients, 3600 s and --max-requests requests. Exit status 0 when there
@@ -33,9 +39,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gateway.tools import host_probes
+from gateway.tools.bench_server import parse_metrics
+
 MAX_CONCURRENCY = 1024
 MAX_DURATION_S = 3600.0
 DEFAULT_TEXT = "Hello there. This is a short sentence for the load test."
+SAMPLES_PER_TOKEN = 960
+"""24 kHz audio per speech token (25 tokens a second): every engine's output is a whole number."""
 
 
 class NotLoopbackError(ValueError):
@@ -66,6 +77,8 @@ class Results:
     ttfb_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     audio_bytes: int = 0
+    audio_s: list[float] = field(default_factory=list)
+    """Seconds of audio in each pcm/wav body."""
 
     @property
     def requests(self) -> int:
@@ -80,10 +93,22 @@ def _percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def _check_body(fmt: str, head: bytes, size: int) -> str | None:
+def audio_samples(fmt: str, size: int) -> int | None:
+    """Samples in a pcm/wav body of ``size`` bytes (s16 mono; wav's 44-byte header), else None."""
+    if fmt == "pcm":
+        return size // 2
+    if fmt == "wav":
+        return max(0, size - 44) // 2
+    return None
+
+
+def _check_body(fmt: str, head: bytes, size: int, expect_samples: int | None = None) -> str | None:
     """A cheap validity check of the streamed audio; the kind of error, or None."""
     if size == 0:
         return "empty_body"
+    samples = audio_samples(fmt, size)
+    if samples is not None and (samples % SAMPLES_PER_TOKEN or (expect_samples and samples != expect_samples)):
+        return "audio_length"
     if fmt == "wav" and not (head[:4] == b"RIFF" and head[8:12] == b"WAVE"):
         return "bad_wav_header"
     if fmt == "pcm" and size % 2:
@@ -97,7 +122,8 @@ def _check_body(fmt: str, head: bytes, size: int) -> str | None:
     return None
 
 
-async def _one_request(client: httpx.AsyncClient, body: dict[str, object], results: Results) -> float:
+async def _one_request(client: httpx.AsyncClient, body: dict[str, object], results: Results,
+                       expect_samples: int | None = None) -> float:
     """Do one request; record it; return how long to back off (Retry-After on 429)."""
     started = time.perf_counter()
     try:
@@ -130,23 +156,28 @@ async def _one_request(client: httpx.AsyncClient, body: dict[str, object], resul
     except httpx.TransportError as exc:
         results.errors[f"transport_{type(exc).__name__}"] += 1
         return 0.5
-    problem = _check_body(str(body["response_format"]), head, size)
+    fmt = str(body["response_format"])
+    problem = _check_body(fmt, head, size, expect_samples)
     if problem:
         results.errors[problem] += 1
         return 0.0
     results.ok += 1
     results.audio_bytes += size
+    samples = audio_samples(fmt, size)
+    if samples is not None:
+        results.audio_s.append(samples / 24_000)
     results.ttfb_s.append(first if first is not None else time.perf_counter() - started)
     results.total_s.append(time.perf_counter() - started)
     return 0.0
 
 
 async def _client_loop(
-    client: httpx.AsyncClient, body: dict[str, object], results: Results, stop_at: float, budget: list[int]
+    client: httpx.AsyncClient, body: dict[str, object], results: Results, stop_at: float, budget: list[int],
+    expect_samples: int | None = None,
 ) -> None:
     while time.monotonic() < stop_at and budget[0] > 0:
         budget[0] -= 1
-        pause = await _one_request(client, body, results)
+        pause = await _one_request(client, body, results, expect_samples)
         if pause:
             await asyncio.sleep(pause)
 
@@ -182,16 +213,6 @@ def encoder_threads(pid: int) -> int:
     return count
 
 
-def rss_from_proc(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 async def rss_from_metrics(client: httpx.AsyncClient) -> int | None:
     try:
         response = await client.get("/metrics")
@@ -206,7 +227,12 @@ async def rss_from_metrics(client: httpx.AsyncClient) -> int | None:
 
 
 async def server_rss(client: httpx.AsyncClient, pid: int | None) -> int | None:
-    return rss_from_proc(pid) if pid else await rss_from_metrics(client)
+    return host_probes.rss_bytes(pid) if pid else await rss_from_metrics(client)
+
+
+def _memory(pid: int | None) -> tuple[int | None, int | None]:
+    """(the server's process tree RSS, the GPU's used memory): None where unknown."""
+    return (host_probes.tree_rss_bytes(pid) if pid else None), host_probes.gpu_used_bytes()
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -226,31 +252,36 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
         rss_start = await server_rss(client, args.server_pid)
+        tree_start, gpu_start = _memory(args.server_pid)
         # Warm-up: first requests fill caches (voice conditionals, allocator pools); the
         # baseline that "after" is compared with is taken once those exist.
         warm = Results()
         await asyncio.gather(*(_one_request(client, body, warm) for _ in range(min(args.concurrency, 8))))
         await asyncio.sleep(args.settle)
         rss_before = await server_rss(client, args.server_pid)
+        tree_before, gpu_before = await asyncio.to_thread(_memory, args.server_pid)
 
         results = Results(started=time.monotonic())
         stop_at = results.started + args.duration
         budget = [args.max_requests]
-        peak = [rss_before or 0]
+        peak = [rss_before or 0, tree_before or 0, gpu_before or 0]
 
         async def sample_peak() -> None:
             while time.monotonic() < stop_at:
                 value = await server_rss(client, args.server_pid)
-                peak[0] = max(peak[0], value or 0)
+                tree, gpu = await asyncio.to_thread(_memory, args.server_pid)
+                peak[:] = [max(peak[0], value or 0), max(peak[1], tree or 0), max(peak[2], gpu or 0)]
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample_peak())
-        await asyncio.gather(*(_client_loop(client, body, results, stop_at, budget) for _ in range(args.concurrency)))
+        await asyncio.gather(*(_client_loop(client, body, results, stop_at, budget, args.expect_samples)
+                               for _ in range(args.concurrency)))
         results.finished = time.monotonic()
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         await asyncio.sleep(args.settle)
         rss_after = await server_rss(client, args.server_pid)
+        tree_after, gpu_after = await asyncio.to_thread(_memory, args.server_pid)
         metrics_after = await _scrape(client)
 
     def ms(value: float | None) -> float | None:
@@ -278,15 +309,25 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         },
         "total_ms": {"p50": ms(_percentile(results.total_s, 50)), "p95": ms(_percentile(results.total_s, 95))},
         "audio_bytes": results.audio_bytes,
+        "audio_s_per_request": {"min": min(results.audio_s), "max": max(results.audio_s)} if results.audio_s else None,
+        "expect_samples": args.expect_samples,
         "server_ffmpeg_children_after": ffmpeg_children(args.server_pid) if args.server_pid else None,
         "server_encoder_threads_after": encoder_threads(args.server_pid) if args.server_pid else None,
         "server_in_flight_after": metrics_after.get("chatterbox_in_flight_requests"),
         "server_queued_after": metrics_after.get("chatterbox_queued_requests"),
         "server_rss_mib": {
-            "start": _mib(rss_start),
-            "before": _mib(rss_before),
-            "peak": _mib(peak[0] or None),
-            "after": _mib(rss_after),
+            "start": host_probes.mib(rss_start),
+            "before": host_probes.mib(rss_before),
+            "peak": host_probes.mib(peak[0] or None),
+            "after": host_probes.mib(rss_after),
+        },
+        "server_tree_rss_mib": {
+            "start": host_probes.mib(tree_start), "before": host_probes.mib(tree_before), "peak": host_probes.mib(peak[1] or None),
+            "after": host_probes.mib(tree_after),
+        },
+        "gpu_used_mib": {
+            "start": host_probes.mib(gpu_start), "before": host_probes.mib(gpu_before), "peak": host_probes.mib(peak[2] or None),
+            "after": host_probes.mib(gpu_after),
         },
     }
 
@@ -297,20 +338,7 @@ async def _scrape(client: httpx.AsyncClient) -> dict[str, float]:
         response = await client.get("/metrics")
     except httpx.HTTPError:
         return {}
-    values: dict[str, float] = {}
-    if response.status_code == 200:
-        for line in response.text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
-                try:
-                    values[parts[0]] = float(parts[1])
-                except ValueError:
-                    continue
-    return values
-
-
-def _mib(value: int | None) -> float | None:
-    return None if value is None else round(value / 1_048_576, 1)
+    return parse_metrics(response.text) if response.status_code == 200 else {}
 
 
 def _bounded(low: float, high: float, kind: type = float):  # type: ignore[no-untyped-def]
@@ -337,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="mp3", choices=["mp3", "opus", "aac", "flac", "wav", "pcm"])
     p.add_argument("--request-timeout", type=_bounded(1, 3600), default=120.0, help="seconds per request")
     p.add_argument("--settle", type=_bounded(0, 120), default=3.0, help="seconds to wait before memory readings")
+    p.add_argument("--expect-samples", type=_bounded(1, 10**9, int), default=None,
+                   help="pcm/wav: every body must hold exactly this many samples (a server with fixed lengths)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     return p
 

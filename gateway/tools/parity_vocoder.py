@@ -13,6 +13,13 @@ is closer, and bit-identical outputs print as ``inf``.
 * hift batched == alone: rows of one length as one batch vs alone (waveform).
 * vocoder streams batched == alone: several streams through the loop at once vs one at a time.
 * vocoder streamed == one-shot: streaming windows vs the whole utterance as one window.
+* compiled == plain (``compile``, on CUDA by default): the CFM estimator's blocks through
+  ``torch.compile`` (eager, then through its CUDA graphs) vs the plain blocks eager. Held
+  to the batching tolerance: compiling reorders arithmetic, it changes no formula.
+
+``--knobs`` measures what the speed knobs do to the audio (not a pass/fail check): each
+setting's streamed output against the same streams at upstream's settings, over the first
+window and over the whole utterance (``knob_tradeoffs``).
 
 Tolerances. Batching and padding change nothing mathematically (masks are exact), only
 which kernels run, so they are held to the dtype's precision: >= 90 dB in fp32 (TF32 is
@@ -213,6 +220,37 @@ def _graph_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> CheckRes
                   f"{len(rows)} rows, {used} graph replay(s); captured in {seconds:.1f} s")
 
 
+def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: str) -> list[CheckResult]:
+    """The compiled estimator == the plain one: eager, and on CUDA through its captured graphs.
+    A compile that fell back to the plain blocks fails the check (its reason in the detail)."""
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+    from gateway.engine.vllm.meanflow_solver import flow_solver
+
+    plain = batch.run_flow(rows)
+    saved = batch.cfm, batch.first_cfm
+    solver = flow_solver(saved[0].decoder, steps=saved[0].steps, device=batch.device, dtype=batch.dtype, compile=mode)
+    batch.cfm = batch.first_cfm = solver
+    results: list[CheckResult] = []
+
+    def add(name: str, got: list[torch.Tensor], detail: str) -> None:
+        value = min(snr_db(a, b) for a, b in zip(plain, got))
+        failed = solver.compile_error is not None
+        results.append(CheckResult(name, value >= tol and not failed, value, tol,
+                                   detail + (f"; FELL BACK to the plain blocks: {solver.compile_error}" if failed else "")))
+
+    try:
+        t0 = time.perf_counter()
+        add(f"flow: compiled CFM ({mode}) == plain", batch.run_flow(rows), f"first call {time.perf_counter() - t0:.1f} s")
+        if batch.device.type == "cuda":
+            need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)  # one width: 3 graphs, not 15
+            seconds = solver.capture(GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need))
+            add(f"flow: compiled CFM ({mode}) in CUDA graphs == plain eager", batch.run_flow(rows),
+                f"{solver.graph_replays} graph replay(s); captured in {seconds:.1f} s")
+    finally:
+        batch.cfm, batch.first_cfm = saved
+    return results
+
+
 async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Sizes,
                           jobs: list[tuple[str, dict[str, Any], list[int]]], tol: float) -> list[CheckResult]:
     # The production CFM path on CUDA: graphs for a small bucket set (start time), eager beyond.
@@ -248,9 +286,13 @@ async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Si
 
 
 def run(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY, *,
-        s3gen: Any = None, seed: int = 0) -> list[CheckResult]:
+        s3gen: Any = None, seed: int = 0, compile_mode: str | None = None) -> list[CheckResult]:
     """All vocoder parity checks. ``s3gen``: an S3Gen (moved to ``device``; its flow ends up
-    cast to ``dtype`` in place); default: a fresh one with random weights from ``seed``."""
+    cast to ``dtype`` in place); default: a fresh one with random weights from ``seed``.
+    ``compile_mode``: also check the compiled estimator (default: ``dynamic`` on CUDA only;
+    inductor's CPU compile of the full estimator takes minutes)."""
+    if compile_mode is None:
+        compile_mode = "dynamic" if str(device).startswith("cuda") else "off"
     if s3gen is None:
         from chatterbox.models.s3gen import S3Gen
 
@@ -262,12 +304,12 @@ def run(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = 
     if dtype == torch.float32:  # true fp32 on CUDA too, so fp32 checks can be strict
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _run(device, dtype, sizes, s3gen, seed)
+        return _run(device, dtype, sizes, s3gen, seed, compile_mode)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int) -> list[CheckResult]:
+def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, compile_mode: str) -> list[CheckResult]:
     gen = torch.Generator().manual_seed(seed + 1)
     ref_a = reference_dict(s3gen, sizes.prompt_tokens, 120.0, seed)
     ref_b = reference_dict(s3gen, max(2, int(sizes.prompt_tokens * 0.6)), 210.0, seed + 1)
@@ -295,6 +337,8 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int) -
     graph = _graph_check(batch, rows, tol)
     if graph is not None:
         results.append(graph)
+    if compile_mode != "off":
+        results += _compile_checks(batch, rows, tol, compile_mode)
 
     probe = rows[3]
     exact = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes,
@@ -360,6 +404,52 @@ def bench(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes 
     return out
 
 
+KNOBS = (("vocoder_first_window_flow_steps", 6), ("vocoder_first_window_flow_steps", 4),
+         ("vocoder_first_window_flow_steps", 2), ("vocoder_prompt_tokens", 150), ("vocoder_prompt_tokens", 100),
+         ("vocoder_prompt_tokens", 50))
+
+
+async def _streamed(s3gen: Any, device: str, dtype: torch.dtype, sizes: Sizes, jobs: list, **knob: int) -> list[np.ndarray]:
+    settings = load_settings({}, {"flow_steps": sizes.flow_steps, "max_speech_tokens": max(sizes.utterances) + 8,
+                                  "vocoder_cuda_graphs": False, **knob})
+    policy = WindowPolicy(first_tokens=sizes.first_window, tokens=sizes.window, left_context=sizes.left_context,
+                          final_merge_tokens=sizes.window, max_tokens=sizes.max_window)
+    vocoder = Vocoder(s3gen, settings, device=device, flow_dtype=dtype, policy=policy)
+    await vocoder.start()
+    try:
+        return await _stream_audio(vocoder, jobs)
+    finally:
+        await vocoder.close()
+
+
+def knob_tradeoffs(device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: Sizes = TINY, *,
+                   s3gen: Any = None, seed: int = 0, knobs: tuple[tuple[str, int], ...] = KNOBS) -> list[dict]:
+    """What each speed knob does to the audio: streams at the knob's setting against the same
+    streams at upstream's (SNR dB, min over streams), over the first window's samples and the
+    whole utterance. Not a pass/fail check: the numbers docs/operations.md quotes."""
+    if s3gen is None:
+        from chatterbox.models.s3gen import S3Gen
+
+        torch.manual_seed(seed)
+        s3gen = S3Gen().to(device).eval()
+    s3gen.to(device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    refs = [reference_dict(s3gen, sizes.prompt_tokens, 120.0, seed), reference_dict(s3gen, sizes.prompt_tokens, 210.0,
+                                                                                     seed + 1)]
+    jobs = [(f"V{i % 2}", refs[i % 2], _tokens(n, gen)) for i, n in enumerate(sizes.utterances)]
+    base = asyncio.run(_streamed(s3gen, device, dtype, sizes, jobs))
+    first = sizes.first_window * 2 * 480 - 8 * 480  # the first window's samples, less those held for the seam
+    rows = []
+    for name, value in knobs:
+        if name == "vocoder_prompt_tokens" and value >= sizes.prompt_tokens:
+            continue
+        got = asyncio.run(_streamed(s3gen, device, dtype, sizes, jobs, **{name: value}))
+        rows.append({"knob": f"{name}={value}", "flow_steps": sizes.flow_steps, "prompt_tokens": sizes.prompt_tokens,
+                     "first_window_snr_db": round(min(snr_db(b[:first], g[:first]) for b, g in zip(base, got)), 1),
+                     "utterance_snr_db": round(min(snr_db(b, g) for b, g in zip(base, got)), 1)})
+    return rows
+
+
 def run_checks(device: str | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
                sizes: Sizes | None = None) -> list[tuple[str, bool, str]]:
     """For the combined ``python -m gateway.tools.parity``: real sizes, fp32 then bf16 on
@@ -392,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--sizes", choices=("tiny", "real"), default=None, help="default: real on CUDA, tiny on CPU")
     ap.add_argument("--bench", action="store_true", help="also time batched vs one-by-one windows")
+    ap.add_argument("--compile", choices=("off", "dynamic", "static"), default=None,
+                    help="also check the compiled estimator (default: dynamic on CUDA, off on the CPU)")
+    ap.add_argument("--knobs", action="store_true", help="then measure what the speed knobs do to the audio")
+    ap.add_argument("--json", default=None, help="also write the checks (and knob rows) here")
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     args = ap.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -400,10 +494,24 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     s3gen = S3Gen().to(args.device).eval()
-    results = run(args.device, dtype, sizes, s3gen=s3gen)
+    results = run(args.device, dtype, sizes, s3gen=s3gen, compile_mode=args.compile)
     print_table(results)
     ok = all(r.passed for r in results)
-    print("VOCODER PARITY", "PASS" if ok else "FAIL")
+    print("VOCODER PARITY", "PASS" if ok else "FAIL", flush=True)
+    knobs: list[dict] = []
+    if args.knobs:
+        knobs = knob_tradeoffs(args.device, dtype, sizes, s3gen=s3gen)
+        print(f"\n{'knob':42} {'first window SNR dB':>20} {'utterance SNR dB':>17}")
+        for row in knobs:
+            print(f"{row['knob']:42} {row['first_window_snr_db']:20.1f} {row['utterance_snr_db']:17.1f}")
+    if args.json:
+        import json
+
+        checks = [{"name": r.name, "passed": r.passed, "snr_db": r.value, "min_db": r.tolerance, "detail": r.detail}
+                  for r in results]
+        with open(args.json, "w") as out:
+            json.dump({"device": args.device, "dtype": args.dtype, "checks": checks, "knobs": knobs}, out, indent=1,
+                      default=str)
     if args.bench:
         sizes_b = tuple(int(x) for x in args.batch_sizes.split(","))
         print(f"\n{'rows':>5} {'batched s':>10} {'one-by-one s':>13} {'speedup':>8}")

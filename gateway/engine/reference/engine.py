@@ -151,8 +151,11 @@ class ReferenceEngine(UpstreamVoices, Engine):
 
         family: Family = components.family
         params = job.params
+        trace = job.trace if index == 0 else None
         try:
             with self.holding_model(stop), torch.inference_mode(), _seeded(params.seed, index, components.device):
+                if trace is not None:
+                    trace.mark("reference: model lock held")
                 tokens = self._speech_tokens(
                     components,
                     job,
@@ -163,6 +166,8 @@ class ReferenceEngine(UpstreamVoices, Engine):
                 if tokens.numel() == 0:  # random weights can sample only special ids
                     return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
                 speech_tokens = int(tokens.numel())
+                if trace is not None:
+                    trace.mark(f"reference: t3 made {speech_tokens} tokens")
                 if family.meanflow:  # upstream Turbo ends every utterance on S3Gen silence
                     from chatterbox.models.s3gen.const import S3GEN_SIL
 
@@ -176,8 +181,12 @@ class ReferenceEngine(UpstreamVoices, Engine):
         except DecodeCancelled:
             raise _Stopped from None
         samples = wav.squeeze(0).detach().to("cpu", torch.float32).numpy()
+        if trace is not None:
+            trace.mark("reference: s3gen done")
         if self.settings.watermark:
             samples = components.watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)
+            if trace is not None:
+                trace.mark("reference: watermarked")
         samples = fade_edges(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
         return AudioChunk(samples=samples, speech_tokens=speech_tokens)
 

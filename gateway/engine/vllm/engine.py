@@ -102,7 +102,7 @@ class VllmEngine(UpstreamVoices, Engine):
         self.vllm_load_format = vllm_load_format
         self.runtimes: dict[str, FamilyRuntime] = {name: FamilyRuntime(FAMILIES[name]) for name in self.models}
         self._loaded = False
-        self.fixed_length = False
+        self.fixed_length = settings.fixed_speech_tokens
         """Benchmarks only: never stop before the token budget (random weights may sample the
         stop token; fixed lengths keep runs comparable)."""
         self.start_parts: list[dict[str, Any]] = []
@@ -310,7 +310,8 @@ class VllmEngine(UpstreamVoices, Engine):
         stats = [v.stats for v in vocoders]
         return BatchStats(batches=sum(s.batches for s in stats), rows=sum(s.rows for s in stats),
                           rows_dropped=sum(s.windows_dropped for s in stats), busy_s=sum(s.busy_s for s in stats),
-                          audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram)
+                          audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
+                          device_busy_s=sum(s.device_busy_s for s in stats))
 
     async def _shutdown(self) -> None:
         self._loaded = False  # new jobs fail from here on
@@ -390,10 +391,14 @@ class VllmEngine(UpstreamVoices, Engine):
 
     async def _chunk(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         components = runtime.components
+        trace = job.trace if index == 0 else None  # the first audio comes from the first chunk
         prompt = await self._prompt(runtime, job, text)
         sampling = self._sampling(runtime, job, index, len(prompt.token_ids))
-        stream = runtime.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming)
+        stream = runtime.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming,
+                                             trace=trace)
         request_id = f"{job.request_id}-{index}-{uuid.uuid4().hex[:8]}"
+        if trace is not None:
+            trace.mark("t3 prompt built")
         generated = _Generated()
         producer = asyncio.create_task(self._tokens(runtime, prompt.vllm_prompt(), sampling, request_id, stream,
                                                     generated))
@@ -413,6 +418,8 @@ class VllmEngine(UpstreamVoices, Engine):
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
                     continue  # all held back by the watermark: its tokens count with the next chunk
+                if first and trace is not None:
+                    trace.mark("watermarked" if self.settings.watermark else "clipped")
                 if stream.one_shot:
                     samples = fade_edges(samples)
                 elif first:  # chunks of a job meet at silence, as the reference engine's do

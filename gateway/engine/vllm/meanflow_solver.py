@@ -11,10 +11,11 @@ the host-synchronising mask helper, as the original's does.
 :class:`MeanFlowSolver` computes the same function as a :class:`~gateway.engine.vllm.cfm_solver.CfmSolver`
 whose per-batch work (attention biases, the mixed time embedding of every step: a constant
 of the model) is done once and whose estimator body is the shared ``estimator_forward``.
-It overrides only :meth:`solve_eager`, the function ``CfmSolver`` captures, so on CUDA the
-whole solve is one CUDA graph per bucketed ``(rows, frames)`` shape exactly as the
-original's, replayed by the inherited ``solve``/``capture``; padding rows and frames are
-masked the same way. Half the estimator rows of the original's CFG solve and a fifth of
+It overrides only :meth:`solve_eager`, the function ``CfmSolver`` captures (and ``mirrors``,
+which estimator that is), so on CUDA the whole solve is one CUDA graph per bucketed
+``(rows, frames)`` shape exactly as the original's, replayed by the inherited
+``solve``/``capture``; padding rows and frames are masked the same way, and the estimator's
+blocks run through the same plain or ``torch.compile``'d functions (``vocoder_compile``). Half the estimator rows of the original's CFG solve and a fifth of
 its steps: a tenth of the estimator work per window.
 
 :func:`flow_solver` picks the solver a flow decoder needs.
@@ -42,11 +43,19 @@ class MeanFlowSolver(CfmSolver):
         if not is_meanflow(decoder):
             raise ValueError("MeanFlowSolver needs S3Gen's mean-flow decoder (S3Gen(meanflow=True))")
         super().__init__(decoder, steps=steps, device=device, dtype=dtype, **options)
-        self.mirrored = len(self.est.down_blocks) >= 1  # what CfmSolver.capture checks
+        if not self.mirrored:
+            raise ValueError("this mean-flow estimator is not the causal U-Net estimator_forward mirrors")
         self.cfg_rate = 0.0  # distilled with CFG: none at inference (upstream basic_euler)
         # Upstream: linspace(0, 1, steps + 1) in the flow dtype, never the cosine schedule.
         self.t_span = torch.linspace(0, 1, steps + 1, device=self.device, dtype=dtype)
         self._emb: torch.Tensor | None = None
+
+    @staticmethod
+    def mirrors(est: torch.nn.Module) -> bool:
+        """The mean-flow estimator is the original's U-Net plus the (t, r) mixer: its body is
+        ``estimator_forward``'s (so its blocks may be compiled as the original's)."""
+        return (getattr(est, "meanflow", False) and getattr(est, "causal", False) and len(est.down_blocks) >= 1
+                and est.time_embed_mixer is not None)
 
     def step_embeddings(self) -> torch.Tensor:
         """(steps, E): each step's mixed (t, r) time embedding, as the estimator computes it.
@@ -74,7 +83,7 @@ class MeanFlowSolver(CfmSolver):
         emb = self.step_embeddings()
         t_span = self.t_span
         for k in range(self.steps):
-            v = estimator_forward(self.est, x, mask, mu, emb[k:k + 1].expand(b, -1), spks, cond, biases)
+            v = estimator_forward(self.est, x, mask, mu, emb[k:k + 1].expand(b, -1), spks, cond, biases, self.blocks)
             x = x + (t_span[k + 1] - t_span[k]) * v
         return x
 

@@ -32,6 +32,13 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
 * Per voice (:class:`S3GenVoice`, which the vocoder keeps in an LRU keyed by the voice key):
   prompt token ids, the prompt mel on the device in the flow dtype, and the normalised and
   projected x-vector.
+* No waiting on the device: a batch is launched without one host synchronisation. What the
+  host builds (token ids, lengths, noise indices) goes up through pinned memory
+  asynchronously (``upload``), nothing is read back while launching, and the audio comes
+  down as one asynchronous copy into pinned memory (``download``) that the caller waits for
+  when it wants the samples, so the next batch can be launched while the GPU still runs this
+  one. A :class:`BatchClock` records CUDA events between the parts: their device times (and
+  the GPU's busy share) are read after that one wait, never in between.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gateway.engine.vllm.cfm_solver import CfmSolver
 from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
@@ -56,6 +64,75 @@ MEL_BINS = 80
 def _pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """True at valid positions, (B, max_len)."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _take_rows(t: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+    """Rows ``idx`` of ``t`` without an index tensor (which would be a host-to-device copy):
+    a view when they are consecutive, else one concatenation of slices."""
+    if list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return t[idx[0]: idx[0] + len(idx)]
+    return torch.cat([t[i: i + 1] for i in idx])
+
+
+class BatchClock:
+    """When each part of one batch ended, on the device's own clock (CUDA events recorded in
+    stream order, read only after the batch's final wait), or the host's on the CPU, where
+    every part runs synchronously. ``mark`` costs one event record: always on."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, Any]] = []
+        self.mark("start")
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def ends(self, done_at: float) -> list[tuple[str, float]]:
+        """(part, host ``perf_counter`` time it ended), the start first. On CUDA the device
+        times are anchored at ``done_at``, the host time the last event was seen complete."""
+        if not self.cuda:
+            return list(self._marks)
+        last = self._marks[-1][1]
+        return [(name, done_at - event.elapsed_time(last) / 1000) for name, event in self._marks]
+
+    def busy_s(self) -> float:
+        """Seconds from the batch's first to its last mark on the device (its kernels and the
+        gaps between them: the time the batch occupied the GPU's stream)."""
+        (_, first), (_, last) = self._marks[0], self._marks[-1]
+        return first.elapsed_time(last) / 1000 if self.cuda else last - first
+
+
+class HostCopy:
+    """Device tensors on their way to host memory: one asynchronous copy into pinned memory
+    (CUDA) started at construction; :meth:`wait` blocks until it landed (the batch's one
+    synchronisation) and returns the arrays."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], clock: BatchClock | None = None) -> None:
+        self.sizes = [int(t.shape[0]) for t in tensors]
+        flat = torch.cat(list(tensors)) if tensors else torch.zeros(0)
+        self.clock = clock
+        self.done_at = 0.0
+        if flat.device.type == "cuda":
+            self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._host.copy_(flat, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = flat, None
+        if clock is not None:
+            clock.mark("host copy")
+
+    def wait(self) -> list[np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+        self.done_at = time.perf_counter()
+        flat = self._host.numpy().copy()  # own memory: the pinned block goes back to its cache
+        return np.split(flat, np.cumsum(self.sizes[:-1])) if self.sizes else []
 
 
 class StageTimer:
@@ -108,18 +185,19 @@ class NoiseTapes:
         hift = torch.randn(harmonics, hift_samples, generator=gen)
         return cls(flow.to(device), phase.to(device), hift.to(device))
 
-    def flow_noise(self, prompt_frames: int, first_frame: int, frames: int) -> torch.Tensor:
-        """(80, prompt_frames + frames) noise for a row whose generated part starts at
-        absolute stream frame ``first_frame`` (the tape wraps around)."""
-        dev = self.flow.device
-        idx = torch.cat([torch.arange(prompt_frames, device=dev),
-                         prompt_frames + first_frame + torch.arange(frames, device=dev)])
-        return self.flow[:, idx % self.flow.shape[1]]
+    def flow_index(self, prompt_frames: int, first_frame: int, frames: int) -> np.ndarray:
+        """Tape columns (host int64) of the noise for a row whose generated part starts at
+        absolute stream frame ``first_frame``: ``prompt_frames + frames`` of them (the tape
+        wraps around)."""
+        idx = np.concatenate([np.arange(prompt_frames), prompt_frames + first_frame + np.arange(frames)])
+        return idx % self.flow.shape[1]
 
-    def hift_noise(self, starts: Sequence[int], samples: int) -> torch.Tensor:
-        """(rows, harmonics, samples) source noise from each row's absolute start sample."""
+    def hift_noise(self, starts: Sequence[int] | torch.Tensor, samples: int) -> torch.Tensor:
+        """(rows, harmonics, samples) source noise from each row's absolute start sample
+        (``starts``: ints, or an int64 tensor already on the tape's device)."""
         dev = self.hift.device
-        idx = torch.tensor(list(starts), device=dev)[:, None] + torch.arange(samples, device=dev)[None, :]
+        first = starts if torch.is_tensor(starts) else torch.tensor(list(starts), device=dev)
+        idx = first[:, None] + torch.arange(samples, device=dev)[None, :]
         return self.hift[:, idx % self.hift.shape[1]].permute(1, 0, 2)
 
 
@@ -148,6 +226,8 @@ class FlowRow:
     new_tokens: int
     """Tokens whose mel this row commits: the last ones before the lookahead."""
     final: bool
+    first: bool = False
+    """The stream's first window (solved with ``first_window_steps`` when those are set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +244,16 @@ class HiftRow:
 
 class S3GenBatch:
     """S3Gen (flow encoder + CFM decoder + HiFT) on padded batches of rows. Blocking; run it
-    on one worker thread. Casts ``s3gen.flow`` to ``flow_dtype`` and HiFT to fp32 in place."""
+    on one worker thread. Casts ``s3gen.flow`` to ``flow_dtype`` and HiFT to fp32 in place.
+
+    ``first_window_steps`` (0: ``flow_steps``) solves rows marked ``first`` with that many
+    Euler steps; ``prompt_tokens`` (0: all) keeps only the last that many tokens of each
+    voice's prompt; ``compile`` compiles the CFM estimator's blocks (``CfmSolver``). The
+    first two change the audio (measured trade-offs, docs/operations.md); the third does not."""
 
     def __init__(self, s3gen: torch.nn.Module, *, device: torch.device | str, flow_dtype: torch.dtype,
-                 flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16) -> None:
+                 flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16, first_window_steps: int = 0,
+                 prompt_tokens: int = 0, compile: str = "off") -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
         self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()
@@ -176,12 +262,19 @@ class S3GenBatch:
         self.flow_steps = flow_steps
         self.tapes = tapes
         self.bucket_tokens = bucket_tokens
+        self.prompt_tokens = prompt_tokens
         self.timer: StageTimer | None = None
         """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
         self.lookahead = int(self.flow.pre_lookahead_len)
-        self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype)
+        self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
+                               compile=compile)
         """The CFM solve (the original's CFG Euler, or Turbo's mean-flow): eager with per-batch
         masks, or CUDA graphs once ``cfm.capture`` ran."""
+        self.first_cfm = self.cfm
+        """The solve of first windows: ``cfm`` unless ``first_window_steps`` differ."""
+        if first_window_steps and first_window_steps != flow_steps:
+            self.first_cfm = flow_solver(self.flow.decoder, steps=first_window_steps, device=self.device,
+                                         dtype=flow_dtype, compile=compile)
         enc = self.flow.encoder
         # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
         if enc.static_chunk_size or enc.use_dynamic_chunk or enc.global_cmvn is not None or not enc.normalize_before:
@@ -192,6 +285,14 @@ class S3GenBatch:
     def section(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a part of a batch under ``name`` when a profile timer is set (else nothing)."""
         return contextlib.nullcontext() if self.timer is None else self.timer.section(name)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device without waiting for the GPU: staged in pinned memory and
+        copied asynchronously (a pageable copy, e.g. ``torch.tensor(..., device=...)``, waits
+        for every kernel queued before it)."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def bucket(self, tokens: int) -> int:
         """The padded flow width (tokens, prompt included) of a row of ``tokens``: a multiple
@@ -208,11 +309,13 @@ class S3GenBatch:
         feat = torch.as_tensor(ref_dict["prompt_feat"]).reshape(-1, MEL_BINS)
         # Upstream assumes 2 prompt frames per prompt token (embed_ref trims tokens to match).
         n = min(int(tokens.shape[0]), feat.shape[0] // TOKEN_MEL_RATIO)
+        # The knob keeps the prompt's end: the part nearest to the speech that follows it.
+        first = n - min(n, self.prompt_tokens) if self.prompt_tokens else 0
         xvec = torch.as_tensor(ref_dict["embedding"]).reshape(1, -1).to(self.device, self.dtype)
         speaker = self.flow.spk_embed_affine_layer(F.normalize(xvec, dim=1))[0]
         return S3GenVoice(
-            prompt_tokens=tokens[:n].clone(),
-            prompt_feat=feat[: TOKEN_MEL_RATIO * n].T.contiguous().to(self.device, self.dtype),
+            prompt_tokens=tokens[first:n].clone(),
+            prompt_feat=feat[TOKEN_MEL_RATIO * first: TOKEN_MEL_RATIO * n].T.contiguous().to(self.device, self.dtype),
             speaker=speaker.contiguous(),
         )
 
@@ -234,7 +337,8 @@ class S3GenBatch:
         return enc.after_norm(x)
 
     @torch.inference_mode()
-    def run_flow(self, rows: Sequence[FlowRow], *, pad_to: int = 0) -> list[torch.Tensor]:
+    def run_flow(self, rows: Sequence[FlowRow], *, pad_to: int = 0, clock: BatchClock | None = None
+                 ) -> list[torch.Tensor]:
         """Each row's new mel frames, (80, 2 * new_tokens) fp32 on the device."""
         lengths = [r.voice.prompt_len + len(r.tokens) for r in rows]
         width = self.bucket(max(max(lengths), pad_to))
@@ -244,30 +348,51 @@ class S3GenBatch:
             ids[i, :p] = r.voice.prompt_tokens
             ids[i, p:lengths[i]] = torch.as_tensor(list(r.tokens), dtype=torch.long)
         with self.section("flow encoder"):
-            ids = ids.to(self.device, non_blocking=True)
-            lens = torch.tensor(lengths, device=self.device)
+            ids = self.upload(ids)
+            lens = self.upload(torch.tensor(lengths))
             valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
             h = self._encode(self.flow.input_embedding(ids) * valid, lens)
             mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
+        if clock is not None:
+            clock.mark("flow encoder")
         frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
-        mel_width = mu.shape[2]
-        with self.section("CFM inputs"):  # per-row Python loop: shows in the profile if it grows
-            cond = torch.zeros(len(rows), MEL_BINS, mel_width, device=self.device, dtype=self.dtype)
-            noise = torch.zeros_like(cond)
-            for i, r in enumerate(rows):
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(id(self.first_cfm if r.first else self.cfm), []).append(i)
+        out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+        for idx in groups.values():
+            solver = self.first_cfm if rows[idx[0]].first else self.cfm
+            feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()
+        if clock is not None:
+            clock.mark("CFM")
+        return out
+
+    def _solve(self, solver: CfmSolver, rows: Sequence[FlowRow], mu: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+        """The CFM solve of ``rows`` (one solver) over the frames they use. Frames past every
+        row's end are masked padding, which the causal estimator cannot leak: trimming them
+        is exact, and lets a graph bucket fit the group rather than the whole batch."""
+        width = max(frames)
+        with self.section("CFM inputs"):
+            # One noise gather and one mask for the group, built on the host, uploaded async.
+            index = np.zeros((len(rows), width), dtype=np.int64)
+            valid = np.zeros((len(rows), 1, width), dtype=np.float32)
+            for j, r in enumerate(rows):
                 pf = TOKEN_MEL_RATIO * r.voice.prompt_len
-                cond[i, :, :pf] = r.voice.prompt_feat
-                noise[i, :, :frames[i]] = self.tapes.flow_noise(pf, TOKEN_MEL_RATIO * r.context_start,
-                                                                frames[i] - pf)
-            mask = _pad_mask(torch.tensor(frames, device=self.device), mel_width).unsqueeze(1).to(self.dtype)
+                index[j, :frames[j]] = self.tapes.flow_index(pf, TOKEN_MEL_RATIO * r.context_start, frames[j] - pf)
+                valid[j, :, :frames[j]] = 1.0
+            mask = self.upload(torch.from_numpy(valid)).to(self.dtype)
+            noise = self.tapes.flow[:, self.upload(torch.from_numpy(index))].permute(1, 0, 2).to(self.dtype) * mask
+            cond = torch.zeros_like(noise)
+            for j, r in enumerate(rows):
+                cond[j, :, :TOKEN_MEL_RATIO * r.voice.prompt_len] = r.voice.prompt_feat
             spks = torch.stack([r.voice.speaker for r in rows])
         # The tape's noise covers every frame: it replaces upstream's own randn draw entirely.
         with self.section("CFM decoder"):
-            feat = self.cfm.solve(noise, mu, mask, spks, cond)
-        return [feat[i, :, frames[i] - TOKEN_MEL_RATIO * r.new_tokens: frames[i]].float()
-                for i, r in enumerate(rows)]
+            return solver.solve(noise, mu[:, :, :width], mask, spks, cond)
 
-    def _excitation(self, f0: torch.Tensor, starts: Sequence[int],
+    def _excitation(self, f0: torch.Tensor, starts: torch.Tensor,
                     phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The NSF source (SourceModuleHnNSF with SineGen's parameters) for (B, 1, S) f0 in
         Hz, its noise from the tape and its phase continued from ``phase`` (B, H) cycles."""
@@ -284,10 +409,14 @@ class S3GenBatch:
         return merged.transpose(1, 2), cycles
 
     @torch.inference_mode()
-    def run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def run_hift(self, rows: Sequence[HiftRow], *, clock: BatchClock | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each row's waveform (F * 480,) fp32 and the phase at its carried frames."""
         with self.section("HiFT"):
-            return self._run_hift(rows)
+            out = self._run_hift(rows)
+        if clock is not None:
+            clock.mark("HiFT")
+        return out
 
     def _run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         out: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(rows)  # type: ignore[list-item]
@@ -300,7 +429,7 @@ class S3GenBatch:
             phase = torch.stack([torch.zeros(harmonics, device=self.device) if rows[i].phase is None
                                  else rows[i].phase for i in idx])
             f0 = self.hift.f0_upsamp(self.hift.f0_predictor(mel)[:, None])  # (b, 1, S)
-            starts = [rows[i].start_frame * SAMPLES_PER_FRAME for i in idx]
+            starts = self.upload(torch.tensor([rows[i].start_frame * SAMPLES_PER_FRAME for i in idx]))
             source, cycles = self._excitation(f0, starts, phase)
             wav = self.hift.decode(x=mel, s=source)
             for j, i in enumerate(idx):

@@ -22,7 +22,12 @@ larger ones, joined by left context, lookahead and a crossfade).
 One asyncio task collects the ready windows of ALL streams (first windows first, then the
 longest-waiting), up to ``settings.vocoder_max_batch`` rows and ``max_batch_tokens`` padded
 flow tokens, and runs them as one batch (:class:`gateway.engine.vllm.s3gen_batch.S3GenBatch`) on a
-dedicated worker thread (torch releases the GIL). A stream has at most one window in flight;
+dedicated worker thread (torch releases the GIL), in two phases: ``launch_batch`` queues the
+batch's work on the device without waiting for it (no host synchronisation), and
+``finish_batch`` waits for its audio. Up to ``pipeline_depth`` (2) batches are in flight, so
+the next batch is planned and launched while the GPU still runs the current one, and the GPU
+never idles while the host delivers audio and builds inputs. A stream has at most one window
+in flight (a batch in flight holds other streams' windows than the one launched after it);
 a cancelled stream's results are dropped. A stream whose reference dict cannot be prepared
 fails alone (``EngineError`` from ``audio()``); a batch that fails fails its streams and the
 loop keeps serving.
@@ -37,7 +42,7 @@ import asyncio
 import copy
 import itertools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,10 +54,19 @@ import torch
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm.cfm_solver import GraphBuckets
-from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch, S3GenVoice
-from gateway.engine.vllm.vocoder_stream import VocoderStream, WindowJob, WindowResult
+from gateway.engine.vllm.s3gen_batch import (
+    BatchClock,
+    FlowRow,
+    HiftRow,
+    HostCopy,
+    NoiseTapes,
+    S3GenBatch,
+    S3GenVoice,
+)
+from gateway.engine.vllm.vocoder_stream import PROMPT_TOKENS_GUESS, VocoderStream, WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO, Window, WindowPolicy
 from gateway.errors import EngineUnavailableError
+from gateway.observability.timeline import Timeline
 from gateway.settings import Settings
 
 @dataclass(slots=True)
@@ -69,6 +83,23 @@ class VocoderStats:
     last_batch_padded_tokens: int = 0
     rows_per_batch: dict[int, int] = field(default_factory=dict)
     """Histogram: batch size -> batches of that size."""
+    device_busy_s: float = 0.0
+    """Seconds the device's stream was occupied by vocoder batches (CUDA events from each
+    batch's first to its last kernel; on the CPU the worker's time): over a wall-clock span,
+    the GPU's busy share."""
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A batch whose work is queued on the device (``launch_batch``), its audio not yet read."""
+
+    jobs: list[WindowJob]
+    outcomes: list[WindowResult | Exception | None]
+    rows: dict[int, tuple[HiftRow, torch.Tensor | None, int]]
+    """Row index -> (its HiFT row, the phase at its carried frames, the voice's prompt tokens)."""
+    copy: HostCopy
+    clock: BatchClock
+    launch_s: float = 0.0
 
 
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
@@ -84,9 +115,11 @@ class Vocoder:
     def __init__(self, s3gen: torch.nn.Module, settings: Settings, *, device: torch.device | str = "cpu",
                  flow_dtype: torch.dtype = torch.float32, policy: WindowPolicy | None = None,
                  max_batch_tokens: int = 32768, bucket_tokens: int = 16, noise_seed: int = 0,
-                 max_prompt_frames: int = 1000, flow_steps: int | None = None,
+                 max_prompt_frames: int = 1000, pipeline_depth: int = 2, flow_steps: int | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.settings = settings
+        self.pipeline_depth = max(1, pipeline_depth)
+        """Batches in flight at most (1: each batch's audio is read before the next launches)."""
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
                                              tokens=settings.stream_window_tokens,
                                              max_tokens=settings.stream_max_window_tokens)
@@ -99,13 +132,13 @@ class Vocoder:
             noise_seed, flow_frames=max_prompt_frames + frames,
             hift_samples=frames * SAMPLES_PER_FRAME,
             harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
+        # flow_steps: a family's fixed step count (Turbo's distilled 2), which no knob changes
         self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype,
-                                flow_steps=flow_steps or settings.flow_steps,
-                                tapes=tapes, bucket_tokens=bucket_tokens)
+                                flow_steps=flow_steps or settings.flow_steps, tapes=tapes, bucket_tokens=bucket_tokens,
+                                first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
+                                prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile)
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
-            self.batch.cfm.capture(GraphBuckets.plan(
-                max_rows=self.max_batch_rows, max_frames=settings.vocoder_graph_max_frames,
-                min_frames=min(512, settings.vocoder_graph_max_frames), max_cells=TOKEN_MEL_RATIO * max_batch_tokens))
+            self._capture(max_batch_tokens)
         if self.policy.lookahead != self.batch.lookahead:
             raise ValueError(f"window lookahead must be the flow's pre-lookahead ({self.batch.lookahead})")
         self.trim_fade = self.batch.trim_fade
@@ -119,6 +152,23 @@ class Vocoder:
         self._failed_batches = 0
         """Batches failed in a row (reset by a success): a sticky device fault fails them all."""
         self._dead: BaseException | None = None
+
+    def _capture(self, max_batch_tokens: int) -> None:
+        """CUDA graphs for the CFM solves: every bucket for regular windows; for first windows
+        solved with their own step count, the buckets a first window fits (voice prompt up
+        to 10 s plus the window), in the same memory pool (the solves never run at once)."""
+        settings = self.settings
+        cells = TOKEN_MEL_RATIO * max_batch_tokens
+        low = min(512, settings.vocoder_graph_max_frames)
+        self.batch.cfm.capture(GraphBuckets.plan(
+            max_rows=self.max_batch_rows, max_frames=settings.vocoder_graph_max_frames, min_frames=low,
+            max_cells=cells))
+        first = self.batch.first_cfm
+        if first is not self.batch.cfm:
+            widest = TOKEN_MEL_RATIO * (PROMPT_TOKENS_GUESS + self.policy.first_tokens + self.policy.lookahead)
+            first.capture(GraphBuckets.plan(
+                max_rows=self.max_batch_rows, max_frames=min(settings.vocoder_graph_max_frames, max(widest, low)),
+                min_frames=low, max_cells=cells), pool=self.batch.cfm.pool)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -183,10 +233,11 @@ class Vocoder:
         """Streams not yet ended."""
         return len(self._streams)
 
-    def open_stream(self, voice_key: str, ref_dict: Mapping[str, Any], *, one_shot: bool = False) -> VocoderStream:
+    def open_stream(self, voice_key: str, ref_dict: Mapping[str, Any], *, one_shot: bool = False,
+                    trace: Timeline | None = None) -> VocoderStream:
         if self._task is None or self._dead is not None:
             raise EngineUnavailableError("the vocoder is not running")
-        stream = VocoderStream(self, voice_key, ref_dict, one_shot)
+        stream = VocoderStream(self, voice_key, ref_dict, one_shot, trace)
         self._streams.add(stream)
         return stream
 
@@ -222,37 +273,57 @@ class Vocoder:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        in_flight: deque[_Launched] = deque()
         while True:
-            chosen = self.plan_batch()
-            if not chosen:
-                self._wake.clear()
-                await self._wake.wait()
+            chosen = self.plan_batch() if len(in_flight) < self.pipeline_depth else []
+            if chosen:
+                jobs = [stream.take(window) for stream, window in chosen]
+                refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
+                t0 = time.perf_counter()
+                try:
+                    launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs)
+                except Exception as exc:  # the whole batch failed: fail its streams, keep serving
+                    self._failed_batches += 1
+                    self._settle(jobs, [exc] * len(jobs))
+                else:
+                    launched.launch_s = time.perf_counter() - t0
+                    in_flight.append(launched)
+                continue  # launch another batch (other streams) before waiting for this one
+            if in_flight:
+                launched = in_flight.popleft()
+                t0 = time.perf_counter()
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self.finish_batch, launched)
+                except Exception as exc:  # noqa: BLE001 - the device failed this batch
+                    self._failed_batches += 1
+                    outcomes = [exc] * len(launched.jobs)
+                else:
+                    self._failed_batches = 0
+                    seconds = launched.launch_s + time.perf_counter() - t0
+                    done = [(j, r) for j, r in zip(launched.jobs, outcomes) if isinstance(r, WindowResult)]
+                    if done:
+                        self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock)
+                self._settle(launched.jobs, outcomes)
                 continue
-            jobs = [stream.take(window) for stream, window in chosen]
-            refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
-            t0 = time.perf_counter()
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self.run_batch, jobs, refs)
-            except Exception as exc:  # the whole batch failed: fail its streams, keep serving
-                outcomes = [exc] * len(jobs)
-                self._failed_batches += 1
-            else:
-                self._failed_batches = 0
-            done = [(j, r) for j, r in zip(jobs, outcomes) if isinstance(r, WindowResult)]
-            if done:
-                self._count([j for j, _ in done], [r for _, r in done], time.perf_counter() - t0)
-            for job, outcome in zip(jobs, outcomes):
-                if isinstance(outcome, WindowResult):
-                    try:
-                        job.stream.deliver(job, outcome)
-                        continue
-                    except Exception as exc:  # never let one stream's seam stop the loop
-                        outcome = exc
-                job.stream.fail(outcome)
+            self._wake.clear()
+            await self._wake.wait()
 
-    def _count(self, jobs: list[WindowJob], results: list[WindowResult], seconds: float) -> None:
+    def _settle(self, jobs: Sequence[WindowJob], outcomes: Sequence[WindowResult | Exception]) -> None:
+        for job, outcome in zip(jobs, outcomes):
+            if isinstance(outcome, WindowResult):
+                try:
+                    job.stream.deliver(job, outcome)
+                    continue
+                except Exception as exc:  # never let one stream's seam stop the loop
+                    outcome = exc
+            job.stream.fail(outcome)
+
+    def _count(self, jobs: list[WindowJob], results: list[WindowResult], seconds: float,
+               clock: BatchClock | None = None) -> None:
         st = self.stats
         st.batches += 1
+        if clock is not None:
+            st.device_busy_s += clock.busy_s()
         st.rows += len(jobs)
         st.first_window_rows += sum(j.window.index == 0 for j in jobs)
         st.busy_s += seconds
@@ -274,9 +345,19 @@ class Vocoder:
         return voice
 
     def run_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> list[WindowResult | Exception]:
-        """Worker thread: flow for all rows at once, then HiFT grouped by length. A row whose
-        voice cannot be prepared fails alone; the others still run."""
-        outcomes: list[WindowResult | Exception] = []
+        """Worker thread: :meth:`launch_batch` then :meth:`finish_batch` (one batch, no overlap)."""
+        return self.finish_batch(self.launch_batch(jobs, refs))
+
+    def launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
+        """Worker thread: queue the batch's work on the device (flow for all rows at once,
+        then HiFT grouped by length, then the copy of the audio to host memory) without
+        waiting for any of it. A row whose voice cannot be prepared fails alone."""
+        started = time.perf_counter()
+        for job in jobs:
+            if job.trace is not None:
+                job.trace.mark(f"vocoder batch launched ({len(jobs)} rows)", at=started)
+        clock = BatchClock(self.batch.device)
+        outcomes: list[WindowResult | Exception | None] = []
         voices: list[S3GenVoice | None] = []
         for job in jobs:
             try:
@@ -285,22 +366,37 @@ class Vocoder:
                 voices.append(None)
                 outcomes.append(exc)
             else:
-                outcomes.append(None)  # type: ignore[arg-type]
+                outcomes.append(None)
         live = [i for i, v in enumerate(voices) if v is not None]
         if not live:
-            return outcomes
+            return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
-                    jobs[i].window.final) for i in live])
-        rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
-                        jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
-        waves = self.batch.run_hift(rows)
+                    jobs[i].window.final, first=jobs[i].window.index == 0 and not jobs[i].stream.one_shot)
+            for i in live], clock=clock)
+        hift_rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
+                             jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]
+        waves = self.batch.run_hift(hift_rows, clock=clock)
+        # One device-to-host copy for the whole batch, asynchronous: waited for in finish_batch.
+        copy = HostCopy([wav for wav, _ in waves], clock)
+        rows = {i: (row, phase, voices[i].prompt_len)  # type: ignore[union-attr]
+                for i, row, (_, phase) in zip(live, hift_rows, waves)}
+        return _Launched(jobs, outcomes, rows, copy, clock)
+
+    def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:
+        """Worker thread: wait for the batch's audio (its one synchronisation) and hand each
+        row its result."""
         with self.batch.section("host copy"):
-            # One device-to-host copy (one synchronisation) for the whole batch, not one per row.
-            flat = torch.cat([wav for wav, _ in waves]).cpu().numpy()
-            host = np.split(flat, np.cumsum([wav.shape[0] for wav, _ in waves[:-1]]))
-        for i, row, audio, (_, phase) in zip(live, rows, host, waves):
-            frames, carry = row.mel.shape[1], jobs[i].carry
+            host = launched.copy.wait()
+        outcomes = launched.outcomes
+        for (i, (row, phase, prompt_len)), audio in zip(launched.rows.items(), host):
+            frames, carry = row.mel.shape[1], launched.jobs[i].carry
             tail = row.mel[:, frames - carry:] if carry else None
-            outcomes[i] = WindowResult(audio, frames, tail, phase, voices[i].prompt_len)  # type: ignore[union-attr]
-        return outcomes
+            outcomes[i] = WindowResult(audio, frames, tail, phase, prompt_len)
+        traced = [job.trace for job in launched.jobs if job.trace is not None]
+        if traced:
+            ends = launched.clock.ends(launched.copy.done_at)[1:]
+            for trace in traced:
+                for part, at in ends:
+                    trace.mark(f"vocoder: {part}", at=at)
+        return outcomes  # type: ignore[return-value]

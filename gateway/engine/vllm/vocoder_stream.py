@@ -20,6 +20,7 @@ import torch
 
 from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, next_window
 from gateway.errors import EngineError
+from gateway.observability.timeline import Timeline
 
 SPEECH_VOCAB_SIZE = 6561
 """Valid S3 speech token ids are below this; T3's start/stop ids (6561, 6562) are not."""
@@ -59,6 +60,8 @@ class WindowJob:
     phase: torch.Tensor | None
     start_frame: int
     carry: int
+    trace: Timeline | None = None
+    """The request's timeline, on the stream's first window only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +76,11 @@ class WindowResult:
 class VocoderStream:
     """One utterance's tokens in, its audio out. Use from the event-loop thread."""
 
-    def __init__(self, host: StreamHost, voice_key: str, ref_dict: Mapping[str, Any], one_shot: bool) -> None:
+    def __init__(self, host: StreamHost, voice_key: str, ref_dict: Mapping[str, Any], one_shot: bool,
+                 trace: Timeline | None = None) -> None:
         self._host = host
+        self.trace = trace
+        """The request's first-audio timeline until the first window is delivered (then None)."""
         self.voice_key = voice_key
         self.ref_dict = ref_dict
         """The voice's S3Gen reference (``Conditionals.gen``), prepared by the loop once per voice."""
@@ -107,6 +113,8 @@ class VocoderStream:
         if self._closed:
             return
         self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
+        if self.trace is not None and not self._in_flight:
+            self.trace.mark(f"t3 tokens: {len(self._tokens)}")
         self._host.wake()
 
     def finish(self) -> None:
@@ -168,6 +176,8 @@ class VocoderStream:
                              finished=self._finished, index=self._index, one_shot=self.one_shot)
         if window is not None and self._ready_since is None:
             self._ready_since = now
+            if self.trace is not None:
+                self.trace.mark(f"vocoder window ready ({window.input_tokens} tokens)")
         return window
 
     def cost_tokens(self, window: Window) -> int:
@@ -182,7 +192,8 @@ class VocoderStream:
         return WindowJob(
             self, self.voice_key, window, tuple(self._tokens[window.context_start:window.input_end]),
             self._mel_tail, self._phase, seam.hift_start_frame(),
-            seam.carry_for(window.new_mel_frames, mel_overlap=self._host.policy.mel_overlap, final=window.final))
+            seam.carry_for(window.new_mel_frames, mel_overlap=self._host.policy.mel_overlap, final=window.final),
+            self.trace if window.index == 0 else None)
 
     def deliver(self, job: WindowJob, result: WindowResult) -> None:
         """The job's audio: joined at the seam and queued for ``audio()`` (dropped if cancelled)."""
@@ -200,6 +211,9 @@ class VocoderStream:
             audio[:n] *= fade[start:start + n]  # upstream's fade-in against reference spill-over
         self._committed, self._index = window.end, window.index + 1
         self._mel_tail, self._phase = result.mel_tail, result.phase
+        if self.trace is not None:
+            self.trace.mark("vocoder audio delivered")
+            self.trace = None
         if audio.size:
             self._queue.put_nowait((audio, self._committed))
         if window.final:

@@ -125,6 +125,19 @@ async def test_chunks_in_order_deterministic_and_joined_without_clicks(engine: R
     assert not np.array_equal(other[0].samples, first[0].samples)
 
 
+async def test_a_traced_job_marks_its_first_chunks_stages(engine: ReferenceEngine, voice: Voice) -> None:
+    from gateway.observability.timeline import Timeline
+
+    trace = Timeline()
+    job = SynthesisJob(request_id="traced", chunks=("Hello there.", "Again."), voice=voice,
+                       params=GenerationParams(max_speech_tokens=4, seed=1), trace=trace)
+    assert len(await _collect(engine, job)) == 2
+    stages = [stage for stage, _, _ in trace.rows()]
+    assert len(stages) == 4 and stages[1].startswith("reference: t3 made "), stages
+    assert [stages[0], *stages[2:]] == ["reference: model lock held", "reference: s3gen done",
+                                        "reference: watermarked"], "the first chunk's stages, in order, once"
+
+
 async def test_exaggeration_and_cfg_are_per_request(engine: ReferenceEngine, voice: Voice) -> None:
     from gateway.engine.checkpoint.components import request_t3_cond
 

@@ -27,6 +27,25 @@ def randomise_time_mixer(s3gen) -> None:
         mixer.weight.normal_(0.0, mixer.weight.shape[1] ** -0.5)
 
 
+def tiny_meanflow_decoder(seed: int = 3):
+    """Turbo's CFM decoder at toy width (same classes: causal U-Net, the (t, r) mixer, its
+    weights random so that r matters)."""
+    from chatterbox.models.s3gen.decoder import ConditionalDecoder
+    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
+
+    torch.manual_seed(seed)
+    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[16], attention_head_dim=8,
+                             n_blocks=2, num_mid_blocks=1, num_heads=2, act_fn="gelu", meanflow=True)
+    with torch.no_grad():
+        est.time_embed_mixer.weight.normal_(0.0, est.time_embed_mixer.weight.shape[1] ** -0.5)
+    return CausalConditionalCFM(in_channels=320, spk_emb_dim=80, estimator=est).eval()
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return tiny_meanflow_decoder()
+
+
 @pytest.fixture(scope="module")
 def meanflow_s3gen():
     from chatterbox.models.s3gen import S3Gen
@@ -50,14 +69,15 @@ def _inputs(rows: int, frames: int, valid: list[int], seed: int):
     return noise, mu, mask, spks, cond
 
 
-def test_the_solver_is_picked_by_the_decoder(meanflow_s3gen) -> None:
-    from chatterbox.models.s3gen import S3Gen
+def test_the_solver_is_picked_by_the_decoder(decoder) -> None:
+    from chatterbox.models.s3gen.decoder import ConditionalDecoder
+    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
 
-    decoder = meanflow_s3gen.flow.decoder
     assert is_meanflow(decoder)
     assert type(flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32)) is MeanFlowSolver
-    torch.manual_seed(1)
-    original = S3Gen().eval().flow.decoder
+    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[16], attention_head_dim=8,
+                             n_blocks=2, num_mid_blocks=1, num_heads=2, act_fn="gelu")
+    original = CausalConditionalCFM(in_channels=320, spk_emb_dim=80, estimator=est).eval()
     assert not is_meanflow(original)
     assert type(flow_solver(original, steps=2, device="cpu", dtype=torch.float32)) is CfmSolver
     with pytest.raises(ValueError, match="mean-flow"):
@@ -65,8 +85,7 @@ def test_the_solver_is_picked_by_the_decoder(meanflow_s3gen) -> None:
 
 
 @pytest.mark.parametrize("steps", [2, 3])
-def test_eager_solve_equals_upstream_meanflow_decoder(meanflow_s3gen, steps: int) -> None:
-    decoder = meanflow_s3gen.flow.decoder
+def test_eager_solve_equals_upstream_meanflow_decoder(decoder, steps: int) -> None:
     solver = MeanFlowSolver(decoder, steps=steps, device="cpu", dtype=torch.float32)
     noise, mu, mask, spks, cond = _inputs(2, 48, [48, 30], seed=1)
     ours = solver.solve(noise, mu, mask, spks, cond)
@@ -79,8 +98,7 @@ def test_eager_solve_equals_upstream_meanflow_decoder(meanflow_s3gen, steps: int
     assert torch.allclose(solver.t_span, torch.linspace(0, 1, steps + 1))
 
 
-def test_r_matters_so_the_check_above_can_fail(meanflow_s3gen) -> None:
-    decoder = meanflow_s3gen.flow.decoder
+def test_r_matters_so_the_check_above_can_fail(decoder) -> None:
     solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     emb = solver.step_embeddings()
     est = decoder.estimator
@@ -88,8 +106,8 @@ def test_r_matters_so_the_check_above_can_fail(meanflow_s3gen) -> None:
     assert emb.shape == t_only.shape and not torch.allclose(emb, t_only, atol=1e-3)
 
 
-def test_eager_solve_never_synchronises_with_the_host(meanflow_s3gen, monkeypatch) -> None:
-    solver = MeanFlowSolver(meanflow_s3gen.flow.decoder, steps=2, device="cpu", dtype=torch.float32)
+def test_eager_solve_never_synchronises_with_the_host(decoder, monkeypatch) -> None:
+    solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     args = _inputs(1, 32, [32], seed=2)
     solver.step_embeddings()  # a constant of the model, computed before any graph
     calls = []
@@ -104,9 +122,9 @@ def test_eager_solve_never_synchronises_with_the_host(meanflow_s3gen, monkeypatc
     assert calls == []
 
 
-def test_padding_rows_and_frames_does_not_change_real_rows(meanflow_s3gen) -> None:
+def test_padding_rows_and_frames_does_not_change_real_rows(decoder) -> None:
     """What a graph replay does to a batch: pad rows (fully masked) and frames (masked)."""
-    solver = MeanFlowSolver(meanflow_s3gen.flow.decoder, steps=2, device="cpu", dtype=torch.float32)
+    solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     noise, mu, mask, spks, cond = _inputs(2, 40, [40, 25], seed=3)
     alone = solver.solve_eager(noise, mu, mask, spks, cond)
 
@@ -126,13 +144,28 @@ def test_padding_rows_and_frames_does_not_change_real_rows(meanflow_s3gen) -> No
     assert torch.isfinite(padded).all()
 
 
-def test_graph_capture_is_the_inherited_one(meanflow_s3gen) -> None:
+def test_graph_capture_is_the_inherited_one(decoder) -> None:
     """Capture and bucket fitting come from CfmSolver unchanged (no graphs on the CPU)."""
-    solver = MeanFlowSolver(meanflow_s3gen.flow.decoder, steps=2, device="cpu", dtype=torch.float32)
+    solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     assert solver.mirrored and solver.cfg_rate == 0.0
     assert solver.capture(GraphBuckets.plan(max_rows=2, max_frames=1024)) == 0.0
     solver.buckets = GraphBuckets.plan(max_rows=2, max_frames=1024)
     assert solver.frames_for(546) == 640
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_meanflow_solve(decoder) -> None:
+    """``vocoder_compile`` reaches Turbo's solve too: the same blocks through torch.compile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    plain = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    compiled = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
+    assert compiled.compile == "dynamic"
+    for rows, frames, valid in ((2, 24, [24, 13]), (3, 40, [40, 7, 31])):
+        args = _inputs(rows, frames, valid, seed=rows)
+        torch.testing.assert_close(compiled.solve(*args), plain.solve(*args), rtol=1e-4, atol=1e-5)
+    assert compiled.compile_error is None
 
 
 @pytest.mark.slow

@@ -159,17 +159,6 @@ POLICY = WindowPolicy(first_tokens=6, tokens=8, left_context=4, final_merge_toke
 
 
 @pytest.fixture(scope="module")
-def s3gen():
-    from chatterbox.models.s3gen import S3Gen
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield S3Gen().eval()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ref(s3gen):
     s3gen.float()  # embed_ref runs in the flow's dtype; a bf16 test may have cast it
     return parity_vocoder.reference_dict(s3gen, SIZES.prompt_tokens, 120.0, 0)
@@ -367,20 +356,20 @@ async def test_a_dead_loop_ends_open_streams_at_once_and_turns_health_red(s3gen,
 async def test_batches_failing_in_a_row_turn_health_red_until_one_succeeds(s3gen, ref) -> None:
     voc = _vocoder(s3gen, vocoder_unhealthy_after_failures=2)
     await voc.start()
-    real = voc.run_batch
+    real = voc.launch_batch
 
     def sticky_fault(jobs, refs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     try:
-        voc.run_batch = sticky_fault
+        voc.launch_batch = sticky_fault
         for i in range(2):
             voc.check_health()
             with pytest.raises(EngineError):
                 await voc.vocode("A", ref, _tokens(8, i))
         with pytest.raises(EngineUnavailableError, match="2 batches failed"):
             voc.check_health()
-        voc.run_batch = real
+        voc.launch_batch = real
         assert (await voc.vocode("A", ref, _tokens(8, 3))).size > 0
         voc.check_health()
     finally:

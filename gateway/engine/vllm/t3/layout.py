@@ -165,3 +165,18 @@ def decode_positions(
     text_token = (-kind - 2).clamp(0, text_vocab - 1)
     cfg = code.clamp(0, MAX_CFG_CODE).to(torch.float32) / CFG_SCALE
     return DecodedPositions(p, is_gen, speech_index, is_text, text_token, cfg)
+
+
+def speech_logit_mask(speech_vocab: int = SPEECH_VOCAB) -> torch.Tensor:
+    """(speech_vocab,) fp32: 0 for the ids T3 may produce (speech tokens 0..6560 and the stop
+    token), ``-inf`` for the start token and every id past the stop token."""
+    mask = torch.zeros(speech_vocab, dtype=torch.float32)
+    mask[START_SPEECH] = float("-inf")
+    mask[STOP_SPEECH + 1:] = float("-inf")
+    return mask
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` with the masked ids at ``-inf``, all in fp32, as one ``addmm``
+    (the speech head runs outside vLLM's CUDA graph, every step)."""
+    return torch.addmm(mask, hidden.float(), weight.float().t())

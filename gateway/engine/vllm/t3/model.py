@@ -9,6 +9,11 @@ account for both streams. The guided hidden state ``(1 + w) h_c - w h_u`` is mix
 per row; the bias-free speech head then gives exactly upstream's
 ``cond + w (cond - uncond)`` logits.
 
+The head runs outside vLLM's CUDA graph (``compute_logits`` is called eagerly every step), so
+it is kept to one kernel: its weight is an fp32 parameter (loaded from the checkpoint's fp32
+values; no cast of 8194 x 1024 weights per step) and the ids that can never be produced get
+their ``-inf`` from a bias row in the same ``addmm``.
+
 Per-request numbers (prompt length, CFG weight, text ids) reach ``forward`` through the
 M-RoPE position side channel described in ``layout``: no Python state per request, no
 ``.item()``, nothing that breaks graph capture.
@@ -34,7 +39,13 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.sequence import IntermediateTensors
 
-from gateway.engine.vllm.t3.layout import START_SPEECH, STOP_SPEECH, IdLayout, decode_positions, mrope_positions
+from gateway.engine.vllm.t3.layout import (
+    IdLayout,
+    decode_positions,
+    head_logits,
+    mrope_positions,
+    speech_logit_mask,
+)
 from gateway.engine.vllm.t3.weights import map_name
 
 
@@ -148,10 +159,12 @@ class ChatterboxT3ForCausalLM(nn.Module, SupportsMRoPE):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.model = T3Backbone(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
-        self.speech_head = nn.Linear(
-            config.hidden_size, getattr(config, "t3_speech_vocab_size", config.vocab_size), bias=False
-        )
+        speech_vocab = getattr(config, "t3_speech_vocab_size", config.vocab_size)
+        # fp32 whatever the served dtype: upstream's head runs in fp32 on fp32 weights.
+        self.speech_head = nn.Linear(config.hidden_size, speech_vocab, bias=False, dtype=torch.float32)
         self.id_layout = IdLayout(config.t3_text_vocab_size)
+        # Not a state-dict entry: vLLM's dummy loader would fill it with random values.
+        self.register_buffer("logit_mask", speech_logit_mask(speech_vocab), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -162,13 +175,10 @@ class ChatterboxT3ForCausalLM(nn.Module, SupportsMRoPE):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: guided fp32 rows; the head runs in fp32 like upstream's CFG mix.
-        logits = F.linear(hidden_states.float(), self.speech_head.weight.float())
+        # hidden_states: guided fp32 rows; head and mask in one fp32 kernel (module docstring).
+        logits = head_logits(hidden_states, self.speech_head.weight, self.logit_mask)
         if logits.shape[-1] < self.config.vocab_size:  # wide id layout (Multilingual): masked columns
             logits = F.pad(logits, (0, self.config.vocab_size - logits.shape[-1]), value=float("-inf"))
-        # Only speech tokens 0..6560 and the stop token can be produced.
-        logits[:, START_SPEECH] = float("-inf")
-        logits[:, STOP_SPEECH + 1:] = float("-inf")
         return logits
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,238 @@
+"""What a client sees of a live server at N concurrent streams, as issue 18 defines it.
+
+For one level, N clients each loop for ``window_s`` seconds: POST /v1/audio/speech (streamed
+pcm by default, a clip voice, a 10 s utterance), read the body as it arrives, start the next
+request when it ends. At the end of the window every request still running is cancelled
+(the client hangs up: the server's cancellation path runs, and the level ends on time).
+From the arrival times of the audio bytes:
+
+* **steady audio-s/s**: audio that arrived between a third of the window and its end,
+  divided by that span (no ramp-up, no tail). pcm/wav bytes are counted as they arrive;
+  other formats cannot be counted on the client, so the server's
+  ``chatterbox_audio_seconds_total`` is read at the same two moments instead.
+* **first audio p50/p95** (``ttfb_*``): from sending a request to its first audio byte, over
+  the requests *started* in that same steady span: a new request joining N-1 streams already
+  playing. The first wave (N requests sent at the same instant) is reported apart
+  (``first_wave_ttfb_*``): a burst, not the steady state.
+* **RTF p50**: a completed request's time from sending to its last byte, over its audio's
+  duration.
+* **errors**: non-200s (429s included: the admission bounds are set for the peak), broken or
+  truncated streams, time-outs, and pcm/wav bodies whose length is not a whole number of
+  speech tokens or not exactly ``expect_samples`` (a server with fixed lengths).
+* what the server used: its process tree's RSS and the GPU's used memory (sampled every
+  second; peak and end), and the vocoder's busy shares from its metrics (worker time and
+  device time over the window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from gateway.tools import host_probes
+from gateway.tools.bench_server import scrape
+from gateway.tools.loadtest import SAMPLES_PER_TOKEN, audio_samples
+
+TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps every stream "
+            "busy and the vocoder batches windows from all of them.")
+SAMPLE_RATE = 24_000
+MULTILINGUAL = "chatterbox-multilingual"
+
+
+@dataclass(slots=True)
+class _Request:
+    model: str
+    sent: float
+    first: float | None = None
+    ended: float | None = None
+    samples: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Level:
+    t0: float
+    requests: list[_Request] = field(default_factory=list)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    """(time, audio bytes) of every piece of body received."""
+
+
+def request_body(model: str, voice: str, fmt: str, text: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "input": text, "voice": voice, "response_format": fmt}
+    if model == MULTILINGUAL:
+        body["language"] = "en"  # never detected: the detector is not installed everywhere
+    return body
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def _one(client: httpx.AsyncClient, level: _Level, body: dict[str, Any], fmt: str,
+               expect_samples: int | None) -> None:
+    req = _Request(str(body["model"]), time.perf_counter())
+    level.requests.append(req)
+    size = 0
+    try:
+        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                req.error = f"http_{response.status_code}"
+                return
+            header = 44 if fmt == "wav" else 0
+            async for part in response.aiter_raw():
+                if not part:
+                    continue
+                now = time.perf_counter()
+                if req.first is None:
+                    req.first = now - req.sent
+                audio = max(0, min(len(part), size + len(part) - header))
+                size += len(part)
+                level.arrivals.append((now, audio))
+    except httpx.TimeoutException:
+        req.error = "timeout"
+        return
+    except httpx.RemoteProtocolError:
+        req.error = "truncated"
+        return
+    except httpx.TransportError as exc:
+        req.error = f"transport_{type(exc).__name__}"
+        return
+    req.ended = time.perf_counter()
+    samples = audio_samples(fmt, size)
+    if size == 0:
+        req.error = "empty_body"
+    elif samples is not None:
+        req.samples = samples
+        if samples % SAMPLES_PER_TOKEN or (expect_samples and samples != expect_samples):
+            req.error = "audio_length"
+
+
+async def measure_level(base: str, models: Sequence[str], *, window_s: float, voice: str, fmt: str = "pcm",
+                        text: str = TEXT_10S, expect_samples: int | None = None, server_pid: int | None = None,
+                        request_timeout_s: float = 300.0, label: str | None = None) -> dict[str, Any]:
+    """One row: ``len(models)`` concurrent looping clients, client ``i`` asking for ``models[i]``;
+    the row's ``model`` is ``label`` (default: the one model, or ``mixed``)."""
+    n = len(models)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2.0)
+    before = await asyncio.to_thread(scrape, base)
+    peaks = {"rss": 0, "gpu": 0}
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+                                 limits=limits) as client:
+        level = _Level(time.perf_counter())
+        end = level.t0 + window_s
+        steady_from = level.t0 + window_s / 3
+        marks: dict[str, dict[str, float]] = {}
+
+        async def loop(model: str) -> None:
+            body = request_body(model, voice, fmt, text)
+            while time.perf_counter() < end:
+                await _one(client, level, body, fmt, expect_samples)
+
+        async def sample() -> None:
+            while True:
+                rss, gpu = await asyncio.to_thread(_memory, server_pid)
+                peaks["rss"], peaks["gpu"] = max(peaks["rss"], rss or 0), max(peaks["gpu"], gpu or 0)
+                await asyncio.sleep(1.0)
+
+        async def metrics_at(name: str, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            marks[name] = await asyncio.to_thread(scrape, base)
+
+        clients = [asyncio.create_task(loop(m)) for m in models]
+        helpers = [asyncio.create_task(sample()), asyncio.create_task(metrics_at("steady", steady_from))]
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        marks["end"] = await asyncio.to_thread(scrape, base)
+        for task in clients + helpers:
+            task.cancel()
+        await asyncio.gather(*clients, *helpers, return_exceptions=True)
+    rss, gpu = await asyncio.to_thread(_memory, server_pid)
+    return _row(level, models, window_s, fmt, voice, before, marks, rss, gpu, peaks, label)
+
+
+def _memory(pid: int | None) -> tuple[int | None, int | None]:
+    return (host_probes.tree_rss_bytes(pid) if pid else None), host_probes.gpu_used_bytes()
+
+
+def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice: str,
+         before: dict[str, float], marks: dict[str, dict[str, float]], rss: int | None, gpu: int | None,
+         peaks: dict[str, int], label: str | None = None) -> dict[str, Any]:
+    t0, steady_from, end = level.t0, level.t0 + window_s / 3, level.t0 + window_s
+    span = end - steady_from
+    reqs = level.requests
+    done = [r for r in reqs if r.ended is not None and r.ended <= end]
+    errors = Counter(r.error for r in reqs if r.error)
+    steady_ttfb = [r.first for r in reqs if r.first is not None and r.sent >= steady_from and r.sent + r.first <= end]
+    first_wave = [r.first for r in reqs if r.first is not None and r.sent - t0 < 0.5]
+    rtf = [(r.ended - r.sent) / (r.samples / SAMPLE_RATE) for r in done if r.samples and not r.error]
+    bytes_per_s = 2 * SAMPLE_RATE
+    if fmt in ("pcm", "wav"):
+        steady = sum(b for t, b in level.arrivals if steady_from <= t <= end) / bytes_per_s / span
+        whole = sum(b for t, b in level.arrivals if t <= end) / bytes_per_s / window_s
+    else:  # the server's count, at the same two moments
+        audio = "chatterbox_audio_seconds_total"
+        steady = (marks.get("end", {}).get(audio, 0.0) - marks.get("steady", {}).get(audio, 0.0)) / span
+        whole = (marks.get("end", {}).get(audio, 0.0) - before.get(audio, 0.0)) / window_s
+    kinds = sorted(set(models))
+    row: dict[str, Any] = {
+        "model": label or (kinds[0] if len(kinds) == 1 else "mixed"),
+        "concurrency": len(models),
+        "ttfb_p50_ms": _ms(pct(steady_ttfb, 0.5)),
+        "ttfb_p95_ms": _ms(pct(steady_ttfb, 0.95)),
+        "steady_audio_s_per_s": round(steady, 2),
+        "rtf_p50": None if not rtf else round(pct(rtf, 0.5), 4),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "format": fmt,
+        "voice": voice,
+        "window_s": window_s,
+        "requests_started": len(reqs),
+        "requests_completed": len(done),
+        "requests_cancelled_at_end": sum(1 for r in reqs if r.ended is None and r.error is None),
+        "ttfb_samples": len(steady_ttfb),
+        "first_wave_ttfb_p50_ms": _ms(pct(first_wave, 0.5)),
+        "first_wave_ttfb_p95_ms": _ms(pct(first_wave, 0.95)),
+        "window_audio_s_per_s": round(whole, 2),
+        "server_tree_rss_mib": host_probes.mib(rss),
+        "server_tree_rss_peak_mib": host_probes.mib(peaks["rss"] or None),
+        "gpu_used_mib": host_probes.mib(gpu),
+        "gpu_used_peak_mib": host_probes.mib(peaks["gpu"] or None),
+    }
+    if row["model"] == "mixed":
+        row["models"] = dict(Counter(models))
+    end_metrics = marks.get("end", {})
+    for name, key in (("vocoder_busy_share", "chatterbox_vocoder_busy_seconds_total"),
+                      ("vocoder_device_busy_share", "chatterbox_vocoder_device_busy_seconds_total")):
+        if key in end_metrics and key in before:
+            row[name] = round((end_metrics[key] - before[key]) / window_s, 3)
+    batches = end_metrics.get("chatterbox_vocoder_batches_total", 0.0) - before.get("chatterbox_vocoder_batches_total", 0.0)
+    windows = end_metrics.get("chatterbox_vocoder_windows_total", 0.0) - before.get("chatterbox_vocoder_windows_total", 0.0)
+    if batches > 0:
+        row["vocoder_rows_per_batch"] = round(windows / batches, 1)
+    if rtf:
+        row["rtf_mean"] = round(statistics.fmean(rtf), 4)
+    return row
+
+
+def streams_for(model: str, concurrency: int, families: Sequence[str]) -> list[str]:
+    """Which model each of ``concurrency`` streams asks for: ``mixed`` = the loaded families in
+    turn (a third of the streams each for three)."""
+    if model == "mixed":
+        return [families[i % len(families)] for i in range(concurrency)]
+    return [model] * concurrency

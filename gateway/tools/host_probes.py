@@ -1,0 +1,93 @@
+"""What a benchmark reads about the machine it runs on: a process tree's resident memory, the
+GPU's used memory and name. Each probe returns None where it cannot answer (no GPU, no
+``/proc``), never raises, and imports nothing heavy: the benchmark client must not start a
+CUDA context of its own just to read memory."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of one process (``VmRSS``), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started under ``pid`` (children, grandchildren, ...)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 4096:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def tree_rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` and all its descendants (vLLM's engine core is a child)."""
+    own = rss_bytes(pid)
+    if own is None:
+        return None
+    return own + sum(rss_bytes(child) or 0 for child in descendants(pid))
+
+
+def _nvml() -> object | None:
+    try:
+        import pynvml  # shipped with vLLM's dependencies (nvidia-ml-py)
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # noqa: BLE001 - no NVML: another probe, or no answer
+        return None
+
+
+def gpu_used_bytes(index: int = 0) -> int | None:
+    """Memory used on GPU ``index`` by every process (what the device has given out)."""
+    nvml = _nvml()
+    if nvml is not None:
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
+            return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001
+            pass
+    out = _smi("memory.used", index)
+    return None if out is None else int(float(out)) * 1_048_576
+
+
+def card() -> str:
+    """The GPU's name and memory, or the CPU's when there is no GPU."""
+    name, total = _smi("name", 0), _smi("memory.total", 0)
+    if name:
+        return f"{name} ({total} MiB)" if total else name
+    return f"CPU {platform.processor() or platform.machine()} (no GPU)"
+
+
+def _smi(field: str, index: int) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", str(index)],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
+def mib(value: int | None) -> float | None:
+    return None if value is None else round(value / 1_048_576, 1)

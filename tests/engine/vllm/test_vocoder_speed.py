@@ -1,0 +1,192 @@
+"""The vocoder's speed work, on the real S3Gen (random weights, tiny sizes, CPU): a batch is
+launched without reading anything back from the device, batches in flight overlap without
+changing any audio, the first-window step count and the voice-prompt length change only
+what they say, and a traced stream's first window shows every vocoder stage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.engine.vllm.s3gen_batch import FlowRow, NoiseTapes, S3GenBatch
+from gateway.engine.vllm.vocoder import Vocoder
+from gateway.engine.vllm.vocoder_stream import WindowJob
+from gateway.engine.vllm.vocoder_windows import WindowPolicy
+from gateway.observability.timeline import Timeline
+from gateway.settings import load_settings
+from gateway.tools import parity_vocoder
+
+POLICY = WindowPolicy(first_tokens=6, tokens=8, left_context=4, final_merge_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def ref(s3gen):
+    s3gen.float()
+    return parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
+
+
+def _vocoder(s3gen, pipeline_depth: int = 2, **settings) -> Vocoder:
+    base = {"flow_steps": 2, "max_speech_tokens": 64}
+    base.update(settings)
+    return Vocoder(s3gen, load_settings({}, base), policy=POLICY, pipeline_depth=pipeline_depth)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on anything that makes the host wait for a device: reading values back
+    (``item``, ``tolist``, ``cpu``, ``numpy``, a tensor's truth value or number) or a
+    pageable upload (``torch.tensor``/``as_tensor`` straight onto a ``device``). On the CPU
+    these are harmless, so the check is of the code's pattern, which is what runs on a GPU."""
+    seen: list[str] = []
+    patched = []
+
+    def forbid(owner, name):
+        real = getattr(owner, name)
+
+        def guard(*args, **kwargs):
+            if name in ("tensor", "as_tensor") and kwargs.get("device") is None:
+                return real(*args, **kwargs)
+            seen.append(name)
+            return real(*args, **kwargs)
+
+        patched.append((owner, name, real))
+        setattr(owner, name, guard)
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        forbid(torch.Tensor, name)
+    forbid(torch, "tensor")
+    forbid(torch, "as_tensor")
+    try:
+        yield seen
+    finally:
+        for owner, name, real in reversed(patched):
+            setattr(owner, name, real)
+
+
+async def test_a_batch_is_launched_without_waiting_on_the_device(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    try:
+        await voc.vocode("A", ref, _tokens(9, 0))  # the voice is prepared (once, not per batch)
+        streams = [voc.open_stream("A", ref) for _ in range(3)]
+        for i, stream in enumerate(streams):
+            stream.push(_tokens(12 + 5 * i, i + 1))
+        chosen = voc.plan_batch()
+        assert len(chosen) == 3
+        jobs: list[WindowJob] = [stream.take(window) for stream, window in chosen]
+        refs = {"A": ref}
+        with no_host_reads() as seen:
+            launched = voc.launch_batch(jobs, refs)
+        assert seen == [], f"the launch read from the device: {seen}"
+        with no_host_reads() as seen:
+            voc.batch.tapes.hift_noise([0, 480], 16)  # what the launch used to do: a pageable upload
+        assert seen == ["tensor"], "the guard sees what it forbids"
+        outcomes = voc.finish_batch(launched)
+        again = voc.finish_batch(voc.launch_batch(jobs, refs))
+        for got, expected in zip(outcomes, again):
+            np.testing.assert_array_equal(got.audio, expected.audio)
+            assert got.audio.size == (got.hift_frames * 480)
+        for job, outcome in zip(jobs, outcomes):
+            job.stream.deliver(job, outcome)
+    finally:
+        await voc.close()
+
+
+async def _streams_audio(voc: Vocoder, ref, utterances: list[list[int]]) -> list[np.ndarray]:
+    streams = [voc.open_stream("A", ref) for _ in utterances]
+
+    async def produce(stream, tokens):
+        for i in range(0, len(tokens), 4):
+            stream.push(tokens[i:i + 4])
+            await asyncio.sleep(0)
+        stream.finish()
+
+    async def consume(stream):
+        return np.concatenate([a async for a in stream.audio()])
+
+    results = await asyncio.gather(*[produce(s, t) for s, t in zip(streams, utterances)],
+                                   *[consume(s) for s in streams])
+    return list(results[len(utterances):])
+
+
+@pytest.mark.slow
+async def test_batches_in_flight_together_change_no_audio(s3gen, ref) -> None:
+    utterances = [_tokens(n, 10 + i) for i, n in enumerate((25, 18, 31, 9))]
+    outputs = {}
+    for depth in (1, 2):
+        voc = _vocoder(s3gen, pipeline_depth=depth)
+        await voc.start()
+        try:
+            outputs[depth] = await _streams_audio(voc, ref, utterances)
+        finally:
+            await voc.close()
+        assert voc.stats.device_busy_s > 0 and voc.stats.busy_s > 0
+    for a, b, tokens in zip(outputs[1], outputs[2], utterances):
+        assert a.shape == b.shape == (len(tokens) * 960,)
+        np.testing.assert_array_equal(a, b)
+
+
+def _batch(s3gen, **kwargs) -> S3GenBatch:
+    s3gen.float()
+    tapes = NoiseTapes.generate(0, flow_frames=400, hift_samples=200 * 480, harmonics=9, device="cpu")
+    return S3GenBatch(s3gen, device="cpu", flow_dtype=torch.float32, flow_steps=2, tapes=tapes, **kwargs)
+
+
+def test_first_window_steps_change_only_first_windows(s3gen, ref) -> None:
+    plain, fewer = _batch(s3gen), _batch(s3gen, first_window_steps=1)
+    assert plain.first_cfm is plain.cfm and fewer.first_cfm.steps == 1 and fewer.cfm.steps == 2
+    voice = plain.prepare_voice(ref)
+    tokens = _tokens(12, 3)
+    rows = [FlowRow(voice, tokens, 0, 9, False, first=True), FlowRow(voice, tokens, 0, 9, False)]
+    base, changed = plain.run_flow(rows), fewer.run_flow(rows)
+    torch.testing.assert_close(changed[1], base[1], rtol=1e-5, atol=1e-5)  # later windows: as before
+    assert not torch.allclose(changed[0], base[0], atol=1e-3), "the first window got its own steps"
+    one_step = _batch(s3gen, first_window_steps=1)
+    one_step.cfm = one_step.first_cfm
+    torch.testing.assert_close(changed[0], one_step.run_flow([rows[1]])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_tokens_keep_the_end_of_the_voice_prompt(s3gen, ref) -> None:
+    full = _batch(s3gen).prepare_voice(ref)
+    short = _batch(s3gen, prompt_tokens=5).prepare_voice(ref)
+    assert full.prompt_len == 12 and short.prompt_len == 5
+    assert torch.equal(short.prompt_tokens, full.prompt_tokens[-5:])
+    assert torch.equal(short.prompt_feat, full.prompt_feat[:, -10:])
+    assert torch.equal(short.speaker, full.speaker)
+    assert _batch(s3gen, prompt_tokens=50).prepare_voice(ref).prompt_len == 12
+
+
+async def test_a_traced_stream_marks_every_vocoder_stage_of_its_first_window(s3gen, ref) -> None:
+    voc = _vocoder(s3gen)
+    await voc.start()
+    trace = Timeline()
+    try:
+        stream = voc.open_stream("A", ref, trace=trace)
+        stream.push(_tokens(4, 1))
+        stream.push(_tokens(6, 2))
+        audio = [a async for a in _first_then_finish(stream)]
+    finally:
+        await voc.close()
+    assert audio
+    stages = [name for name, _, _ in trace.rows()]
+    expected = ["t3 tokens: 4", "t3 tokens: 10", "vocoder window ready", "vocoder batch launched",
+                "vocoder: flow encoder", "vocoder: CFM", "vocoder: HiFT", "vocoder: host copy",
+                "vocoder audio delivered"]
+    at = [next(i for i, s in enumerate(stages) if s.startswith(e)) for e in expected]
+    assert at == sorted(at), stages
+    assert sum(s.startswith("vocoder audio delivered") for s in stages) == 1, "first window only"
+
+
+async def _first_then_finish(stream):
+    async for samples in stream.audio():
+        yield samples
+        if not stream.closed:
+            stream.finish()

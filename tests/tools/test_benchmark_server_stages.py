@@ -1,0 +1,117 @@
+"""The benchmark's live-server stages (timeline, http rows, load test) against a real server on
+the fake engine: the JSON document's shape, every figure's definition on known arrivals, the
+per-stream audio-length check, and the timeline a request asks for."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.settings import Settings
+from gateway.tools import bench_http, bench_timeline, benchmark, loadtest
+
+ROW_KEYS = {"model", "concurrency", "ttfb_p50_ms", "ttfb_p95_ms", "steady_audio_s_per_s", "rtf_p50", "errors"}
+
+
+def test_one_run_through_a_server_writes_the_documented_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench" / "http.json"
+    code = benchmark.main([
+        "--stages", "timeline,http,loadtest", "--server-engine", "fake", "--models", "chatterbox,mixed",
+        "--server-models", "chatterbox,chatterbox-turbo,chatterbox-multilingual", "--http-concurrency", "1,3",
+        "--http-window-s", "2", "--timeline-runs", "2", "--loadtest-s", "2", "--loadtest-concurrency", "3",
+        "--server-cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert code == 0, doc["stages"].get("errors")
+    assert {"card", "date", "command", "rows", "stages"} <= set(doc) and doc["command"].startswith("python -m")
+    assert [(r["model"], r["concurrency"]) for r in doc["rows"]] == [
+        ("chatterbox", 1), ("chatterbox", 3), ("mixed", 1), ("mixed", 3)]
+    for row in doc["rows"]:
+        assert ROW_KEYS <= set(row) and row["errors"] == 0, row
+        assert row["steady_audio_s_per_s"] > 0 and row["rtf_p50"] > 0 and row["ttfb_p50_ms"] > 0
+        assert row["server_tree_rss_mib"] > 0 and row["requests_completed"] > 0
+    assert doc["rows"][3]["models"] == {"chatterbox": 1, "chatterbox-turbo": 1, "chatterbox-multilingual": 1}
+    stages = [s["stage"] for s in doc["stages"]["timeline"]["stages"]]
+    assert stages[0] == "body read" and stages[-1] == "first byte written"
+    assert {"voice conditionals ready", "engine first audio", "encoder first bytes"} <= set(stages)
+    loadtest_report = doc["stages"]["loadtest"]
+    assert loadtest_report["exit"] == 0 and loadtest_report["error_count"] == 0
+    assert loadtest_report["audio_s_per_request"]["min"] > 0
+    assert (out.parent / "server.log").exists()
+
+
+def test_the_figures_follow_their_definitions() -> None:
+    """A 9 s window, steady from 3 s: audio arriving before 3 s does not count, nor do
+    requests started before it count for first audio; the first wave is apart."""
+    level = bench_http._Level(t0=100.0)
+    level.requests = [
+        bench_http._Request("chatterbox", 100.0, first=0.5, ended=102.0, samples=48_000),  # first wave
+        bench_http._Request("chatterbox", 104.0, first=0.2, ended=106.0, samples=48_000),
+        bench_http._Request("chatterbox", 106.0, first=0.4, ended=None),  # cancelled at the end
+        bench_http._Request("chatterbox", 107.0, error="http_429"),
+    ]
+    level.arrivals = [(101.0, 96_000), (104.5, 48_000), (106.5, 48_000), (109.5, 24_000), (110.0, 999)]
+    row = bench_http._row(level, ["chatterbox"] * 2, 9.0, "pcm", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
+    assert row["steady_audio_s_per_s"] == round((48_000 + 48_000) / 48_000 / 6.0, 2)  # 103 s to 109 s
+    assert row["ttfb_samples"] == 2 and row["ttfb_p50_ms"] == pytest.approx(300.0)
+    assert row["first_wave_ttfb_p50_ms"] == 500.0
+    assert row["rtf_p50"] == 1.0 and row["errors"] == 1 and row["error_kinds"] == {"http_429": 1}
+    assert row["requests_cancelled_at_end"] == 1 and row["requests_completed"] == 2
+
+
+def test_a_body_of_the_wrong_length_is_an_error() -> None:
+    assert loadtest._check_body("pcm", b"", 2 * 960 * 5) is None
+    assert loadtest._check_body("pcm", b"", 2 * 960 * 5 + 2) == "audio_length"
+    assert loadtest._check_body("pcm", b"", 2 * 960 * 5, expect_samples=960 * 6) == "audio_length"
+    assert loadtest._check_body("wav", b"RIFF\0\0\0\0WAVE", 44 + 2 * 960, expect_samples=960) is None
+    assert loadtest._check_body("mp3", b"ID3", 1001) is None  # not countable: not checked
+
+
+def test_streams_for_mixed_take_the_families_in_turn() -> None:
+    families = ["chatterbox", "chatterbox-turbo", "chatterbox-multilingual"]
+    assert bench_http.streams_for("mixed", 4, families) == families + ["chatterbox"]
+    assert bench_http.streams_for("chatterbox", 2, families) == ["chatterbox"] * 2
+    assert bench_http.request_body("chatterbox-multilingual", "alloy", "pcm", "hi")["language"] == "en"
+    assert "language" not in bench_http.request_body("chatterbox", "alloy", "pcm", "hi")
+
+
+def test_timelines_summarise_by_stage() -> None:
+    runs = [[["body read", 1.0], ["engine first audio", 101.0], ["first byte written", 103.0]],
+            [["body read", 3.0], ["engine first audio", 91.0], ["first byte written", 95.0]]]
+    table = bench_timeline.summarise(runs)
+    assert [r["stage"] for r in table] == ["body read", "engine first audio", "first byte written"]
+    assert table[1] == {"stage": "engine first audio", "ms": 96.0, "delta_ms": 94.0, "runs": 2}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(settings, request_timeline=True)
+
+
+async def test_a_request_asks_for_its_timeline_and_others_pay_nothing(gateway) -> None:
+    body = {"model": "tts-1-hd", "input": "Hello there.", "voice": "alloy", "response_format": "pcm"}
+    with capture_logs() as logs:
+        plain = await gateway.http.post("/v1/audio/speech", json=body)
+        traced = await gateway.http.post("/v1/audio/speech", json=body, headers={"X-Timeline": "1"})
+    assert plain.status_code == traced.status_code == 200
+    lines = [entry for entry in logs if entry.get("event") == "request" and entry.get("path") == "/v1/audio/speech"]
+    assert "timeline" not in lines[0]
+    stages = [stage for stage, _ in lines[1]["timeline"]]
+    assert stages[:2] == ["body read", "body decoded"] and stages[-1] == "first byte written"
+    times = [ms for _, ms in lines[1]["timeline"]]
+    assert times == sorted(times) and times[0] >= 0
+
+
+async def test_the_header_is_ignored_unless_the_server_allows_timelines(make_gateway, fake_engine, settings) -> None:
+    from harness import in_process
+
+    body = {"model": "tts-1-hd", "input": "Hello there.", "voice": "alloy", "response_format": "pcm"}
+    async with in_process(msgspec.structs.replace(settings, request_timeline=False), fake_engine) as gw:
+        with capture_logs() as logs:
+            assert (await gw.http.post("/v1/audio/speech", json=body, headers={"X-Timeline": "1"})).status_code == 200
+    assert all("timeline" not in entry for entry in logs)
