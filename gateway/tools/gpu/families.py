@@ -275,6 +275,7 @@ def part2(visit: Visit) -> None:
                 levels = ",".join("4" if level != "1" else "1" for level in levels.split(","))
             cmd = [*python(), "-m", "gateway.tools.benchmark", "--stages", "http", "--server-url", base,
                    "--server-pid", str(proc.pid), "--server-models", ",".join(FAMILIES), "--models", models,
+                   "--server-engine", "fake" if visit.dry_run else "vllm",
                    "--http-concurrency", levels, "--http-window-s", "4" if visit.dry_run else "20",
                    "--tokens", str(TOKENS), "--json", str(visit.out / f"{name}.json")]
             visit.run([Step(name, cmd, timeout_s=150)])

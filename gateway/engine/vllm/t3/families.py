@@ -143,11 +143,10 @@ class LlamaFamilyT3:
 class TurboFamilyT3:
     """Turbo's T3: GPT-2 medium without CFG (``turbo_model.py``)."""
 
-    tail_tokens: tuple[int, ...] = (S3GEN_SILENCE,) * 3
-
     def __init__(self, family: Family, builder: Any) -> None:
         self.family = family
         self.builder = builder
+        self.tail_tokens: tuple[int, ...] = (S3GEN_SILENCE,) * family.silence_tail_tokens
 
     def voice_rows(self, conditionals: Any) -> torch.Tensor:
         return self.builder.conditioning(conditionals.t3)
