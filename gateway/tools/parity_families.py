@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -377,37 +377,54 @@ def _judge(family: str, dtype: str, name: str, code: int, out: Path, ref_tokens:
     return results
 
 
-def check_vocoder(dry_run: bool = False, seed: int = 0) -> list[Result]:
-    """Turbo's mean-flow S3Gen through the vocoder parity set (see the module docstring)."""
-    import dataclasses
-
+def meanflow_s3gen(device: str, seed: int = 0) -> Any:
+    """Turbo's S3Gen with random weights, its (t, r) time mixer randomised (upstream's init
+    ignores r: a solver that got r wrong would still pass)."""
     import torch
     from chatterbox.models.s3gen import S3Gen
+
+    torch.manual_seed(seed)
+    s3gen = S3Gen(meanflow=True).to(device).eval()
+    mixer = s3gen.flow.decoder.estimator.time_embed_mixer
+    with torch.no_grad():
+        mixer.weight.normal_(0.0, mixer.weight.shape[1] ** -0.5)
+    return s3gen
+
+
+def check_vocoder(s3gen: Any, dtype: Any, dry_run: bool = False, seed: int = 0) -> list[Result]:
+    """Turbo's mean-flow S3Gen through the vocoder parity set in ``dtype`` (module docstring).
+    Run fp32 before bf16: the flow is cast in place."""
+    import dataclasses
 
     from gateway.tools import parity_vocoder
 
     device = "cpu" if dry_run else "cuda"
     sizes = dataclasses.replace(parity_vocoder.TINY if dry_run else parity_vocoder.REAL, flow_steps=2)
-    torch.manual_seed(seed)
-    s3gen = S3Gen(meanflow=True).to(device).eval()
-    mixer = s3gen.flow.decoder.estimator.time_embed_mixer
-    with torch.no_grad():  # upstream's init ignores r: make r matter
-        mixer.weight.normal_(0.0, mixer.weight.shape[1] ** -0.5)
-    rows = []
-    for dtype in ((torch.float32,) if dry_run else (torch.float32, torch.bfloat16)):  # fp32 first: cast in place
-        for r in parity_vocoder.run(device, dtype, sizes, s3gen=s3gen, seed=seed):
-            rows.append((f"mean-flow vocoder {str(dtype).removeprefix('torch.')}: {r.name}", r.passed,
-                         f"SNR {r.value:.1f} dB (>= {r.tolerance:.0f}); {r.detail}"))
-    return rows
+    return [(f"mean-flow vocoder {str(dtype).removeprefix('torch.')}: {r.name}", r.passed,
+             f"SNR {r.value:.1f} dB (>= {r.tolerance:.0f}); {r.detail}")
+            for r in parity_vocoder.run(device, dtype, sizes, s3gen=s3gen, seed=seed)]
 
 
 def run_checks(families: tuple[str, ...] = (MULTILINGUAL, TURBO), *, tokens: int = 150, t3: bool = True,
-               vocoder: bool = True, dry_run: bool = False) -> list[Result]:
+               vocoder: bool = True, dry_run: bool = False,
+               on_stage: Callable[[list[Result]], None] | None = None) -> list[Result]:
     """For ``python -m gateway.tools.parity``: every check of this module, each stage on its own
-    (one crashing does not hide the others' results)."""
+    (one crashing does not hide the others' results; ``on_stage`` sees the results so far after
+    each, so a run cut short keeps what it finished)."""
+    import torch
+
     results: list[Result] = []
+    shared: dict[str, Any] = {}
+
+    def vocoder_in(dtype: Any) -> list[Result]:
+        if "s3gen" not in shared:
+            shared["s3gen"] = meanflow_s3gen("cpu" if dry_run else "cuda")
+        return check_vocoder(shared["s3gen"], dtype, dry_run)
+
+    wanted_vocoder = vocoder and TURBO in families
     stages = [("families T3", lambda: check_t3(families, tokens, dry_run=dry_run), t3),
-              ("mean-flow vocoder", lambda: check_vocoder(dry_run), vocoder and TURBO in families)]
+              ("mean-flow vocoder float32", lambda: vocoder_in(torch.float32), wanted_vocoder),
+              ("mean-flow vocoder bfloat16", lambda: vocoder_in(torch.bfloat16), wanted_vocoder and not dry_run)]
     for name, fn, wanted in stages:
         if not wanted:
             continue
@@ -421,6 +438,8 @@ def run_checks(families: tuple[str, ...] = (MULTILINGUAL, TURBO), *, tokens: int
         for row in found:  # now, not only at the end: a later stage may be cut short
             print(f"| {row[0]} | {'PASS' if row[1] else 'FAIL'} | {row[2]} |", flush=True)
         results += found
+        if on_stage is not None:
+            on_stage(results)
     return results
 
 
@@ -440,13 +459,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     families = tuple(f for f in args.families.split(",") if f)
+
+    def write(results: list[Result]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps([{"check": n, "passed": ok, "detail": d} for n, ok, d in results],
+                                            indent=1))
+
     results = run_checks(families, tokens=args.tokens, t3=not args.skip_t3, vocoder=not args.skip_vocoder,
-                         dry_run=args.dry_run)
+                         dry_run=args.dry_run, on_stage=write)
     print("\n| check | result | detail |\n|---|---|---|")
     for name, ok, detail in results:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |")
-    if args.json:
-        args.json.write_text(json.dumps([{"check": n, "passed": ok, "detail": d} for n, ok, d in results], indent=1))
     ok = bool(results) and all(r[1] for r in results)
     print("\nFAMILIES PARITY", "PASS" if ok else "FAIL", "(dry run)" if args.dry_run else "")
     return 0 if ok else 1

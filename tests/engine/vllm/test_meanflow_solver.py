@@ -13,18 +13,10 @@ import torch
 
 from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
 from gateway.engine.vllm.meanflow_solver import MeanFlowSolver, flow_solver, is_meanflow
-from gateway.tools import parity_vocoder
+from gateway.tools import parity_families, parity_vocoder
 from gateway.tools.parity_vocoder import Sizes
 
 SIZES = Sizes(prompt_tokens=12, utterances=(27, 15), flow_steps=2, first_window=6, window=8, left_context=4)
-
-
-def randomise_time_mixer(s3gen) -> None:
-    """Upstream initialises the (t, r) mixer to ignore r; random weights make r matter, so a
-    solver that got r wrong would fail these tests."""
-    mixer = s3gen.flow.decoder.estimator.time_embed_mixer
-    with torch.no_grad():
-        mixer.weight.normal_(0.0, mixer.weight.shape[1] ** -0.5)
 
 
 def tiny_meanflow_decoder(seed: int = 3):
@@ -48,14 +40,9 @@ def decoder():
 
 @pytest.fixture(scope="module")
 def meanflow_s3gen():
-    from chatterbox.models.s3gen import S3Gen
-
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    s3gen = S3Gen(meanflow=True).eval()
-    randomise_time_mixer(s3gen)
-    yield s3gen
+    yield parity_families.meanflow_s3gen("cpu")  # random weights, the (t, r) mixer too
     torch.set_num_threads(threads)
 
 
