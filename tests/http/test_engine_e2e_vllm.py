@@ -181,3 +181,11 @@ def test_disconnect_frees_the_engine(vllm_server, family: str) -> None:
         time.sleep(0.1)
     assert vocoder.open_streams == 0
 
+
+
+def test_languages_a_family_does_not_speak_are_refused_before_any_engine_work(base_url: str) -> None:
+    for model, language in (("chatterbox-multilingual", "uk"), ("chatterbox-turbo", "es"), ("chatterbox", "fr")):
+        body = {"model": model, "input": "Hello.", "voice": "default", "language": language}
+        response = httpx.post(f"{base_url}/v1/audio/speech", json=body, timeout=30)
+        assert response.status_code == 400, (model, response.text)
+        assert response.json()["error"]["param"] == "language"
