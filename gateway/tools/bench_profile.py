@@ -33,6 +33,8 @@ WINDOWS = (  # (name, left context, new tokens, final, carried mel frames)
     ("regular window", 25, 50, False, 8),
     ("one-shot 10 s", 0, 250, True, 0),
 )
+TINY_WINDOWS = (("first window", 0, 4, False, 0), ("regular window", 2, 6, False, 2), ("one-shot", 0, 8, True, 0))
+"""For a dry run of the stage on a CPU: the same code, windows of a few tokens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,7 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
                   compile_mode: str = "dynamic", prompt_tokens: int = 250, knobs: bool = True,
                   pipeline_batches: int = 4, graph_max_frames: int = 1024, one_shot_batches: Sequence[int] = (1, 32),
                   knob_batches: Sequence[int] = (1, 32), watermark: bool = True,
-                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                  on_row: Callable[[dict], None] | None = None, tiny: bool = False) -> list[dict]:
     """The profile's rows (see the module docstring); first and regular windows at
     ``batches``, one-shot utterances at ``one_shot_batches``, knobs at ``knob_batches``;
     ``on_row`` sees each row as soon as it is measured."""
@@ -69,7 +71,8 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
     tapes = NoiseTapes.generate(0, flow_frames=2 * (prompt_tokens + 600), hift_samples=600 * 2 * 480,
                                 harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
     marker = _watermarker(device) if watermark else None
-    plan = [(w, batches) for w in WINDOWS[:2]] + [(WINDOWS[2], list(one_shot_batches))]
+    windows = TINY_WINDOWS if tiny else WINDOWS
+    plan = [(w, batches) for w in windows[:2]] + [(windows[2], list(one_shot_batches))]
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -89,7 +92,7 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
                 add(row)
         if knobs and config.name == "after":
             _knob_rows(s3gen, batch, ref, list(knob_batches), repeats, pipeline_batches, config, dtype,
-                       flow_steps, tapes, graph_max_frames, add)
+                       flow_steps, tapes, graph_max_frames, add, windows)
         del batch
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -225,7 +228,7 @@ def pipelined(batch: Any, flow_rows: list, carried: int, final: bool, n: int, de
 
 def _knob_rows(s3gen: Any, batch: Any, ref: dict, batches: list[int], repeats: int, pipeline_batches: int,
                config: Config, dtype: Any, flow_steps: int, tapes: Any, max_frames: int,
-               add: Callable[[dict], None]) -> None:
+               add: Callable[[dict], None], windows: Sequence[tuple] = WINDOWS) -> None:
     """The speed knobs on the ``after`` configuration: shorter voice prompts (same graphs,
     narrower rows), and first windows in fewer steps (their own solver and graphs)."""
     import torch
@@ -234,7 +237,7 @@ def _knob_rows(s3gen: Any, batch: Any, ref: dict, batches: list[int], repeats: i
         batch.prompt_tokens = prompt
         voice = batch.prepare_voice(ref)
         batch.prompt_tokens = 0
-        for window in WINDOWS[:2]:
+        for window in windows[:2]:
             for b in batches:
                 row = _profile_rows(batch, voice, window, b, repeats, None, pipeline_batches, config.depth)
                 row.update({"config": f"after, vocoder_prompt_tokens={prompt}", "compile": batch.cfm.compile})
@@ -244,7 +247,7 @@ def _knob_rows(s3gen: Any, batch: Any, ref: dict, batches: list[int], repeats: i
                             first_window_steps=steps)
         voice = knob.prepare_voice(ref)
         for b in batches:
-            row = _profile_rows(knob, voice, WINDOWS[0], b, repeats, None, pipeline_batches, config.depth)
+            row = _profile_rows(knob, voice, windows[0], b, repeats, None, pipeline_batches, config.depth)
             row.update({"config": f"after, vocoder_first_window_flow_steps={steps}", "compile": knob.cfm.compile,
                         **info})
             add(row)

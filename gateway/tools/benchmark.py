@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-oneshot-batches", default="1,32")
     ap.add_argument("--profile-knob-batches", default="1,32")
     ap.add_argument("--profile-prompt-tokens", type=int, default=250, help="the voice prompt's tokens")
+    ap.add_argument("--profile-tiny", action="store_true", help="windows of a few tokens (a dry run on a CPU)")
     ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                       knobs=args.profile_knobs, pipeline_batches=args.profile_pipeline_batches,
                                       one_shot_batches=_ints(args.profile_oneshot_batches),
                                       knob_batches=_ints(args.profile_knob_batches),
-                                      prompt_tokens=args.profile_prompt_tokens)
+                                      prompt_tokens=args.profile_prompt_tokens, tiny=args.profile_tiny)
             elif stage == "t3step":
                 from gateway.tools.bench_t3 import stage_t3_step
 

@@ -84,13 +84,15 @@ class BatchClock:
         self._marks: list[tuple[str, Any]] = []
         self.mark("start")
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str) -> Any:
+        """Record the end of ``name``; returns its CUDA event (None on the CPU)."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self._marks.append((name, event))
-        else:
-            self._marks.append((name, time.perf_counter()))
+            return event
+        self._marks.append((name, time.perf_counter()))
+        return None
 
     def ends(self, done_at: float) -> list[tuple[str, float]]:
         """(part, host ``perf_counter`` time it ended), the start first. On CUDA the device
@@ -117,15 +119,19 @@ class HostCopy:
         flat = torch.cat(list(tensors)) if tensors else torch.zeros(0)
         self.clock = clock
         self.done_at = 0.0
+        self._event: Any = None
         if flat.device.type == "cuda":
             self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             self._host.copy_(flat, non_blocking=True)
-            self._event: Any = torch.cuda.Event()
-            self._event.record()
+            # The clock's last event is the one waited for: once it completed, every event of
+            # the batch has, and their times can be read.
+            self._event = clock.mark("host copy") if clock is not None else torch.cuda.Event()
+            if clock is None:
+                self._event.record()
         else:
-            self._host, self._event = flat, None
-        if clock is not None:
-            clock.mark("host copy")
+            self._host = flat
+            if clock is not None:
+                clock.mark("host copy")
 
     def wait(self) -> list[np.ndarray]:
         if self._event is not None:
@@ -383,7 +389,8 @@ class S3GenBatch:
                 index[j, :frames[j]] = self.tapes.flow_index(pf, TOKEN_MEL_RATIO * r.context_start, frames[j] - pf)
                 valid[j, :, :frames[j]] = 1.0
             mask = self.upload(torch.from_numpy(valid)).to(self.dtype)
-            noise = self.tapes.flow[:, self.upload(torch.from_numpy(index))].permute(1, 0, 2).to(self.dtype) * mask
+            noise = self.tapes.flow[:, self.upload(torch.from_numpy(index))].permute(1, 0, 2).to(self.dtype)
+            noise = noise.contiguous() * mask
             cond = torch.zeros_like(noise)
             for j, r in enumerate(rows):
                 cond[j, :, :TOKEN_MEL_RATIO * r.voice.prompt_len] = r.voice.prompt_feat

@@ -109,7 +109,7 @@ if [ "$PART" = part1 ]; then
   if [ "$DRY" = 1 ]; then
     SIZES="--sizes tiny --compile off"
     PROFILE="--profile-batches 1,2 --profile-oneshot-batches 1 --profile-knob-batches 1 --profile-repeats 1
-             --profile-pipeline-batches 2 --flow-steps 1 --profile-prompt-tokens 25 --profile-compile off"
+             --profile-pipeline-batches 2 --flow-steps 1 --profile-prompt-tokens 12 --profile-compile off --profile-tiny"
     LIMITS=(900 900 1500)
   else
     SIZES="--sizes real --compile dynamic"
