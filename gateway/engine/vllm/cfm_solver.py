@@ -256,6 +256,14 @@ class CfmSolver:
         decoder call runs it, never captured). A solver for another estimator overrides both."""
         return not getattr(est, "meanflow", False) and getattr(est, "causal", False) and len(est.down_blocks) >= 1
 
+    def attention_biases(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The estimator's attention bias at each of its mask levels (built once per batch)."""
+        biases = []
+        for _ in range(len(self.est.down_blocks)):
+            biases.append(_mask_bias(mask, self.dtype, self.heads))
+            mask = mask[:, :, ::2]
+        return biases
+
     # --- eager -----------------------------------------------------------------------------
     @torch.inference_mode()
     def solve_eager(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
@@ -274,11 +282,7 @@ class CfmSolver:
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
-        biases = []
-        level_mask = mask_in
-        for _ in range(len(self.est.down_blocks)):
-            biases.append(_mask_bias(level_mask, dt, self.heads))
-            level_mask = level_mask[:, :, ::2]
+        biases = self.attention_biases(mask_in)
         t_span = self.t_span
         emb = self.est.time_mlp(self.est.time_embeddings(t_span[:-1]).to(dt))  # (steps, E)
         for k in range(self.steps):

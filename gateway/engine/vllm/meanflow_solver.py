@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gateway.engine.vllm.cfm_solver import CfmSolver, _mask_bias, estimator_forward
+from gateway.engine.vllm.cfm_solver import CfmSolver, estimator_forward
 
 
 def is_meanflow(decoder: torch.nn.Module) -> bool:
@@ -75,11 +75,7 @@ class MeanFlowSolver(CfmSolver):
         dt = self.dtype
         x, mu, mask, spks, cond = (a.to(dt) for a in (noise, mu, mask, spks, cond))
         b = x.shape[0]
-        biases = []
-        level_mask = mask
-        for _ in range(len(self.est.down_blocks)):
-            biases.append(_mask_bias(level_mask, dt))
-            level_mask = level_mask[:, :, ::2]
+        biases = self.attention_biases(mask)
         emb = self.step_embeddings()
         t_span = self.t_span
         for k in range(self.steps):
