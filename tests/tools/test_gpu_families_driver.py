@@ -91,6 +91,8 @@ def test_the_start_log_is_read_from_the_servers_json_lines(tmp_path: Path) -> No
                     "timestamp": "t", "level": "info"}),
         "{not json",
         json.dumps({"event": "engine_start_summary", "seconds": 180.2, "gpu_used_gib": 80.1}),
+        json.dumps({"event": "engine_start_failed", "family": "chatterbox-turbo", "part": "t3_engine",
+                    "error": "RuntimeError: boom"}),
         json.dumps({"event": "request", "status": 200}),
     ]
     log.write_text("\n".join(lines) + "\n")
@@ -98,7 +100,10 @@ def test_the_start_log_is_read_from_the_servers_json_lines(tmp_path: Path) -> No
     assert found["parts"] == [{"family": "chatterbox-turbo", "part": "t3_engine", "seconds": 41.0}]
     assert found["vllm_kv_cache_plan"]["engines"]["chatterbox-turbo"]["kv_cache_gib"] == 19.4
     assert found["engine_start_summary"]["seconds"] == 180.2
+    assert found["failed"] == [{"family": "chatterbox-turbo", "part": "t3_engine", "error": "RuntimeError: boom"}]
+    assert driver.failed_families(found) == ["chatterbox-turbo"]
     assert driver.start_log(tmp_path / "absent.log") == {"parts": []}
+    assert driver.failed_families({"parts": []}) == []
 
 
 def test_junit_counts(tmp_path: Path) -> None:
@@ -122,3 +127,19 @@ def test_bench_documents_merge_into_one(tmp_path: Path) -> None:
     assert [r["model"] for r in merged["rows"]] == ["chatterbox-turbo", "chatterbox-multilingual"]
     assert "--models chatterbox,chatterbox-turbo,chatterbox-multilingual" in merged["server"]
     assert sorted(p.name for p in visit.out.iterdir()) == ["bench.json"]
+
+
+def test_part2_serves_the_other_families_when_one_fails_to_start(tmp_path: Path, monkeypatch) -> None:
+    visit = _visit(tmp_path, "part2")
+    calls: list[tuple[tuple[str, ...], bool]] = []
+
+    def start(visit, models, parallel):
+        calls.append((models, parallel))
+        visit.summary["steps"].append({"step": f"server_{len(calls)}", "start_log": {
+            "parts": [], "failed": [{"family": "chatterbox-turbo", "part": "t3_engine", "error": "x"}]}})
+        return None  # neither start gets ready here: what matters is what the second one asked for
+
+    monkeypatch.setattr(driver, "start_server", start)
+    driver.part2(visit)
+    assert calls == [(driver.FAMILIES, True), (("chatterbox", "chatterbox-multilingual"), True)]
+    assert any("chatterbox-turbo failed to start" in n for n in visit.summary["notes"])

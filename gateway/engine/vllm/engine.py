@@ -204,7 +204,11 @@ class VllmEngine(UpstreamVoices, Engine):
         from gateway.engine.vllm.gpu_memory import engine_core_pids
 
         t0 = time.perf_counter()
-        llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+        try:
+            llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+        except BaseException as exc:
+            self._failed(name, "t3_engine", exc)
+            raise
         self._record(name, "t3_engine", time.perf_counter() - t0, engine_pids=engine_core_pids(llm))
         return llm
 
@@ -257,10 +261,18 @@ class VllmEngine(UpstreamVoices, Engine):
         extra: dict[str, Any] = {}
         before = process_reserved() if gpu else 0
         t0 = time.perf_counter()
-        yield extra
+        try:
+            yield extra
+        except BaseException as exc:
+            self._failed(family, part, exc)
+            raise
         if gpu:
             extra["gpu_gib"] = round((process_reserved() - before) / 2**30, 2)
         self._record(family, part, time.perf_counter() - t0, **extra)
+
+    def _failed(self, family: str, part: str, exc: BaseException) -> None:
+        """Name the family and part a failed start failed in (the error alone may not)."""
+        self._log.error("engine_start_failed", family=family, part=part, error=f"{type(exc).__name__}: {exc}"[:2000])
 
     def _record(self, family: str, part: str, seconds: float, **extra: Any) -> None:
         entry = {"family": family, "part": part, "seconds": round(seconds, 1), **extra}

@@ -8,8 +8,9 @@ device call each: ``bash gateway/tools/gpu/families.sh part1|part2 [--dry-run]``
   3-family vLLM server, served with part 2's vLLM settings so that its compile cache is
   part 2's).
 * part 2 (<= 9.5 min): one ``serve --engine vllm --models chatterbox,chatterbox-turbo,
-  chatterbox-multilingual`` (dummy weights; once more without the side-by-side engine start
-  if the first start dies), its start log (each part's time and memory, the KV cache plan)
+  chatterbox-multilingual`` (dummy weights; if that start dies, once more: without the
+  families whose start failed when the log names them, else with the engines started one
+  after another), its start log (each part's time and memory, the KV cache plan)
   and the GPU's memory per process, then the HTTP rows through ``gateway.tools.benchmark``
   against it: Turbo at 1 and 256 streams, Multilingual at 1 and 128, a mixed load of 192
   (a third each).
@@ -257,24 +258,34 @@ def junit_counts(path: Path) -> dict[str, Any]:
 
 
 def part2(visit: Visit) -> None:
-    server = start_server(visit, parallel=True)
+    models = FAMILIES
+    server = start_server(visit, models, parallel=True)
     if server is None and visit.left_s() > 330 and not visit.dry_run:
-        visit.note("the first start failed: once more with --no-vllm-parallel-start")
-        server = start_server(visit, parallel=False)
+        failed = failed_families(visit.summary["steps"][-1].get("start_log", {}))
+        if failed and set(failed) < set(models):  # a family's own failure: serve the others
+            models = tuple(m for m in models if m not in failed)
+            visit.note(f"{', '.join(failed)} failed to start: once more without it")
+            server = start_server(visit, models, parallel=True)
+        else:
+            visit.note("the first start failed: once more with --no-vllm-parallel-start")
+            server = start_server(visit, models, parallel=False)
     if server is None:
         return
     proc, base, log = server
     try:
         visit.summary["gpu_memory_at_ready"] = gpu_memory_snapshot()
         visit.summary["start_log"] = start_log(log)
-        for name, models, levels in BENCH_ROWS:
+        for name, model, levels in BENCH_ROWS:
+            if model != "mixed" and model not in models:
+                visit.note(f"{name}: skipped, {model} is not served")
+                continue
             if visit.left_s() < 45:
                 visit.note(f"{name}: skipped, no time left")
                 continue
             if visit.dry_run:
                 levels = ",".join("4" if level != "1" else "1" for level in levels.split(","))
             cmd = [*python(), "-m", "gateway.tools.benchmark", "--stages", "http", "--server-url", base,
-                   "--server-pid", str(proc.pid), "--server-models", ",".join(FAMILIES), "--models", models,
+                   "--server-pid", str(proc.pid), "--server-models", ",".join(models), "--models", model,
                    "--server-engine", "fake" if visit.dry_run else "vllm",
                    "--http-concurrency", levels, "--http-window-s", "4" if visit.dry_run else "20",
                    "--tokens", str(TOKENS), "--json", str(visit.out / f"{name}.json")]
@@ -282,23 +293,28 @@ def part2(visit: Visit) -> None:
             visit.summary[f"gpu_memory_after_{name}"] = gpu_memory_snapshot()
     finally:
         stop_group(proc)
-        merge_bench(visit)
+        merge_bench(visit, models)
 
 
-def serve_command(port: int, parallel: bool, dry_run: bool) -> list[str]:
+def failed_families(log: dict[str, Any]) -> list[str]:
+    """The families whose start failed (the engine's ``engine_start_failed`` lines)."""
+    return sorted({f["family"] for f in log.get("failed", []) if f.get("family") in FAMILIES})
+
+
+def serve_command(port: int, models: tuple[str, ...], parallel: bool, dry_run: bool) -> list[str]:
     from gateway.settings import Settings
 
     engine = ["--engine", "fake"] if dry_run else ["--engine", "vllm", "--load-format", "dummy"]
     # every utterance exactly TOKENS long (dummy T3 may sample its stop token): issue 18's setting
     fixed = ["--fixed-speech-tokens"] if "fixed_speech_tokens" in Settings.__struct_fields__ else []
-    return [*python(), "-m", "gateway", "serve", *engine, "--models", ",".join(FAMILIES), "--host", "127.0.0.1",
+    return [*python(), "-m", "gateway", "serve", *engine, "--models", ",".join(models), "--host", "127.0.0.1",
             "--port", str(port), "--max-speech-tokens", str(TOKENS), *fixed,
             "--max-in-flight", "256", "--max-queued", "512", "--log-format", "json",
             "--vllm-parallel-start" if parallel else "--no-vllm-parallel-start"]
 
 
-def start_server(visit: Visit, parallel: bool) -> tuple[subprocess.Popen, str, Path] | None:
-    """A ready 3-family server (its process, base URL, log), or None with the reason noted."""
+def start_server(visit: Visit, models: tuple[str, ...], parallel: bool) -> tuple[subprocess.Popen, str, Path] | None:
+    """A ready server of ``models`` (its process, base URL, log), or None with the reason noted."""
     import socket
 
     import httpx
@@ -306,9 +322,9 @@ def start_server(visit: Visit, parallel: bool) -> tuple[subprocess.Popen, str, P
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    name = "server" if parallel else "server_sequential"
+    name = f"server_{len([s for s in visit.summary['steps'] if s['step'].startswith('server')]) + 1}"
     log = visit.logs / f"{name}.log"
-    cmd = serve_command(port, parallel, visit.dry_run)
+    cmd = serve_command(port, models, parallel, visit.dry_run)
     t0 = time.monotonic()
     handle = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
@@ -351,12 +367,14 @@ def start_log(log: Path) -> dict[str, Any]:
         kind = event.get("event")
         if kind == "engine_start_part":
             found["parts"].append({k: v for k, v in event.items() if k not in ("event", "timestamp", "level", "logger")})
+        elif kind == "engine_start_failed":
+            found.setdefault("failed", []).append({k: v for k, v in event.items() if k not in ("event", "level", "logger")})
         elif kind in ("vllm_kv_cache_plan", "engine_start_summary", "engine_ready", "engine_failed"):
             found[kind] = {k: v for k, v in event.items() if k not in ("event", "level", "logger")}
     return found
 
 
-def merge_bench(visit: Visit) -> None:
+def merge_bench(visit: Visit, models: tuple[str, ...] = FAMILIES) -> None:
     """The bench steps' documents as one (``card``, ``date``, ``command``, ``rows``): what
     docs/benchmarks/ records."""
     rows, commands, doc = [], [], {}
@@ -370,7 +388,7 @@ def merge_bench(visit: Visit) -> None:
         path.unlink()
     if commands:
         merged = {"card": doc.get("card"), "date": doc.get("date"), "command": commands, "rows": rows,
-                  "server": " ".join(serve_command(0, True, visit.dry_run)[1:]),
+                  "server": " ".join(serve_command(0, models, True, visit.dry_run)[1:]),
                   "start_log": visit.summary.get("start_log")}
         (visit.out / "bench.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
 

@@ -346,3 +346,8 @@ def test_every_part_of_the_start_is_logged_with_its_time(engine) -> None:
     assert [(e["family"], e["part"]) for e in events] == [(TURBO, "modules"), (TURBO, "t3_engine")]
     assert events[0]["note"] == 1 and events[1]["seconds"] == 12.3 and events[1]["engine_pids"] == [7]
     assert engine.start_parts == [{k: v for k, v in e.items() if k not in ("event", "log_level")} for e in events]
+    with capture_logs() as logs, pytest.raises(RuntimeError):
+        with engine._part(ORIGINAL, "vocoder"):
+            raise RuntimeError("no graphs today")
+    failed = [e for e in logs if e["event"] == "engine_start_failed"]
+    assert [(e["family"], e["part"], e["error"]) for e in failed] == [(ORIGINAL, "vocoder", "RuntimeError: no graphs today")]
