@@ -19,23 +19,9 @@ from gateway.tools.parity_vocoder import Sizes
 SIZES = Sizes(prompt_tokens=12, utterances=(27, 15), flow_steps=2, first_window=6, window=8, left_context=4)
 
 
-def tiny_meanflow_decoder(seed: int = 3):
-    """Turbo's CFM decoder at toy width (same classes: causal U-Net, the (t, r) mixer, its
-    weights random so that r matters)."""
-    from chatterbox.models.s3gen.decoder import ConditionalDecoder
-    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
-
-    torch.manual_seed(seed)
-    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[16], attention_head_dim=8,
-                             n_blocks=2, num_mid_blocks=1, num_heads=2, act_fn="gelu", meanflow=True)
-    with torch.no_grad():
-        est.time_embed_mixer.weight.normal_(0.0, est.time_embed_mixer.weight.shape[1] ** -0.5)
-    return CausalConditionalCFM(in_channels=320, spk_emb_dim=80, estimator=est).eval()
-
-
 @pytest.fixture(scope="module")
-def decoder():
-    return tiny_meanflow_decoder()
+def decoder(tiny_cfm_decoder):
+    return tiny_cfm_decoder(meanflow=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +32,10 @@ def meanflow_s3gen():
     torch.set_num_threads(threads)
 
 
-def _inputs(rows: int, frames: int, valid: list[int], seed: int):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(rows, 80, frames, generator=g)
-    mu = torch.randn(rows, 80, frames, generator=g)
-    cond = torch.randn(rows, 80, frames, generator=g)
-    spks = torch.randn(rows, 80, generator=g)
-    mask = (torch.arange(frames)[None, :] < torch.tensor(valid)[:, None]).float()[:, None, :]
-    return noise, mu, mask, spks, cond
-
-
-def test_the_solver_is_picked_by_the_decoder(decoder) -> None:
-    from chatterbox.models.s3gen.decoder import ConditionalDecoder
-    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
-
+def test_the_solver_is_picked_by_the_decoder(decoder, tiny_cfm_decoder) -> None:
     assert is_meanflow(decoder)
     assert type(flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32)) is MeanFlowSolver
-    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[16], attention_head_dim=8,
-                             n_blocks=2, num_mid_blocks=1, num_heads=2, act_fn="gelu")
-    original = CausalConditionalCFM(in_channels=320, spk_emb_dim=80, estimator=est).eval()
+    original = tiny_cfm_decoder()
     assert not is_meanflow(original)
     assert type(flow_solver(original, steps=2, device="cpu", dtype=torch.float32)) is CfmSolver
     with pytest.raises(ValueError, match="mean-flow"):
@@ -72,9 +43,9 @@ def test_the_solver_is_picked_by_the_decoder(decoder) -> None:
 
 
 @pytest.mark.parametrize("steps", [2, 3])
-def test_eager_solve_equals_upstream_meanflow_decoder(decoder, steps: int) -> None:
+def test_eager_solve_equals_upstream_meanflow_decoder(decoder, cfm_inputs, steps: int) -> None:
     solver = MeanFlowSolver(decoder, steps=steps, device="cpu", dtype=torch.float32)
-    noise, mu, mask, spks, cond = _inputs(2, 48, [48, 30], seed=1)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 48, [48, 30], seed=1)
     ours = solver.solve(noise, mu, mask, spks, cond)
     # noised_mels as long as mu: upstream's own randn_like draw is replaced entirely
     ref, _ = decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=steps, noised_mels=noise, meanflow=True)
@@ -93,26 +64,21 @@ def test_r_matters_so_the_check_above_can_fail(decoder) -> None:
     assert emb.shape == t_only.shape and not torch.allclose(emb, t_only, atol=1e-3)
 
 
-def test_eager_solve_never_synchronises_with_the_host(decoder, monkeypatch) -> None:
+def test_eager_solve_never_synchronises_with_the_host(decoder, cfm_inputs, item_calls) -> None:
     solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
-    args = _inputs(1, 32, [32], seed=2)
+    args = cfm_inputs(1, 32, [32], seed=2)
     solver.step_embeddings()  # a constant of the model, computed before any graph
-    calls = []
-    real = torch.Tensor.item
-
-    def counting(self):
-        calls.append(1)
-        return real(self)
-
-    monkeypatch.setattr(torch.Tensor, "item", counting)
+    item_calls.clear()
     solver.solve_eager(*args)
-    assert calls == []
+    assert item_calls == []
+    decoder(mu=args[1], mask=args[2], spks=args[3], cond=args[4], n_timesteps=2, noised_mels=args[0], meanflow=True)
+    assert item_calls, "the check must be able to see upstream's synchronisations"
 
 
-def test_padding_rows_and_frames_does_not_change_real_rows(decoder) -> None:
+def test_padding_rows_and_frames_does_not_change_real_rows(decoder, cfm_inputs) -> None:
     """What a graph replay does to a batch: pad rows (fully masked) and frames (masked)."""
     solver = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
-    noise, mu, mask, spks, cond = _inputs(2, 40, [40, 25], seed=3)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 40, [40, 25], seed=3)
     alone = solver.solve_eager(noise, mu, mask, spks, cond)
 
     def pad(t, rows, frames):
@@ -141,7 +107,7 @@ def test_graph_capture_is_the_inherited_one(decoder) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compute_the_same_meanflow_solve(decoder) -> None:
+def test_compiled_blocks_compute_the_same_meanflow_solve(decoder, cfm_inputs) -> None:
     """``vocoder_compile`` reaches Turbo's solve too: the same blocks through torch.compile."""
     import torch._dynamo
 
@@ -150,7 +116,7 @@ def test_compiled_blocks_compute_the_same_meanflow_solve(decoder) -> None:
     compiled = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
     assert compiled.compile == "dynamic"
     for rows, frames, valid in ((2, 24, [24, 13]), (3, 40, [40, 7, 31])):
-        args = _inputs(rows, frames, valid, seed=rows)
+        args = cfm_inputs(rows, frames, valid, seed=rows)
         torch.testing.assert_close(compiled.solve(*args), plain.solve(*args), rtol=1e-4, atol=1e-5)
     assert compiled.compile_error is None
 
