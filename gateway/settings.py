@@ -236,9 +236,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vllm_max_model_len: PositiveInt = 2048
     """vLLM: longest sequence (prompt and speech tokens)."""
     vllm_gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
-    """vLLM: share of GPU memory its engine may use (weights and KV cache)."""
+    """vLLM: share of GPU memory its engine may use (weights and KV cache); with several
+    families loaded, all their engines together (their KV caches split equally)."""
     vllm_kv_cache_memory_bytes: Annotated[int, Meta(ge=0)] = 0
-    """If non-zero, the exact KV cache size (overrides gpu_memory_utilization)."""
+    """If non-zero, the exact KV cache size (overrides gpu_memory_utilization); with several
+    families loaded, the size of all their KV caches together (split equally)."""
     vllm_enforce_eager: bool = False
     """vLLM: no CUDA graphs (slower, starts faster, less memory)."""
     vocoder_max_batch: PositiveInt = 64
@@ -282,6 +284,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Honour the ``X-Timeline: 1`` request header: that speech request's log line carries the
     milliseconds of every stage up to its first byte (``python -m gateway.tools.benchmark
     --stages timeline``). Off: the header is ignored and nothing is recorded."""
+
+    # --- vLLM engine: several model families on one GPU -----------------------------------
+    vllm_parallel_start: bool = True
+    """Start the loaded families' vLLM engines side by side (each compiles in a process of its
+    own) while this process loads their modules; off: one after another."""
 
     def __post_init__(self) -> None:
         from gateway.models.families import FAMILIES
