@@ -22,8 +22,9 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-# Dependencies first (cached layer), then the package itself.
-COPY pyproject.toml README.md ./
+# Dependencies first (cached layer), then the package itself. setup.py holds the package list
+# and its data (the built-in voices, the playground, the API docs assets).
+COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 COPY voices ./voices
 RUN pip install '.[gpu]'

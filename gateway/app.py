@@ -31,7 +31,7 @@ from gateway.http.playground import playground_routes
 from gateway.http.response_guard import response_guard
 from gateway.http.request_context import add_request_id_header, request_context_middleware
 from gateway.http.speech import create_speech
-from gateway.http.voices import MULTIPART_OVERHEAD_BYTES, VoicesController
+from gateway.http.voices import VoicesController, upload_body_limit
 from gateway.http.auth import KEY_CHECKER_STATE, auth_middleware, log_auth_mode
 from gateway.http.elevenlabs.routes import elevenlabs_router
 from gateway.http.elevenlabs.docs import XI_API_KEY_SCHEME, xi_api_key_scheme
@@ -63,13 +63,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
     voices_router = Router(
         path="/",
         route_handlers=[VoicesController],
-        request_max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        request_max_body_size=upload_body_limit(settings),
     )
     if settings.metrics_enabled:
         services.metrics = GatewayMetrics(
             live=lambda: service_gauges(services),
             engine=lambda: services.engine,
             refusals=lambda: services.admission.rejected_by,
+            connections=lambda: services.connection_stats() if services.connection_stats is not None else None,
         )
 
     @asynccontextmanager

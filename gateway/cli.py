@@ -103,7 +103,7 @@ def run_server(app: Any, settings: Settings) -> None:
     it (``gateway.server.http_server``), so running out of descriptors means refusals."""
     import uvicorn
 
-    from gateway.http.connection_guard import raise_descriptor_limit
+    from gateway.http.connection_limits import raise_descriptor_limit
     from gateway.server.http_server import install_accept_log_limit, server_config
 
     raise_descriptor_limit()

@@ -81,6 +81,14 @@ class ClientTimeoutError(GatewayError):
     code = "request_timeout"
 
 
+class HeadersTooLargeError(GatewayError):
+    """The request line and headers are larger than the server takes."""
+
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class ConflictError(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"
@@ -133,6 +141,18 @@ class RequestTimeoutError(GatewayError):
     status_code = 504
     error_type = "server_error"
     code = "timeout"
+
+
+class ServerBusyError(GatewayError):
+    """A shared bound of the server is full (e.g. the bytes of unfinished request bodies); the
+    client did nothing wrong and may retry. Always carries Retry-After."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kw: object) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, **kw)  # type: ignore[arg-type]
 
 
 class EngineError(GatewayError):

@@ -36,8 +36,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Address to listen on (0.0.0.0: every interface)."""
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
     """TCP port to listen on."""
-    max_body_bytes: PositiveInt = 1_048_576
-    """Largest JSON body accepted on /v1/audio/speech (413 beyond)."""
+    max_body_bytes: PositiveInt = 128 * 1024
+    """Largest JSON body accepted on /v1/audio/speech (413 beyond). The largest valid body
+    (4096 characters of input and of instructions, every one a JSON escape) is about 100 KB."""
     max_upload_bytes: PositiveInt = 10 * 1_048_576
     """Largest voice clip accepted on POST /v1/audio/voices (413 beyond)."""
     api_keys: tuple[str, ...] = ()
@@ -60,19 +61,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # --- Connections (what a client may hold before and while it is served) -----------------
     max_connections: PositiveInt = 1000
     """Open connections at most (also kept below the process's file-descriptor limit). At the
-    cap, the oldest connection still waiting for request headers is closed to make room;
-    when every connection is busy, new ones are refused."""
+    cap, a connection waiting for its headers or its body is evicted to make room (idle and
+    half-sent ones first, the newest last); when every connection is busy, new ones are
+    refused."""
     listen_backlog: PositiveInt = 256
     """Connections the kernel queues before they are accepted."""
     header_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
     """Time a client has to send a request's line and headers, from its first byte (or from
     the connection's start)."""
     body_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0
-    """Time a client has to send a request body, once the headers are in."""
+    """Time a client has to send a request body, once the headers are in (time the server was
+    not reading does not count); past it 408 and the connection is closed."""
     keep_alive_timeout_s: Annotated[float, Meta(gt=0.0)] = 5.0
     """An idle keep-alive connection is closed after this long."""
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
-    """Largest request line plus headers (431-style refusal beyond: the connection gets a 400)."""
+    """Largest request line plus headers, however they arrive (431 beyond, and closed)."""
     send_timeout_s: Annotated[float, Meta(gt=0.0)] = 10.0
     """Longest a client may leave one response write pending (stop reading); then the response
     is abandoned like a disconnect: engine job dropped, encoder killed, slot released."""
@@ -82,6 +85,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """PEM certificate (chain) to serve HTTPS and WSS with, on the same port. Unset: plain HTTP."""
     ssl_keyfile: str | None = None
     """PEM private key of ssl_certfile (unset: the key is in the ssl_certfile file)."""
+
+    # --- Request bodies (what an unfinished body may hold) --------------------------------
+    body_min_rate_bytes_s: Annotated[int, Meta(ge=0)] = 1024
+    """Slowest average rate a request body may arrive at, in bytes per second, once
+    body_rate_grace_s has passed (time the server itself was not reading does not count);
+    slower: 408 and the connection is closed. 0: no rate (body_timeout_s still holds)."""
+    body_rate_grace_s: Annotated[float, Meta(gt=0.0)] = 5.0
+    """Time a request body may take before body_min_rate_bytes_s applies (each connection
+    gets up to half again as much, at random, so bodies started together end apart)."""
+    max_pending_body_bytes: Annotated[int, Meta(ge=65_536)] = 64 * 1_048_576
+    """Bytes of unfinished request bodies held at once, all connections together (memory or
+    spooled); the body that would pass it gets 503 (Retry-After) and its connection closes."""
 
     # --- Models -----------------------------------------------------------------------------
     models: tuple[str, ...] = ("chatterbox",)
@@ -227,9 +242,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vllm_max_model_len: PositiveInt = 2048
     """vLLM: longest sequence (prompt and speech tokens)."""
     vllm_gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
-    """vLLM: share of GPU memory its engine may use (weights and KV cache)."""
+    """vLLM: share of GPU memory its engine may use (weights and KV cache); with several
+    families loaded, all their engines together (their KV caches split equally)."""
     vllm_kv_cache_memory_bytes: Annotated[int, Meta(ge=0)] = 0
-    """If non-zero, the exact KV cache size (overrides gpu_memory_utilization)."""
+    """If non-zero, the exact KV cache size (overrides gpu_memory_utilization); with several
+    families loaded, the size of all their KV caches together (split equally)."""
     vllm_enforce_eager: bool = False
     """vLLM: no CUDA graphs (slower, starts faster, less memory)."""
     vocoder_max_batch: PositiveInt = 64
@@ -301,6 +318,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     elevenlabs_max_socket_s: Annotated[float, Meta(gt=0.0)] = 3600.0
     """Longest a text-to-speech WebSocket may stay open, however busy (then closed, 1008)."""
 
+    # --- vLLM engine: several model families on one GPU -----------------------------------
+    vllm_parallel_start: bool = True
+    """Start the loaded families' vLLM engines side by side (each compiles in a process of its
+    own) while this process loads their modules; off: one after another."""
+
     def __post_init__(self) -> None:
         from gateway.models.families import FAMILIES
         from gateway.speech.model_names import parse_alias_overrides
@@ -318,6 +340,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         parse_alias_overrides(self.elevenlabs_model_aliases, self.models)
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")
+        if self.max_pending_body_bytes < max(self.max_body_bytes, self.max_upload_bytes):
+            # a body that can never fit in the budget would always be refused
+            raise ValueError(
+                "max_pending_body_bytes must hold at least one largest body "
+                f"(max_body_bytes and max_upload_bytes), got {self.max_pending_body_bytes}"
+            )
 
     def resolved_voices_dir(self) -> Path:
         return Path(self.voices_dir) if self.voices_dir else Path(self.cache_dir) / "voices"

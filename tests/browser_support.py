@@ -60,6 +60,14 @@ class Watched:
         console = [text for text in self.console_errors if not any(part in text for part in allow_console)]
         return console + self.failed_requests + self.foreign_requests
 
+    def fits_and_shoot(self, path: Path) -> None:
+        """The page is no wider than the window (nothing scrolls sideways), and a full-page
+        screenshot of it goes to ``path`` (for a person to look at when a test fails)."""
+        width = self.page.viewport_size["width"]
+        scroll_width = self.page.evaluate("document.documentElement.scrollWidth")
+        self.page.screenshot(path=str(path), full_page=True)
+        assert scroll_width <= width, f"the page is {scroll_width} px wide in a {width} px window (see {path})"
+
     def wait_js(self, expression: str, timeout_s: float = 20.0) -> Any:
         """Poll a JS expression until truthy. (Playwright's wait_for_function evaluates a
         string, which the playground's Content-Security-Policy forbids, as it should.)"""
@@ -71,8 +79,15 @@ class Watched:
         return value
 
 
-def watched_page(browser: Any, origin: str, **context_options: Any) -> Watched:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, **context_options)
+VIEWPORTS: dict[str, dict[str, Any]] = {
+    "desktop": {"viewport": {"width": 1280, "height": 900}},
+    # a phone: 390 CSS pixels wide (iPhone 12 to 15), the page's meta viewport honoured
+    "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2},
+}
+
+
+def watched_page(browser: Any, origin: str, size: str = "desktop", **context_options: Any) -> Watched:
+    context = browser.new_context(**VIEWPORTS[size], **context_options)
     page = context.new_page()
     watched = Watched(page=page, origin=origin)
 

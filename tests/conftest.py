@@ -1,13 +1,9 @@
 """Shared fixtures: settings in a temporary cache, the app on the fake engine (in-process, with
-its lifespan run on the test's own event loop), a real uvicorn server on loopback, and an
-FFmpeg-based probe that decodes audio the way a client would."""
+its lifespan run on the test's own event loop), a real uvicorn server on loopback, and a
+check that audio decodes the way a client would (FFmpeg, from what the install brings)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +15,7 @@ import pytest
 
 from gateway.app import create_app
 from harness import InProcess, in_process, serve_on_loopback
+from media_support import Decoded, decode_file
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 
@@ -90,56 +87,6 @@ def live_server(settings: Settings, live_engine: FakeEngine) -> Iterator[LiveSer
 
 # --- decoding audio like a client -------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Probe:
-    codec: str
-    sample_rate: int
-    channels: int
-    duration_s: float
-    """From decoding every sample (streamed files carry no reliable length header)."""
-
-
-def ffmpeg_binaries() -> tuple[str, str | None]:
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        import imageio_ffmpeg
-
-        ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-    return ffmpeg, shutil.which("ffprobe")
-
-
-def probe_audio(data: bytes, response_format: str, tmp_path: Path) -> Probe:
-    """Decode ``data`` with FFmpeg: codec, rate and channels from ffprobe, duration by
-    counting decoded samples."""
-    assert data, "no audio bytes"
-    ffmpeg, ffprobe = ffmpeg_binaries()
-    path = tmp_path / f"probe-{time.monotonic_ns()}.{response_format}"
-    path.write_bytes(data)
-    input_args = ["-f", "s16le", "-ar", "24000", "-ac", "1"] if response_format == "pcm" else []
-    if ffprobe:
-        out = subprocess.run(
-            [ffprobe, "-v", "error", *input_args, "-show_streams", "-of", "json", str(path)],
-            capture_output=True,
-            check=True,
-        )
-        stream = json.loads(out.stdout)["streams"][0]
-        codec, rate, channels = stream["codec_name"], int(stream["sample_rate"]), int(stream["channels"])
-    else:  # imageio-ffmpeg ships no ffprobe: read the stream line ffmpeg prints
-        info = subprocess.run([ffmpeg, "-hide_banner", *input_args, "-i", str(path)], capture_output=True, text=True)
-        line = next(l for l in info.stderr.splitlines() if "Audio:" in l)
-        fields = line.split("Audio:")[1].split(",")
-        codec = fields[0].strip().split()[0]
-        rate = int(fields[1].strip().split()[0])
-        channels = 1 if "mono" in line else 2
-    decoded = subprocess.run(
-        [ffmpeg, "-v", "error", *input_args, "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", str(rate), "-"],
-        capture_output=True,
-        check=True,
-    )
-    return Probe(codec=codec, sample_rate=rate, channels=channels, duration_s=len(decoded.stdout) / 2 / rate)
-
-
 EXPECTED_CODECS = {
     "mp3": ("mp3", 24000),
     "opus": ("opus", 48000),
@@ -151,12 +98,12 @@ EXPECTED_CODECS = {
 
 
 @pytest.fixture
-def valid_audio(tmp_path: Path) -> Callable[[bytes, str], Probe]:
+def valid_audio(tmp_path: Path) -> Callable[[bytes, str], Decoded]:
     """``valid_audio(data, response_format)`` asserts the bytes decode as that format (codec,
-    rate, mono, some duration) and returns what FFmpeg found."""
+    rate, mono, some duration) and returns what FFmpeg found (tests/media_support.py)."""
 
-    def check(data: bytes, response_format: str) -> Probe:
-        probe = probe_audio(data, response_format, tmp_path)
+    def check(data: bytes, response_format: str) -> Decoded:
+        probe = decode_file(data, response_format, tmp_path)
         codec, rate = EXPECTED_CODECS[response_format]
         assert (probe.codec, probe.sample_rate, probe.channels) == (codec, rate, 1), probe
         assert probe.duration_s > 0, probe

@@ -6,14 +6,18 @@ import it whatever the collection order.)"""
 from __future__ import annotations
 
 import asyncio
+import io
+import socket
 import ssl
 import threading
 import time
+import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+import numpy as np
 from litestar import Litestar
 
 from gateway.app import create_app
@@ -26,6 +30,19 @@ from gateway.settings import Settings
 
 HOLD = "HOLD"
 """Jobs whose text contains this word are held by GatedEngine (others run freely)."""
+
+
+def tone_wav(seconds: float, frequency: float = 220.0) -> bytes:
+    """A tone as 24 kHz mono 16-bit WAV, made in Python (a voice upload needs no FFmpeg to make)."""
+    t = np.arange(int(24_000 * seconds)) / 24_000
+    samples = (0.4 * np.sin(2 * np.pi * frequency * t) * 32767).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(24_000)
+        f.writeframes(samples.tobytes())
+    return out.getvalue()
 
 
 class GatedEngine(FakeEngine):
@@ -106,3 +123,25 @@ def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02) -> b
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def connect(base_url: str) -> socket.socket:
+    """A raw TCP connection to the server at ``base_url`` (for what an HTTP client won't send)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took
+    (inf: it did not close within ``timeout_s``)."""
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except (TimeoutError, socket.timeout):
+        return received, float("inf")
+    except ConnectionResetError:
+        pass
+    return received, time.monotonic() - started

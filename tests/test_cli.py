@@ -1,5 +1,6 @@
 """The command line: one flag per setting, fail-fast start-up, the OpenAPI export, and the
-README's own commands (serve, curl, the OpenAI SDK) against a server started by the CLI."""
+README's own commands (serve, curl, the OpenAI SDK, the voice upload) against a server started
+by the CLI."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from harness import cli_serve
@@ -147,7 +149,9 @@ def cli_server(tmp_path: Path):
     assert requests and all(line.get("request_id") for line in requests)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+CURL = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
 def readme_block(starts_with: str) -> str:
     """The README's code block (or line) that starts with ``starts_with``, exactly as written."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
@@ -164,6 +168,7 @@ def on_port(text: str, port: int) -> str:
     return text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
 
 
+@CURL
 def test_readme_curl(cli_server: int, tmp_path: Path, valid_audio) -> None:
     command = on_port(readme_block("curl -sS http://127.0.0.1:8000/v1/audio/speech"), cli_server)
     result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -188,3 +193,17 @@ def test_serve_help_describes_every_flag_with_its_default(monkeypatch: pytest.Mo
     assert not [name for name, action in flags.items() if "`" in (action.help or "")]
     # a default computed at start-up is shown too
     assert "(default: /somewhere/cache/chatterbox-gateway)" in flags["cache_dir"].help
+
+
+@CURL
+def test_readme_voice_upload(cli_server: int, tmp_path: Path, valid_audio) -> None:
+    """The upload as written, from the clone (its clip is one of the built-in voices), then
+    the new voice by name through the SDK."""
+    command = on_port(readme_block("curl -sS http://127.0.0.1:8000/v1/audio/voices"), cli_server)
+    result = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    voice = json.loads(result.stdout)
+    assert voice["name"] == "my-voice" and voice["id"].startswith("voice_"), voice
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cli_server}/v1", api_key="unused", max_retries=0)
+    speech = client.audio.speech.create(model="tts-1", voice="my-voice", input="Hello", response_format="wav")
+    valid_audio(speech.content, "wav")

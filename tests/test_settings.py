@@ -74,3 +74,8 @@ def test_elevenlabs_settings_from_the_environment_and_checked():
         load_settings({"CHATTERBOX_ELEVENLABS_MODEL_ALIASES": "eleven_v3=chatterbox-multilingual"})
     with pytest.raises(SettingsError, match="elevenlabs_max_message_bytes"):
         load_settings({"CHATTERBOX_ELEVENLABS_MAX_MESSAGE_BYTES": "10"})
+
+
+def test_the_body_budget_must_hold_one_largest_body() -> None:
+    with pytest.raises(SettingsError, match="max_pending_body_bytes"):
+        load_settings({"CHATTERBOX_MAX_PENDING_BODY_BYTES": "1048576"}, [])

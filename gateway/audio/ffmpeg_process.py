@@ -4,7 +4,8 @@ A writer task feeds raw float32 samples to stdin (with backpressure: it pulls th
 only when the pipe has room), the generator yields stdout as FFmpeg produces it
 (``-flush_packets 1``), stderr is drained into a short tail for error messages. Whatever ends
 the stream (done, an error, the consumer closing us early because the client hung up),
-``finally`` cancels the writer, closes the input iterator and kills and reaps FFmpeg.
+``finally`` cancels the writer, kills and reaps FFmpeg, reads its stdout to the end (so
+asyncio closes the pipes at once) and closes the input iterator.
 
 Starting the process is most of this route's first-byte cost (a dynamically linked FFmpeg
 loads ~100 shared libraries); the in-process route (``pyav_encoder``) avoids it.
@@ -17,6 +18,7 @@ import collections
 import contextlib
 from collections.abc import AsyncIterator
 
+import anyio
 import ffmpeg
 import numpy as np
 
@@ -30,6 +32,7 @@ _READ_SIZE = 64 * 1024
 # writer runs ahead of FFmpeg (about 0.7 s of float32 audio at 24 kHz).
 _STDIN_HIGH_WATER = 64 * 1024
 _STDERR_TAIL_LINES = 20
+_EOF_TIMEOUT_S = 1.0
 
 
 def build_command(*, response_format: str | FormatSpec, sample_rate: int, speed: float, exe: str | None = None) -> list[str]:
@@ -100,16 +103,37 @@ async def encode_with_ffmpeg(
             raise EncoderError(f"FFmpeg exited with status {returncode} encoding {_name(response_format)}: {tail}")
     finally:
         writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+        # Shielded: a stream dropped by its client or a deadline is closed inside a cancelled
+        # anyio scope (Litestar's Stream), where every unshielded await is cancelled again;
+        # FFmpeg must still be killed and reaped, and its pipes read to the end and closed.
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            # before wait(): on Python 3.11 wait() returns only once every pipe has reached
+            # its end, and an abandoned stdout is paused and full (stderr is being drained)
+            await _read_to_eof(proc.stdout)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_EOF_TIMEOUT_S):
+                    await proc.wait()
+            stderr_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stderr_task
         await aclose_quietly(chunks)
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        stderr_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await stderr_task
+
+
+async def _read_to_eof(stdout: asyncio.StreamReader) -> None:
+    """Drop what FFmpeg left in its stdout pipe, up to the end. asyncio closes a child's pipes
+    only once each has reached end-of-file; a stream abandoned mid-way (the client stopped
+    reading, its response was dropped) leaves stdout paused and full, and its descriptor
+    would stay open until garbage collection (one leaked pipe per dropped stream, issue 20).
+    FFmpeg has been killed, so the end is near: at most the pipe's and the reader's buffers."""
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+        async with asyncio.timeout(_EOF_TIMEOUT_S):
+            while await stdout.read(_READ_SIZE):
+                pass
 
 
 def _name(response_format: str | FormatSpec) -> str:

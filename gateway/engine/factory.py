@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 
 from gateway.engine.base import Engine
-from gateway.models.families import ORIGINAL
 from gateway.settings import Settings, SettingsError
 
 
@@ -23,19 +22,14 @@ def vllm_available() -> bool:
 
 
 def resolve_engine_name(settings: Settings) -> str:
-    """``reference``, ``vllm`` or ``fake``; ``auto`` picks vllm where it can run.
+    """``reference``, ``vllm`` or ``fake``; ``auto`` picks vllm where it can run (it serves
+    every model family, any mix of them in one process).
 
     Raises :class:`~gateway.settings.SettingsError` (the CLI prints it and exits) when vllm is
     asked for on a machine that cannot run it.
     """
     if settings.engine == "auto":
-        return "vllm" if vllm_available() and settings.models == (ORIGINAL,) else "reference"
-    if settings.engine == "vllm" and settings.models != (ORIGINAL,):
-        others = ", ".join(name for name in settings.models if name != ORIGINAL)
-        raise SettingsError(
-            f"--engine vllm serves only {ORIGINAL} so far; {others} run on --engine reference "
-            "(or leave --engine auto, which picks it for these models)."
-        )
+        return "vllm" if vllm_available() else "reference"
     if settings.engine == "vllm" and not vllm_available():
         missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
         raise SettingsError(

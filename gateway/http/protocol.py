@@ -228,6 +228,7 @@ class SpeechStreamError(msgspec.Struct, tag_field="type", tag="error"):
 _SPEECH_DECODER = msgspec.json.Decoder(SpeechRequest)
 _AT_FIELD = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_STRING_LENGTH = re.compile(r"Expected `str` of length ([<>])= (\d+)")
 
 
 T = TypeVar("T")
@@ -270,6 +271,14 @@ def _validation_error(detail: str) -> InvalidRequestError:
         field = missing.group(1)
         return InvalidRequestError(f"Missing required parameter: '{field}'.", param=field, code="missing_required_parameter")
     param = at.group(1) if at else None
+    length = _STRING_LENGTH.match(detail)
+    if at and length:
+        # in words, not msgspec's "Expected `str` of length >= 1"
+        bound, limit = length.group(1), int(length.group(2))
+        if bound == ">" and limit == 1:
+            return InvalidRequestError(f"'{param}' must not be empty.", param=param)
+        least = "at least" if bound == ">" else "at most"
+        return InvalidRequestError(f"'{param}' must be {least} {limit} characters long.", param=param)
     if at:
         detail = detail[: at.start()].rstrip(" -")
     where = f" for '{param}'" if param else ""

@@ -17,6 +17,7 @@ import structlog
 from litestar.datastructures import MutableScopeHeaders
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.http.connection_hook import connection_hook
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.request_record import close_record, finish_request, open_record
 from gateway.observability.timeline import Timeline, wanted
@@ -101,6 +102,12 @@ def request_context_middleware(app: ASGIApp) -> ASGIApp:
             finally:
                 close_record(token)
                 first_byte = seen["first_byte"]
+                hook = connection_hook(scope)
+                if hook is not None and hook.answered is not None:
+                    # the connection answered for the app (a body too slow, or past the body
+                    # budget): the app only saw a disconnect, the client got this status
+                    record.outcome, record.error = None, hook.answered.reason
+                    seen.update(status=hook.answered.status, completed=True, disconnected=False)
                 finish_request(
                     record,
                     request_id=request_id,

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.http.connection_guard import CONNECTION_EXTENSION
+from gateway.http.connection_hook import connection_hook
 from gateway.observability.request_record import current_record
 from gateway.settings import Settings
 
 APP_DEADLINE_MARGIN_S = 1.0
 CANCEL_GRACE_S = 1.0
+DEADLINE_STATE = "gateway.deadline"
+"""Scope state key: when (``time.monotonic()``) the request's own time limit ends."""
 
 _DISCONNECT: Message = {"type": "http.disconnect"}  # type: ignore[assignment]
 
@@ -52,6 +55,7 @@ def response_guard(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
+            scope.setdefault("state", {})[DEADLINE_STATE] = time.monotonic() + settings.request_timeout_s
             await _GuardedResponse(scope, receive, send, send_timeout_s).run(app, total_s)
 
         return middleware
@@ -59,19 +63,31 @@ def response_guard(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
     return middleware_factory
 
 
+def request_deadline(scope: Scope, settings: Settings) -> float:
+    """When the request's time limit ends (``time.monotonic()``): counted from when the
+    guard saw the request, so work that must answer in time (a 504) goes before the guard
+    drops the response; from now where no guard runs."""
+    deadline = scope.get("state", {}).get(DEADLINE_STATE)
+    return float(deadline) if deadline is not None else time.monotonic() + settings.request_timeout_s
+
+
 class _GuardedResponse:
-    __slots__ = ("_abort", "_expired", "_parked", "_receive", "_scope", "_send", "_send_timeout_s", "_cancel_scope", "reason")
+    __slots__ = (
+        "_abort", "_expired", "_parked", "_receive", "_scope", "_send", "_send_timeout_s", "_cancel_scope", "_started",
+        "reason",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, send_timeout_s: float) -> None:
         self._scope = scope
         self._receive = receive
         self._send = send
         self._send_timeout_s = send_timeout_s
-        hook = scope.get("extensions", {}).get(CONNECTION_EXTENSION) or {}  # type: ignore[union-attr]
-        self._abort: Callable[[], None] | None = hook.get("abort")
+        hook = connection_hook(scope)
+        self._abort: Callable[[], None] | None = hook.abort if hook is not None else None
         self._expired = asyncio.Event()
         self._parked = asyncio.Event()
         self._cancel_scope: asyncio.Timeout | None = None
+        self._started = False
         self.reason: str | None = None
 
     async def run(self, app: ASGIApp, total_s: float) -> None:
@@ -85,6 +101,13 @@ class _GuardedResponse:
         except TimeoutError:
             if self.reason is None:
                 raise  # not ours
+        except Exception:
+            if not (self._started and self._abort is not None and current_record().outcome is not None):
+                raise
+            # The body broke after its status line, and the request's record already says why
+            # (its one log line will): end the connection here, so the client sees a cut
+            # response, instead of the server logging the same failure again as a traceback.
+            self._abort()
         finally:
             deadline.cancel()
 
@@ -101,6 +124,8 @@ class _GuardedResponse:
             self._cancel_scope.reschedule(asyncio.get_running_loop().time() + CANCEL_GRACE_S)
 
     async def _guarded_send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._started = True
         if not self._expired.is_set():
             try:
                 async with asyncio.timeout(self._send_timeout_s):

@@ -8,8 +8,11 @@ deadline, no place in the connection cap) for a minute. So uvicorn is given no c
 instead its protocol factory puts a :class:`TlsHandshake` (asyncio's own TLS protocol, the
 class ``loop.create_server(ssl=...)`` uses) in front of each guarded h11 protocol, which:
 
-- counts the connection toward ``max_connections`` from its accept, and at the cap closes the
-  oldest connection still waiting for a handshake or headers (or refuses this one);
+- counts the connection toward ``max_connections`` from its accept (``limits.handshakes``),
+  and at the cap makes room as a plain connection would
+  (:func:`gateway.http.connection_guard.make_room`), or refuses this one; a handshaking
+  connection is itself evicted like one waiting for its headers, held silent for
+  ``EVICTED_HOLD_S`` first;
 - gives the handshake ``header_timeout_s`` (asyncio aborts it past that), after which the
   header deadline runs as on plain HTTP;
 - gives the TLS shutdown (waiting for the client's close_notify) the same bound.
@@ -26,7 +29,8 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
 
-from gateway.http.connection_guard import ConnectionLimits, GuardedH11Protocol
+from gateway.http.connection_guard import EVICTED_HOLD_S, GuardedH11Protocol, make_room
+from gateway.http.connection_limits import ConnectionLimits
 from gateway.settings import Settings, SettingsError
 
 
@@ -77,15 +81,15 @@ class TlsHandshake(sslproto.SSLProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # starts the handshake (and its timeout)
         limits = self._limits
-        open_now = len(self._connections) + limits.handshaking
-        if open_now >= limits.max_connections and not limits.evict_oldest_waiting(keep=self):
+        open_now = len(self._connections) + len(limits.handshakes)
+        now = self._loop.time()
+        if open_now >= limits.max_connections and not make_room(limits, self, now, open_now=open_now):
             limits.refused += 1
             limits.warn("connection_refused", open=open_now, tls="handshake")
             transport.abort()  # no HTTP can be spoken before the handshake: just close
             return
         self._pending = True
-        limits.handshaking += 1
-        limits.waiting[self] = None
+        limits.handshakes[self] = now
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         # Settled before the h11 protocol's connection_made (called from here) counts itself.
@@ -94,11 +98,28 @@ class TlsHandshake(sslproto.SSLProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._settle()
+        self._limits.held_evicted.pop(self, None)
         super().connection_lost(exc)
 
-    def abort(self) -> None:
-        """Evicted while still handshaking: drop the socket now."""
+    def evict(self) -> None:
+        """Give up this handshake's place under the cap (``make_room``): held silent (not read,
+        outside the cap) for ``EVICTED_HOLD_S`` while descriptors allow, then closed, as the
+        guarded protocol does with its evicted connections (a client that reconnects the moment
+        it is dropped would otherwise evict the next at once, in a chain)."""
         self._settle()
+        transport = self._transport
+        limits = self._limits
+        if transport is None or len(limits.held_evicted) >= limits.max_held_evicted:
+            self.abort()
+            return
+        limits.held_evicted[self] = None
+        transport.pause_reading()
+        self._loop.call_later(EVICTED_HOLD_S, self.abort)
+
+    def abort(self) -> None:
+        """Drop the socket now (the end of an eviction's hold, or shutdown)."""
+        self._settle()
+        self._limits.held_evicted.pop(self, None)
         transport = self._transport
         if transport is not None:
             transport.abort()
@@ -106,8 +127,7 @@ class TlsHandshake(sslproto.SSLProtocol):
     def _settle(self) -> None:
         if self._pending:
             self._pending = False
-            self._limits.handshaking -= 1
-            self._limits.waiting.pop(self, None)
+            self._limits.handshakes.pop(self, None)
 
 
 def tls_protocol_factory(

@@ -10,32 +10,73 @@ before the handler runs: ``max_upload_bytes`` plus room for the form framing), t
 itself by the voice library (``max_upload_bytes``); both answer 413. The library decodes the
 clip with FFmpeg and rejects what is not audio, too short or too long (400), unsafe names
 (400) and taken names (409), and writes atomically; nothing a request sends becomes a path.
+
+An upload takes its slot (:func:`upload_slot`) before Litestar reads and spools its body, so
+uploads waiting for a slot hold no temporary file, only what the connection buffers (64 KiB).
+The work is bounded by the request's time limit: past it the answer is a 504 and no voice is
+created, and the slot is held until FFmpeg has stopped, whatever ended the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.http.caller import caller_of
 from gateway.http.errors import BEARER_SECURITY, v1_error_responses
 from gateway.errors import EngineUnavailableError
 from gateway.http.protocol import AudioVoice, AudioVoiceDeleted, VoiceCard, VoiceList
+from gateway.http.response_guard import request_deadline
 from gateway.server.services import LOADING_RETRY_AFTER_S, AppServices
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.voices.library import VoiceInfo, VoiceLibrary
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 """Room for the form framing and the small text fields around a clip of the maximum size."""
+VOICES_PATH = "/v1/audio/voices"
+
+
+def upload_body_limit(settings: Settings) -> int:
+    """The largest upload body: a clip of ``max_upload_bytes`` and its form framing (the app's
+    route limit and the connection's cap for this path, see ``gateway.server.http_server``)."""
+    return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+
+T = TypeVar("T")
+
+
+def upload_slot(app: ASGIApp) -> ASGIApp:
+    """Route middleware: hold an upload slot (429 at once past the queue) around the whole
+    request, body parsing included (Litestar parses the form before the handler runs)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        services: AppServices = scope["litestar_app"].state.services
+        async with await services.upload_admission.acquire():
+            await app(scope, receive, send)
+
+    return middleware
+
+
+async def _in_thread_to_the_end(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn`` in a worker thread. If this request is cancelled meanwhile (its client left, or
+    its response was dropped at the time limit), wait for the thread all the same: it runs
+    FFmpeg, and the upload slot must not be given back while FFmpeg still runs."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        raise
 
 
 @dataclass
@@ -52,7 +93,7 @@ class VoiceUpload:
 
 
 class VoicesController(Controller):
-    path = "/v1/audio/voices"
+    path = VOICES_PATH
     tags = ["voices"]
     security = BEARER_SECURITY
 
@@ -80,8 +121,10 @@ class VoicesController(Controller):
                 413: "Clip larger than max_upload_bytes",
                 429: "Too many uploads being processed; retry after Retry-After",
                 503: "Voice library loading",
+                504: "The request time limit passed; no voice was created",
             }
         ),
+        middleware=[upload_slot],
     )
     async def create_voice(
         self,
@@ -93,11 +136,13 @@ class VoicesController(Controller):
         key. Use it in speech requests by its `id` (`voice: {"id": ...}`) or its `name`."""
         voices = _library(services)
         access = caller_of(request.scope).voices
-        async with await services.upload_admission.acquire():  # 429 at once past the queue
-            clip = await data.audio_sample.read()
-            await data.audio_sample.close()
-            # FFmpeg decoding and fsync block: off the event loop
-            info = await asyncio.to_thread(functools.partial(voices.create, access=access), data.name, clip, data.consent)
+        clip = await data.audio_sample.read()
+        await data.audio_sample.close()
+        # FFmpeg decoding and fsync block: off the event loop, within the request's time limit
+        deadline = request_deadline(request.scope, services.settings)
+        info = await _in_thread_to_the_end(
+            voices.create, data.name, clip, data.consent, deadline=deadline, access=access
+        )
         return _audio_voice(info)
 
     @get(

@@ -68,6 +68,9 @@ class Family:
     """S3Gen's distilled mean-flow decoder (a fixed, small number of steps, no flow CFG)."""
     flow_steps: int | None = None
     """Fixed S3Gen steps; None: the ``flow_steps`` setting."""
+    silence_tail_tokens: int = 0
+    """S3Gen silence tokens appended to each chunk's speech before vocoding (upstream Turbo's
+    ``generate()``: 3, ~0.12 s); the audio holds them, usage never counts them."""
     clip_loudness_lufs: float | None = None
     """Reference clips are loudness-normalised to this before conditioning (Turbo)."""
     prompt_clip_seconds: int = 6
@@ -125,6 +128,7 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
             cfg=False,
             meanflow=True,
             flow_steps=2,
+            silence_tail_tokens=3,
             clip_loudness_lufs=-27.0,
             prompt_clip_seconds=15,
             cost="T3 runs once per token (no CFG, 24 layers); S3Gen runs 2 mean-flow steps without CFG: "

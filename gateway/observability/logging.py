@@ -5,8 +5,8 @@ One stdlib handler on stdout renders both: JSON lines when stdout is not a termi
 ``merge_contextvars`` comes first so the request id bound per request is on every line.
 
 Third-party noise at start-up goes the same way: Python warnings become ``py.warnings`` log
-lines (and known harmless ones are dropped), and :func:`prints_to_log` turns the bare
-``print`` of a library we load into log lines.
+lines (and known harmless ones are dropped), :func:`prints_to_log` turns the bare ``print``
+of a library we load into log lines, and upstream's routine root-logger lines are debug lines.
 """
 
 from __future__ import annotations
@@ -32,6 +32,28 @@ _HARMLESS_WARNINGS = (
     # torch, on upstream T3's attention context manager at the first request
     r"`torch.backends.cuda.sdp_kernel\(\)` is deprecated",
 )
+
+
+# Upstream Chatterbox logs through the root logger (``logging.info(...)``), so these are told
+# apart by their text. Both are routine, not news: debug lines, not info or warnings.
+_UPSTREAM_ROUTINE = (
+    # S3Gen's flow module, each time one is built (at every start)
+    "input frame rate=",
+    # S3Gen on a voice's first use: the clip is not a whole number of 40 ms frames, so upstream
+    # trims its reference tokens to the mel length (as it should)
+    "Reference mel length is not equal to 2 * reference token length.",
+)
+
+
+class _UpstreamRoutine(logging.Filter):
+    """Turns upstream's routine root-logger lines into debug lines (shown at log_level=debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root" or not isinstance(record.msg, str) or not record.msg.startswith(_UPSTREAM_ROUTINE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg = record.msg.strip()
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def _renderer(log_format: str, stream: TextIO) -> Any:
@@ -66,6 +88,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final))
+    handler.addFilter(_UpstreamRoutine())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

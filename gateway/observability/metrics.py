@@ -100,6 +100,22 @@ class _BatchStats(Collector):
             yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))
 
 
+class _ConnectionStats(Collector):
+    """The connection guard's gauges and counters (``ConnectionLimits.stats()``), read at scrape
+    time; absent when the app runs without the guarded server (in process)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, tuple[str, str, float]] | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Any]:
+        return []  # known only once a server has started
+
+    def collect(self) -> Iterable[Any]:
+        for name, (kind, doc, value) in (self._stats() or {}).items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"{NAMESPACE}_{name}", doc, value=float(value))
+
+
 class GatewayMetrics:
     """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
 
@@ -108,6 +124,7 @@ class GatewayMetrics:
         live: Callable[[], Mapping[str, tuple[str, float]]] | None = None,
         engine: Callable[[], Engine | None] | None = None,
         refusals: Callable[[], Mapping[str, int]] | None = None,
+        connections: Callable[[], Mapping[str, tuple[str, str, float]] | None] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -117,6 +134,8 @@ class GatewayMetrics:
             self.registry.register(_AdmissionRefusals(refusals))
         if engine is not None:
             self.registry.register(_BatchStats(engine))
+        if connections is not None:
+            self.registry.register(_ConnectionStats(connections))
         r = self.registry
         self.requests = Counter(
             f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r

@@ -114,6 +114,9 @@ def route_label(path: str) -> str:
     return "other"
 
 
+READINESS_PATHS = frozenset({"/ready", "/health"})
+
+
 def outcome_of(status: int | None, *, completed: bool, disconnected: bool, record: RequestRecord) -> str:
     if record.outcome is not None:
         return record.outcome
@@ -181,6 +184,10 @@ def finish_request(
         log.error("request", **fields)
     elif outcome in {"ok", "cancelled"}:
         log.info("request", **fields)
+    elif outcome == "unavailable" and path in READINESS_PATHS:
+        # the expected answer while the engine loads, polled every few seconds by load
+        # balancers and the playground: engine_loading / engine_ready already tell the story
+        log.debug("request", **fields)
     else:
         log.warning("request", **fields)
 

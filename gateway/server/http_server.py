@@ -1,11 +1,11 @@
 """The uvicorn server the gateway runs under, with every connection limit from the settings.
 
 One place builds it, so ``chatterbox-gateway serve`` and the tests that need a real server
-run exactly the same configuration: the guarded h11 protocol (read deadlines, connection
-cap, see :mod:`gateway.http.connection_guard`), uvicorn's keep-alive timeout and header
-size limit, a listen backlog, the graceful-shutdown grace, a rate limit on asyncio's
-"accept() out of system resource" log line, and TLS when a certificate is configured
-(:mod:`gateway.http.tls`).
+run exactly the same configuration: the guarded h11 protocol (read deadlines, body rate,
+size and byte budget, header size, connection cap, see :mod:`gateway.http.connection_guard`),
+uvicorn's keep-alive timeout, a listen backlog, the graceful-shutdown grace, a rate limit on
+asyncio's "accept() out of system resource" log line, uvicorn's WebSocket protocol with the
+same abort hook, and TLS when a certificate is configured (:mod:`gateway.http.tls`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from typing import Any
 import structlog
 import uvicorn
 
-from gateway.http.connection_guard import AcceptErrorFilter, ConnectionLimits, GuardedWebSocketProtocol, guarded_protocol
+from gateway.http.connection_guard import GuardedWebSocketProtocol, guarded_protocol
+from gateway.http.connection_limits import AcceptErrorFilter, ConnectionLimits
 from gateway.http.tls import load_tls_context, tls_protocol_factory
+from gateway.http.voices import VOICES_PATH, upload_body_limit
 from gateway.server.shutdown import ShutdownClock
 from gateway.settings import Settings
 
@@ -32,7 +34,17 @@ def shutdown_clock_of(app: Any, settings: Settings) -> ShutdownClock:
 
 
 def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) -> uvicorn.Config:
-    limits = ConnectionLimits.from_settings(settings, shutdown_clock_of(app, settings), fd_limit=fd_limit)
+    limits = ConnectionLimits.from_settings(
+        settings,
+        shutdown_clock_of(app, settings),
+        fd_limit=fd_limit,
+        # the same body limits as the app's routes (gateway.app), applied before any body byte
+        # is buffered: speech JSON and every other route max_body_bytes, uploads their own
+        body_caps={VOICES_PATH: upload_body_limit(settings)},
+    )
+    services = getattr(getattr(app, "state", None), "services", None)
+    if services is not None:
+        services.connection_stats = limits.stats  # for the metrics
     protocol: Any = guarded_protocol(limits)
     tls_context = load_tls_context(settings)
     if tls_context is not None:
@@ -45,6 +57,10 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         max_connections=limits.max_connections,
         header_timeout_s=limits.header_timeout_s,
         body_timeout_s=limits.body_timeout_s,
+        body_min_rate_bytes_s=settings.body_min_rate_bytes_s,
+        body_rate_grace_s=limits.body_rate_grace_s,
+        max_pending_body_bytes=limits.max_pending_body_bytes,
+        max_header_bytes=limits.max_header_bytes,
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
         send_timeout_s=settings.send_timeout_s,
     )
@@ -59,7 +75,7 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         log_config=None,  # configure_logging owns the handlers
         access_log=False,  # one canonical line per request comes from the app
         lifespan="on",
-        backlog=settings.listen_backlog,
+        backlog=limits.accept_batch,  # listen_backlog, or less where descriptors are few
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ The app lifespan fills it (engine, voices) and empties it; handlers receive it t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from litestar.datastructures import State
@@ -49,6 +50,9 @@ class AppServices:
         """Bounded voice-clip processing (FFmpeg decode + FLAC write per upload)."""
         self.metrics: GatewayMetrics | None = None
         """The app's Prometheus metrics; None when metrics_enabled is off."""
+        self.connection_stats: Callable[[], dict[str, tuple[str, str, float]]] | None = None
+        """The serving connections' gauges and counters, ``{name: (kind, help, value)}``
+        (``gateway.server.http_server`` sets it; None without the guarded server)."""
 
     def ready_engine(self) -> Engine:
         """The engine, or a 503 (with Retry-After) while it loads or after it failed."""

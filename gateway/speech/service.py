@@ -230,15 +230,18 @@ async def _body(
             yield _sse_event(SpeechAudioDone(usage=done))
     except Exception as exc:  # the status line is gone: record why, then end the body
         message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-        record.fail("timeout" if isinstance(exc, RequestTimeoutError) else "error", message)
-        # one line: a failure we raised ourselves (an engine replica that died, FFmpeg) says
-        # what happened in its message; a traceback only for what we did not foresee
-        foreseen = isinstance(exc, GatewayError) and exc.__cause__ is None
-        structlog.get_logger("gateway.speech").error(
-            "speech_stream_failed", error=message, code=getattr(exc, "code", None), exc_info=None if foreseen else exc
-        )
+        timed_out = isinstance(exc, RequestTimeoutError)
+        record.fail("timeout" if timed_out else "error", message)
+        if not timed_out:  # a time limit is no fault: the request's own line says it
+            # one line: a failure we raised ourselves (an engine replica that died, FFmpeg) says
+            # what happened in its message; a traceback only for what we did not foresee
+            foreseen = isinstance(exc, GatewayError) and exc.__cause__ is None
+            structlog.get_logger("gateway.speech").error(
+                "speech_stream_failed", error=message, code=getattr(exc, "code", None),
+                exc_info=None if foreseen else exc,
+            )
         if not sse:
-            raise
+            raise  # cuts the connection (the response guard ends it without another traceback)
         yield _sse_event(SpeechStreamError(error=error_response(exc).error))
     finally:
         await _unwind(stack)

@@ -1,5 +1,6 @@
-"""A short adversarial run: each attack of issue 8 in turn against a gateway on this machine,
-while a prober asks ``GET /health`` on a fresh connection every 100 ms.
+"""A short adversarial run: each attack of issues 8 and 20 in turn against a gateway on this
+machine, while a prober (a process of its own: :mod:`gateway.tools.health_prober`) asks
+``GET /health`` on a fresh connection every 100 ms.
 
     python -m gateway.tools.attack --url http://127.0.0.1:8000 [--duration 10] \
         [--server-pid PID] [--api-key KEY] [--json out.json]
@@ -19,11 +20,21 @@ Attacks (each for ``--duration`` seconds, then a settle pause):
 - ``idle-flood``: ``--idle`` connections that send nothing;
 - ``pathological-text``: speech requests of 4095 spaces and a letter, 16 at a time;
 - ``request-flood``: the same flood with "Hello there." (the control: what 16 clients
-  hammering the server cost whatever their text).
+  hammering the server cost whatever their text);
+- issue 20 (:mod:`gateway.tools.attack_bodies`): ``held-bodies`` (``--held`` sockets that
+  send speech headers, ``{`` and then a byte every ``--hold-interval`` s, replaced when
+  dropped), ``anonymous-bodies`` (the same without a key), ``big-bodies`` (``--big``
+  connections each holding all but one byte of a ``--body-kib`` speech body),
+  ``unfinished-uploads`` (``--uploads`` voice uploads of ``--upload-mib`` that never send
+  their last boundary), ``big-headers`` (a 60 KB header in one write).
 
-Reported per attack: /health probes, failures, p50/p95/max latency, and afterwards what the
-server still holds (in flight, queued, FFmpeg children with ``--server-pid``). Exit status
-1 when a probe failed or p95 exceeded ``--budget-ms`` (50) under any attack.
+Reported per attack: /health probes, failures, p50/p90/p95/max latency, the answers the
+attack's own raw-socket requests got (by status), and with ``--server-pid`` the server's RSS
+(before, peak, after), its temporary-file bytes (peak, after) and open descriptors after;
+and afterwards what the server still holds (in flight, queued, FFmpeg children). Exit status
+1 when a probe failed or p95 exceeded ``--budget-ms`` (50) under any attack. Repeat a name
+in ``--attacks`` to run it in rounds (e.g. stalled readers against ``--audio-encoder ffmpeg``,
+watching the descriptors).
 
 Bounded on purpose: loopback targets only, at most 60 s per attack and 2000 connections.
 """
@@ -37,18 +48,20 @@ import socket
 import statistics
 import struct
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
 
+from gateway.tools.attack_bodies import BodyAttacks
+from gateway.tools.health_prober import Prober, ProbeResults
+from gateway.tools import host_probes
 from gateway.tools.loadtest import NotLoopbackError, _bounded, _scrape, ffmpeg_children, require_loopback
+from gateway.tools.server_watch import ServerWatch, open_fds, temp_file_bytes
 
 MAX_DURATION_S = 60.0
 MAX_CONNECTIONS = 2000
-PROBE_INTERVAL_S = 0.1
 ATTACKER_ADDRESS = "127.0.0.2"
 """Where ``stalled-resend`` connects from: one client, apart from the others (127.0.0.3, ...)."""
 LONG_TEXT = ("A sentence that goes on and on for the listener who never listens. " * 61)[:4096]
@@ -69,39 +82,13 @@ def _request(method: str, path: str, body: bytes, content_type: str, key: str | 
     ).encode() + body
 
 
-class Prober(threading.Thread):
-    """GET /health on a new connection every 100 ms, in its own thread with blocking sockets
-    (so the attack's own event loop cannot delay it)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(daemon=True)
-        self.address = (host, port)
-        self.latencies_ms: list[float] = []
-        self.failures = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(PROBE_INTERVAL_S):
-            started = time.perf_counter()
-            try:
-                with socket.create_connection(self.address, timeout=5) as sock:
-                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
-                    answer = b""
-                    while chunk := sock.recv(65536):
-                        answer += chunk
-                if not answer.startswith(b"HTTP/1.1 200"):
-                    raise OSError(answer[:40])
-                self.latencies_ms.append((time.perf_counter() - started) * 1000)
-            except OSError:
-                self.failures += 1
-
-
 class Attack:
     def __init__(self, host: str, port: int, args: argparse.Namespace) -> None:
         self.host, self.port, self.args = host, port, args
         self.sockets: list[socket.socket] = []
         self.others: dict[str, int] = {}
         """Outcomes of the other clients' requests (``stalled-resend``): ok, a status, failed."""
+        self.bodies = BodyAttacks(host, port, api_key=args.api_key, max_sockets=MAX_CONNECTIONS)
 
     def connect(self, *, rcvbuf: int | None = None, source: str | None = None) -> socket.socket | None:
         if len(self.sockets) >= MAX_CONNECTIONS:
@@ -126,6 +113,7 @@ class Attack:
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
+        self.bodies.close_all()
 
     async def send(self, sock: socket.socket, data: bytes) -> bool:
         try:
@@ -219,6 +207,21 @@ class Attack:
     async def request_flood(self, until: float) -> None:
         await self._flood(until, "Hello there.")
 
+    async def held_bodies(self, until: float) -> None:
+        await self.bodies.held_bodies(until, self.args.held, self.args.hold_interval)
+
+    async def anonymous_bodies(self, until: float) -> None:
+        await self.bodies.anonymous_bodies(until, self.args.held, self.args.hold_interval)
+
+    async def big_bodies(self, until: float) -> None:
+        await self.bodies.big_bodies(until, self.args.big, self.args.body_kib * 1024)
+
+    async def unfinished_uploads(self, until: float) -> None:
+        await self.bodies.unfinished_uploads(until, self.args.uploads, int(self.args.upload_mib * 1_048_576))
+
+    async def big_headers(self, until: float) -> None:
+        await self.bodies.big_headers(until)
+
     async def _flood(self, until: float, text: str) -> None:
         body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "pcm"}
         headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
@@ -244,6 +247,7 @@ def _alive(sock: socket.socket) -> bool:
 ATTACKS = [
     "baseline", "stalled-readers", "stalled-resend", "upload-bombs", "slow-headers", "slow-bodies", "idle-flood",
     "pathological-text", "request-flood",
+    "held-bodies", "anonymous-bodies", "big-bodies", "unfinished-uploads", "big-headers",
 ]
 
 
@@ -257,48 +261,77 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
         action: Callable[[float], Awaitable[None]] = getattr(attack, name.replace("-", "_"))
         prober = Prober(host, port)
         prober.start()
+        probes = ProbeResults()
+        watch = ServerWatch(args.server_pid) if args.server_pid else None
+        if watch is not None:
+            watch.start()
         until = time.monotonic() + args.duration
         try:
             await asyncio.wait_for(action(until), timeout=args.duration + 30)
+            # an attack the server ended early (every request refused) is still probed for
+            # the whole duration: the rows compare like with like
+            await asyncio.sleep(max(0.0, until - time.monotonic()))
         except (asyncio.TimeoutError, httpx.HTTPError):
             pass
         finally:
-            prober.stop.set()
-            prober.join(10)
+            probes = prober.finish()
             attack.close_all()
+            if watch is not None:
+                watch.stop.set()
+                watch.join(10)
         await asyncio.sleep(args.settle)
-        rows.append(await _row(name, prober, args))
+        rows.append(await _row(name, probes, watch, attack, args))
         if attack.others:
             rows[-1]["others"] = dict(sorted(attack.others.items()))
     return rows
 
 
-async def _row(name: str, prober: Prober, args: argparse.Namespace) -> dict[str, object]:
+async def _row(
+    name: str, prober: ProbeResults, watch: ServerWatch | None, attack: Attack, args: argparse.Namespace
+) -> dict[str, object]:
     lat = sorted(prober.latencies_ms)
-    p95 = statistics.quantiles(lat, n=20)[-1] if len(lat) >= 2 else (lat[0] if lat else None)
+    cuts = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) >= 2 else None
+    p90 = cuts[17] if cuts else (lat[0] if lat else None)
+    p95 = cuts[-1] if cuts else (lat[0] if lat else None)
     async with httpx.AsyncClient(base_url=args.url, timeout=10) as client:
         scraped = await _scrape(client)
+    pid = args.server_pid
     return {
         "attack": name,
         "probes": len(lat) + prober.failures,
         "failed": prober.failures,
+        "failures": prober.failure_kinds,
         "p50_ms": round(statistics.median(lat), 1) if lat else None,
+        "p90_ms": round(p90, 1) if p90 is not None else None,
         "p95_ms": round(p95, 1) if p95 is not None else None,
         "max_ms": round(lat[-1], 1) if lat else None,
+        "answers": dict(attack.bodies.answers.most_common()),
+        "rss_mib": None if watch is None else {
+            "before": host_probes.mib(watch.rss_before), "peak": host_probes.mib(watch.peak_rss), "after": host_probes.mib(host_probes.rss_bytes(pid)),
+        },
+        "temp_mib": None if watch is None else {"peak": host_probes.mib(watch.peak_temp), "after": host_probes.mib(temp_file_bytes(pid))},
+        "fds_after": open_fds(pid) if pid else None,
         "in_flight_after": scraped.get("chatterbox_in_flight_requests"),
         "queued_after": scraped.get("chatterbox_queued_requests"),
-        "ffmpeg_after": ffmpeg_children(args.server_pid) if args.server_pid else None,
+        "ffmpeg_after": ffmpeg_children(pid) if pid else None,
     }
 
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| Attack | /health probes | failed | p50 ms | p95 ms | max ms | in flight / queued / FFmpeg after |",
-        "|---|---|---|---|---|---|---|",
+        "| Attack | /health probes | failed | p50 ms | p90 ms | p95 ms | max ms | answers | RSS MiB before / peak / after "
+        "| temp MiB peak / after | fds after | in flight / queued / FFmpeg after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        answers = ", ".join(f"{k} {v}" for k, v in r["answers"].items()) or "-"  # type: ignore[attr-defined]
+        rss = r["rss_mib"] or {}
+        temp = r["temp_mib"] or {}
         lines.append(
-            f"| {r['attack']} | {r['probes']} | {r['failed']} | {r['p50_ms']} | {r['p95_ms']} | {r['max_ms']} | "
+            f"| {r['attack']} | {r['probes']} | {r['failed']} | {r['p50_ms']} | {r['p90_ms']} | {r['p95_ms']} | "
+            f"{r['max_ms']} | {answers} | "
+            f"{_n(rss.get('before'))} / {_n(rss.get('peak'))} / {_n(rss.get('after'))} | "  # type: ignore[union-attr]
+            f"{_n(temp.get('peak'))} / {_n(temp.get('after'))} | {_n(r['fds_after'])} | "  # type: ignore[union-attr]
             f"{_n(r['in_flight_after'])} / {_n(r['queued_after'])} / {_n(r['ffmpeg_after'])} |"
         )
     for r in rows:
@@ -308,7 +341,11 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def _n(value: object) -> str:
-    return "-" if value is None else str(int(value)) if isinstance(value, float) else str(value)
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.1f}"
+    return str(int(value)) if isinstance(value, float) else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stalled", type=_bounded(1, 256, int), default=32, help="stalled readers kept open")
     p.add_argument("--idle", type=_bounded(1, MAX_CONNECTIONS, int), default=1000, help="idle connections")
     p.add_argument("--others", type=_bounded(1, 200, int), default=8, help="other clients (stalled-resend)")
+    p.add_argument("--held", type=_bounded(1, MAX_CONNECTIONS, int), default=1050,
+                   help="held-bodies / anonymous-bodies: sockets kept sending a body a byte at a time")
+    p.add_argument("--hold-interval", type=_bounded(0.1, 30.0), default=5.0, help="seconds between their bytes")
+    p.add_argument("--big", type=_bounded(1, MAX_CONNECTIONS, int), default=990, help="big-bodies: connections")
+    p.add_argument("--body-kib", type=_bounded(1, 16384, int), default=1024, help="big-bodies: body size (KiB)")
+    p.add_argument("--uploads", type=_bounded(1, 1000, int), default=100, help="unfinished-uploads: connections")
+    p.add_argument("--upload-mib", type=_bounded(0.1, 64.0), default=10.0, help="unfinished-uploads: clip size")
     p.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=ATTACKS)
     p.add_argument("--budget-ms", type=float, default=50.0, help="p95 /health latency allowed under attack")
     p.add_argument("--server-pid", type=int, default=None)

@@ -25,7 +25,7 @@ batch: 16 requests running past 300 tokens when 32 new requests with long texts 
 (steps of far more than 256 tokens). Passes if the engine survives and every request ends
 with its full length of valid speech ids.
 
-The new families' T3 (Multilingual on the Llama plugin, Turbo's GPT-2 model) come from
+The new families (Multilingual's and Turbo's T3, Turbo's mean-flow vocoder) come from
 ``gateway.tools.parity_families`` (``--skip-families`` to leave them out).
 
 Vocoder checks (batched vs one-at-a-time S3Gen, streamed vs one-shot) come from
@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from gateway.tools.parity_t3 import llama_teacher_forced, near_tie_verdict
 
 CASES = (  # (cfg_weight, exaggeration, text length)
     (0.5, 0.5, 24), (0.0, 0.5, 40), (1.0, 0.3, 12), (0.3, 0.8, 60),
@@ -101,39 +103,9 @@ def _reference(t3, n_tokens: int, penalty: float, dev: str = "cuda") -> tuple[li
         if toks and toks[-1] == 6562:
             toks = toks[:-1]
         tokens_out.append(toks)
-        margins_out.append(_teacher_forced(t3, _conds(100 + i, ex).to(device=dev), text, toks, w, penalty))
+        margins_out.append(llama_teacher_forced(t3, _conds(100 + i, ex).to(device=dev), text, toks, w, penalty))
     t3.cpu()
     return tokens_out, margins_out
-
-
-def _teacher_forced(t3, cond, text, toks, w, penalty):
-    import torch
-
-    with torch.inference_mode():
-        embeds, _ = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text,
-                                            speech_tokens=torch.full((2, 1), 6561, device=text.device),
-                                            cfg_weight=max(w, 1e-3))
-        # upstream feeds a second start row (position 0), then token k at position k + 1
-        speech = torch.tensor([6561] + toks[:-1], device=text.device)
-        rows = t3.speech_emb(speech) + t3.speech_pos_emb.emb(torch.arange(len(speech), device=text.device))
-        seq = torch.cat([embeds, rows[None].expand(2, -1, -1)], dim=1)
-        hidden = t3.tfmr(inputs_embeds=seq).last_hidden_state[:, embeds.shape[1]:]
-        logits = t3.speech_head(hidden)  # [2, steps, V]
-        mixed = logits[0] + w * (logits[0] - logits[1])
-        margins = []
-        seen = {6561}
-        for step in range(len(toks)):
-            row = mixed[step].clone()
-            idx = torch.tensor(sorted(seen), device=row.device)
-            vals = row[idx]
-            row[idx] = torch.where(vals < 0, vals * penalty, vals / penalty)
-            top = torch.topk(row, 2).values
-            margins.append(float(top[0] - top[1]))
-            seen.add(toks[step])
-        raw = mixed.clone()
-        raw[:, 6561] = float("-inf")
-        raw[:, 6563:] = float("-inf")
-    return margins, torch.log_softmax(raw.float(), dim=-1).cpu()
 
 
 def _vllm_worker(model_dir: str, dtype: str, n_tokens: int, penalty: float, out: str) -> None:
@@ -241,35 +213,10 @@ def check_long(seed: int) -> list[tuple[str, bool, str]]:
     ]
 
 
-def _first_mismatch(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _logit_error(ref_logprobs, mine: list, upto: int) -> float:
-    """Largest error, over steps < ``upto``, of the differences between the top token's
-    log-probability and the others' (the normalisation cancels): the precision of the
-    served logits, measured, not assumed."""
-    worst = 0.0
-    for step in range(min(upto, len(mine))):
-        pairs = mine[step]
-        if len(pairs) < 2:
-            continue
-        top_id, top_lp = max(pairs, key=lambda p: p[1])
-        for tid, lp in pairs:
-            if lp == float("-inf"):
-                continue
-            ref_diff = float(ref_logprobs[step, top_id] - ref_logprobs[step, tid])
-            worst = max(worst, abs((top_lp - lp) - ref_diff))
-    return worst
-
-
 def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, str]]:
     """Criterion per request: vLLM's greedy tokens equal the reference's, or the first
     difference falls on a near tie: a step where the reference's own top-2 margin is at most
-    twice the largest logit-difference error measured on the steps before it (``_logit_error``).
+    twice the largest logit-difference error measured on the steps before it (``parity_t3``).
     Batched == one at a time must hold exactly in fp32 (per-request CFG/positions under
     continuous batching); bf16 kernels differ by batch shape, so bf16 is held to the same
     near-tie criterion only."""
@@ -305,16 +252,8 @@ def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, 
         for i, (ref, mine, (margins, ref_lp), lps) in enumerate(
                 zip(ref_tokens, got["tokens"], ref_forced, got["logprobs"])):
             w, ex, n_text = CASES[i]
-            at = _first_mismatch(ref, mine)
-            err = _logit_error(ref_lp, lps, len(ref) if at is None else at)
-            what = f"cfg {w} exag {ex} text {n_text}: max logit-diff error {err:.4f}"
-            if at is None:
-                results.append((f"T3 vLLM {dtype} case {i}", True, what + f"; all {len(ref)} tokens equal"))
-                continue
-            m = margins[at] if at < len(margins) else float("inf")
-            results.append((f"T3 vLLM {dtype} case {i}", m <= 2 * err,
-                            what + f"; equal for {at}/{len(ref)} tokens, then a near tie: ref top-2 margin "
-                            f"{m:.4f} (must be <= {2 * err:.4f})"))
+            ok, detail = near_tie_verdict(ref, mine, margins, ref_lp, lps)
+            results.append((f"T3 vLLM {dtype} case {i}", ok, f"cfg {w} exag {ex} text {n_text}: {detail}"))
     return results
 
 
@@ -326,10 +265,10 @@ def check_vocoder() -> list[tuple[str, bool, str]]:
     return list(parity_vocoder.run_checks())
 
 
-def _check_families() -> list[tuple[str, bool, str]]:
+def _check_families(tokens: int) -> list[tuple[str, bool, str]]:
     from gateway.tools import parity_families
 
-    return parity_families.run_checks()
+    return parity_families.run_checks(tokens=tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [("T3", lambda: check_t3(args.tokens, args.repetition_penalty, args.seed), args.skip_t3),
               ("T3 long context", lambda: check_long(args.seed), args.skip_long),
               ("vocoder", check_vocoder, args.skip_vocoder),
-              ("T3 families", _check_families, args.skip_families)]
+              ("T3 families", lambda: _check_families(args.tokens), args.skip_families)]
     for name, fn, skip in stages:
         if skip:
             continue

@@ -135,7 +135,12 @@ def _upstream_check(s3gen: Any, ref: dict[str, Any], tokens: list[int], steps: i
     # SineGen's harmonic phases and its source noise.
     torch.manual_seed(1234)
     frames = 2 * (ref["prompt_token"].shape[1] + len(tokens))
-    flow = torch.randn(1, 80, frames, device=device)
+    if getattr(s3gen, "meanflow", False):  # Turbo's flow_inference draws the generated frames' noise first
+        generated = torch.randn(1, 80, 2 * len(tokens), device=device)
+        flow = torch.randn(1, 80, frames, device=device)
+        flow[:, :, frames - generated.shape[2]:] = generated
+    else:
+        flow = torch.randn(1, 80, frames, device=device)
     phase = Uniform(low=-np.pi, high=np.pi).sample(sample_shape=(1, 9, 1)).to(device)
     phase[:, 0, :] = 0
     noise = torch.randn(1, 9, 2 * len(tokens) * 480, device=device)
@@ -218,11 +223,12 @@ def _graph_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> CheckRes
 def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: str) -> list[CheckResult]:
     """The compiled estimator == the plain one: eager, and on CUDA through its captured graphs.
     A compile that fell back to the plain blocks fails the check (its reason in the detail)."""
-    from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+    from gateway.engine.vllm.meanflow_solver import flow_solver
 
     plain = batch.run_flow(rows)
     saved = batch.cfm, batch.first_cfm
-    solver = CfmSolver(saved[0].decoder, steps=saved[0].steps, device=batch.device, dtype=batch.dtype, compile=mode)
+    solver = flow_solver(saved[0].decoder, steps=saved[0].steps, device=batch.device, dtype=batch.dtype, compile=mode)
     batch.cfm = batch.first_cfm = solver
     results: list[CheckResult] = []
 

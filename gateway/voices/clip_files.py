@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 
 from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.errors import InvalidRequestError
-from gateway.voices.clip_probe import DecodeLimits, decode_clip
+from gateway.voices.clip_probe import DecodeLimits, DecoderTimeoutError, decode_clip
 
 CLIP_SAMPLE_RATE = 24_000
 _SILENCE_PEAK = 1e-4
@@ -80,16 +81,24 @@ def sniff_container(data: bytes) -> str | None:
     return None
 
 
-def write_flac(samples: np.ndarray, path: Path) -> None:
+def write_flac(samples: np.ndarray, path: Path, *, deadline: float | None = None) -> None:
     """24 kHz mono 16-bit FLAC, written atomically (FFmpeg writes a temporary file in the same
-    folder, seekable so the header carries the length; then fsync and rename)."""
+    folder, seekable so the header carries the length; then fsync and rename). FFmpeg is
+    killed at ``deadline`` (``time.monotonic()``, the request's time limit):
+    :class:`DecoderTimeoutError`."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    timeout_s = float(_DECODE_TIMEOUT_S)
+    if deadline is not None:
+        timeout_s = max(0.0, min(timeout_s, deadline - time.monotonic()))
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
            "-f", "f32le", "-ar", str(CLIP_SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
            "-c:a", "flac", "-sample_fmt", "s16", "-compression_level", "8",
            "-fflags", "+bitexact", "-flags:a", "+bitexact", "-f", "flac", "-y", str(tmp)]
     try:
-        proc = subprocess.run(cmd, input=samples.astype("<f4").tobytes(), capture_output=True, timeout=_DECODE_TIMEOUT_S)
+        try:
+            proc = subprocess.run(cmd, input=samples.astype("<f4").tobytes(), capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DecoderTimeoutError(f"FFmpeg took longer than {timeout_s:g} s to write FLAC") from None
         if proc.returncode != 0:
             raise RuntimeError(f"FFmpeg could not write FLAC: {proc.stderr.decode(errors='replace')[-500:]}")
         with open(tmp, "rb+") as f:

@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ class DecodeLimits:
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
     max_channels: int = 8
+    deadline: float | None = None
+    """When (``time.monotonic()``) the request's time limit ends: no FFmpeg child runs past it."""
 
 
 class DecoderTimeoutError(Exception):
@@ -47,17 +50,22 @@ def run_limited(
     cmd: Sequence[str], limits: DecodeLimits, *, input_bytes: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``cmd`` with RLIMIT_AS/RLIMIT_CPU set (and a lower priority) in the child before
-    exec, and a wall timeout."""
+    exec, and a wall timeout (the request's deadline, if that comes first)."""
+    timeout_s = limits.timeout_s
+    if limits.deadline is not None:
+        timeout_s = min(timeout_s, limits.deadline - time.monotonic())
+        if timeout_s <= 0:
+            raise DecoderTimeoutError("the request's time limit has passed")
     try:
         return subprocess.run(
             list(cmd),
             input=input_bytes,
             capture_output=True,
-            timeout=limits.timeout_s,
+            timeout=timeout_s,
             preexec_fn=_rlimits(limits),
         )
     except subprocess.TimeoutExpired:
-        raise DecoderTimeoutError(f"the decoder took longer than {limits.timeout_s:g} s") from None
+        raise DecoderTimeoutError(f"the decoder took longer than {timeout_s:g} s") from None
 
 
 def _rlimits(limits: DecodeLimits) -> Callable[[], None]:

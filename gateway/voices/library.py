@@ -27,6 +27,7 @@ caller on a server without keys, sees every voice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.voices.clip_files import CLIP_SAMPLE_RATE, atomic_write, decode_upload, fsync_dir, write_flac
-from gateway.voices.clip_probe import DecodeLimits
+from gateway.voices.clip_probe import DecodeLimits, DecoderTimeoutError
 from gateway.voices.index import VoiceIndex
 from gateway.errors import (
     ConflictError,
@@ -47,6 +48,7 @@ from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     VoiceNotFoundError,
 )
 
@@ -214,10 +216,18 @@ class VoiceLibrary:
     # ---- create / delete ---------------------------------------------------------------
 
     def create(
-        self, name: str, clip_bytes: bytes, consent: str | None = None, *, access: VoiceAccess = EVERY_VOICE
+        self,
+        name: str,
+        clip_bytes: bytes,
+        consent: str | None = None,
+        *,
+        access: VoiceAccess = EVERY_VOICE,
+        deadline: float | None = None,
     ) -> VoiceInfo:
         """Validate an uploaded clip, store it as 24 kHz mono FLAC and return the new voice,
-        owned by ``access.owner`` (None: shared)."""
+        owned by ``access.owner`` (None: shared). ``deadline`` (``time.monotonic()``): no
+        decoder child runs past it, and a voice whose work ends past it is not created (504);
+        the caller's answer can then still say so."""
         if not NAME_PATTERN.fullmatch(name):
             raise InvalidRequestError(
                 "Voice name must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.", param="name"
@@ -235,7 +245,12 @@ class VoiceLibrary:
             raise InvalidRequestError("audio_sample is empty.", param="audio_sample")
         # Cheap refusals before any decoding (checked again at the rename, under the lock).
         self._check_room_for(name, access)
-        samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=self.decode_limits)
+        limits = self.decode_limits if deadline is None else dataclasses.replace(self.decode_limits, deadline=deadline)
+        try:
+            samples = decode_upload(clip_bytes, min_s=self.min_clip_s, max_s=self.max_clip_s, limits=limits)
+        except InvalidRequestError:
+            _check_deadline(deadline)  # cut by the request's limit, not refused for what it is
+            raise
         voice_id = "voice_" + secrets.token_hex(12)
         created_at = int(time.time())
         meta = {"id": voice_id, "name": name, "created_at": created_at, "consent": consent,
@@ -247,10 +262,16 @@ class VoiceLibrary:
         staging = self._created_dir / f"{_STAGING_PREFIX}{voice_id}"
         staging.mkdir(parents=True)
         try:
-            write_flac(samples, staging / "clip.flac")
+            _check_deadline(deadline)
+            try:
+                write_flac(samples, staging / "clip.flac", deadline=deadline)
+            except DecoderTimeoutError:
+                _check_deadline(deadline)  # the request's limit: a 504, nothing created
+                raise
             atomic_write(staging / "voice.json", json.dumps(meta, indent=2).encode())
             fsync_dir(staging)
             with self._lock:
+                _check_deadline(deadline)  # the last moment to give up: after this it exists
                 self._check_room_for(name, access)
                 os.replace(staging, self._created_dir / voice_id)
                 fsync_dir(self._created_dir)
@@ -366,6 +387,11 @@ class VoiceLibrary:
         for entry in os.scandir(self._created_dir):
             if entry.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX)) and entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RequestTimeoutError("The upload exceeded the request time limit; no voice was created.")
 
 
 def _shown(name: str) -> str:

@@ -16,6 +16,7 @@ pytest.importorskip("ray.serve")
 
 from cluster_harness import cluster_settings, local_ray, wait_for_replicas  # noqa: E402
 from harness import serve_on_loopback  # noqa: E402
+from weights_support import cache_with_shared_weights  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
 from gateway.cluster import deploy  # noqa: E402
@@ -27,8 +28,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    root = tmp_path_factory.mktemp("cluster-reference")
     settings = cluster_settings(
-        tmp_path_factory.mktemp("cluster-reference"),
+        root,
+        cache_dir=cache_with_shared_weights(root),  # the suite's dummy checkpoint, written once
         engine="reference",
         device="cpu",
         load_format="dummy",

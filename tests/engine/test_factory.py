@@ -52,9 +52,22 @@ def test_vllm_where_it_cannot_run_is_a_settings_error(tmp_path: Path) -> None:
         assert "CUDA" in message
 
 
-def test_vllm_with_families_it_does_not_serve_yet_is_a_settings_error(tmp_path: Path) -> None:
-    settings = Settings(engine="vllm", models=("chatterbox", "chatterbox-turbo"), cache_dir=str(tmp_path))
-    with pytest.raises(SettingsError, match="serves only chatterbox so far; chatterbox-turbo run on --engine reference"):
-        resolve_engine_name(settings)
-    auto = Settings(engine="auto", models=("chatterbox-multilingual",), cache_dir=str(tmp_path))
-    assert resolve_engine_name(auto) == "reference"
+def test_vllm_serves_every_family_and_auto_picks_it_for_any_mix(tmp_path: Path) -> None:
+    models = ("chatterbox", "chatterbox-turbo", "chatterbox-multilingual")
+    for chosen in (models, models[1:2], models[2:], models[:2]):
+        auto = Settings(engine="auto", models=chosen, cache_dir=str(tmp_path))
+        assert resolve_engine_name(auto) == ("vllm" if vllm_available() else "reference")
+        if vllm_available():
+            assert resolve_engine_name(Settings(engine="vllm", models=chosen, cache_dir=str(tmp_path))) == "vllm"
+
+
+def test_the_vllm_engine_holds_a_runtime_per_loaded_family(tmp_path: Path) -> None:
+    from gateway.engine.vllm.engine import VllmEngine
+
+    settings = Settings(engine="vllm", load_format="dummy", models=("chatterbox-turbo", "chatterbox-multilingual"),
+                        cache_dir=str(tmp_path))
+    engine = VllmEngine(settings)
+    assert engine.models == ("chatterbox-turbo", "chatterbox-multilingual") == tuple(engine.runtimes)
+    assert engine.model_id == "dummy-seed0/chatterbox-turbo"
+    with pytest.raises(EngineUnavailableError):  # nothing loaded before start()
+        engine.components_of("chatterbox-multilingual")

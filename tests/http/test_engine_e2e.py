@@ -18,6 +18,7 @@ import pytest
 
 from gateway.app import create_app
 from harness import serve_on_loopback
+from weights_support import cache_with_shared_weights
 from gateway.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         engine=engine,
         device="cpu" if engine == "reference" else "cuda",
         load_format="dummy",
-        cache_dir=str(root / "cache"),
+        cache_dir=cache_with_shared_weights(root),  # the dummy checkpoint: written once
         voices_dir=str(root / "voices"),
         max_speech_tokens=10,
         flow_steps=2,

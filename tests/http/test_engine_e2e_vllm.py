@@ -1,8 +1,13 @@
-"""End to end on the vLLM engine (GPU machines only; skipped elsewhere): the OpenAI SDK and
-SSE against a real server on loopback running VllmEngine with dummy weights, the audio
-decoded by FFmpeg, and cancellation freeing the engine for the next request.
+"""End to end on the vLLM engine (GPU machines only; skipped elsewhere): one real server on
+loopback running VllmEngine with all three model families loaded (dummy weights), and for
+each family the OpenAI SDK, a streamed body, SSE, the same seed twice, and hanging up
+(cancellation frees the engine for the next request); the audio decoded by FFmpeg.
+Multilingual requests name their language (the detector is not installed on GPU machines).
 
-Run on the GPU: ``pytest -m gpu tests/http/test_engine_e2e_vllm.py``.
+Run on the GPU: ``pytest -m gpu tests/http/test_engine_e2e_vllm.py`` (the server start, three
+vLLM engines and their vocoders' CUDA graphs, is most of its time). ``CHATTERBOX_*`` variables
+set in the environment override the fixture's serving settings (the GPU script uses this to
+serve with the benchmark's vLLM settings, so both runs share vLLM's compile cache).
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,38 +28,101 @@ import pytest
 
 from gateway.engine.factory import vllm_available
 from harness import serve_on_loopback
+from weights_support import cache_with_shared_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not vllm_available(), reason="needs CUDA and vLLM")]
 
 MAX_TOKENS = 50
+FAMILIES = ("chatterbox", "chatterbox-turbo", "chatterbox-multilingual")
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """How each family is spoken to: its text (Turbo's with a tag) and extra fields."""
+
+    model: str
+    text: str
+    long_text: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SPEAKERS = {
+    "chatterbox": Speaker("chatterbox", "Hello there. How are you?", "A long one. " * 8),
+    "chatterbox-turbo": Speaker("chatterbox-turbo", "Well [laugh] hello there. How are you?",
+                                "A long one [sigh] again. " * 6),
+    "chatterbox-multilingual": Speaker("chatterbox-multilingual", "Bonjour à tous. Comment allez-vous ?",
+                                       "Une longue phrase. " * 8, {"language": "fr"}),
+}
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     from gateway.app import create_app
-    from gateway.settings import Settings
+    from gateway.settings import load_settings
 
     root = tmp_path_factory.mktemp("vllm")
-    settings = Settings(engine="vllm", load_format="dummy", cache_dir=str(root / "cache"),
-                        voices_dir=str(root / "voices"), max_speech_tokens=MAX_TOKENS,
-                        vllm_max_num_seqs=16, vllm_max_model_len=1024, vllm_gpu_memory_utilization=0.3,
-                        log_format="json")
-    # dummy checkpoint, vLLM compile and graph capture
-    with serve_on_loopback(create_app(settings), timeout_s=400, poll_s=0.5, join_s=60) as base_url:
-        yield base_url
+    defaults = {"vllm_max_num_seqs": 16, "vllm_max_model_len": 1024, "vllm_gpu_memory_utilization": 0.3,
+                # the suite's dummy checkpoints (tests/weights_support.py): written once per machine
+                "cache_dir": cache_with_shared_weights(root)}
+    overrides = {k: v for k, v in defaults.items() if f"CHATTERBOX_{k.upper()}" not in os.environ}
+    settings = load_settings(environ=dict(os.environ), overrides={
+        **overrides, "engine": "vllm", "load_format": "dummy", "models": list(FAMILIES),
+        "voices_dir": str(root / "voices"), "max_speech_tokens": MAX_TOKENS, "log_format": "json"})
+    app = create_app(settings)
+    # dummy checkpoints, three vLLM engines' compile and graphs, the vocoders' CUDA graphs
+    with serve_on_loopback(app, timeout_s=900, poll_s=0.5, join_s=60) as base_url:
+        yield base_url, app.state["services"].engine
+
+
+@pytest.fixture(scope="module")
+def base_url(vllm_server: tuple[str, Any]) -> str:
+    return vllm_server[0]
 
 
 def _sdk(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_sdk_speech_on_the_vllm_engine(vllm_server: str, valid_audio) -> None:
-    response = _sdk(vllm_server).audio.speech.create(
-        model="tts-1", input="Hello there. How are you?", voice="default", response_format="mp3",
-        extra_body={"seed": 3})
+def test_every_family_is_served_by_the_vllm_engine_and_its_start_was_logged(vllm_server) -> None:
+    base_url, engine = vllm_server
+    assert engine.name == "vllm" and engine.models == FAMILIES
+    listed = [m.id for m in _sdk(base_url).models.list().data]
+    assert listed[:3] == list(FAMILIES)
+    parts = {(p["family"], p["part"]) for p in engine.start_parts}
+    for family in FAMILIES:
+        for part in ("checkpoint", "t3_engine", "modules", "vocoder", "warm_up"):
+            assert (family, part) in parts, (family, part)
+    graphs = [p for p in engine.start_parts if p["part"] == "vocoder"]
+    assert all(p["cfm_graphs"] > 0 for p in graphs), graphs  # Turbo's mean-flow solve is captured too
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdk_speech(base_url: str, family: str, valid_audio) -> None:
+    speaker = SPEAKERS[family]
+    response = _sdk(base_url).audio.speech.create(
+        model=family, input=speaker.text, voice="default", response_format="mp3",
+        extra_body={"seed": 3, **speaker.extra})
     probe = valid_audio(response.content, "mp3")
-    assert probe.duration_s < 2 * MAX_TOKENS / 25 + 1  # two chunks at most 50 tokens each
+    tail = 3 / 25 if family == "chatterbox-turbo" else 0  # Turbo's silence tokens
+    assert probe.duration_s < 2 * (MAX_TOKENS / 25 + tail) + 1  # two chunks at most 50 tokens each
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_body_arrives_in_pieces(base_url: str, family: str) -> None:
+    speaker = SPEAKERS[family]
+    body = {"model": family, "input": speaker.long_text, "voice": "default", "response_format": "pcm",
+            "seed": 4, **speaker.extra}
+    pieces, t0, first = [], time.monotonic(), None
+    with httpx.stream("POST", f"{base_url}/v1/audio/speech", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for part in response.iter_bytes():
+            if part:
+                first = first if first is not None else time.monotonic() - t0
+                pieces.append(part)
+    audio = b"".join(pieces)
+    assert len(pieces) > 1 and len(audio) % 2 == 0 and len(audio) > 0
+    assert first is not None and first < time.monotonic() - t0  # the first bytes came before the last
 
 
 def _snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -60,11 +131,14 @@ def _snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return math.inf if noise == 0 else 10 * math.log10(float(np.sum(ref**2)) / noise)
 
 
-def test_same_seed_same_audio(vllm_server: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_audio(base_url: str, family: str) -> None:
+    speaker = SPEAKERS[family]
+
     def speech(seed: int) -> np.ndarray:
-        body = {"model": "chatterbox", "input": "Same seed.", "voice": "default", "response_format": "pcm",
-                "seed": seed, "cfg_weight": 0.3}
-        response = httpx.post(f"{vllm_server}/v1/audio/speech", json=body, timeout=120)
+        body = {"model": family, "input": "Same seed.", "voice": "default", "response_format": "pcm",
+                "seed": seed, "cfg_weight": 0.3, **speaker.extra}
+        response = httpx.post(f"{base_url}/v1/audio/speech", json=body, timeout=120)
         assert response.status_code == 200 and response.content
         return np.frombuffer(response.content, dtype=np.int16)
 
@@ -75,25 +149,45 @@ def test_same_seed_same_audio(vllm_server: str) -> None:
     assert other.shape != first.shape or _snr_db(first, other) < 10
 
 
-def test_sse_on_the_vllm_engine(vllm_server: str, valid_audio) -> None:
-    body = {"model": "chatterbox", "input": "Hi.", "voice": "default", "response_format": "opus",
-            "stream_format": "sse", "cfg_weight": 0.0}
-    response = httpx.post(f"{vllm_server}/v1/audio/speech", json=body, timeout=120)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sse(base_url: str, family: str, valid_audio) -> None:
+    speaker = SPEAKERS[family]
+    body = {"model": family, "input": "Hi.", "voice": "default", "response_format": "opus",
+            "stream_format": "sse", "cfg_weight": 0.0, **speaker.extra}
+    response = httpx.post(f"{base_url}/v1/audio/speech", json=body, timeout=120)
     assert response.status_code == 200
     events = [json.loads(b[len("data: "):]) for b in response.text.split("\n\n") if b.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done", events[-1]
-    assert 0 < events[-1]["usage"]["output_tokens"] <= MAX_TOKENS
+    assert 0 < events[-1]["usage"]["output_tokens"] <= MAX_TOKENS  # Turbo's silence tail is no usage
     valid_audio(b"".join(base64.b64decode(e["audio"]) for e in events[:-1]), "opus")
 
 
-def test_disconnect_frees_the_engine(vllm_server: str) -> None:
-    body = {"model": "chatterbox", "input": "A long one. " * 8, "voice": "default", "response_format": "pcm"}
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disconnect_frees_the_engine(vllm_server, family: str) -> None:
+    base_url, engine = vllm_server
+    speaker = SPEAKERS[family]
+    body = {"model": family, "input": speaker.long_text, "voice": "default", "response_format": "pcm",
+            **speaker.extra}
     for _ in range(4):  # hang up on several streams right after their first bytes
-        with httpx.stream("POST", f"{vllm_server}/v1/audio/speech", json=body, timeout=120) as response:
+        with httpx.stream("POST", f"{base_url}/v1/audio/speech", json=body, timeout=120) as response:
             assert response.status_code == 200
             next(response.iter_bytes())
     t0 = time.monotonic()
-    after = httpx.post(f"{vllm_server}/v1/audio/speech",
-                       json={**body, "input": "Still here."}, timeout=120)
+    after = httpx.post(f"{base_url}/v1/audio/speech", json={**body, "input": "Still here."}, timeout=120)
     assert after.status_code == 200 and after.content
     assert time.monotonic() - t0 < 30
+    vocoder = engine.runtimes[family].vocoder
+    for _ in range(100):  # the hung-up streams' windows are gone
+        if vocoder.open_streams == 0:
+            break
+        time.sleep(0.1)
+    assert vocoder.open_streams == 0
+
+
+
+def test_languages_a_family_does_not_speak_are_refused_before_any_engine_work(base_url: str) -> None:
+    for model, language in (("chatterbox-multilingual", "uk"), ("chatterbox-turbo", "es"), ("chatterbox", "fr")):
+        body = {"model": model, "input": "Hello.", "voice": "default", "language": language}
+        response = httpx.post(f"{base_url}/v1/audio/speech", json=body, timeout=30)
+        assert response.status_code == 400, (model, response.text)
+        assert response.json()["error"]["param"] == "language"

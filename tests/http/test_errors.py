@@ -63,6 +63,21 @@ async def test_bad_values_are_400_with_param(gateway, change: dict[str, object],
     assert gateway.engine.jobs == []
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input": ""}, "'input' must not be empty."),
+        ({"input": " "}, "'input' must not be blank."),
+        ({"input": "x" * 4097}, "'input' must be at most 4096 characters long."),
+        ({"model": ""}, "'model' must not be empty."),
+        ({"instructions": "x" * 4097}, "'instructions' must be at most 4096 characters long."),
+    ],
+)
+async def test_text_lengths_are_said_in_words(gateway, change: dict[str, object], message: str, api_error) -> None:
+    error = api_error(await gateway.http.post("/v1/audio/speech", json={**GOOD, **change}), 400, param=next(iter(change)))
+    assert error["message"] == message
+
+
 @pytest.mark.parametrize("missing", ["model", "input", "voice"])
 async def test_missing_field_is_400_with_param(gateway, missing: str, api_error) -> None:
     body = {k: v for k, v in GOOD.items() if k != missing}

@@ -2,10 +2,11 @@
 against a real server on loopback, audio decoded by FFmpeg. (The original family is
 tests/http/test_engine_e2e.py.)
 
-Slow: each family's dummy checkpoint is written once per machine into the default cache
-(Turbo 2.8 GB, Multilingual 3.0 GB, ~1 min each on 2 cores), then each test loads one family
-(~30 s) and speaks a few tokens with a clip voice, so the family's conditionals are computed
-by its own modules (Turbo: loudness-normalised clip, 15 s prompt, no Perceiver)."""
+Slow: each family's dummy checkpoint is written once into the suite's cache
+(tests/weights_support.py; Turbo 2.8 GB, Multilingual 3.0 GB, ~1 min each on 2 cores), then
+each test loads one family (~30 s) and speaks a few tokens with a clip voice, so the family's
+conditionals are computed by its own modules (Turbo: loudness-normalised clip, 15 s prompt,
+no Perceiver)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway.engine.checkpoint.dummy import dummy_checkpoint_path
 from gateway.models.families import FAMILIES
 from gateway.settings import Settings
 from harness import serve_on_loopback
+from weights_support import cache_with_shared_weights, suite_cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +30,18 @@ def _serve(model: str, root: Path, max_speech_tokens: int) -> Iterator[str]:
     import torch
 
     torch.set_num_threads(2)
-    default_cache = Settings().cache_dir
     settings = Settings(
         engine="reference",
         device="cpu",
         models=(model,),
         load_format="dummy",
-        cache_dir=default_cache,  # the dummy checkpoint: once per machine
+        cache_dir=cache_with_shared_weights(root),  # the dummy checkpoint: written once
         voices_dir=str(root / "voices"),
         max_speech_tokens=max_speech_tokens,
         flow_steps=2,
         log_format="json",
     )
-    assert dummy_checkpoint_path(settings, FAMILIES[model]).parent == Path(default_cache) / "dummy"
+    assert dummy_checkpoint_path(settings, FAMILIES[model]).parent.resolve() == (suite_cache_dir() / "dummy").resolve()
     with serve_on_loopback(create_app(settings), timeout_s=900, poll_s=0.5, join_s=60) as base_url:
         yield base_url
 

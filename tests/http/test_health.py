@@ -87,9 +87,15 @@ def test_head_health_and_ready_answer_like_get(settings) -> None:
         assert ready.status_code == 200 and ready.content == b""
 
 
-async def test_a_ready_poll_while_loading_writes_one_log_line(make_gateway) -> None:
+async def test_a_ready_poll_while_loading_writes_one_debug_line(make_gateway) -> None:
+    """A probe polling /ready while the engine loads gets the 503 it expects: one debug line
+    each (a warning per poll would fill the start-up log); a 503 on the API is a warning."""
     async with make_gateway(FakeEngine(start_delay_s=5), ready=False) as gw:
         with capture_logs() as logs:
             assert (await gw.http.get("/ready")).status_code == 503
-    assert [(e["event"], e["log_level"]) for e in logs] == [("request", "warning")]
+            assert (await gw.http.head("/ready")).status_code == 503
+            assert (await gw.http.post("/v1/audio/speech", json=SPEECH)).status_code == 503
+    assert [(e["event"], e["method"], e["log_level"]) for e in logs] == [
+        ("request", "GET", "debug"), ("request", "HEAD", "debug"), ("request", "POST", "warning")
+    ]
     assert logs[0]["status"] == 503 and "loading" in logs[0]["error"]

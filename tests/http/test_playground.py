@@ -37,6 +37,19 @@ async def test_page_is_html_that_may_load_only_its_own_files(settings: Settings)
         assert "javascript" in script.headers["content-type"]
 
 
+async def test_every_page_file_is_served_and_names_no_other_host(settings: Settings) -> None:
+    from gateway.http.playground import STATIC_DIR, STATIC_PATH
+
+    files = sorted(path.name for path in STATIC_DIR.iterdir())
+    assert {"main.js", "speak.js", "player.js", "sse.js", "models.js"} <= set(files)
+    async with in_process(settings, FakeEngine()) as gw:
+        for name in files:
+            answer = await gw.http.get(f"{STATIC_PATH}/{name}")
+            assert answer.status_code == 200, name
+            text = answer.text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a fetch
+            assert "http://" not in text and "https://" not in text, name
+
+
 @pytest.mark.parametrize("path", ["/schema/swagger", "/schema/redoc"])
 async def test_docs_pages_name_no_other_host(settings: Settings, path: str) -> None:
     async with in_process(settings, FakeEngine()) as gw:

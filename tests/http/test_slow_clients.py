@@ -16,28 +16,7 @@ from structlog.testing import capture_logs
 
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
-from ops_support import HOLD, GatedEngine, live_server, wait_until
-
-
-def connect(base_url: str) -> socket.socket:
-    host, port = base_url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and how long that took."""
-    started = time.monotonic()
-    sock.settimeout(timeout_s)
-    received = b""
-    try:
-        while data := sock.recv(65536):
-            received += data
-    except (TimeoutError, socket.timeout):
-        return received, float("inf")
-    except ConnectionResetError:
-        pass
-    return received, time.monotonic() - started
+from ops_support import HOLD, GatedEngine, connect, live_server, read_until_closed, wait_until
 
 
 @contextmanager
@@ -95,8 +74,8 @@ def test_a_half_request_after_keep_alive_is_cut_off_too(settings: Settings) -> N
         assert took < 5
 
 
-def test_a_body_sent_slowly_is_cut_off_and_is_not_a_server_error(settings: Settings) -> None:
-    config = guarded(settings, body_timeout_s=0.5)
+def test_a_body_sent_slowly_is_cut_off_with_a_408_and_is_not_a_server_error(settings: Settings) -> None:
+    config = guarded(settings, body_timeout_s=0.5, body_min_rate_bytes_s=0)
     with capture_logs() as logs, live_server(config, FakeEngine(), guarded=True) as live:
         sock = connect(live.base_url)
         sock.sendall(
@@ -110,14 +89,17 @@ def test_a_body_sent_slowly_is_cut_off_and_is_not_a_server_error(settings: Setti
             except (BrokenPipeError, ConnectionResetError):
                 break
             time.sleep(0.1)
-        _, took = read_until_closed(sock, 5)
+        received, took = read_until_closed(sock, 5)
         assert time.monotonic() - started < 4.5
-        assert wait_until(lambda: _speech_lines(logs), timeout_s=3)
-    _assert_client_failure(logs)
+    assert received.startswith(b"HTTP/1.1 408"), received[:80]
+    error = msgspec.json.decode(received.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_timeout" and "did not arrive within 0.5 s" in error["message"]
+    # the app never saw a request whose body never came: no request line, nothing logged as an error
+    assert not _speech_lines(logs) and not [e for e in logs if e.get("log_level") == "error"], logs
 
 
 def test_a_body_shorter_than_its_content_length_is_a_client_failure(settings: Settings) -> None:
-    """Content-Length 1000, 10 bytes, then close: logged as the client's doing, no traceback."""
+    """Content-Length 1000, 10 bytes, then close: no app work, no traceback, no error metric."""
     with capture_logs() as logs, live_server(settings, FakeEngine(), guarded=True) as live:
         sock = connect(live.base_url)
         sock.sendall(
@@ -125,10 +107,26 @@ def test_a_body_shorter_than_its_content_length_is_a_client_failure(settings: Se
             b"Content-Length: 1000\r\n\r\n{\"model\":1"
         )
         sock.close()
-        assert wait_until(lambda: _speech_lines(logs), timeout_s=5)
+        time.sleep(0.5)
         metrics = httpx.get(f"{live.base_url}/metrics", timeout=5).text
-    _assert_client_failure(logs)
+    assert not _speech_lines(logs)
+    assert not [e for e in logs if e.get("log_level") == "error"], logs
     assert 'route="/v1/audio/speech",outcome="error"' not in metrics
+
+
+def test_a_large_body_cut_short_is_the_clients_failure(settings: Settings) -> None:
+    """A body the app already reads (past 64 KiB) and that stops: logged as cancelled (499)."""
+    config = guarded(settings, max_body_bytes=128 * 1024)
+    with capture_logs() as logs, live_server(config, FakeEngine(), guarded=True) as live:
+        sock = connect(live.base_url)
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{\"input\": \"" + b"a" * 80_000
+        )
+        time.sleep(0.3)
+        sock.close()
+        assert wait_until(lambda: _speech_lines(logs), timeout_s=5)
+    _assert_client_failure(logs)
 
 
 def _peek(sock: socket.socket) -> bytes:
@@ -186,3 +184,22 @@ def test_at_the_cap_with_every_connection_busy_new_ones_are_refused(settings: Se
             engine.gate.set()
             for sock in busy:
                 sock.close()
+
+
+def test_a_large_body_that_stalls_gets_408_and_its_request_line_says_so(settings: Settings) -> None:
+    """The app is already reading this body (past 64 KiB) when it stops coming: the client gets
+    the 408 envelope and the request's one line says 408 and why, not a bare disconnect."""
+    config = guarded(settings, max_body_bytes=128 * 1024, body_rate_grace_s=0.3, body_min_rate_bytes_s=1_000_000)
+    with capture_logs() as logs, live_server(config, FakeEngine(), guarded=True) as live:
+        sock = connect(live.base_url)
+        sock.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{\"input\": \"" + b"a" * 80_000
+        )
+        received, took = read_until_closed(sock, 5)
+        sock.close()
+        assert wait_until(lambda: _speech_lines(logs), timeout_s=5)
+    assert received.startswith(b"HTTP/1.1 408"), received[:80]
+    (line,) = _speech_lines(logs)
+    assert (line["status"], line["outcome"]) == (408, "client_error"), line
+    assert "slower than" in str(line["error"]), line

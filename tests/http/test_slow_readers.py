@@ -7,6 +7,8 @@ logged with outcome ``timeout``; other clients are served meanwhile."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -125,3 +127,64 @@ def _server_socket_inode(server_port: int, client_port: int) -> int | None:
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
             return int(fields[9])
     return None
+
+
+def _pipe_fds() -> set[str]:
+    """This process's open pipe descriptors (the server runs in one of its threads)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(f"{name}->{target}")
+    return found
+
+
+def test_streams_dropped_by_the_send_timeout_leave_no_ffmpeg_pipe_open(settings: Settings) -> None:
+    """Issue 20: with the FFmpeg-process encoder, every stalled stream dropped by the send
+    timeout left one pipe descriptor open (9 -> 37 over 4 rounds of 8); here 2 rounds of 3."""
+    config = msgspec.structs.replace(
+        settings, audio_encoder="ffmpeg", max_in_flight=3, max_speech_tokens=400, send_timeout_s=1.0
+    )
+    with live_server(config, FakeEngine(), guarded=True) as live:
+        admission = live.services.admission
+        before = _pipe_fds()
+        for _ in range(2):
+            with stalled(live.base_url, 3, response_format="mp3", stream_format="audio", speed=0.25):
+                assert wait_until(lambda: admission.in_flight == 3, timeout_s=10)
+                assert wait_until(lambda: admission.in_flight == 0, timeout_s=15), "stalled readers kept their slots"
+                assert wait_until(lambda: not ffmpeg_children(), timeout_s=5), ffmpeg_children()
+        # no garbage collection asked for: the pipes must be closed by the stream's own cleanup
+        assert wait_until(lambda: _pipe_fds() <= before, timeout_s=3), _pipe_fds() - before
+
+
+def test_a_stream_cut_by_its_time_limit_logs_one_line_not_a_traceback(settings: Settings) -> None:
+    """Issue 20: each stream past request_timeout_s logged ~6 KB of "Exception in ASGI
+    application"; the request's own line (outcome timeout) is all that is needed."""
+    config = msgspec.structs.replace(settings, max_speech_tokens=400, request_timeout_s=1.0)
+    engine = FakeEngine(piece_delay_s=0.2)  # the stream outlasts the limit while the client reads
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        with capture_logs() as logs, live_server(config, engine, guarded=True) as live:
+            with pytest.raises(httpx.RemoteProtocolError):  # the audio is cut, not completed
+                with httpx.stream(
+                    "POST", f"{live.base_url}/v1/audio/speech", timeout=10,
+                    json={"model": "tts-1", "voice": "alloy", "input": "Hello there. " * 40, "response_format": "wav"},
+                ) as answer:
+                    assert answer.status_code == 200
+                    for _ in answer.iter_bytes():
+                        pass
+            assert wait_until(lambda: access_lines(logs), timeout_s=3)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    (line,) = access_lines(logs)
+    assert line["outcome"] == "timeout" and "time limit" in str(line["error"]), line
+    assert not [r for r in records if r.exc_info or "Exception in ASGI" in r.getMessage()], [
+        r.getMessage() for r in records
+    ]
+    assert not [e for e in logs if e is not line and (e.get("exc_info") or e.get("log_level") == "error")], logs

@@ -16,12 +16,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.audio.ffmpeg_binary import ffmpeg_exe
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from gateway.voices.library import VoiceLibrary
 from harness import in_process
-
-FFMPEG = "ffmpeg"
 
 
 def tone_clip(seconds: float, *, fmt: str = "wav", frequency: int = 220, volume: float = 0.5) -> bytes:
@@ -29,7 +28,7 @@ def tone_clip(seconds: float, *, fmt: str = "wav", frequency: int = 220, volume:
     source = f"sine=frequency={frequency}:duration={seconds}:sample_rate=24000,volume={volume}"
     args = {"wav": ["-f", "wav"], "mp3": ["-c:a", "libmp3lame", "-f", "mp3"], "flac": ["-f", "flac"]}[fmt]
     out = subprocess.run(
-        [FFMPEG, "-v", "error", "-f", "lavfi", "-i", source, "-ac", "1", *args, "pipe:1"],
+        [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", source, "-ac", "1", *args, "pipe:1"],
         capture_output=True,
         check=True,
     )
@@ -289,7 +288,7 @@ def test_kill_9_mid_upload_leaves_old_or_new_state(settings: Settings, clip: byt
             meta = json.loads((voice.clip.parent / "voice.json").read_text())
             assert meta["name"] == voice.name
             decoded = subprocess.run(
-                [FFMPEG, "-v", "error", "-i", str(voice.clip), "-f", "null", "-"], capture_output=True
+                [ffmpeg_exe(), "-v", "error", "-i", str(voice.clip), "-f", "null", "-"], capture_output=True
             )
             assert decoded.returncode == 0 and not decoded.stderr, decoded.stderr
     assert any(v.name.startswith("crash-") for v in VoiceLibrary(builtin, user_dir).list())

@@ -101,3 +101,35 @@ def test_other_threads_write_through_while_prints_become_log_lines(restore_loggi
     assert real.getvalue() == "server line\n"
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["output"] for line in lines] == ["loader line"]
+
+
+def test_upstreams_routine_lines_are_debug_lines(restore_logging: None) -> None:
+    """Upstream S3Gen logs through the root logger at every start ("input frame rate=25") and
+    as a warning on a voice's first use (a clip that is not a whole number of 40 ms frames):
+    both routine, so debug lines; other root-logger lines keep their level."""
+    import inspect
+
+    from chatterbox.models.s3gen import flow, s3gen
+
+    # the lines as upstream writes them (if upstream rewords them, this test says so)
+    assert 'logging.info(f"input frame rate={self.input_frame_rate}")' in inspect.getsource(flow)
+    assert '"Reference mel length is not equal to 2 * reference token length.\\n"' in inspect.getsource(s3gen)
+
+    def upstream_lines() -> None:
+        logging.info(f"input frame rate={25}")
+        logging.warning("Reference mel length is not equal to 2 * reference token length.\n")
+        logging.warning("something else upstream says")
+
+    for log_level, expected in [
+        ("info", [("warning", "something else upstream says")]),
+        ("debug", [
+            ("debug", "input frame rate=25"),
+            ("debug", "Reference mel length is not equal to 2 * reference token length."),
+            ("warning", "something else upstream says"),
+        ]),
+    ]:
+        stream = io.StringIO()
+        configure_logging(Settings(log_format="json", log_level=log_level), stream=stream)
+        upstream_lines()
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [(line["level"], line["event"]) for line in lines] == expected, log_level

@@ -198,10 +198,10 @@ async def test_a_dead_vllm_engine_core_marks_the_server_not_ready(settings: Sett
     services = AppServices(settings)
     services.engine, services.engine_state = engine, "ready"
     assert await check_engine(services) is True  # no AsyncLLM yet: nothing to fail
-    engine.llm = DeadCore()
+    engine.runtimes["chatterbox"].llm = DeadCore()
     assert await check_engine(services) is False
     assert services.engine_state == "failed" and "EngineCore" in (services.engine_error or "")
-    engine.llm = None
+    engine.runtimes["chatterbox"].llm = None
 
 
 async def test_an_engine_that_loads_for_several_health_intervals_is_still_watched(settings: Settings) -> None:

@@ -67,3 +67,24 @@ def test_stalled_readers_resent_from_one_client_cannot_lock_the_others_out(setti
     unfair, fair = others[1.0], others[Settings().max_client_share]
     assert unfair.get("429", 0) > unfair.get("ok", 0), unfair  # the attack works without shares
     assert fair.get("429", 0) == 0 and fair.get("ok", 0) >= 12, fair
+
+
+def test_the_attacks_of_issue_20_against_a_live_server(settings: Settings, tmp_path: Path) -> None:
+    config = msgspec.structs.replace(settings, max_connections=30, body_rate_grace_s=0.3, max_body_bytes=128 * 1024)
+    out = tmp_path / "rows.json"
+    with live_server(config, FakeEngine(), guarded=True) as live:
+        attack.main(
+            ["--url", live.base_url, "--duration", "1.5", "--settle", "0.5", "--held", "40", "--hold-interval", "0.2",
+             "--big", "10", "--body-kib", "1024", "--uploads", "3", "--upload-mib", "0.5",
+             "--attacks", "held-bodies,big-bodies,unfinished-uploads,big-headers",
+             "--server-pid", str(os.getpid()), "--json", str(out)]
+        )
+    rows = {r["attack"]: r for r in json.loads(out.read_text())}
+    assert rows["held-bodies"]["answers"].get("408", 0) > 0, rows["held-bodies"]
+    assert rows["big-bodies"]["answers"] == {"413": 10}, rows["big-bodies"]  # past the speech cap, at once
+    assert rows["unfinished-uploads"]["answers"] == {"held": 3}, rows["unfinished-uploads"]
+    assert set(rows["big-headers"]["answers"]) == {"431"}, rows["big-headers"]
+    for row in rows.values():
+        assert row["failed"] == 0 and row["fds_after"] is not None and row["rss_mib"]["peak"] > 0, row
+        assert row["in_flight_after"] == 0, row
+    assert "| held-bodies |" in attack.table(list(rows.values()))

@@ -5,10 +5,8 @@ per-stream audio-length check, and the timeline a request asks for."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import httpx
 import msgspec
 import pytest
 from structlog.testing import capture_logs

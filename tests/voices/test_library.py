@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from media_support import stream_info
 
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError, VoiceNotFoundError
 from gateway.voices.clip_files import sniff_container
@@ -20,12 +20,6 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "no
 REPO_VOICES = Path(__file__).resolve().parents[2] / "voices"
 
 
-def probe(path: Path) -> dict:
-    out = subprocess.run(
-        [shutil.which("ffprobe") or "ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    return json.loads(out)
 
 
 @pytest.fixture
@@ -53,10 +47,9 @@ def test_shipped_clips_are_small_24k_mono_flac_of_6_to_10_s() -> None:
     for clip in clips:
         path = REPO_VOICES / clip
         assert path.stat().st_size < 300_000, clip
-        info = probe(path)
-        stream = info["streams"][0]
-        assert (stream["codec_name"], stream["sample_rate"], stream["channels"]) == ("flac", "24000", 1), clip
-        assert 6.0 <= float(info["format"]["duration"]) <= 10.0, clip
+        info = stream_info(path)
+        assert (info.codec, info.sample_rate, info.channels) == ("flac", 24000, 1), clip
+        assert 6.0 <= info.stated_s <= 10.0, clip
 
 
 # ---- lookups ---------------------------------------------------------------------------------
@@ -117,10 +110,9 @@ def test_create_stores_24k_mono_flac_from_any_format(library: VoiceLibrary, audi
     voice = library.create("my_voice-1", upload.read_bytes(), consent="I recorded this myself")
     assert voice.id.startswith("voice_") and voice.name == "my_voice-1" and voice.source == "user"
     assert voice.clip == library.user_dir / "created" / voice.id / "clip.flac"
-    info = probe(voice.clip)
-    stream = info["streams"][0]
-    assert (stream["codec_name"], stream["sample_rate"], stream["channels"]) == ("flac", "24000", 1)
-    assert abs(float(info["format"]["duration"]) - 5.0) < 0.1
+    info = stream_info(voice.clip)
+    assert (info.codec, info.sample_rate, info.channels) == ("flac", 24000, 1)
+    assert abs(info.stated_s - 5.0) < 0.1
     meta = json.loads((voice.clip.parent / "voice.json").read_text())
     assert meta["name"] == "my_voice-1" and meta["consent"] == "I recorded this myself"
     assert library.get("MY_VOICE-1") == voice == library.get(voice.id)

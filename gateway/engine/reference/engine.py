@@ -168,10 +168,11 @@ class ReferenceEngine(UpstreamVoices, Engine):
                 speech_tokens = int(tokens.numel())
                 if trace is not None:
                     trace.mark(f"reference: t3 made {speech_tokens} tokens")
-                if family.meanflow:  # upstream Turbo ends every utterance on S3Gen silence
+                if family.silence_tail_tokens:  # upstream Turbo ends every utterance on S3Gen silence
                     from chatterbox.models.s3gen.const import S3GEN_SIL
 
-                    tokens = torch.cat([tokens, torch.full((3,), S3GEN_SIL, dtype=tokens.dtype, device=tokens.device)])
+                    tail = torch.full((family.silence_tail_tokens,), S3GEN_SIL, dtype=tokens.dtype, device=tokens.device)
+                    tokens = torch.cat([tokens, tail])
                 wav, _ = components.s3gen.inference(
                     speech_tokens=tokens.to(components.device),
                     # upstream writes device casts back into the dict: keep the cached one intact

@@ -19,8 +19,9 @@ synchronisations, which is why it costs ~40-60 ms per step whatever the batch si
   memory pool: they never run concurrently (one worker thread) and each replay's output is
   copied out before the next.
 
-Only the standard (non-meanflow, causal) estimator of ``ConditionalDecoder`` is mirrored; a
-meanflow estimator (distilled models) uses upstream's own decoder call.
+Only the standard (non-meanflow, causal) estimator of ``ConditionalDecoder`` is mirrored
+here; Turbo's mean-flow estimator has its own solver on the same machinery
+(``meanflow_solver.MeanFlowSolver``, which overrides ``mirrors`` and ``solve_eager``).
 
 The estimator's repeated parts run through two plain functions of ours,
 :func:`transformer_block` (diffusers' ``BasicTransformerBlock`` with its ``Attention``, for
@@ -227,8 +228,7 @@ class CfmSolver:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cfg_rate = float(decoder.inference_cfg_rate)
-        self.mirrored = (not getattr(self.est, "meanflow", False) and getattr(self.est, "causal", False)
-                         and len(self.est.down_blocks) >= 1)
+        self.mirrored = self.mirrors(self.est)
         plain = self.mirrored and all(plain_transformer_block(b) for b in _transformer_blocks(self.est))
         self.blocks = PLAIN if plain or not self.mirrored else Blocks(transformer=_module_block)
         blocks = _transformer_blocks(self.est) if self.mirrored else []
@@ -250,6 +250,20 @@ class CfmSolver:
         self.graph_replays = 0
         self.eager_runs = 0
 
+    @staticmethod
+    def mirrors(est: torch.nn.Module) -> bool:
+        """Whether :meth:`solve_eager` computes this estimator's solve itself (else upstream's
+        decoder call runs it, never captured). A solver for another estimator overrides both."""
+        return not getattr(est, "meanflow", False) and getattr(est, "causal", False) and len(est.down_blocks) >= 1
+
+    def attention_biases(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """The estimator's attention bias at each of its mask levels (built once per batch)."""
+        biases = []
+        for _ in range(len(self.est.down_blocks)):
+            biases.append(_mask_bias(mask, self.dtype, self.heads))
+            mask = mask[:, :, ::2]
+        return biases
+
     # --- eager -----------------------------------------------------------------------------
     @torch.inference_mode()
     def solve_eager(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
@@ -268,11 +282,7 @@ class CfmSolver:
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
-        biases = []
-        level_mask = mask_in
-        for _ in range(len(self.est.down_blocks)):
-            biases.append(_mask_bias(level_mask, dt, self.heads))
-            level_mask = level_mask[:, :, ::2]
+        biases = self.attention_biases(mask_in)
         t_span = self.t_span
         emb = self.est.time_mlp(self.est.time_embeddings(t_span[:-1]).to(dt))  # (steps, E)
         for k in range(self.steps):

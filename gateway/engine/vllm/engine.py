@@ -1,22 +1,35 @@
-"""The fast engine: T3 on vLLM (continuous batching, CUDA graphs, CFG inside each sequence)
-feeding the shared batched vocoder loop, behind the :class:`~gateway.engine.base.Engine`
-interface.
+"""The fast engine: T3 on vLLM (continuous batching, CUDA graphs) feeding batched vocoder
+loops, for every model family in ``models``, on one GPU, behind the
+:class:`~gateway.engine.base.Engine` interface.
 
-Per text chunk: the prompt rows are built on the CPU (``t3.prompt``; the voice's
-conditioning rows, i.e. the Perceiver's work, are computed once per voice on a worker thread
-and cached per voice; the request's exaggeration sets one row), one vLLM request streams
-speech token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream, and the
-vocoder's windows come back as audio chunks, each with the token count of its own window
-(watermarked when ``settings.watermark``: a streamed utterance through
-:class:`~gateway.engine.vllm.watermark.StreamWatermark`, so it agrees with watermarking the
-whole utterance once, as a one-shot one is). Closing the
+Per loaded family (:class:`FamilyRuntime`): its upstream modules (voice encoder, S3Gen, text
+front end; its T3 stays on the CPU, where the prompt half of it runs), its T3 front
+(:mod:`~gateway.engine.vllm.t3.families`: prompt rows, decoding controls, limits), one vLLM
+``AsyncLLM`` serving its T3 (the original and Multilingual both run the Llama plugin but
+differ in text ids and weights; Turbo runs GPT-2: an engine each, its KV cache share from
+:mod:`~gateway.engine.vllm.gpu_memory`), and one vocoder loop with the family's S3Gen and
+solver (10-step CFM with CFG, or Turbo's 2-step mean-flow), on a worker thread of its own.
+A job runs on the runtime of ``job.model``.
+
+Per text chunk: the voice's prompt rows are computed once per voice and family on a worker
+thread and cached (:class:`~gateway.engine.vllm.voice_rows.VoiceRowsCache`); the request's
+share is added (the original's exaggeration row), the chunk's text ids come from the
+family's front end (Multilingual: its language's, ``job.language``), and one vLLM request
+streams speech token deltas (``RequestOutputKind.DELTA``) straight into a vocoder stream
+(Turbo's three silence tokens follow its last one). The vocoder's windows come back as audio
+chunks, each with the token count of its own window (watermarked when ``settings.watermark``:
+a streamed utterance through :class:`~gateway.engine.vllm.watermark.StreamWatermark`, so it
+agrees with watermarking the whole utterance once, as a one-shot one is). Closing the
 ``synthesize`` iterator cancels the token task, which makes ``AsyncLLM.generate`` abort the
 vLLM request, and cancels the vocoder stream.
 
-vLLM runs in-process as ``AsyncLLM`` (its engine core is a child process, started with
-``spawn``: a fork after torch has used its CPU thread pool hangs the child). The KV cache is
-bounded by ``vllm_kv_cache_memory_bytes`` (or ``vllm_gpu_memory_utilization``) so S3Gen,
-the voice encoder and the watermarker keep their share of the same GPU.
+Start (logged part by part, ``engine_start_part``, with seconds and GPU memory, then
+``engine_start_summary``): every family's checkpoint and vLLM config first; the vLLM engines
+then start side by side (each engine core is a process of its own, started with ``spawn``: a
+fork after torch has used its CPU thread pool hangs the child) while this process loads the
+families' modules; then each family's vocoder captures its CUDA graphs (only once the
+engines are up: a capture must not meet other CUDA work of this process) and one short
+request warms each family up.
 """
 
 from __future__ import annotations
@@ -26,22 +39,50 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, GenerationParams, SynthesisJob, Voice
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
-from gateway.engine.vllm.t3.layout import MAX_POSITIONS, MAX_PROMPT, STOP_SPEECH, cfg_code
+from gateway.engine.vllm.t3.layout import MAX_POSITIONS
 from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
-from gateway.models.families import ORIGINAL
+from gateway.models.families import FAMILIES, Family
 from gateway.settings import Settings
+
+SPEECH_VOCAB_SIZE = 6561
+"""Speech token ids below this reach the vocoder (the stream drops T3's start/stop ids)."""
+
+
+@dataclasses.dataclass(slots=True)
+class FamilyRuntime:
+    """Everything one loaded family serves with (filled in as the engine starts)."""
+
+    family: Family
+    components: Any = None
+    """Its upstream modules (``Components``); S3Gen and the voice encoder on the GPU."""
+    t3: Any = None
+    """Its T3 front (``t3.families.FamilyT3``)."""
+    rows: Any = None
+    """Its voice rows cache (``VoiceRowsCache``)."""
+    llm: Any = None
+    """Its vLLM ``AsyncLLM``."""
+    vocoder: Any = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Generated:
+    """Speech tokens T3 produced for one chunk so far (usage counts these, never the tail)."""
+
+    tokens: int = 0
 
 
 class VllmEngine(UpstreamVoices, Engine):
@@ -56,235 +97,323 @@ class VllmEngine(UpstreamVoices, Engine):
         if settings.vllm_max_model_len > MAX_POSITIONS:
             raise ValueError(f"vllm_max_model_len is at most {MAX_POSITIONS} for the T3 model")
         self.settings = settings
-        self.models: tuple[str, ...] = (ORIGINAL,)
-        """Turbo and Multilingual run on the reference engine so far (docs/models.md)."""
-        self.model_id = model_identity(settings)
+        self.models: tuple[str, ...] = tuple(settings.models)
+        self.model_id = model_identity(settings, FAMILIES[self.models[0]])
         self.vllm_load_format = vllm_load_format
-        self.llm: Any = None
-        self.vocoder: Any = None
-        self._components: Any = None
-        self._builder: Any = None
-        self._cond_cache: OrderedDict[str, Any] = OrderedDict()
-        """Voice key -> the voice's conditioning rows (Perceiver output; no exaggeration row)."""
-        self._cond_pending: dict[str, asyncio.Future[Any]] = {}
+        self.runtimes: dict[str, FamilyRuntime] = {name: FamilyRuntime(FAMILIES[name]) for name in self.models}
+        self._loaded = False
         self.fixed_length = settings.fixed_speech_tokens
         """Benchmarks only: never stop before the token budget (random weights may sample the
         stop token; fixed lengths keep runs comparable)."""
+        self.start_parts: list[dict[str, Any]] = []
+        """What the start took, part by part (also logged)."""
+        self._log = structlog.get_logger("gateway.engine")
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        t0 = time.perf_counter()
         try:
             await asyncio.to_thread(self._load)
-            await self.vocoder.start()
-            await self._warm_up()
+            for runtime in self.runtimes.values():
+                await runtime.vocoder.start()
+            self._loaded = True
+            for runtime in self.runtimes.values():
+                with self._part(runtime.family.id, "warm_up"):
+                    await self._warm_up(runtime)
         except BaseException:
             await self._shutdown()
             raise
+        self._log_summary(time.perf_counter() - t0)
 
     def _load(self) -> None:
         import perth
         import torch
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        from gateway.engine.checkpoint.components import load_components
-        from gateway.engine.vllm.t3.plugin import register
-        from gateway.engine.vllm.t3.prompt import T3PromptBuilder
-        from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
         from gateway.engine.checkpoint.weights import checkpoint_dir
+        from gateway.engine.vllm.gpu_memory import kv_cache_plan
+        from gateway.engine.vllm.t3.families import kv_bytes_per_token
+        from gateway.engine.vllm.t3.plugin import register
+        from gateway.observability.logging import prints_to_log
 
         if not torch.cuda.is_available():
             raise EngineUnavailableError("the vLLM engine needs a CUDA GPU")
         device = torch.device("cuda")
-        directory = checkpoint_dir(self.settings)
-        # T3 stays on the CPU (vLLM holds the served copy): its conditioning half builds prompts.
-        comps = load_components(directory, "cpu")
-        comps.s3gen.to(device)
-        comps.ve.to(device)
-        builtin = comps.builtin_conditionals.to(device) if comps.builtin_conditionals is not None else None
-        self._components = dataclasses.replace(
-            comps, builtin_conditionals=builtin, device=device,
-            watermarker=perth.PerthImplicitWatermarker(device=str(device)))
-        self._builder = T3PromptBuilder.from_state_dict(comps.t3.state_dict(), comps.t3.hp)
-
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         register()  # also registered by the entry point in vLLM's own processes
-        model_dir = self._model_dir(directory)
-        memory: dict[str, Any] = {"gpu_memory_utilization": self.settings.vllm_gpu_memory_utilization}
-        if self.settings.vllm_kv_cache_memory_bytes:
-            memory = {"kv_cache_memory_bytes": self.settings.vllm_kv_cache_memory_bytes}
+        _, total = torch.cuda.mem_get_info()
+        plan = kv_cache_plan(self.settings, {m: kv_bytes_per_token(FAMILIES[m]) for m in self.models}, total)
+        self._log.info("vllm_kv_cache_plan", total_gpu_gib=round(total / 2**30, 1),
+                       engines={m: share.describe() for m, share in plan.items()})
+        directories: dict[str, Path] = {}
+        configs: dict[str, Any] = {}
+        for name in self.models:  # vLLM's configs one at a time; only the engines' starts overlap
+            with self._part(name, "checkpoint"):
+                directories[name] = checkpoint_dir(self.settings, FAMILIES[name])
+                configs[name] = self._engine_config(FAMILIES[name], directories[name], plan[name].engine_kwargs())
+        starting: dict[str, Future[Any]] = {}
+        pool = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="vllm-start")
+        try:
+            for name in self.models:
+                starting[name] = pool.submit(self._start_llm, name, configs[name])
+                if not self.settings.vllm_parallel_start:
+                    self.runtimes[name].llm = starting[name].result()
+            with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
+                watermarker = perth.PerthImplicitWatermarker(device=str(device))
+            for name in self.models:
+                with self._part(name, "modules", gpu=True):
+                    self._load_modules(self.runtimes[name], directories[name], device, watermarker)
+            for name in self.models:
+                self.runtimes[name].llm = starting[name].result()
+            for name in self.models:  # graph capture: no other CUDA work in this process now
+                with self._part(name, "vocoder", gpu=True) as part:
+                    self._build_vocoder(self.runtimes[name], device)
+                    cfm = self.runtimes[name].vocoder.batch.cfm
+                    part.update(cfm_graphs=len(cfm._graphs), cfm_graph_gib=round(cfm.graph_bytes / 2**30, 2))
+        finally:
+            pool.shutdown(wait=True)  # on a failure too: every engine that did start gets shut down
+            for name, future in starting.items():
+                if self.runtimes[name].llm is None and future.done() and future.exception() is None:
+                    self.runtimes[name].llm = future.result()
+
+    def _engine_config(self, family: Family, directory: Path, memory: dict[str, Any]) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
         args = AsyncEngineArgs(
-            model=str(model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
-            load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
+            model=str(self._model_dir(family, directory)), skip_tokenizer_init=True, enable_prompt_embeds=True,
+            dtype="bfloat16", load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, **memory)
-        self.llm = AsyncLLM.from_engine_args(args)
-        self.vocoder = Vocoder(with_own_flow(comps.s3gen), self.settings, device=device, flow_dtype=torch.bfloat16)
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args
 
-    def _model_dir(self, checkpoint: Path) -> Path:
-        """A directory vLLM can load: our config.json and the checkpoint's T3 weights (a link:
-        the checkpoint directory also holds S3Gen/VE files vLLM must not read)."""
-        from gateway.engine.vllm.t3.config import write_model_dir
+    def _model_dir(self, family: Family, checkpoint: Path) -> Path:
+        """The family's vLLM model directory, under the cache dir, named for its weights."""
+        from gateway.engine.checkpoint.weights import model_identity
+        from gateway.engine.vllm.t3.families import write_model_dir
 
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.model_id)[:120]
-        model_dir = write_model_dir(Path(self.settings.cache_dir) / "t3_vllm" / safe,
-                                    max_speech_tokens=self._builder.hp.max_speech_tokens,
-                                    max_text_tokens=self._builder.hp.max_text_tokens,
-                                    text_vocab_size=self._builder.hp.text_tokens_dict_size)
-        link = model_dir / "model.safetensors"
-        target = (checkpoint / "t3_cfg.safetensors").resolve()
-        if link.is_symlink() or link.exists():
-            if link.resolve() == target:
-                return model_dir
-            link.unlink()
-        link.symlink_to(target)
-        return model_dir
+        identity = model_identity(self.settings, family)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in identity)[:120]
+        return write_model_dir(Path(self.settings.cache_dir) / "t3_vllm" / safe, family, checkpoint / family.t3_file)
 
-    async def _warm_up(self) -> None:
-        """One short request through T3 and the vocoder (first-call costs stay out of requests)."""
-        from gateway.engine.base import GenerationParams, Voice
+    def _start_llm(self, name: str, config: Any) -> Any:
+        """One vLLM engine (its engine core process started and ready). Runs on its own thread."""
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        conds = self._components.builtin_conditionals
+        from gateway.engine.vllm.gpu_memory import engine_core_pids
+
+        t0 = time.perf_counter()
+        try:
+            llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+        except BaseException as exc:
+            self._failed(name, "t3_engine", exc)
+            raise
+        self._record(name, "t3_engine", time.perf_counter() - t0, engine_pids=engine_core_pids(llm))
+        return llm
+
+    def _load_modules(self, runtime: FamilyRuntime, directory: Path, device: Any, watermarker: Any) -> None:
+        from gateway.engine.checkpoint.components import load_components
+        from gateway.engine.vllm.t3.families import family_t3
+        from gateway.engine.vllm.voice_rows import VoiceRowsCache
+
+        family = runtime.family
+        # T3 stays on the CPU (vLLM holds the served copy): its conditioning half builds prompts.
+        comps = load_components(directory, "cpu", family)
+        comps.s3gen.to(device)
+        comps.ve.to(device)
+        builtin = comps.builtin_conditionals.to(device) if comps.builtin_conditionals is not None else None
+        runtime.components = dataclasses.replace(comps, builtin_conditionals=builtin, device=device,
+                                                 watermarker=watermarker)
+        runtime.t3 = family_t3(family, comps.t3.state_dict())
+        runtime.rows = VoiceRowsCache(runtime.t3.voice_rows, self.settings.voice_cache_size)
+
+    def _build_vocoder(self, runtime: FamilyRuntime, device: Any) -> None:
+        import torch
+
+        from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
+
+        runtime.vocoder = Vocoder(with_own_flow(runtime.components.s3gen), self.settings, device=device,
+                                  flow_dtype=torch.bfloat16, flow_steps=runtime.family.flow_steps)
+
+    async def _warm_up(self, runtime: FamilyRuntime) -> None:
+        """One short request through the family's T3 and vocoder (first-call costs stay out of
+        requests)."""
+        conds = runtime.components.builtin_conditionals
         if conds is None:
             return
-        job = SynthesisJob("warm-up", ("Warm up.",), Voice("builtin", "builtin", conds),
-                           GenerationParams(max_speech_tokens=30, seed=0), streaming=True)
+        family = runtime.family
+        params = GenerationParams(**family.defaults, max_speech_tokens=30, seed=0)
+        language = "en" if "en" in family.languages else family.languages[0]
+        job = SynthesisJob("warm-up", ("Warm up.",), Voice("builtin", "builtin", conds), params,
+                           model=family.id, language=language, streaming=True)
         async for _ in self.synthesize(job):
             pass
+
+    # --- the start log -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _part(self, family: str, part: str, *, gpu: bool = False) -> Iterator[dict[str, Any]]:
+        """Time one part of the start; ``gpu``: also the GPU memory this process took for it
+        (the part runs alone in this process: vLLM's engines are processes of their own)."""
+        from gateway.engine.vllm.gpu_memory import process_reserved
+
+        extra: dict[str, Any] = {}
+        before = process_reserved() if gpu else 0
+        t0 = time.perf_counter()
+        try:
+            yield extra
+        except BaseException as exc:
+            self._failed(family, part, exc)
+            raise
+        if gpu:
+            extra["gpu_gib"] = round((process_reserved() - before) / 2**30, 2)
+        self._record(family, part, time.perf_counter() - t0, **extra)
+
+    def _failed(self, family: str, part: str, exc: BaseException) -> None:
+        """Name the family and part a failed start failed in (the error alone may not)."""
+        self._log.error("engine_start_failed", family=family, part=part, error=f"{type(exc).__name__}: {exc}"[:2000])
+
+    def _record(self, family: str, part: str, seconds: float, **extra: Any) -> None:
+        entry = {"family": family, "part": part, "seconds": round(seconds, 1), **extra}
+        self.start_parts.append(entry)
+        self._log.info("engine_start_part", **entry)
+
+    def _log_summary(self, seconds: float) -> None:
+        from gateway.engine.vllm.gpu_memory import device_memory, engine_core_pids, gpu_memory_by_pid, process_reserved
+
+        used, total = device_memory()
+        by_pid = gpu_memory_by_pid()
+        engines = {}
+        for name, runtime in self.runtimes.items():
+            pids = engine_core_pids(runtime.llm)
+            engines[name] = {"pids": pids, "gpu_gib": round(sum(by_pid.get(p, 0) for p in pids) / 2**30, 2)
+                             if by_pid else None}
+        self._log.info("engine_start_summary", seconds=round(seconds, 1), gpu_used_gib=round(used / 2**30, 2),
+                       gpu_total_gib=round(total / 2**30, 1), this_process_gib=round(process_reserved() / 2**30, 2),
+                       this_process_device_gib=round(by_pid.get(os.getpid(), 0) / 2**30, 2) if by_pid else None,
+                       vllm_engines=engines)
+
+    # --- lifecycle (cont.) -------------------------------------------------------------------
 
     async def close(self) -> None:
         await self._shutdown()
 
     async def check_health(self) -> None:
-        """Raise when vLLM's engine core process has died (``AsyncLLM.check_health`` raises
-        ``EngineDeadError``) or the vocoder cannot serve (its loop died, or its batches keep
+        """Raise when a vLLM engine core process has died (``AsyncLLM.check_health`` raises
+        ``EngineDeadError``) or a vocoder cannot serve (its loop died, or its batches keep
         failing); ``gateway.server.engine_watch`` then marks the server not ready."""
-        if self.llm is not None:
-            await self.llm.check_health()
-        if self.vocoder is not None and self._components is not None:
-            self.vocoder.check_health()
+        for runtime in self.runtimes.values():
+            if runtime.llm is not None:
+                await runtime.llm.check_health()
+            if runtime.vocoder is not None and self._loaded:
+                runtime.vocoder.check_health()
 
     def batch_stats(self) -> BatchStats | None:
-        """The vocoder loop's counters (one batched S3Gen call per tick, all streams)."""
-        if self.vocoder is None:
+        """The vocoder loops' counters, all families together (one batched S3Gen call per
+        tick of a loop, all streams of its family)."""
+        vocoders = [r.vocoder for r in self.runtimes.values() if r.vocoder is not None]
+        if not vocoders:
             return None
-        stats = self.vocoder.stats
-        return BatchStats(batches=stats.batches, rows=stats.rows, rows_dropped=stats.windows_dropped,
-                          busy_s=stats.busy_s, audio_s=stats.audio_s, rows_per_batch=dict(stats.rows_per_batch),
-                          device_busy_s=stats.device_busy_s)
+        histogram: dict[int, int] = {}
+        for vocoder in vocoders:
+            for rows, count in vocoder.stats.rows_per_batch.items():
+                histogram[rows] = histogram.get(rows, 0) + count
+        stats = [v.stats for v in vocoders]
+        return BatchStats(batches=sum(s.batches for s in stats), rows=sum(s.rows for s in stats),
+                          rows_dropped=sum(s.windows_dropped for s in stats), busy_s=sum(s.busy_s for s in stats),
+                          audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
+                          device_busy_s=sum(s.device_busy_s for s in stats))
 
     async def _shutdown(self) -> None:
-        self._components = None  # new jobs fail from here on
-        if self.vocoder is not None:
-            await self.vocoder.close()
-        if self.llm is not None:
-            llm, self.llm = self.llm, None
-            # On the loop thread: shutdown() cancels AsyncLLM's output task before the engine
-            # process stops (from another thread the task sees a dead engine and logs an error).
-            llm.shutdown()
+        self._loaded = False  # new jobs fail from here on
+        for runtime in self.runtimes.values():
+            if runtime.vocoder is not None:
+                await runtime.vocoder.close()
+        for runtime in self.runtimes.values():
+            if runtime.llm is not None:
+                llm, runtime.llm = runtime.llm, None
+                # On the loop thread: shutdown() cancels AsyncLLM's output task before the engine
+                # process stops (from another thread the task sees a dead engine and logs an error).
+                llm.shutdown()
+
+    def _runtime(self, model: str) -> FamilyRuntime:
+        runtime = self.runtimes.get(model)
+        if runtime is None:
+            raise EngineError(f"the vLLM engine has not loaded the model {model}")
+        if not self._loaded or runtime.llm is None or runtime.components is None:
+            raise EngineUnavailableError("the vLLM engine is not loaded")
+        return runtime
 
     def _ready(self) -> Any:
-        if self._components is None or self.llm is None:
-            raise EngineUnavailableError("the vLLM engine is not loaded")
-        return self._components
+        return self._runtime(self.models[0]).components
+
+    def _components_for(self, model: str) -> Any:
+        return self._runtime(model).components
 
     @property
     def components(self) -> Any:
+        """The first loaded family's modules (``Components``); :meth:`components_of` for any."""
         return self._ready()
+
+    def components_of(self, model: str) -> Any:
+        return self._components_for(model)
 
     # --- text limits (voice and text methods come from UpstreamVoices) --------------------
 
-    def max_text_tokens(self) -> int:
-        """Most text tokens one chunk may have: T3's text positions, and the prompt side
-        channel's row budget (conditioning + start/stop text + two start-of-speech rows)."""
-        from gateway.engine.checkpoint.components import max_text_tokens
-
-        return min(max_text_tokens(self._ready().t3), MAX_PROMPT - 1 - self._builder.cond_rows - 4)
+    def max_text_tokens(self, model: str | None = None) -> int:
+        """Most text tokens one chunk of ``model`` (default: the first loaded) may have."""
+        runtime = self._runtime(model or self.models[0])
+        return runtime.t3.max_text_tokens(self.settings.vllm_max_model_len)
 
     # --- synthesis -----------------------------------------------------------------------
 
-    async def _conditioning(self, job: SynthesisJob) -> Any:
-        """The job's conditioning rows. The voice's part (Perceiver over its prompt, ~the
-        only CPU-heavy step) is cached per voice and computed on a worker thread, once per
-        voice however many requests wait for it; the exaggeration is a single row added per
-        request, so no request parameter can make the cache miss."""
-        key = job.voice.key
-        rows = self._cond_cache.get(key)
-        if rows is None:
-            pending = self._cond_pending.get(key)
-            if pending is None:
-                from gateway.engine.checkpoint.components import request_t3_cond
+    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
+        from gateway.engine.checkpoint.components import count_chunk_tokens
 
-                cond = request_t3_cond(job.voice.conditionals, 0.0)
-                pending = asyncio.ensure_future(asyncio.to_thread(self._builder.voice_rows, cond))
-                self._cond_pending[key] = pending
-                pending.add_done_callback(lambda _f, k=key: self._cond_pending.pop(k, None))
-            rows = await asyncio.shield(pending)  # one waiter's cancellation spares the others
-            self._cond_cache[key] = rows
-            while len(self._cond_cache) > self.settings.voice_cache_size:
-                self._cond_cache.popitem(last=False)
-        else:
-            self._cond_cache.move_to_end(key)
-        return self._builder.with_exaggeration(rows, job.params.exaggeration)
+        runtime = self._runtime(job.model)
+        limit = self.max_text_tokens(job.model)
+        for text in job.chunks:
+            if count_chunk_tokens(runtime.components, text, job.language) > limit:
+                raise InvalidRequestError(f"a text chunk exceeds the model's {limit} text tokens", param="input")
+        for index, text in enumerate(job.chunks):
+            # aclosing: closing this iterator must close the chunk's at once (abort, cancel)
+            async with contextlib.aclosing(self._chunk(runtime, job, index, text)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
-    async def _prompt(self, job: SynthesisJob, text_tokens: list[int]) -> Any:
-        """The chunk's vLLM prompt (rows + side-channel ids carrying ``cfg_weight``)."""
-        rows = await self._conditioning(job)
-        try:
-            cfg_code(job.params.cfg_weight)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="cfg_weight") from None
-        if rows.shape[0] + len(text_tokens) + 2 >= MAX_PROMPT:
-            raise InvalidRequestError(f"a text chunk is too long for the model's prompt ({MAX_PROMPT - 1} rows)",
-                                      param="input")
-        try:
-            return self._builder.build(rows, text_tokens, job.params.cfg_weight)
-        except ValueError as exc:  # anything else is ours (ids, rows), not the client's
-            raise EngineError(f"could not build the T3 prompt: {exc}") from exc
+    async def _prompt(self, runtime: FamilyRuntime, job: SynthesisJob, text: str) -> Any:
+        """The chunk's T3 prompt: the voice's cached rows, the request's share, the text ids
+        of the family's front end in the job's language."""
+        from gateway.engine.checkpoint.components import chunk_text_ids
 
-    def _sampling(self, job: SynthesisJob, index: int, prompt_rows: int) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        text_ids = chunk_text_ids(runtime.components, text, job.language)[0].tolist()
+        voice_rows = await runtime.rows.get(job.voice.key, job.voice.conditionals)
+        return runtime.t3.prompt(runtime.t3.request_rows(voice_rows, job.params), text_ids, job.params)
 
+    def _sampling(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, prompt_rows: int) -> Any:
+        """The chunk's decoding controls (``t3.families.T3Sampling``)."""
         p = job.params
         room = self.settings.vllm_max_model_len - prompt_rows
         if room < 1:
             raise InvalidRequestError("a text chunk is too long for the model's context", param="input")
         max_tokens = min(p.max_speech_tokens, self.settings.max_speech_tokens, room)
-        return SamplingParams(
-            min_tokens=max_tokens if self.fixed_length else 0,
-            temperature=p.temperature, top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-            seed=None if p.seed is None else chunk_seed(p.seed, index),
-            max_tokens=max_tokens,
-            stop_token_ids=[STOP_SPEECH], detokenize=False, skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA)
+        seed = None if p.seed is None else chunk_seed(p.seed, index)
+        return runtime.t3.sampling(p, max_tokens=max_tokens, seed=seed, fixed_length=self.fixed_length)
 
-    async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
-        components = self._ready()
-        limit = self.max_text_tokens()
-        for text in job.chunks:
-            if self.count_text_tokens(text) > limit:
-                raise InvalidRequestError(f"a text chunk exceeds the model's {limit} text tokens", param="input")
-        for index, text in enumerate(job.chunks):
-            # aclosing: closing this iterator must close the chunk's at once (abort, cancel)
-            async with contextlib.aclosing(self._chunk(components, job, index, text)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _chunk(self, components: Any, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
-        from gateway.engine.checkpoint.components import text_token_ids
-
+    async def _chunk(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
+        components = runtime.components
         trace = job.trace if index == 0 else None  # the first audio comes from the first chunk
-        prompt = await self._prompt(job, text_token_ids(components.tokenizer, components.t3, text)[0].tolist())
-        sampling = self._sampling(job, index, len(prompt.token_ids))
-        stream = self.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming,
-                                          trace=trace)
+        prompt = await self._prompt(runtime, job, text)
+        sampling = self._sampling(runtime, job, index, len(prompt.token_ids))
+        stream = runtime.vocoder.open_stream(job.voice.key, job.voice.conditionals.gen, one_shot=not job.streaming,
+                                             trace=trace)
         request_id = f"{job.request_id}-{index}-{uuid.uuid4().hex[:8]}"
         if trace is not None:
             trace.mark("t3 prompt built")
-        producer = asyncio.create_task(self._tokens(prompt.vllm_prompt(), sampling, request_id, stream))
+        generated = _Generated()
+        producer = asyncio.create_task(self._tokens(runtime, prompt.vllm_prompt(), sampling, request_id, stream,
+                                                    generated))
         made = 0
         first = True
         marker = None
@@ -308,13 +437,15 @@ class VllmEngine(UpstreamVoices, Engine):
                 elif first:  # chunks of a job meet at silence, as the reference engine's do
                     samples = fade_edges(samples, fade_out=False)
                 first = False
-                yield AudioChunk(samples=samples, speech_tokens=vocoded - made)
-                made = vocoded
+                counted = min(vocoded, generated.tokens)  # a tail (Turbo's silence) is no speech token
+                yield AudioChunk(samples=samples, speech_tokens=counted - made)
+                made = counted
             if marker is not None:
                 rest = np.clip(await asyncio.to_thread(marker.flush), -1.0, 1.0)
-                if rest.size or made != stream.tokens_vocoded:
+                counted = min(stream.tokens_vocoded, generated.tokens)
+                if rest.size or made != counted:
                     yield AudioChunk(samples=fade_edges(rest, fade_out=False) if first else rest,
-                                     speech_tokens=stream.tokens_vocoded - made)
+                                     speech_tokens=counted - made)
             await producer  # surfaces a T3 failure that ended the stream early
         finally:
             if not producer.done():
@@ -325,11 +456,17 @@ class VllmEngine(UpstreamVoices, Engine):
                     pass
             stream.cancel()
 
-    async def _tokens(self, prompt: dict, sampling: Any, request_id: str, stream: Any) -> None:
-        """Speech token deltas from vLLM into the vocoder stream, then ``finish``."""
+    async def _tokens(self, runtime: FamilyRuntime, prompt: dict, sampling: Any, request_id: str, stream: Any,
+                      generated: _Generated) -> None:
+        """Speech token deltas from vLLM into the vocoder stream, then the family's tail
+        tokens (after any speech), then ``finish``."""
         try:
-            async for out in self.llm.generate(prompt, sampling, request_id):
-                stream.push(out.outputs[0].token_ids)
+            async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id):
+                ids = out.outputs[0].token_ids
+                generated.tokens += sum(1 for t in ids if 0 <= t < SPEECH_VOCAB_SIZE)
+                stream.push(ids)
+            if generated.tokens and runtime.t3.tail_tokens:
+                stream.push(runtime.t3.tail_tokens)
             stream.finish()
         except asyncio.CancelledError:
             raise

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.engine.vllm.cfm_solver import CfmSolver
+from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
 MEL_BINS = 80
@@ -271,14 +272,15 @@ class S3GenBatch:
         self.timer: StageTimer | None = None
         """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
         self.lookahead = int(self.flow.pre_lookahead_len)
-        self.cfm = CfmSolver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
-                             compile=compile)
-        """The CFM solve: eager with per-batch masks, or CUDA graphs once ``cfm.capture`` ran."""
+        self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
+                               compile=compile)
+        """The CFM solve (the original's CFG Euler, or Turbo's mean-flow): eager with per-batch
+        masks, or CUDA graphs once ``cfm.capture`` ran."""
         self.first_cfm = self.cfm
         """The solve of first windows: ``cfm`` unless ``first_window_steps`` differ."""
         if first_window_steps and first_window_steps != flow_steps:
-            self.first_cfm = CfmSolver(self.flow.decoder, steps=first_window_steps, device=self.device,
-                                       dtype=flow_dtype, compile=compile)
+            self.first_cfm = flow_solver(self.flow.decoder, steps=first_window_steps, device=self.device,
+                                         dtype=flow_dtype, compile=compile)
         enc = self.flow.encoder
         # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
         if enc.static_chunk_size or enc.use_dynamic_chunk or enc.global_cmvn is not None or not enc.normalize_before:

@@ -115,7 +115,7 @@ class Vocoder:
     def __init__(self, s3gen: torch.nn.Module, settings: Settings, *, device: torch.device | str = "cpu",
                  flow_dtype: torch.dtype = torch.float32, policy: WindowPolicy | None = None,
                  max_batch_tokens: int = 32768, bucket_tokens: int = 16, noise_seed: int = 0,
-                 max_prompt_frames: int = 1000, pipeline_depth: int = 2,
+                 max_prompt_frames: int = 1000, pipeline_depth: int = 2, flow_steps: int | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.settings = settings
         self.pipeline_depth = max(1, pipeline_depth)
@@ -132,9 +132,10 @@ class Vocoder:
             noise_seed, flow_frames=max_prompt_frames + frames,
             hift_samples=frames * SAMPLES_PER_FRAME,
             harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
-        self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype, flow_steps=settings.flow_steps,
-                                tapes=tapes, bucket_tokens=bucket_tokens,
-                                first_window_steps=settings.vocoder_first_window_flow_steps,
+        # flow_steps: a family's fixed step count (Turbo's distilled 2), which no knob changes
+        self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype,
+                                flow_steps=flow_steps or settings.flow_steps, tapes=tapes, bucket_tokens=bucket_tokens,
+                                first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
                                 prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile)
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
             self._capture(max_batch_tokens)

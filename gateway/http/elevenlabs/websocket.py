@@ -76,7 +76,7 @@ from gateway.errors import (
 )
 from gateway.http.elevenlabs.docs import ELEVENLABS_SECURITY, elevenlabs_error_responses
 from gateway.http.caller import Caller, caller_of, remember_caller
-from gateway.http.connection_guard import CONNECTION_EXTENSION
+from gateway.http.connection_hook import connection_hook
 from gateway.http.elevenlabs.controls import speech_request
 from gateway.http.elevenlabs.errors import (
     CLOSE_NORMAL,
@@ -282,8 +282,8 @@ class TtsSocket:
         """close_socket (or stream-input's end of text) was received: no new contexts."""
         self.last_activity = time.monotonic()
         self._send_lock = asyncio.Lock()
-        hook = socket.scope.get("extensions", {}).get(CONNECTION_EXTENSION) or {}
-        self._abort: Callable[[], None] | None = hook.get("abort")
+        hook = connection_hook(socket.scope)  # absent under another server (tests in process)
+        self._abort: Callable[[], None] | None = hook.abort if hook is not None else None
 
     # --- the connection's life ---------------------------------------------------------------
 

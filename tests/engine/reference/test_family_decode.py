@@ -13,18 +13,24 @@ from gateway.engine.checkpoint.weights import checkpoint_dir
 from gateway.engine.reference.t3_decode import Sampling, generate_turbo_tokens, turbo_speech_tokens
 from gateway.models.families import FAMILIES, TOP_K, TURBO
 from gateway.settings import Settings
+from weights_support import cache_with_shared_weights
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def turbo():
+def turbo(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(2)
-    settings = Settings(load_format="dummy", models=(TURBO,))  # default cache: written once per machine
+    # the suite's dummy checkpoint: written once, not per run (tests/weights_support.py)
+    cache = cache_with_shared_weights(tmp_path_factory.mktemp("turbo"))
+    settings = Settings(load_format="dummy", models=(TURBO,), cache_dir=cache)
     family = FAMILIES[TURBO]
     return load_components(checkpoint_dir(settings, family), "cpu", family)
 
 
+# upstream's T3.inference_turbo still passes GPT-2 `past_key_values` (transformers warns; our
+# loop passes `cache`, see t3_decode.py)
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_turbo_loop_samples_upstreams_tokens(turbo) -> None:
     text = chunk_text_ids(turbo, "Well [chuckle] that went fine.", "en")
     assert 50274 in text[0].tolist()  # the tag is one added token

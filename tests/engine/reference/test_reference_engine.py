@@ -19,6 +19,7 @@ from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, GenerationParam
 from gateway.engine.reference.engine import ReferenceEngine
 from gateway.errors import EngineUnavailableError, InvalidRequestError
 from gateway.settings import Settings
+from weights_support import cache_with_shared_weights
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +27,11 @@ SAMPLES_PER_TOKEN = 960  # S3Gen: 2 mel frames per token, 480 samples per frame 
 
 
 @pytest.fixture(scope="module")
-def engine() -> ReferenceEngine:
-    # The default cache dir, so the dummy checkpoint is written once per machine, not per run.
+def engine(tmp_path_factory: pytest.TempPathFactory) -> ReferenceEngine:
+    # the suite's dummy checkpoint: written once, not per run (tests/weights_support.py)
     settings = Settings(
-        engine="reference", load_format="dummy", device="cpu", flow_steps=2, max_speech_tokens=400, watermark=True
+        engine="reference", load_format="dummy", device="cpu", flow_steps=2, max_speech_tokens=400, watermark=True,
+        cache_dir=cache_with_shared_weights(tmp_path_factory.mktemp("reference")),
     )
     engine = ReferenceEngine(settings)
     asyncio.run(engine.start())

@@ -21,19 +21,9 @@ def decoder():
     torch.set_num_threads(threads)
 
 
-def _inputs(rows: int, frames: int, valid: list[int], seed: int):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(rows, 80, frames, generator=g)
-    mu = torch.randn(rows, 80, frames, generator=g)
-    cond = torch.randn(rows, 80, frames, generator=g)
-    spks = torch.randn(rows, 80, generator=g)
-    mask = (torch.arange(frames)[None, :] < torch.tensor(valid)[:, None]).float()[:, None, :]
-    return noise, mu, mask, spks, cond
-
-
-def test_eager_solve_equals_upstream_decoder(decoder) -> None:
+def test_eager_solve_equals_upstream_decoder(decoder, cfm_inputs) -> None:
     solver = CfmSolver(decoder, steps=3, device="cpu", dtype=torch.float32)
-    noise, mu, mask, spks, cond = _inputs(2, 48, [48, 30], seed=1)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 48, [48, 30], seed=1)
     ours = solver.solve(noise, mu, mask, spks, cond)
     ref, _ = decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=3, noised_mels=noise)
     err = (ours - ref).norm() / ref.norm()
@@ -41,29 +31,23 @@ def test_eager_solve_equals_upstream_decoder(decoder) -> None:
     assert solver.eager_runs == 1 and solver.graph_replays == 0
 
 
-def test_eager_solve_never_synchronises_with_the_host(decoder, monkeypatch) -> None:
+def test_eager_solve_never_synchronises_with_the_host(decoder, cfm_inputs, item_calls) -> None:
     """Upstream's mask helper calls ``.item()`` 17 times a step (a GPU sync each, and no graph
     capture possible); ours builds the masks once and never reads a value back."""
     solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
-    args = _inputs(1, 32, [32], seed=2)
-    calls = []
-    real = torch.Tensor.item
-
-    def counting(self):
-        calls.append(1)
-        return real(self)
-
-    monkeypatch.setattr(torch.Tensor, "item", counting)
+    args = cfm_inputs(1, 32, [32], seed=2)
+    item_calls.clear()
     solver.solve_eager(*args)
+    calls = item_calls
     assert calls == []
     decoder(mu=args[1], mask=args[2], spks=args[3], cond=args[4], n_timesteps=2, noised_mels=args[0])
     assert len(calls) > 0, "the check must be able to see upstream's synchronisations"
 
 
-def test_padding_rows_and_frames_does_not_change_real_rows(decoder) -> None:
+def test_padding_rows_and_frames_does_not_change_real_rows(decoder, cfm_inputs) -> None:
     """What a graph replay does to a batch: pad rows (fully masked) and frames (masked)."""
     solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
-    noise, mu, mask, spks, cond = _inputs(2, 40, [40, 25], seed=3)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 40, [40, 25], seed=3)
     alone = solver.solve_eager(noise, mu, mask, spks, cond)
 
     def pad(t, rows, frames):
@@ -109,56 +93,37 @@ def test_frames_for_pads_to_a_captured_width_only_when_graphs_exist(decoder) -> 
 # --- the estimator's blocks as our functions, compiled or not ------------------------------
 
 
-def _tiny_decoder():
-    """S3Gen's CFM decoder at toy width (same classes, causal, 1 + 1 + 1 resnets; upstream's
-    Euler loop fixes the 80 mel bins)."""
-    from chatterbox.models.s3gen.decoder import ConditionalDecoder
-    from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
-
-    torch.manual_seed(3)
-    est = ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[16], attention_head_dim=8,
-                             n_blocks=2, num_mid_blocks=1, num_heads=2, act_fn="gelu")
-    return CausalConditionalCFM(in_channels=320, spk_emb_dim=80, estimator=est).eval()
-
-
-def _tiny_inputs(rows: int, frames: int, valid: list[int], seed: int):
-    g = torch.Generator().manual_seed(seed)
-    mask = (torch.arange(frames)[None, :] < torch.tensor(valid)[:, None]).float()[:, None, :]
-    return (torch.randn(rows, 80, frames, generator=g), torch.randn(rows, 80, frames, generator=g), mask,
-            torch.randn(rows, 80, generator=g), torch.randn(rows, 80, frames, generator=g))
-
-
-def test_our_blocks_compute_upstreams_blocks() -> None:
+def test_our_blocks_compute_upstreams_blocks(tiny_cfm_decoder, cfm_inputs) -> None:
     from gateway.engine.vllm.cfm_solver import _transformer_blocks, plain_transformer_block
 
-    decoder = _tiny_decoder()
+    decoder = tiny_cfm_decoder()
     solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     assert all(plain_transformer_block(b) for b in _transformer_blocks(decoder.estimator))
-    noise, mu, mask, spks, cond = _tiny_inputs(2, 24, [24, 13], seed=4)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 24, [24, 13], seed=4)
     ref, _ = decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=2, noised_mels=noise)
     ours = solver.solve(noise, mu, mask, spks, cond)
     torch.testing.assert_close(ours[1, :, :13], ref[1, :, :13], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_compile_failure_falls_back_to_the_plain_blocks(monkeypatch) -> None:
+def test_a_compile_failure_falls_back_to_the_plain_blocks(tiny_cfm_decoder, cfm_inputs, monkeypatch) -> None:
     from gateway.engine.vllm import cfm_solver
 
     def broken(block, x, bias):
         raise RuntimeError("inductor could not compile this")
 
     monkeypatch.setattr(cfm_solver, "compiled_blocks", lambda mode: cfm_solver.Blocks(transformer=broken))
-    decoder = _tiny_decoder()
+    decoder = tiny_cfm_decoder()
     solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
     assert solver.compile == "dynamic"
-    args = _tiny_inputs(1, 16, [16], seed=5)
+    args = cfm_inputs(1, 16, [16], seed=5)
     got = solver.solve(*args)
     assert solver.compile == "off" and "could not compile" in solver.compile_error
     torch.testing.assert_close(got, CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32).solve(*args))
 
 
 @pytest.mark.slow
-def test_compiled_blocks_equal_the_plain_ones_for_any_shape_with_one_compile_each() -> None:
+def test_compiled_blocks_equal_the_plain_ones_for_any_shape_with_one_compile_each(tiny_cfm_decoder, cfm_inputs) -> None:
     """torch.compile (inductor's C++ backend here; Triton on the GPU) of the same functions
     the graphs capture: fp32 results equal, and a second batch shape compiles nothing new
     (``dynamic``: one graph per function and parameter shape, shared by all blocks)."""
@@ -167,11 +132,11 @@ def test_compiled_blocks_equal_the_plain_ones_for_any_shape_with_one_compile_eac
 
     torch._dynamo.reset()
     counters.clear()
-    decoder = _tiny_decoder()
+    decoder = tiny_cfm_decoder()
     plain = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
     compiled = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
     for rows, frames, valid in ((2, 24, [24, 13]), (3, 40, [40, 7, 31])):
-        args = _tiny_inputs(rows, frames, valid, seed=rows)
+        args = cfm_inputs(rows, frames, valid, seed=rows)
         torch.testing.assert_close(compiled.solve(*args), plain.solve(*args), rtol=1e-4, atol=1e-5)
         if rows == 2:
             graphs = counters["stats"]["unique_graphs"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from gateway.engine.base import GenerationParams, SynthesisJob, Voice
@@ -36,25 +35,25 @@ async def test_the_chunk_path_marks_every_stage_up_to_its_first_audio(s3gen, tmp
     engine = VllmEngine(settings)
     ref = parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
     tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    engine.llm = ScriptedT3(tokens)
-    engine.vocoder = Vocoder(s3gen, settings, policy=WindowPolicy(first_tokens=6, tokens=8, left_context=4))
-    engine._components = SimpleNamespace(tokenizer=None, t3=None, watermarker=None)
+    runtime = engine.runtimes["chatterbox"]
+    runtime.llm = ScriptedT3(tokens)
+    runtime.vocoder = Vocoder(s3gen, settings, policy=WindowPolicy(first_tokens=6, tokens=8, left_context=4))
+    runtime.components = SimpleNamespace(front_end=None, tokenizer=None, t3=None, watermarker=None)
+    runtime.t3 = SimpleNamespace(tail_tokens=())
 
-    async def prompt(job, text_tokens):
+    async def prompt(runtime, job, text):
         return SimpleNamespace(token_ids=[0] * 40, vllm_prompt=lambda: {})
 
     monkeypatch.setattr(engine, "_prompt", prompt)
-    monkeypatch.setattr(engine, "_sampling", lambda job, index, rows: None)
-    monkeypatch.setattr("gateway.engine.checkpoint.components.text_token_ids",
-                        lambda tokenizer, t3, text: torch.tensor([[255, 1, 0]]))
+    monkeypatch.setattr(engine, "_sampling", lambda runtime, job, index, rows: SimpleNamespace(to_vllm=lambda: None))
     trace = Timeline()
     job = SynthesisJob("r1", ("Hello.", "Again."), Voice("v", "v", SimpleNamespace(gen=ref)),
                        GenerationParams(max_speech_tokens=20), streaming=True, trace=trace)
-    await engine.vocoder.start()
+    await runtime.vocoder.start()
     try:
-        chunks = [chunk async for chunk in engine._chunk(engine._components, job, 0, "Hello.")]
+        chunks = [chunk async for chunk in engine._chunk(runtime, job, 0, "Hello.")]
     finally:
-        await engine.vocoder.close()
+        await runtime.vocoder.close()
     assert sum(c.samples.size for c in chunks) == 20 * 960 and all(np.isfinite(c.samples).all() for c in chunks)
     stages = [stage for stage, _, _ in trace.rows()]
     expected = ["t3 prompt built", "t3 tokens: 1", "t3 tokens: 9", "vocoder window ready", "vocoder batch launched",

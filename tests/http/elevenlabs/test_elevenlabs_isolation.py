@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
-import wave
 from typing import Any
 
 import httpx
-import numpy as np
 import websockets
 from elevenlabs_support import Received, face_settings, read_until, read_until_closed, send, ws_url
-from ops_support import HOLD, GatedEngine, live_server, wait_until
+from ops_support import HOLD, GatedEngine, live_server, tone_wav, wait_until
 from structlog.testing import capture_logs
 
 from gateway.engine.fake import FakeEngine
@@ -29,18 +26,6 @@ KEY_A, KEY_B, ADMIN = "sk-agents-tenant-a-01234", "sk-agents-tenant-b-56789", "s
 PCM = {"output_format": "pcm_16000"}
 
 
-def clip(frequency: float) -> bytes:
-    """Four seconds of a tone as 24 kHz 16-bit WAV (an upload the voice library accepts)."""
-    t = np.arange(4 * 24_000) / 24_000
-    samples = (0.4 * np.sin(2 * np.pi * frequency * t) * 32767).astype("<i2")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(24_000)
-        wav.writeframes(samples.tobytes())
-    return out.getvalue()
-
 
 def xi(key: str) -> dict[str, str]:
     return {"xi-api-key": key}
@@ -50,7 +35,7 @@ async def create_voice(client: httpx.AsyncClient, key: str, name: str, frequency
     response = await client.post(
         "/v1/audio/voices",
         data={"name": name},
-        files={"audio_sample": ("clip.wav", clip(frequency), "audio/wav")},
+        files={"audio_sample": ("clip.wav", tone_wav(4.0, frequency), "audio/wav")},
         headers={"Authorization": f"Bearer {key}"},
     )
     assert response.status_code == 200, response.text

@@ -21,7 +21,8 @@ export class ApiError extends Error {
   }
 
   describe() {
-    const details = [`HTTP ${this.status}`];
+    // no status: the error came as an event after the 200 (stream_format "sse")
+    const details = [this.status ? `HTTP ${this.status}` : "during the stream"];
     if (this.param) details.push(`param: ${this.param}`);
     if (this.code) details.push(`code: ${this.code}`);
     return `${this.message}\n(${details.join(", ")})`;

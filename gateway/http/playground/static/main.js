@@ -1,11 +1,14 @@
-// Wires the page: pickers from the API, the speech request, its stats, snippets and errors.
+// Wires the page: the API key, the pickers from the API, the text and its checks, the
+// controls, the request as code, and Speak / Hear (speak.js plays the answer).
 
-import { apiFetch, apiJson, apiKey, errorOf, setApiKey, showError } from "./api.js";
-import { MODE_NOTES, audioSeconds, playResponse, playbackMode } from "./player.js";
+import { apiJson, apiKey, errorOf, setApiKey, showError } from "./api.js";
+import { familyEntries, modelDetails } from "./models.js";
+import { MODE_NOTES, playbackMode } from "./player.js";
 import { curlSnippet, pythonSnippet } from "./snippets.js";
+import { speaker } from "./speak.js";
 import { voicePanel } from "./voices.js";
 
-// The Chatterbox controls: [field, label, min, max, step, engine default].
+// The Chatterbox controls: [field, label, min, max, step, the original model's default].
 const CONTROLS = [
   ["exaggeration", "Exaggeration", 0, 2, 0.05, 0.5],
   ["cfg_weight", "CFG weight / pace", 0, 1, 0.05, 0.5],
@@ -14,11 +17,13 @@ const CONTROLS = [
   ["min_p", "Min p", 0, 1, 0.01, 0.05],
   ["repetition_penalty", "Repetition penalty", 1, 2, 0.05, 1.2],
 ];
+const MAX_INPUT_CHARS = 4096; // the server's limit on `input`
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  key: $("api-key"), ready: $("ready"), input: $("input"), model: $("model"), voice: $("voice"),
-  format: $("format"), speed: $("speed"), speedValue: $("speed-value"), controls: $("control-list"),
+  key: $("api-key"), keyForm: $("key-form"), keyNote: $("key-note"), ready: $("ready"), input: $("input"),
+  count: $("input-count"), model: $("model"), voice: $("voice"), hear: $("hear-voice"), format: $("format"),
+  streamFormat: $("stream-format"), speed: $("speed"), speedValue: $("speed-value"), controls: $("control-list"),
   seed: $("seed"), reset: $("reset-controls"), speak: $("speak"), stop: $("stop"), download: $("download"),
   state: $("play-state"), ttfa: $("ttfa"), ttfb: $("ttfb"), duration: $("duration"), total: $("total"),
   rtf: $("rtf"), note: $("playback-note"), player: $("player"), error: $("speak-error"),
@@ -26,12 +31,32 @@ const ui = {
 };
 const touched = new Set();
 let snippetKind = "curl";
-let current = null; // {abort: AbortController} while a request runs
+let pickersLoaded = false;
+const voiceNames = new Map(); // voice id -> name, for Hear
 
 // ---- API key ---------------------------------------------------------------------------------
 
+/** A 401: say so next to the key field, focus it, and load the pickers once a key is given. */
+function askForKey(error) {
+  pickersLoaded = false;
+  for (const select of [ui.model, ui.voice]) select.replaceChildren(new Option("enter the API key first", ""));
+  refreshButtons();
+  ui.keyNote.textContent = apiKey()
+    ? `The server refused this key (${error.message}). Enter a valid key and press Enter.`
+    : "This server needs an API key: enter it here and press Enter.";
+  ui.keyNote.hidden = false;
+  ui.keyForm.classList.add("asking");
+  ui.key.focus();
+  ui.key.select();
+}
+
+function keyAccepted() {
+  ui.keyNote.hidden = true;
+  ui.keyForm.classList.remove("asking");
+}
+
 ui.key.value = apiKey();
-$("key-form").addEventListener("submit", (event) => {
+ui.keyForm.addEventListener("submit", (event) => {
   event.preventDefault(); // Enter in the field: apply the key, stay on the page
   ui.key.dispatchEvent(new Event("change"));
 });
@@ -41,12 +66,29 @@ ui.key.addEventListener("change", () => {
   loadPickers();
 });
 
+// ---- the text --------------------------------------------------------------------------------
+
+/** The reason the text cannot be sent, or null. */
+function inputProblem() {
+  const text = ui.input.value;
+  if (!text.trim()) return "Type the text to speak first.";
+  if (text.length > MAX_INPUT_CHARS) return `The text is ${text.length} characters; the limit is ${MAX_INPUT_CHARS}.`;
+  return null;
+}
+
+function showCount() {
+  const length = ui.input.value.length;
+  ui.count.textContent = `${length} / ${MAX_INPUT_CHARS}`;
+  ui.count.classList.toggle("bad", !ui.input.value.trim() || length > MAX_INPUT_CHARS);
+}
+ui.input.addEventListener("input", showCount);
+
 // ---- controls ----------------------------------------------------------------------------------
 
 for (const [name, label, min, max, step, fallback] of CONTROLS) {
   const wrapper = document.createElement("label");
   const value = document.createElement("output");
-  value.textContent = `default (${fallback})`;
+  value.textContent = "default";
   const input = Object.assign(document.createElement("input"), { type: "range", min, max, step, value: fallback, name });
   input.dataset.default = fallback;
   input.addEventListener("input", () => {
@@ -63,7 +105,7 @@ ui.reset.addEventListener("click", () => {
   for (const input of ui.controls.querySelectorAll("input")) {
     input.value = input.dataset.default;
     input.parentElement.classList.remove("touched");
-    input.parentElement.querySelector("output").textContent = `default (${input.dataset.default})`;
+    input.parentElement.querySelector("output").textContent = "default";
   }
   ui.seed.value = "";
   renderSnippet();
@@ -72,13 +114,26 @@ ui.speed.addEventListener("input", () => {
   ui.speedValue.textContent = Number(ui.speed.value).toFixed(2);
   renderSnippet();
 });
-for (const element of [ui.input, ui.model, ui.voice, ui.seed]) element.addEventListener("input", renderSnippet);
+for (const element of [ui.input, ui.voice, ui.seed]) element.addEventListener("input", renderSnippet);
+for (const element of [ui.streamFormat, $("language")]) element.addEventListener("change", renderSnippet);
 ui.format.addEventListener("change", () => {
   ui.note.textContent = MODE_NOTES[playbackMode(ui.format.value)];
   renderSnippet();
 });
 
-/** The speech request as the page will send it (only the controls the user moved). */
+const model = modelDetails(
+  {
+    languageField: $("language-field"), language: $("language"), tagPicker: $("tag-picker"), tagList: $("tag-list"),
+    note: $("model-note"), input: ui.input, controls: ui.controls,
+  },
+  () => { showCount(); renderSnippet(); },
+);
+ui.model.addEventListener("change", () => {
+  model.show(ui.model.value);
+  renderSnippet();
+});
+
+/** The speech request as the page will send it (only what the user set). */
 function requestBody() {
   const body = {
     model: ui.model.value,
@@ -87,8 +142,11 @@ function requestBody() {
     response_format: ui.format.value,
     speed: Number(ui.speed.value),
   };
+  if (ui.streamFormat.value === "sse") body.stream_format = "sse";
+  const language = model.language(ui.model.value);
+  if (language) body.language = language;
   for (const input of ui.controls.querySelectorAll("input")) {
-    if (touched.has(input.name)) body[input.name] = Number(input.value);
+    if (touched.has(input.name) && !input.disabled) body[input.name] = Number(input.value);
   }
   if (ui.seed.value !== "") body.seed = Number(ui.seed.value);
   return body;
@@ -130,6 +188,11 @@ function fillSelect(select, items, preferred) {
   select.value = [preferred, previous].find((value) => value && values.includes(value)) || values[0] || "";
 }
 
+function refreshButtons() {
+  ui.speak.disabled = !pickersLoaded;
+  ui.hear.disabled = !pickersLoaded || !ui.voice.value;
+}
+
 const voices = voicePanel(
   {
     name: $("voice-name"), file: $("voice-file"), record: $("record"), recordState: $("record-state"),
@@ -142,105 +205,73 @@ const voices = voicePanel(
 async function loadVoices(selectId) {
   const list = (await apiJson("/v1/audio/voices")).data;
   const label = (voice) => (voice.aliases.length ? `${voice.name} (${voice.aliases.join(", ")})` : voice.name);
+  voiceNames.clear();
+  for (const voice of list) voiceNames.set(voice.id, voice.name);
   fillSelect(ui.voice, list.map((voice) => [voice.id, label(voice)]), selectId);
   voices.render(list);
+  refreshButtons();
   renderSnippet();
 }
 
-async function loadPickers() {
-  showError(ui.error, null);
-  try {
-    const models = (await apiJson("/v1/models")).data;
-    fillSelect(ui.model, models.map((model) => [model.id, model.id]), "chatterbox");
-    await loadVoices(null);
-  } catch (error) {
-    showError(ui.error, error);
-  }
-  renderSnippet();
-}
-
-async function watchReady() {
-  // the voice list answers 503 while the engine loads: fill the pickers once /ready says 200
+// /ready answers without a key; resolves once the engine has loaded
+const ready = (async () => {
   for (;;) {
     const response = await fetch("/ready").catch(() => null);
     if (response && response.ok) {
       ui.ready.textContent = "ready";
       ui.ready.className = "badge ok";
+      ui.ready.title = "GET /ready";
       return;
     }
     const error = response ? await errorOf(response) : null;
-    ui.ready.textContent = error ? "not ready" : "unreachable";
+    ui.ready.textContent = error ? "not ready" : "unreachable"; // the reason (loading, failed) in its title
     ui.ready.title = error ? error.message : "the server does not answer";
     ui.ready.className = "badge bad";
     await new Promise((resolve) => setTimeout(resolve, 2000));
   }
+})();
+
+/** The models at once (a 401 asks for the key right away), the voices once the engine is up. */
+async function loadPickers() {
+  showError(ui.error, null);
+  try {
+    const entries = familyEntries((await apiJson("/v1/models")).data);
+    keyAccepted();
+    fillSelect(ui.model, entries.map((entry) => [entry.id, entry.label]), "chatterbox");
+    model.load(entries, ui.model.value);
+    await ready; // the voice list answers 503 while the engine loads
+    await loadVoices(null);
+    pickersLoaded = true;
+  } catch (error) {
+    if (error.status === 401) askForKey(error);
+    else showError(ui.error, error);
+  }
+  refreshButtons();
+  renderSnippet();
 }
 
 // ---- speak -----------------------------------------------------------------------------------
 
-const ms = (value) => `${Math.round(value)} ms`;
+const speech = speaker(ui, askForKey);
 
-function resetStats() {
-  for (const cell of [ui.ttfa, ui.ttfb, ui.duration, ui.total, ui.rtf]) cell.textContent = "–";
-  ui.download.classList.add("disabled");
-  ui.download.setAttribute("aria-disabled", "true");
-  ui.download.removeAttribute("href");
-}
-
-ui.speak.addEventListener("click", async () => {
-  current?.abort.abort();
-  showError(ui.error, null);
-  resetStats();
-  const body = requestBody();
-  const abort = new AbortController();
-  current = { abort };
-  ui.speak.disabled = true;
-  ui.stop.disabled = false;
-  ui.state.textContent = "requesting…";
-  const started = performance.now();
-  try {
-    const response = await apiFetch("/v1/audio/speech", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: abort.signal,
-    });
-    const events = {
-      firstByte: () => { ui.ttfb.textContent = ms(performance.now() - started); ui.state.textContent = "receiving…"; },
-      firstAudio: () => { ui.ttfa.textContent = ms(performance.now() - started); ui.state.textContent = "playing"; },
-    };
-    const blob = await playResponse(response, body.response_format, ui.player, events, abort.signal);
-    const total = performance.now() - started;
-    ui.total.textContent = ms(total);
-    ui.download.href = URL.createObjectURL(blob);
-    ui.download.download = `speech.${body.response_format}`;
-    ui.download.classList.remove("disabled");
-    ui.download.removeAttribute("aria-disabled");
-    const seconds = await audioSeconds(blob, body.response_format);
-    ui.duration.textContent = `${seconds.toFixed(2)} s`;
-    ui.rtf.textContent = (total / 1000 / seconds).toFixed(2);
-    if (ui.state.textContent !== "playing") ui.state.textContent = "done";
-  } catch (error) {
-    if (abort.signal.aborted) {
-      ui.state.textContent = "stopped";
-    } else {
-      ui.state.textContent = "failed";
-      showError(ui.error, error);
-    }
-  } finally {
-    ui.speak.disabled = false; // Stop stays enabled: it also silences what is still playing
+ui.speak.addEventListener("click", () => {
+  const problem = inputProblem();
+  if (problem) {
+    showError(ui.error, new Error(problem));
+    ui.input.focus();
+    return;
   }
+  speech.speak(requestBody());
 });
 
-ui.stop.addEventListener("click", () => {
-  current?.abort.abort();
-  current = null;
-  ui.player.pause();
-  ui.stop.disabled = true;
-  ui.state.textContent = "stopped";
+ui.hear.addEventListener("click", () => {
+  // a short sentence in the picked voice, with the picked model and format
+  const name = voiceNames.get(ui.voice.value) || ui.voice.value;
+  speech.speak({ ...requestBody(), input: `Hello, this is the voice ${name}.`, language: undefined });
 });
-ui.player.addEventListener("ended", () => { ui.state.textContent = "done"; });
 
 ui.note.textContent = MODE_NOTES[playbackMode(ui.format.value)];
+showCount();
+refreshButtons();
 renderSnippet();
-watchReady().then(loadPickers);
+loadPickers();

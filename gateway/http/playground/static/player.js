@@ -2,11 +2,15 @@
 //
 // Three ways, picked per format:
 // - MediaSource (mp3, and aac where the browser's MediaSource takes ADTS): bytes are
-//   appended to an <audio> element as they arrive; playback starts with the first frames.
+//   appended to the <audio> element as they arrive; playback starts with the first frames.
 // - Web Audio (pcm, wav): the samples are plain 16-bit PCM, so each piece is turned into an
-//   AudioBuffer and scheduled right after the previous one.
+//   AudioBuffer and scheduled right after the previous one. Once the response is complete the
+//   <audio> element gets the file (pcm wrapped in a WAV header), so it can be played again.
 // - Whole file (opus, flac, and anything MediaSource refuses): Ogg and FLAC streams cannot be
 //   fed to MediaSource, so they play once the response is complete.
+//
+// Either way the <audio> element only ever holds the current response: clearPlayer() empties
+// it before a request starts.
 
 export const PCM_SAMPLE_RATE = 24000;
 
@@ -25,44 +29,52 @@ export const MODE_NOTES = {
   whole: "This format plays once the whole response has arrived (the browser cannot stream it); mp3, wav or pcm play as they arrive.",
 };
 
+/** Empty the <audio> element: no source, nothing to play, its object URL released. */
+export function clearPlayer(audio) {
+  audio.pause();
+  const url = audio.src;
+  audio.removeAttribute("src");
+  audio.load();
+  if (url.startsWith("blob:")) URL.revokeObjectURL(url);
+}
+
 /**
- * Read ``response`` to the end while playing it. ``events.firstByte()`` and
- * ``events.firstAudio()`` are called once each; resolves to the bytes as a Blob.
- * ``signal`` aborts reading and playback.
+ * Play the audio ``chunks`` (an async iterable of Uint8Array) while reading them to the end.
+ * ``events.firstByte()``, ``events.firstAudio()`` and ``events.ended()`` (playback reached
+ * the end) are called once each; resolves to the bytes as a Blob of ``type`` once all have
+ * arrived. ``signal`` aborts playback and drops the listeners, also after the download.
  */
-export async function playResponse(response, format, audio, events, signal) {
+export async function playChunks(chunks, type, format, audio, events, signal) {
   const mode = playbackMode(format);
   const sink =
-    mode === "stream" ? await mediaSourceSink(audio, MSE_TYPES[format], events)
-    : mode === "webaudio" ? webAudioSink(format, events)
-    : wholeFileSink(audio, events);
-  // also after the download ends: Stop silences what is still playing
+    mode === "stream" ? await mediaSourceSink(audio, MSE_TYPES[format], events, signal)
+    : mode === "webaudio" ? webAudioSink(format, audio, events)
+    : wholeFileSink(audio, events, signal);
   signal.addEventListener("abort", () => sink.stop(), { once: true });
   const parts = [];
-  const reader = response.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
+  for await (const value of chunks) {
+    if (signal.aborted) break;
     if (parts.length === 0) events.firstByte();
     parts.push(value);
     await sink.push(value);
   }
-  const blob = new Blob(parts, { type: response.headers.get("content-type") || "application/octet-stream" });
-  await sink.finish(blob);
+  const blob = new Blob(parts, { type });
+  if (!signal.aborted) await sink.finish(blob);
   return blob;
 }
 
-function onFirstPlaying(audio, events) {
-  audio.addEventListener("playing", () => events.firstAudio(), { once: true });
+function watchElement(audio, events, signal) {
+  audio.addEventListener("playing", () => events.firstAudio(), { once: true, signal });
+  audio.addEventListener("ended", () => events.ended(), { once: true, signal });
 }
 
-async function mediaSourceSink(audio, type, events) {
+async function mediaSourceSink(audio, type, events, signal) {
   const source = new MediaSource();
   audio.src = URL.createObjectURL(source);
   await new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
   const buffer = source.addSourceBuffer(type);
   buffer.mode = "sequence"; // raw mp3/ADTS frames carry no timestamps
-  onFirstPlaying(audio, events);
+  watchElement(audio, events, signal);
   const appended = () => new Promise((resolve, reject) => {
     buffer.addEventListener("updateend", resolve, { once: true });
     buffer.addEventListener("error", () => reject(new Error("the browser could not decode the audio")), { once: true });
@@ -80,7 +92,8 @@ async function mediaSourceSink(audio, type, events) {
     },
     async finish() {
       if (source.readyState === "open") source.endOfStream();
-      if (!started) audio.play().catch(() => {});
+      if (!started) await audio.play().catch(() => {});
+      if (audio.paused) events.ended(); // autoplay refused: nothing plays, the run is over
     },
     stop() {
       audio.pause();
@@ -88,13 +101,14 @@ async function mediaSourceSink(audio, type, events) {
   };
 }
 
-function wholeFileSink(audio, events) {
+function wholeFileSink(audio, events, signal) {
   return {
     async push() {},
     async finish(blob) {
       audio.src = URL.createObjectURL(blob);
-      onFirstPlaying(audio, events);
+      watchElement(audio, events, signal);
       await audio.play().catch(() => {});
+      if (audio.paused) events.ended();
     },
     stop() {
       audio.pause();
@@ -102,7 +116,7 @@ function wholeFileSink(audio, events) {
   };
 }
 
-function webAudioSink(format, events) {
+function webAudioSink(format, audio, events) {
   const context = new AudioContext();
   context.resume().catch(() => {});
   let header = format === "wav" ? new Uint8Array(0) : null; // wav: bytes until the data chunk
@@ -110,7 +124,8 @@ function webAudioSink(format, events) {
   let channels = 1;
   let carry = new Uint8Array(0); // an odd trailing byte waits for its partner
   let nextTime = 0;
-  const sources = [];
+  let last = null; // the piece scheduled last: its end is the end of playback
+  let closed = false;
 
   function schedule(bytes) {
     const joined = concat(carry, bytes);
@@ -128,15 +143,21 @@ function webAudioSink(format, events) {
     const node = context.createBufferSource();
     node.buffer = buffer;
     node.connect(context.destination);
-    const first = sources.length === 0;
+    const first = last === null;
     nextTime = Math.max(nextTime, context.currentTime + 0.05);
     node.start(nextTime);
     nextTime += buffer.duration;
-    sources.push(node);
+    last = node;
     if (first) {
       const wait = Math.max(0, (nextTime - buffer.duration - context.currentTime) * 1000);
-      setTimeout(() => events.firstAudio(), wait);
+      setTimeout(() => { if (!closed) events.firstAudio(); }, wait);
     }
+  }
+
+  function close() {
+    if (closed) return;
+    closed = true;
+    context.close(); // silences every scheduled piece
   }
 
   return {
@@ -150,10 +171,15 @@ function webAudioSink(format, events) {
       header = null;
       schedule(rest);
     },
-    async finish() {},
-    stop() {
-      context.close(); // silences every scheduled piece
+    async finish(blob) {
+      // the element gets the file to play again; Web Audio plays this first time
+      const file = format === "pcm" ? wavFile(blob, PCM_SAMPLE_RATE) : blob;
+      audio.src = URL.createObjectURL(file);
+      const ended = () => { if (!closed) { close(); events.ended(); } };
+      if (last) last.addEventListener("ended", ended, { once: true });
+      else ended();
     },
+    stop: close,
   };
 }
 
@@ -178,6 +204,26 @@ export function parseWavHeader(bytes) {
     at += 8 + size + (size % 2);
   }
   return null;
+}
+
+/** 16-bit mono PCM as a WAV file (the 44-byte canonical header, then the samples). */
+function wavFile(pcm, rate) {
+  const header = new DataView(new ArrayBuffer(44));
+  const text = (at, value) => [...value].forEach((char, i) => header.setUint8(at + i, char.charCodeAt(0)));
+  text(0, "RIFF");
+  header.setUint32(4, 36 + pcm.size, true);
+  text(8, "WAVE");
+  text(12, "fmt ");
+  header.setUint32(16, 16, true);
+  header.setUint16(20, 1, true); // PCM
+  header.setUint16(22, 1, true); // mono
+  header.setUint32(24, rate, true);
+  header.setUint32(28, rate * 2, true);
+  header.setUint16(32, 2, true);
+  header.setUint16(34, 16, true);
+  text(36, "data");
+  header.setUint32(40, pcm.size, true);
+  return new Blob([header, pcm], { type: "audio/wav" });
 }
 
 function concat(a, b) {

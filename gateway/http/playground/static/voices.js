@@ -109,6 +109,8 @@ export function voicePanel(ui, onVoicesChanged) {
       remove.className = "quiet";
       remove.textContent = "Delete";
       remove.addEventListener("click", async () => {
+        // deleting cannot be undone: the clip and its conditionals are gone
+        if (!confirm(`Delete the voice "${voice.name}" (${voice.id})? This cannot be undone.`)) return;
         showError(ui.error, null);
         try {
           await apiFetch(`/v1/audio/voices/${encodeURIComponent(voice.id)}`, { method: "DELETE" });
