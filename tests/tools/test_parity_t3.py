@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gateway.tools.parity_t3 import diverging_step_error, first_mismatch, logit_error, near_tie_verdict
+from gateway.tools.parity_t3 import (
+    diverging_step_error,
+    first_mismatch,
+    logit_error,
+    near_tie_verdict,
+)
 
 
 def _logprobs(rows: list[list[float]]) -> torch.Tensor:
