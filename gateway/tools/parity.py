@@ -9,9 +9,10 @@ vLLM batch, so per-request CFG and positions are checked under continuous batchi
   except that a run may part from it at a near tie. A teacher-forced fp32 pass of the
   reference gives, at every step, its top-2 margin (after the repetition penalty) and its raw
   log-probabilities; vLLM returns its own top-5 raw log-probabilities. The error of vLLM's
-  logit differences on the matched steps is the measured precision (bf16 keeps 8 mantissa
-  bits; vLLM's fp32 matmuls may use TF32), and a divergence passes only where the
-  reference's margin is within twice that error. In fp32 every request must also decode
+  logit differences on the matched steps, and on the diverging step over the tokens neither
+  side chose there, is the measured precision (bf16 keeps 8 mantissa bits; vLLM's fp32
+  matmuls may use TF32), and a divergence passes only where the reference's margin is within
+  twice that error (``parity_t3``). In fp32 every request must also decode
   identically batched and alone.
 
 Upstream decodes over all 8194 ids; the served model masks ids that are no speech token
@@ -216,7 +217,8 @@ def check_long(seed: int) -> list[tuple[str, bool, str]]:
 def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, str]]:
     """Criterion per request: vLLM's greedy tokens equal the reference's, or the first
     difference falls on a near tie: a step where the reference's own top-2 margin is at most
-    twice the largest logit-difference error measured on the steps before it (``parity_t3``).
+    twice the largest logit-difference error measured on the steps before it and, without
+    the contested tokens, on that step (``parity_t3``).
     Batched == one at a time must hold exactly in fp32 (per-request CFG/positions under
     continuous batching); bf16 kernels differ by batch shape, so bf16 is held to the same
     near-tie criterion only."""

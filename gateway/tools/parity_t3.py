@@ -6,8 +6,18 @@ Greedy decoding of random weights meets near ties (two logits closer than the ar
 error) every few dozen steps; after one, two decodes condition on different tokens and
 legitimately part. So a served run passes if its tokens equal the reference's up to a step
 where the reference's own top-2 margin (after its logits processors) is at most twice the
-largest error of the served logit *differences* measured on the matched steps before it (the
-served engine's top-5 raw log-probabilities against the teacher-forced fp32 reference).
+largest error of the served logit *differences* (the served engine's top-5 raw
+log-probabilities against the teacher-forced fp32 reference), measured on the matched steps
+before it and on the diverging step itself.
+
+The diverging step conditions both sides on the same tokens, so its logits are as comparable
+as any matched step's; but the pair the two sides disagree on is not evidence of precision
+(its error exceeds the margin by construction, so counting it would excuse any divergence).
+There the error is measured over the other tokens both sides rank, the contested ones left
+out: the reference's token, the served token, and the served raw top. This is what decides a
+divergence at the very first step, where no matched step exists: with fewer than two
+uncontested tokens nothing is measured there and the bound stays at the matched steps' (0 at
+step 0), i.e. the run fails rather than assume an error.
 """
 
 from __future__ import annotations
@@ -75,22 +85,35 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _step_error(ref_row: Any, pairs: list, skip: frozenset[int] = frozenset()) -> tuple[float, int]:
+    """(largest error of the differences between the served top token's log-probability and
+    the others', how many tokens it was measured over) at one step, ``skip`` left out. The
+    normalisation cancels in a difference; tokens either side gives no probability are left
+    out too."""
+    kept = [(int(tid), lp) for tid, lp in pairs
+            if int(tid) not in skip and lp != float("-inf") and float(ref_row[int(tid)]) != float("-inf")]
+    if len(kept) < 2:
+        return 0.0, 0
+    top_id, top_lp = max(kept, key=lambda p: p[1])
+    worst = max(abs((top_lp - lp) - float(ref_row[top_id] - ref_row[tid])) for tid, lp in kept)
+    return worst, len(kept)
+
+
 def logit_error(ref_logprobs: Any, mine: list, upto: int) -> float:
     """Largest error, over steps < ``upto``, of the differences between the top token's
     log-probability and the others' (the normalisation cancels): the precision of the
     served logits, measured, not assumed."""
-    worst = 0.0
-    for step in range(min(upto, len(mine))):
-        pairs = mine[step]
-        if len(pairs) < 2:
-            continue
-        top_id, top_lp = max(pairs, key=lambda p: p[1])
-        for tid, lp in pairs:
-            if lp == float("-inf"):
-                continue
-            ref_diff = float(ref_logprobs[step, top_id] - ref_logprobs[step, tid])
-            worst = max(worst, abs((top_lp - lp) - ref_diff))
-    return worst
+    return max((_step_error(ref_logprobs[step], mine[step])[0] for step in range(min(upto, len(mine)))), default=0.0)
+
+
+def diverging_step_error(ref_logprobs: Any, mine: list, at: int, contested: set[int]) -> tuple[float, int]:
+    """(error, tokens measured) at the first diverging step ``at`` over the tokens both sides
+    rank there, ``contested`` and the served raw top left out (module docstring); (0, 0) where
+    either side has no log-probabilities at that step or fewer than two tokens remain."""
+    if at >= len(mine) or at >= len(ref_logprobs) or not mine[at]:
+        return 0.0, 0
+    served_top = int(max(mine[at], key=lambda p: p[1])[0])
+    return _step_error(ref_logprobs[at], mine[at], frozenset(contested | {served_top}))
 
 
 def near_tie_verdict(ref: list[int], mine: list[int], margins: list[float], ref_logprobs: Any,
@@ -98,9 +121,12 @@ def near_tie_verdict(ref: list[int], mine: list[int], margins: list[float], ref_
     """(passed, detail) of one served decode against the reference (module docstring)."""
     at = first_mismatch(ref, mine)
     err = logit_error(ref_logprobs, logprobs, len(ref) if at is None else at)
-    what = f"max logit-diff error {err:.4f}"
     if at is None:
-        return True, what + f"; all {len(ref)} tokens equal"
+        return True, f"max logit-diff error {err:.4f}; all {len(ref)} tokens equal"
+    contested = {tok[at] for tok in (ref, mine) if at < len(tok)}
+    at_err, at_tokens = diverging_step_error(ref_logprobs, logprobs, at, contested)
+    bound = 2 * max(err, at_err)
     m = margins[at] if at < len(margins) else float("inf")
-    return m <= 2 * err, what + (f"; equal for {at}/{len(ref)} tokens, then a near tie: ref top-2 margin "
-                                 f"{m:.4f} (must be <= {2 * err:.4f})")
+    return m <= bound, (f"max logit-diff error {max(err, at_err):.4f} (matched steps {err:.4f}, diverging step "
+                        f"{at_err:.4f} over {at_tokens} uncontested tokens); equal for {at}/{len(ref)} tokens, "
+                        f"then a near tie: ref top-2 margin {m:.4f} (must be <= {bound:.4f})")
