@@ -309,7 +309,9 @@ async def _row(
         "rss_mib": None if watch is None else {
             "before": host_probes.mib(watch.rss_before), "peak": host_probes.mib(watch.peak_rss), "after": host_probes.mib(host_probes.rss_bytes(pid)),
         },
-        "temp_mib": None if watch is None else {"peak": host_probes.mib(watch.peak_temp), "after": host_probes.mib(temp_file_bytes(pid))},
+        "temp_mib": None if watch is None else {
+            "before": host_probes.mib(watch.temp_before), "peak": host_probes.mib(watch.peak_temp), "after": host_probes.mib(temp_file_bytes(pid)),
+        },
         "fds_after": open_fds(pid) if pid else None,
         "in_flight_after": scraped.get("chatterbox_in_flight_requests"),
         "queued_after": scraped.get("chatterbox_queued_requests"),
@@ -320,7 +322,7 @@ async def _row(
 def table(rows: list[dict[str, object]]) -> str:
     lines = [
         "| Attack | /health probes | failed | p50 ms | p90 ms | p95 ms | max ms | answers | RSS MiB before / peak / after "
-        "| temp MiB peak / after | fds after | in flight / queued / FFmpeg after |",
+        "| temp MiB before / peak / after | fds after | in flight / queued / FFmpeg after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -331,7 +333,7 @@ def table(rows: list[dict[str, object]]) -> str:
             f"| {r['attack']} | {r['probes']} | {r['failed']} | {r['p50_ms']} | {r['p90_ms']} | {r['p95_ms']} | "
             f"{r['max_ms']} | {answers} | "
             f"{_n(rss.get('before'))} / {_n(rss.get('peak'))} / {_n(rss.get('after'))} | "  # type: ignore[union-attr]
-            f"{_n(temp.get('peak'))} / {_n(temp.get('after'))} | {_n(r['fds_after'])} | "  # type: ignore[union-attr]
+            f"{_n(temp.get('before'))} / {_n(temp.get('peak'))} / {_n(temp.get('after'))} | {_n(r['fds_after'])} | "  # type: ignore[union-attr]
             f"{_n(r['in_flight_after'])} / {_n(r['queued_after'])} / {_n(r['ffmpeg_after'])} |"
         )
     for r in rows:

@@ -52,7 +52,8 @@ class ServerWatch(threading.Thread):
         self.pid = pid
         self.rss_before = host_probes.rss_bytes(pid)
         self.peak_rss = self.rss_before or 0
-        self.peak_temp = temp_file_bytes(pid) or 0
+        self.temp_before = temp_file_bytes(pid) or 0  # what the process held before the attack
+        self.peak_temp = self.temp_before
         self.stop = threading.Event()
 
     def run(self) -> None:

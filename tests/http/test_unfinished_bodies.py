@@ -214,8 +214,11 @@ def test_uploads_take_their_slot_before_spooling(settings: Settings, tmp_path: P
         row = run_attack(live.base_url, tmp_path, "unfinished-uploads", "--uploads", "12", "--upload-mib", "2",
                          "--duration", "3")
         assert wait_until(lambda: live.services.upload_admission.in_flight == 0, timeout_s=5)
-    assert row["temp_mib"]["peak"] <= 2 * 2.1, row["temp_mib"]
-    assert row["temp_mib"]["after"] == 0, row["temp_mib"]
+    # measured against what the process held before (the in-process server shares pytest's
+    # descriptors, other tests' temporary files included): 2 bodies spooled, none left behind
+    temp = row["temp_mib"]
+    assert temp["peak"] - temp["before"] <= 2 * 2.1, temp
+    assert temp["after"] <= temp["before"], temp
     assert row["answers"].get("429", 0) == 2 and row["answers"].get("held", 0) == 10, row["answers"]
 
 
