@@ -1,0 +1,191 @@
+"""How much a decode loop elsewhere on the GPU slows a vocoder-sized solve: the question behind
+issue 18's first-audio timeline (the CFM of the first window took 117 ms in the server against
+~40 ms in the isolated profile while vLLM's engine-core process decoded T3 on the same GPU).
+
+Pure PyTorch, no model: a "solve" is a fixed chain of batched products sized to take about
+``--solve-ms`` alone (the CFM window's scale); a "decoder" is T3's decode cadence at batch 1 (a
+chain of small products for ``--decode-gpu-ms``, a synchronize, host time for
+``--decode-host-ms``: 2.55 ms a token in the server, the GPU idle over half of it). Each
+scenario times the solve's wall clock (launch to synchronize) and the decoder's steps per
+second:
+
+- ``alone``: the solve with nothing else on the GPU;
+- ``thread``: the decoder in a thread of the same process on its own CUDA stream (one context:
+  kernels of both may run at once);
+- ``process``: the decoder in a second process (two contexts: without MPS the GPU time-slices
+  between them, which is how vLLM's engine core and our vocoder share the card today).
+
+    python -m gateway.tools.gpu.contention --json out.json
+
+prints a table; a ``process`` row far above ``thread`` says the cross-process split costs the
+vocoder, and that T3 and S3Gen belong in one CUDA context (or under MPS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+
+def _decode_weights(device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(1)
+    return [torch.randn(1024, 1024, device=device, dtype=torch.bfloat16, generator=gen) / 32 for _ in range(8)]
+
+
+def _decode_step(x: torch.Tensor, weights: list[torch.Tensor], chain: int) -> torch.Tensor:
+    for i in range(chain):
+        x = torch.tanh(x @ weights[i % len(weights)])
+    return x
+
+
+def _decode_chain_for(gpu_ms: float, device: torch.device) -> int:
+    """How many small products make ``gpu_ms`` of one decode step on this card."""
+    weights = _decode_weights(device)
+    x = torch.randn(1, 1024, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        _decode_step(x, weights, 100)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        _decode_step(x, weights, 100)
+    torch.cuda.synchronize(device)
+    per = (time.perf_counter() - start) / 1000
+    return max(1, round(gpu_ms / 1000 / per))
+
+
+def _decode_loop(chain: int, host_s: float, stop: threading.Event | None, stop_at: float | None,
+                 stream: torch.cuda.Stream | None, counts: list[int]) -> None:
+    device = torch.device("cuda", 0)
+    weights = _decode_weights(device)
+    x = torch.randn(1, 1024, device=device, dtype=torch.bfloat16)
+    with torch.cuda.stream(stream):  # None: the current stream
+        while not (stop is not None and stop.is_set()) and not (stop_at is not None and time.time() >= stop_at):
+            _decode_step(x, weights, chain)
+            (stream or torch.cuda.current_stream()).synchronize()
+            counts[0] += 1
+            time.sleep(host_s)
+
+
+def _decoder_process(chain: int, host_s: float, start_at: float, stop_at: float, out: mp.Queue) -> None:
+    torch.cuda.init()
+    counts = [0]
+    while time.time() < start_at:
+        time.sleep(0.001)
+    began = time.time()
+    _decode_loop(chain, host_s, None, stop_at, None, counts)
+    out.put(counts[0] / (time.time() - began))
+
+
+def _solve_setup(device: torch.device, batch: int, frames: int, width: int):  # type: ignore[no-untyped-def]
+    gen = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(batch, frames, width, device=device, dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(width, width, device=device, dtype=torch.bfloat16, generator=gen) / width**0.5
+    return x, w
+
+
+def _solve(x: torch.Tensor, w: torch.Tensor, ops: int) -> torch.Tensor:
+    y = x
+    for _ in range(ops):
+        y = torch.nn.functional.silu(y @ w)  # a product and an elementwise op, as the estimator's blocks
+    return y
+
+
+def _captured(x: torch.Tensor, w: torch.Tensor, ops: int) -> torch.cuda.CUDAGraph:
+    """The solve as one graph replay, as the vocoder's CFM runs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _solve(x, w, ops)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _solve(x, w, ops)
+    torch.cuda.synchronize()
+    return graph
+
+
+def _time_solves(x: torch.Tensor, w: torch.Tensor, ops: int, seconds: float) -> list[float]:
+    graph = _captured(x, w, ops)
+    times = []
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--solve-ms", type=float, default=40.0, help="the solve's time alone (the CFM window's)")
+    parser.add_argument("--batch", type=int, default=2, help="rows of the solve (2: one request with CFG)")
+    parser.add_argument("--frames", type=int, default=650, help="mel frames of a window, prompt included")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--decode-gpu-ms", type=float, default=1.0)
+    parser.add_argument("--decode-host-ms", type=float, default=1.5)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per scenario")
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("contention: no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0)
+    x, w = _solve_setup(device, args.batch, args.frames, args.width)
+    one = statistics.median(_time_solves(x, w, 100, 1.0)) / 100
+    ops = max(1, round(args.solve_ms / one))
+    chain = _decode_chain_for(args.decode_gpu_ms, device)
+    host_s = args.decode_host_ms / 1000
+    rows = []
+
+    times = _time_solves(x, w, ops, args.seconds)
+    rows.append({"scenario": "alone", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
+                 "solves": len(times), "decode_steps_per_s": None})
+
+    stop, counts = threading.Event(), [0]
+    thread = threading.Thread(target=_decode_loop, args=(chain, host_s, stop, None, torch.cuda.Stream(device), counts))
+    began = time.time()
+    thread.start()
+    times = _time_solves(x, w, ops, args.seconds)
+    stop.set()
+    thread.join()
+    rows.append({"scenario": "thread", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
+                 "solves": len(times), "decode_steps_per_s": counts[0] / (time.time() - began)})
+
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    start_at = time.time() + 8.0  # the child's CUDA start-up happens before the window
+    proc = ctx.Process(target=_decoder_process, args=(chain, host_s, start_at, start_at + args.seconds + 1.0, out))
+    proc.start()
+    while time.time() < start_at + 0.5:
+        time.sleep(0.01)
+    times = _time_solves(x, w, ops, args.seconds)
+    steps = out.get(timeout=60)
+    proc.join(timeout=30)
+    rows.append({"scenario": "process", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
+                 "solves": len(times), "decode_steps_per_s": steps})
+
+    print(f"solve: {ops} x ({args.batch}x{args.frames}x{args.width} product + silu); "
+          f"decode step: {chain} products of 1x1024x1024 then {args.decode_host_ms} ms on the host")
+    print("| scenario | solve p50 ms | solve max ms | solves | decode steps/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        rate = "-" if r["decode_steps_per_s"] is None else f"{r['decode_steps_per_s']:.0f}"
+        print(f"| {r['scenario']} | {r['solve_p50_ms']:.1f} | {r['solve_max_ms']:.1f} | {r['solves']} | {rate} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
+                       "command": "python -m gateway.tools.gpu.contention " + " ".join(argv or sys.argv[1:]),
+                       "solve_ops": ops, "decode_chain": chain, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
