@@ -249,6 +249,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     families loaded, the size of all their KV caches together (split equally)."""
     vllm_enforce_eager: bool = False
     """vLLM: no CUDA graphs (slower, starts faster, less memory)."""
+    vllm_engine_core: Literal["process", "thread"] = "process"
+    """Where vLLM's engine core runs: ``process``, a process of its own (AsyncLLM, as vLLM
+    serves); ``thread``, a thread of this process, so that T3 and the vocoder share one CUDA
+    context and their kernels can run side by side instead of time-sliced (one model only;
+    its host work then shares this process's GIL). docs/operations.md."""
     vocoder_max_batch: PositiveInt = 64
     """Most token windows one batched S3Gen call vocodes."""
     vocoder_max_later_wait_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.5
@@ -338,6 +343,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
         for proxy in self.trusted_proxies:
             _network(proxy)
         parse_alias_overrides(self.elevenlabs_model_aliases, self.models)
+        if self.vllm_engine_core == "thread" and len(self.models) > 1:
+            raise ValueError(
+                "vllm_engine_core thread serves one model (vLLM keeps one engine state per process); "
+                f"models names {len(self.models)}: use vllm_engine_core process, or load one model"
+            )
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")
         if self.max_pending_body_bytes < max(self.max_body_bytes, self.max_upload_bytes):

@@ -157,7 +157,9 @@ class VllmEngine(UpstreamVoices, Engine):
         try:
             for name in self.models:
                 starting[name] = pool.submit(self._start_llm, name, configs[name])
-                if not self.settings.vllm_parallel_start:
+                # an engine core in this process profiles this process's memory: nothing else
+                # may allocate meanwhile
+                if not self.settings.vllm_parallel_start or self.settings.vllm_engine_core == "thread":
                     self.runtimes[name].llm = starting[name].result()
             with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
@@ -198,14 +200,19 @@ class VllmEngine(UpstreamVoices, Engine):
         return write_model_dir(Path(self.settings.cache_dir) / "t3_vllm" / safe, family, checkpoint / family.t3_file)
 
     def _start_llm(self, name: str, config: Any) -> Any:
-        """One vLLM engine (its engine core process started and ready). Runs on its own thread."""
+        """One vLLM engine, started and ready (its engine core a process, or with
+        ``vllm_engine_core = "thread"`` a thread of this one). Runs on a thread of the start pool."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from gateway.engine.vllm.engine_thread import ThreadedLLM
         from gateway.engine.vllm.gpu_memory import engine_core_pids
 
         t0 = time.perf_counter()
         try:
-            llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+            if self.settings.vllm_engine_core == "thread":
+                llm = ThreadedLLM.from_vllm_config(config)
+            else:
+                llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
         except BaseException as exc:
             self._failed(name, "t3_engine", exc)
             raise

@@ -7,7 +7,10 @@
 #   bash gateway/tools/gpu/speed.sh part2   # T3 per step; then one server (serve --engine vllm,
 #                                           # dummy weights, the issue's flags): timeline, HTTP
 #                                           # rows at 1/32/128 streams, the 64 x 60 s load test
-#   DRY_RUN=1 bash gateway/tools/gpu/speed.sh part1|part2   # the same steps on this CPU, tiny
+#   bash gateway/tools/gpu/speed.sh part3   # A/B of where vLLM's engine core runs: the same
+#                                           # server flags with --vllm-engine-core process, then
+#                                           # thread (timeline, HTTP rows at 1 and 32 streams)
+#   DRY_RUN=1 bash gateway/tools/gpu/speed.sh part1|part2|part3   # the same steps on this CPU, tiny
 #
 # Every step runs under its own `timeout` and writes its own files, so a failing step loses
 # only itself; `$OUT/pN/status.txt` lists each step's exit code and seconds. What comes back
@@ -16,6 +19,7 @@
 #          $OUT/p1/logs.tar.xz (every step's output, status.txt, nvidia-smi)  $OUT/cache.tar.xz
 #   part2: $OUT/p2/t3step.json  $OUT/p2/http.json (rows, timeline, load test)
 #          $OUT/p2/logs.tar.xz (outputs, server.log, t3_profile.txt, status.txt)  $OUT/cache.tar.xz
+#   part3: $OUT/p3/http_process.json  $OUT/p3/http_thread.json  $OUT/p3/logs.tar.xz  $OUT/cache.tar.xz
 # Compile caches (inductor, Triton, vLLM's torch.compile) live under $SPEED_CACHE and come back
 # as $OUT/cache.tar.xz; carry it to a later visit as .gpu/speed-cache.tar.xz and it is
 # unpacked first (engine start and the estimator's compile then skip their cold compiles).
@@ -25,7 +29,7 @@
 set -uo pipefail
 
 PART="${1:-}"
-case "$PART" in part1|part2) ;; *) echo "usage: $0 part1|part2" >&2; exit 2 ;; esac
+case "$PART" in part1|part2|part3) ;; *) echo "usage: $0 part1|part2|part3" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 cd "$ROOT"
 DRY="${DRY_RUN:-0}"
@@ -131,6 +135,23 @@ if [ "$PART" = part1 ]; then
   step parity_bf16 "${LIMITS[1]}" "$PY" -m gateway.tools.parity_vocoder --dtype bf16 $SIZES --knobs --json "$DIR/parity_bf16.json"
   # 3. the profile: before/after at batch 1/8/32/64, pipelined GPU busy share, knob rows
   step profile "${LIMITS[2]}" "$PY" -m gateway.tools.benchmark --stages profile $PROFILE --json "$DIR/profile.json"
+elif [ "$PART" = part3 ]; then
+  # vLLM's engine core in its own process (AsyncLLM) against a thread of the server (one CUDA
+  # context with the vocoder): docs/operations.md, gateway/engine/vllm/engine_thread.py. The
+  # same flags otherwise; first audio is the question, so 1 and 32 streams and the timeline.
+  if [ "$DRY" = 1 ]; then
+    SERVER="--server-engine fake --http-concurrency 1,4 --http-window-s 3 --timeline-runs 2 --server-ready-s 60"
+    LIMIT=200
+  else
+    SERVER="--server-engine vllm --http-concurrency 1,32 --http-window-s 20 --timeline-runs 5 --server-ready-s 240
+            --server-cache-dir /root/speed-gateway-cache"
+    LIMIT=290
+  fi
+  for core in process thread; do
+    step "server_$core" "$LIMIT" "$PY" -m gateway.tools.benchmark --stages timeline,http --models chatterbox \
+      --voice alloy --http-format pcm --server-log "$LOGS/server_$core.log" \
+      --server-args="--vllm-engine-core $core ${SERVER_ARGS:-}" $SERVER --json "$DIR/http_$core.json"
+  done
 else
   if [ "$DRY" = 1 ]; then
     echo "=== t3step: skipped (dry run: no vLLM on this machine)" | tee -a "$STATUS"

@@ -18,12 +18,14 @@ import pytest
 import torch
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import Conditionals
+from llm_engine_double import LLMEngineDouble
 
 from gateway.engine.base import GenerationParams, SynthesisJob, Voice
 from gateway.engine.checkpoint import dummy_text
 from gateway.engine.checkpoint.dummy import tokenizer_json
 from gateway.engine.checkpoint.text_front_ends import load_front_end
 from gateway.engine.vllm.engine import VllmEngine
+from gateway.engine.vllm.engine_thread import ThreadedLLM
 from gateway.engine.vllm.t3 import layout
 from gateway.engine.vllm.t3.families import S3GEN_SILENCE, LlamaFamilyT3, T3Sampling, TurboFamilyT3, family_t3
 from gateway.engine.vllm.t3.prompt import T3PromptBuilder
@@ -245,6 +247,36 @@ async def test_original_job_speaks_its_tokens_and_nothing_more(engine, refs) -> 
     positions, _ = layout.mrope_positions(llm.requests[0][0]["prompt_token_ids"])
     rows = layout.decode_positions(positions, max_position=2048, speech_positions=4100, text_vocab=704)
     assert float(rows.cfg_weight[0]) == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+async def test_the_engine_speaks_through_an_engine_core_in_a_thread_and_aborts_there(engine, refs) -> None:
+    """``vllm_engine_core = "thread"``: the same job over ThreadedLLM (an in-process engine,
+    here a stand-in), then a job closed after its first audio aborts its request there."""
+    n = 15
+    double = LLMEngineDouble(_speech(2, n) + [6562], per_step=3)
+    runtime = engine.runtimes[ORIGINAL]
+    runtime.llm = ThreadedLLM(lambda: double, name="test-engine")
+    voice = _voice(ORIGINAL, refs[ORIGINAL])
+    job = SynthesisJob("t", ("Hello there.",), voice, GenerationParams(seed=1), model=ORIGINAL, streaming=True)
+    audio, tokens = await _run(engine, job)
+    assert tokens == n and audio.shape[0] == n * 2 * 480
+    assert len(double.added) == 1 and double.aborted == []
+    runtime.llm.shutdown()
+
+    slow = LLMEngineDouble(_speech(3, 60), per_step=1, step_s=0.02)
+    runtime.llm = ThreadedLLM(lambda: slow, name="test-engine-2")
+    chunks = engine.synthesize(SynthesisJob("c", ("A long one.",), voice, GenerationParams(), model=ORIGINAL,
+                                            streaming=True))
+    assert (await chunks.__anext__()).samples.size
+    await chunks.aclose()
+    for _ in range(200):
+        if slow.aborted and runtime.vocoder.open_streams == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert slow.aborted == [slow.added[0][0]] and not slow.live and runtime.vocoder.open_streams == 0
+    runtime.llm.shutdown()
+    assert slow.shut_down.is_set()
 
 
 @pytest.mark.slow

@@ -1,0 +1,213 @@
+"""vLLM's engine core in a thread of this process (``vllm_engine_core = "thread"``), behind the
+part of ``AsyncLLM``'s surface the engine uses: ``generate`` (an async iterator of
+``RequestOutput`` deltas that aborts its request when it is closed or cancelled),
+``check_health`` and ``shutdown``.
+
+Why: ``AsyncLLM`` always runs the engine core in a process of its own, so T3's decode and the
+vocoder's S3Gen are two CUDA contexts on one GPU, and without MPS the GPU time-slices between
+contexts instead of running their kernels side by side. In the server the first window's CFM
+took 117 ms against ~40 ms alone while T3 kept decoding (docs/benchmarks.md, issue 18). Here
+vLLM's ``LLMEngine`` runs in-process (its ``InprocClient``), stepped by one thread on a CUDA
+stream of its own (a non-blocking one: the legacy default stream the vocoder and encoders use
+would otherwise serialise with it), so both share one context.
+
+The cost is the GIL: the engine thread's host work per step (scheduling, input preparation,
+output processing) now competes with the event loop and the vocoder's thread, which a
+separate process never did. Which wins is a GPU measurement (``gateway/tools/gpu/speed.sh``
+runs both); the default stays ``process``.
+
+Threading: every call into the ``LLMEngine`` happens on the engine thread. Other threads talk
+to it through a command queue (add, abort, stop); outputs go back to each request's asyncio
+queue with ``call_soon_threadsafe``. The thread blocks on the queue while no request is
+unfinished, and otherwise steps the engine, taking new commands between steps. If the thread
+dies, every open request gets :class:`EngineThreadDied`, and so do ``check_health`` and new
+requests. vLLM keeps one distributed state per process, so one such engine per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("gateway.engine")
+
+STOP_TIMEOUT_S = 60.0
+"""How long ``shutdown`` waits for the thread to finish its step and shut the engine down."""
+
+
+class EngineThreadDied(RuntimeError):
+    """The engine thread ended by an exception (the vLLM engine is unusable)."""
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: Any
+    params: Any
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[tuple[str, Any]]
+
+    def deliver(self, kind: str, value: Any) -> None:
+        """From the engine thread: hand one item to the request's event loop."""
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (kind, value))
+
+
+class ThreadedLLM:
+    """A vLLM ``LLMEngine`` stepped by a thread of its own; see the module docstring.
+
+    ``make_engine`` runs on that thread (the engine's CUDA work, its graph capture included,
+    belongs to it) and returns an object with ``LLMEngine``'s ``add_request``, ``step``,
+    ``abort_request``, ``has_unfinished_requests`` and ``engine_core.shutdown``. The
+    constructor returns once it has, or raises what it raised."""
+
+    def __init__(self, make_engine: Callable[[], Any], *, name: str = "vllm-engine",
+                 stream: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._started = threading.Event()
+        self._died: BaseException | None = None
+        self._stream = stream or _own_cuda_stream
+        self._thread = threading.Thread(target=self._run, args=(make_engine,), name=name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._died is not None:
+            self._thread.join()
+            raise self._died
+
+    @classmethod
+    def from_vllm_config(cls, config: Any) -> ThreadedLLM:
+        """vLLM's in-process engine (no engine-core process) for ``config``."""
+
+        def make() -> Any:
+            from vllm.v1.engine.llm_engine import LLMEngine
+            from vllm.v1.executor import Executor
+
+            return LLMEngine(vllm_config=config, executor_class=Executor.get_class(config), log_stats=False,
+                             multiprocess_mode=False)
+
+        return cls(make, name="vllm-engine")
+
+    # --- what the engine calls (event-loop thread) --------------------------------------------
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+        """The request's outputs as the engine steps; closing or cancelling this iterator
+        before the last one aborts the request (its KV cache and batch slot are freed)."""
+        self._raise_if_dead()
+        request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", request))
+        finished = False
+        try:
+            while True:
+                kind, value = await request.outputs.get()
+                if kind == "error":
+                    finished = True  # the engine has dropped it already
+                    raise value
+                if value.finished:
+                    finished = True
+                yield value
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def check_health(self) -> None:
+        self._raise_if_dead()
+        if not self._thread.is_alive():
+            raise EngineThreadDied("the vLLM engine thread has stopped")
+
+    def shutdown(self) -> None:
+        """Stop the thread after its current step and shut the engine down (blocks until then,
+        at most :data:`STOP_TIMEOUT_S`)."""
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("vllm_engine_thread_stop_timeout", timeout_s=STOP_TIMEOUT_S)
+
+    def _raise_if_dead(self) -> None:
+        if self._died is not None:
+            raise EngineThreadDied(f"the vLLM engine thread died: {type(self._died).__name__}: {self._died}")
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def _run(self, make_engine: Callable[[], Any]) -> None:
+        with self._stream():
+            try:
+                engine = make_engine()
+            except BaseException as exc:  # noqa: BLE001 - the constructor re-raises it
+                self._died = exc
+                self._started.set()
+                return
+            self._started.set()
+            try:
+                self._serve(engine)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request hears of it
+                self._died = exc
+                log.exception("vllm_engine_thread_died")
+                error = EngineThreadDied(f"the vLLM engine thread died: {type(exc).__name__}: {exc}")
+                for request in self._requests.values():
+                    request.deliver("error", error)
+                self._requests.clear()
+            finally:
+                try:
+                    engine.engine_core.shutdown()
+                except Exception:  # noqa: BLE001 - nothing more to do for an engine going away
+                    log.exception("vllm_engine_shutdown_failed")
+
+    def _serve(self, engine: Any) -> None:
+        while True:
+            for command, value in self._take_commands(block=not engine.has_unfinished_requests()):
+                if command == "stop":
+                    return
+                if command == "add":
+                    self._add(engine, value)
+                elif command == "abort" and self._requests.pop(value, None) is not None:
+                    engine.abort_request([value])
+            if engine.has_unfinished_requests():
+                for output in engine.step():
+                    request = self._requests.get(output.request_id)
+                    if request is None:
+                        continue  # aborted meanwhile
+                    if output.finished:
+                        del self._requests[output.request_id]
+                    request.deliver("output", output)
+
+    def _take_commands(self, *, block: bool) -> Iterator[tuple[str, Any]]:
+        """The commands waiting now (at least one when ``block``: the engine is idle)."""
+        if block:
+            yield self._commands.get()
+        while True:
+            try:
+                yield self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, engine: Any, request: _Request) -> None:
+        try:
+            engine.add_request(request.request_id, request.prompt, request.params)
+        except Exception as exc:  # noqa: BLE001 - the request's own fault (its prompt, its params)
+            request.deliver("error", exc)
+            return
+        self._requests[request.request_id] = request
+
+
+@contextlib.contextmanager
+def _own_cuda_stream() -> Iterator[None]:
+    """Run the engine thread's CUDA work on a stream of its own (a pool stream: non-blocking
+    with respect to the legacy default stream that the rest of this process uses)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.Stream()):
+        yield

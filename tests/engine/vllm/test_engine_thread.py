@@ -1,0 +1,132 @@
+"""vLLM's engine core in a thread (``vllm_engine_core = "thread"``): the ``AsyncLLM`` surface
+over an in-process engine, driven here by a stand-in ``LLMEngine`` (tests/llm_engine_double.py).
+Every engine call on the engine thread, outputs in order per request, abort on close and on
+cancellation, a bad request failing alone, a dying engine failing everyone and the health
+check, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from llm_engine_double import LLMEngineDouble
+
+from gateway.engine.vllm.engine_thread import EngineThreadDied, ThreadedLLM
+from gateway.settings import SettingsError, load_settings
+
+
+async def _collect(llm: ThreadedLLM, request_id: str) -> list[int]:
+    tokens = []
+    async for out in llm.generate({"prompt_embeds": None}, {"max_tokens": 9}, request_id):
+        tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
+async def _wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def double_and_llm():  # type: ignore[no-untyped-def]
+    """Starts a ThreadedLLM over a double (tokens 0-9); shuts every one down after the test."""
+    llms: list[ThreadedLLM] = []
+
+    def start(**kwargs) -> tuple[LLMEngineDouble, ThreadedLLM]:  # type: ignore[no-untyped-def]
+        double = LLMEngineDouble(list(range(10)), **kwargs)
+        llms.append(ThreadedLLM(lambda: double, name="test-engine"))
+        return double, llms[-1]
+
+    yield start
+    for llm in llms:
+        llm.shutdown()
+
+
+async def test_requests_stream_in_order_and_only_the_engine_thread_touches_the_engine(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=3)
+    results = await asyncio.gather(*(_collect(llm, f"r{i}") for i in range(4)))
+    assert results == [list(range(10))] * 4
+    assert len(double.threads) == 1 and threading.get_ident() not in double.threads
+    assert sorted(r for r, _, _ in double.added) == ["r0", "r1", "r2", "r3"] and double.aborted == []
+
+
+async def test_an_idle_engine_thread_waits_instead_of_stepping(double_and_llm) -> None:
+    double, llm = double_and_llm()
+    await _collect(llm, "a")
+    steps = double.steps
+    await asyncio.sleep(0.2)
+    assert double.steps == steps  # blocked on its queue, not spinning
+    assert await _collect(llm, "b") == list(range(10))  # and wakes for the next request
+
+
+async def test_closing_the_iterator_aborts_the_request_and_others_go_on(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=1, step_s=0.01)
+    other = asyncio.create_task(_collect(llm, "other"))
+    outputs = llm.generate({}, {}, "closed")
+    first = await outputs.__anext__()
+    assert first.outputs[0].token_ids == [0]
+    await outputs.aclose()
+    await _wait_for(lambda: "closed" in double.aborted)
+    assert "closed" not in double.live
+    assert await other == list(range(10))
+    assert double.aborted == ["closed"]
+
+
+async def test_cancelling_the_consumer_aborts_its_request(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=1, step_s=0.02)
+    task = asyncio.create_task(_collect(llm, "cancelled"))
+    await _wait_for(lambda: double.steps >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _wait_for(lambda: double.aborted == ["cancelled"])
+    await _wait_for(lambda: not double.live)
+
+
+async def test_a_request_the_engine_refuses_fails_alone(double_and_llm) -> None:
+    double, llm = double_and_llm(refuse="bad")
+    with pytest.raises(ValueError, match="too long"):
+        await _collect(llm, "bad")
+    assert double.aborted == []  # never added, nothing to abort
+    assert await _collect(llm, "good") == list(range(10))
+    await llm.check_health()
+
+
+async def test_a_dying_engine_fails_open_requests_the_health_check_and_new_requests(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=1, fail_on_step=3)
+    with pytest.raises(EngineThreadDied, match="illegal memory access"):
+        await _collect(llm, "doomed")
+    with pytest.raises(EngineThreadDied):
+        await llm.check_health()
+    with pytest.raises(EngineThreadDied):
+        await _collect(llm, "late")
+    assert double.shut_down.wait(5)  # the engine is shut down as the thread ends
+
+
+def test_an_engine_that_cannot_start_raises_from_the_constructor() -> None:
+    def boom() -> LLMEngineDouble:
+        raise RuntimeError("CUDA out of memory while capturing graphs")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ThreadedLLM(boom)
+
+
+async def test_shutdown_ends_the_thread_and_shuts_the_engine_down(double_and_llm) -> None:
+    double, llm = double_and_llm()
+    await _collect(llm, "a")
+    llm.shutdown()
+    assert double.shut_down.is_set() and not llm._thread.is_alive()
+    llm.shutdown()  # twice is harmless
+    with pytest.raises(EngineThreadDied):
+        await llm.check_health()
+
+
+def test_the_setting_refuses_several_models_in_one_thread() -> None:
+    with pytest.raises(SettingsError, match="one model"):
+        load_settings(environ={}, overrides={"vllm_engine_core": "thread",
+                                             "models": ["chatterbox", "chatterbox-turbo"]})
+    assert load_settings(environ={}, overrides={"vllm_engine_core": "thread"}).vllm_engine_core == "thread"
