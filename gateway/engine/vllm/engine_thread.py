@@ -19,9 +19,9 @@ runs both); the default stays ``process``.
 Threading: every call into the ``LLMEngine`` happens on the engine thread. Other threads talk
 to it through a command queue (add, abort, stop); outputs go back to each request's asyncio
 queue with ``call_soon_threadsafe``. The thread blocks on the queue while no request is
-unfinished, and otherwise steps the engine, taking new commands between steps. If the thread
-dies, every open request gets :class:`EngineThreadDied`, and so do ``check_health`` and new
-requests. vLLM keeps one distributed state per process, so one such engine per process.
+unfinished, and otherwise steps the engine, taking new commands between steps. When the
+thread ends (shut down, or an exception in the engine), every open request gets
+:class:`EngineThreadDied`, and so do ``check_health`` and new requests: none is left waiting. vLLM keeps one distributed state per process, so one such engine per process.
 """
 
 from __future__ import annotations
@@ -73,14 +73,17 @@ class ThreadedLLM:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._started = threading.Event()
-        self._died: BaseException | None = None
+        self._lock = threading.Lock()  # orders "closed" against every command put on the queue
+        self._closed = False
+        self._ended: str | None = None  # why the thread ended: the error's text, or "shut down"
         self._stream = stream or _own_cuda_stream
+        self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(make_engine,), name=name, daemon=True)
         self._thread.start()
         self._started.wait()
-        if self._died is not None:
+        if self._start_error is not None:
             self._thread.join()
-            raise self._died
+            raise self._start_error
 
     @classmethod
     def from_vllm_config(cls, config: Any) -> ThreadedLLM:
@@ -100,9 +103,9 @@ class ThreadedLLM:
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """The request's outputs as the engine steps; closing or cancelling this iterator
         before the last one aborts the request (its KV cache and batch slot are freed)."""
-        self._raise_if_dead()
         request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(("add", request))
+        if not self._submit("add", request):
+            raise self._ended_error()
         finished = False
         try:
             while True:
@@ -117,25 +120,30 @@ class ThreadedLLM:
                     return
         finally:
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._submit("abort", request_id)
 
     async def check_health(self) -> None:
-        self._raise_if_dead()
-        if not self._thread.is_alive():
-            raise EngineThreadDied("the vLLM engine thread has stopped")
+        if self._closed or not self._thread.is_alive():
+            raise self._ended_error()
 
     def shutdown(self) -> None:
-        """Stop the thread after its current step and shut the engine down (blocks until then,
-        at most :data:`STOP_TIMEOUT_S`)."""
-        if self._thread.is_alive():
-            self._commands.put(("stop", None))
+        """Stop the thread after its current step, fail the requests still open, shut the
+        engine down (blocks until then, at most :data:`STOP_TIMEOUT_S`)."""
+        if self._submit("stop", None):
             self._thread.join(STOP_TIMEOUT_S)
             if self._thread.is_alive():
                 log.warning("vllm_engine_thread_stop_timeout", timeout_s=STOP_TIMEOUT_S)
 
-    def _raise_if_dead(self) -> None:
-        if self._died is not None:
-            raise EngineThreadDied(f"the vLLM engine thread died: {type(self._died).__name__}: {self._died}")
+    def _submit(self, command: str, value: Any) -> bool:
+        """Queue a command for the engine thread; False once it has ended (or is ending)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.put((command, value))
+            return True
+
+    def _ended_error(self) -> EngineThreadDied:
+        return EngineThreadDied(f"the vLLM engine thread has ended ({self._ended or 'stopped'})")
 
     # --- the engine thread ---------------------------------------------------------------------
 
@@ -144,24 +152,40 @@ class ThreadedLLM:
             try:
                 engine = make_engine()
             except BaseException as exc:  # noqa: BLE001 - the constructor re-raises it
-                self._died = exc
+                self._start_error = exc
+                self._closed = True
                 self._started.set()
                 return
             self._started.set()
             try:
                 self._serve(engine)
+                self._end("shut down")
             except BaseException as exc:  # noqa: BLE001 - every waiting request hears of it
-                self._died = exc
                 log.exception("vllm_engine_thread_died")
-                error = EngineThreadDied(f"the vLLM engine thread died: {type(exc).__name__}: {exc}")
-                for request in self._requests.values():
-                    request.deliver("error", error)
-                self._requests.clear()
+                self._end(f"died: {type(exc).__name__}: {exc}")
             finally:
                 try:
                     engine.engine_core.shutdown()
                 except Exception:  # noqa: BLE001 - nothing more to do for an engine going away
                     log.exception("vllm_engine_shutdown_failed")
+
+    def _end(self, why: str) -> None:
+        """No more commands from here on; every request still open, or added but not yet
+        taken, gets :class:`EngineThreadDied`."""
+        with self._lock:
+            self._closed = True
+            self._ended = why
+        error = self._ended_error()
+        for request in self._requests.values():
+            request.deliver("error", error)
+        self._requests.clear()
+        while True:
+            try:
+                command, value = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                value.deliver("error", error)
 
     def _serve(self, engine: Any) -> None:
         while True:

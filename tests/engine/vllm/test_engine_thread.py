@@ -121,8 +121,19 @@ async def test_shutdown_ends_the_thread_and_shuts_the_engine_down(double_and_llm
     llm.shutdown()
     assert double.shut_down.is_set() and not llm._thread.is_alive()
     llm.shutdown()  # twice is harmless
-    with pytest.raises(EngineThreadDied):
+    with pytest.raises(EngineThreadDied, match="shut down"):
         await llm.check_health()
+    with pytest.raises(EngineThreadDied, match="shut down"):
+        await _collect(llm, "late")  # refused at once, never left waiting
+
+
+async def test_shutdown_fails_the_requests_still_open_instead_of_leaving_them_waiting(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=1, step_s=0.02)
+    task = asyncio.create_task(_collect(llm, "open"))
+    await _wait_for(lambda: double.steps >= 2)
+    await asyncio.to_thread(llm.shutdown)
+    with pytest.raises(EngineThreadDied, match="shut down"):
+        await asyncio.wait_for(task, 5)
 
 
 def test_the_setting_refuses_several_models_in_one_thread() -> None:
