@@ -13,6 +13,7 @@ penalties, logits, input preparation).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -20,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 
-def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float) -> tuple[Any, dict, float]:
+def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
+               penalty: str = "sampler") -> tuple[Any, dict, float]:
     """(our T3 on an offline vLLM ``LLM`` with dummy weights, one prompt of 188 rows with
-    ``text_tokens`` text tokens, seconds the engine took to start)."""
+    ``text_tokens`` text tokens, seconds the engine took to start). ``penalty``: the
+    ``vllm_penalty`` setting (``resident`` loads our logits processor)."""
     import torch
     from chatterbox.models.t3.modules.cond_enc import T3Cond
     from vllm import LLM
 
     from gateway.engine.vllm.t3.config import write_model_dir
+    from gateway.engine.vllm.t3.penalty_rows import engine_kwargs
     from gateway.engine.vllm.t3.plugin import register
     from gateway.engine.vllm.t3.prompt import T3PromptBuilder
 
@@ -42,7 +46,7 @@ def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float) -
     t0 = time.perf_counter()
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
               load_format="dummy", max_model_len=1024, max_num_seqs=max_seqs,
-              gpu_memory_utilization=gpu_memory_utilization, seed=0)
+              gpu_memory_utilization=gpu_memory_utilization, seed=0, **engine_kwargs(penalty))
     return llm, prompt, time.perf_counter() - t0
 
 
@@ -67,15 +71,24 @@ def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict
 
 
 def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_tokens: int = 150,
-                  profile_path: Path | None = None, profile_tokens: int = 40) -> list[dict]:
+                  profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler") -> list[dict]:
+    """``penalty``: ``sampler`` (vLLM's penalty path, as served by default) or ``resident``
+    (``vllm_penalty = "resident"``: the engine loads our processor and the penalised variants
+    go through it). Run once each, in two processes, to compare: the rows' ``tokens_sha`` of
+    the seeded variant must match between the two (the same arithmetic, the same tokens)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
     from vllm import SamplingParams
 
-    llm, prompt, init_s = _served_t3(text_tokens, max(batches), 0.3)
+    from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
+
+    llm, prompt, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty)
     common = {"max_tokens": tokens, "ignore_eos": True, "detokenize": False}
+    served = {"repetition_penalty": 1.2} if penalty == "sampler" else {"extra_args": {EXTRA_ARG: 1.2}}
     variants = {
-        "served: temperature 0.8, min_p 0.05, repetition 1.2": SamplingParams(
-            temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, **common),
+        f"served: temperature 0.8, min_p 0.05, repetition 1.2 ({penalty})": SamplingParams(
+            temperature=0.8, top_p=1.0, min_p=0.05, **served, **common),
+        f"served, seeded ({penalty})": SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, seed=7, **served,
+                                                      **common),
         "no repetition penalty": SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, **common),
         "greedy, no penalty, no min_p": SamplingParams(temperature=0.0, **common),
     }
@@ -89,11 +102,14 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
             wall = time.perf_counter() - t0
             made = sum(len(r.outputs[0].token_ids) for r in res)
             row = {"stage": "t3step", "sampling": name, "batch": n, "ms_per_step": round(wall / tokens * 1000, 3),
-                   "tokens_per_s": round(made / wall), "engine_init_s": round(init_s, 1)}
+                   "tokens_per_s": round(made / wall), "engine_init_s": round(init_s, 1), "penalty_path": penalty}
+            if "seeded" in name:  # every request the same seed: the same tokens on either path
+                ids = [t for r in res for t in r.outputs[0].token_ids]
+                row["tokens_sha"] = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
             out.append(row)
             print(row, flush=True)
     if profile_path is not None:
-        out.append(_profile(llm, prompt, SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2,
+        out.append(_profile(llm, prompt, SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, **served,
                                                         max_tokens=profile_tokens, ignore_eos=True, detokenize=False),
                             profile_path))
     return out

@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
+    ap.add_argument("--t3step-penalty", choices=("sampler", "resident"), default="sampler",
+                    help="the t3step stage's repetition penalty path (vllm_penalty); run each to compare")
     ap.add_argument("--text-tokens", type=int, default=150)
     ap.add_argument("--reference-concurrency", default="1,8",
                     help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N;"
@@ -355,7 +357,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
                 out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
                 rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
-                                      profile_path=out_dir / "t3_profile.txt")
+                                      profile_path=out_dir / f"t3_profile_{args.t3step_penalty}.txt",
+                                      penalty=args.t3step_penalty)
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))

@@ -183,11 +183,14 @@ class VllmEngine(UpstreamVoices, Engine):
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
 
+        from gateway.engine.vllm.t3.penalty_rows import engine_kwargs as penalty_engine_kwargs
+
         args = AsyncEngineArgs(
             model=str(self._model_dir(family, directory)), skip_tokenizer_init=True, enable_prompt_embeds=True,
             dtype="bfloat16", load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
-            disable_log_stats=True, seed=self.settings.dummy_seed, **memory)
+            disable_log_stats=True, seed=self.settings.dummy_seed, **memory,
+            **penalty_engine_kwargs(self.settings.vllm_penalty))
         return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args
 
     def _model_dir(self, family: Family, checkpoint: Path) -> Path:
@@ -406,7 +409,10 @@ class VllmEngine(UpstreamVoices, Engine):
             raise InvalidRequestError("a text chunk is too long for the model's context", param="input")
         max_tokens = min(p.max_speech_tokens, self.settings.max_speech_tokens, room)
         seed = None if p.seed is None else chunk_seed(p.seed, index)
-        return runtime.t3.sampling(p, max_tokens=max_tokens, seed=seed, fixed_length=self.fixed_length)
+        sampling = runtime.t3.sampling(p, max_tokens=max_tokens, seed=seed, fixed_length=self.fixed_length)
+        if self.settings.vllm_penalty == "resident":
+            sampling = dataclasses.replace(sampling, resident_penalty=True)
+        return sampling
 
     async def _chunk(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         components = runtime.components

@@ -10,7 +10,11 @@
 #   bash gateway/tools/gpu/speed.sh part3   # A/B of where vLLM's engine core runs: the same
 #                                           # server flags with --vllm-engine-core process, then
 #                                           # thread (timeline, HTTP rows at 1 and 32 streams)
-#   DRY_RUN=1 bash gateway/tools/gpu/speed.sh part1|part2|part3   # the same steps on this CPU, tiny
+#   bash gateway/tools/gpu/speed.sh part4   # A/B of the repetition penalty's path (vllm_penalty):
+#                                           # T3 per step with vLLM's sampler path, then with the
+#                                           # resident one (same seeded tokens?), then a server
+#                                           # with --vllm-penalty resident (timeline, 1 and 32)
+#   DRY_RUN=1 bash gateway/tools/gpu/speed.sh part1|part2|part3|part4   # the same steps on this CPU, tiny
 #
 # Every step runs under its own `timeout` and writes its own files, so a failing step loses
 # only itself; `$OUT/pN/status.txt` lists each step's exit code and seconds. What comes back
@@ -18,8 +22,10 @@
 #   part1: $OUT/p1/parity_fp32.json  $OUT/p1/parity_bf16.json  $OUT/p1/profile.json
 #          $OUT/p1/logs.tar.xz (every step's output, status.txt, nvidia-smi)  $OUT/cache.tar.xz
 #   part2: $OUT/p2/t3step.json  $OUT/p2/http.json (rows, timeline, load test)
-#          $OUT/p2/logs.tar.xz (outputs, server.log, t3_profile.txt, status.txt)  $OUT/cache.tar.xz
+#          $OUT/p2/logs.tar.xz (outputs, server.log, t3_profile_sampler.txt, status.txt)  $OUT/cache.tar.xz
 #   part3: $OUT/p3/http_process.json  $OUT/p3/http_thread.json  $OUT/p3/logs.tar.xz  $OUT/cache.tar.xz
+#   part4: $OUT/p4/t3step_sampler.json  $OUT/p4/t3step_resident.json  $OUT/p4/http_resident.json
+#          $OUT/p4/logs.tar.xz  $OUT/cache.tar.xz
 # Compile caches (inductor, Triton, vLLM's torch.compile) live under $SPEED_CACHE and come back
 # as $OUT/cache.tar.xz; carry it to a later visit as .gpu/speed-cache.tar.xz and it is
 # unpacked first (engine start and the estimator's compile then skip their cold compiles).
@@ -29,7 +35,7 @@
 set -uo pipefail
 
 PART="${1:-}"
-case "$PART" in part1|part2|part3) ;; *) echo "usage: $0 part1|part2|part3" >&2; exit 2 ;; esac
+case "$PART" in part1|part2|part3|part4) ;; *) echo "usage: $0 part1|part2|part3|part4" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 cd "$ROOT"
 DRY="${DRY_RUN:-0}"
@@ -152,6 +158,27 @@ elif [ "$PART" = part3 ]; then
       --voice alloy --http-format pcm --server-log "$LOGS/server_$core.log" \
       --server-args="--vllm-engine-core $core ${SERVER_ARGS:-}" $SERVER --json "$DIR/http_$core.json"
   done
+elif [ "$PART" = part4 ]; then
+  # the repetition penalty in vLLM's sampler against our device-resident processor
+  # (gateway/engine/vllm/t3/penalty_rows.py): T3 per step for each (their seeded rows'
+  # tokens_sha must be equal), then a server with the resident one
+  if [ "$DRY" = 1 ]; then
+    echo "=== t3step: skipped (dry run: no vLLM on this machine)" | tee -a "$STATUS"
+    SERVER="--server-engine fake --http-concurrency 1,4 --http-window-s 3 --timeline-runs 2 --server-ready-s 60"
+    LIMIT=200
+  else
+    for penalty in sampler resident; do
+      step "t3step_$penalty" 150 "$PY" -m gateway.tools.benchmark --stages t3step --t3step-penalty "$penalty" \
+        --json "$DIR/t3step_$penalty.json"
+    done
+    mv "$DIR"/t3_profile_*.txt "$LOGS/" 2>/dev/null
+    SERVER="--server-engine vllm --http-concurrency 1,32 --http-window-s 20 --timeline-runs 5 --server-ready-s 240
+            --server-cache-dir /root/speed-gateway-cache"
+    LIMIT=290
+  fi
+  step server_resident "$LIMIT" "$PY" -m gateway.tools.benchmark --stages timeline,http --models chatterbox \
+    --voice alloy --http-format pcm --server-log "$LOGS/server_resident.log" \
+    --server-args="--vllm-penalty resident ${SERVER_ARGS:-}" $SERVER --json "$DIR/http_resident.json"
 else
   if [ "$DRY" = 1 ]; then
     echo "=== t3step: skipped (dry run: no vLLM on this machine)" | tee -a "$STATUS"
@@ -169,7 +196,7 @@ else
   step live_server "$LIMIT" "$PY" -m gateway.tools.benchmark --stages timeline,http,loadtest --models chatterbox \
     --voice alloy --http-format pcm --server-log "$LOGS/server.log" \
     --server-args="${SERVER_ARGS:---vocoder-compile dynamic}" $SERVER --json "$DIR/http.json"
-  [ -f "$DIR/t3_profile.txt" ] && mv "$DIR/t3_profile.txt" "$LOGS/"
+  mv "$DIR"/t3_profile_*.txt "$LOGS/" 2>/dev/null
   [ -f "$DIR/loadtest.json" ] && mv "$DIR/loadtest.json" "$LOGS/"
   [ -f "$LOGS/server.log" ] && [ "$(stat -c %s "$LOGS/server.log")" -gt 50000000 ] && \
     tail -c 20000000 "$LOGS/server.log" > "$LOGS/server.tail.log" && rm "$LOGS/server.log"

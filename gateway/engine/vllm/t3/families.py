@@ -35,6 +35,7 @@ import torch
 
 from gateway.engine.base import GenerationParams
 from gateway.engine.vllm.t3.layout import MAX_PROMPT, STOP_SPEECH, IdLayout, cfg_code
+from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.errors import EngineError, InvalidRequestError
 from gateway.models.families import TOP_K, Family
 
@@ -56,17 +57,26 @@ class T3Sampling:
     """0: off."""
     min_tokens: int = 0
     seed: int | None = None
+    resident_penalty: bool = False
+    """The repetition penalty through our device-resident processor (``vllm_penalty =
+    "resident"``, ``penalty_rows.py``) instead of vLLM's sampler: the same arithmetic."""
 
     def to_vllm(self) -> Any:
         """vLLM's ``SamplingParams`` (GPU machines only): speech token deltas, no text."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            max_tokens=self.max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop_token_ids=[STOP_SPEECH], detokenize=False, skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA)
+        return SamplingParams(**self.vllm_fields(), output_kind=RequestOutputKind.DELTA)
+
+    def vllm_fields(self) -> dict[str, Any]:
+        """``SamplingParams``' arguments but the output kind (plain values: tested without vLLM)."""
+        penalty, extra = self.repetition_penalty, None
+        if self.resident_penalty and penalty != 1.0:
+            penalty, extra = 1.0, {EXTRA_ARG: self.repetition_penalty}  # vLLM's own penalty path stays off
+        return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": penalty,
+                "extra_args": extra, "seed": self.seed, "stop_token_ids": [STOP_SPEECH], "detokenize": False,
+                "skip_special_tokens": False}
 
 
 class T3Prompt(Protocol):
