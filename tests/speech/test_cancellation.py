@@ -19,6 +19,10 @@ from ops_support import HOLD, GatedEngine, live_server, wait_until
 
 NORMAL_TEXT = "Other people are still listening to this sentence while someone else hangs up on theirs."
 
+IMPATIENT = httpx.Timeout(10.0, read=0.5)
+"""A client that gives up 0.5 s into waiting for its answer (connecting on a busy machine may
+take longer; that is not the impatience these tests are about)."""
+
 
 def speech(text: str, **extra: object) -> dict[str, object]:
     return {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "mp3", **extra}
@@ -109,7 +113,7 @@ async def test_disconnect_while_queued_frees_the_place_and_never_reaches_the_eng
             first = asyncio.create_task(client.post("/v1/audio/speech", json=speech(f"{HOLD} first.")))
             assert await asyncio.to_thread(engine.holding.wait, 10)
             # this client gives up after 0.5 s while its request waits in the queue
-            async with httpx.AsyncClient(base_url=live.base_url, timeout=0.5) as impatient:
+            async with httpx.AsyncClient(base_url=live.base_url, timeout=IMPATIENT) as impatient:
                 with pytest.raises(httpx.ReadTimeout):
                     await impatient.post("/v1/audio/speech", json=speech("Gave up waiting."))
             # its queue place is freed at once, long before the 60 s queue limit
@@ -125,7 +129,7 @@ async def test_disconnect_while_queued_frees_the_place_and_never_reaches_the_eng
 async def test_disconnect_before_the_first_audio_stops_the_engine_job(settings: Settings) -> None:
     engine = GatedEngine(hold_after=0)
     with live_server(settings, engine) as live:
-        async with httpx.AsyncClient(base_url=live.base_url, timeout=0.5) as impatient:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=IMPATIENT) as impatient:
             with pytest.raises(httpx.ReadTimeout):
                 await impatient.post("/v1/audio/speech", json=speech(f"{HOLD} never heard."))
         assert await asyncio.to_thread(wait_until, lambda: len(engine.cancelled) == 1, 3)
