@@ -4,11 +4,12 @@ What an operator needs to see the server's health under load: requests by outcom
 flight and queued (read live from the admission controller), time to first byte and
 real-time factor (synthesis seconds per audio second) histograms, audio produced, encoder
 failures, engine batch sizes, and the process's own memory/CPU (``process_*``, which the
-load test also reads).
+load test also reads) and, once CUDA is in use, its CUDA allocator (``cuda_*``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -116,6 +117,29 @@ class _ConnectionStats(Collector):
             yield family(f"{NAMESPACE}_{name}", doc, value=float(value))
 
 
+class _CudaMemory(Collector):
+    """This process's CUDA caching allocator, read at scrape time: what tensors hold
+    (``allocated``) and what the allocator keeps from the driver (``reserved``). Absent until
+    something in the process has initialised CUDA (never imports torch itself), so CPU servers
+    show nothing. With the GPU's total from the driver (and vLLM's engine-core process apart),
+    a load test can tell a leak (allocated grows) from a pool that grows (reserved only)."""
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        allocated = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+        reserved = sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count()))
+        yield GaugeMetricFamily(f"{NAMESPACE}_cuda_allocated_bytes",
+                                "Bytes of CUDA memory this process's tensors hold (all devices).", value=float(allocated))
+        yield GaugeMetricFamily(f"{NAMESPACE}_cuda_reserved_bytes",
+                                "Bytes of CUDA memory this process's caching allocator holds (all devices).",
+                                value=float(reserved))
+
+
 class GatewayMetrics:
     """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
 
@@ -136,6 +160,7 @@ class GatewayMetrics:
             self.registry.register(_BatchStats(engine))
         if connections is not None:
             self.registry.register(_ConnectionStats(connections))
+        self.registry.register(_CudaMemory())
         r = self.registry
         self.requests = Counter(
             f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r

@@ -9,8 +9,9 @@ working as designed) counted apart from errors, p50/p95/max time to first byte, 
 server's resident memory before the run, at its peak and after it (from /proc/<pid>/status
 with --server-pid, else from the server's /metrics ``process_resident_memory_bytes``; with
 --server-pid also the whole process tree's, vLLM's engine process included), the GPU's used
-memory at the same moments (when there is a GPU), and what is left on the server afterwards
-(FFmpeg children, in-flight and queued requests).
+memory at the same moments (when there is a GPU) split into the server's process, its
+children (vLLM's engine core) and the server's CUDA allocator (tensors held, pool kept), and
+what is left on the server afterwards (FFmpeg children, in-flight and queued requests).
 
 Every pcm or wav body must hold a whole number of speech tokens' audio (960 samples each at
 24 kHz), and exactly ``--expect-samples`` samples when given (a server with fixed lengths:
@@ -235,6 +236,24 @@ def _memory(pid: int | None) -> tuple[int | None, int | None]:
     return (host_probes.tree_rss_bytes(pid) if pid else None), host_probes.gpu_used_bytes()
 
 
+def _gpu_split(pid: int | None, metrics: dict[str, float]) -> dict[str, float | None]:
+    """Where the GPU memory of the server's process tree sits (MiB): the server process and
+    its children (vLLM's engine core) as the driver counts them, and the server's CUDA
+    allocator as its /metrics report it (tensors held, pool kept). None where unknown (no GPU,
+    nvidia-smi missing, CUDA not in use)."""
+    from gateway.engine.vllm.gpu_memory import gpu_memory_by_pid  # nvidia-smi; imports no torch
+
+    by_pid = gpu_memory_by_pid() if pid else {}
+    children = [c for c in host_probes.descendants(pid) if c in by_pid] if pid else []
+    allocated, reserved = metrics.get("chatterbox_cuda_allocated_bytes"), metrics.get("chatterbox_cuda_reserved_bytes")
+    return {
+        "server": host_probes.mib(by_pid.get(pid)) if pid in by_pid else None,
+        "children": host_probes.mib(sum(by_pid[c] for c in children)) if children else None,
+        "server_allocated": host_probes.mib(int(allocated)) if allocated is not None else None,
+        "server_reserved": host_probes.mib(int(reserved)) if reserved is not None else None,
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     require_loopback(args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"}
@@ -253,6 +272,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
         rss_start = await server_rss(client, args.server_pid)
         tree_start, gpu_start = _memory(args.server_pid)
+        split_start = await asyncio.to_thread(_gpu_split, args.server_pid, await _scrape(client))
         # Warm-up: first requests fill caches (voice conditionals, allocator pools); the
         # baseline that "after" is compared with is taken once those exist.
         warm = Results()
@@ -260,6 +280,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.sleep(args.settle)
         rss_before = await server_rss(client, args.server_pid)
         tree_before, gpu_before = await asyncio.to_thread(_memory, args.server_pid)
+        split_before = await asyncio.to_thread(_gpu_split, args.server_pid, await _scrape(client))
 
         results = Results(started=time.monotonic())
         stop_at = results.started + args.duration
@@ -283,6 +304,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rss_after = await server_rss(client, args.server_pid)
         tree_after, gpu_after = await asyncio.to_thread(_memory, args.server_pid)
         metrics_after = await _scrape(client)
+        split_after = await asyncio.to_thread(_gpu_split, args.server_pid, metrics_after)
 
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 1)
@@ -329,6 +351,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "start": host_probes.mib(gpu_start), "before": host_probes.mib(gpu_before), "peak": host_probes.mib(peak[2] or None),
             "after": host_probes.mib(gpu_after),
         },
+        # the GPU memory above, split by process and by what the server's allocator holds
+        "gpu_split_mib": {"start": split_start, "before": split_before, "after": split_after},
     }
 
 

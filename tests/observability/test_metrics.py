@@ -93,3 +93,29 @@ async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
     assert value(scraped, "chatterbox_engine_batch_size_bucket", le="16.0") == 3
     assert value(scraped, "chatterbox_vocoder_batches_total") == 3
     assert value(scraped, "chatterbox_vocoder_windows_dropped_total") == 2
+
+
+def test_the_cuda_allocator_is_exported_once_cuda_is_in_use(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from gateway.observability.metrics import GatewayMetrics
+
+    text = GatewayMetrics().render()[0].decode()
+    assert "chatterbox_cuda_" not in text  # CPU: CUDA never initialised, nothing shown
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: (i + 1) * 1_000_000)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: (i + 1) * 4_000_000)
+    text = GatewayMetrics().render()[0].decode()
+    assert "chatterbox_cuda_allocated_bytes 3e+06" in text and "chatterbox_cuda_reserved_bytes 1.2e+07" in text
+
+
+def test_the_load_test_splits_gpu_memory_by_process_and_allocator(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gateway.engine.vllm import gpu_memory
+    from gateway.tools import host_probes, loadtest
+
+    monkeypatch.setattr(gpu_memory, "gpu_memory_by_pid", lambda: {100: 3 << 30, 101: 90 << 30, 555: 1 << 30})
+    monkeypatch.setattr(host_probes, "descendants", lambda pid: [101, 102])
+    split = loadtest._gpu_split(100, {"chatterbox_cuda_allocated_bytes": 2 << 30, "chatterbox_cuda_reserved_bytes": 5 << 29})
+    assert split == {"server": 3072.0, "children": 92160.0, "server_allocated": 2048.0, "server_reserved": 2560.0}
+    assert loadtest._gpu_split(None, {}) == dict.fromkeys(split)  # no pid, no GPU: unknown, not zero

@@ -48,6 +48,9 @@ def test_against_a_live_server(live_server, tmp_path: Path) -> None:
     assert report["server_rss_mib"]["before"] > 0 and report["server_rss_mib"]["after"] > 0
     assert report["server_in_flight_after"] == 0 and report["server_ffmpeg_children_after"] == 0
     assert report["server_encoder_threads_after"] == 0
+    # no GPU here: the split is there, every part unknown (never a made-up zero)
+    assert set(report["gpu_split_mib"]) == {"start", "before", "after"}
+    assert all(v is None for part in report["gpu_split_mib"].values() for v in part.values())
 
 
 @pytest.fixture
