@@ -2,12 +2,22 @@
 # One device call after the install (gateway/tools/gpu/install.sh p1 p2 deps): issue 18's
 # contention probe (pure PyTorch, ~40 s, before vLLM holds the card), then issue 19's voice-agent
 # benchmark on the vLLM engine: a server on dummy weights, `agent_bench` with pcm and mp3
-# (30 samples each), the server's log. Results under $OUT/agents (or ./gpu-out/agents).
+# (30 samples each), the server's log. Results under $OUT/agents (or ./gpu-out/agents). The
+# compile caches stay on the machine for speed.sh (which packs them into $OUT).
 #
-#   bash gateway/tools/gpu/agents.sh            # ~5 min with a cold compile cache
+#   bash gateway/tools/gpu/agents.sh            # ~5 min with a cold compile cache; carry
+#                                               # .gpu/speed-cache.tar.xz (8 MB) to start warmer
 set -u
 cd "$(dirname "$0")/../../.." || exit 1
 . gateway/tools/gpu/env.sh
+# the compile caches and the dummy checkpoint where speed.sh keeps them: a later
+# `speed.sh part3|part4` in the same warm visit starts its servers warm
+export VLLM_CACHE_ROOT=/root/speed-cache/vllm TORCHINDUCTOR_CACHE_DIR=/root/speed-cache/inductor \
+       TRITON_CACHE_DIR=/root/speed-cache/triton
+mkdir -p /root/speed-cache
+if [ -f .gpu/speed-cache.tar.xz ] && [ ! -f /root/speed-cache/.unpacked ]; then  # as speed.sh does
+  tar -xJf .gpu/speed-cache.tar.xz -C /root/speed-cache && touch /root/speed-cache/.unpacked
+fi
 out=${OUT:-$PWD/gpu-out}/agents
 mkdir -p "$out"
 
@@ -17,7 +27,7 @@ timeout 90 python3 -m gateway.tools.gpu.contention --batch 64 --seconds 3 --json
 
 echo "== vLLM server"
 python3 -m gateway serve --engine vllm --load-format dummy --models chatterbox --max-client-share 1 \
-  --port 8000 > "$out/server.log" 2>&1 &
+  --cache-dir /root/speed-gateway-cache --port 8000 > "$out/server.log" 2>&1 &
 server=$!
 t0=$(date +%s)
 until curl -sf http://127.0.0.1:8000/ready > /dev/null; do
@@ -36,4 +46,3 @@ done
 
 kill -INT "$server"; wait "$server"
 tail -5 "$out/server.log"
-gpu_cache_pack "$out/compile-cache.tar" > /dev/null
