@@ -180,7 +180,9 @@ def cli_serve(
     flags: list[str], cwd: Path, *, ready_timeout_s: float = 30.0, stop_timeout_s: float = 20.0, env: dict[str, str] | None = None
 ) -> Iterator[CliRun]:
     """``chatterbox-gateway serve FLAGS --port PORT`` as a user starts it, once ``/ready`` says
-    200; stopped with SIGTERM after (killed if it does not stop within ``stop_timeout_s``)."""
+    200; stopped with SIGTERM after (killed if it does not stop within ``stop_timeout_s``).
+    Its output is read as it comes (as a process manager would): a pipe nobody drains fills
+    after 64 KiB and then blocks the server's next log line, its event loop with it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -195,6 +197,9 @@ def cli_serve(
         env=env,
     )
     run = CliRun(process=process, base_url=f"http://127.0.0.1:{port}")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline and process.poll() is None:
@@ -205,12 +210,15 @@ def cli_serve(
                 pass
             time.sleep(0.1)
         else:
-            raise RuntimeError(f"server did not start: {process.stdout.read() if process.stdout else ''}")
+            reader.join(5)
+            raise RuntimeError(f"server did not start: {''.join(lines)}")
         yield run
     finally:
         process.terminate()
         try:
-            run.output, _ = process.communicate(timeout=stop_timeout_s)
+            process.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
-            run.output, _ = process.communicate()
+            process.wait()
+        reader.join(30)  # the pipe ends with the process (and any child that inherited it)
+        run.output = "".join(lines)
