@@ -13,6 +13,12 @@ Both ask for the same ``--output-format`` (``pcm_24000`` by default: no codec in
 Prints p50/p95 of each and of their difference; the target (issue 19) is ws <= rest + 20 ms
 at p50. ``--json FILE`` keeps every sample. One request at a time: this is latency, not load.
 
+``--after-first read`` (default) reads each answer to its end. ``--after-first close`` hangs
+up at the first audio, as an agent whose user barges in does (WebSocket closed, REST response
+dropped), then waits for the server's ``chatterbox_in_flight_requests`` to be back at 0 before
+the next sample and reports how long that took (``slot_back_ms``): the barge-in's cost to the
+server, and a sample costs its first audio instead of its whole utterance.
+
 Fair shares (docs/operations.md): everything here comes from one address, one client. One
 request at a time is always within a client's share, so the tool is never throttled by it; a
 server that refuses it anyway (another tool running from the same host, a tiny
@@ -40,7 +46,8 @@ TARGET_MS = 20.0
 
 
 async def ws_first_audio(args: argparse.Namespace) -> float:
-    """Seconds from the last word sent to the first audio received."""
+    """Seconds from the last word sent to the first audio received (then the rest is read, or
+    the socket closed: ``args.after_first``)."""
     url = (
         args.base_url.replace("https://", "wss://").replace("http://", "ws://")
         + f"/v1/text-to-speech/{args.voice}/stream-input?output_format={args.output_format}"
@@ -76,6 +83,11 @@ async def ws_first_audio(args: argparse.Namespace) -> float:
         if first_audio not in done:
             reader.cancel()
             raise RuntimeError("no audio from the WebSocket" if not reader.done() else f"socket ended: {reader.exception()}")
+        if args.after_first == "close":  # barge-in: the socket goes, whatever was still to come
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+                await reader
+            return first_audio.result() - last_sent
         await ws.send(json.dumps({"text": ""}))
         with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
             await asyncio.wait_for(reader, args.timeout_s)  # the rest of the audio, then the close
@@ -95,15 +107,34 @@ async def rest_first_audio(client: httpx.AsyncClient, args: argparse.Namespace) 
             code = next((c for c in SHARE_CODES if c.encode() in body), "")
             raise RuntimeError(f"REST answered {response.status_code}: {body!r}{_share_hint(code)}")
         first: float | None = None
-        async for data in response.aiter_raw():  # read to the end: the next request starts clean
+        async for data in response.aiter_raw():  # read to the end (or hang up at the first audio)
             if data and first is None:
                 first = time.perf_counter() - started
+                if args.after_first == "close":
+                    break  # leaving the block drops the connection: the server cancels the job
     if first is None:
         raise RuntimeError("REST sent no audio")
     return first
 
 
 SHARE_CODES = ("client_concurrency_limit", "key_concurrency_limit")
+IN_FLIGHT = "chatterbox_in_flight_requests"
+
+
+async def slot_back(client: httpx.AsyncClient, timeout_s: float) -> float:
+    """Seconds until the server has no request in flight (after a hang-up), polled from
+    /metrics every 5 ms; RuntimeError if it still has one after ``timeout_s``."""
+    started = time.perf_counter()
+    while True:
+        text = (await client.get("/metrics")).text
+        value = next((line.split()[1] for line in text.splitlines() if line.startswith(IN_FLIGHT + " ")), None)
+        if value is None:
+            raise RuntimeError(f"/metrics has no {IN_FLIGHT}: --after-first close needs this server's metrics")
+        if float(value) == 0:
+            return time.perf_counter() - started
+        if time.perf_counter() - started > timeout_s:
+            raise RuntimeError(f"the server still had {value} request(s) in flight {timeout_s:.0f} s after the hang-up")
+        await asyncio.sleep(0.005)
 
 
 def _share_hint(code: str) -> str:
@@ -123,12 +154,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"xi-api-key": args.api_key} if args.api_key else {}
     ws_s: list[float] = []
     rest_s: list[float] = []
+    back_s: list[float] = []
+    closing = args.after_first == "close"
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=args.timeout_s) as client:
-        await ws_first_audio(args)  # warm-up: connections, voice conditionals, encoder set-up
-        await rest_first_audio(client, args)
+
+        async def sample(measure: Any, into: list[float]) -> None:
+            into.append(await measure)
+            if closing:
+                back_s.append(await slot_back(client, args.timeout_s))
+
+        await sample(ws_first_audio(args), [])  # warm-up: connections, voice conditionals, encoder set-up
+        await sample(rest_first_audio(client, args), [])
+        back_s.clear()
         for _ in range(args.repeats):
-            ws_s.append(await ws_first_audio(args))
-            rest_s.append(await rest_first_audio(client, args))
+            await sample(ws_first_audio(args), ws_s)
+            await sample(rest_first_audio(client, args), rest_s)
     ws_ms = [s * 1000 for s in ws_s]
     rest_ms = [s * 1000 for s in rest_s]
     delta = [w - r for w, r in zip(ws_ms, rest_ms)]
@@ -141,7 +181,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ws_after_last_word_ms": {"p50": round(statistics.median(ws_ms), 1), "p95": round(_pct(ws_ms, 0.95), 1)},
         "rest_first_audio_ms": {"p50": round(statistics.median(rest_ms), 1), "p95": round(_pct(rest_ms, 0.95), 1)},
         "ws_minus_rest_ms": {"p50": round(statistics.median(delta), 1), "p95": round(_pct(delta, 0.95), 1)},
+        "after_first": args.after_first,
     }
+    if back_s:
+        back_ms = [s * 1000 for s in back_s]
+        summary["slot_back_ms"] = {"p50": round(statistics.median(back_ms), 1), "p95": round(_pct(back_ms, 0.95), 1),
+                                   "max": round(max(back_ms), 1)}
     summary["target_met"] = summary["ws_minus_rest_ms"]["p50"] <= TARGET_MS
     if args.json:
         Path(args.json).write_text(json.dumps({**summary, "ws_ms": ws_ms, "rest_ms": rest_ms}, indent=2) + "\n")
@@ -158,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentence", default=SENTENCE)
     parser.add_argument("--word-interval-ms", type=float, default=20.0, help="LLM pace: time between words")
     parser.add_argument("--trigger", choices=("auto", "flush"), default="auto")
+    parser.add_argument("--after-first", choices=("read", "close"), default="read",
+                        help="read each answer to its end, or hang up at the first audio (barge-in)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--timeout-s", type=float, default=60.0)
     parser.add_argument("--json", default=None, help="also write every sample here")

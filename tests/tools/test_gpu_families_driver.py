@@ -143,3 +143,41 @@ def test_part2_serves_the_other_families_when_one_fails_to_start(tmp_path: Path,
     driver.part2(visit)
     assert calls == [(driver.FAMILIES, True), (("chatterbox", "chatterbox-multilingual"), True)]
     assert any("chatterbox-turbo failed to start" in n for n in visit.summary["notes"])
+
+
+def test_the_benchmark_server_admits_the_largest_row_from_one_client() -> None:
+    from gateway.cli import build_parser, settings_from_args
+    from gateway.speech.admission import Share
+
+    cmd = driver.serve_command(8000, driver.FAMILIES, True, dry_run=False)
+    settings = settings_from_args(build_parser().parse_args(cmd[cmd.index("serve"):]))
+    one_client = Share.of(settings.max_client_share, settings.max_in_flight, settings.max_queued)
+    largest = max(int(level) for _, _, levels in driver.BENCH_ROWS for level in levels.split(","))
+    # every stream of a row comes from 127.0.0.1: all of them synthesise at once, none is refused
+    assert one_client.in_flight >= largest and settings.max_in_flight >= largest
+
+
+def test_part2_measures_the_agents_on_the_idle_server_before_the_load(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    visit = _visit(tmp_path, "part2")
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    ran: list[driver.Step] = []
+
+    def run(steps: list[driver.Step]) -> None:
+        for step in steps:
+            ran.append(step)
+            if step.name.startswith("agents_"):
+                Path(step.cmd[step.cmd.index("--json") + 1]).write_text(json.dumps({"step": step.name}))
+
+    monkeypatch.setattr(driver, "start_server", lambda visit, models, parallel: (server, "http://127.0.0.1:9", tmp_path / "log"))
+    monkeypatch.setattr(driver, "gpu_memory_snapshot", dict)
+    monkeypatch.setattr(visit, "run", run)
+    driver.part2(visit)
+    assert server.poll() is not None  # stopped after the rows
+    assert [s.name for s in ran] == [f"agents_{f}" for f in driver.AGENT_FORMATS] + [n for n, _, _ in driver.BENCH_ROWS]
+    agent = ran[0].cmd
+    assert agent[agent.index("--after-first") + 1] == "close" and agent[agent.index("--model") + 1] == "chatterbox"
+    merged = json.loads((visit.out / "agents.json").read_text())
+    assert merged == {f: {"step": f"agents_{f}"} for f in driver.AGENT_FORMATS}
+    assert not any(p.name.startswith("agents_") for p in visit.out.iterdir())  # one file comes back, not one per format

@@ -11,15 +11,21 @@ device call each: ``bash gateway/tools/gpu/families.sh part1|part2 [--dry-run]``
   chatterbox-multilingual`` (dummy weights; if that start dies, once more: without the
   families whose start failed when the log names them, else with the engines started one
   after another), its start log (each part's time and memory, the KV cache plan)
-  and the GPU's memory per process, then the HTTP rows through ``gateway.tools.benchmark``
-  against it: Turbo at 1 and 256 streams, Multilingual at 1 and 128, a mixed load of 192
-  (a third each).
+  and the GPU's memory per process, then, while it is idle, issue 19's voice-agent latency
+  (``gateway.tools.agent_bench``: a sentence streamed word by word over the WebSocket against
+  the REST route's first audio, ``chatterbox``, pcm and mp3, each answer hung up at its first
+  audio), then the HTTP rows through ``gateway.tools.benchmark`` against it: Turbo at 1 and
+  256 streams, Multilingual at 1 and 128, a mixed load of 192 (a third each). The server
+  gives one client the whole admission budget (``--max-client-share 1``): every stream of a
+  benchmark comes from one address, and the default share (a quarter) would refuse most of
+  a 256-stream row.
 
 Every step writes under ``$OUT/part<N>/`` (at most 8 files, none deeper): ``summary.json``
-(every step: command, exit, seconds, timed out or not, and what was parsed from it),
-the steps' JSON results, ``logs.tar.xz`` (every log), ``compile-cache.tar.xz`` (vLLM's,
-inductor's and Triton's compile caches, for a later visit to carry back; split in 15 MiB
-parts, or left out above 60 MiB). A step that fails or runs out of time loses only itself.
+(every step: command, exit, seconds, timed out or not, and what was parsed from it), the
+steps' JSON results (part 2: ``bench.json``, ``agents.json``), ``logs.tar.xz`` (every log),
+``compile-cache.tar.xz`` (vLLM's, inductor's and Triton's compile caches, for a later visit
+to carry back; split in 15 MiB parts, or left out above 60 MiB). A step that fails or runs
+out of time loses only itself.
 
 ``--dry-run`` (CPU, here): the same steps at tiny sizes (the parity tools' ``--dry-run``, the
 GPU tests skip themselves, part 2 serves the fake engine), to prove the script before a GPU
@@ -47,6 +53,9 @@ TOKENS = 250
 PART_BUDGET_S = {"part1": 530, "part2": 560}
 CACHE_PART_BYTES = 15 << 20
 CACHE_MAX_BYTES = 60 << 20
+AGENT_FORMATS = ("pcm_24000", "mp3_44100_128")
+"""Issue 19's voice-agent latency in part 2, one step per output format."""
+AGENT_REPEATS = 20
 BENCH_ROWS = (  # (step, --models, --http-concurrency)
     ("bench_turbo", "chatterbox-turbo", "1,256"),
     ("bench_multilingual", "chatterbox-multilingual", "1,128"),
@@ -275,6 +284,13 @@ def part2(visit: Visit) -> None:
     try:
         visit.summary["gpu_memory_at_ready"] = gpu_memory_snapshot()
         visit.summary["start_log"] = start_log(log)
+        if "chatterbox" in models:  # first, on the idle server: latency, not load
+            for fmt in AGENT_FORMATS:
+                if visit.left_s() < 300:
+                    visit.note(f"agents_{fmt}: skipped, the load rows need the time left")
+                    continue
+                visit.run([agent_step(visit, base, fmt)])
+            merge_agents(visit)
         for name, model, levels in BENCH_ROWS:
             if model != "mixed" and model not in models:
                 visit.note(f"{name}: skipped, {model} is not served")
@@ -296,6 +312,29 @@ def part2(visit: Visit) -> None:
         merge_bench(visit, models)
 
 
+def agent_step(visit: Visit, base: str, fmt: str) -> Step:
+    """Issue 19's benchmark: first audio after a streamed sentence's last word vs the REST
+    route's, each answer hung up at its first audio (a sample costs its first audio, not its
+    utterance; the slot's return after the hang-up is timed too)."""
+    cmd = [*python(), "-m", "gateway.tools.agent_bench", "--base-url", base, "--model", "chatterbox",
+           "--output-format", fmt, "--after-first", "close", "--repeats", "3" if visit.dry_run else str(AGENT_REPEATS),
+           "--json", str(visit.out / f"agents_{fmt}.json")]
+    return Step(f"agents_{fmt}", cmd, timeout_s=90)
+
+
+def merge_agents(visit: Visit) -> None:
+    """The agent steps' documents as one ``agents.json`` (by output format): the files that
+    come back from a device call are few."""
+    merged = {}
+    for fmt in AGENT_FORMATS:
+        path = visit.out / f"agents_{fmt}.json"
+        if path.exists():
+            merged[fmt] = json.loads(path.read_text())
+            path.unlink()
+    if merged:
+        (visit.out / "agents.json").write_text(json.dumps(merged, indent=1) + "\n")
+
+
 def failed_families(log: dict[str, Any]) -> list[str]:
     """The families whose start failed (the engine's ``engine_start_failed`` lines)."""
     return sorted({f["family"] for f in log.get("failed", []) if f.get("family") in FAMILIES})
@@ -309,7 +348,7 @@ def serve_command(port: int, models: tuple[str, ...], parallel: bool, dry_run: b
     fixed = ["--fixed-speech-tokens"] if "fixed_speech_tokens" in Settings.__struct_fields__ else []
     return [*python(), "-m", "gateway", "serve", *engine, "--models", ",".join(models), "--host", "127.0.0.1",
             "--port", str(port), "--max-speech-tokens", str(TOKENS), *fixed,
-            "--max-in-flight", "256", "--max-queued", "512", "--log-format", "json",
+            "--max-in-flight", "256", "--max-queued", "512", "--max-client-share", "1", "--log-format", "json",
             "--vllm-parallel-start" if parallel else "--no-vllm-parallel-start"]
 
 
