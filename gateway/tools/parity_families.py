@@ -261,6 +261,9 @@ def standin_decode(family: str, t3: Any, n_tokens: int) -> dict[str, Any]:
 def _turbo_standin(t3: Any, embeds: Any, n_tokens: int) -> list[tuple[int, Any]]:
     import torch
 
+    from gateway.engine.reference.t3_decode import cache_kwarg
+
+    kw = cache_kwarg(t3.tfmr)  # transformers 5.x: "cache" (the old name warns every call)
     out = t3.tfmr(inputs_embeds=embeds[None], use_cache=True)
     steps = []
     for k in range(n_tokens):
@@ -270,8 +273,7 @@ def _turbo_standin(t3: Any, embeds: Any, n_tokens: int) -> list[tuple[int, Any]]
         if tok == 6562 and k > 0:
             break
         steps.append((tok, torch.log_softmax(logits, -1)))
-        out = t3.tfmr(inputs_embeds=t3.speech_emb(torch.tensor([[tok]])), past_key_values=out.past_key_values,
-                      use_cache=True)
+        out = t3.tfmr(inputs_embeds=t3.speech_emb(torch.tensor([[tok]])), use_cache=True, **{kw: getattr(out, kw)})
     return steps
 
 
@@ -281,6 +283,9 @@ def _llama_standin(t3: Any, prompt: Any, text_ids: list[int], w: float, n_tokens
     cond = prompt.embeds.clone()
     lo = prompt.n_cond
     cond[lo:lo + prompt.n_text] += t3.text_emb(torch.tensor(text_ids))  # the model adds them for the cond stream
+    from gateway.engine.reference.t3_decode import cache_kwarg
+
+    kw = cache_kwarg(t3.tfmr)
     out = t3.tfmr(inputs_embeds=torch.stack([cond, prompt.embeds]), use_cache=True)
     seen = {6561}
     steps = []
@@ -299,7 +304,7 @@ def _llama_standin(t3: Any, prompt: Any, text_ids: list[int], w: float, n_tokens
         steps.append((tok, torch.log_softmax(raw, -1)))
         seen.add(tok)
         row = t3.speech_emb(torch.tensor([tok])) + t3.speech_pos_emb.emb(torch.tensor([k + 1]))
-        out = t3.tfmr(inputs_embeds=row[None].expand(2, -1, -1), past_key_values=out.past_key_values, use_cache=True)
+        out = t3.tfmr(inputs_embeds=row[None].expand(2, -1, -1), use_cache=True, **{kw: getattr(out, kw)})
     return steps
 
 

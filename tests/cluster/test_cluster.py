@@ -253,7 +253,14 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
         assert response.status_code == 200
         pieces = response.iter_raw()
         streams[request_id] = (client, response, pieces, next(pieces))
+    # each stream has sent its first bytes; its job's record is read from the replicas, which
+    # a loaded machine may answer a moment later (once seen empty in CI): asked until all are there
+    deadline = time.monotonic() + 30
     running = outcomes(tier, set(ids))
+    while len(running) < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = outcomes(tier, set(ids))
+    assert set(running) == set(ids), running
     assert {outcome for _, outcome in running.values()} == {"running"}
     victim = next(iter({rid for rid, _ in running.values()}))
     victim_pid = replica_records(tier)[victim].pid

@@ -64,7 +64,7 @@ class Sampling:
     """Turbo only (upstream fixes it at 1000); 0: off."""
 
 
-def _cache_kwarg(backbone: torch.nn.Module) -> str:
+def cache_kwarg(backbone: torch.nn.Module) -> str:
     # transformers 5.x renames past_key_values -> cache (the old name warns on every call).
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
@@ -107,7 +107,7 @@ def generate_speech_tokens(
     min_p = MinPLogitsWarper(min_p=sampling.min_p)
     top_p = TopPLogitsWarper(top_p=sampling.top_p)
     cache = DynamicCache(config=t3.cfg)
-    cache_kw = _cache_kwarg(t3.tfmr)
+    cache_kw = cache_kwarg(t3.tfmr)
     generated = start[:1].clone()
     predicted: list[torch.Tensor] = []
     max_new_tokens = min(max_new_tokens, hp.max_speech_tokens)  # learned positions end there
@@ -176,7 +176,7 @@ def generate_turbo_tokens(
     embeds, _ = t3.prepare_input_embeds(t3_cond=t3_cond.to(device=device), text_tokens=text, speech_tokens=start, cfg_weight=0.0)
     processors = turbo_processors(sampling)
     cache = DynamicCache(config=t3.cfg)
-    cache_kw = _cache_kwarg(t3.tfmr)
+    cache_kw = cache_kwarg(t3.tfmr)
     inputs = embeds
     history = start
     predicted: list[torch.Tensor] = []
