@@ -6,8 +6,9 @@ solve through CUDA graphs when there is a GPU. For each configuration, each wind
 
 * **parts** (ms, median of ``repeats`` after a warm-up): flow encoder, CFM inputs, CFM decoder,
   HiFT, host copy, each between device synchronisations (so each is its own kernels' time),
-  and the Perth watermark per row (serial, as the engine runs it). The audio-s/s ceiling of
-  the vocoder alone follows (watermark excluded).
+  and the Perth watermark of the batch's rows twice: per row (serial, upstream's call, as the
+  engine ran it until 2026-12-04) and batched (``watermark_batch.mark_batch``, as it runs it
+  now). The audio-s/s ceiling of the vocoder alone follows (watermark excluded).
 * **pipelined** (ms per batch, GPU busy share): ``pipeline_batches`` batches back to back as
   the serving loop runs them: launched without synchronisation, at most ``depth`` in flight,
   the busy share from CUDA events (device time of each batch over the wall time).
@@ -21,12 +22,16 @@ voice prompt (their effect on the audio: ``python -m gateway.tools.parity_vocode
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.engine.vllm.watermark_batch import RESAMPLE_THREADS, mark_batch
 
 WINDOWS = (  # (name, left context, new tokens, final, carried mel frames)
     ("first window", 0, 20, False, 0),
@@ -97,6 +102,12 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+@functools.cache
+def _resample_pool() -> ThreadPoolExecutor:
+    """The batched watermark's resampling threads, as the server's batcher has them."""
+    return ThreadPoolExecutor(RESAMPLE_THREADS, thread_name_prefix="watermark-resample")
 
 
 def _watermarker(device: str) -> Any:
@@ -175,10 +186,12 @@ def _profile_rows(batch: Any, voice: Any, window: tuple, b: int, repeats: int, m
         waves = batch.run_hift(_hift_rows(mels, carried, final))
         with timer.section("host copy"):
             host = [w.cpu().numpy() for w, _ in waves]
-        if marker is not None:
+        if marker is not None:  # upstream's call per row (as served before), then the served batch
             with timer.section("watermark (per row, serial)"):
                 for audio in host:
                     marker.apply_watermark(audio, sample_rate=SAMPLE_RATE)
+            with timer.section("watermark (batched)"):
+                mark_batch(marker, host, SAMPLE_RATE, _resample_pool())
         total = time.perf_counter() - t0
         batch.timer = None
         if rep:
@@ -188,7 +201,7 @@ def _profile_rows(batch: Any, voice: Any, window: tuple, b: int, repeats: int, m
     med = {part: statistics.median(v) * 1000 for part, v in samples.items()}
     name, _, new, _, _ = window
     audio_s = b * new / 25
-    vocoder_ms = med["total"] - med.get("watermark (per row, serial)", 0.0)
+    vocoder_ms = med["total"] - med.get("watermark (per row, serial)", 0.0) - med.get("watermark (batched)", 0.0)
     row = {"stage": "profile", "window": f"{name} ({len(flow_rows[0].tokens)} + {voice.prompt_len} prompt tokens)",
            "batch": b, **{f"{k} ms": round(v, 1) for k, v in med.items()},
            "vocoder audio-s/s (no watermark)": round(audio_s / (vocoder_ms / 1000), 1)}

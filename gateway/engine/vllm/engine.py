@@ -19,7 +19,9 @@ streams speech token deltas (``RequestOutputKind.DELTA``) straight into a vocode
 (Turbo's three silence tokens follow its last one). The vocoder's windows come back as audio
 chunks, each with the token count of its own window (watermarked when ``settings.watermark``:
 a streamed utterance through :class:`~gateway.engine.vllm.watermark.StreamWatermark`, so it
-agrees with watermarking the whole utterance once, as a one-shot one is). Closing the
+agrees with watermarking the whole utterance once, as a one-shot one is; every stream's
+windows go through one :class:`~gateway.engine.vllm.watermark_batch.WatermarkBatcher`, which
+watermarks whatever is queued in one pass). Closing the
 ``synthesize`` iterator cancels the token task, which makes ``AsyncLLM.generate`` abort the
 vLLM request, and cancels the vocoder stream.
 
@@ -37,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 import uuid
@@ -54,6 +55,7 @@ from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS
 from gateway.engine.vllm.watermark import StreamWatermark
+from gateway.engine.vllm.watermark_batch import WatermarkBatcher
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
 from gateway.models.families import FAMILIES, Family
 from gateway.settings import Settings
@@ -107,6 +109,8 @@ class VllmEngine(UpstreamVoices, Engine):
         stop token; fixed lengths keep runs comparable)."""
         self.start_parts: list[dict[str, Any]] = []
         """What the start took, part by part (also logged)."""
+        self._watermark: WatermarkBatcher | None = None
+        """Every stream's Perth watermark, batched (one for all families: they share Perth)."""
         self._log = structlog.get_logger("gateway.engine")
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -163,6 +167,7 @@ class VllmEngine(UpstreamVoices, Engine):
                     self.runtimes[name].llm = starting[name].result()
             with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
+            self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE)
             for name in self.models:
                 with self._part(name, "modules", gpu=True):
                     self._load_modules(self.runtimes[name], directories[name], device, watermarker)
@@ -346,6 +351,9 @@ class VllmEngine(UpstreamVoices, Engine):
                 # On the loop thread: shutdown() cancels AsyncLLM's output task before the engine
                 # process stops (from another thread the task sees a dead engine and logs an error).
                 llm.shutdown()
+        if self._watermark is not None:  # after the vocoders: no stream is left to call it
+            watermark, self._watermark = self._watermark, None
+            await asyncio.to_thread(watermark.close)
 
     def _runtime(self, model: str) -> FamilyRuntime:
         runtime = self.runtimes.get(model)
@@ -415,7 +423,6 @@ class VllmEngine(UpstreamVoices, Engine):
         return sampling
 
     async def _chunk(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
-        components = runtime.components
         trace = job.trace if index == 0 else None  # the first audio comes from the first chunk
         prompt = await self._prompt(runtime, job, text)
         sampling = self._sampling(runtime, job, index, len(prompt.token_ids))
@@ -431,15 +438,13 @@ class VllmEngine(UpstreamVoices, Engine):
         first = True
         marker = None
         if self.settings.watermark and not stream.one_shot:  # one-shot: one watermark pass, as upstream
-            marker = StreamWatermark(functools.partial(components.watermarker.apply_watermark,
-                                                       sample_rate=SAMPLE_RATE), SAMPLE_RATE)
+            marker = StreamWatermark(None, SAMPLE_RATE, apply_async=self._watermark.apply)
         try:
             async for samples, vocoded in stream.chunks():
                 if marker is not None:
-                    samples = await asyncio.to_thread(marker.push, samples)
+                    samples = await marker.push_async(samples)
                 elif self.settings.watermark:
-                    samples = await asyncio.to_thread(
-                        components.watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)
+                    samples = await self._watermark.apply(samples)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
                     continue  # all held back by the watermark: its tokens count with the next chunk
@@ -454,7 +459,7 @@ class VllmEngine(UpstreamVoices, Engine):
                 yield AudioChunk(samples=samples, speech_tokens=counted - made)
                 made = counted
             if marker is not None:
-                rest = np.clip(await asyncio.to_thread(marker.flush), -1.0, 1.0)
+                rest = np.clip(await marker.flush_async(), -1.0, 1.0)
                 counted = min(stream.tokens_vocoded, generated.tokens)
                 if rest.size or made != counted:
                     yield AudioChunk(samples=fade_edges(rest, fade_out=False) if first else rest,

@@ -20,7 +20,7 @@ delayed: only the share of audio in the first chunk shrinks).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -30,11 +30,16 @@ HOLDBACK_S = 0.1
 
 class StreamWatermark:
     """Watermark successive chunks of one utterance (``apply``: one-shot watermark of a
-    float32 array). Not thread safe; one instance per stream."""
+    float32 array; ``apply_async``: the same, awaited, e.g.
+    :meth:`~gateway.engine.vllm.watermark_batch.WatermarkBatcher.apply`). Not thread safe;
+    one instance per stream, driven through :meth:`push`/:meth:`flush` or their ``_async``
+    forms."""
 
-    def __init__(self, apply: Callable[[np.ndarray], np.ndarray], sample_rate: int, *,
-                 context_s: float = CONTEXT_S, holdback_s: float = HOLDBACK_S) -> None:
+    def __init__(self, apply: Callable[[np.ndarray], np.ndarray] | None, sample_rate: int, *,
+                 context_s: float = CONTEXT_S, holdback_s: float = HOLDBACK_S,
+                 apply_async: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None) -> None:
         self._apply = apply
+        self._apply_async = apply_async
         self._context = int(round(context_s * sample_rate))
         self._holdback = int(round(holdback_s * sample_rate))
         self._tail = np.zeros(0, dtype=np.float32)
@@ -44,21 +49,34 @@ class StreamWatermark:
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Watermarked samples that are final now (may be empty while little has arrived)."""
-        return self._run(np.asarray(samples, dtype=np.float32), final=False)
+        buf, start, end = self._plan(np.asarray(samples, dtype=np.float32), final=False)
+        return self._commit(buf, start, end, self._apply(buf) if end > start else None)
 
     def flush(self) -> np.ndarray:
         """The held-back rest, watermarked (call once, after the last :meth:`push`)."""
-        return self._run(np.zeros(0, dtype=np.float32), final=True)
+        buf, start, end = self._plan(np.zeros(0, dtype=np.float32), final=True)
+        return self._commit(buf, start, end, self._apply(buf) if end > start else None)
 
-    def _run(self, samples: np.ndarray, *, final: bool) -> np.ndarray:
+    async def push_async(self, samples: np.ndarray) -> np.ndarray:
+        buf, start, end = self._plan(np.asarray(samples, dtype=np.float32), final=False)
+        return self._commit(buf, start, end, await self._apply_async(buf) if end > start else None)
+
+    async def flush_async(self) -> np.ndarray:
+        buf, start, end = self._plan(np.zeros(0, dtype=np.float32), final=True)
+        return self._commit(buf, start, end, await self._apply_async(buf) if end > start else None)
+
+    def _plan(self, samples: np.ndarray, *, final: bool) -> tuple[np.ndarray, int, int]:
+        """The buffer to watermark and the part of it ``[start, end)`` that is final now."""
         buf = np.concatenate([self._tail, samples])
         start = buf.size - samples.size - self._held  # first sample not yet emitted
         end = buf.size if final else max(start, buf.size - self._holdback)
+        return buf, start, end
+
+    def _commit(self, buf: np.ndarray, start: int, end: int, marked: np.ndarray | None) -> np.ndarray:
         if end <= start:
             self._tail, self._held = buf, buf.size - start
             return np.zeros(0, dtype=np.float32)
-        marked = np.asarray(self._apply(buf), dtype=np.float32)
-        out = marked[start:end]
+        out = np.asarray(marked, dtype=np.float32)[start:end]
         keep_from = max(0, end - self._context)
         self._tail, self._held = buf[keep_from:], buf.size - end
         return out

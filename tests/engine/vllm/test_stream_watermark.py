@@ -67,3 +67,20 @@ def test_held_back_samples_come_out_once_in_order() -> None:
     assert i == x.size
     np.testing.assert_array_equal(np.concatenate(parts), x)
     assert parts[0].size == 0 and parts[1].size == 5100 - int(0.1 * SR)
+
+
+async def test_the_awaited_form_emits_what_the_plain_one_does() -> None:
+    """push_async/flush_async (the engine's, over the batched watermark) and push/flush cut
+    the same stream into the same parts."""
+    x = np.arange(SR * 2, dtype=np.float32)
+
+    async def mark(s: np.ndarray) -> np.ndarray:
+        return s * 2
+
+    plain = StreamWatermark(lambda s: s * 2, SR)
+    awaited = StreamWatermark(None, SR, apply_async=mark)
+    i = 0
+    for n in [100, 5000, 1, 3000, 20000, 0, 19899]:
+        np.testing.assert_array_equal(await awaited.push_async(x[i:i + n]), plain.push(x[i:i + n]))
+        i += n
+    np.testing.assert_array_equal(await awaited.flush_async(), plain.flush())

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -345,3 +346,34 @@ def test_an_explicit_language_never_imports_the_detector() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+async def test_streams_are_watermarked_through_the_batched_watermark(engine, refs) -> None:
+    """``watermark`` on: two streams at once, each window through the engine's batcher (Perth
+    on the CPU); the mark changes the audio, not its length, and the batcher is closed with
+    the engine."""
+    perth = pytest.importorskip("perth")
+    from gateway.engine.vllm.watermark_batch import WatermarkBatcher
+
+    n = 40
+    voice = _voice(ORIGINAL, refs[ORIGINAL])
+
+    def job(name: str) -> SynthesisJob:
+        return SynthesisJob(name, ("Hello there.",), voice, GenerationParams(seed=1), model=ORIGINAL, streaming=True)
+
+    engine.runtimes[ORIGINAL].llm = StandInLLM(_speech(4, n) + [6562])
+    plain, _ = await _run(engine, job("plain"))
+    batcher = WatermarkBatcher(perth.PerthImplicitWatermarker(device="cpu"), 24000)
+    engine.settings = msgspec.structs.replace(engine.settings, watermark=True)
+    engine._watermark = batcher
+    engine.runtimes[ORIGINAL].llm = StandInLLM(_speech(4, n) + [6562])
+    (a, tokens_a), (b, tokens_b) = await asyncio.gather(_run(engine, job("a")), _run(engine, job("b")))
+    assert tokens_a == tokens_b == n and a.shape == b.shape == plain.shape
+    snr = 10 * np.log10((plain ** 2).sum() / ((a - plain) ** 2).sum())
+    assert 5 < snr < 60, snr  # marked: changed, and still the same speech
+    assert batcher.rows >= 4  # every window of both streams (the held-back rest included) went through it
+    await engine.close()
+    assert engine._watermark is None
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.apply(a[:100])

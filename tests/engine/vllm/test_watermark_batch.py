@@ -1,0 +1,144 @@
+"""The batched Perth watermark (gateway/engine/vllm/watermark_batch.py) against upstream's own
+per-chunk call, on the CPU with Perth's real weights: chunks of different lengths, of equal
+lengths, silence next to speech, and the batcher's callers from an event loop (answered each
+with their own chunk, a cancelled one skipped, a failure reaching every caller)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from gateway.engine.vllm.watermark_batch import WatermarkBatcher, mark_batch
+
+SR = 24000
+
+
+def _speechlike(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = rng.uniform(90, 220)
+    phase = np.cumsum(2 * np.pi * (f0 + 30 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t)) / SR)
+    x = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 3) * t)) ** 2
+    return (0.3 * x * env + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _snr(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10((ref ** 2).sum() / max(((a - ref) ** 2).sum(), 1e-30)))
+
+
+@pytest.fixture(scope="module")
+def watermarker():
+    perth = pytest.importorskip("perth")
+    return perth.PerthImplicitWatermarker(device="cpu")
+
+
+def _alone(watermarker, x: np.ndarray) -> np.ndarray:
+    return np.asarray(watermarker.apply_watermark(x, sample_rate=SR), dtype=np.float32)
+
+
+def test_a_batch_of_different_lengths_is_each_chunks_own_watermark(watermarker) -> None:
+    chunks = [_speechlike(s, seed) for seed, s in enumerate((0.3, 1.1, 3.12, 0.77, 3.12, 2.0))]
+    chunks.append(np.zeros(SR // 2, dtype=np.float32))  # silence: the mask keeps the mark out
+    chunks.append(np.concatenate([np.zeros(SR // 4, np.float32), _speechlike(0.6, 9)]))
+    with ThreadPoolExecutor(2) as pool:
+        batched = mark_batch(watermarker, chunks, SR, pool)
+    assert len(batched) == len(chunks)
+    for x, got in zip(chunks, batched):
+        want = _alone(watermarker, x)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        if not np.any(want):
+            assert not np.any(got)
+            continue
+        assert _snr(x, want) < 40  # the mark itself moves the signal, so equality below means something
+        assert _snr(got, want) > 100, (len(x), _snr(got, want))
+
+
+def test_the_longest_neighbour_does_not_reach_into_a_short_chunks_end(watermarker) -> None:
+    """A short chunk's last frames are where zero padding and a neighbour's frames would
+    differ: the same short chunk, batched beside a long one and alone, gives the same end."""
+    short = _speechlike(0.5, 3)
+    (beside_long, _) = mark_batch(watermarker, [short, _speechlike(4.0, 4)], SR)
+    (alone,) = mark_batch(watermarker, [short], SR)
+    tail = SR // 10
+    assert _snr(beside_long[-tail:], alone[-tail:]) > 100
+
+
+def test_an_empty_batch_is_empty(watermarker) -> None:
+    assert mark_batch(watermarker, [], SR) == []
+
+
+async def test_the_batcher_answers_each_caller_with_its_own_chunk(watermarker) -> None:
+    batcher = WatermarkBatcher(watermarker, SR, max_rows=8)
+    try:
+        chunks = [_speechlike(0.4 + 0.1 * i, 20 + i) for i in range(12)]
+        results = await asyncio.gather(*(batcher.apply(c) for c in chunks))
+        for x, got in zip(chunks, results):
+            assert _snr(got, _alone(watermarker, x)) > 100
+        assert batcher.rows == 12 and 2 <= batcher.batches <= 12  # at most max_rows at once
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.apply(chunks[0])
+
+
+async def test_a_cancelled_caller_is_skipped_and_the_others_answered(watermarker) -> None:
+    gate = asyncio.Event()
+    seen: list[int] = []
+
+    class Slow:  # the watermarker, slowed so that calls queue behind the first batch
+        perth_net = watermarker.perth_net
+
+        def __getattr__(self, name):
+            return getattr(watermarker, name)
+
+    batcher = WatermarkBatcher(Slow(), SR)
+    original = batcher._mark
+
+    def mark(items):
+        seen.append(len(items))
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+        original(items)
+
+    loop = asyncio.get_running_loop()
+    batcher._mark = mark
+    try:
+        first = asyncio.create_task(batcher.apply(_speechlike(0.3, 1)))
+        await asyncio.sleep(0.2)  # the worker holds the first batch at the gate
+        leaving = asyncio.create_task(batcher.apply(_speechlike(0.3, 2)))
+        staying = asyncio.create_task(batcher.apply(_speechlike(0.3, 3)))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        gate.set()
+        assert (await first).size and (await staying).size
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert seen == [1, 1]  # the second batch held only the caller still waiting
+    finally:
+        batcher.close()
+
+
+async def test_a_failing_batch_fails_every_caller_of_it_and_the_batcher_goes_on(watermarker) -> None:
+    class Broken:
+        class perth_net:  # the attribute perth's watermarker has
+            class hp:
+                sample_rate = 32000
+
+            @staticmethod
+            def device():
+                raise RuntimeError("device lost")
+
+    batcher = WatermarkBatcher(Broken(), SR)
+    try:
+        results = await asyncio.gather(*(batcher.apply(_speechlike(0.2, i)) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results), results
+    finally:
+        batcher.close()
+    good = WatermarkBatcher(watermarker, SR)
+    try:
+        assert (await good.apply(_speechlike(0.2, 7))).size
+    finally:
+        good.close()

@@ -1,0 +1,21 @@
+"""The vocoder profile stage (gateway/tools/bench_profile.py) at a few tokens on the CPU: every
+part is timed, and the watermark twice, per row (upstream's call) and batched (the served one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.tools.bench_profile import stage_profile
+
+
+@pytest.mark.slow
+def test_the_tiny_profile_times_every_part_and_both_watermarks() -> None:
+    rows = stage_profile([2], flow_steps=1, repeats=1, config_names=("before",), knobs=False, pipeline_batches=1,
+                         one_shot_batches=(1,), prompt_tokens=8, graph_max_frames=128, tiny=True)
+    assert [(r["window"].split(" (")[0], r["batch"]) for r in rows] == [
+        ("first window", 2), ("regular window", 2), ("one-shot", 1)]
+    for row in rows:
+        per_row, batched = row["watermark (per row, serial) ms"], row["watermark (batched) ms"]
+        assert per_row > 0 and batched > 0
+        assert row["total ms"] > per_row + batched
+        assert row["vocoder audio-s/s (no watermark)"] > 0 and 0 < row["gpu busy share"] <= 1
