@@ -24,7 +24,9 @@ watermark costs more than the flow does.
 Equal to the per-chunk call up to the order of floating-point sums (tests: SNR > 100 dB on
 the CPU). :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers
-each caller; a caller that is cancelled meanwhile is simply not answered.
+each caller; a caller that is cancelled meanwhile is simply not answered. A pass takes at
+most ``max_rows`` chunks and ``max_batch_s`` seconds of audio (the device memory it needs
+grows with both).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ import numpy as np
 
 RESAMPLE_THREADS = 4
 MAX_ROWS = 64
+MAX_BATCH_S = 240.0
+"""Most audio one pass takes (seconds, all rows): its spectrograms and activations on the
+device grow with it (~10 MB per second of audio); a longer row still goes, alone."""
 
 
 def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
@@ -124,10 +129,13 @@ class WatermarkBatcher:
     ``apply`` from the event loop; ``close`` once, after the last call."""
 
     def __init__(self, watermarker: Any, sample_rate: int, *, max_rows: int = MAX_ROWS,
-                 resample_threads: int = RESAMPLE_THREADS) -> None:
+                 max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS) -> None:
         self._watermarker = watermarker
         self._rate = sample_rate
         self._max_rows = max_rows
+        self._max_samples = int(max_batch_s * sample_rate)
+        self._next: _Item | None = None
+        """Taken from the queue but over the last batch's bound: the next batch's first."""
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(resample_threads, thread_name_prefix="watermark-resample")
         self._closed = False
@@ -155,10 +163,11 @@ class WatermarkBatcher:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            first, self._next = (self._next, None) if self._next is not None else (self._queue.get(), None)
             if first is None:
                 return
             items = [first]
+            size = first.samples.size
             stop = False
             while len(items) < self._max_rows:
                 try:
@@ -168,7 +177,11 @@ class WatermarkBatcher:
                 if item is None:
                     stop = True
                     break
+                if size + item.samples.size > self._max_samples:
+                    self._next = item  # over the bound: it opens the next batch
+                    break
                 items.append(item)
+                size += item.samples.size
             items = [i for i in items if not i.future.cancelled()]  # their callers left
             if items:
                 self._mark(items)

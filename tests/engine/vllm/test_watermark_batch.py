@@ -142,3 +142,20 @@ async def test_a_failing_batch_fails_every_caller_of_it_and_the_batcher_goes_on(
         assert (await good.apply(_speechlike(0.2, 7))).size
     finally:
         good.close()
+
+
+async def test_a_pass_holds_at_most_its_seconds_of_audio_and_a_longer_chunk_goes_alone(watermarker) -> None:
+    batcher = WatermarkBatcher(watermarker, SR, max_batch_s=0.5)
+    sizes: list[int] = []
+    original = batcher._mark
+    batcher._mark = lambda items: (sizes.append(sum(i.samples.size for i in items)), original(items))
+    try:
+        chunks = [_speechlike(0.2, 40 + i) for i in range(5)] + [_speechlike(1.0, 50)]
+        results = await asyncio.gather(*(batcher.apply(c) for c in chunks))
+        for x, got in zip(chunks, results):
+            assert _snr(got, _alone(watermarker, x)) > 100
+        assert sum(sizes) == sum(c.size for c in chunks)
+        assert all(size <= 0.5 * SR for size in sizes if size != SR)  # the 1 s chunk: alone, over the bound
+        assert SR in sizes
+    finally:
+        batcher.close()
