@@ -44,7 +44,7 @@ RESAMPLE_THREADS = 4
 MAX_ROWS = 64
 MAX_BATCH_S = 240.0
 """Most audio one pass takes (seconds, all rows): its spectrograms and activations on the
-device grow with it (~10 MB per second of audio); a longer row still goes, alone."""
+device grow with it (~5.5 MB per second of audio, measured on the CPU); a longer row still goes, alone."""
 
 
 def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
