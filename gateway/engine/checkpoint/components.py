@@ -43,6 +43,10 @@ MIN_CLIP_SECONDS = 2.0
 """Shorter clips give the voice encoder too little to embed."""
 MAX_CLIP_SECONDS = 60.0
 """Longer clips are cut here (only the voice encoder looks past the first 10 s)."""
+MAX_CLIP_FILE_BYTES = 64 << 20
+"""Largest clip file read whole for FFmpeg's decoders (formats libsndfile cannot read)."""
+MAX_FOLDER_CLIP_SECONDS = 600.0
+"""Longest such clip decoded (then cut to :data:`MAX_CLIP_SECONDS`); longer ones are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,19 +113,56 @@ def load_components(checkpoint_dir: Path, device: str | torch.device, family: Fa
 
 
 def load_clip(path: Path) -> np.ndarray:
-    """A reference clip as mono float32 at 24 kHz, at most :data:`MAX_CLIP_SECONDS` long."""
+    """A reference clip as mono float32 at 24 kHz, at most :data:`MAX_CLIP_SECONDS` long.
+
+    What libsndfile reads (WAV, FLAC, Ogg, MP3) is read as upstream reads it
+    (``librosa.load``). The other formats a voices folder may hold (AAC/M4A/MP4, WebM,
+    Opus in Matroska, ...) are decoded with FFmpeg's libraries through PyAV, in the same
+    bounded child as an upload (:func:`gateway.voices.clip_probe.decode_clip`): librosa's
+    fallback for them (audioread) needs a system FFmpeg or GStreamer and is deprecated."""
     import librosa
+    import soundfile
 
     try:
-        wav, _ = librosa.load(str(path), sr=S3GEN_SR, mono=True, duration=MAX_CLIP_SECONDS)
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types for a bad file
-        raise InvalidRequestError(f"the voice clip cannot be decoded as audio ({type(exc).__name__})", param="voice") from None
+        soundfile.info(str(path))
+    except Exception:  # noqa: BLE001 - libsndfile cannot read it: FFmpeg's decoders may
+        wav = _decode_with_ffmpeg_libraries(path)
+    else:
+        try:
+            wav, _ = librosa.load(str(path), sr=S3GEN_SR, mono=True, duration=MAX_CLIP_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types for a bad file
+            raise InvalidRequestError(f"the voice clip cannot be decoded as audio ({type(exc).__name__})",
+                                      param="voice") from None
     seconds = len(wav) / S3GEN_SR
     if seconds < MIN_CLIP_SECONDS:
         raise InvalidRequestError(
             f"the voice clip is {seconds:.1f} s long; at least {MIN_CLIP_SECONDS:g} s is needed", param="voice"
         )
     return wav.astype(np.float32, copy=False)
+
+
+def _decode_with_ffmpeg_libraries(path: Path) -> np.ndarray:
+    from gateway.voices.clip_files import CLIP_SAMPLE_RATE, sniff_container
+    from gateway.voices.clip_probe import DecodeLimits, decode_clip
+
+    assert CLIP_SAMPLE_RATE == S3GEN_SR
+    size = path.stat().st_size
+    if size > MAX_CLIP_FILE_BYTES:
+        raise InvalidRequestError(f"the voice clip is {size / 2**20:.0f} MiB; a clip file may have at most "
+                                  f"{MAX_CLIP_FILE_BYTES >> 20} MiB (10 s of speech is what the model uses)",
+                                  param="voice")
+    data = path.read_bytes()
+    container = sniff_container(data)
+    if container is None:
+        raise InvalidRequestError("the voice clip cannot be decoded as audio (not a supported audio file)",
+                                  param="voice")
+    try:
+        # a folder's clip may be longer than an upload may be: decoded (bounded by its bytes
+        # and the child's limits), then cut as librosa cuts the others
+        samples = decode_clip(data, container, DecodeLimits(), max_seconds=MAX_FOLDER_CLIP_SECONDS)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"the voice clip cannot be decoded as audio ({exc.message})", param="voice") from None
+    return samples[: int(MAX_CLIP_SECONDS * S3GEN_SR)]
 
 
 @torch.inference_mode()
