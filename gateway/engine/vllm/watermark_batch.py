@@ -160,6 +160,13 @@ class WatermarkBatcher:
         self._queue.put(None)
         self._thread.join(timeout=30)
         self._pool.shutdown(wait=True)
+        while True:  # queued behind the stop (a call that raced the close): answered, not left waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item.loop.call_soon_threadsafe(_fail, item.future, RuntimeError("the watermark batcher is closed"))
 
     def _run(self) -> None:
         while True:

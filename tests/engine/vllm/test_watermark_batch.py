@@ -159,3 +159,15 @@ async def test_a_pass_holds_at_most_its_seconds_of_audio_and_a_longer_chunk_goes
         assert SR in sizes
     finally:
         batcher.close()
+
+
+async def test_a_call_queued_behind_the_close_is_failed_not_left_waiting(watermarker) -> None:
+    batcher = WatermarkBatcher(watermarker, SR)
+    batcher._closed = True  # as close() has begun: the stop is queued first, then a racing call
+    batcher._queue.put(None)
+    batcher._closed = False
+    racing = asyncio.create_task(batcher.apply(_speechlike(0.2, 60)))
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(batcher.close)
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(racing, 5)
