@@ -32,7 +32,8 @@ observe and cancel."""
 
 
 HOLD = "HOLD"
-"""Jobs whose text contains this word stop after their first piece while the gate file exists."""
+"""Jobs whose text contains this word stop after their first piece while the gate file exists;
+each writes ``<gate's folder>/running/<request id>`` with its replica's pid when it starts."""
 WAIT = "WAIT"
 """Jobs whose text contains this word wait before their first piece while the gate file exists."""
 
@@ -47,6 +48,10 @@ class GatedFakeEngine(FakeEngine):
 
     async def synthesize(self, job: SynthesisJob) -> AsyncIterator[AudioChunk]:
         held = any(HOLD in chunk for chunk in job.chunks)
+        if held:  # which replica runs it, readable even while that replica takes no calls
+            running = self.gate.parent / "running"
+            running.mkdir(exist_ok=True)
+            (running / job.request_id).write_text(str(os.getpid()))
         while any(WAIT in chunk for chunk in job.chunks) and self.gate.exists():
             await asyncio.sleep(0.02)
         inner = super().synthesize(job)

@@ -242,10 +242,18 @@ async def early_answers(client: httpx.AsyncClient, body: dict[str, object], coun
 
 def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str, gate: Path) -> None:
     """Runs last in the module: Ray replaces the killed replica before the module ends."""
-    # four streams: two per replica, and each replica keeps a slot free for record() calls
-    ids = [f"kill-{i}" for i in range(4)]
+    # Held streams, opened one at a time until both replicas run some (Serve's router may put
+    # the first four on one replica: at max_ongoing_requests it takes no more, the next goes
+    # to the other). Which replica runs which is read from the jobs' own marker files: a full
+    # replica answers no record() call, and a stream's first bytes (the mp3 header) may come
+    # before its job starts.
+    running = gate.parent / "running"
     streams: dict[str, tuple[httpx.Client, httpx.Response, Iterator[bytes], bytes]] = {}
-    for i, request_id in enumerate(ids):
+    pids: dict[str, int] = {}
+    for i in range(2 * tier.cluster_max_ongoing_requests):
+        if len(streams) >= 4 and len(set(pids.values())) == 2:
+            break
+        request_id = f"kill-{i}"
         client = httpx.Client(base_url=base_url, timeout=60)
         fmt = "sse" if i % 2 else "audio"
         request = client.build_request("POST", "/v1/audio/speech", json=speech(f"{HOLD} on. {LONG_TEXT}", stream_format=fmt), headers={"x-request-id": request_id})
@@ -253,18 +261,15 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
         assert response.status_code == 200
         pieces = response.iter_raw()
         streams[request_id] = (client, response, pieces, next(pieces))
-    # each stream has sent its first bytes; its job's record is read from the replicas, which
-    # a loaded machine may answer a moment later (once seen empty in CI): asked until all are there
-    deadline = time.monotonic() + 30
-    running = outcomes(tier, set(ids))
-    while len(running) < len(ids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        running = outcomes(tier, set(ids))
-    assert set(running) == set(ids), running
-    assert {outcome for _, outcome in running.values()} == {"running"}
-    victim = next(iter({rid for rid, _ in running.values()}))
-    victim_pid = replica_records(tier)[victim].pid
-    doomed = {rid for rid, (replica, _) in running.items() if replica == victim}
+        marker, deadline = running / request_id, time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"{request_id}: its job did not start within 30 s"
+        pids[request_id] = int(marker.read_text())
+    ids = list(streams)
+    assert len(set(pids.values())) == 2, pids
+    victim_pid = pids[ids[0]]
+    doomed = {rid for rid, pid in pids.items() if pid == victim_pid}
     with capture_logs() as logs:
         kill(victim_pid)
         gate.unlink()  # the survivors' streams go on to the end
@@ -303,7 +308,7 @@ def test_killing_a_replica_fails_only_its_streams(tier: Settings, base_url: str,
         answer = httpx.post(f"{base_url}/v1/audio/speech", json=speech("After the crash."), timeout=60)
         assert answer.status_code == 200, answer.text
     wait_for_replicas(tier, 2)
-    assert victim not in replica_records(tier)
+    assert victim_pid not in {record.pid for record in replica_records(tier).values()}
     assert httpx.get(f"{base_url}/ready").status_code == 200
 
 
