@@ -131,6 +131,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Seed of the random weights (with load_format dummy)."""
     watermark: bool = True
     """Apply the Perth imperceptible watermark to every output (as upstream does)."""
+    watermark_batch: bool = True
+    """vLLM engine: watermark every stream's windows in one batched pass (the same audio as
+    upstream's call per window; docs/operations.md). Off: one upstream call per window on a
+    worker thread, as until 2026-12-04 (an A/B lever until a GPU has measured both)."""
 
     # --- Generation bounds ------------------------------------------------------------------
     max_speech_tokens: PositiveInt = 1000

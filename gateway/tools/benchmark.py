@@ -17,6 +17,9 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   after issue 18's changes in one run, plus the pipelined loop's GPU busy share and the
   speed knobs (``gateway.tools.bench_profile`` says how each figure is made): what bounds
   time to first audio and throughput.
+* ``watermark``: the Perth watermark of ``--watermark-batches`` windows, upstream's call per
+  row against the batched pass the engine serves (``gateway.tools.bench_watermark``); runs on
+  a CPU as well.
 * ``timeline``, ``http``, ``loadtest``: as a client sees it, through one live server
   (``python -m gateway serve --engine vllm``, dummy weights, a subprocess started once for
   all three; ``gateway.tools.bench_server``). ``timeline``: every stage of one request's first
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-knob-batches", default="1,32")
     ap.add_argument("--profile-prompt-tokens", type=int, default=250, help="the voice prompt's tokens")
     ap.add_argument("--profile-tiny", action="store_true", help="windows of a few tokens (a dry run on a CPU)")
+    ap.add_argument("--watermark-batches", default="1,8,32,64", help="windows per batch of the watermark stage")
+    ap.add_argument("--watermark-window-s", type=float, default=3.3, help="seconds per window of the watermark stage")
     ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
@@ -359,6 +364,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
                                       profile_path=out_dir / f"t3_profile_{args.t3step_penalty}.txt",
                                       penalty=args.t3step_penalty)
+            elif stage == "watermark":
+                from gateway.tools.bench_watermark import stage_watermark
+
+                rows += stage_watermark(_ints(args.watermark_batches), args.watermark_window_s, args.profile_repeats)
             elif stage == "engine":
                 ref_conc = [int(c) for c in args.reference_concurrency.split(",") if c.strip() not in ("", "none")]
                 rows += asyncio.run(stage_engine(args.tokens, conc, ref_conc, args.budget_s))

@@ -39,10 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class VllmEngine(UpstreamVoices, Engine):
         """What the start took, part by part (also logged)."""
         self._watermark: WatermarkBatcher | None = None
         """Every stream's Perth watermark, batched (one for all families: they share Perth)."""
+        self._mark: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
+        """How a window is watermarked: the batcher's ``apply``, or upstream's call alone."""
         self._log = structlog.get_logger("gateway.engine")
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -167,7 +170,11 @@ class VllmEngine(UpstreamVoices, Engine):
                     self.runtimes[name].llm = starting[name].result()
             with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
-            self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE)
+            if self.settings.watermark_batch:
+                self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE)
+                self._mark = self._watermark.apply
+            else:
+                self._mark = functools.partial(_mark_alone, watermarker)
             for name in self.models:
                 with self._part(name, "modules", gpu=True):
                     self._load_modules(self.runtimes[name], directories[name], device, watermarker)
@@ -438,13 +445,13 @@ class VllmEngine(UpstreamVoices, Engine):
         first = True
         marker = None
         if self.settings.watermark and not stream.one_shot:  # one-shot: one watermark pass, as upstream
-            marker = StreamWatermark(None, SAMPLE_RATE, apply_async=self._watermark.apply)
+            marker = StreamWatermark(None, SAMPLE_RATE, apply_async=self._mark)
         try:
             async for samples, vocoded in stream.chunks():
                 if marker is not None:
                     samples = await marker.push_async(samples)
                 elif self.settings.watermark:
-                    samples = await self._watermark.apply(samples)
+                    samples = await self._mark(samples)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
                     continue  # all held back by the watermark: its tokens count with the next chunk
@@ -494,3 +501,8 @@ class VllmEngine(UpstreamVoices, Engine):
         except Exception as exc:  # noqa: BLE001 - a vLLM failure is the engine's, not the client's
             stream.cancel()
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _mark_alone(watermarker: Any, samples: np.ndarray) -> np.ndarray:
+    """Upstream's watermark of one window, on a worker thread (``watermark_batch`` off)."""
+    return await asyncio.to_thread(watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)

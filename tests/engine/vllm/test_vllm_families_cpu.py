@@ -8,6 +8,7 @@ deltas back. The GPU runs the same code with vLLM: tests/http/test_engine_e2e_vl
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -366,7 +367,7 @@ async def test_streams_are_watermarked_through_the_batched_watermark(engine, ref
     plain, _ = await _run(engine, job("plain"))
     batcher = WatermarkBatcher(perth.PerthImplicitWatermarker(device="cpu"), 24000)
     engine.settings = msgspec.structs.replace(engine.settings, watermark=True)
-    engine._watermark = batcher
+    engine._watermark, engine._mark = batcher, batcher.apply
     engine.runtimes[ORIGINAL].llm = StandInLLM(_speech(4, n) + [6562])
     (a, tokens_a), (b, tokens_b) = await asyncio.gather(_run(engine, job("a")), _run(engine, job("b")))
     assert tokens_a == tokens_b == n and a.shape == b.shape == plain.shape
@@ -377,3 +378,35 @@ async def test_streams_are_watermarked_through_the_batched_watermark(engine, ref
     assert engine._watermark is None
     with pytest.raises(RuntimeError, match="closed"):
         await batcher.apply(a[:100])
+
+
+@pytest.mark.slow
+async def test_with_watermark_batch_off_each_window_gets_upstreams_own_call(engine, refs, monkeypatch) -> None:
+    """``watermark_batch`` off (the A/B lever): the same windows, each through upstream's
+    ``apply_watermark`` on a worker thread; the audio equals the batched path's."""
+    perth = pytest.importorskip("perth")
+    from gateway.engine.vllm import engine as engine_module
+    from gateway.engine.vllm.watermark_batch import WatermarkBatcher
+
+    watermarker = perth.PerthImplicitWatermarker(device="cpu")
+    calls: list[int] = []
+    original = watermarker.apply_watermark
+    monkeypatch.setattr(watermarker, "apply_watermark", lambda s, **kw: (calls.append(len(s)), original(s, **kw))[1])
+    voice = _voice(ORIGINAL, refs[ORIGINAL])
+    engine.settings = msgspec.structs.replace(engine.settings, watermark=True)
+
+    async def run(mark) -> np.ndarray:
+        engine._mark = mark
+        engine.runtimes[ORIGINAL].llm = StandInLLM(_speech(5, 30) + [6562])
+        job = SynthesisJob("w", ("Hello there.",), voice, GenerationParams(seed=1), model=ORIGINAL, streaming=True)
+        return (await _run(engine, job))[0]
+
+    alone = await run(functools.partial(engine_module._mark_alone, watermarker))
+    assert len(calls) >= 2  # every window (and the held-back rest) had its own call
+    batcher = WatermarkBatcher(watermarker, 24000)
+    try:
+        batched = await run(batcher.apply)
+    finally:
+        batcher.close()
+    assert alone.shape == batched.shape
+    assert 10 * np.log10((alone ** 2).sum() / max(((batched - alone) ** 2).sum(), 1e-30)) > 100
