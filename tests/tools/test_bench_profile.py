@@ -17,5 +17,5 @@ def test_the_tiny_profile_times_every_part_and_both_watermarks() -> None:
     for row in rows:
         per_row, batched = row["watermark (per row, serial) ms"], row["watermark (batched) ms"]
         assert per_row > 0 and batched > 0
-        assert row["total ms"] > per_row + batched
+        assert row["total ms"] > per_row  # the per-row watermark is in the total, the batched one beside it
         assert row["vocoder audio-s/s (no watermark)"] > 0 and 0 < row["gpu busy share"] <= 1
