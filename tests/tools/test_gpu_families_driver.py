@@ -181,3 +181,19 @@ def test_part2_measures_the_agents_on_the_idle_server_before_the_load(tmp_path: 
     merged = json.loads((visit.out / "agents.json").read_text())
     assert merged == {f: {"step": f"agents_{f}"} for f in driver.AGENT_FORMATS}
     assert not any(p.name.startswith("agents_") for p in visit.out.iterdir())  # one file comes back, not one per format
+
+
+def test_part1_without_pyav_says_so_instead_of_running_pytest_into_exit_4(tmp_path: Path, monkeypatch) -> None:
+    # 2026-12-04: the e2e step ran before PyAV was installed; the suite's conftest imports it
+    visit = _visit(tmp_path)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(driver.importlib.util, "find_spec", lambda name: None if name == "av" else object())
+    def run(steps):
+        ran.append([s.name for s in steps])
+        visit.summary["steps"] += [{"step": s.name, "exit": 0} for s in steps]
+
+    monkeypatch.setattr(visit, "run", run)
+    monkeypatch.setattr(driver, "gpu_memory_snapshot", lambda: {})
+    driver.part1(visit)
+    assert ran == [["t3_parity", "vocoder_parity"]]
+    assert any("PyAV is missing" in n and "install.sh av" in n for n in visit.summary["notes"])

@@ -21,9 +21,11 @@ fi
 out=${OUT:-$PWD/gpu-out}/agents
 mkdir -p "$out"
 
-echo "== contention probe (issue 18)"
-timeout 120 python3 -m gateway.tools.gpu.contention --seconds 4 --json "$out/contention.json" 2>&1 | tail -6
-timeout 90 python3 -m gateway.tools.gpu.contention --batch 64 --seconds 3 --json "$out/contention_b64.json" 2>&1 | tail -6
+if [ "${AGENTS_PROBE:-1}" = 1 ]; then
+  echo "== contention probe (issue 18)"
+  timeout 120 python3 -m gateway.tools.gpu.contention --seconds 4 --json "$out/contention.json" 2>&1 | tail -6
+  timeout 90 python3 -m gateway.tools.gpu.contention --batch 64 --seconds 3 --json "$out/contention_b64.json" 2>&1 | tail -6
+fi
 
 echo "== vLLM server"
 python3 -m gateway serve --engine vllm --load-format dummy --models chatterbox --max-client-share 1 \
@@ -40,8 +42,8 @@ echo "ready after $(( $(date +%s) - t0 )) s"
 
 echo "== agent_bench (issue 19)"
 for fmt in pcm_24000 mp3_44100_128; do
-  timeout 150 python3 -m gateway.tools.agent_bench --base-url http://127.0.0.1:8000 --repeats 30 \
-    --output-format "$fmt" --json "$out/agent_bench_${fmt}.json" 2>&1 | tail -12
+  timeout 150 python3 -m gateway.tools.agent_bench --base-url http://127.0.0.1:8000 --repeats 20 \
+    --after-first close --output-format "$fmt" --json "$out/agent_bench_${fmt}.json" 2>&1 | tail -12
 done
 
 kill -INT "$server"; wait "$server"

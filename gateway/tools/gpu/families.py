@@ -35,6 +35,7 @@ visit spends time on it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -231,6 +232,9 @@ def part1(visit: Visit) -> None:
                      "tests/http/test_engine_e2e_vllm.py", "--junitxml", str(out / "e2e.xml")],
              timeout_s=520, env=SERVE_SETTINGS),
     ]
+    if importlib.util.find_spec("av") is None:  # the suite's conftest imports PyAV: pytest would exit 4
+        visit.note("e2e: skipped, PyAV is missing: `bash gateway/tools/gpu/install.sh av` first")
+        steps = [s for s in steps if s.name != "e2e"]
     visit.run(steps)
     for name, file in (("t3_parity", "parity_t3.json"), ("vocoder_parity", "parity_vocoder.json")):
         step = next(s for s in visit.summary["steps"] if s["step"] == name)
@@ -239,8 +243,9 @@ def part1(visit: Visit) -> None:
             rows = json.loads(path.read_text())
             step["passed"] = sum(r["passed"] for r in rows)
             step["failed"] = [r["check"] for r in rows if not r["passed"]]
-    step = next(s for s in visit.summary["steps"] if s["step"] == "e2e")
-    step.update(junit_counts(out / "e2e.xml"))
+    step = next((s for s in visit.summary["steps"] if s["step"] == "e2e"), None)
+    if step is not None:
+        step.update(junit_counts(out / "e2e.xml"))
     visit.summary["gpu_memory_after"] = gpu_memory_snapshot()
 
 
