@@ -256,8 +256,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vllm_penalty: Literal["sampler", "resident"] = "sampler"
     """Where T3's repetition penalty is applied: ``sampler``, vLLM's own path (rebuilds every
     row's prompt and output ids on the host each step); ``resident``, our logits processor
-    keeping each row's seen ids on the GPU (the same arithmetic, O(batch) host work a step).
-    docs/operations.md."""
+    keeping each row's seen ids on the GPU (the same arithmetic, O(batch) host work a step),
+    measured 25-40% slower per step on an H200 (2026-12-04). docs/operations.md."""
     vllm_engine_core: Literal["process", "thread"] = "process"
     """Where vLLM's engine core runs: ``process``, a process of its own (AsyncLLM, as vLLM
     serves); ``thread``, a thread of this process, so that T3 and the vocoder share one CUDA
