@@ -52,8 +52,8 @@ from gateway.models.families import MULTILINGUAL, TURBO
 from gateway.tools.parity_t3 import (
     first_mismatch,
     llama_teacher_forced,
-    logit_error,
     near_tie_verdict,
+    tie_bound,
     turbo_teacher_forced,
 )
 
@@ -376,8 +376,8 @@ def batch_verdict(refs: list, batched: list, single: list, forced: list, logprob
     invariant (a GEMM of 3 rows may tile unlike one of 1), so a request may leave the other
     path's tokens only where the logits themselves cannot tell two tokens apart: at the first
     step the two paths differ, both must still follow the reference, and the reference's top-2
-    margin there must be within twice the served logits' measured error for that request (the
-    per-case near-tie criterion). Anywhere else, a difference is a bug (state crossing rows)."""
+    margin there must be within the per-case near-tie bound (``tie_bound``, measured on the
+    batched decode's logits). Anywhere else, a difference is a bug (state crossing rows)."""
     notes = []
     for i, (ref, a, b, (margins, ref_lp), lps) in enumerate(zip(refs, batched, single, forced, logprobs)):
         at = first_mismatch(a, b)
@@ -385,7 +385,7 @@ def batch_verdict(refs: list, batched: list, single: list, forced: list, logprob
             continue
         if ref[:at] != a[:at] or at >= len(margins):
             return False, f"; request {i}: the paths part at token {at}, off the reference"
-        bound = 2 * logit_error(ref_lp, lps, at)
+        bound = tie_bound(ref_lp, lps, at, {tok[at] for tok in (ref, a, b) if at < len(tok)})[0]
         if margins[at] > bound:
             return False, f"; request {i}: the paths part at token {at}, ref top-2 margin {margins[at]:.4f} > {bound:.4f}"
         notes.append(f"request {i} parts at token {at} on a near tie ({margins[at]:.4f} <= {bound:.4f})")

@@ -116,16 +116,24 @@ def diverging_step_error(ref_logprobs: Any, mine: list, at: int, contested: set[
     return _step_error(ref_logprobs[at], mine[at], frozenset(contested | {served_top}))
 
 
+def tie_bound(ref_logprobs: Any, logprobs: list, at: int, contested: set[int]) -> tuple[float, float, float, int]:
+    """(bound, matched steps' error, diverging step's error, tokens it was measured over) for a
+    divergence at step ``at`` between ``contested`` tokens: the reference's top-2 margin there
+    must be at most ``bound``, twice the served logits' measured error (module docstring)."""
+    err = logit_error(ref_logprobs, logprobs, at)
+    at_err, at_tokens = diverging_step_error(ref_logprobs, logprobs, at, contested)
+    return 2 * max(err, at_err), err, at_err, at_tokens
+
+
 def near_tie_verdict(ref: list[int], mine: list[int], margins: list[float], ref_logprobs: Any,
                      logprobs: list) -> tuple[bool, str]:
     """(passed, detail) of one served decode against the reference (module docstring)."""
     at = first_mismatch(ref, mine)
-    err = logit_error(ref_logprobs, logprobs, len(ref) if at is None else at)
     if at is None:
+        err = logit_error(ref_logprobs, logprobs, len(ref))
         return True, f"max logit-diff error {err:.4f}; all {len(ref)} tokens equal"
     contested = {tok[at] for tok in (ref, mine) if at < len(tok)}
-    at_err, at_tokens = diverging_step_error(ref_logprobs, logprobs, at, contested)
-    bound = 2 * max(err, at_err)
+    bound, err, at_err, at_tokens = tie_bound(ref_logprobs, logprobs, at, contested)
     m = margins[at] if at < len(margins) else float("inf")
     return m <= bound, (f"max logit-diff error {max(err, at_err):.4f} (matched steps {err:.4f}, diverging step "
                         f"{at_err:.4f} over {at_tokens} uncontested tokens); equal for {at}/{len(ref)} tokens, "

@@ -188,6 +188,7 @@ def test_part1_without_pyav_says_so_instead_of_running_pytest_into_exit_4(tmp_pa
     visit = _visit(tmp_path)
     ran: list[list[str]] = []
     monkeypatch.setattr(driver.importlib.util, "find_spec", lambda name: None if name == "av" else object())
+
     def run(steps):
         ran.append([s.name for s in steps])
         visit.summary["steps"] += [{"step": s.name, "exit": 0} for s in steps]

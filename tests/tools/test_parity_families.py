@@ -45,3 +45,17 @@ def test_batched_and_single_may_part_only_on_a_near_tie() -> None:
     # parting after the batched path already left the reference: no margin describes it
     ok, detail = parity_families.batch_verdict([ref], [[1, 0, 0, 0]], [[1, 0, 1, 0]], [tie], [served])
     assert not ok and "off the reference" in detail
+
+
+def test_a_parting_at_the_first_token_is_judged_by_that_steps_own_error() -> None:
+    # no matched step before it: the bound comes from the step's uncontested tokens, as in the
+    # per-case criterion (a bound of 0 would fail every first-step tie)
+    ref_lp = _lp([[3.0, 2.95, 2.0, 1.0, 0.5, -1.0]] * 3)
+    errors = {0: 0.0, 1: 0.1, 2: 0.0, 3: 0.06, 4: -0.04}  # 0.06 measured on ids 2, 3, 4
+    served = [[[tid, float(ref_lp[0, tid]) + e - 3.0] for tid, e in errors.items()]] * 3
+    ok, detail = parity_families.batch_verdict([[0, 0, 0]], [[1, 0, 0]], [[0, 0, 0]],
+                                               [([0.5, 1.0, 1.0], ref_lp)], [served])
+    assert not ok and "margin 0.5000 > 0.1200" in detail  # a real preference at token 0
+    ok, detail = parity_families.batch_verdict([[0, 0, 0]], [[0, 0, 0]], [[1, 0, 0]],
+                                               [([0.05, 1.0, 1.0], ref_lp)], [served])
+    assert ok and "parts at token 0 on a near tie (0.0500 <= 0.1200)" in detail
