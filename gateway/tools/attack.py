@@ -58,7 +58,7 @@ from gateway.tools.attack_bodies import BodyAttacks
 from gateway.tools.health_prober import Prober, ProbeResults
 from gateway.tools import host_probes
 from gateway.tools.loadtest import NotLoopbackError, _bounded, _scrape, ffmpeg_children, require_loopback
-from gateway.tools.server_watch import ServerWatch, open_fds, temp_file_bytes
+from gateway.tools.server_watch import ServerWatch, open_fds
 
 MAX_DURATION_S = 60.0
 MAX_CONNECTIONS = 2000
@@ -310,7 +310,7 @@ async def _row(
             "before": host_probes.mib(watch.rss_before), "peak": host_probes.mib(watch.peak_rss), "after": host_probes.mib(host_probes.rss_bytes(pid)),
         },
         "temp_mib": None if watch is None else {
-            "before": host_probes.mib(watch.temp_before), "peak": host_probes.mib(watch.peak_temp), "after": host_probes.mib(temp_file_bytes(pid)),
+            "before": host_probes.mib(watch.temp_before), "peak": host_probes.mib(watch.peak_temp), "after": host_probes.mib(watch.temp_bytes()),
         },
         "fds_after": open_fds(pid) if pid else None,
         "in_flight_after": scraped.get("chatterbox_in_flight_requests"),

@@ -21,11 +21,11 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-def temp_file_bytes(pid: int, temp_dir: str | None = None) -> int | None:
-    """Bytes of the regular files under the temporary directory that ``pid`` has open, deleted
-    ones included (a spooled upload is an unlinked file in /tmp)."""
+def temp_files(pid: int, temp_dir: str | None = None) -> dict[tuple[int, int], int] | None:
+    """Size by (device, inode) of each regular file under the temporary directory that ``pid``
+    has open, deleted ones included (a spooled upload is an unlinked file in /tmp)."""
     prefix = os.path.realpath(temp_dir or tempfile.gettempdir()) + os.sep
-    total = 0
+    files: dict[tuple[int, int], int] = {}
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -40,23 +40,35 @@ def temp_file_bytes(pid: int, temp_dir: str | None = None) -> int | None:
         except OSError:
             continue  # closed meanwhile
         if stat.S_ISREG(info.st_mode):
-            total += info.st_size
-    return total
+            files[(info.st_dev, info.st_ino)] = info.st_size
+    return files
 
 
 class ServerWatch(threading.Thread):
-    """Samples RSS and temporary-file bytes of ``pid`` until stopped; keeps the peaks."""
+    """Samples RSS and temporary-file bytes of ``pid`` until stopped; keeps the peaks.
+
+    A temporary file the process held before the watch began counts at its size then: the
+    attack is judged by the files it makes the server open. (An in-process server shares
+    pytest's descriptors, and pytest's capture file in /tmp grows with every log line.)"""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.rss_before = host_probes.rss_bytes(pid)
         self.peak_rss = self.rss_before or 0
-        self.temp_before = temp_file_bytes(pid) or 0  # what the process held before the attack
+        self.held_before = temp_files(pid) or {}
+        self.temp_before = sum(self.held_before.values())  # what the process held before the attack
         self.peak_temp = self.temp_before
         self.stop = threading.Event()
+
+    def temp_bytes(self) -> int | None:
+        """Temporary-file bytes now, a file held before counted at its size then."""
+        files = temp_files(self.pid)
+        if files is None:
+            return None
+        return sum(self.held_before.get(key, size) for key, size in files.items())
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_INTERVAL_S):
             self.peak_rss = max(self.peak_rss, host_probes.rss_bytes(self.pid) or 0)
-            self.peak_temp = max(self.peak_temp, temp_file_bytes(self.pid) or 0)
+            self.peak_temp = max(self.peak_temp, self.temp_bytes() or 0)
