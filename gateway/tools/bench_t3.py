@@ -9,54 +9,122 @@ difference between rows is what that part of the sampler costs per step. Then on
 decode at batch 1 with the served settings: the operators by their own host time and by
 device time, written to ``profile_path`` (what runs eagerly between graph replays: sampler,
 penalties, logits, input preparation).
+
+``model`` picks the family: ``chatterbox`` (the Llama T3 above) or ``chatterbox-turbo``
+(GPT-2 medium over Turbo's 376 voice rows, no CFG, its served sampling: temperature 0.8,
+top-k 1000, top-p 0.95, repetition penalty 1.2, no min-p). Turbo's row says whether its T3
+alone keeps up with a load: 1000 audio-s/s is 25000 tokens/s, 10.2 ms a step at 256 rows.
+The setup (model directory, prompt, sampling variants) is built without vLLM
+(:func:`t3step_setup`), so it is tested on a CPU; only the timing needs the GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
-               penalty: str = "sampler") -> tuple[Any, dict, float]:
-    """(our T3 on an offline vLLM ``LLM`` with dummy weights, one prompt of 188 rows with
-    ``text_tokens`` text tokens, seconds the engine took to start). ``penalty``: the
-    ``vllm_penalty`` setting (``resident`` loads our logits processor)."""
+T3STEP_MODELS = ("chatterbox", "chatterbox-turbo")
+"""The families the t3step stage times."""
+
+
+@dataclass(frozen=True, slots=True)
+class T3StepSetup:
+    """What the timed engine serves, built without vLLM."""
+
+    model: str
+    model_dir: Path
+    prompt: dict
+    """One request's vLLM prompt (embeddings)."""
+    served: dict[str, Any]
+    """``SamplingParams`` fields of the family's served sampling (the repetition penalty on
+    the path ``penalty`` names)."""
+    unpenalised: dict[str, Any]
+    """The same without the repetition penalty."""
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "extra_args")
+
+
+def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "sampler") -> T3StepSetup:
+    """The family's T3 as the t3step stage serves it: a vLLM model directory (config only: the
+    engine loads dummy weights), one prompt with ``text_tokens`` text tokens and a random
+    voice, and the sampling the engine sends for the family's default controls."""
     import torch
     from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+    from gateway.engine.base import GenerationParams
+    from gateway.engine.vllm.t3.families import LlamaFamilyT3, TurboFamilyT3
+    from gateway.models.families import FAMILIES
+
+    if model not in T3STEP_MODELS:
+        raise ValueError(f"t3step times {', '.join(T3STEP_MODELS)}, not {model!r}")
+    family = FAMILIES[model]
+    torch.manual_seed(0)
+    front: LlamaFamilyT3 | TurboFamilyT3
+    if model == "chatterbox-turbo":
+        from gateway.engine.vllm.t3.turbo import TurboPromptBuilder, write_turbo_model_dir
+
+        turbo = TurboPromptBuilder()
+        hp = turbo.hp
+        cond = T3Cond(speaker_emb=torch.randn(1, hp.speaker_embed_size),
+                      cond_prompt_speech_tokens=torch.randint(0, 6561, (1, hp.speech_cond_prompt_len)))
+        text = torch.randint(1, hp.text_tokens_dict_size, (text_tokens,)).tolist()
+        prompt = turbo.build(turbo.conditioning(cond), text).vllm_prompt()
+        front = TurboFamilyT3(family, turbo)
+        model_dir = write_turbo_model_dir(directory / "turbo")
+    else:
+        from gateway.engine.vllm.t3.config import write_model_dir
+        from gateway.engine.vllm.t3.prompt import T3PromptBuilder
+
+        llama = T3PromptBuilder()
+        cond = T3Cond(speaker_emb=torch.randn(1, 256), cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150)),
+                      emotion_adv=0.5 * torch.ones(1, 1, 1))
+        text = [255] + torch.randint(1, 704, (text_tokens,)).tolist() + [0]
+        prompt = llama.build(llama.conditioning(cond), text, 0.5).vllm_prompt()
+        front = LlamaFamilyT3(family, llama)
+        model_dir = write_model_dir(directory / "t3")
+    params = GenerationParams(**family.defaults)
+    sampling = front.sampling(params, max_tokens=1, seed=None, fixed_length=False)
+    sampling = dataclasses.replace(sampling, resident_penalty=penalty == "resident")
+    fields = sampling.vllm_fields()
+    served = {k: fields[k] for k in _SAMPLING_FIELDS if fields[k] is not None}
+    unpenalised = {k: v for k, v in served.items() if k not in ("repetition_penalty", "extra_args")}
+    return T3StepSetup(model, model_dir, prompt, served, unpenalised)
+
+
+def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
+               penalty: str = "sampler", model: str = "chatterbox") -> tuple[Any, T3StepSetup, float]:
+    """(the family's T3 on an offline vLLM ``LLM`` with dummy weights, its setup, seconds the
+    engine took to start). ``penalty``: the ``vllm_penalty`` setting (``resident`` loads our
+    logits processor)."""
     from vllm import LLM
 
-    from gateway.engine.vllm.t3.config import write_model_dir
     from gateway.engine.vllm.t3.penalty_rows import engine_kwargs
     from gateway.engine.vllm.t3.plugin import register
-    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
 
     register()
-    torch.manual_seed(0)
-    builder = T3PromptBuilder()
-    cond = T3Cond(speaker_emb=torch.randn(1, 256), cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150)),
-                  emotion_adv=0.5 * torch.ones(1, 1, 1))
-    text = [255] + torch.randint(1, 704, (text_tokens,)).tolist() + [0]
-    prompt = builder.build(builder.conditioning(cond), text, 0.5).vllm_prompt()
-    model_dir = write_model_dir(Path(tempfile.mkdtemp()) / "t3")
+    setup = t3step_setup(model, text_tokens, Path(tempfile.mkdtemp()), penalty)
     t0 = time.perf_counter()
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
+    llm = LLM(model=str(setup.model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
               load_format="dummy", max_model_len=1024, max_num_seqs=max_seqs,
               gpu_memory_utilization=gpu_memory_utilization, seed=0, **engine_kwargs(penalty))
-    return llm, prompt, time.perf_counter() - t0
+    return llm, setup, time.perf_counter() - t0
 
 
 def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict]:
     """Offline vLLM decode throughput of the T3 model with CFG, dummy weights."""
     from vllm import SamplingParams
 
-    llm, prompt, _ = _served_t3(text_tokens, max(concurrency), 0.5)
-    sp = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.8, top_p=1.0, min_p=0.05,
-                        repetition_penalty=1.2, detokenize=False)
+    llm, setup, _ = _served_t3(text_tokens, max(concurrency), 0.5)
+    prompt = setup.prompt
+    sp = SamplingParams(max_tokens=tokens, ignore_eos=True, detokenize=False, **setup.served)
     out = []
     llm.generate([prompt], sp, use_tqdm=False)  # warm
     for n in concurrency:
@@ -71,25 +139,24 @@ def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict
 
 
 def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_tokens: int = 150,
-                  profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler") -> list[dict]:
+                  profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler",
+                  model: str = "chatterbox") -> list[dict]:
     """``penalty``: ``sampler`` (vLLM's penalty path, as served by default) or ``resident``
     (``vllm_penalty = "resident"``: the engine loads our processor and the penalised variants
     go through it). Run once each, in two processes, to compare: the rows' ``tokens_sha`` of
-    the seeded variant must match between the two (the same arithmetic, the same tokens)."""
+    the seeded variant must match between the two (the same arithmetic, the same tokens).
+    ``model``: the family (module docstring)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
     from vllm import SamplingParams
 
-    from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
-
-    llm, prompt, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty)
+    llm, setup, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty, model)
+    prompt = setup.prompt
     common = {"max_tokens": tokens, "ignore_eos": True, "detokenize": False}
-    served = {"repetition_penalty": 1.2} if penalty == "sampler" else {"extra_args": {EXTRA_ARG: 1.2}}
+    served = ", ".join(f"{k} {v}" for k, v in setup.served.items() if k != "extra_args")
     variants = {
-        f"served: temperature 0.8, min_p 0.05, repetition 1.2 ({penalty})": SamplingParams(
-            temperature=0.8, top_p=1.0, min_p=0.05, **served, **common),
-        f"served, seeded ({penalty})": SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, seed=7, **served,
-                                                      **common),
-        "no repetition penalty": SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, **common),
+        f"served: {served} ({penalty})": SamplingParams(**setup.served, **common),
+        f"served, seeded ({penalty})": SamplingParams(**setup.served, seed=7, **common),
+        "no repetition penalty": SamplingParams(**setup.unpenalised, **common),
         "greedy, no penalty, no min_p": SamplingParams(temperature=0.0, **common),
     }
     llm.generate([prompt], variants["greedy, no penalty, no min_p"], use_tqdm=False)  # warm
@@ -101,21 +168,22 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
             res = llm.generate([dict(prompt) for _ in range(n)], sp, use_tqdm=False)
             wall = time.perf_counter() - t0
             made = sum(len(r.outputs[0].token_ids) for r in res)
-            row = {"stage": "t3step", "sampling": name, "batch": n, "ms_per_step": round(wall / tokens * 1000, 3),
-                   "tokens_per_s": round(made / wall), "engine_init_s": round(init_s, 1), "penalty_path": penalty}
+            row = {"stage": "t3step", "model": model, "sampling": name, "batch": n,
+                   "ms_per_step": round(wall / tokens * 1000, 3), "tokens_per_s": round(made / wall),
+                   "audio_s_per_s": round(made / wall / 25, 1), "engine_init_s": round(init_s, 1),
+                   "penalty_path": penalty}
             if "seeded" in name:  # every request the same seed: the same tokens on either path
                 ids = [t for r in res for t in r.outputs[0].token_ids]
                 row["tokens_sha"] = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
             out.append(row)
             print(row, flush=True)
     if profile_path is not None:
-        out.append(_profile(llm, prompt, SamplingParams(temperature=0.8, top_p=1.0, min_p=0.05, **served,
-                                                        max_tokens=profile_tokens, ignore_eos=True, detokenize=False),
-                            profile_path))
+        out.append(_profile(llm, prompt, SamplingParams(**setup.served, max_tokens=profile_tokens, ignore_eos=True,
+                                                        detokenize=False), profile_path, model))
     return out
 
 
-def _profile(llm, prompt, sampling, path: Path) -> dict:
+def _profile(llm, prompt, sampling, path: Path, model: str = "chatterbox") -> dict:
     """One profiled decode: the operator tables (host self time, device time) to ``path``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -131,5 +199,5 @@ def _profile(llm, prompt, sampling, path: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     steps = sampling.max_tokens
-    return {"stage": "t3step", "sampling": "profiled (served)", "batch": 1, "ms_per_step": round(wall / steps * 1000, 3),
+    return {"stage": "t3step", "model": model, "sampling": "profiled (served)", "batch": 1, "ms_per_step": round(wall / steps * 1000, 3),
             "profile": str(path)}

@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
     ap.add_argument("--t3step-penalty", choices=("sampler", "resident"), default="sampler",
                     help="the t3step stage's repetition penalty path (vllm_penalty); run each to compare")
+    ap.add_argument("--t3step-model", choices=("chatterbox", "chatterbox-turbo"), default="chatterbox",
+                    help="the family whose T3 the t3step stage times (Turbo: GPT-2, no CFG, its own sampling)")
     ap.add_argument("--text-tokens", type=int, default=150)
     ap.add_argument("--reference-concurrency", default="1,8",
                     help="the reference engine serialises jobs (one model lock): its rate at 8 is its rate at any N;"
@@ -362,8 +364,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
                 out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
                 rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
-                                      profile_path=out_dir / f"t3_profile_{args.t3step_penalty}.txt",
-                                      penalty=args.t3step_penalty)
+                                      profile_path=out_dir / f"t3_profile_{args.t3step_model}_{args.t3step_penalty}.txt",
+                                      penalty=args.t3step_penalty, model=args.t3step_model)
             elif stage == "watermark":
                 from gateway.tools.bench_watermark import stage_watermark
 

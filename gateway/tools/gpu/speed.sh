@@ -22,7 +22,7 @@
 #   part1: $OUT/p1/parity_fp32.json  $OUT/p1/parity_bf16.json  $OUT/p1/profile.json
 #          $OUT/p1/logs.tar.xz (every step's output, status.txt, nvidia-smi)  $OUT/cache.tar.xz
 #   part2: $OUT/p2/t3step.json  $OUT/p2/http.json (rows, timeline, load test)
-#          $OUT/p2/logs.tar.xz (outputs, server.log, t3_profile_sampler.txt, status.txt)  $OUT/cache.tar.xz
+#          $OUT/p2/logs.tar.xz (outputs, server.log, t3_profile_chatterbox_sampler.txt, status.txt)  $OUT/cache.tar.xz
 #   part3: $OUT/p3/http_process.json  $OUT/p3/http_thread.json  $OUT/p3/logs.tar.xz  $OUT/cache.tar.xz
 #   part4: $OUT/p4/t3step_sampler.json  $OUT/p4/t3step_resident.json  $OUT/p4/http_resident.json
 #          $OUT/p4/logs.tar.xz  $OUT/cache.tar.xz
