@@ -38,7 +38,6 @@ T3STEP_MODELS = ("chatterbox", "chatterbox-turbo")
 class T3StepSetup:
     """What the timed engine serves, built without vLLM."""
 
-    model: str
     model_dir: Path
     prompt: dict
     """One request's vLLM prompt (embeddings)."""
@@ -96,7 +95,7 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
     fields = sampling.vllm_fields()
     served = {k: fields[k] for k in _SAMPLING_FIELDS if fields[k] is not None}
     unpenalised = {k: v for k, v in served.items() if k not in ("repetition_penalty", "extra_args")}
-    return T3StepSetup(model, model_dir, prompt, served, unpenalised)
+    return T3StepSetup(model_dir, prompt, served, unpenalised)
 
 
 def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,

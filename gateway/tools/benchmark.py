@@ -50,6 +50,7 @@ from typing import Any
 import msgspec
 
 from gateway.tools.bench_http import TEXT_10S, pct
+from gateway.tools.bench_t3 import T3STEP_MODELS
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
     ap.add_argument("--t3step-penalty", choices=("sampler", "resident"), default="sampler",
                     help="the t3step stage's repetition penalty path (vllm_penalty); run each to compare")
-    ap.add_argument("--t3step-model", choices=("chatterbox", "chatterbox-turbo"), default="chatterbox",
+    ap.add_argument("--t3step-model", choices=T3STEP_MODELS, default="chatterbox",
                     help="the family whose T3 the t3step stage times (Turbo: GPT-2, no CFG, its own sampling)")
     ap.add_argument("--text-tokens", type=int, default=150)
     ap.add_argument("--reference-concurrency", default="1,8",
