@@ -272,8 +272,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Vocoder batches failed in a row after which the engine reports itself not ready (a
     sticky GPU fault fails every batch); one success resets the count."""
     vocoder_cuda_graphs: bool = True
-    """Capture S3Gen's whole CFM solve as CUDA graphs at start, one per bucketed (rows,
-    frames) shape (GPU only); batches outside the buckets run eager."""
+    """Capture S3Gen as CUDA graphs at start (GPU only): the whole CFM solve and the flow
+    encoder per bucketed (rows, frames) shape, HiFT per (rows, mel frames) of the windows the
+    stream policy makes; other shapes (final windows, one-shot rows) run eager."""
     vocoder_graph_max_frames: Annotated[int, Meta(ge=64, le=8192)] = 1536
     """Widest flow input (mel frames, voice prompt included: 2 per token) captured as a
     CUDA graph; each bucket's graph memory is shared, start time grows with the count."""

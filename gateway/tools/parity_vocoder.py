@@ -13,6 +13,8 @@ is closer, and bit-identical outputs print as ``inf``.
 * hift batched == alone: rows of one length as one batch vs alone (waveform).
 * vocoder streams batched == alone: several streams through the loop at once vs one at a time.
 * vocoder streamed == one-shot: streaming windows vs the whole utterance as one window.
+* CUDA graphs == eager (CUDA only): the flow through captured encoder and CFM graphs, and
+  HiFT through captured graphs with its rows padded to a bucket, vs the same rows eager.
 * compiled == plain (``compile``, on CUDA by default): the CFM estimator's blocks through
   ``torch.compile`` (eager, then through its CUDA graphs) vs the plain blocks eager. Held
   to the batching tolerance: compiling reorders arithmetic, it changes no formula.
@@ -201,23 +203,41 @@ def _watermark_check(device: str, streamed: list[list[np.ndarray]], one_shot: li
                   "per stream " + ", ".join(f"{v:.1f}" for v in values))
 
 
-def _graph_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> CheckResult | None:
-    """CUDA only: the flow through captured CFM graphs == the same rows eager."""
+def _graph_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[CheckResult]:
+    """CUDA only: the flow through captured encoder and CFM graphs == the same rows eager, and
+    HiFT through captured graphs (the rows padded to a bucket of 4) == HiFT eager."""
     if batch.device.type != "cuda":
-        return None
+        return []
     from gateway.engine.vllm.cfm_solver import GraphBuckets
 
     eager = batch.run_flow(rows)
+    hift_rows = [HiftRow(m, 17 * i, None, 4) for i, m in enumerate(eager)]
+    eager_waves = batch.run_hift(hift_rows)
     seconds = batch.cfm.capture(GraphBuckets.plan(max_rows=4, max_frames=1280))
+    pool = batch.cfm.pool
+    seconds += batch.capture_encoder(sorted({(r, f // 2) for r, f in batch.cfm.buckets.shapes()}), pool)
+    seconds += batch.capture_hift(sorted({(4, r.mel.shape[1]) for r in hift_rows}), pool)
     try:
-        replays = batch.cfm.graph_replays
+        counts = batch.cfm.graph_replays, batch.encoder_graphs.replays, batch.hift_graphs.replays
         graphed = batch.run_flow(rows)
-        used = batch.cfm.graph_replays - replays
+        graphed_waves = batch.run_hift(hift_rows)
+        cfm, enc, hift = (after - before for after, before in zip(
+            (batch.cfm.graph_replays, batch.encoder_graphs.replays, batch.hift_graphs.replays), counts))
     finally:
         batch.cfm.buckets = None  # later checks run eager
         batch.cfm._graphs.clear()
-    return _check("flow: CUDA-graph CFM == eager CFM", min(snr_db(a, b) for a, b in zip(eager, graphed)), tol,
-                  f"{len(rows)} rows, {used} graph replay(s); captured in {seconds:.1f} s")
+        batch.encoder_graphs.clear()
+        batch.hift_graphs.clear()
+    flow = min(snr_db(a, b) for a, b in zip(eager, graphed))
+    wave = min(snr_db(a, b) for (a, _), (b, _) in zip(eager_waves, graphed_waves))
+    phase = max(float((a - b).abs().max()) for (_, a), (_, b) in zip(eager_waves, graphed_waves))
+    return [
+        CheckResult("flow: CUDA-graph encoder + CFM == eager", flow >= tol and cfm > 0 and enc > 0, flow, tol,
+                    f"{len(rows)} rows, {enc} encoder and {cfm} CFM graph replay(s); captured in {seconds:.1f} s"),
+        # HiFT runs in fp32 always, but with TF32 on in a bf16 run: the run's tolerance.
+        CheckResult("HiFT: CUDA graphs == eager", wave >= tol and hift > 0 and phase < 1e-3, wave, tol,
+                    f"{len(hift_rows)} rows padded to 4, {hift} graph replay(s); carried phase max diff {phase:.2e}"),
+    ]
 
 
 def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: str) -> list[CheckResult]:
@@ -334,8 +354,7 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
     alone = [batch.run_flow([r])[0] for r in rows]
     results.append(_check("flow: batched rows == each alone", min(snr_db(a, b) for a, b in zip(alone, together)),
                           tol, f"{len(rows)} rows, 2 voices, lengths {[len(r.tokens) for r in rows]}"))
-    graph = _graph_check(batch, rows, tol)
-    if graph is not None:
+    for graph in _graph_check(batch, rows, tol):
         results.append(graph)
 
     probe = rows[3]

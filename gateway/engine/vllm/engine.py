@@ -183,8 +183,11 @@ class VllmEngine(UpstreamVoices, Engine):
             for name in self.models:  # graph capture: no other CUDA work in this process now
                 with self._part(name, "vocoder", gpu=True) as part:
                     self._build_vocoder(self.runtimes[name], device)
-                    cfm = self.runtimes[name].vocoder.batch.cfm
-                    part.update(cfm_graphs=len(cfm._graphs), cfm_graph_gib=round(cfm.graph_bytes / 2**30, 2))
+                    batch = self.runtimes[name].vocoder.batch
+                    cfm, enc, hift = batch.cfm, batch.encoder_graphs, batch.hift_graphs
+                    part.update(cfm_graphs=len(cfm._graphs), cfm_graph_gib=round(cfm.graph_bytes / 2**30, 2),
+                                encoder_graphs=len(enc.keys), hift_graphs=len(hift.keys),
+                                encoder_hift_graph_gib=round((enc.graph_bytes + hift.graph_bytes) / 2**30, 2))
         finally:
             pool.shutdown(wait=True)  # on a failure too: every engine that did start gets shut down
             for name, future in starting.items():

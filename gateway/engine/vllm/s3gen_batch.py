@@ -26,7 +26,8 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
 * HiFT: non-causal convs and an iSTFT cannot be padded without leaking, so rows are grouped
   by exact mel length (windows of one size share it) and each group runs as a batch. The
   NSF excitation is computed here from upstream's SineGen parameters so that its noise comes
-  from the tape; then ``HiFTGenerator.decode`` runs unchanged. HiFT always runs in fp32
+  from the tape; then HiFT's decode runs through upstream's layers without a host
+  synchronisation (:mod:`~gateway.engine.vllm.hift_decode`). HiFT always runs in fp32
   (cumulative phase, ``exp`` magnitudes and the iSTFT are precision sensitive; cuFFT has no
   bf16); the flow encoder and CFM estimator run in ``flow_dtype`` (bf16/fp16 on CUDA).
 * Per voice (:class:`S3GenVoice`, which the vocoder keeps in an LRU keyed by the voice key):
@@ -39,6 +40,11 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   when it wants the samples, so the next batch can be launched while the GPU still runs this
   one. A :class:`BatchClock` records CUDA events between the parts: their device times (and
   the GPU's busy share) are read after that one wait, never in between.
+* CUDA graphs: the flow encoder and HiFT replay graphs
+  (:class:`~gateway.engine.vllm.graph_calls.GraphCalls`, captured by the vocoder at start)
+  for the shapes they were captured at, a batch's rows padded up to a captured row bucket
+  with rows that are computed and dropped (rows never mix); the CFM solve has its own
+  (:class:`~gateway.engine.vllm.cfm_solver.CfmSolver`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from gateway.engine.vllm.cfm_solver import CfmSolver
+from gateway.engine.vllm.graph_calls import GraphCalls
+from gateway.engine.vllm.hift_decode import hift_decode, window_on_device
 from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
@@ -262,6 +270,7 @@ class S3GenBatch:
                  prompt_tokens: int = 0, compile: str = "off") -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
+        window_on_device(self.hift, device)
         self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()
         self.device = torch.device(device)
         self.dtype = flow_dtype
@@ -287,6 +296,11 @@ class S3GenBatch:
             raise ValueError("unsupported flow encoder configuration for batched inference")
         if self.flow.token_mel_ratio != TOKEN_MEL_RATIO:
             raise ValueError("S3Gen token/mel ratio differs from the window planner's")
+        self.harmonics = int(self.hift.m_source.l_sin_gen.harmonic_num) + 1
+        self.encoder_graphs = GraphCalls("flow encoder", self._mu)
+        """The flow encoder per (rows, width in tokens): eager, or CUDA graphs once captured."""
+        self.hift_graphs = GraphCalls("HiFT", self._hift_group)
+        """HiFT (f0, NSF source, decode) per (rows, mel frames): eager, or CUDA graphs."""
 
     def section(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a part of a batch under ``name`` when a profile timer is set (else nothing)."""
@@ -342,23 +356,38 @@ class S3GenBatch:
         x = enc.forward_up_layers(x, masks, pos_emb, masks)
         return enc.after_norm(x)
 
+    def _mu(self, ids: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor]:
+        """The flow's condition ``mu``, (B, 80, 2 * width), for (B, width) token ids of which
+        the first ``lens`` are valid per row (what :attr:`encoder_graphs` captures)."""
+        valid = _pad_mask(lens, ids.shape[1]).unsqueeze(-1).to(self.dtype)
+        h = self._encode(self.flow.input_embedding(ids) * valid, lens)
+        return (self.flow.encoder_proj(h).transpose(1, 2).contiguous(),)
+
+    def capture_encoder(self, shapes: Sequence[tuple[int, int]], pool: tuple[int, int] | None) -> float:
+        """CUDA graphs of the flow encoder for each (rows, width in tokens); seconds taken."""
+        dev = self.device
+        return self.encoder_graphs.capture(
+            [((r, w), (torch.zeros(r, w, dtype=torch.long, device=dev), torch.full((r,), w, device=dev)))
+             for r, w in shapes], pool)
+
     @torch.inference_mode()
     def run_flow(self, rows: Sequence[FlowRow], *, pad_to: int = 0, clock: BatchClock | None = None
                  ) -> list[torch.Tensor]:
         """Each row's new mel frames, (80, 2 * new_tokens) fp32 on the device."""
         lengths = [r.voice.prompt_len + len(r.tokens) for r in rows]
         width = self.bucket(max(max(lengths), pad_to))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        # A captured encoder graph's rows: the extra rows are whole rows of token 0, discarded.
+        padded = self.encoder_graphs.fit(len(rows), width)
+        ids = torch.zeros(padded or len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
             p = r.voice.prompt_len
             ids[i, :p] = r.voice.prompt_tokens
             ids[i, p:lengths[i]] = torch.as_tensor(list(r.tokens), dtype=torch.long)
         with self.section("flow encoder"):
             ids = self.upload(ids)
-            lens = self.upload(torch.tensor(lengths))
-            valid = _pad_mask(lens, width).unsqueeze(-1).to(self.dtype)
-            h = self._encode(self.flow.input_embedding(ids) * valid, lens)
-            mu = self.flow.encoder_proj(h).transpose(1, 2).contiguous()  # (B, 80, 2 * width)
+            lens = self.upload(torch.tensor(lengths + [width] * (ids.shape[0] - len(rows))))
+            key = None if padded is None else (padded, width)
+            (mu,) = self.encoder_graphs.run(key, (ids, lens), len(rows))  # (B, 80, 2 * width)
         if clock is not None:
             clock.mark("flow encoder")
         frames = [TOKEN_MEL_RATIO * (n - (0 if r.final else self.lookahead)) for n, r in zip(lengths, rows)]
@@ -425,22 +454,46 @@ class S3GenBatch:
             clock.mark("HiFT")
         return out
 
+    def _hift_group(self, mel: torch.Tensor, starts: torch.Tensor, phase: torch.Tensor,
+                    carry_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HiFT of (B, 80, F) fp32 mel rows of one length (what :attr:`hift_graphs` captures):
+        (B, F * 480) waveforms and (B, H) the NSF phase (cycles mod 1) at each row's sample
+        ``carry_at`` (-1: before the first, i.e. ``phase``); ``starts``: each row's absolute
+        first sample, ``phase`` its (B, H) starting phase in cycles."""
+        f0 = self.hift.f0_upsamp(self.hift.f0_predictor(mel)[:, None])  # (B, 1, S)
+        source, cycles = self._excitation(f0, starts, phase)
+        at = carry_at.clamp(min=0)[:, None, None].expand(-1, cycles.shape[1], 1)
+        # carry_at -1: the next window starts where this one did, at this one's own phase.
+        nxt = torch.where(carry_at[:, None] < 0, phase, torch.gather(cycles, 2, at)[:, :, 0])
+        return hift_decode(self.hift, mel, source), nxt % 1
+
+    def capture_hift(self, shapes: Sequence[tuple[int, int]], pool: tuple[int, int] | None) -> float:
+        """CUDA graphs of HiFT for each (rows, mel frames); seconds taken."""
+        dev, h = self.device, self.harmonics
+        zeros = {"device": dev, "dtype": torch.long}
+        return self.hift_graphs.capture(
+            [((r, f), (torch.zeros(r, MEL_BINS, f, device=dev), torch.zeros(r, **zeros),
+                       torch.zeros(r, h, device=dev), torch.zeros(r, **zeros))) for r, f in shapes], pool)
+
     def _run_hift(self, rows: Sequence[HiftRow]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         out: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(rows)  # type: ignore[list-item]
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.mel.shape[1], []).append(i)
-        harmonics = self.hift.m_source.l_sin_gen.harmonic_num + 1
         for frames, idx in groups.items():
-            mel = torch.stack([rows[i].mel for i in idx]).float()
-            phase = torch.stack([torch.zeros(harmonics, device=self.device) if rows[i].phase is None
-                                 else rows[i].phase for i in idx])
-            f0 = self.hift.f0_upsamp(self.hift.f0_predictor(mel)[:, None])  # (b, 1, S)
-            starts = self.upload(torch.tensor([rows[i].start_frame * SAMPLES_PER_FRAME for i in idx]))
-            source, cycles = self._excitation(f0, starts, phase)
-            wav = self.hift.decode(x=mel, s=source)
+            # A captured graph's rows: the extra rows are silent mel, discarded.
+            padded = self.hift_graphs.fit(len(idx), frames)
+            extra = (padded or len(idx)) - len(idx)
+            zero_phase = torch.zeros(self.harmonics, device=self.device)
+            mel = torch.stack([rows[i].mel.float() for i in idx] + [torch.zeros(MEL_BINS, frames, device=self.device)] * extra)
+            phase = torch.stack([zero_phase if rows[i].phase is None else rows[i].phase for i in idx]
+                                + [zero_phase] * extra)
+            starts = [rows[i].start_frame * SAMPLES_PER_FRAME for i in idx] + [0] * extra
+            carry_at = [(frames - rows[i].carry) * SAMPLES_PER_FRAME - 1 if rows[i].carry else 0 for i in idx]
+            host = torch.tensor([starts, carry_at + [0] * extra])
+            index = self.upload(host)
+            key = None if padded is None else (padded, frames)
+            wav, nxt = self.hift_graphs.run(key, (mel, index[0], phase, index[1]), len(idx))
             for j, i in enumerate(idx):
-                carry = rows[i].carry
-                nxt = None if not carry else cycles[j, :, (frames - carry) * SAMPLES_PER_FRAME - 1] % 1
-                out[i] = (wav[j], nxt)
+                out[i] = (wav[j], nxt[j] if rows[i].carry else None)
         return out

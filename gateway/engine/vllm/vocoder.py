@@ -109,6 +109,22 @@ def with_own_flow(s3gen: torch.nn.Module) -> Any:
     return SimpleNamespace(flow=copy.deepcopy(s3gen.flow), mel2wav=s3gen.mel2wav, trim_fade=s3gen.trim_fade)
 
 
+HIFT_GRAPH_FRAMES = 8192
+"""Most mel frames (rows x frames) of one captured HiFT call: ~1.5 GiB of activations in fp32."""
+
+
+def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, int]]:
+    """(rows, mel frames) of the HiFT calls worth capturing: a stream's first window (its new
+    frames only) and its later windows (the carried ``mel_overlap`` frames, then the new
+    ones: every size ``WindowPolicy.size`` can give), rows a power of two up to ``max_rows``,
+    at most :data:`HIFT_GRAPH_FRAMES` frames a call. Final windows (any length) run eager."""
+    sizes = {policy.size(index) for index in range(1, 18)}
+    sizes |= {k * policy.tokens for k in range(1, policy.cap // policy.tokens + 1)}
+    frames = {TOKEN_MEL_RATIO * policy.first_tokens} | {policy.mel_overlap + TOKEN_MEL_RATIO * n for n in sizes}
+    rows = sorted({min(1 << k, max_rows) for k in range(max_rows.bit_length() + 1)})
+    return [(r, f) for f in sorted(frames) for r in rows if r * f <= HIFT_GRAPH_FRAMES]
+
+
 class Vocoder:
     """The vocoder loop shared by all streams of one engine."""
 
@@ -169,6 +185,12 @@ class Vocoder:
             first.capture(GraphBuckets.plan(
                 max_rows=self.max_batch_rows, max_frames=min(settings.vocoder_graph_max_frames, max(widest, low)),
                 min_frames=low, max_cells=cells), pool=self.batch.cfm.pool)
+        # The flow encoder at the widths the CFM buckets give a batch (S3GenBatch.bucket), and
+        # HiFT at the mel lengths of the windows the policy makes, in the same pool.
+        pool = self.batch.cfm.pool
+        self.batch.capture_encoder(sorted({(r, f // TOKEN_MEL_RATIO) for r, f in self.batch.cfm.buckets.shapes()}),
+                                   pool)
+        self.batch.capture_hift(hift_graph_shapes(self.policy, self.max_batch_rows), pool)
 
     async def start(self) -> None:
         if self._task is not None:

@@ -1,0 +1,183 @@
+"""The flow encoder and HiFT made capturable as CUDA graphs (CPU side): HiFT's decode without
+host synchronisation computes upstream's, the rows a graph bucket pads a batch with change no
+real row's output, every non-final window's HiFT length is a captured shape, and a bucket is
+found only where one was captured. Graph == eager itself is measured on the GPU
+(``python -m gateway.tools.parity_families --skip-t3``)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from gateway.engine.vllm.graph_calls import GraphCalls
+from gateway.engine.vllm.hift_decode import hift_decode, istft, window_on_device
+from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
+from gateway.engine.vllm.vocoder import HIFT_GRAPH_FRAMES, Vocoder, hift_graph_shapes
+from gateway.engine.vllm.vocoder_windows import WindowPolicy
+from gateway.settings import load_settings
+from gateway.tools import parity_vocoder
+
+POLICY = WindowPolicy(first_tokens=6, tokens=8, left_context=4, final_merge_tokens=8, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def ref(s3gen):
+    s3gen.float()
+    return parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
+
+
+def _batch(s3gen) -> S3GenBatch:
+    s3gen.float()
+    tapes = NoiseTapes.generate(0, flow_frames=400, hift_samples=200 * 480, harmonics=9, device="cpu")
+    return S3GenBatch(s3gen, device="cpu", flow_dtype=torch.float32, flow_steps=2, tapes=tapes)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("frames", [2, 5, 37])
+def test_istft_is_torch_istft(frames: int) -> None:
+    g = torch.Generator().manual_seed(frames)
+    spec = torch.complex(torch.randn(3, 9, frames, generator=g), torch.randn(3, 9, frames, generator=g))
+    window = torch.hann_window(16, periodic=True)
+    expected = torch.istft(spec, 16, 4, 16, window=window)
+    got = istft(spec, 16, 4, window)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hift_decode_is_upstream_decode(s3gen) -> None:
+    hift = s3gen.mel2wav.float()
+    g = torch.Generator().manual_seed(1)
+    mel = torch.randn(2, 80, 12, generator=g)
+    source = 0.1 * torch.randn(2, 1, 12 * 480, generator=g)
+    with torch.inference_mode():
+        expected = hift.decode(x=mel, s=source)
+        window_on_device(hift, "cpu")
+        got = hift_decode(hift, mel, source)
+    assert got.shape == expected.shape == (2, 12 * 480)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_that_breaks_the_overlap_add_condition_is_refused() -> None:
+    # Non-zero at 2 of every 4 offsets: samples at the other two are covered by no frame.
+    hift = SimpleNamespace(stft_window=torch.cat([torch.ones(2), torch.zeros(14)]),
+                           istft_params={"n_fft": 16, "hop_len": 4})
+    with pytest.raises(ValueError, match="overlap-add"):
+        window_on_device(hift, "cpu")
+    ok = SimpleNamespace(stft_window=torch.hann_window(16, periodic=True), istft_params={"n_fft": 16, "hop_len": 4})
+    assert window_on_device(ok, "cpu").device.type == "cpu"
+
+
+def test_a_batch_never_calls_torch_istft(s3gen, ref, monkeypatch) -> None:
+    """torch.istft reads a device value back (its NOLA check): a stall per call on a GPU, and
+    no CUDA graph can hold it."""
+    batch = _batch(s3gen)
+    voice = batch.prepare_voice(ref)
+    calls: list[int] = []
+    real = torch.istft
+    monkeypatch.setattr(torch, "istft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mel = batch.run_flow([FlowRow(voice, _tokens(9, 0), 0, 6, False)])[0]
+    batch.run_hift([HiftRow(mel, 0, None, 8)])
+    assert calls == []
+    assert batch.hift.stft_window.device == batch.device
+
+
+def test_graph_buckets_are_found_only_where_captured() -> None:
+    calls = GraphCalls("toy", lambda x: (x,))
+    calls._rows = {100: [1, 4, 16]}  # what capture() records, without a GPU
+    assert calls.fit(1, 100) == 1 and calls.fit(3, 100) == 4 and calls.fit(16, 100) == 16
+    assert calls.fit(17, 100) is None and calls.fit(1, 99) is None
+    x = torch.arange(6.0).reshape(3, 2)
+    (out,) = calls.run(None, (x,), 2)  # not captured: eager, sliced to the real rows
+    assert torch.equal(out, x[:2]) and calls.eager_runs == 1 and calls.replays == 0
+
+
+def test_rows_a_graph_bucket_pads_with_change_no_real_row(s3gen, ref, monkeypatch) -> None:
+    """A graph of 5 rows holding a batch of 3: the 2 extra rows (token 0 / silent mel) are
+    computed and dropped, and the 3 real rows come out as they do unpadded. On the CPU the
+    padded inputs run eagerly, which is the function the GPU captures."""
+    batch = _batch(s3gen)
+    voice = batch.prepare_voice(ref)
+    rows = [FlowRow(voice, _tokens(9, 1), 0, 6, False), FlowRow(voice, _tokens(20, 2), 0, 20, True),
+            FlowRow(voice, _tokens(13, 3), 4, 6, False)]
+    mels = batch.run_flow(rows)
+    hift_rows = [HiftRow(m[:, :12], 40 * i, None if i == 0 else torch.full((9,), 0.25), 4 * (i != 1))
+                 for i, m in enumerate(mels)]
+    waves = batch.run_hift(hift_rows)
+    seen: list[tuple[str, int, int]] = []
+
+    def padded_fit(self, rows: int, width: int) -> int:
+        seen.append((self.name, rows, width))
+        return rows + 2
+
+    monkeypatch.setattr(GraphCalls, "fit", padded_fit)
+    padded_mels = batch.run_flow(rows)
+    padded_waves = batch.run_hift(hift_rows)
+    assert {name for name, _, _ in seen} == {"flow encoder", "HiFT"}
+    for a, b in zip(mels, padded_mels):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (wav, phase), (wav2, phase2) in zip(waves, padded_waves):
+        torch.testing.assert_close(wav, wav2, rtol=1e-4, atol=1e-5)
+        assert (phase is None) == (phase2 is None)
+        if phase is not None:
+            torch.testing.assert_close(phase, phase2)
+
+
+def test_hift_graph_shapes_hold_every_window_but_final_ones(s3gen, ref) -> None:
+    shapes = hift_graph_shapes(POLICY, 4)
+    assert all(r * f <= HIFT_GRAPH_FRAMES for r, f in shapes)
+    assert {r for r, _ in shapes} == {1, 2, 4}
+    captured = {f for _, f in shapes}
+    voc = Vocoder(s3gen, load_settings({}, {"flow_steps": 1, "max_speech_tokens": 96}), policy=POLICY)
+    seen: list[tuple[int, int]] = []
+    real = voc.batch._run_hift
+
+    def record(rows):
+        seen.extend((r.mel.shape[1], r.carry) for r in rows)
+        return real(rows)
+
+    voc.batch._run_hift = record
+
+    async def stream(n: int) -> None:
+        s = voc.open_stream("A", ref)
+
+        async def produce() -> None:
+            for i in range(0, n, 4):
+                s.push(_tokens(n, n)[i:i + 4])
+                await asyncio.sleep(0)
+            s.finish()
+
+        async def consume() -> int:
+            return sum([a.size async for a in s.audio()])
+
+        assert (await asyncio.gather(produce(), consume()))[1] == n * 960  # 2 mel frames of 480 samples a token
+
+    async def main() -> None:
+        await voc.start()
+        try:
+            await asyncio.gather(stream(70), stream(45))
+        finally:
+            await voc.close()
+
+    asyncio.run(main())
+    windows = [frames for frames, carry in seen if carry]  # carry 0: a final window
+    assert len(windows) >= 4 and set(windows) <= captured, (sorted(set(windows)), sorted(captured))
+    np.testing.assert_array_less(0, len(seen) - len(windows))  # and there were final ones
+
+
+def test_a_window_carried_whole_hands_on_its_own_starting_phase(s3gen, ref) -> None:
+    """When the next window re-vocodes all of this one's frames (a window shorter than the
+    crossfade overlap), it starts where this one started: at this one's starting phase."""
+    batch = _batch(s3gen)
+    voice = batch.prepare_voice(ref)
+    mel = batch.run_flow([FlowRow(voice, _tokens(9, 0), 0, 3, False)])[0]  # 6 frames
+    start = torch.linspace(0.1, 0.9, 9)
+    (_, whole), (_, part) = batch.run_hift([HiftRow(mel, 0, start, 6), HiftRow(mel, 0, start, 2)])
+    torch.testing.assert_close(whole, start % 1)
+    assert not torch.allclose(part, start % 1)
