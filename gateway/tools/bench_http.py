@@ -30,7 +30,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,9 +129,12 @@ async def _one(client: httpx.AsyncClient, level: _Level, body: dict[str, Any], f
 
 async def measure_level(base: str, models: Sequence[str], *, window_s: float, voice: str, fmt: str = "pcm",
                         text: str = TEXT_10S, expect_samples: int | None = None, server_pid: int | None = None,
-                        request_timeout_s: float = 300.0, label: str | None = None) -> dict[str, Any]:
+                        request_timeout_s: float = 300.0, label: str | None = None,
+                        profile: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """One row: ``len(models)`` concurrent looping clients, client ``i`` asking for ``models[i]``;
-    the row's ``model`` is ``label`` (default: the one model, or ``mixed``)."""
+    the row's ``model`` is ``label`` (default: the one model, or ``mixed``). ``profile``: run
+    once the steady part of the window begins (py-spy samples of the server and this client,
+    ``benchmark --http-py-spy-s``); its result is the row's ``py_spy``."""
     n = len(models)
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2.0)
     before = await asyncio.to_thread(scrape, base)
@@ -158,15 +161,27 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             marks[name] = await asyncio.to_thread(scrape, base)
 
+        profiled: dict[str, Any] = {}
+
+        async def profile_at(at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            profiled.update(await profile())  # type: ignore[misc]
+
         clients = [asyncio.create_task(loop(m)) for m in models]
         helpers = [asyncio.create_task(sample()), asyncio.create_task(metrics_at("steady", steady_from))]
+        sampler = asyncio.create_task(profile_at(steady_from)) if profile is not None else None
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
         marks["end"] = await asyncio.to_thread(scrape, base)
         for task in clients + helpers:
             task.cancel()
         await asyncio.gather(*clients, *helpers, return_exceptions=True)
+        if sampler is not None:  # the caller sizes it to end inside the window
+            await sampler
     rss, gpu = await asyncio.to_thread(_memory, server_pid)
-    return _row(level, models, window_s, fmt, voice, before, marks, rss, gpu, peaks, label)
+    row = _row(level, models, window_s, fmt, voice, before, marks, rss, gpu, peaks, label)
+    if profile is not None:
+        row["py_spy"] = profiled
+    return row
 
 
 def _memory(pid: int | None) -> tuple[int | None, int | None]:

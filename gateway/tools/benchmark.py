@@ -176,13 +176,31 @@ async def stage_engine(tokens: int, concurrency: list[int], reference_concurrenc
     return rows
 
 
+def _py_spy(args: argparse.Namespace, server_pid: int | None, out_dir: Path, label: str):
+    """The http row's ``profile`` (``--http-py-spy-s``): py-spy on the server process tree and
+    on this client process at once, for at most two thirds of the window less 2 s (the steady
+    part), raw stacks under ``out_dir``. None when off or the server's process is unknown."""
+    seconds = min(args.http_py_spy_s, args.http_window_s * 2 / 3 - 2)
+    if seconds < 1 or server_pid is None:
+        return None
+    from gateway.tools import py_spy
+
+    async def profile() -> dict[str, Any]:
+        server, client = await asyncio.gather(
+            py_spy.profile(server_pid, seconds, out_dir, f"server_{label}", subprocesses=True),
+            py_spy.profile(os.getpid(), seconds, out_dir, f"client_{label}"))
+        return {"server": server, "client": client}
+
+    return profile
+
+
 def stage_server(args: argparse.Namespace, stages: list[str],
                  checkpoint: Any = None) -> tuple[list[dict], dict[str, Any]]:
     """The stages that measure a live server (timeline, http, loadtest), on one server.
     ``checkpoint(rows, found)`` is called after every row and stage (the JSON is rewritten
     then, so a run cut short by a time limit keeps what it measured)."""
     save = checkpoint or (lambda rows, found: None)
-    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest
+    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest, py_spy
 
     models = [m for m in args.models.split(",") if m]
     families = [f for f in (args.server_models or ",".join(m for m in models if m != "mixed")).split(",") if f]
@@ -217,9 +235,12 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                             streams = bench_http.streams_for(model, n, families)
                             row = asyncio.run(bench_http.measure_level(
                                 server.base, streams, window_s=args.http_window_s, voice=args.voice,
-                                fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model))
+                                fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model,
+                                profile=_py_spy(args, server.pid, out_dir, f"{model}_{n}")))
                             rows.append(row)
-                            print(row, flush=True)
+                            print({k: v for k, v in row.items() if k != "py_spy"}, flush=True)
+                            for who, summary in (row.get("py_spy") or {}).items():
+                                print(py_spy.table(summary, f"{who}, {model} x {n}"), flush=True)
                             save(rows, found)
                 elif stage == "loadtest":
                     target = out_dir / "loadtest.json"
@@ -247,7 +268,7 @@ def _print_table(rows: list[dict]) -> None:
         return
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
+        keys += [k for k in r if k not in keys and k != "py_spy"]  # printed with each row
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
@@ -305,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--http-window-s", type=float, default=30.0, help="seconds each http row measures")
     server.add_argument("--http-format", default="pcm")
     server.add_argument("--timeline-runs", type=int, default=5)
+    server.add_argument("--http-py-spy-s", type=float, default=0.0,
+                        help="py-spy the server (and its children) and this client for this many seconds of each "
+                             "http row's steady part (0: off; at most two thirds of the window less 2 s)")
     server.add_argument("--loadtest-s", type=float, default=60.0)
     server.add_argument("--loadtest-concurrency", type=int, default=64)
     args = ap.parse_args(argv)

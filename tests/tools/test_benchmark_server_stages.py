@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.settings import Settings
-from gateway.tools import bench_http, bench_timeline, benchmark, loadtest
+from gateway.tools import bench_http, bench_timeline, benchmark, loadtest, py_spy
 
 ROW_KEYS = {"model", "concurrency", "ttfb_p50_ms", "ttfb_p95_ms", "steady_audio_s_per_s", "rtf_p50", "errors"}
 
@@ -41,6 +41,24 @@ def test_one_run_through_a_server_writes_the_documented_json(tmp_path: Path) -> 
     assert loadtest_report["exit"] == 0 and loadtest_report["error_count"] == 0
     assert loadtest_report["audio_s_per_request"]["min"] > 0
     assert (out.parent / "server.log").exists()
+
+
+@pytest.mark.skipif(py_spy.executable() is None, reason="py-spy is a dev dependency")
+def test_an_http_row_can_carry_py_spy_samples_of_the_server_and_the_client(tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    code = benchmark.main([
+        "--stages", "http", "--server-engine", "fake", "--models", "chatterbox", "--http-concurrency", "2",
+        "--http-window-s", "6", "--http-py-spy-s", "10", "--server-cache-dir", str(tmp_path / "cache"),
+        "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert code == 0 and row["errors"] == 0
+    server, client = row["py_spy"]["server"], row["py_spy"]["client"]
+    assert server["seconds"] == client["seconds"] == 2.0  # clamped: two thirds of 6 s less 2 s
+    serving = {r["thread"]: r for r in server["threads"]}
+    assert serving["MainThread"]["active_share"] > 0  # the event loop served the streams
+    assert any(f.endswith("(gateway/engine/fake.py)") for f, _ in serving["MainThread"]["top_gateway"])
+    assert 0 < server["gil_share"] <= 1 and client["threads"]
+    assert all(Path(f).exists() for f in server["files"] + client["files"])
 
 
 def test_the_figures_follow_their_definitions() -> None:

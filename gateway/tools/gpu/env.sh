@@ -4,7 +4,7 @@
 # .gpu/compile-cache.tar (unpacked here when present).
 . /root/vllm_env.sh
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-export PATH=/root/bin:$PATH
+export PATH=/root/bin:/root/site3/bin:$PATH  # ffmpeg; py-spy (from .gpu/extra)
 export PYTHONPATH=/root/site2:/root/site3:$_repo:/root/ep:$PYTHONPATH
 export PYTHONUNBUFFERED=1
 export GPU_CACHE=/root/gpu-cache

@@ -23,10 +23,11 @@ done
 
 # The GPU machine has Python 3.12 with torch, transformers, numpy, scipy; vLLM's bundle brings
 # msgspec, openai, pydantic and the like. What the server, its tests and its tools import
-# beyond that (gateway/ imports; websockets: the voice-agent routes and tools/agent_bench.py):
+# beyond that (gateway/ imports; websockets: the voice-agent routes and tools/agent_bench.py;
+# py-spy: the benchmark's --http-py-spy-s, its binary lands in /root/site3/bin):
 EXTRA=(anyio certifi click distro faker ffmpeg-python future h11 httpcore httpcore2 httpx idna
        iniconfig jiter litestar litestar-htmx markdown-it-py mdurl multidict multipart packaging
-       pluggy polyfactory prometheus-client pygments pytest pytest-asyncio pyyaml rich rich-click
+       pluggy polyfactory prometheus-client py-spy pygments pytest pytest-asyncio pyyaml rich rich-click
        structlog truststore uvicorn websockets)
 pinned() {  # NAME==VERSION as this checkout's .venv has it, else NAME
   "$PY" - "$@" <<'EOF'
