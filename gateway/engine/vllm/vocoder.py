@@ -113,6 +113,21 @@ HIFT_GRAPH_FRAMES = 8192
 """Most mel frames (rows x frames) of one captured HiFT call: ~1.5 GiB of activations in fp32."""
 
 
+ENCODER_GRAPH_ATTENTION = 1 << 24
+"""Most ``rows x frames^2`` of one captured flow encoder call. Its relative-position attention
+holds (rows, 8 heads, frames, 2 frames) scores: ~0.5 GiB a tensor at this bound, ~6 alive at
+once (~3 GiB of graph pool, estimated; the start log's ``encoder_hift_graph_gib`` measures it). Unbounded (every CFM bucket, up to 32 rows x 1536 frames) the encoder graphs
+took 14.4 GiB on an H200 (2026-12-04) against the CFM's 2.0."""
+
+
+def encoder_graph_shapes(cfm_shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(rows, width in tokens) of the flow encoder calls worth capturing: the CFM buckets' (a
+    batch's encoder width is its CFM bucket's frames / 2) within
+    :data:`ENCODER_GRAPH_ATTENTION`; wider batches run eager (their launch cost is small
+    beside their arithmetic)."""
+    return sorted({(r, f // TOKEN_MEL_RATIO) for r, f in cfm_shapes if r * f * f <= ENCODER_GRAPH_ATTENTION})
+
+
 def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, int]]:
     """(rows, mel frames) of the HiFT calls worth capturing: a stream's first window (its new
     frames only) and its later windows (the carried ``mel_overlap`` frames, then the new
@@ -188,8 +203,7 @@ class Vocoder:
         # The flow encoder at the widths the CFM buckets give a batch (S3GenBatch.bucket), and
         # HiFT at the mel lengths of the windows the policy makes, in the same pool.
         pool = self.batch.cfm.pool
-        self.batch.capture_encoder(sorted({(r, f // TOKEN_MEL_RATIO) for r, f in self.batch.cfm.buckets.shapes()}),
-                                   pool)
+        self.batch.capture_encoder(encoder_graph_shapes(self.batch.cfm.buckets.shapes()), pool)
         self.batch.capture_hift(hift_graph_shapes(self.policy, self.max_batch_rows), pool)
 
     async def start(self) -> None:

@@ -16,7 +16,14 @@ import torch
 from gateway.engine.vllm.graph_calls import GraphCalls
 from gateway.engine.vllm.hift_decode import hift_decode, istft, window_on_device
 from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
-from gateway.engine.vllm.vocoder import HIFT_GRAPH_FRAMES, Vocoder, hift_graph_shapes
+from gateway.engine.vllm.cfm_solver import GraphBuckets
+from gateway.engine.vllm.vocoder import (
+    ENCODER_GRAPH_ATTENTION,
+    HIFT_GRAPH_FRAMES,
+    Vocoder,
+    encoder_graph_shapes,
+    hift_graph_shapes,
+)
 from gateway.engine.vllm.vocoder_windows import WindowPolicy
 from gateway.settings import load_settings
 from gateway.tools import parity_vocoder
@@ -181,3 +188,15 @@ def test_a_window_carried_whole_hands_on_its_own_starting_phase(s3gen, ref) -> N
     (_, whole), (_, part) = batch.run_hift([HiftRow(mel, 0, start, 6), HiftRow(mel, 0, start, 2)])
     torch.testing.assert_close(whole, start % 1)
     assert not torch.allclose(part, start % 1)
+
+
+def test_encoder_graphs_take_the_cfm_buckets_within_the_attention_bound() -> None:
+    """The served plan (64 rows, up to 1536 frames): the widths a batch's encoder runs at, each
+    row bucket up to where (rows, frames^2) attention fits; first windows (~550-640 frames
+    with a 10 s voice prompt) are captured at every row count up to 32."""
+    cfm = GraphBuckets.plan(max_rows=64, max_frames=1536, min_frames=512, max_cells=65536).shapes()
+    shapes = encoder_graph_shapes(cfm)
+    assert all(r * (2 * w) ** 2 <= ENCODER_GRAPH_ATTENTION for r, w in shapes)
+    assert {w for _, w in shapes} == {f // 2 for _, f in cfm}  # every width, at some row count
+    assert (32, 320) in shapes and (64, 320) not in shapes and (64, 256) in shapes
+    assert (1, 768) in shapes and (32, 768) not in shapes  # was in (14.4 GiB of graphs)
