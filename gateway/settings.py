@@ -263,6 +263,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     serves); ``thread``, a thread of this process, so that T3 and the vocoder share one CUDA
     context and their kernels can run side by side instead of time-sliced (one model only;
     its host work then shares this process's GIL). docs/operations.md."""
+    vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
+    """T3's tokens reach this process from vLLM in groups of this many (a request's first
+    token and its last always at once): vLLM's ``stream_interval``. Every group is one
+    ``RequestOutput`` per stream per step on this process's event loop, so at hundreds of
+    streams a group of N cuts that host work ~N times; a first window may wait up to N - 1
+    more steps. docs/operations.md."""
     vocoder_max_batch: PositiveInt = 64
     """Most token windows one batched S3Gen call vocodes."""
     vocoder_max_later_wait_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.5

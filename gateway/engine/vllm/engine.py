@@ -204,7 +204,8 @@ class VllmEngine(UpstreamVoices, Engine):
             model=str(self._model_dir(family, directory)), skip_tokenizer_init=True, enable_prompt_embeds=True,
             dtype="bfloat16", load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
-            disable_log_stats=True, seed=self.settings.dummy_seed, **memory,
+            disable_log_stats=True, seed=self.settings.dummy_seed, stream_interval=self.settings.vllm_stream_interval,
+            **memory,
             **penalty_engine_kwargs(self.settings.vllm_penalty))
         return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args
 

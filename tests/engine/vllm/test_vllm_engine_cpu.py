@@ -351,3 +351,33 @@ def test_every_part_of_the_start_is_logged_with_its_time(engine) -> None:
             raise RuntimeError("no graphs today")
     failed = [e for e in logs if e["event"] == "engine_start_failed"]
     assert [(e["family"], e["part"], e["error"]) for e in failed] == [(ORIGINAL, "vocoder", "RuntimeError: no graphs today")]
+
+
+def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_path, monkeypatch) -> None:
+    """``vllm_stream_interval`` reaches vLLM's engine arguments (a stand-in ``vllm`` module
+    records them: vLLM is not installed on CPU machines)."""
+    import types
+
+    seen: dict = {}
+
+    class AsyncEngineArgs:
+        def __init__(self, **kwargs) -> None:
+            seen.update(kwargs)
+
+        def create_engine_config(self, context):
+            return context
+
+    fake = types.ModuleType("vllm")
+    fake.AsyncEngineArgs = AsyncEngineArgs
+    usage = types.ModuleType("vllm.usage.usage_lib")
+    usage.UsageContext = SimpleNamespace(ENGINE_CONTEXT="engine")
+    for name, module in (("vllm", fake), ("vllm.usage", types.ModuleType("vllm.usage")), ("vllm.usage.usage_lib", usage)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(engine, "_model_dir", lambda family, directory: tmp_path)
+    assert engine._engine_config(FAMILIES[ORIGINAL], tmp_path, {}) == "engine"
+    assert seen["stream_interval"] == 1 and seen["model"] == str(tmp_path)  # the default: every token
+    engine.settings = load_settings(environ={}, overrides={"vllm_stream_interval": 4})
+    engine._engine_config(FAMILIES[ORIGINAL], tmp_path, {})
+    assert seen["stream_interval"] == 4
+    with pytest.raises(SettingsError):
+        load_settings(environ={}, overrides={"vllm_stream_interval": 0})
