@@ -110,14 +110,17 @@ def with_own_flow(s3gen: torch.nn.Module) -> Any:
 
 
 HIFT_GRAPH_FRAMES = 8192
-"""Most mel frames (rows x frames) of one captured HiFT call: ~1.5 GiB of activations in fp32."""
+"""Most mel frames (rows x frames) of one captured HiFT call: ~1.5 GiB of fp32 activations at
+the bound, which the CFM's pool already holds (HiFT's 30 graphs added 12-32 MiB to it on an
+H200, 2026-12-04)."""
 
 
 ENCODER_GRAPH_ATTENTION = 1 << 24
 """Most ``rows x frames^2`` of one captured flow encoder call. Its relative-position attention
 holds (rows, 8 heads, frames, 2 frames) scores: ~0.5 GiB a tensor at this bound, ~6 alive at
-once (~3 GiB of graph pool, estimated; the start log's ``encoder_hift_graph_gib`` measures it). Unbounded (every CFM bucket, up to 32 rows x 1536 frames) the encoder graphs
-took 14.4 GiB on an H200 (2026-12-04) against the CFM's 2.0."""
+once (~3 GiB of graph pool, estimated; the start log's ``encoder_hift_graph_gib`` measures
+it). Unbounded (every CFM bucket, up to 32 rows x 1536 frames) the encoder graphs took 14.4
+GiB on an H200 (2026-12-04) against the CFM's 2.0."""
 
 
 def encoder_graph_shapes(cfm_shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
