@@ -22,7 +22,13 @@ watermark costs more than the flow does.
 * one copy back to the host for the whole batch.
 
 Equal to the per-chunk call up to the order of floating-point sums (tests: SNR > 100 dB on
-the CPU). :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
+the CPU).
+
+On a GPU the pass runs on a CUDA stream of its own (:func:`work_stream`). Its host reads
+(the upload of the chunks, ``torch.istft``'s overlap-add check, the copy back) each wait for
+the stream they run on; on the default stream, which the vocoder's batches also use, each
+would wait for whatever vocoder batch was queued (hundreds of ms under load), so every
+stream's every chunk waited behind the vocoder's next batch before it could be sent. :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers
 each caller; a caller that is cancelled meanwhile is simply not answered. A pass takes at
 most ``max_rows`` chunks and ``max_batch_s`` seconds of audio (the device memory it needs
@@ -32,6 +38,7 @@ grows with both).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +54,22 @@ MAX_BATCH_S = 240.0
 device grow with it (~5.5 MB per second of audio, measured on the CPU); a longer row still goes, alone."""
 
 
-def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+def work_stream(watermarker: Any) -> Any:
+    """A CUDA stream of its own for the watermark's device work when Perth runs on a GPU,
+    else None (see the module docstring)."""
+    import torch
+
+    device = watermarker.perth_net.device  # perth's: a torch.device or its name
+    if not isinstance(device, (str, torch.device)) or torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.Stream(torch.device(device))
+
+
+def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None,
+               stream: Any = None) -> list[np.ndarray]:
     """Each of ``signals`` (float32, ``sample_rate``) watermarked as
-    ``watermarker.apply_watermark(signal, sample_rate=sample_rate)`` would."""
+    ``watermarker.apply_watermark(signal, sample_rate=sample_rate)`` would; its device work on
+    ``stream`` when given (:func:`work_stream`)."""
     import torch
     from librosa import resample
 
@@ -67,7 +87,8 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
     mapper = pool.map if pool is not None else map
     prepared = list(mapper(to_net, signals))
     device = net.device
-    with torch.inference_mode():
+    on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with torch.inference_mode(), on_stream:
         mags: list[Any] = [None] * len(prepared)
         phases: list[Any] = [None] * len(prepared)
         for rows in _groups_by_length(prepared):
@@ -138,6 +159,7 @@ class WatermarkBatcher:
         """Taken from the queue but over the last batch's bound: the next batch's first."""
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(resample_threads, thread_name_prefix="watermark-resample")
+        self._stream = work_stream(watermarker)
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -197,7 +219,7 @@ class WatermarkBatcher:
 
     def _mark(self, items: list[_Item]) -> None:
         try:
-            marked = mark_batch(self._watermarker, [i.samples for i in items], self._rate, self._pool)
+            marked = mark_batch(self._watermarker, [i.samples for i in items], self._rate, self._pool, self._stream)
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the failure
             for item in items:
                 item.loop.call_soon_threadsafe(_fail, item.future, exc)

@@ -171,3 +171,17 @@ async def test_a_call_queued_behind_the_close_is_failed_not_left_waiting(waterma
     await asyncio.to_thread(batcher.close)
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(racing, 5)
+
+
+def test_the_pass_gets_a_stream_of_its_own_only_on_a_gpu(watermarker) -> None:
+    """On a GPU the batcher's device work runs on its own CUDA stream, so its host reads wait
+    for it alone, not for the vocoder's batches on the default stream; on the CPU there is
+    none to make, and the pass runs as before."""
+    from gateway.engine.vllm.watermark_batch import work_stream
+
+    assert str(watermarker.perth_net.device) == "cpu" and work_stream(watermarker) is None
+    batcher = WatermarkBatcher(watermarker, SR)
+    try:
+        assert batcher._stream is None
+    finally:
+        batcher.close()
