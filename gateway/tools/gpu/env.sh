@@ -7,6 +7,8 @@ _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 export PATH=/root/bin:/root/site3/bin:$PATH  # ffmpeg; py-spy (from .gpu/extra)
 export PYTHONPATH=/root/site2:/root/site3:$_repo:/root/ep:$PYTHONPATH
 export PYTHONUNBUFFERED=1
+# as families.sh runs vLLM: spawned engine-core processes, PyTorch's sampler (no FlashInfer JIT offline)
+export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0
 export GPU_CACHE=/root/gpu-cache
 export VLLM_CACHE_ROOT=$GPU_CACHE/vllm TORCHINDUCTOR_CACHE_DIR=$GPU_CACHE/inductor TRITON_CACHE_DIR=$GPU_CACHE/triton
 mkdir -p "$GPU_CACHE"
