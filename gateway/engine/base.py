@@ -9,7 +9,7 @@ up) is how a request is cancelled: the engine must then drop all work for that j
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -101,10 +101,29 @@ class BatchStats:
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
 
 
+@dataclass(frozen=True, slots=True)
+class T3Stats:
+    """One model's T3 (speech token) requests as the engine sees them, read by the metrics
+    layer at each scrape: where requests wait under load (for their first token: the T3
+    engine's queue and prefill) and how fast the decoding ones get tokens."""
+
+    waiting: int = 0
+    """Requests sent to T3 whose first token has not come yet."""
+    decoding: int = 0
+    """Requests that have had a first token and are still generating."""
+    requests: int = 0
+    """Requests sent to T3 (monotonic)."""
+    tokens: int = 0
+    """Speech tokens T3 delivered (monotonic)."""
+    deliveries: int = 0
+    """Token deliveries (monotonic): ``tokens / deliveries`` is the tokens each hand-off
+    carries (1 when every step is delivered alone; more when steps are merged or grouped)."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the server needs of an engine. Subclass it to inherit the defaults of the optional
-    parts (:meth:`check_health`, :meth:`batch_stats`)."""
+    parts (:meth:`check_health`, :meth:`batch_stats`, :meth:`t3_stats`)."""
 
     name: str
     """Implementation name: "reference", "vllm" or "fake"."""
@@ -150,4 +169,9 @@ class Engine(Protocol):
     def batch_stats(self) -> BatchStats | None:
         """Counters of cross-request batching for the metrics layer; None when the engine does
         not batch (the default)."""
+        return None
+
+    def t3_stats(self) -> Mapping[str, T3Stats] | None:
+        """Per model, its T3 requests (:class:`T3Stats`) for the metrics layer; None when the
+        engine does not report them (the default)."""
         return None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, Engine, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND, AudioChunk, Engine, SynthesisJob, T3Stats
 from gateway.errors import EngineError
 from gateway.models.families import FAMILIES, ORIGINAL
 
@@ -58,6 +58,8 @@ class FakeEngine(Engine):
         self.jobs: list[SynthesisJob] = []
         """Every job handed to synthesize(), in order (tests inspect params and chunks)."""
         self.completed: list[str] = []
+        self._t3_counts: dict[str, dict[str, int]] = {}
+        """Per model, the counts behind :meth:`t3_stats`."""
         self.cancelled: list[str] = []
         """Request ids whose audio iterator was closed before it finished."""
         self.failed: list[str] = []
@@ -110,16 +112,29 @@ class FakeEngine(Engine):
             for text in job.chunks:
                 total = self.speech_tokens_for(text, job.params.max_speech_tokens)
                 pitches = self._pitches(job, text, total)
-                for start in range(0, total, TOKENS_PER_PIECE):
-                    if self.piece_delay_s:
-                        await asyncio.sleep(self.piece_delay_s)
-                    else:
-                        await asyncio.sleep(0)  # a real engine yields to the loop too
-                    if self.fail_after_pieces is not None and pieces >= self.fail_after_pieces:
-                        raise EngineError("the fake engine failed as configured")
-                    piece = pitches[start : start + TOKENS_PER_PIECE]
-                    pieces += 1
-                    yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
+                counts = self._t3_counts.setdefault(job.model, dict.fromkeys(T3Stats.__slots__, 0))
+                counts["requests"] += 1
+                state = "waiting"  # as a T3 request: waiting for its first token, then decoding
+                counts[state] += 1
+                try:
+                    for start in range(0, total, TOKENS_PER_PIECE):
+                        if self.piece_delay_s:
+                            await asyncio.sleep(self.piece_delay_s)
+                        else:
+                            await asyncio.sleep(0)  # a real engine yields to the loop too
+                        if self.fail_after_pieces is not None and pieces >= self.fail_after_pieces:
+                            raise EngineError("the fake engine failed as configured")
+                        piece = pitches[start : start + TOKENS_PER_PIECE]
+                        pieces += 1
+                        if state == "waiting":
+                            counts["waiting"] -= 1
+                            state = "decoding"
+                            counts[state] += 1
+                        counts["tokens"] += len(piece)
+                        counts["deliveries"] += 1
+                        yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
+                finally:
+                    counts[state] -= 1
             finished = True
         except EngineError:
             _append_bounded(self.failed, job.request_id)
@@ -129,6 +144,12 @@ class FakeEngine(Engine):
                 _append_bounded(self.completed, job.request_id)
             elif job.request_id not in self.failed:
                 _append_bounded(self.cancelled, job.request_id)
+
+    def t3_stats(self) -> dict[str, T3Stats]:
+        """Its chunks counted as a T3 engine's requests (waiting until their first piece, then
+        decoding; a piece's tokens one delivery), so the metrics and the benchmark's T3 columns
+        run against the fake too."""
+        return {model: T3Stats(**counts) for model, counts in self._t3_counts.items()}
 
     def _pitches(self, job: SynthesisJob, text: str, count: int) -> np.ndarray:
         seed = DEFAULT_SEED if job.params.seed is None else job.params.seed

@@ -101,6 +101,46 @@ class _BatchStats(Collector):
             yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))
 
 
+class _T3Stats(Collector):
+    """The engine's T3 requests per model (``Engine.t3_stats()``), read at scrape time; absent
+    for engines that do not report them. Under load, ``t3_waiting_requests`` says whether
+    requests queue before T3 (vLLM's scheduler, its prefill), and the token counter over the
+    decoding gauge says each stream's tokens per second (25 keeps real time)."""
+
+    GAUGES = {
+        "waiting": ("t3_waiting_requests", "T3 requests sent and waiting for their first speech token."),
+        "decoding": ("t3_decoding_requests", "T3 requests generating speech tokens."),
+    }
+    COUNTERS = {
+        "requests": ("t3_requests", "T3 requests sent, by model."),
+        "tokens": ("t3_tokens", "Speech tokens T3 delivered, by model."),
+        "deliveries": ("t3_token_deliveries",
+                       "Hand-offs of speech tokens from T3 (tokens per hand-off: tokens over these)."),
+    }
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self._engine = engine
+
+    def describe(self) -> Iterable[Any]:
+        return []  # the families depend on the engine loaded later
+
+    def collect(self) -> Iterable[Any]:
+        engine = self._engine()
+        stats = engine.t3_stats() if engine is not None else None
+        if not stats:
+            return
+        for field, (name, doc) in self.GAUGES.items():
+            gauge = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["model"])
+            for model, st in stats.items():
+                gauge.add_metric([model], float(getattr(st, field)))
+            yield gauge
+        for field, (name, doc) in self.COUNTERS.items():
+            counter = CounterMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["model"])
+            for model, st in stats.items():
+                counter.add_metric([model], float(getattr(st, field)))
+            yield counter
+
+
 class _ConnectionStats(Collector):
     """The connection guard's gauges and counters (``ConnectionLimits.stats()``), read at scrape
     time; absent when the app runs without the guarded server (in process)."""
@@ -158,6 +198,7 @@ class GatewayMetrics:
             self.registry.register(_AdmissionRefusals(refusals))
         if engine is not None:
             self.registry.register(_BatchStats(engine))
+            self.registry.register(_T3Stats(engine))
         if connections is not None:
             self.registry.register(_ConnectionStats(connections))
         self.registry.register(_CudaMemory())

@@ -22,6 +22,12 @@ From the arrival times of the audio bytes:
 * what the server used: its process tree's RSS and the GPU's used memory (sampled every
   second; peak and end), and the vocoder's busy shares from its metrics (worker time and
   device time over the window).
+* what T3 did (``t3_*``, engines that count their T3 requests): requests waiting for their
+  first token (vLLM's queue and prefill) and decoding, sampled every second; tokens per second
+  in the steady span, per decoding stream (25 keeps real time) and per hand-off.
+* with ``timeline_log`` (``benchmark --http-timelines``): every request asks for its
+  first-audio timeline, and the row gets each stage's median for the first wave and for the
+  steady span: which stage first audio waits in under load.
 """
 
 from __future__ import annotations
@@ -29,15 +35,18 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gateway.models.families import FAMILIES
-from gateway.tools import host_probes
+from gateway.observability.timeline import HEADER as TIMELINE_HEADER
+from gateway.tools import host_probes, timeline_log
 from gateway.tools.bench_server import scrape
 from gateway.tools.loadtest import SAMPLES_PER_TOKEN, audio_samples
 
@@ -45,12 +54,18 @@ TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps
             "busy and the vocoder batches windows from all of them.")
 SAMPLE_RATE = 24_000
 MULTILINGUAL = "chatterbox-multilingual"
+FIRST_WAVE_S = 0.5
+"""Requests sent within this long of the row's start are its first wave."""
+T3_WAITING, T3_DECODING = "chatterbox_t3_waiting_requests", "chatterbox_t3_decoding_requests"
+T3_TOKENS, T3_DELIVERIES = "chatterbox_t3_tokens_total", "chatterbox_t3_token_deliveries_total"
 
 
 @dataclass(slots=True)
 class _Request:
     model: str
     sent: float
+    request_id: str | None = None
+    """Ours (``x-request-id``) when the row asks the server for timelines."""
     first: float | None = None
     ended: float | None = None
     samples: int = 0
@@ -63,6 +78,8 @@ class _Level:
     requests: list[_Request] = field(default_factory=list)
     arrivals: list[tuple[float, int]] = field(default_factory=list)
     """(time, audio bytes) of every piece of body received."""
+    t3: list[tuple[float, float, float]] = field(default_factory=list)
+    """(time, T3 requests waiting, decoding) from the server's metrics, about every second."""
 
 
 def request_body(model: str, voice: str, fmt: str, text: str) -> dict[str, Any]:
@@ -86,12 +103,16 @@ def _ms(seconds: float | None) -> float | None:
 
 
 async def _one(client: httpx.AsyncClient, level: _Level, body: dict[str, Any], fmt: str,
-               expect_samples: int | None) -> None:
+               expect_samples: int | None, timeline: bool = False) -> None:
     req = _Request(str(body["model"]), time.perf_counter())
+    headers = {}
+    if timeline:
+        req.request_id = f"http-{len(level.requests)}-{uuid.uuid4().hex[:8]}"
+        headers = {TIMELINE_HEADER: "1", "x-request-id": req.request_id}
     level.requests.append(req)
     size = 0
     try:
-        async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        async with client.stream("POST", "/v1/audio/speech", json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 req.error = f"http_{response.status_code}"
@@ -130,11 +151,16 @@ async def _one(client: httpx.AsyncClient, level: _Level, body: dict[str, Any], f
 async def measure_level(base: str, models: Sequence[str], *, window_s: float, voice: str, fmt: str = "pcm",
                         text: str = TEXT_10S, expect_samples: int | None = None, server_pid: int | None = None,
                         request_timeout_s: float = 300.0, label: str | None = None,
-                        profile: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> dict[str, Any]:
+                        profile: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                        timeline_log: Path | None = None) -> dict[str, Any]:
     """One row: ``len(models)`` concurrent looping clients, client ``i`` asking for ``models[i]``;
     the row's ``model`` is ``label`` (default: the one model, or ``mixed``). ``profile``: run
     once the steady part of the window begins (py-spy samples of the server and this client,
-    ``benchmark --http-py-spy-s``); its result is the row's ``py_spy``."""
+    ``benchmark --http-py-spy-s``); its result is the row's ``py_spy``. ``timeline_log``: the
+    log of a server started with ``request_timeline``; every request asks for its first-audio
+    timeline, and the row gets the stage medians of the first wave's and of the steady span's
+    requests that had audio (``timeline_first_wave``, ``timeline_steady``): where first audio
+    waits under load."""
     n = len(models)
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2.0)
     before = await asyncio.to_thread(scrape, base)
@@ -149,12 +175,15 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
         async def loop(model: str) -> None:
             body = request_body(model, voice, fmt, text)
             while time.perf_counter() < end:
-                await _one(client, level, body, fmt, expect_samples)
+                await _one(client, level, body, fmt, expect_samples, timeline_log is not None)
 
         async def sample() -> None:
             while True:
                 rss, gpu = await asyncio.to_thread(_memory, server_pid)
                 peaks["rss"], peaks["gpu"] = max(peaks["rss"], rss or 0), max(peaks["gpu"], gpu or 0)
+                scraped = await asyncio.to_thread(scrape, base)
+                if T3_WAITING in scraped:
+                    level.t3.append((time.perf_counter(), scraped[T3_WAITING], scraped.get(T3_DECODING, 0.0)))
                 await asyncio.sleep(1.0)
 
         async def metrics_at(name: str, at: float) -> None:
@@ -181,7 +210,24 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     row = _row(level, models, window_s, fmt, voice, before, marks, rss, gpu, peaks, label)
     if profile is not None:
         row["py_spy"] = profiled
+    if timeline_log is not None:
+        row.update(await asyncio.to_thread(_timelines, level, window_s, timeline_log))
     return row
+
+
+def _timelines(level: _Level, window_s: float, log: Path, wait_s: float = 15.0) -> dict[str, Any]:
+    """The stage medians (``timeline_log.summarise``, T3's per-token stages compacted) of the
+    requests that had audio: those of the first wave, and those started in the steady span."""
+    steady_from = level.t0 + window_s / 3
+    groups = {
+        "timeline_first_wave": [r for r in level.requests if r.sent - level.t0 < FIRST_WAVE_S],
+        "timeline_steady": [r for r in level.requests if r.sent >= steady_from],
+    }
+    wanted = {name: [r.request_id for r in reqs if r.request_id and r.first is not None]
+              for name, reqs in groups.items()}
+    found = timeline_log.read_timelines(log, [i for ids in wanted.values() for i in ids], wait_s)
+    return {name: timeline_log.compact(timeline_log.summarise([found[i] for i in ids if i in found]))
+            for name, ids in wanted.items()}
 
 
 def _memory(pid: int | None) -> tuple[int | None, int | None]:
@@ -197,7 +243,7 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     done = [r for r in reqs if r.ended is not None and r.ended <= end]
     errors = Counter(r.error for r in reqs if r.error)
     steady_ttfb = [r.first for r in reqs if r.first is not None and r.sent >= steady_from and r.sent + r.first <= end]
-    first_wave = [r.first for r in reqs if r.first is not None and r.sent - t0 < 0.5]
+    first_wave = [r.first for r in reqs if r.first is not None and r.sent - t0 < FIRST_WAVE_S]
     rtf = [(r.ended - r.sent) / (r.samples / SAMPLE_RATE) for r in done if r.samples and not r.error]
     bytes_per_s = 2 * SAMPLE_RATE
     if fmt in ("pcm", "wav"):
@@ -245,7 +291,33 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         row["vocoder_rows_per_batch"] = round(windows / batches, 1)
     if rtf:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
+    row.update(_t3_columns(level, marks, steady_from, end))
     return row
+
+
+def _t3_columns(level: _Level, marks: dict[str, dict[str, float]], steady_from: float, end: float
+                ) -> dict[str, float]:
+    """What the server's T3 counts say of the window (engines that report them): requests
+    waiting for their first token (most at any sample; mean over the steady span), decoding
+    ones (mean, steady), tokens per second in the steady span, and per decoding stream (25
+    keeps real time; its inverse is the time a stream waits per token), tokens per hand-off."""
+    out: dict[str, float] = {}
+    if level.t3:
+        out["t3_waiting_max"] = max(w for _, w, _ in level.t3)
+    steady = [(w, d) for t, w, d in level.t3 if steady_from <= t <= end]
+    if steady:
+        out["t3_waiting_mean"] = round(statistics.fmean(w for w, _ in steady), 1)
+        out["t3_decoding_mean"] = round(statistics.fmean(d for _, d in steady), 1)
+    at, last = marks.get("steady", {}), marks.get("end", {})
+    if T3_TOKENS in at and T3_TOKENS in last and end > steady_from:
+        tokens = last[T3_TOKENS] - at[T3_TOKENS]
+        out["t3_tokens_per_s"] = round(tokens / (end - steady_from), 1)
+        if out.get("t3_decoding_mean"):
+            out["t3_tokens_per_stream_s"] = round(out["t3_tokens_per_s"] / out["t3_decoding_mean"], 2)
+        deliveries = last.get(T3_DELIVERIES, 0.0) - at.get(T3_DELIVERIES, 0.0)
+        if deliveries > 0:
+            out["t3_tokens_per_delivery"] = round(tokens / deliveries, 2)
+    return out
 
 
 def streams_for(model: str, concurrency: int, families: Sequence[str]) -> list[str]:

@@ -103,13 +103,28 @@ def scrape(base: str) -> dict[str, float]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text exposition, by name."""
+    """The samples of a Prometheus text exposition by name: an unlabelled one as it is, a
+    labelled family summed over its label sets (e.g. ``chatterbox_t3_tokens_total`` over every
+    model; histogram buckets left out)."""
     values: dict[str, float] = {}
+    summed: dict[str, float] = {}
     for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
-            try:
-                values[parts[0]] = float(parts[1])
-            except ValueError:
-                continue
-    return values
+        if line.startswith("#"):
+            continue
+        name, brace, rest = line.partition("{")
+        if brace:
+            labels, _, sample = rest.rpartition("}")
+            parts = [name, *sample.split()]
+        else:
+            parts = line.split()
+        if len(parts) != 2:
+            continue
+        try:
+            value = float(parts[1])
+        except ValueError:
+            continue
+        if not brace:
+            values[parts[0]] = value
+        elif not parts[0].endswith("_bucket"):
+            summed[parts[0]] = summed.get(parts[0], 0.0) + value
+    return {**summed, **values}

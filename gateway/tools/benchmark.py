@@ -25,8 +25,10 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   all three; ``gateway.tools.bench_server``). ``timeline``: every stage of one request's first
   audio, from the server's log (``gateway.tools.bench_timeline``). ``http``: one row per model
   (``--models``; ``mixed`` = the loaded families in turn) and concurrency: first audio
-  p50/p95, steady audio-s/s, RTF p50, errors, the server's memory and the GPU's
-  (``gateway.tools.bench_http`` defines each figure). ``loadtest``: ``gateway.tools.loadtest``
+  p50/p95, steady audio-s/s, RTF p50, errors, the server's memory and the GPU's, T3's
+  waiting and decoding requests and tokens per stream (``gateway.tools.bench_http`` defines
+  each figure); with ``--http-timelines`` also the first-audio stage medians of each row's
+  first wave and steady span. ``loadtest``: ``gateway.tools.loadtest``
   at 64 streams for ``--loadtest-s`` seconds, every stream's audio length checked.
 
 ``--json`` writes ``{"card", "date", "command", "rows": [the http rows], "stages": {every
@@ -200,7 +202,7 @@ def stage_server(args: argparse.Namespace, stages: list[str],
     ``checkpoint(rows, found)`` is called after every row and stage (the JSON is rewritten
     then, so a run cut short by a time limit keeps what it measured)."""
     save = checkpoint or (lambda rows, found: None)
-    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest, py_spy
+    from gateway.tools import bench_http, bench_server, bench_timeline, loadtest, py_spy, timeline_log
 
     models = [m for m in args.models.split(",") if m]
     families = [f for f in (args.server_models or ",".join(m for m in models if m != "mixed")).split(",") if f]
@@ -233,14 +235,21 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                     for model in models:
                         for n in levels:
                             streams = bench_http.streams_for(model, n, families)
+                            if args.http_timelines and server.log is None:
+                                raise RuntimeError("--http-timelines reads the log of a server it started")
                             row = asyncio.run(bench_http.measure_level(
                                 server.base, streams, window_s=args.http_window_s, voice=args.voice,
                                 fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model,
-                                profile=_py_spy(args, server.pid, out_dir, f"{model}_{n}")))
+                                profile=_py_spy(args, server.pid, out_dir, f"{model}_{n}"),
+                                timeline_log=server.log if args.http_timelines else None))
                             rows.append(row)
-                            print({k: v for k, v in row.items() if k != "py_spy"}, flush=True)
+                            print({k: v for k, v in row.items() if k not in ROW_APART}, flush=True)
                             for who, summary in (row.get("py_spy") or {}).items():
                                 print(py_spy.table(summary, f"{who}, {model} x {n}"), flush=True)
+                            for key in ("timeline_first_wave", "timeline_steady"):
+                                if key in row:
+                                    title = f"{key.replace('_', ' ')}: {model} x {n}, stage medians of the requests"
+                                    print(timeline_log.table_text(title, row[key]), flush=True)
                             save(rows, found)
                 elif stage == "loadtest":
                     target = out_dir / "loadtest.json"
@@ -268,13 +277,15 @@ def _print_table(rows: list[dict]) -> None:
         return
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys and k != "py_spy"]  # printed with each row
+        keys += [k for k in r if k not in keys and k not in ROW_APART]  # printed with each row
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
 
 
 SERVER_STAGES = ("timeline", "http", "loadtest")
+ROW_APART = ("py_spy", "timeline_first_wave", "timeline_steady")
+"""An http row's parts printed as tables of their own, not as columns."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--http-py-spy-s", type=float, default=0.0,
                         help="py-spy the server (and its children) and this client for this many seconds of each "
                              "http row's steady part (0: off; at most two thirds of the window less 2 s)")
+    server.add_argument("--http-timelines", action="store_true",
+                        help="every http request asks for its first-audio timeline; each row gets the stage medians "
+                             "of its first wave and of its steady span (a server this starts)")
     server.add_argument("--loadtest-s", type=float, default=60.0)
     server.add_argument("--loadtest-concurrency", type=int, default=64)
     args = ap.parse_args(argv)

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.engine.fake import FakeEngine
-from gateway.engine.base import BatchStats
+from gateway.engine.base import BatchStats, T3Stats
 from gateway.settings import Settings
 from harness import in_process
 
@@ -93,6 +93,50 @@ async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
     assert value(scraped, "chatterbox_engine_batch_size_bucket", le="16.0") == 3
     assert value(scraped, "chatterbox_vocoder_batches_total") == 3
     assert value(scraped, "chatterbox_vocoder_windows_dropped_total") == 2
+
+
+class _T3Engine(FakeEngine):
+    """A fake engine reporting its T3 requests per model, as the vLLM engine does."""
+
+    def t3_stats(self) -> dict[str, T3Stats]:
+        return {"chatterbox": T3Stats(waiting=3, decoding=5, requests=20, tokens=900, deliveries=450),
+                "chatterbox-turbo": T3Stats(waiting=0, decoding=1, requests=2, tokens=40, deliveries=40)}
+
+
+async def test_t3_requests_are_exported_per_model(settings: Settings) -> None:
+    async with in_process(settings, _T3Engine()) as gw:
+        scraped = samples((await gw.http.get("/metrics")).text)
+    assert value(scraped, "chatterbox_t3_waiting_requests", model="chatterbox") == 3
+    assert value(scraped, "chatterbox_t3_decoding_requests", model="chatterbox") == 5
+    assert value(scraped, "chatterbox_t3_decoding_requests", model="chatterbox-turbo") == 1
+    assert value(scraped, "chatterbox_t3_requests_total", model="chatterbox-turbo") == 2
+    assert value(scraped, "chatterbox_t3_tokens_total", model="chatterbox") == 900
+    assert value(scraped, "chatterbox_t3_token_deliveries_total", model="chatterbox") == 450
+
+
+class _NoT3Engine(FakeEngine):
+    def t3_stats(self) -> None:
+        return None  # the protocol's default: an engine that does not report them
+
+
+async def test_engines_without_t3_counts_export_none(settings: Settings) -> None:
+    async with in_process(settings, _NoT3Engine()) as gw:
+        await gw.http.post("/v1/audio/speech", json=SPEECH)
+        text = (await gw.http.get("/metrics")).text
+    assert "chatterbox_t3_" not in text
+
+
+async def test_the_fake_engine_counts_its_chunks_as_t3_requests(settings: Settings) -> None:
+    engine = FakeEngine()
+    async with in_process(settings, engine) as gw:
+        response = await gw.http.post("/v1/audio/speech", json={**SPEECH, "response_format": "pcm"})
+        scraped = samples((await gw.http.get("/metrics")).text)
+    tokens = len(response.content) // 2 // 960
+    model = engine.jobs[0].model
+    assert tokens > 0 and value(scraped, "chatterbox_t3_tokens_total", model=model) == tokens
+    assert value(scraped, "chatterbox_t3_requests_total", model=model) == len(engine.jobs[0].chunks)
+    assert value(scraped, "chatterbox_t3_waiting_requests", model=model) == 0
+    assert value(scraped, "chatterbox_t3_decoding_requests", model=model) == 0
 
 
 def test_the_cuda_allocator_is_exported_once_cuda_is_in_use(monkeypatch) -> None:  # type: ignore[no-untyped-def]

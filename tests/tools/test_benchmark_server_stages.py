@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.settings import Settings
-from gateway.tools import bench_http, bench_timeline, benchmark, loadtest, py_spy
+from gateway.tools import bench_http, bench_timeline, benchmark, loadtest, py_spy, timeline_log
 
 ROW_KEYS = {"model", "concurrency", "ttfb_p50_ms", "ttfb_p95_ms", "steady_audio_s_per_s", "rtf_p50", "errors"}
 
@@ -78,6 +78,51 @@ def test_the_figures_follow_their_definitions() -> None:
     assert row["first_wave_ttfb_p50_ms"] == 500.0
     assert row["rtf_p50"] == 1.0 and row["errors"] == 1 and row["error_kinds"] == {"http_429": 1}
     assert row["requests_cancelled_at_end"] == 1 and row["requests_completed"] == 2
+    assert not any(k.startswith("t3_") for k in row)  # the server reported no T3 counts
+
+
+def test_the_t3_columns_follow_their_definitions() -> None:
+    """Gauges sampled every second (the steady span from 103 s), counters at the two marks."""
+    level = bench_http._Level(t0=100.0)
+    level.t3 = [(101.0, 40.0, 10.0), (104.0, 2.0, 48.0), (106.0, 0.0, 52.0), (108.0, 1.0, 50.0)]
+    marks = {"steady": {"chatterbox_t3_tokens_total": 1000.0, "chatterbox_t3_token_deliveries_total": 500.0},
+             "end": {"chatterbox_t3_tokens_total": 7000.0, "chatterbox_t3_token_deliveries_total": 2000.0}}
+    row = bench_http._row(level, ["chatterbox"] * 50, 9.0, "pcm", "alloy", {}, marks, None, None,
+                          {"rss": 0, "gpu": 0})
+    assert row["t3_waiting_max"] == 40.0  # the first wave queued
+    assert row["t3_waiting_mean"] == 1.0 and row["t3_decoding_mean"] == 50.0
+    assert row["t3_tokens_per_s"] == 1000.0 and row["t3_tokens_per_stream_s"] == 20.0  # 6000 over 6 s, 50 streams
+    assert row["t3_tokens_per_delivery"] == 4.0
+
+
+def test_labelled_metrics_are_summed_over_their_labels() -> None:
+    from gateway.tools.bench_server import parse_metrics
+
+    text = "\n".join([
+        "# HELP chatterbox_t3_tokens_total Speech tokens T3 delivered, by model.",
+        'chatterbox_t3_tokens_total{model="chatterbox"} 900.0',
+        'chatterbox_t3_tokens_total{model="chatterbox-turbo"} 100.0',
+        'chatterbox_engine_batch_size_bucket{le="4.0"} 2.0',
+        "chatterbox_in_flight_requests 3.0",
+        'odd_label{text="a } b"} 5.0',
+    ])
+    parsed = parse_metrics(text)
+    assert parsed["chatterbox_t3_tokens_total"] == 1000.0 and parsed["chatterbox_in_flight_requests"] == 3.0
+    assert "chatterbox_engine_batch_size_bucket" not in parsed and parsed["odd_label"] == 5.0
+
+
+def test_an_http_row_can_carry_timelines_under_load(tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    code = benchmark.main([
+        "--stages", "http", "--server-engine", "fake", "--models", "chatterbox", "--http-concurrency", "3",
+        "--http-window-s", "3", "--http-timelines", "--server-cache-dir", str(tmp_path / "cache"),
+        "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert code == 0 and row["errors"] == 0
+    wave, steady = row["timeline_first_wave"], row["timeline_steady"]
+    assert wave[0]["runs"] >= 3 and [s["stage"] for s in wave][-1] == "first byte written"
+    assert steady and steady[-1]["stage"] == "first byte written" and steady[-1]["runs"] >= 3
+    assert row["t3_waiting_max"] >= 0 and row["t3_tokens_per_s"] > 0 and row["t3_decoding_mean"] > 0
 
 
 def test_a_body_of_the_wrong_length_is_an_error() -> None:
@@ -102,6 +147,15 @@ def test_timelines_summarise_by_stage() -> None:
     table = bench_timeline.summarise(runs)
     assert [r["stage"] for r in table] == ["body read", "engine first audio", "first byte written"]
     assert table[1] == {"stage": "engine first audio", "ms": 96.0, "delta_ms": 94.0, "runs": 2}
+
+
+def test_a_table_keeps_only_the_first_and_last_of_t3s_token_stages() -> None:
+    stages = ["body read"] + [f"t3 tokens: {k}" for k in range(1, 12)] + ["first byte written"]
+    table = bench_timeline.summarise([[[s, float(i)] for i, s in enumerate(stages)]])
+    assert [r["stage"] for r in timeline_log.compact(table)] == [
+        "body read", "t3 tokens: 1", "t3 tokens: 11", "first byte written"]
+    assert timeline_log.compact(table[:3]) == table[:3]
+    assert "| t3 tokens: 11" in timeline_log.table_text("title", table)
 
 
 @pytest.fixture

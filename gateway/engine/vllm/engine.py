@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, BatchStats, Engine, GenerationParams, SynthesisJob, Voice
+from gateway.engine.base import (SAMPLE_RATE, AudioChunk, BatchStats, Engine, GenerationParams, SynthesisJob, T3Stats,
+                                 Voice)
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS
@@ -63,6 +64,17 @@ from gateway.settings import Settings
 
 SPEECH_VOCAB_SIZE = 6561
 """Speech token ids below this reach the vocoder (the stream drops T3's start/stop ids)."""
+
+
+@dataclasses.dataclass(slots=True)
+class _T3Counts:
+    """The live counts behind :class:`~gateway.engine.base.T3Stats` (event-loop thread only)."""
+
+    waiting: int = 0
+    decoding: int = 0
+    requests: int = 0
+    tokens: int = 0
+    deliveries: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -79,6 +91,8 @@ class FamilyRuntime:
     llm: Any = None
     """Its vLLM ``AsyncLLM``."""
     vocoder: Any = None
+    counts: _T3Counts = dataclasses.field(default_factory=_T3Counts)
+    """Its T3 requests so far (``VllmEngine.t3_stats``)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -351,6 +365,12 @@ class VllmEngine(UpstreamVoices, Engine):
                           audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
                           device_busy_s=sum(s.device_busy_s for s in stats))
 
+    def t3_stats(self) -> dict[str, T3Stats]:
+        """Each loaded family's T3 requests: waiting for their first token (vLLM's queue and
+        prefill), decoding, and the tokens delivered (counted where the engine takes them)."""
+        return {name: T3Stats(c.waiting, c.decoding, c.requests, c.tokens, c.deliveries)
+                for name, c in ((name, r.counts) for name, r in self.runtimes.items())}
+
     async def _shutdown(self) -> None:
         self._loaded = False  # new jobs fail from here on
         for runtime in self.runtimes.values():
@@ -489,10 +509,21 @@ class VllmEngine(UpstreamVoices, Engine):
                       generated: _Generated) -> None:
         """Speech token deltas from vLLM into the vocoder stream, then the family's tail
         tokens (after any speech), then ``finish``."""
+        counts = runtime.counts
+        counts.requests += 1
+        counts.waiting += 1
+        started = False
         try:
             async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id):
+                if not started:
+                    started = True
+                    counts.waiting -= 1
+                    counts.decoding += 1
                 ids = out.outputs[0].token_ids
-                generated.tokens += sum(1 for t in ids if 0 <= t < SPEECH_VOCAB_SIZE)
+                made = sum(1 for t in ids if 0 <= t < SPEECH_VOCAB_SIZE)
+                generated.tokens += made
+                counts.tokens += made
+                counts.deliveries += 1
                 stream.push(ids)
             if generated.tokens and runtime.t3.tail_tokens:
                 stream.push(runtime.t3.tail_tokens)
@@ -505,6 +536,11 @@ class VllmEngine(UpstreamVoices, Engine):
         except Exception as exc:  # noqa: BLE001 - a vLLM failure is the engine's, not the client's
             stream.cancel()
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if started:
+                counts.decoding -= 1
+            else:
+                counts.waiting -= 1
 
 
 async def _mark_alone(watermarker: Any, samples: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import Conditionals
 from llm_engine_double import LLMEngineDouble
 
-from gateway.engine.base import GenerationParams, SynthesisJob, Voice
+from gateway.engine.base import GenerationParams, SynthesisJob, T3Stats, Voice
 from gateway.engine.checkpoint import dummy_text
 from gateway.engine.checkpoint.dummy import tokenizer_json
 from gateway.engine.checkpoint.text_front_ends import load_front_end
@@ -88,8 +88,11 @@ class StandInLLM:
     """``AsyncLLM``'s surface the engine uses: ``generate`` streams deltas of ``tokens`` (cut at
     the request's ``max_tokens``), ``check_health``, ``shutdown``; records every request."""
 
-    def __init__(self, tokens: list[int], per_step: int = 3, delay_s: float = 0.0) -> None:
+    def __init__(self, tokens: list[int], per_step: int = 3, delay_s: float = 0.0,
+                 gate: asyncio.Event | None = None) -> None:
         self.tokens, self.per_step, self.delay_s = tokens, per_step, delay_s
+        self.gate = gate
+        """When given, no token comes before it is set (a request waiting in vLLM's queue)."""
         self.requests: list[tuple[dict, T3Sampling, str]] = []
         self.aborted: list[str] = []
 
@@ -97,6 +100,8 @@ class StandInLLM:
         self.requests.append((prompt, sampling, request_id))
         tokens = self.tokens[:sampling.max_tokens]
         try:
+            if self.gate is not None:
+                await self.gate.wait()
             for i in range(0, len(tokens), self.per_step):
                 await asyncio.sleep(self.delay_s)
                 yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens[i:i + self.per_step])])
@@ -243,6 +248,8 @@ async def test_original_job_speaks_its_tokens_and_nothing_more(engine, refs) -> 
                        model=ORIGINAL, streaming=True)
     audio, tokens = await _run(engine, job)
     assert tokens == 2 * n and audio.shape[0] == 2 * n * 2 * 480
+    # two T3 requests, each's 15 speech tokens and stop id in deliveries of 3: none left open
+    assert engine.t3_stats()[ORIGINAL] == T3Stats(waiting=0, decoding=0, requests=2, tokens=2 * n, deliveries=2 * 6)
     assert len(llm.requests) == 2 and llm.requests[0][2] != llm.requests[1][2]
     seeds = [s.seed for _, s, _ in llm.requests]
     assert seeds[0] != seeds[1]  # each chunk its own seed, derived from the request's
@@ -304,14 +311,25 @@ async def test_multilingual_job_builds_the_prompt_in_its_language(engine, refs) 
 @pytest.mark.slow
 async def test_closing_a_job_aborts_its_t3_request_and_frees_the_vocoder(engine, refs) -> None:
     runtime = engine.runtimes[TURBO]
-    llm = runtime.llm = StandInLLM(_speech(4, 60), per_step=1, delay_s=0.05)
+    gate = asyncio.Event()
+    llm = runtime.llm = StandInLLM(_speech(4, 60), per_step=1, delay_s=0.05, gate=gate)
     job = SynthesisJob("c", ("A long one.",), _voice(TURBO, refs[TURBO]), GenerationParams(), model=TURBO,
                        streaming=True)
     chunks = engine.synthesize(job)
-    first = await chunks.__anext__()
+    first_chunk = asyncio.ensure_future(chunks.__anext__())
+    while not llm.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert engine.t3_stats()[TURBO] == T3Stats(waiting=1, decoding=0, requests=1)  # sent, no token yet
+    gate.set()
+    first = await first_chunk
     assert first.samples.size
+    stats = engine.t3_stats()[TURBO]
+    assert (stats.waiting, stats.decoding) == (0, 1) and stats.tokens == stats.deliveries > 0
     await chunks.aclose()
     assert llm.aborted == [llm.requests[0][2]]
+    stats = engine.t3_stats()[TURBO]
+    assert (stats.waiting, stats.decoding, stats.requests) == (0, 0, 1)  # an aborted request leaves no count
     for _ in range(100):
         if runtime.vocoder.open_streams == 0:
             break
