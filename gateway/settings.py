@@ -263,6 +263,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     serves); ``thread``, a thread of this process, so that T3 and the vocoder share one CUDA
     context and their kernels can run side by side instead of time-sliced (one model only;
     its host work then shares this process's GIL). docs/operations.md."""
+    vllm_engine_stream_priority: Literal["normal", "high"] = "normal"
+    """With ``vllm_engine_core = "thread"``: the priority of the CUDA stream T3's engine thread
+    runs on. ``high``: the GPU schedules T3's waiting kernels before the vocoder's (on the
+    default, lowest-priority stream), so a decode step need not queue behind a vocoder batch;
+    the vocoder takes what T3 leaves. docs/operations.md."""
     vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
     """T3's tokens reach this process from vLLM in groups of this many (a request's first
     token and its last always at once): vLLM's ``stream_interval``. Every group is one
@@ -363,6 +368,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vllm_engine_core thread serves one model (vLLM keeps one engine state per process); "
                 f"models names {len(self.models)}: use vllm_engine_core process, or load one model"
+            )
+        if self.vllm_engine_stream_priority != "normal" and self.vllm_engine_core != "thread":
+            raise ValueError(
+                "vllm_engine_stream_priority orders T3's kernels against the vocoder's in one CUDA context: it needs "
+                "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
             )
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")

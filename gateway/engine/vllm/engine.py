@@ -243,7 +243,7 @@ class VllmEngine(UpstreamVoices, Engine):
         t0 = time.perf_counter()
         try:
             if self.settings.vllm_engine_core == "thread":
-                llm = ThreadedLLM.from_vllm_config(config)
+                llm = ThreadedLLM.from_vllm_config(config, priority=self.settings.vllm_engine_stream_priority)
             else:
                 llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
         except BaseException as exc:

@@ -9,7 +9,9 @@ contexts instead of running their kernels side by side. In the server the first 
 took 117 ms against ~40 ms alone while T3 kept decoding (docs/benchmarks.md, issue 18). Here
 vLLM's ``LLMEngine`` runs in-process (its ``InprocClient``), stepped by one thread on a CUDA
 stream of its own (a non-blocking one: the legacy default stream the vocoder and encoders use
-would otherwise serialise with it), so both share one context.
+would otherwise serialise with it), so both share one context. With
+``vllm_engine_stream_priority = "high"`` that stream is of high priority: T3's waiting kernels go
+before the vocoder's (:func:`own_cuda_stream`).
 
 The cost is the GIL: the engine thread's host work per step (scheduling, input preparation,
 output processing) now competes with the event loop and the vocoder's thread, which a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -76,7 +79,7 @@ class ThreadedLLM:
         self._lock = threading.Lock()  # orders "closed" against every command put on the queue
         self._closed = False
         self._ended: str | None = None  # why the thread ended: the error's text, or "shut down"
-        self._stream = stream or _own_cuda_stream
+        self._stream = stream or own_cuda_stream
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(make_engine,), name=name, daemon=True)
         self._thread.start()
@@ -86,8 +89,9 @@ class ThreadedLLM:
             raise self._start_error
 
     @classmethod
-    def from_vllm_config(cls, config: Any) -> ThreadedLLM:
-        """vLLM's in-process engine (no engine-core process) for ``config``."""
+    def from_vllm_config(cls, config: Any, *, priority: str = "normal") -> ThreadedLLM:
+        """vLLM's in-process engine (no engine-core process) for ``config``; its CUDA work on a
+        stream of ``priority`` (``normal`` or ``high``: see :func:`own_cuda_stream`)."""
 
         def make() -> Any:
             from vllm.v1.engine.llm_engine import LLMEngine
@@ -96,7 +100,7 @@ class ThreadedLLM:
             return LLMEngine(vllm_config=config, executor_class=Executor.get_class(config), log_stats=False,
                              multiprocess_mode=False)
 
-        return cls(make, name="vllm-engine")
+        return cls(make, name="vllm-engine", stream=functools.partial(own_cuda_stream, priority))
 
     # --- what the engine calls (event-loop thread) --------------------------------------------
 
@@ -224,14 +228,23 @@ class ThreadedLLM:
         self._requests[request.request_id] = request
 
 
+STREAM_PRIORITIES = {"normal": 0, "high": -1}
+"""CUDA stream priorities by name: PyTorch's pools, 0 the default streams' (lowest), -1 its
+high-priority one (lower numbers run first)."""
+
+
 @contextlib.contextmanager
-def _own_cuda_stream() -> Iterator[None]:
+def own_cuda_stream(priority: str = "normal") -> Iterator[None]:
     """Run the engine thread's CUDA work on a stream of its own (a pool stream: non-blocking
-    with respect to the legacy default stream that the rest of this process uses)."""
+    with respect to the legacy default stream that the rest of this process uses). ``high``:
+    the GPU's block scheduler takes this stream's waiting kernels before those of
+    lower-priority streams (the vocoder's, on the default stream), so a T3 step interleaves
+    with a long vocoder batch instead of queueing behind it; kernels already running are not
+    pre-empted."""
     import torch
 
     if not torch.cuda.is_available():
         yield
         return
-    with torch.cuda.stream(torch.cuda.Stream()):
+    with torch.cuda.stream(torch.cuda.Stream(priority=STREAM_PRIORITIES[priority])):
         yield

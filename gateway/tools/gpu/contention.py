@@ -12,8 +12,15 @@ second:
 - ``alone``: the solve with nothing else on the GPU;
 - ``thread``: the decoder in a thread of the same process on its own CUDA stream (one context:
   kernels of both may run at once);
+- ``thread, decoder high priority``: the same on a high-priority stream (``vllm_engine_stream_priority
+  = "high"``): the GPU's block scheduler then runs the decoder's kernels before the solve's
+  waiting ones, so T3's steps need not queue behind a vocoder batch;
 - ``process``: the decoder in a second process (two contexts: without MPS the GPU time-slices
-  between them, which is how vLLM's engine core and our vocoder share the card today).
+  between them, which is how vLLM's engine core and our vocoder share the card today);
+- ``decoder alone``: its steps per second with no solve (what the others lose).
+
+The solves run back to back (a vocoder never idle, as under load), so the decoder's rate in
+each row against ``decoder alone`` is what T3 loses to the vocoder's work in that arrangement.
 
     python -m gateway.tools.gpu.contention --json out.json
 
@@ -151,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"scenario": "alone", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
                  "solves": len(times), "decode_steps_per_s": None})
 
-    stop, counts = threading.Event(), [0]
-    thread = threading.Thread(target=_decode_loop, args=(chain, host_s, stop, None, torch.cuda.Stream(device), counts))
-    began = time.time()
-    thread.start()
-    times = _time_solves(graph, args.seconds)
-    stop.set()
-    thread.join()
-    rows.append({"scenario": "thread", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
-                 "solves": len(times), "decode_steps_per_s": counts[0] / (time.time() - began)})
+    for scenario, priority in (("thread", 0), ("thread, decoder high priority", -1)):
+        stop, counts = threading.Event(), [0]
+        stream = torch.cuda.Stream(device, priority=priority)  # -1: PyTorch's high-priority pool
+        thread = threading.Thread(target=_decode_loop, args=(chain, host_s, stop, None, stream, counts))
+        began = time.time()
+        thread.start()
+        times = _time_solves(graph, args.seconds)
+        stop.set()
+        thread.join()
+        rows.append({"scenario": scenario, "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
+                     "solves": len(times), "decode_steps_per_s": counts[0] / (time.time() - began)})
 
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
@@ -174,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"scenario": "process", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
                  "solves": len(times), "decode_steps_per_s": steps})
 
+    counts = [0]
+    began = time.time()
+    _decode_loop(chain, host_s, None, began + min(args.seconds, 3.0), torch.cuda.Stream(device), counts)
+    rows.append({"scenario": "decoder alone", "solve_p50_ms": None, "solve_max_ms": None, "solves": 0,
+                 "decode_steps_per_s": counts[0] / (time.time() - began)})
+
     print(f"solve: {ops} x ({args.batch}x{args.frames}x{args.width} product + silu); "
           f"decode step: {chain} products of 1x1024x1024 then {args.decode_host_ms} ms on the host")
     print("| scenario | solve p50 ms | solve max ms | solves | decode steps/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         rate = "-" if r["decode_steps_per_s"] is None else f"{r['decode_steps_per_s']:.0f}"
-        print(f"| {r['scenario']} | {r['solve_p50_ms']:.1f} | {r['solve_max_ms']:.1f} | {r['solves']} | {rate} |")
+        p50, top = ("-", "-") if r["solve_p50_ms"] is None else (f"{r['solve_p50_ms']:.1f}", f"{r['solve_max_ms']:.1f}")
+        print(f"| {r['scenario']} | {p50} | {top} | {r['solves']} | {rate} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),

@@ -141,3 +141,36 @@ def test_the_setting_refuses_several_models_in_one_thread() -> None:
         load_settings(environ={}, overrides={"vllm_engine_core": "thread",
                                              "models": ["chatterbox", "chatterbox-turbo"]})
     assert load_settings(environ={}, overrides={"vllm_engine_core": "thread"}).vllm_engine_core == "thread"
+
+
+def test_the_stream_priority_needs_the_engine_core_in_a_thread() -> None:
+    with pytest.raises(SettingsError, match="vllm_engine_core thread"):
+        load_settings(environ={}, overrides={"vllm_engine_stream_priority": "high"})
+    settings = load_settings(environ={}, overrides={"vllm_engine_core": "thread", "vllm_engine_stream_priority": "high"})
+    assert settings.vllm_engine_stream_priority == "high"
+    assert load_settings(environ={}).vllm_engine_stream_priority == "normal"
+
+
+@pytest.mark.parametrize(("name", "value"), [("normal", 0), ("high", -1)])
+def test_the_engine_thread_takes_a_stream_of_its_priority(monkeypatch, name: str, value: int) -> None:
+    """On a GPU the thread's CUDA work runs on a pool stream of the named priority (the CUDA
+    calls stood in for: this machine has no GPU)."""
+    import contextlib
+
+    import torch
+
+    from gateway.engine.vllm.engine_thread import own_cuda_stream
+
+    made, entered = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda priority=0: made.append(priority) or f"stream{priority}")
+
+    @contextlib.contextmanager
+    def stream(s):  # type: ignore[no-untyped-def]
+        entered.append(s)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    with own_cuda_stream(name):
+        assert entered == [f"stream{value}"]
+    assert made == [value]

@@ -381,3 +381,26 @@ def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_
     assert seen["stream_interval"] == 4
     with pytest.raises(SettingsError):
         load_settings(environ={}, overrides={"vllm_stream_interval": 0})
+
+
+@pytest.mark.parametrize("priority", ["normal", "high"])
+def test_an_engine_core_thread_runs_on_a_stream_of_the_set_priority(engine: VllmEngine, monkeypatch,
+                                                                    priority: str) -> None:
+    """``vllm_engine_stream_priority`` reaches the engine thread (vLLM stood in for: its
+    ``AsyncLLM`` module must import, the thread's engine is recorded instead of started)."""
+    import types
+
+    from gateway.engine.vllm import engine_thread
+
+    started: list[dict] = []
+    monkeypatch.setattr(engine_thread.ThreadedLLM, "from_vllm_config",
+                        classmethod(lambda cls, config, **kw: started.append({"config": config, **kw}) or "llm"))
+    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
+    async_llm.AsyncLLM = None  # never used with the thread
+    for name in ("vllm", "vllm.v1", "vllm.v1.engine"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", async_llm)
+    engine.settings = load_settings(environ={}, overrides={"vllm_engine_core": "thread",
+                                                           "vllm_engine_stream_priority": priority})
+    assert engine._start_llm(ORIGINAL, "config") == "llm"
+    assert started == [{"config": "config", "priority": priority}]
