@@ -19,8 +19,9 @@ separate process never did. Which wins is a GPU measurement (``gateway/tools/gpu
 runs both); the default stays ``process``.
 
 Threading: every call into the ``LLMEngine`` happens on the engine thread. Other threads talk
-to it through a command queue (add, abort, stop); outputs go back to each request's asyncio
-queue with ``call_soon_threadsafe``. The thread blocks on the queue while no request is
+to it through a command queue (add, abort, stop); a step's outputs go back to their requests'
+asyncio queues with one ``call_soon_threadsafe`` per event loop (a wake-up of the loop, a
+write to its self-pipe: one per step, not one per request and step). The thread blocks on the queue while no request is
 unfinished, and otherwise steps the engine, taking new commands between steps. When the
 thread ends (shut down, or an exception in the engine), every open request gets
 :class:`EngineThreadDied`, and so do ``check_health`` and new requests: none is left waiting. vLLM keeps one distributed state per process, so one such engine per process.
@@ -201,13 +202,17 @@ class ThreadedLLM:
                 elif command == "abort" and self._requests.pop(value, None) is not None:
                     engine.abort_request([value])
             if engine.has_unfinished_requests():
+                step: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
                 for output in engine.step():
                     request = self._requests.get(output.request_id)
                     if request is None:
                         continue  # aborted meanwhile
                     if output.finished:
                         del self._requests[output.request_id]
-                    request.deliver("output", output)
+                    step.setdefault(request.loop, []).append((request, output))
+                for loop, delivered in step.items():  # one wake-up of each loop per step, not one per request
+                    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
+                        loop.call_soon_threadsafe(_hand_out, delivered)
 
     def _take_commands(self, *, block: bool) -> Iterator[tuple[str, Any]]:
         """The commands waiting now (at least one when ``block``: the engine is idle)."""
@@ -226,6 +231,12 @@ class ThreadedLLM:
             request.deliver("error", exc)
             return
         self._requests[request.request_id] = request
+
+
+def _hand_out(delivered: list[tuple[_Request, Any]]) -> None:
+    """On a request's event loop: one engine step's outputs into their requests' queues."""
+    for request, output in delivered:
+        request.outputs.put_nowait(("output", output))
 
 
 STREAM_PRIORITIES = {"normal": 0, "high": -1}

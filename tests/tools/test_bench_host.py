@@ -1,0 +1,35 @@
+"""The host hand-off benchmark (``gateway.tools.bench_host``): every token of every stream
+arrives through the real ThreadedLLM, and the table's figures follow from the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gateway.tools import bench_host
+
+
+def test_a_row_counts_every_hand_off(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "host.json"
+    assert bench_host.main(["--streams", "1,4", "--tokens", "30", "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"card", "date", "command"} <= set(doc) and "--streams 1,4" in doc["command"]
+    one, four = doc["rows"]
+    assert (one["streams"], four["streams"]) == (1, 4)
+    assert one["steps"] == four["steps"] == 30  # every live stream gets its token each step
+    for row in doc["rows"]:
+        assert row["wall_us_per_handoff"] > 0 and row["cpu_us_per_handoff"] > 0
+        handoffs_per_s = 1e6 / row["wall_us_per_handoff"]
+        assert abs(row["ceiling_audio_s_per_s"] - handoffs_per_s / 25) <= 0.02 * handoffs_per_s / 25
+    assert "| thread hand-off | 4 | 30 |" in capsys.readouterr().out
+
+
+def test_the_tick_engine_ends_each_request_on_its_last_token() -> None:
+    engine = bench_host.TickEngine(tokens=2)
+    engine.add_request("a", None, None)
+    engine.add_request("b", None, None)
+    engine.abort_request(["b"])
+    first, = engine.step()
+    last, = engine.step()
+    assert (first.finished, last.finished) == (False, True) and not engine.has_unfinished_requests()
+    assert last.outputs[0].token_ids == [2]
