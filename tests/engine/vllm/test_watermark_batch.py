@@ -67,6 +67,19 @@ def test_the_longest_neighbour_does_not_reach_into_a_short_chunks_end(watermarke
     assert _snr(beside_long[-tail:], alone[-tail:]) > 100
 
 
+def test_a_chunk_alone_is_upstreams_own_call(watermarker, monkeypatch) -> None:
+    x = _speechlike(0.4, 7)
+    calls: list[int] = []
+    original = type(watermarker).apply_watermark
+    monkeypatch.setattr(type(watermarker), "apply_watermark",
+                        lambda self, s, sample_rate: calls.append(s.size) or original(self, s, sample_rate=sample_rate))
+    (got,) = mark_batch(watermarker, [x], SR)
+    assert calls == [x.size] and got.dtype == np.float32
+    assert np.array_equal(got, np.asarray(original(watermarker, x, sample_rate=SR), dtype=np.float32))
+    mark_batch(watermarker, [x, _speechlike(0.5, 8)], SR)
+    assert calls == [x.size]  # two chunks: the batched pass, no per-chunk call
+
+
 def test_an_empty_batch_is_empty(watermarker) -> None:
     assert mark_batch(watermarker, [], SR) == []
 
