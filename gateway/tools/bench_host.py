@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -88,6 +90,19 @@ async def measure(streams: int, tokens: int) -> dict[str, Any]:
             "ceiling_audio_s_per_s": round(handoffs / wall / TOKENS_PER_AUDIO_S, 1)}
 
 
+def cpu_card() -> str:
+    """The CPU this ran on (its model name where ``/proc/cpuinfo`` says), cores and Python."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.tools.bench_host", description=__doc__.split("\n")[0])
     parser.add_argument("--streams", default="1,64,256")
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": f"{platform.processor() or platform.machine()} (CPU, {platform.python_version()})",
+            json.dump({"card": cpu_card(),
                        "date": time.strftime("%Y-%m-%d"),
                        "command": "python -m gateway.tools.bench_host " + " ".join(argv or sys.argv[1:]),
                        "rows": rows}, f, indent=1)

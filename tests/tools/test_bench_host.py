@@ -13,7 +13,7 @@ def test_a_row_counts_every_hand_off(tmp_path: Path, capsys) -> None:  # type: i
     out = tmp_path / "host.json"
     assert bench_host.main(["--streams", "1,4", "--tokens", "30", "--repeats", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert {"card", "date", "command"} <= set(doc) and "--streams 1,4" in doc["command"]
+    assert {"card", "date", "command"} <= set(doc) and "--streams 1,4" in doc["command"] and "cores" in doc["card"]
     one, four = doc["rows"]
     assert (one["streams"], four["streams"]) == (1, 4)
     assert one["steps"] == four["steps"] == 30  # every live stream gets its token each step
