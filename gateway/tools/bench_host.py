@@ -85,7 +85,8 @@ async def measure(streams: int, tokens: int) -> dict[str, Any]:
     if sum(got) != handoffs:
         raise RuntimeError(f"{sum(got)} tokens arrived of {handoffs}")
     return {"path": "thread hand-off", "streams": streams, "tokens": tokens, "steps": engine.steps,
-            "wall_us_per_handoff": round(wall / handoffs * 1e6, 2), "cpu_us_per_handoff": round(cpu / handoffs * 1e6, 2),
+            "wall_us_per_handoff": round(wall / handoffs * 1e6, 2),
+            "cpu_us_per_handoff": round(cpu / handoffs * 1e6, 2),
             "steps_per_s": round(engine.steps / wall, 1),
             "ceiling_audio_s_per_s": round(handoffs / wall / TOKENS_PER_AUDIO_S, 1)}
 

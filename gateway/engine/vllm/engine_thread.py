@@ -20,11 +20,12 @@ runs both); the default stays ``process``.
 
 Threading: every call into the ``LLMEngine`` happens on the engine thread. Other threads talk
 to it through a command queue (add, abort, stop); a step's outputs go back to their requests'
-asyncio queues with one ``call_soon_threadsafe`` per event loop (a wake-up of the loop, a
-write to its self-pipe: one per step, not one per request and step). The thread blocks on the queue while no request is
-unfinished, and otherwise steps the engine, taking new commands between steps. When the
-thread ends (shut down, or an exception in the engine), every open request gets
-:class:`EngineThreadDied`, and so do ``check_health`` and new requests: none is left waiting. vLLM keeps one distributed state per process, so one such engine per process.
+asyncio queues with one ``call_soon_threadsafe`` per event loop (a wake-up of the loop, a write
+to its self-pipe: one per step, not one per request and step). The thread blocks on the queue
+while no request is unfinished, and otherwise steps the engine, taking new commands between
+steps. When the thread ends (shut down, or an exception in the engine), every open request gets
+:class:`EngineThreadDied`, and so do ``check_health`` and new requests: none is left waiting.
+vLLM keeps one distributed state per process, so one such engine per process.
 """
 
 from __future__ import annotations

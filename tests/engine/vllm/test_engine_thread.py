@@ -146,7 +146,8 @@ def test_the_setting_refuses_several_models_in_one_thread() -> None:
 def test_the_stream_priority_needs_the_engine_core_in_a_thread() -> None:
     with pytest.raises(SettingsError, match="vllm_engine_core thread"):
         load_settings(environ={}, overrides={"vllm_engine_stream_priority": "high"})
-    settings = load_settings(environ={}, overrides={"vllm_engine_core": "thread", "vllm_engine_stream_priority": "high"})
+    settings = load_settings(environ={}, overrides={"vllm_engine_core": "thread",
+                                                    "vllm_engine_stream_priority": "high"})
     assert settings.vllm_engine_stream_priority == "high"
     assert load_settings(environ={}).vllm_engine_stream_priority == "normal"
 
