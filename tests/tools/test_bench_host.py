@@ -11,7 +11,8 @@ from gateway.tools import bench_host
 
 def test_a_row_counts_every_hand_off(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "host.json"
-    assert bench_host.main(["--streams", "1,4", "--tokens", "30", "--repeats", "1", "--json", str(out)]) == 0
+    assert bench_host.main(["--paths", "thread", "--streams", "1,4", "--tokens", "30", "--repeats", "1",
+                            "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert {"card", "date", "command"} <= set(doc) and "--streams 1,4" in doc["command"] and "cores" in doc["card"]
     one, four = doc["rows"]
@@ -33,3 +34,14 @@ def test_the_tick_engine_ends_each_request_on_its_last_token() -> None:
     last, = engine.step()
     assert (first.finished, last.finished) == (False, True) and not engine.has_unfinished_requests()
     assert last.outputs[0].token_ids == [2]
+
+
+def test_the_process_path_needs_vllm_and_says_so(capsys) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the process path runs (the GPU machine)")
+    assert bench_host.main(["--paths", "process", "--streams", "1", "--tokens", "5", "--repeats", "1"]) == 2
+    assert "skipped, vLLM is not installed" in capsys.readouterr().err
