@@ -15,16 +15,22 @@ from typing import Any
 
 def read_timelines(log: Path, ids: list[str], wait_s: float) -> dict[str, list[list[Any]]]:
     """The ``timeline`` of each request id's log line (the line is written when the request
-    ends; the log may lag by a moment)."""
+    ends; the log may lag by a moment, so it is read on as it grows for up to ``wait_s``)."""
     wanted = set(ids)
     found: dict[str, list[list[Any]]] = {}
     deadline = time.monotonic() + wait_s
+    offset, partial = 0, b""
     while True:
-        for line in log.read_text(errors="replace").splitlines():
-            if '"timeline"' not in line:
+        with log.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        *lines, partial = (partial + chunk).split(b"\n")
+        for raw in lines:
+            if b'"timeline"' not in raw:
                 continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(raw.decode(errors="replace"))
             except ValueError:
                 continue
             if entry.get("request_id") in wanted and isinstance(entry.get("timeline"), list):

@@ -185,3 +185,18 @@ async def test_the_header_is_ignored_unless_the_server_allows_timelines(make_gat
         with capture_logs() as logs:
             assert (await gw.http.post("/v1/audio/speech", json=body, headers={"X-Timeline": "1"})).status_code == 200
     assert all("timeline" not in entry for entry in logs)
+
+
+def test_timelines_are_read_from_a_growing_log(tmp_path: Path) -> None:
+    """Lines come in as requests end, the last one maybe half-written when first read; other
+    lines and requests are ignored, and a request that never shows is left out after the wait."""
+    import threading
+
+    log = tmp_path / "server.log"
+    log.write_bytes(b'{"request_id": "a", "timeline": [["body read", 1.0]]}\nnot json\n{"request_id": "b", "time')
+    writer = threading.Timer(0.3, lambda: log.open("ab").write(
+        b'line": [["body read", 2.0]]}\n{"request_id": "x", "timeline": []}\n'))
+    writer.start()
+    found = timeline_log.read_timelines(log, ["a", "b", "missing"], wait_s=1.0)
+    writer.join()
+    assert found == {"a": [["body read", 1.0]], "b": [["body read", 2.0]]}
