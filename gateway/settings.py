@@ -245,6 +245,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """vLLM: most sequences decoded in one batch."""
     vllm_max_model_len: PositiveInt = 2048
     """vLLM: longest sequence (prompt and speech tokens)."""
+    vllm_max_num_batched_tokens: Annotated[int, Meta(ge=0)] = 0
+    """vLLM: most tokens one engine step takes, prompt chunks and decodes together (its
+    ``max_num_batched_tokens``). 0: vLLM's default for an engine it does not serve itself
+    (2048 in vLLM 0.24; its own API server takes 8192 on an H100/H200). More lets a burst of
+    new requests prefill in fewer steps, each step then longer for the streams decoding.
+    docs/operations.md."""
     vllm_gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
     """vLLM: share of GPU memory its engine may use (weights and KV cache); with several
     families loaded, all their engines together (their KV caches split equally)."""
