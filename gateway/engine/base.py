@@ -101,11 +101,12 @@ class BatchStats:
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class T3Stats:
     """One model's T3 (speech token) requests as the engine sees them, read by the metrics
     layer at each scrape: where requests wait under load (for their first token: the T3
-    engine's queue and prefill) and how fast the decoding ones get tokens."""
+    engine's queue and prefill) and how fast the decoding ones get tokens. An engine keeps one
+    per model up to date (on its event loop) and hands out copies."""
 
     waiting: int = 0
     """Requests sent to T3 whose first token has not come yet."""

@@ -10,6 +10,7 @@ cancellation behave as with a real engine; the engine records which jobs were ca
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -58,7 +59,7 @@ class FakeEngine(Engine):
         self.jobs: list[SynthesisJob] = []
         """Every job handed to synthesize(), in order (tests inspect params and chunks)."""
         self.completed: list[str] = []
-        self._t3_counts: dict[str, dict[str, int]] = {}
+        self._t3_counts: dict[str, T3Stats] = {}
         """Per model, the counts behind :meth:`t3_stats`."""
         self.cancelled: list[str] = []
         """Request ids whose audio iterator was closed before it finished."""
@@ -112,10 +113,10 @@ class FakeEngine(Engine):
             for text in job.chunks:
                 total = self.speech_tokens_for(text, job.params.max_speech_tokens)
                 pitches = self._pitches(job, text, total)
-                counts = self._t3_counts.setdefault(job.model, dict.fromkeys(T3Stats.__slots__, 0))
-                counts["requests"] += 1
-                state = "waiting"  # as a T3 request: waiting for its first token, then decoding
-                counts[state] += 1
+                counts = self._t3_counts.setdefault(job.model, T3Stats())
+                counts.requests += 1
+                counts.waiting += 1  # as a T3 request: waiting for its first token, then decoding
+                started = False
                 try:
                     for start in range(0, total, TOKENS_PER_PIECE):
                         if self.piece_delay_s:
@@ -126,15 +127,18 @@ class FakeEngine(Engine):
                             raise EngineError("the fake engine failed as configured")
                         piece = pitches[start : start + TOKENS_PER_PIECE]
                         pieces += 1
-                        if state == "waiting":
-                            counts["waiting"] -= 1
-                            state = "decoding"
-                            counts[state] += 1
-                        counts["tokens"] += len(piece)
-                        counts["deliveries"] += 1
+                        if not started:
+                            started = True
+                            counts.waiting -= 1
+                            counts.decoding += 1
+                        counts.tokens += len(piece)
+                        counts.deliveries += 1
                         yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
                 finally:
-                    counts[state] -= 1
+                    if started:
+                        counts.decoding -= 1
+                    else:
+                        counts.waiting -= 1
             finished = True
         except EngineError:
             _append_bounded(self.failed, job.request_id)
@@ -149,7 +153,7 @@ class FakeEngine(Engine):
         """Its chunks counted as a T3 engine's requests (waiting until their first piece, then
         decoding; a piece's tokens one delivery), so the metrics and the benchmark's T3 columns
         run against the fake too."""
-        return {model: T3Stats(**counts) for model, counts in self._t3_counts.items()}
+        return {model: dataclasses.replace(counts) for model, counts in self._t3_counts.items()}
 
     def _pitches(self, job: SynthesisJob, text: str, count: int) -> np.ndarray:
         seed = DEFAULT_SEED if job.params.seed is None else job.params.seed

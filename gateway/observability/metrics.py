@@ -62,15 +62,19 @@ class _AdmissionRefusals(Collector):
         yield family
 
 
-class _BatchStats(Collector):
-    """An engine's cross-request batching counters (``Engine.batch_stats()``, e.g. the vLLM
-    engine's vocoder loop), read at scrape time; absent for engines that do not batch."""
+class _EngineCollector(Collector):
+    """What an engine reports, read at each scrape from the engine loaded then (if any)."""
 
     def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self._engine = engine
 
     def describe(self) -> Iterable[Any]:
         return []  # the families depend on the engine loaded later
+
+
+class _BatchStats(_EngineCollector):
+    """An engine's cross-request batching counters (``Engine.batch_stats()``, e.g. the vLLM
+    engine's vocoder loop), read at scrape time; absent for engines that do not batch."""
 
     def collect(self) -> Iterable[Any]:
         engine = self._engine()
@@ -101,7 +105,7 @@ class _BatchStats(Collector):
             yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))
 
 
-class _T3Stats(Collector):
+class _T3Stats(_EngineCollector):
     """The engine's T3 requests per model (``Engine.t3_stats()``), read at scrape time; absent
     for engines that do not report them. Under load, ``t3_waiting_requests`` says whether
     requests queue before T3 (vLLM's scheduler, its prefill), and the token counter over the
@@ -117,12 +121,6 @@ class _T3Stats(Collector):
         "deliveries": ("t3_token_deliveries",
                        "Hand-offs of speech tokens from T3 (tokens per hand-off: tokens over these)."),
     }
-
-    def __init__(self, engine: Callable[[], Engine | None]) -> None:
-        self._engine = engine
-
-    def describe(self) -> Iterable[Any]:
-        return []  # the families depend on the engine loaded later
 
     def collect(self) -> Iterable[Any]:
         engine = self._engine()

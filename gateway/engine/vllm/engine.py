@@ -67,17 +67,6 @@ SPEECH_VOCAB_SIZE = 6561
 
 
 @dataclasses.dataclass(slots=True)
-class _T3Counts:
-    """The live counts behind :class:`~gateway.engine.base.T3Stats` (event-loop thread only)."""
-
-    waiting: int = 0
-    decoding: int = 0
-    requests: int = 0
-    tokens: int = 0
-    deliveries: int = 0
-
-
-@dataclasses.dataclass(slots=True)
 class FamilyRuntime:
     """Everything one loaded family serves with (filled in as the engine starts)."""
 
@@ -91,8 +80,8 @@ class FamilyRuntime:
     llm: Any = None
     """Its vLLM ``AsyncLLM``."""
     vocoder: Any = None
-    counts: _T3Counts = dataclasses.field(default_factory=_T3Counts)
-    """Its T3 requests so far (``VllmEngine.t3_stats``)."""
+    counts: T3Stats = dataclasses.field(default_factory=T3Stats)
+    """Its T3 requests so far, kept by the token tasks (``VllmEngine.t3_stats`` copies it)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -369,8 +358,7 @@ class VllmEngine(UpstreamVoices, Engine):
     def t3_stats(self) -> dict[str, T3Stats]:
         """Each loaded family's T3 requests: waiting for their first token (vLLM's queue and
         prefill), decoding, and the tokens delivered (counted where the engine takes them)."""
-        return {name: T3Stats(c.waiting, c.decoding, c.requests, c.tokens, c.deliveries)
-                for name, c in ((name, r.counts) for name, r in self.runtimes.items())}
+        return {name: dataclasses.replace(runtime.counts) for name, runtime in self.runtimes.items()}
 
     async def _shutdown(self) -> None:
         self._loaded = False  # new jobs fail from here on
