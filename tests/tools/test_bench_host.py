@@ -36,12 +36,27 @@ def test_the_tick_engine_ends_each_request_on_its_last_token() -> None:
     assert last.outputs[0].token_ids == [2]
 
 
-def test_the_process_path_needs_vllm_and_says_so(capsys) -> None:  # type: ignore[no-untyped-def]
-    import importlib.util
-
-    import pytest
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here: the process path runs (the GPU machine)")
+def test_the_process_path_needs_vllm_and_says_so(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(bench_host, "vllm_importable", lambda: False)
     assert bench_host.main(["--paths", "process", "--streams", "1", "--tokens", "5", "--repeats", "1"]) == 2
     assert "skipped, vLLM is not installed" in capsys.readouterr().err
+    assert bench_host.main(["--paths", "process,thread", "--streams", "1", "--tokens", "5", "--repeats", "1"]) == 0
+    assert "| thread hand-off | 1 | 5 |" in capsys.readouterr().out  # the other path still runs
+
+
+def test_a_folder_named_vllm_is_not_taken_for_vllm(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """pytest puts folders such as tests/engine on the path, where ``vllm`` is a test folder:
+    the process path is offered only where vLLM itself is installed (its distribution)."""
+    import importlib.metadata
+    import sys
+
+    (tmp_path / "vllm").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        importlib.metadata.version("vllm")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    assert bench_host.vllm_importable() is installed
