@@ -120,6 +120,39 @@ class T3Stats:
     """Token deliveries (monotonic): ``tokens / deliveries`` is the tokens each hand-off
     carries (1 when every step is delivered alone; more when steps are merged or grouped)."""
 
+    def request(self) -> T3Request:
+        """Count a request sent now; its handle counts its deliveries and its end."""
+        self.requests += 1
+        self.waiting += 1
+        return T3Request(self)
+
+
+class T3Request:
+    """One request in its model's :class:`T3Stats`: waiting until its first delivery, then
+    decoding until :meth:`end` (call it once the request is over, however it ended)."""
+
+    __slots__ = ("_stats", "_state")
+
+    def __init__(self, stats: T3Stats) -> None:
+        self._stats = stats
+        self._state = "waiting"
+
+    def delivered(self, tokens: int) -> None:
+        stats = self._stats
+        if self._state == "waiting":
+            stats.waiting -= 1
+            stats.decoding += 1
+            self._state = "decoding"
+        stats.tokens += tokens
+        stats.deliveries += 1
+
+    def end(self) -> None:
+        if self._state == "waiting":
+            self._stats.waiting -= 1
+        elif self._state == "decoding":
+            self._stats.decoding -= 1
+        self._state = "ended"
+
 
 @runtime_checkable
 class Engine(Protocol):

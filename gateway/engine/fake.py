@@ -113,10 +113,7 @@ class FakeEngine(Engine):
             for text in job.chunks:
                 total = self.speech_tokens_for(text, job.params.max_speech_tokens)
                 pitches = self._pitches(job, text, total)
-                counts = self._t3_counts.setdefault(job.model, T3Stats())
-                counts.requests += 1
-                counts.waiting += 1  # as a T3 request: waiting for its first token, then decoding
-                started = False
+                counted = self._t3_counts.setdefault(job.model, T3Stats()).request()  # as a T3 request
                 try:
                     for start in range(0, total, TOKENS_PER_PIECE):
                         if self.piece_delay_s:
@@ -127,18 +124,10 @@ class FakeEngine(Engine):
                             raise EngineError("the fake engine failed as configured")
                         piece = pitches[start : start + TOKENS_PER_PIECE]
                         pieces += 1
-                        if not started:
-                            started = True
-                            counts.waiting -= 1
-                            counts.decoding += 1
-                        counts.tokens += len(piece)
-                        counts.deliveries += 1
+                        counted.delivered(len(piece))
                         yield AudioChunk(samples=_tones(piece), speech_tokens=len(piece))
                 finally:
-                    if started:
-                        counts.decoding -= 1
-                    else:
-                        counts.waiting -= 1
+                    counted.end()
             finished = True
         except EngineError:
             _append_bounded(self.failed, job.request_id)

@@ -163,3 +163,16 @@ def test_the_load_test_splits_gpu_memory_by_process_and_allocator(monkeypatch) -
     split = loadtest._gpu_split(100, {"chatterbox_cuda_allocated_bytes": 2 << 30, "chatterbox_cuda_reserved_bytes": 5 << 29})
     assert split == {"server": 3072.0, "children": 92160.0, "server_allocated": 2048.0, "server_reserved": 2560.0}
     assert loadtest._gpu_split(None, {}) == dict.fromkeys(split)  # no pid, no GPU: unknown, not zero
+
+
+def test_a_t3_request_moves_from_waiting_to_decoding_and_ends_once() -> None:
+    stats = T3Stats()
+    never, served = stats.request(), stats.request()
+    assert (stats.requests, stats.waiting, stats.decoding) == (2, 2, 0)
+    served.delivered(3)
+    served.delivered(1)
+    assert (stats.waiting, stats.decoding, stats.tokens, stats.deliveries) == (1, 1, 4, 2)
+    never.end()  # aborted before its first token
+    served.end()
+    served.end()  # a second end counts nothing
+    assert (stats.requests, stats.waiting, stats.decoding, stats.tokens) == (2, 0, 0, 4)

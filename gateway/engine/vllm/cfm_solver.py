@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from einops import pack, rearrange, repeat
 
+from gateway.engine.vllm.graph_calls import capture_graph
+
 log = logging.getLogger(__name__)
 
 MEL_BINS = 80
@@ -381,14 +383,7 @@ class _Graph:
         self.spks = torch.randn(rows, MEL_BINS, device=dev, dtype=dt, generator=gen)
         self.mask = torch.ones(rows, 1, frames, device=dev, dtype=dt)
         args = (self.noise, self.mu, self.mask, self.spks, self.cond)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.inference_mode():
-            solver.solve_eager(*args)  # warm-up: library handles, kernel selection
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
-            self.out = solver.solve_eager(*args)
+        self.graph, self.out = capture_graph(solver.solve_eager, args, pool)
 
     def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
             cond: torch.Tensor) -> torch.Tensor:

@@ -498,21 +498,13 @@ class VllmEngine(UpstreamVoices, Engine):
                       generated: _Generated) -> None:
         """Speech token deltas from vLLM into the vocoder stream, then the family's tail
         tokens (after any speech), then ``finish``."""
-        counts = runtime.counts
-        counts.requests += 1
-        counts.waiting += 1
-        started = False
+        counted = runtime.counts.request()
         try:
             async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id):
-                if not started:
-                    started = True
-                    counts.waiting -= 1
-                    counts.decoding += 1
                 ids = out.outputs[0].token_ids
                 made = sum(1 for t in ids if 0 <= t < SPEECH_VOCAB_SIZE)
                 generated.tokens += made
-                counts.tokens += made
-                counts.deliveries += 1
+                counted.delivered(made)
                 stream.push(ids)
             if generated.tokens and runtime.t3.tail_tokens:
                 stream.push(runtime.t3.tail_tokens)
@@ -526,10 +518,7 @@ class VllmEngine(UpstreamVoices, Engine):
             stream.cancel()
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            if started:
-                counts.decoding -= 1
-            else:
-                counts.waiting -= 1
+            counted.end()
 
 
 async def _mark_alone(watermarker: Any, samples: np.ndarray) -> np.ndarray:

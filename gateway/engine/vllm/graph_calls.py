@@ -18,6 +18,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -27,19 +28,28 @@ Key = tuple[int, int]
 """(rows, width) of a captured call."""
 
 
+def capture_graph(fn: Callable[..., Any], args: Sequence[torch.Tensor], pool: tuple[int, int] | None, *,
+                  error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn(*args)`` captured as a CUDA graph in ``pool`` after one warm-up call on a side
+    stream (library handles, kernel selection, lazily built buffers); returns the graph and
+    the outputs of the captured call (its static output buffers)."""
+    device = args[0].device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+        outputs = fn(*args)
+    return graph, outputs
+
+
 class _Captured:
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],
                  pool: tuple[int, int] | None) -> None:
-        device = inputs[0].device
         self.inputs = [t.clone() for t in inputs]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            fn(*self.inputs)  # warm-up: library handles, kernel selection, lazily built buffers
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
+        self.graph, self.outputs = capture_graph(fn, self.inputs, pool, error_mode="thread_local")
 
     def run(self, inputs: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
         for static, value in zip(self.inputs, inputs):

@@ -485,8 +485,8 @@ class S3GenBatch:
             padded = self.hift_graphs.fit(len(idx), frames)
             extra = (padded or len(idx)) - len(idx)
             zero_phase = torch.zeros(self.harmonics, device=self.device)
-            silent = torch.zeros(MEL_BINS, frames, device=self.device)
-            mel = torch.stack([rows[i].mel.float() for i in idx] + [silent] * extra)
+            silent = [torch.zeros(MEL_BINS, frames, device=self.device)] * extra
+            mel = torch.stack([rows[i].mel.float() for i in idx] + silent)
             phase = torch.stack([zero_phase if rows[i].phase is None else rows[i].phase for i in idx]
                                 + [zero_phase] * extra)
             starts = [rows[i].start_frame * SAMPLES_PER_FRAME for i in idx] + [0] * extra
