@@ -122,7 +122,10 @@ def test_an_http_row_can_carry_timelines_under_load(tmp_path: Path) -> None:
     wave, steady = row["timeline_first_wave"], row["timeline_steady"]
     assert wave[0]["runs"] >= 3 and [s["stage"] for s in wave][-1] == "first byte written"
     assert steady and steady[-1]["stage"] == "first byte written" and steady[-1]["runs"] >= 3
-    assert row["t3_waiting_max"] >= 0 and row["t3_tokens_per_s"] > 0 and row["t3_decoding_mean"] > 0
+    # The gauges are sampled once a second and the fake decodes a request in a few ms, so a sample
+    # may well find none decoding: their columns must be there; the token counter must have moved.
+    # (The arithmetic of the columns is test_the_t3_columns_follow_their_definitions's.)
+    assert row["t3_waiting_max"] >= 0 and row["t3_decoding_mean"] >= 0 and row["t3_tokens_per_s"] > 0
 
 
 def test_a_body_of_the_wrong_length_is_an_error() -> None:
