@@ -12,9 +12,17 @@ from gateway.engine.base import Engine
 from gateway.settings import Settings, SettingsError
 
 
+def vllm_installed() -> bool:
+    """The vllm package is on the path (looked up, not imported: importing it costs seconds).
+    A directory named ``vllm`` without an ``__init__.py`` (a test folder pytest put on the
+    path, a stray checkout) is a namespace package to the import system, not vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
 def vllm_available() -> bool:
-    """CUDA present and the vllm package importable (checked without importing vllm)."""
-    if importlib.util.find_spec("vllm") is None:
+    """CUDA present and the vllm package installed (checked without importing vllm)."""
+    if not vllm_installed():
         return False
     import torch
 
@@ -31,7 +39,7 @@ def resolve_engine_name(settings: Settings) -> str:
     if settings.engine == "auto":
         return "vllm" if vllm_available() else "reference"
     if settings.engine == "vllm" and not vllm_available():
-        missing = "the vllm package" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
+        missing = "a CUDA GPU" if vllm_installed() else "the vllm package"
         raise SettingsError(
             f"--engine vllm needs {missing}. Install the GPU extra (pip install "
             "'chatterbox-gateway[gpu]') on a CUDA machine, or use --engine reference."

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.engine.base import Engine
-from gateway.engine.factory import build_engine, resolve_engine_name, vllm_available
+from gateway.engine.factory import build_engine, resolve_engine_name, vllm_available, vllm_installed
 from gateway.errors import EngineUnavailableError
 from gateway.settings import Settings, SettingsError
 
@@ -46,10 +47,19 @@ def test_vllm_where_it_cannot_run_is_a_settings_error(tmp_path: Path) -> None:
         build_engine(_settings(tmp_path, "vllm"))
     message = str(info.value)
     assert "--engine reference" in message
-    if importlib.util.find_spec("vllm") is None:
-        assert "vllm package" in message
-    else:
-        assert "CUDA" in message
+    assert ("CUDA" if vllm_installed() else "vllm package") in message
+
+
+def test_a_folder_named_vllm_is_not_vllm(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """pytest puts folders such as tests/engine on the path, where ``vllm`` is a test folder
+    (a namespace package to the import system); a package with an ``__init__.py`` is one."""
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    (tmp_path / "vllm").mkdir()
+    assert not vllm_installed() and not vllm_available()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    importlib.invalidate_caches()
+    assert vllm_installed()
 
 
 def test_vllm_serves_every_family_and_auto_picks_it_for_any_mix(tmp_path: Path) -> None:
