@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gateway.cluster import deploy
+from gateway.cluster.handle_router import stop_handle_router
 from gateway.cluster.options import check_cluster_settings
 from gateway.cluster.replica import EngineFactory, ReplicaInfo
 from gateway.cluster.voice_refs import ClipReference, load_ref, save_ref
@@ -246,4 +247,5 @@ def _shutdown_ray() -> None:
     from ray import serve
 
     serve.shutdown()
+    stop_handle_router()  # Serve's shutdown leaves it running: see gateway/cluster/handle_router.py
     ray.shutdown()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cluster import deploy
+from gateway.cluster.handle_router import stop_handle_router
 from gateway.cluster.options import DEPLOYMENT_NAME
 from gateway.cluster.replica import JobRecord, ReplicaRecord
 from gateway.engine.base import AudioChunk, SynthesisJob
@@ -81,6 +82,7 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         serve.shutdown()
+        stop_handle_router()
         ray.shutdown()
 
 
