@@ -106,7 +106,8 @@ class T3Stats:
     """One model's T3 (speech token) requests as the engine sees them, read by the metrics
     layer at each scrape: where requests wait under load (for their first token: the T3
     engine's queue and prefill) and how fast the decoding ones get tokens. An engine keeps one
-    per model up to date (on its event loop) and hands out copies."""
+    per model up to date (on its event loop, or under a lock where worker threads count) and
+    hands out copies."""
 
     waiting: int = 0
     """Requests sent to T3 whose first token has not come yet."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, SynthesisJob
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, SynthesisJob, T3Request, T3Stats
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.errors import EngineError, EngineUnavailableError, GatewayError, InvalidRequestError
@@ -51,6 +52,11 @@ class ReferenceEngine(UpstreamVoices, Engine):
         self._active_stop: threading.Event | None = None
         self._live_jobs: set[threading.Event] = set()
         self._hooks: list[Any] = []
+        self._t3_counts: dict[str, T3Stats] = {}
+        """Per model, the counts behind :meth:`t3_stats`: each chunk's T3 call is a request
+        (waiting for the model and its first step, decoding, ended with T3), changed from the
+        event loop and the worker threads under ``_t3_lock``."""
+        self._t3_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -120,14 +126,19 @@ class ReferenceEngine(UpstreamVoices, Engine):
         self._live_jobs.add(stop)
         try:
             for index, text in enumerate(job.chunks):
+                with self._t3_lock:
+                    counted = self._t3_counts.setdefault(job.model, T3Stats()).request()
                 try:
-                    chunk = await asyncio.to_thread(self._render_chunk, components, job, index, text, stop)
+                    chunk = await asyncio.to_thread(self._render_chunk, components, job, index, text, stop, counted)
                 except GatewayError:
                     raise
                 except _Stopped:
                     raise EngineUnavailableError("the engine is shutting down") from None
                 except Exception as exc:  # noqa: BLE001 - any model failure is the engine's, not the client's
                     raise EngineError(f"synthesis failed: {type(exc).__name__}: {exc}") from exc
+                finally:  # T3 ended it already unless the chunk failed or was left (cancelled)
+                    with self._t3_lock:
+                        counted.end()
                 yield chunk
         finally:
             # Reached on completion, on aclose() at a yield, and on task cancellation while a
@@ -143,7 +154,12 @@ class ReferenceEngine(UpstreamVoices, Engine):
             if count_chunk_tokens(components, text, job.language) > limit:
                 raise InvalidRequestError(f"a text chunk exceeds the model's {limit} text tokens", param="input")
 
-    def _render_chunk(self, components: Any, job: SynthesisJob, index: int, text: str, stop: threading.Event) -> AudioChunk:
+    def t3_stats(self) -> dict[str, T3Stats]:
+        with self._t3_lock:
+            return {model: dataclasses.replace(counts) for model, counts in self._t3_counts.items()}
+
+    def _render_chunk(self, components: Any, job: SynthesisJob, index: int, text: str, stop: threading.Event,
+                      counted: T3Request) -> AudioChunk:
         import torch
 
         from gateway.engine.checkpoint.components import chunk_text_ids, request_t3_cond
@@ -162,6 +178,7 @@ class ReferenceEngine(UpstreamVoices, Engine):
                     request_t3_cond(job.voice.conditionals, params.exaggeration),
                     chunk_text_ids(components, text, job.language),
                     stop,
+                    counted,
                 )
                 if tokens.numel() == 0:  # random weights can sample only special ids
                     return AudioChunk(samples=np.zeros(0, dtype=np.float32), speech_tokens=0)
@@ -191,8 +208,10 @@ class ReferenceEngine(UpstreamVoices, Engine):
         samples = fade_edges(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
         return AudioChunk(samples=samples, speech_tokens=speech_tokens)
 
-    def _speech_tokens(self, components: Any, job: SynthesisJob, t3_cond: Any, text_ids: Any, stop: threading.Event) -> Any:
-        """The chunk's speech tokens for S3Gen (runs under the model lock, in the worker)."""
+    def _speech_tokens(self, components: Any, job: SynthesisJob, t3_cond: Any, text_ids: Any, stop: threading.Event,
+                       counted: T3Request) -> Any:
+        """The chunk's speech tokens for S3Gen (runs under the model lock, in the worker);
+        ``counted`` gets a delivery per step and ends with T3."""
         from gateway.engine.reference.t3_decode import (
             Sampling,
             generate_speech_tokens,
@@ -212,15 +231,25 @@ class ReferenceEngine(UpstreamVoices, Engine):
             top_k=TOP_K.get(family.id, 0),
         )
         decode = generate_speech_tokens if family.cfg else generate_turbo_tokens
-        raw = decode(
-            components.t3,
-            t3_cond,
-            text_ids,
-            sampling,
-            max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
-            should_stop=stop.is_set,
-            on_step=self._count_decode_step,
-        )
+
+        def on_step(_step: int) -> None:  # one token a step
+            self.decode_steps += 1
+            with self._t3_lock:
+                counted.delivered(1)
+
+        try:
+            raw = decode(
+                components.t3,
+                t3_cond,
+                text_ids,
+                sampling,
+                max_new_tokens=min(params.max_speech_tokens, self.settings.max_speech_tokens),
+                should_stop=stop.is_set,
+                on_step=on_step,
+            )
+        finally:
+            with self._t3_lock:
+                counted.end()
         return valid_speech_tokens(raw) if family.cfg else turbo_speech_tokens(raw)
 
     @contextlib.contextmanager
@@ -241,9 +270,6 @@ class ReferenceEngine(UpstreamVoices, Engine):
     def busy(self) -> bool:
         """True while some job holds the model (a cancelled job's worker may still be finishing)."""
         return self._model_lock.locked()
-
-    def _count_decode_step(self, _step: int) -> None:
-        self.decode_steps += 1
 
     def _flow_step_hook(self, _module: Any, _args: Any) -> None:
         # Runs in the worker thread once per CFM estimator call (each Euler step).

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, GenerationParams, SynthesisJob, Voice
+from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, GenerationParams, SynthesisJob, T3Stats, Voice
 from gateway.engine.reference.engine import ReferenceEngine
 from gateway.errors import EngineUnavailableError, InvalidRequestError
 from gateway.settings import Settings
@@ -179,6 +179,34 @@ async def test_cancelling_the_consumer_stops_decoding_within_steps(engine: Refer
     await _wait_idle(engine)
     assert engine.decode_steps - at_cancel <= 2  # the step in flight, at most one more
     assert engine.decode_steps - start_steps < 20
+
+
+async def test_t3_requests_are_counted_waiting_decoding_and_ended(engine: ReferenceEngine, voice: Voice) -> None:
+    """Each chunk's T3 call is a request in ``t3_stats`` (the metrics' ``chatterbox_t3_*``):
+    waiting while another job holds the model, decoding from its first step, ended with T3
+    (before S3Gen) and on a cancel."""
+    before = engine.t3_stats().get("chatterbox", T3Stats())
+    first = asyncio.create_task(_collect(engine, _job(voice, "Hold the model.", tokens=40)))
+    deadline = time.monotonic() + 60
+    while engine.t3_stats().get("chatterbox", T3Stats()).decoding < before.decoding + 1:
+        assert time.monotonic() < deadline and not first.done()
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(_collect(engine, _job(voice, "Wait for it.", "Then more.", tokens=2)))
+    while engine.t3_stats()["chatterbox"].waiting < before.waiting + 1:  # behind the model lock
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    busy = engine.t3_stats()["chatterbox"]
+    assert (busy.decoding, busy.waiting) == (before.decoding + 1, before.waiting + 1)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    chunks = await second
+    await _wait_idle(engine)
+    after = engine.t3_stats()["chatterbox"]
+    assert (after.waiting, after.decoding) == (before.waiting, before.decoding) == (0, 0)
+    assert after.requests == before.requests + 3  # one per chunk: the cancelled one and two
+    made = after.tokens - before.tokens
+    assert made >= sum(c.speech_tokens for c in chunks) + 1 and after.deliveries - before.deliveries == made
 
 
 async def test_closing_between_chunks_runs_nothing_more(engine: ReferenceEngine, voice: Voice) -> None:
