@@ -33,6 +33,7 @@ From the arrival times of the audio bytes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
@@ -49,6 +50,7 @@ from gateway.observability.timeline import HEADER as TIMELINE_HEADER
 from gateway.tools import host_probes, timeline_log
 from gateway.tools.bench_server import scrape
 from gateway.tools.loadtest import SAMPLES_PER_TOKEN, audio_samples
+from gateway.tools.stream_client import stream_client
 
 TEXT_10S = ("The quick brown fox jumps over the lazy dog while the gateway keeps every stream "
             "busy and the vocoder batches windows from all of them.")
@@ -161,18 +163,17 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     timeline, and the row gets the stage medians of the first wave's and of the steady span's
     requests that had audio (``timeline_first_wave``, ``timeline_steady``): where first audio
     waits under load."""
-    n = len(models)
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2.0)
     before = await asyncio.to_thread(scrape, base)
     peaks = {"rss": 0, "gpu": 0}
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(request_timeout_s, connect=10.0),
-                                 limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        # made before the clock starts: the first wave's requests leave together
+        streams = [await stack.enter_async_context(stream_client(base, request_timeout_s)) for _ in models]
         level = _Level(time.perf_counter())
         end = level.t0 + window_s
         steady_from = level.t0 + window_s / 3
         marks: dict[str, dict[str, float]] = {}
 
-        async def loop(model: str) -> None:
+        async def loop(client: httpx.AsyncClient, model: str) -> None:
             body = request_body(model, voice, fmt, text)
             while time.perf_counter() < end:
                 await _one(client, level, body, fmt, expect_samples, timeline_log is not None)
@@ -196,7 +197,7 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             profiled.update(await profile())  # type: ignore[misc]
 
-        clients = [asyncio.create_task(loop(m)) for m in models]
+        clients = [asyncio.create_task(loop(client, m)) for client, m in zip(streams, models)]
         helpers = [asyncio.create_task(sample()), asyncio.create_task(metrics_at("steady", steady_from))]
         sampler = asyncio.create_task(profile_at(steady_from)) if profile is not None else None
         await asyncio.sleep(max(0.0, end - time.perf_counter()))

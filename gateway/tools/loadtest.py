@@ -42,6 +42,7 @@ import httpx
 
 from gateway.tools import host_probes
 from gateway.tools.bench_server import parse_metrics
+from gateway.tools.stream_client import stream_client
 
 MAX_CONCURRENCY = 1024
 MAX_DURATION_S = 3600.0
@@ -176,11 +177,13 @@ async def _client_loop(
     client: httpx.AsyncClient, body: dict[str, object], results: Results, stop_at: float, budget: list[int],
     expect_samples: int | None = None,
 ) -> None:
-    while time.monotonic() < stop_at and budget[0] > 0:
-        budget[0] -= 1
-        pause = await _one_request(client, body, results, expect_samples)
-        if pause:
-            await asyncio.sleep(pause)
+    """One stream: requests one after another on its own client (stream_client.py says why)."""
+    async with client:
+        while time.monotonic() < stop_at and budget[0] > 0:
+            budget[0] -= 1
+            pause = await _one_request(client, body, results, expect_samples)
+            if pause:
+                await asyncio.sleep(pause)
 
 
 def ffmpeg_children(pid: int) -> int:
@@ -263,11 +266,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "input": args.text,
         "response_format": args.format,
     }
-    # Idle connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s),
-    # so a request never races the server closing the connection it is about to reuse.
-    limits = httpx.Limits(
-        max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2, keepalive_expiry=2.0
-    )
+    # The warm-up, the probes and the scrapes; the load's streams have a client each. Idle
+    # connections are dropped well before the server's keep-alive timeout (uvicorn: 5 s), so
+    # a request never races the server closing the connection it is about to reuse.
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16, keepalive_expiry=2.0)
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
         rss_start = await server_rss(client, args.server_pid)
@@ -295,8 +297,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample_peak())
-        await asyncio.gather(*(_client_loop(client, body, results, stop_at, budget, args.expect_samples)
-                               for _ in range(args.concurrency)))
+        streams = [stream_client(args.url, args.request_timeout, headers) for _ in range(args.concurrency)]
+        await asyncio.gather(*(_client_loop(stream, body, results, stop_at, budget, args.expect_samples)
+                               for stream in streams))
         results.finished = time.monotonic()
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
