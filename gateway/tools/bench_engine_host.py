@@ -1,0 +1,337 @@
+"""The vLLM engine's host side under many streams, with the GPU's work stood in for.
+
+The question: at hundreds of streams, can the server's host side (one event loop and a few
+threads) keep up with what T3 and the vocoder produce on the GPU? On an H200 the 256-stream
+Turbo row gave ~194 audio-s per s while T3 alone stepped 256 rows every 12.7 ms (~805 audio-s
+per s) and the vocoder was 42% busy. This runs the engine's own code for everything that is
+host work: ``VllmEngine.synthesize`` with the family's real text front end and T3 prompt
+rows, the thread engine core (``ThreadedLLM``) and its hand-off, the token task, the vocoder
+stream's windows, the vocoder loop's planning and pipelining, seams and crossfades, the
+chunks to the caller. What runs on the GPU is stood in for:
+
+* T3: every live request gets its next speech token each step, a step taking
+  ``--t3-step-ms A,B`` = A + B x rows milliseconds (slept, the GIL free, as a GPU step waits).
+  The default, 2.7 + 0.039 x rows, follows Turbo's T3 alone on the H200 (~2.7 ms at one row,
+  12.7 at 256: docs/benchmarks.md).
+* the vocoder's batch (S3Gen's flow and HiFT, and the host work of building its inputs): the
+  rows' audio as zeros of the right length after ``--vocoder-ms A,B`` = A + B x rows
+  milliseconds on the vocoder's worker thread (default 0: the host ceiling).
+
+No watermark (its host part, resampling, costs ~0.4 ms per audio-second on one core here).
+Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
+measure that path). Each row prints the audio-seconds per second in the steady part of the
+window (from a third of it), first audio, and the process's CPU seconds per audio second.
+
+``python -m gateway.tools.bench_engine_host --model chatterbox-turbo --streams 1,64,256``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from gateway.engine.base import GenerationParams, SynthesisJob, Voice
+from gateway.engine.vllm.engine_thread import ThreadedLLM
+from gateway.engine.vllm.s3gen_batch import BatchClock, HostCopy
+from gateway.engine.vllm.vocoder import Vocoder, _Launched
+from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
+from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
+from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
+from gateway.settings import Settings, load_settings
+from gateway.tools.bench_host import cpu_card
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
+        "square stops to listen for a while.")
+SPEECH_TOKENS = 250
+"""Each utterance's speech tokens: 10 s of audio, as the HTTP rows' 10 s text."""
+VOICE_PROMPT_TOKENS = 250
+"""The voice prompt the vocoder's windows carry (10 s, upstream's most)."""
+TOKENS_PER_AUDIO_S = 25
+HARMONICS = 9
+"""HiFT's NSF harmonics (phase rows carried across seams)."""
+
+
+class SteppedT3:
+    """vLLM's ``LLMEngine`` as ``ThreadedLLM`` drives it: each ``step`` sleeps the modelled
+    GPU time for its rows, then hands every live request its next speech token; a request
+    ends after ``tokens``."""
+
+    def __init__(self, tokens: int, step_ms: tuple[float, float]) -> None:
+        self.tokens, self.step_ms = tokens, step_ms
+        self.live: dict[str, int] = {}
+        self.steps = 0
+        self.engine_core = SimpleNamespace(shutdown=lambda: None)
+
+    def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
+        self.live[request_id] = 0
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.live.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.live)
+
+    def step(self) -> list[SimpleNamespace]:
+        self.steps += 1
+        a, b = self.step_ms
+        if a or b:
+            time.sleep((a + b * len(self.live)) / 1000)
+        outputs = []
+        for request_id, made in list(self.live.items()):
+            made += 1
+            finished = made >= self.tokens
+            if finished:
+                del self.live[request_id]
+            else:
+                self.live[request_id] = made
+            outputs.append(SimpleNamespace(request_id=request_id, finished=finished,
+                                           outputs=[SimpleNamespace(token_ids=[(made * 7919) % 6561])]))
+        return outputs
+
+
+class DeviceFreeVocoder(Vocoder):
+    """The vocoder loop as served, its batches' device work (and the host work of building
+    their inputs) stood in for: each row's audio is zeros of the length S3Gen gives it, ready
+    ``batch_ms`` = A + B x rows milliseconds after the launch."""
+
+    batch_ms: tuple[float, float] = (0.0, 0.0)
+    _ready_at: dict[int, float]  # worker thread only: a launched batch's audio is ready then
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ready_at = {}
+
+    def launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
+        clock = BatchClock(torch.device("cpu"))
+        outcomes: list[WindowResult | Exception | None] = []
+        for job in jobs:
+            frames = TOKEN_MEL_RATIO * job.window.new_tokens + (0 if job.mel_tail is None else job.mel_tail.shape[1])
+            outcomes.append(WindowResult(
+                np.zeros(frames * SAMPLES_PER_FRAME, np.float32), frames,
+                torch.zeros(80, job.carry) if job.carry else None,
+                torch.zeros(HARMONICS) if job.carry else None, VOICE_PROMPT_TOKENS))
+        launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
+        a, b = self.batch_ms
+        self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs)) / 1000
+        return launched
+
+    def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:
+        wait = self._ready_at.pop(id(launched)) - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return launched.outcomes  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _sampling_without_vllm() -> Iterator[None]:
+    """Where vLLM is not installed its ``SamplingParams`` cannot be built: the stand-in T3
+    ignores them, so the request's own ``T3Sampling`` goes in their place (for this run only)."""
+    from gateway.engine.factory import vllm_installed
+    from gateway.engine.vllm.t3.families import T3Sampling
+
+    if vllm_installed():
+        yield
+        return
+    real = T3Sampling.to_vllm
+    T3Sampling.to_vllm = lambda self: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        T3Sampling.to_vllm = real  # type: ignore[method-assign]
+
+
+def _settings(model: str, streams: int, cache_dir: str) -> Settings:
+    return load_settings(environ={}, overrides={
+        "load_format": "dummy", "cache_dir": cache_dir, "models": [model], "watermark": False,
+        "max_speech_tokens": SPEECH_TOKENS, "fixed_speech_tokens": True, "max_in_flight": max(streams, 1),
+        "vllm_max_num_seqs": max(streams, 1)})
+
+
+def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], vocoder_ms: tuple[float, float],
+                 tokens: int, root: Path) -> Any:
+    """A VllmEngine as ``start()`` leaves it, with the GPU's parts stood in for (see the
+    module docstring); the family's text front end and T3 front are the real ones (random
+    weights). Needs a running event loop (the vocoder's loop starts in ``start_parts``)."""
+    from chatterbox.models.s3gen import S3Gen
+
+    from gateway.engine.checkpoint import dummy_text
+    from gateway.engine.checkpoint.dummy import tokenizer_json
+    from gateway.engine.checkpoint.modules import t3_config
+    from gateway.engine.checkpoint.text_front_ends import load_front_end
+    from gateway.engine.vllm.engine import VllmEngine
+    from gateway.engine.vllm.t3.families import LlamaFamilyT3, TurboFamilyT3
+    from gateway.engine.vllm.t3.prompt import T3PromptBuilder
+    from gateway.engine.vllm.t3.turbo import TurboPromptBuilder
+    from gateway.engine.vllm.voice_rows import VoiceRowsCache
+
+    family = FAMILIES[model]
+    words = root / model
+    words.mkdir(parents=True, exist_ok=True)
+    if model == TURBO:
+        dummy_text.write_turbo_tokenizer(words)
+        t3: Any = TurboFamilyT3(family, TurboPromptBuilder())
+    elif model == MULTILINGUAL:
+        (words / family.tokenizer_files[0]).write_text(dummy_text.multilingual_tokenizer_json(), encoding="utf-8")
+        (words / "Cangjie5_TC.json").write_text(dummy_text.cangjie_table_json(), encoding="utf-8")
+        t3 = LlamaFamilyT3(family, T3PromptBuilder(t3_config(family)))
+    else:
+        (words / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+        t3 = LlamaFamilyT3(family, T3PromptBuilder())
+    front_end = load_front_end(words, family)
+    engine = VllmEngine(settings)
+    runtime = engine.runtimes[model]
+    runtime.components = SimpleNamespace(front_end=front_end, tokenizer=front_end.tokenizer, family=family,
+                                         builtin_conditionals=None, watermarker=None)
+    runtime.t3 = t3
+    runtime.rows = VoiceRowsCache(t3.voice_rows, 4)
+    vocoder = DeviceFreeVocoder(S3Gen(meanflow=model == TURBO).eval(), settings, flow_steps=family.flow_steps)
+    vocoder.batch_ms = vocoder_ms
+    runtime.vocoder = vocoder
+    runtime.llm = ThreadedLLM(lambda: SteppedT3(tokens, step_ms), name="vllm-engine")
+    engine._loaded = True
+    return engine
+
+
+def voice_for(model: str) -> Voice:
+    """A voice: T3 conditioning of the family's prompt length, an S3Gen reference of 10 s."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts import Conditionals
+
+    g = torch.Generator().manual_seed(1)
+    cond = T3Cond(speaker_emb=torch.randn(1, 256, generator=g),
+                  cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 375 if model == TURBO else 150), generator=g),
+                  emotion_adv=0.5 * torch.ones(1, 1, 1))
+    ref = {"prompt_token": torch.randint(0, 6561, (1, VOICE_PROMPT_TOKENS), generator=g),
+           "prompt_token_len": torch.tensor([VOICE_PROMPT_TOKENS]),
+           "prompt_feat": torch.zeros(1, TOKEN_MEL_RATIO * VOICE_PROMPT_TOKENS, 80), "prompt_feat_len": None,
+           "embedding": torch.randn(1, 192, generator=g)}
+    return Voice("bench", f"bench-{model}", Conditionals(cond, ref))
+
+
+async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float, float],
+                  vocoder_ms: tuple[float, float], tokens: int = SPEECH_TOKENS) -> dict[str, Any]:
+    """One row: ``streams`` consumers, each starting its next utterance when one ends."""
+    with tempfile.TemporaryDirectory(prefix="bench-engine-host-") as tmp, _sampling_without_vllm():
+        settings = _settings(model, streams, tmp)
+        engine = build_engine(model, settings, step_ms, vocoder_ms, tokens, Path(tmp))
+        await engine.runtimes[model].vocoder.start()
+        voice = voice_for(model)
+        arrivals: list[tuple[float, int]] = []
+        firsts: list[float] = []
+        errors: list[str] = []
+        done = [0]
+        t0 = time.perf_counter()
+        end = t0 + seconds
+
+        async def consume(i: int) -> None:
+            n = 0
+            while time.perf_counter() < end:
+                job = SynthesisJob(f"s{i}-{n}", (TEXT,), voice, GenerationParams(max_speech_tokens=tokens),
+                                   model=model, streaming=True)
+                sent, first = time.perf_counter(), True
+                try:
+                    async for chunk in engine.synthesize(job):
+                        now = time.perf_counter()
+                        if first:
+                            firsts.append(now - sent)
+                            first = False
+                        arrivals.append((now, int(chunk.samples.size)))
+                except Exception as exc:  # noqa: BLE001 - counted and named in the row
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                done[0] += 1
+                n += 1
+
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
+        await asyncio.sleep(seconds)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        for task in consumers:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+        stats = engine.runtimes[model].vocoder.stats
+        await engine.close()
+    steady_from = t0 + seconds / 3
+    steady = sum(n for at, n in arrivals if steady_from <= at <= end) / 24_000 / (end - steady_from)
+    audio = sum(n for at, n in arrivals if at <= end) / 24_000
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    step = step_ms[0] + step_ms[1] * streams
+    # a token a stream a step; each utterance's audio also holds the family's silence tail
+    tail = (tokens + FAMILIES[model].silence_tail_tokens) / tokens
+    ceiling = streams * 1000 / step / TOKENS_PER_AUDIO_S * tail if step else None
+    return {
+        "model": model, "streams": streams, "window_s": seconds,
+        "steady_audio_s_per_s": round(steady, 1),
+        "t3_alone_audio_s_per_s": None if ceiling is None else round(ceiling, 1),
+        "first_audio_p50_ms": _ms(statistics.median(firsts)) if firsts else None,
+        "first_audio_p95_ms": _ms(_quantile(firsts, 0.95)) if firsts else None,
+        "utterances_done": done[0],
+        "errors": len(errors), "first_error": errors[0] if errors else None,
+        "cpu_s_per_audio_s": round(cpu / audio, 4) if audio else None,
+        "process_cpu_share": round(cpu / seconds, 2),
+        "vocoder_rows_per_batch": round(stats.rows / stats.batches, 1) if stats.batches else None,
+    }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def _pair(text: str) -> tuple[float, float]:
+    a, _, b = text.partition(",")
+    return float(a), float(b or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=TURBO, choices=[ORIGINAL, TURBO, MULTILINGUAL])
+    p.add_argument("--streams", default="1,64,256", help="comma-separated stream counts, one row each")
+    p.add_argument("--seconds", type=float, default=12.0, help="each row's window")
+    p.add_argument("--t3-step-ms", type=_pair, default=(2.7, 0.039), help="A,B: a T3 step takes A + B x rows ms")
+    p.add_argument("--vocoder-ms", type=_pair, default=(0.0, 0.0), help="A,B: a vocoder batch takes A + B x rows ms")
+    p.add_argument("--tokens", type=int, default=SPEECH_TOKENS, help="speech tokens per utterance")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for streams in [int(s) for s in args.streams.split(",") if s.strip()]:
+        row = asyncio.run(measure(args.model, streams, args.seconds, args.t3_step_ms, args.vocoder_ms, args.tokens))
+        print(row, flush=True)
+        rows.append(row)
+    keys = list(rows[0]) if rows else []
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "card": cpu_card(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m gateway.tools.bench_engine_host " + " ".join(argv or sys.argv[1:]),
+            "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

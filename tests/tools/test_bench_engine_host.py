@@ -1,0 +1,53 @@
+"""The engine host benchmark (``gateway.tools.bench_engine_host``): the vLLM engine's own code
+with T3's and the vocoder's GPU work stood in for. An utterance comes out whole through the
+real windows and seams, and a row's figures follow from the run and the T3 step model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gateway.engine.base import GenerationParams, SynthesisJob
+from gateway.engine.vllm.t3.families import T3Sampling
+from gateway.models.families import FAMILIES, TURBO
+from gateway.tools import bench_engine_host
+
+SAMPLES_PER_TOKEN = 960
+
+
+async def test_an_utterance_comes_out_whole_through_the_stand_ins(tmp_path: Path) -> None:
+    tokens = 37
+    settings = bench_engine_host._settings(TURBO, 2, str(tmp_path))
+    real = T3Sampling.to_vllm
+    with bench_engine_host._sampling_without_vllm():
+        engine = bench_engine_host.build_engine(TURBO, settings, (0.5, 0.0), (1.0, 0.1), tokens, tmp_path)
+        await engine.runtimes[TURBO].vocoder.start()
+        job = SynthesisJob("u", (bench_engine_host.TEXT,), bench_engine_host.voice_for(TURBO),
+                           GenerationParams(max_speech_tokens=tokens), model=TURBO, streaming=True)
+        chunks = [chunk async for chunk in engine.synthesize(job)]
+        await engine.close()
+    audio = np.concatenate([c.samples for c in chunks])
+    # T3's tokens and Turbo's silence tail, in several windows joined at their seams
+    assert audio.size == (tokens + FAMILIES[TURBO].silence_tail_tokens) * SAMPLES_PER_TOKEN
+    assert len(chunks) > 1 and sum(c.speech_tokens for c in chunks) == tokens
+    assert engine.runtimes[TURBO].vocoder.stats.batches >= len(chunks)
+    assert T3Sampling.to_vllm is real  # the stand-in for vLLM's SamplingParams was this run's only
+
+
+def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "rows.json"
+    # a step of 10 ms + 1 ms a row: 3 streams get 3 x 1000 / 13 tokens a second, 9.2 audio-s/s,
+    # and with Turbo's 3 silence tokens after each 30: 10.2
+    assert bench_engine_host.main(["--model", TURBO, "--streams", "1,3", "--seconds", "3", "--tokens", "30",
+                                   "--t3-step-ms", "10,1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"card", "date", "command", "rows"} <= set(doc)
+    one, three = doc["rows"]
+    assert (one["t3_alone_audio_s_per_s"], three["t3_alone_audio_s_per_s"]) == (4.0, 10.2)
+    for row in (one, three):
+        assert row["errors"] == 0 and row["utterances_done"] >= row["streams"]
+        assert 0 < row["steady_audio_s_per_s"] <= 1.1 * row["t3_alone_audio_s_per_s"]
+        assert row["vocoder_rows_per_batch"] <= row["streams"] and row["first_audio_p50_ms"] > 0
+    assert "| chatterbox-turbo | 3 |" in capsys.readouterr().out
