@@ -54,7 +54,7 @@ from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
 from gateway.settings import Settings, load_settings
-from gateway.tools.bench_host import cpu_card
+from gateway.tools.bench_host import TickEngine, cpu_card
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
         "square stops to listen for a while.")
@@ -67,43 +67,20 @@ HARMONICS = 9
 """HiFT's NSF harmonics (phase rows carried across seams)."""
 
 
-class SteppedT3:
-    """vLLM's ``LLMEngine`` as ``ThreadedLLM`` drives it: each ``step`` sleeps the modelled
-    GPU time for its rows, then hands every live request its next speech token; a request
-    ends after ``tokens``."""
+class SteppedT3(TickEngine):
+    """vLLM's ``LLMEngine`` as ``ThreadedLLM`` drives it (``bench_host.TickEngine``: every
+    live request its next speech token each step, a request ending after ``tokens``), each
+    step first sleeping the modelled GPU time for its rows."""
 
     def __init__(self, tokens: int, step_ms: tuple[float, float]) -> None:
-        self.tokens, self.step_ms = tokens, step_ms
-        self.live: dict[str, int] = {}
-        self.steps = 0
-        self.engine_core = SimpleNamespace(shutdown=lambda: None)
-
-    def add_request(self, request_id: str, prompt: Any, params: Any) -> None:
-        self.live[request_id] = 0
-
-    def abort_request(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.live.pop(request_id, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.live)
+        super().__init__(tokens)
+        self.step_ms = step_ms
 
     def step(self) -> list[SimpleNamespace]:
-        self.steps += 1
         a, b = self.step_ms
         if a or b:
             time.sleep((a + b * len(self.live)) / 1000)
-        outputs = []
-        for request_id, made in list(self.live.items()):
-            made += 1
-            finished = made >= self.tokens
-            if finished:
-                del self.live[request_id]
-            else:
-                self.live[request_id] = made
-            outputs.append(SimpleNamespace(request_id=request_id, finished=finished,
-                                           outputs=[SimpleNamespace(token_ids=[(made * 7919) % 6561])]))
-        return outputs
+        return super().step()
 
 
 class DeviceFreeVocoder(Vocoder):
