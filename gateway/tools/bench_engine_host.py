@@ -33,7 +33,6 @@ import contextlib
 import json
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -46,15 +45,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gateway.engine.base import GenerationParams, SynthesisJob, Voice
+from gateway.engine.base import SAMPLE_RATE, GenerationParams, SynthesisJob, Voice
 from gateway.engine.vllm.engine_thread import ThreadedLLM
-from gateway.engine.vllm.s3gen_batch import BatchClock, HostCopy
+from gateway.engine.vllm.s3gen_batch import MEL_BINS, BatchClock, HostCopy
 from gateway.engine.vllm.vocoder import Vocoder, _Launched
 from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
 from gateway.settings import Settings, load_settings
 from gateway.tools.bench_host import TickEngine, cpu_card
+from gateway.tools.bench_http import ms, pct
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
         "square stops to listen for a while.")
@@ -63,8 +63,6 @@ SPEECH_TOKENS = 250
 VOICE_PROMPT_TOKENS = 250
 """The voice prompt the vocoder's windows carry (10 s, upstream's most)."""
 TOKENS_PER_AUDIO_S = 25
-HARMONICS = 9
-"""HiFT's NSF harmonics (phase rows carried across seams)."""
 
 
 class SteppedT3(TickEngine):
@@ -102,8 +100,8 @@ class DeviceFreeVocoder(Vocoder):
             frames = TOKEN_MEL_RATIO * job.window.new_tokens + (0 if job.mel_tail is None else job.mel_tail.shape[1])
             outcomes.append(WindowResult(
                 np.zeros(frames * SAMPLES_PER_FRAME, np.float32), frames,
-                torch.zeros(80, job.carry) if job.carry else None,
-                torch.zeros(HARMONICS) if job.carry else None, VOICE_PROMPT_TOKENS))
+                torch.zeros(MEL_BINS, job.carry) if job.carry else None,
+                torch.zeros(self.batch.harmonics) if job.carry else None, VOICE_PROMPT_TOKENS))
         launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         a, b = self.batch_ms
         self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs)) / 1000
@@ -117,7 +115,7 @@ class DeviceFreeVocoder(Vocoder):
 
 
 @contextlib.contextmanager
-def _sampling_without_vllm() -> Iterator[None]:
+def sampling_without_vllm() -> Iterator[None]:
     """Where vLLM is not installed its ``SamplingParams`` cannot be built: the stand-in T3
     ignores them, so the request's own ``T3Sampling`` goes in their place (for this run only)."""
     from gateway.engine.factory import vllm_installed
@@ -134,7 +132,7 @@ def _sampling_without_vllm() -> Iterator[None]:
         T3Sampling.to_vllm = real  # type: ignore[method-assign]
 
 
-def _settings(model: str, streams: int, cache_dir: str) -> Settings:
+def engine_settings(model: str, streams: int, cache_dir: str) -> Settings:
     return load_settings(environ={}, overrides={
         "load_format": "dummy", "cache_dir": cache_dir, "models": [model], "watermark": False,
         "max_speech_tokens": SPEECH_TOKENS, "fixed_speech_tokens": True, "max_in_flight": max(streams, 1),
@@ -148,8 +146,7 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     weights). Needs a running event loop (the vocoder's loop starts in ``start_parts``)."""
     from chatterbox.models.s3gen import S3Gen
 
-    from gateway.engine.checkpoint import dummy_text
-    from gateway.engine.checkpoint.dummy import tokenizer_json
+    from gateway.engine.checkpoint.dummy import write_tokenizer
     from gateway.engine.checkpoint.modules import t3_config
     from gateway.engine.checkpoint.text_front_ends import load_front_end
     from gateway.engine.vllm.engine import VllmEngine
@@ -161,16 +158,9 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     family = FAMILIES[model]
     words = root / model
     words.mkdir(parents=True, exist_ok=True)
-    if model == TURBO:
-        dummy_text.write_turbo_tokenizer(words)
-        t3: Any = TurboFamilyT3(family, TurboPromptBuilder())
-    elif model == MULTILINGUAL:
-        (words / family.tokenizer_files[0]).write_text(dummy_text.multilingual_tokenizer_json(), encoding="utf-8")
-        (words / "Cangjie5_TC.json").write_text(dummy_text.cangjie_table_json(), encoding="utf-8")
-        t3 = LlamaFamilyT3(family, T3PromptBuilder(t3_config(family)))
-    else:
-        (words / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
-        t3 = LlamaFamilyT3(family, T3PromptBuilder())
+    write_tokenizer(words, family)
+    t3: Any = (TurboFamilyT3(family, TurboPromptBuilder()) if model == TURBO
+               else LlamaFamilyT3(family, T3PromptBuilder(t3_config(family))))
     front_end = load_front_end(words, family)
     engine = VllmEngine(settings)
     runtime = engine.runtimes[model]
@@ -197,7 +187,7 @@ def voice_for(model: str) -> Voice:
                   emotion_adv=0.5 * torch.ones(1, 1, 1))
     ref = {"prompt_token": torch.randint(0, 6561, (1, VOICE_PROMPT_TOKENS), generator=g),
            "prompt_token_len": torch.tensor([VOICE_PROMPT_TOKENS]),
-           "prompt_feat": torch.zeros(1, TOKEN_MEL_RATIO * VOICE_PROMPT_TOKENS, 80), "prompt_feat_len": None,
+           "prompt_feat": torch.zeros(1, TOKEN_MEL_RATIO * VOICE_PROMPT_TOKENS, MEL_BINS), "prompt_feat_len": None,
            "embedding": torch.randn(1, 192, generator=g)}
     return Voice("bench", f"bench-{model}", Conditionals(cond, ref))
 
@@ -205,8 +195,8 @@ def voice_for(model: str) -> Voice:
 async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float, float],
                   vocoder_ms: tuple[float, float], tokens: int = SPEECH_TOKENS) -> dict[str, Any]:
     """One row: ``streams`` consumers, each starting its next utterance when one ends."""
-    with tempfile.TemporaryDirectory(prefix="bench-engine-host-") as tmp, _sampling_without_vllm():
-        settings = _settings(model, streams, tmp)
+    with tempfile.TemporaryDirectory(prefix="bench-engine-host-") as tmp, sampling_without_vllm():
+        settings = engine_settings(model, streams, tmp)
         engine = build_engine(model, settings, step_ms, vocoder_ms, tokens, Path(tmp))
         await engine.runtimes[model].vocoder.start()
         voice = voice_for(model)
@@ -246,8 +236,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         stats = engine.runtimes[model].vocoder.stats
         await engine.close()
     steady_from = t0 + seconds / 3
-    steady = sum(n for at, n in arrivals if steady_from <= at <= end) / 24_000 / (end - steady_from)
-    audio = sum(n for at, n in arrivals if at <= end) / 24_000
+    steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
+    audio = sum(n for at, n in arrivals if at <= end) / SAMPLE_RATE
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     step = step_ms[0] + step_ms[1] * streams
     # a token a stream a step; each utterance's audio also holds the family's silence tail
@@ -257,23 +247,14 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         "model": model, "streams": streams, "window_s": seconds,
         "steady_audio_s_per_s": round(steady, 1),
         "t3_alone_audio_s_per_s": None if ceiling is None else round(ceiling, 1),
-        "first_audio_p50_ms": _ms(statistics.median(firsts)) if firsts else None,
-        "first_audio_p95_ms": _ms(_quantile(firsts, 0.95)) if firsts else None,
+        "first_audio_p50_ms": ms(pct(firsts, 0.5)),
+        "first_audio_p95_ms": ms(pct(firsts, 0.95)),
         "utterances_done": done[0],
         "errors": len(errors), "first_error": errors[0] if errors else None,
         "cpu_s_per_audio_s": round(cpu / audio, 4) if audio else None,
         "process_cpu_share": round(cpu / seconds, 2),
         "vocoder_rows_per_batch": round(stats.rows / stats.batches, 1) if stats.batches else None,
     }
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
 
 
 def _pair(text: str) -> tuple[float, float]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from gateway.engine.factory import vllm_installed
 from gateway.engine.vllm.engine_thread import ThreadedLLM
 
 TOKENS_PER_AUDIO_S = 25
@@ -166,16 +167,6 @@ def _row(path: str, streams: int, tokens: int, steps: int, got: int, wall: float
             "ceiling_audio_s_per_s": round(handoffs / wall / TOKENS_PER_AUDIO_S, 1)}
 
 
-def vllm_importable() -> bool:
-    """vLLM's output processing can be imported here (tried, not looked up: a directory named
-    ``vllm`` on the path, such as a test folder, would pass for the package)."""
-    try:
-        import vllm.v1.engine.output_processor  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 PATHS = {"thread": lambda n, t: measure(n, t), "process": lambda n, t: measure_process(n, t)}
 
 
@@ -191,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for path in args.paths.split(","):
-        if path == "process" and not vllm_importable():
+        if path == "process" and not vllm_installed():
             print("process hand-off: skipped, vLLM is not installed here", file=sys.stderr)
             continue
         for n in (int(x) for x in args.streams.split(",")):

@@ -100,7 +100,7 @@ def pct(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
@@ -258,8 +258,8 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     row: dict[str, Any] = {
         "model": label or (kinds[0] if len(kinds) == 1 else "mixed"),
         "concurrency": len(models),
-        "ttfb_p50_ms": _ms(pct(steady_ttfb, 0.5)),
-        "ttfb_p95_ms": _ms(pct(steady_ttfb, 0.95)),
+        "ttfb_p50_ms": ms(pct(steady_ttfb, 0.5)),
+        "ttfb_p95_ms": ms(pct(steady_ttfb, 0.95)),
         "steady_audio_s_per_s": round(steady, 2),
         "rtf_p50": None if not rtf else round(pct(rtf, 0.5), 4),
         "errors": sum(errors.values()),
@@ -271,8 +271,8 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         "requests_completed": len(done),
         "requests_cancelled_at_end": sum(1 for r in reqs if r.ended is None and r.error is None),
         "ttfb_samples": len(steady_ttfb),
-        "first_wave_ttfb_p50_ms": _ms(pct(first_wave, 0.5)),
-        "first_wave_ttfb_p95_ms": _ms(pct(first_wave, 0.95)),
+        "first_wave_ttfb_p50_ms": ms(pct(first_wave, 0.5)),
+        "first_wave_ttfb_p95_ms": ms(pct(first_wave, 0.95)),
         "window_audio_s_per_s": round(whole, 2),
         "server_tree_rss_mib": host_probes.mib(rss),
         "server_tree_rss_peak_mib": host_probes.mib(peaks["rss"] or None),

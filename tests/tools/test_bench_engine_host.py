@@ -19,9 +19,9 @@ SAMPLES_PER_TOKEN = 960
 
 async def test_an_utterance_comes_out_whole_through_the_stand_ins(tmp_path: Path) -> None:
     tokens = 37
-    settings = bench_engine_host._settings(TURBO, 2, str(tmp_path))
+    settings = bench_engine_host.engine_settings(TURBO, 2, str(tmp_path))
     real = T3Sampling.to_vllm
-    with bench_engine_host._sampling_without_vllm():
+    with bench_engine_host.sampling_without_vllm():
         engine = bench_engine_host.build_engine(TURBO, settings, (0.5, 0.0), (1.0, 0.1), tokens, tmp_path)
         await engine.runtimes[TURBO].vocoder.start()
         job = SynthesisJob("u", (bench_engine_host.TEXT,), bench_engine_host.voice_for(TURBO),

@@ -115,14 +115,9 @@ def _write_checkpoint(directory: Path, seed: int, family: Family, original_dir: 
         ve = _load_voice_encoder(shared_ve)
     else:
         save_state(ve, directory / family.ve_file)
+    write_tokenizer(directory, family)
     if family.front_end == "gpt2":
-        dummy_text.write_turbo_tokenizer(directory)
         del t3.tfmr.wte  # as the loader does after loading the file (which keeps it)
-    elif family.front_end == "multilingual":
-        (directory / family.tokenizer_files[0]).write_text(dummy_text.multilingual_tokenizer_json(), encoding="utf-8")
-        (directory / "Cangjie5_TC.json").write_text(dummy_text.cangjie_table_json(), encoding="utf-8")
-    else:
-        (directory / family.tokenizer_files[0]).write_text(tokenizer_json(), encoding="utf-8")
     conds = conditionals_from_wav(s3gen, ve, t3, synthetic_clip(seed), torch.device("cpu"), family=family)
     save_conditionals(conds, directory / "conds.pt")
     (directory / "README.txt").write_text(
@@ -130,6 +125,19 @@ def _write_checkpoint(directory: Path, seed: int, family: Family, original_dir: 
         "Made by chatterbox-gateway for tests and benchmarks; its speech is noise.\n",
         encoding="utf-8",
     )
+
+
+def write_tokenizer(directory: Path, family: Family) -> None:
+    """The family's text tokenizer files, as its dummy checkpoint holds them."""
+    from gateway.engine.checkpoint import dummy_text
+
+    if family.front_end == "gpt2":
+        dummy_text.write_turbo_tokenizer(directory)
+    elif family.front_end == "multilingual":
+        (directory / family.tokenizer_files[0]).write_text(dummy_text.multilingual_tokenizer_json(), encoding="utf-8")
+        (directory / "Cangjie5_TC.json").write_text(dummy_text.cangjie_table_json(), encoding="utf-8")
+    else:
+        (directory / family.tokenizer_files[0]).write_text(tokenizer_json(), encoding="utf-8")
 
 
 def _linked(source: Path, target: Path) -> bool:
