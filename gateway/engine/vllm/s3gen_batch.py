@@ -27,9 +27,9 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   by exact mel length (windows of one size share it) and each group runs as a batch. The
   NSF excitation is computed here from upstream's SineGen parameters so that its noise comes
   from the tape; then HiFT's decode runs through upstream's layers without a host
-  synchronisation (:mod:`~gateway.engine.vllm.hift_decode`). HiFT always runs in fp32
-  (cumulative phase, ``exp`` magnitudes and the iSTFT are precision sensitive; cuFFT has no
-  bf16); the flow encoder and CFM estimator run in ``flow_dtype`` (bf16/fp16 on CUDA).
+  synchronisation and without cuFFT (:mod:`~gateway.engine.vllm.hift_decode`). HiFT always
+  runs in fp32 (cumulative phase, ``exp`` magnitudes and the iSTFT are precision sensitive);
+  the flow encoder and CFM estimator run in ``flow_dtype`` (bf16/fp16 on CUDA).
 * Per voice (:class:`S3GenVoice`, which the vocoder keeps in an LRU keyed by the voice key):
   prompt token ids, the prompt mel on the device in the flow dtype, and the normalised and
   projected x-vector.
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from gateway.engine.vllm.cfm_solver import CfmSolver
 from gateway.engine.vllm.graph_calls import GraphCalls
-from gateway.engine.vllm.hift_decode import hift_decode, window_on_device
+from gateway.engine.vllm.hift_decode import hift_decode, spectra_on_device
 from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
@@ -270,7 +270,8 @@ class S3GenBatch:
                  prompt_tokens: int = 0, compile: str = "off") -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
-        window_on_device(self.hift, device)
+        self.spectra = spectra_on_device(self.hift, device)
+        """HiFT's STFT and inverse STFT as matrix products: no cuFFT plan in a captured graph."""
         self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()
         self.device = torch.device(device)
         self.dtype = flow_dtype
@@ -465,7 +466,7 @@ class S3GenBatch:
         at = carry_at.clamp(min=0)[:, None, None].expand(-1, cycles.shape[1], 1)
         # carry_at -1: the next window starts where this one did, at this one's own phase.
         nxt = torch.where(carry_at[:, None] < 0, phase, torch.gather(cycles, 2, at)[:, :, 0])
-        return hift_decode(self.hift, mel, source), nxt % 1
+        return hift_decode(self.hift, mel, source, self.spectra), nxt % 1
 
     def capture_hift(self, shapes: Sequence[tuple[int, int]], pool: tuple[int, int] | None) -> float:
         """CUDA graphs of HiFT for each (rows, mel frames); seconds taken."""
