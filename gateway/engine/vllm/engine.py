@@ -461,10 +461,9 @@ class VllmEngine(UpstreamVoices, Engine):
             marker = StreamWatermark(None, SAMPLE_RATE, apply_async=self._mark)
         try:
             async for samples, vocoded in stream.chunks():
-                if marker is not None:
-                    samples = await marker.push_async(samples)
-                elif self.settings.watermark:
-                    samples = await self._mark(samples)
+                if self.settings.watermark:
+                    marking = marker.push_async(samples) if marker is not None else self._mark(samples)
+                    samples = await _marked(marking)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
                     continue  # all held back by the watermark: its tokens count with the next chunk
@@ -479,7 +478,7 @@ class VllmEngine(UpstreamVoices, Engine):
                 yield AudioChunk(samples=samples, speech_tokens=counted - made)
                 made = counted
             if marker is not None:
-                rest = np.clip(await marker.flush_async(), -1.0, 1.0)
+                rest = np.clip(await _marked(marker.flush_async()), -1.0, 1.0)
                 counted = min(stream.tokens_vocoded, generated.tokens)
                 if rest.size or made != counted:
                     yield AudioChunk(samples=fade_edges(rest, fade_out=False) if first else rest,
@@ -519,6 +518,17 @@ class VllmEngine(UpstreamVoices, Engine):
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             counted.end()
+
+
+async def _marked(marking: Awaitable[np.ndarray]) -> np.ndarray:
+    """A watermark pass's samples. Its failure is the engine's (a device fault, say): an
+    ``EngineError``, as a vocoder's is, not an unhandled exception."""
+    try:
+        return await marking
+    except (GatewayError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a watermark failure is the engine's, not the client's
+        raise EngineError(f"the watermark pass failed: {type(exc).__name__}: {exc}") from exc
 
 
 async def _mark_alone(watermarker: Any, samples: np.ndarray) -> np.ndarray:

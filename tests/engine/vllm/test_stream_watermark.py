@@ -84,3 +84,35 @@ async def test_the_awaited_form_emits_what_the_plain_one_does() -> None:
         np.testing.assert_array_equal(await awaited.push_async(x[i:i + n]), plain.push(x[i:i + n]))
         i += n
     np.testing.assert_array_equal(await awaited.flush_async(), plain.flush())
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_a_failing_watermark_pass_is_an_engine_error(tmp_path, streaming: bool) -> None:
+    """A watermark pass that raises (on the H200 a device fault surfaced there first) ends the
+    request with the engine's typed error, which the HTTP layer maps to its envelope, not an
+    unhandled exception."""
+    from gateway.engine.base import GenerationParams, SynthesisJob
+    from gateway.errors import EngineError
+    from gateway.models.families import TURBO
+    from gateway.tools import bench_engine_host
+
+    settings = bench_engine_host.engine_settings(TURBO, 1, str(tmp_path), watermark=True)
+    with bench_engine_host.sampling_without_vllm():
+        engine = bench_engine_host.build_engine(TURBO, settings, (0.0, 0.0), (0.0, 0.0), 30, tmp_path)
+        calls: list[int] = []
+
+        async def failing(samples):  # type: ignore[no-untyped-def]
+            calls.append(len(samples))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        engine._mark = failing
+        await engine.runtimes[TURBO].vocoder.start()
+        job = SynthesisJob("w", (bench_engine_host.TEXT,), bench_engine_host.voice_for(TURBO),
+                           GenerationParams(max_speech_tokens=30), model=TURBO, streaming=streaming)
+        try:
+            with pytest.raises(EngineError, match="watermark pass failed: RuntimeError: CUDA error") as caught:
+                async for _ in engine.synthesize(job):
+                    pass
+        finally:
+            await engine.close()
+    assert calls and isinstance(caught.value.__cause__, RuntimeError)
