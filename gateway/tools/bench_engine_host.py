@@ -18,6 +18,13 @@ chunks to the caller. What runs on the GPU is stood in for:
   milliseconds on the vocoder's worker thread (default 0: the host ceiling).
 
 No watermark (its host part, resampling, costs ~0.4 ms per audio-second on one core here).
+
+``--vocoder real`` runs the served vocoder instead of the stand-in: S3Gen (random weights) on
+``--device`` (CUDA when there is one) with the engine's dtype, windows, CUDA graphs and
+pipelining, and ``--watermark`` adds the engine's batched Perth pass: the whole engine but
+vLLM, so a row shows what the vocoder gives with T3 paced and nothing else on the GPU, and a
+fault in the vocoder's device work shows up without a server around it. ``--setting
+KEY=VALUE`` overrides a server setting (``vocoder_cuda_graphs=false``, ``vocoder_max_batch=32``).
 Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
 measure that path). Each row prints the audio-seconds per second in the steady part of the
 window (from a third of it), first audio, and the process's CPU seconds per audio second.
@@ -36,6 +43,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,18 +140,21 @@ def sampling_without_vllm() -> Iterator[None]:
         T3Sampling.to_vllm = real  # type: ignore[method-assign]
 
 
-def engine_settings(model: str, streams: int, cache_dir: str) -> Settings:
+def engine_settings(model: str, streams: int, cache_dir: str, overrides: dict[str, Any] | None = None,
+                    *, watermark: bool = False) -> Settings:
     return load_settings(environ={}, overrides={
-        "load_format": "dummy", "cache_dir": cache_dir, "models": [model], "watermark": False,
+        "load_format": "dummy", "cache_dir": cache_dir, "models": [model], "watermark": watermark,
         "max_speech_tokens": SPEECH_TOKENS, "fixed_speech_tokens": True, "max_in_flight": max(streams, 1),
-        "vllm_max_num_seqs": max(streams, 1)})
+        "vllm_max_num_seqs": max(streams, 1), **(overrides or {})})
 
 
 def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], vocoder_ms: tuple[float, float],
-                 tokens: int, root: Path) -> Any:
+                 tokens: int, root: Path, *, device: str | None = None) -> Any:
     """A VllmEngine as ``start()`` leaves it, with the GPU's parts stood in for (see the
     module docstring); the family's text front end and T3 front are the real ones (random
-    weights). Needs a running event loop (the vocoder's loop starts in ``start_parts``)."""
+    weights). ``device``: the served vocoder (and, with ``settings.watermark``, the batched
+    watermark) on that device instead of the stand-ins. Needs a running event loop (the
+    vocoder's loop starts in ``start_parts``)."""
     from chatterbox.models.s3gen import S3Gen
 
     from gateway.engine.checkpoint.dummy import write_tokenizer
@@ -168,9 +179,21 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
                                          builtin_conditionals=None, watermarker=None)
     runtime.t3 = t3
     runtime.rows = VoiceRowsCache(t3.voice_rows, 4)
-    vocoder = DeviceFreeVocoder(S3Gen(meanflow=model == TURBO).eval(), settings, flow_steps=family.flow_steps)
-    vocoder.batch_ms = vocoder_ms
-    runtime.vocoder = vocoder
+    s3gen = S3Gen(meanflow=model == TURBO).eval()
+    if device is None:
+        vocoder = DeviceFreeVocoder(s3gen, settings, flow_steps=family.flow_steps)
+        vocoder.batch_ms = vocoder_ms
+        runtime.vocoder = vocoder
+    else:  # as VllmEngine.start builds them
+        runtime.components.s3gen = s3gen.to(device)
+        if settings.watermark:
+            import perth
+
+            from gateway.engine.vllm.watermark_batch import WatermarkBatcher
+
+            engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE)
+            engine._mark = engine._watermark.apply
+        engine._build_vocoder(runtime, torch.device(device))
     runtime.llm = ThreadedLLM(lambda: SteppedT3(tokens, step_ms), name="vllm-engine")
     engine._loaded = True
     return engine
@@ -193,16 +216,21 @@ def voice_for(model: str) -> Voice:
 
 
 async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float, float],
-                  vocoder_ms: tuple[float, float], tokens: int = SPEECH_TOKENS) -> dict[str, Any]:
-    """One row: ``streams`` consumers, each starting its next utterance when one ends."""
+                  vocoder_ms: tuple[float, float], tokens: int = SPEECH_TOKENS, *, device: str | None = None,
+                  watermark: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row: ``streams`` consumers, each starting its next utterance when one ends.
+    ``device``: the served vocoder there (``--vocoder real``), else the stand-in."""
     with tempfile.TemporaryDirectory(prefix="bench-engine-host-") as tmp, sampling_without_vllm():
-        settings = engine_settings(model, streams, tmp)
-        engine = build_engine(model, settings, step_ms, vocoder_ms, tokens, Path(tmp))
+        settings = engine_settings(model, streams, tmp, overrides, watermark=watermark)
+        t_build = time.perf_counter()
+        engine = build_engine(model, settings, step_ms, vocoder_ms, tokens, Path(tmp), device=device)
+        build_s = time.perf_counter() - t_build
         await engine.runtimes[model].vocoder.start()
         voice = voice_for(model)
         arrivals: list[tuple[float, int]] = []
         firsts: list[float] = []
         errors: list[str] = []
+        traces: list[str] = []
         done = [0]
         t0 = time.perf_counter()
         end = t0 + seconds
@@ -222,18 +250,22 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
                         arrivals.append((now, int(chunk.samples.size)))
                 except Exception as exc:  # noqa: BLE001 - counted and named in the row
                     errors.append(f"{type(exc).__name__}: {exc}")
+                    if not traces:  # where the first one came from (a device fault's op, under CUDA_LAUNCH_BLOCKING)
+                        traces.append("".join(traceback.format_exception(exc)))
                     return
                 done[0] += 1
                 n += 1
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        stats = engine.runtimes[model].vocoder.stats
+        busy0, device0 = stats.busy_s, stats.device_busy_s
         consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
         await asyncio.sleep(seconds)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
-        stats = engine.runtimes[model].vocoder.stats
+        busy, device_busy = stats.busy_s - busy0, stats.device_busy_s - device0
         await engine.close()
     steady_from = t0 + seconds / 3
     steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
@@ -254,7 +286,22 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         "cpu_s_per_audio_s": round(cpu / audio, 4) if audio else None,
         "process_cpu_share": round(cpu / seconds, 2),
         "vocoder_rows_per_batch": round(stats.rows / stats.batches, 1) if stats.batches else None,
+        "vocoder": "stand-in" if device is None else f"real ({device})", "watermark": watermark,
+        "vocoder_busy_share": round(busy / seconds, 3), "vocoder_device_busy_share": round(device_busy / seconds, 3),
+        "start_s": round(build_s, 1),
+        "first_error_trace": traces[0] if traces else None,
     }
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON where it parses (numbers, true/false), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -270,15 +317,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--t3-step-ms", type=_pair, default=(2.7, 0.039), help="A,B: a T3 step takes A + B x rows ms")
     p.add_argument("--vocoder-ms", type=_pair, default=(0.0, 0.0), help="A,B: a vocoder batch takes A + B x rows ms")
     p.add_argument("--tokens", type=int, default=SPEECH_TOKENS, help="speech tokens per utterance")
+    p.add_argument("--vocoder", choices=["stand-in", "real"], default="stand-in",
+                   help="real: the served vocoder on --device (the module docstring)")
+    p.add_argument("--device", default=None, help="the real vocoder's device (default: cuda if there is one)")
+    p.add_argument("--watermark", action="store_true", help="with --vocoder real: the batched Perth pass too")
+    p.add_argument("--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="a server setting for the run (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.watermark and args.vocoder != "real":
+        p.error("--watermark needs --vocoder real")
+    device = None
+    if args.vocoder == "real":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        torch.set_num_threads(1)
     rows = []
     for streams in [int(s) for s in args.streams.split(",") if s.strip()]:
-        row = asyncio.run(measure(args.model, streams, args.seconds, args.t3_step_ms, args.vocoder_ms, args.tokens))
-        print(row, flush=True)
+        row = asyncio.run(measure(args.model, streams, args.seconds, args.t3_step_ms, args.vocoder_ms, args.tokens,
+                                  device=device, watermark=args.watermark, overrides=dict(args.setting)))
+        print({k: v for k, v in row.items() if k != "first_error_trace"}, flush=True)
+        if row["first_error_trace"]:
+            print(row["first_error_trace"], file=sys.stderr, flush=True)
         rows.append(row)
-    keys = list(rows[0]) if rows else []
+    keys = [k for k in rows[0] if k != "first_error_trace"] if rows else []
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")

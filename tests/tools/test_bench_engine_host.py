@@ -51,3 +51,22 @@ def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  #
         assert 0 < row["steady_audio_s_per_s"] <= 1.1 * row["t3_alone_audio_s_per_s"]
         assert row["vocoder_rows_per_batch"] <= row["streams"] and row["first_audio_p50_ms"] > 0
     assert "| chatterbox-turbo | 3 |" in capsys.readouterr().out
+
+
+def test_settings_on_the_command_line_are_typed() -> None:
+    assert bench_engine_host._setting("vocoder_cuda_graphs=false") == ("vocoder_cuda_graphs", False)
+    assert bench_engine_host._setting("vocoder-max-batch=32") == ("vocoder_max_batch", 32)
+    assert bench_engine_host._setting("vocoder_compile=dynamic") == ("vocoder_compile", "dynamic")
+
+
+def test_a_row_can_run_the_served_vocoder_and_watermark(tmp_path: Path) -> None:
+    """--vocoder real: S3Gen (random weights) and the batched Perth pass as the engine builds
+    them, on the CPU here; the row says which vocoder ran and what the setting changed."""
+    out = tmp_path / "rows.json"
+    assert bench_engine_host.main(["--model", TURBO, "--streams", "1", "--seconds", "6", "--tokens", "8",
+                                   "--t3-step-ms", "1,0", "--vocoder", "real", "--device", "cpu", "--watermark",
+                                   "--setting", "vocoder_max_batch=2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["vocoder"], row["watermark"], row["errors"]) == ("real (cpu)", True, 0), row["first_error_trace"]
+    assert row["utterances_done"] >= 1 and row["steady_audio_s_per_s"] > 0
+    assert 0 < row["vocoder_busy_share"] <= 1.0 and row["vocoder_rows_per_batch"] <= 2
