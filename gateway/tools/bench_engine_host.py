@@ -25,7 +25,8 @@ pipelining, and ``--watermark`` adds the engine's batched Perth pass: the whole 
 vLLM, so a row shows what the vocoder gives with T3 paced and nothing else on the GPU, and a
 fault in the vocoder's device work shows up without a server around it. ``--setting
 KEY=VALUE`` overrides a server setting (``vocoder_cuda_graphs=false``, ``vocoder_max_batch=32``).
-Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
+One short utterance runs before each row's window (first-call costs out, as the server's
+warm-up keeps them out of requests). Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
 measure that path). Each row prints the audio-seconds per second in the steady part of the
 window (from a third of it), first audio, and the process's CPU seconds per audio second.
 
@@ -227,6 +228,12 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         build_s = time.perf_counter() - t_build
         await engine.runtimes[model].vocoder.start()
         voice = voice_for(model)
+        # One utterance before the window, as the server's own warm-up: first-call costs (on a
+        # GPU machine, vLLM's import for its SamplingParams: seconds of the event loop) stay out.
+        warm = SynthesisJob("warm-up", (TEXT,), voice, GenerationParams(max_speech_tokens=min(tokens, 30)),
+                            model=model, streaming=True)
+        async for _ in engine.synthesize(warm):
+            pass
         arrivals: list[tuple[float, int]] = []
         firsts: list[float] = []
         errors: list[str] = []

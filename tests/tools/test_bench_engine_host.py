@@ -4,6 +4,7 @@ real windows and seams, and a row's figures follow from the run and the T3 step 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -70,3 +71,21 @@ def test_a_row_can_run_the_served_vocoder_and_watermark(tmp_path: Path) -> None:
     assert (row["vocoder"], row["watermark"], row["errors"]) == ("real (cpu)", True, 0), row["first_error_trace"]
     assert row["utterances_done"] >= 1 and row["steady_audio_s_per_s"] > 0
     assert 0 < row["vocoder_busy_share"] <= 1.0 and row["vocoder_rows_per_batch"] <= 2
+
+
+def test_a_row_warms_the_engine_up_before_its_window(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """First-call costs (on a GPU machine vLLM's import, seconds of the event loop, the first
+    time a request builds its SamplingParams) run before the window, not in its first wave."""
+    from gateway.engine.vllm.engine import VllmEngine
+
+    real = VllmEngine.synthesize
+    jobs: list[str] = []
+
+    def recording(self, job):  # type: ignore[no-untyped-def]
+        jobs.append(job.request_id)
+        return real(self, job)
+
+    monkeypatch.setattr(VllmEngine, "synthesize", recording)
+    row = asyncio.run(bench_engine_host.measure(TURBO, 2, 1.5, (1.0, 0.0), (0.0, 0.0), tokens=20))
+    assert jobs[0] == "warm-up" and jobs.count("warm-up") == 1
+    assert row["utterances_done"] >= 2 and row["errors"] == 0
