@@ -18,17 +18,19 @@ chunks to the caller. What runs on the GPU is stood in for:
   milliseconds on the vocoder's worker thread (default 0: the host ceiling).
 
 No watermark (its host part, resampling, costs ~0.4 ms per audio-second on one core here).
+Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
+measure that path). One short utterance runs before each row's window (first-call costs
+out, as the server's warm-up keeps them out of requests). Each row prints the audio-seconds
+per second in the steady part of the window (from a third of it), first audio, and the
+process's CPU seconds per audio second.
 
 ``--vocoder real`` runs the served vocoder instead of the stand-in: S3Gen (random weights) on
 ``--device`` (CUDA when there is one) with the engine's dtype, windows, CUDA graphs and
 pipelining, and ``--watermark`` adds the engine's batched Perth pass: the whole engine but
 vLLM, so a row shows what the vocoder gives with T3 paced and nothing else on the GPU, and a
-fault in the vocoder's device work shows up without a server around it. ``--setting
-KEY=VALUE`` overrides a server setting (``vocoder_cuda_graphs=false``, ``vocoder_max_batch=32``).
-One short utterance runs before each row's window (first-call costs out, as the server's
-warm-up keeps them out of requests). Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
-measure that path). Each row prints the audio-seconds per second in the steady part of the
-window (from a third of it), first audio, and the process's CPU seconds per audio second.
+fault in the vocoder's device work shows up without a server around it (the first error's
+traceback goes to stderr and the row's JSON). ``--setting KEY=VALUE`` overrides a server
+setting (``vocoder_cuda_graphs=false``, ``vocoder_max_batch=32``).
 
 ``python -m gateway.tools.bench_engine_host --model chatterbox-turbo --streams 1,64,256``
 """
