@@ -84,6 +84,10 @@ class _Level:
     """(time, T3 requests waiting, decoding) from the server's metrics, about every second."""
 
 
+SERVER_WATCH_S = 0.5
+"""How often a row checks that the server it measures still runs."""
+
+
 def request_body(model: str, voice: str, fmt: str, text: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "input": text, "voice": voice, "response_format": fmt}
     if model == MULTILINGUAL:
@@ -158,7 +162,9 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     """One row: ``len(models)`` concurrent looping clients, client ``i`` asking for ``models[i]``;
     the row's ``model`` is ``label`` (default: the one model, or ``mixed``). ``profile``: run
     once the steady part of the window begins (py-spy samples of the server and this client,
-    ``benchmark --http-py-spy-s``); its result is the row's ``py_spy``. ``timeline_log``: the
+    ``benchmark --http-py-spy-s``); its result is the row's ``py_spy``. ``server_pid``: the
+    server's process; should it die, the row ends at once (its clients would only collect
+    connection errors) with ``server_died_at_s``. ``timeline_log``: the
     log of a server started with ``request_timeline``; every request asks for its first-audio
     timeline, and the row gets the stage medians of the first wave's and of the steady span's
     requests that had audio (``timeline_first_wave``, ``timeline_steady``): where first audio
@@ -197,18 +203,35 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             profiled.update(await profile())  # type: ignore[misc]
 
+        died: list[float] = []
+
+        async def watch() -> None:
+            while host_probes.alive(server_pid) is not False:  # type: ignore[arg-type]
+                await asyncio.sleep(SERVER_WATCH_S)
+            died.append(round(time.perf_counter() - level.t0, 1))
+
         clients = [asyncio.create_task(loop(client, m)) for client, m in zip(streams, models)]
         helpers = [asyncio.create_task(sample()), asyncio.create_task(metrics_at("steady", steady_from))]
         sampler = asyncio.create_task(profile_at(steady_from)) if profile is not None else None
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        marks["end"] = await asyncio.to_thread(scrape, base)
-        for task in clients + helpers:
+        watcher = asyncio.create_task(watch()) if server_pid is not None else None
+        if watcher is not None:  # the window, or less when the server dies
+            await asyncio.wait([watcher], timeout=max(0.0, end - time.perf_counter()))
+        else:
+            await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        if not died:
+            marks["end"] = await asyncio.to_thread(scrape, base)
+        for task in clients + helpers + ([watcher] if watcher else []):
             task.cancel()
-        await asyncio.gather(*clients, *helpers, return_exceptions=True)
-        if sampler is not None:  # the caller sizes it to end inside the window
-            await sampler
+        await asyncio.gather(*clients, *helpers, *([watcher] if watcher else []), return_exceptions=True)
+        if sampler is not None:
+            if died:
+                sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler  # the caller sizes it to end inside the window
     rss, gpu = await asyncio.to_thread(_memory, server_pid)
     row = _row(level, models, window_s, fmt, voice, before, marks, rss, gpu, peaks, label)
+    if died:
+        row["server_died_at_s"] = died[0]
     if profile is not None:
         row["py_spy"] = profiled
     if timeline_log is not None:

@@ -244,6 +244,8 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                                 timeline_log=server.log if args.http_timelines else None))
                             rows.append(row)
                             print({k: v for k, v in row.items() if k not in ROW_APART}, flush=True)
+                            if "server_died_at_s" in row:  # later rows and stages would measure nothing
+                                raise ServerDied(row["server_died_at_s"], server.log)
                             for who, summary in (row.get("py_spy") or {}).items():
                                 print(py_spy.table(summary, f"{who}, {model} x {n}"), flush=True)
                             for key in ("timeline_first_wave", "timeline_steady"):
@@ -264,12 +266,34 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                     code = loadtest.main(argv)
                     found["loadtest"] = {"exit": code, **(json.loads(target.read_text()) if target.exists() else {})}
                     save(rows, found)
+            except ServerDied as died:
+                print(died, flush=True)
+                found.setdefault("errors", []).append({"stage": stage, "error": str(died)[:3000]})
+                save(rows, found)
+                break
             except Exception as exc:  # keep the other stages' numbers
                 import traceback
 
                 traceback.print_exc()
                 found.setdefault("errors", []).append({"stage": stage, "error": repr(exc)[:500]})
+                save(rows, found)
     return rows, found
+
+
+class ServerDied(RuntimeError):
+    """The server under measurement exited during a row: the run stops there (every later row
+    and stage would only count connection errors), the end of its log in the message."""
+
+    def __init__(self, at_s: float, log: Path | None) -> None:
+        tail = ""
+        if log is not None and log.exists():
+            lines = log.read_text(errors="replace").splitlines()
+            tail = "\n".join(line[:300] for line in lines[-LOG_TAIL_LINES:])
+        super().__init__(f"the server died {at_s} s into the row; the rest of the run is skipped."
+                         + (f" Its log ends:\n{tail}" if tail else ""))
+
+
+LOG_TAIL_LINES = 15
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -22,6 +22,19 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def alive(pid: int) -> bool | None:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not),
+    or None where ``/proc`` cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False if Path("/proc/self/stat").exists() else None
+    except OSError:
+        return None
+    state = stat.rsplit(")", 1)[-1].split()[:1]  # the name, in parentheses, may hold spaces
+    return bool(state) and state[0] not in ("Z", "X")
+
+
 def descendants(pid: int) -> list[int]:
     """Every process started under ``pid`` (children, grandchildren, ...)."""
     found: list[int] = []

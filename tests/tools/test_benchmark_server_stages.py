@@ -5,6 +5,8 @@ per-stream audio-length check, and the timeline a request asks for."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -203,3 +205,61 @@ def test_timelines_are_read_from_a_growing_log(tmp_path: Path) -> None:
     found = timeline_log.read_timelines(log, ["a", "b", "missing"], wait_s=1.0)
     writer.join()
     assert found == {"a": [["body read", 1.0]], "b": [["body read", 2.0]]}
+
+
+def test_a_server_that_dies_ends_the_row_and_the_run(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On the H200 a crashed server's row ran out its window collecting 27372 connection errors;
+    now the row ends when the server exits, later rows and stages are skipped, and the run's
+    errors carry the end of the server's log."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    real = bench_http.measure_level
+
+    async def killing(base, models, **kw):  # type: ignore[no-untyped-def]
+        async def kill() -> None:
+            await asyncio.sleep(1.0)
+            os.kill(kw["server_pid"], signal.SIGKILL)
+
+        killer = asyncio.create_task(kill())
+        try:
+            return await real(base, models, **kw)
+        finally:
+            killer.cancel()
+
+    monkeypatch.setattr(bench_http, "measure_level", killing)
+    out = tmp_path / "bench" / "http.json"
+    t0 = time.perf_counter()
+    benchmark.main(["--stages", "http,loadtest", "--server-engine", "fake", "--models", "chatterbox",
+                    "--http-concurrency", "2,4", "--http-window-s", "30", "--loadtest-s", "30",
+                    "--server-cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    took = time.perf_counter() - t0
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]  # the 4-stream row never ran
+    assert row["concurrency"] == 2 and 0.5 <= row["server_died_at_s"] <= 5
+    assert "loadtest" not in doc["stages"]
+    (error,) = doc["stages"]["errors"]
+    assert error["stage"] == "http" and "the server died" in error["error"] and "Its log ends" in error["error"]
+    assert took < 60  # not two 30 s windows and a 30 s load test
+
+
+def test_liveness_tells_a_zombie_from_a_live_process() -> None:
+    import subprocess
+    import sys
+
+    from gateway.tools import host_probes
+
+    assert host_probes.alive(os.getpid()) is True
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert host_probes.alive(child.pid) is True
+        child.kill()
+        deadline = time.monotonic() + 10
+        while host_probes.alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host_probes.alive(child.pid) is False  # dead, not yet reaped: a zombie
+    finally:
+        child.wait()
+    assert host_probes.alive(child.pid) is False  # reaped: gone
