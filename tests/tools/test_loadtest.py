@@ -69,3 +69,48 @@ def test_429s_are_counted_apart_from_errors(live_server, tmp_path: Path) -> None
     )
     assert report["rejected_429"] > 0
     assert report["error_count"] == 0 and report["ok"] > 0
+
+
+def test_a_server_that_dies_ends_the_run(tmp_path: Path) -> None:
+    """A dead server (--server-pid) ends the run at once: its report says when, and the exit
+    status fails, instead of a full duration of connection errors."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+        async def run() -> int:
+            async def kill() -> None:
+                await asyncio.sleep(1.0)
+                server.kill()
+
+            killer = asyncio.create_task(kill())
+            code = await asyncio.to_thread(loadtest.main, [
+                "--url", f"http://127.0.0.1:{port}", "--concurrency", "2", "--duration", "30",
+                "--server-pid", str(server.pid), "--settle", "0", "--json", str(tmp_path / "r.json")])
+            await killer
+            return code
+
+        t0 = time.monotonic()
+        code = asyncio.run(run())
+        took = time.monotonic() - t0
+    finally:
+        server.kill()
+        server.wait()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and report["server_died_at_s"] is not None and report["server_died_at_s"] <= 5
+    assert took < 20  # not the 30 s duration
