@@ -72,10 +72,6 @@ class Spectra:
     its inverse real DFT (as ``irfft``: the imaginary parts of DC and Nyquist count for nothing),
     windowed."""
 
-    @property
-    def bins(self) -> int:
-        return self.n_fft // 2 + 1
-
 
 def spectra_on_device(hift: torch.nn.Module, device: torch.device | str) -> Spectra:
     """:class:`Spectra` for ``hift``'s STFT parameters on ``device``; moves its window there
