@@ -132,6 +132,23 @@ def speech_chunks(text: str, family: Family, max_chars: int) -> tuple[str, ...]:
     return tuple(restore(chunk) for chunk in split_text(protect(text, family.tags), max_chars))
 
 
+INLINE_SPLIT_CHARS = 500
+"""Inputs up to this many characters are split on the event loop (~50 us for 120 characters,
+~0.65 ms for 1000, measured on the 2-core development machine); longer ones on a worker
+thread. The hop to a thread and back costs more than the work for short inputs, and under
+load far more: each side waits for the GIL (up to the interpreter's 5 ms switch interval), so
+on an H200 serving 32 streams this stage took 24 ms of every request's first audio with a
+~50 us split behind it (docs/benchmarks.md, eighth session)."""
+
+
+async def split_speech(text: str, family: Family, max_chars: int) -> tuple[str, ...]:
+    """:func:`speech_chunks`, inline for a short input, on a worker thread for a long one (up to
+    4096 characters of normalising and splitting: milliseconds of CPU kept off the event loop)."""
+    if len(text) <= INLINE_SPLIT_CHARS:
+        return speech_chunks(text, family, max_chars)
+    return await asyncio.to_thread(speech_chunks, text, family, max_chars)
+
+
 async def prepare_speech(
     services: AppServices,
     request: SpeechRequest,
@@ -157,8 +174,7 @@ async def prepare_speech(
     record.mark("model and voice resolved")
     language = await resolve_language_of(family, request.language, request.input)
     record.language = language
-    # Up to 4096 characters of normalising and splitting: CPU work, kept off the event loop.
-    chunks = await asyncio.to_thread(speech_chunks, request.input, family, settings.max_chunk_chars)
+    chunks = await split_speech(request.input, family, settings.max_chunk_chars)
     record.mark("text split")
     speed = 1.0 if request.speed is None else request.speed
     usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk, family.id, language) for chunk in chunks))

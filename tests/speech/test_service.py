@@ -53,3 +53,27 @@ async def test_a_body_read_to_the_end_frees_everything(settings: Settings) -> No
         data = b"".join([chunk async for chunk in prepared.body])
         assert data and services.admission.in_flight == 0
         assert await asyncio.to_thread(wait_until, lambda: not live_encoders(), 5)
+
+
+async def test_a_short_input_is_split_on_the_event_loop_a_long_one_on_a_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A thread hop costs more than splitting a short input (and under load far more: GIL
+    waits), so only long inputs leave the event loop."""
+    from gateway.models.families import FAMILIES
+    from gateway.speech import service
+
+    hops: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(len(args[0]))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(service.asyncio, "to_thread", counting)
+    family = FAMILIES["chatterbox"]
+    short = "A short sentence. And another one."
+    long = "Some words to speak for a while, and then some more of them. " * 12
+    assert len(short) <= service.INLINE_SPLIT_CHARS < len(long)
+    assert await service.split_speech(short, family, 300) == service.speech_chunks(short, family, 300)
+    assert hops == []
+    assert await service.split_speech(long, family, 300) == service.speech_chunks(long, family, 300)
+    assert hops == [len(long)]
