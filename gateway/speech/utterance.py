@@ -63,7 +63,7 @@ from gateway.speech.service import (
     generation_params,
     resolve_language_of,
     resolve_model_and_voice,
-    speech_chunks,
+    split_speech,
     voice_is_a_parameter,
 )
 from gateway.voices.library import VoiceInfo
@@ -296,7 +296,7 @@ class Utterance:
         deadline = time.monotonic() + settings.request_timeout_s
         engine = services.ready_engine()
         _, voice_cache = services.ready_voices()
-        chunks = await asyncio.to_thread(speech_chunks, text, plan.family, settings.max_chunk_chars)
+        chunks = await split_speech(text, plan.family, settings.max_chunk_chars)
         if self.stats.language is None:
             self.stats.language = await resolve_language_of(plan.family, plan.language, text)
         pieces: list[np.ndarray] = []
