@@ -64,6 +64,7 @@ from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
 from gateway.settings import Settings, load_settings
+from gateway.tools import host_probes
 from gateway.tools.bench_host import TickEngine, cpu_card
 from gateway.tools.bench_http import ms, pct
 
@@ -355,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
     if args.json:
         args.json.write_text(json.dumps({
-            "card": cpu_card(), "python": platform.python_version(),
+            # the host's CPU, and with the real vocoder on a GPU that card too
+            "card": cpu_card() + (f", {host_probes.card()}" if device and device.startswith("cuda") else ""),
+            "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m gateway.tools.bench_engine_host " + " ".join(argv or sys.argv[1:]),
             "rows": rows}, indent=1))

@@ -84,10 +84,6 @@ class _Level:
     """(time, T3 requests waiting, decoding) from the server's metrics, about every second."""
 
 
-SERVER_WATCH_S = 0.5
-"""How often a row checks that the server it measures still runs."""
-
-
 def request_body(model: str, voice: str, fmt: str, text: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "input": text, "voice": voice, "response_format": fmt}
     if model == MULTILINGUAL:
@@ -203,26 +199,23 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             profiled.update(await profile())  # type: ignore[misc]
 
-        died: list[float] = []
-
-        async def watch() -> None:
-            while host_probes.alive(server_pid) is not False:  # type: ignore[arg-type]
-                await asyncio.sleep(SERVER_WATCH_S)
-            died.append(round(time.perf_counter() - level.t0, 1))
-
         clients = [asyncio.create_task(loop(client, m)) for client, m in zip(streams, models)]
         helpers = [asyncio.create_task(sample()), asyncio.create_task(metrics_at("steady", steady_from))]
         sampler = asyncio.create_task(profile_at(steady_from)) if profile is not None else None
-        watcher = asyncio.create_task(watch()) if server_pid is not None else None
-        if watcher is not None:  # the window, or less when the server dies
+        died: list[float] = []
+        if server_pid is not None:  # the window, or less when the server dies
+            watcher = asyncio.create_task(host_probes.exited(server_pid))
             await asyncio.wait([watcher], timeout=max(0.0, end - time.perf_counter()))
+            if watcher.done():
+                died.append(round(time.perf_counter() - level.t0, 1))
+            helpers.append(watcher)
         else:
             await asyncio.sleep(max(0.0, end - time.perf_counter()))
         if not died:
             marks["end"] = await asyncio.to_thread(scrape, base)
-        for task in clients + helpers + ([watcher] if watcher else []):
+        for task in clients + helpers:
             task.cancel()
-        await asyncio.gather(*clients, *helpers, *([watcher] if watcher else []), return_exceptions=True)
+        await asyncio.gather(*clients, *helpers, return_exceptions=True)
         if sampler is not None:
             if died:
                 sampler.cancel()

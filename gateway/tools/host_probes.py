@@ -5,6 +5,7 @@ CUDA context of its own just to read memory."""
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import shutil
 import subprocess
@@ -33,6 +34,18 @@ def alive(pid: int) -> bool | None:
         return None
     state = stat.rsplit(")", 1)[-1].split()[:1]  # the name, in parentheses, may hold spaces
     return bool(state) and state[0] not in ("Z", "X")
+
+
+EXIT_POLL_S = 0.5
+"""How often :func:`exited` looks."""
+
+
+async def exited(pid: int) -> None:
+    """Return once process ``pid`` no longer runs (a benchmark's watch on the server it measures:
+    a dead server would only give its clients connection errors). Never, where ``/proc`` cannot
+    tell."""
+    while alive(pid) is not False:
+        await asyncio.sleep(EXIT_POLL_S)
 
 
 def descendants(pid: int) -> list[int]:

@@ -55,10 +55,6 @@ class NotLoopbackError(ValueError):
     pass
 
 
-SERVER_WATCH_S = 0.5
-"""How often the run checks that the server (``--server-pid``) still runs: it ends when it does not."""
-
-
 def require_loopback(url: str) -> None:
     """Refuse any URL whose host is not a loopback address (after resolving names)."""
     host = urlsplit(url).hostname
@@ -300,19 +296,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 peak[:] = [max(peak[0], value or 0), max(peak[1], tree or 0), max(peak[2], gpu or 0)]
                 await asyncio.sleep(1.0)
 
-        died: list[float] = []
-
-        async def watch_server() -> None:  # a dead server would only yield connection errors
-            while host_probes.alive(args.server_pid) is not False:
-                await asyncio.sleep(SERVER_WATCH_S)
-            died.append(round(time.monotonic() - results.started, 1))
-
         sampler = asyncio.create_task(sample_peak())
         streams = [stream_client(args.url, args.request_timeout, headers) for _ in range(args.concurrency)]
         loops = asyncio.ensure_future(asyncio.gather(*(
             _client_loop(stream, body, results, stop_at, budget, args.expect_samples) for stream in streams)))
-        watcher = asyncio.create_task(watch_server()) if args.server_pid else None
+        # the run ends early should the server exit (--server-pid)
+        watcher = asyncio.create_task(host_probes.exited(args.server_pid)) if args.server_pid else None
         await asyncio.wait([loops, *([watcher] if watcher else [])], return_when=asyncio.FIRST_COMPLETED)
+        died = round(time.monotonic() - results.started, 1) if watcher is not None and watcher.done() else None
         for task in (loops, watcher):
             if task is not None and not task.done():
                 task.cancel()
@@ -353,7 +344,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "audio_bytes": results.audio_bytes,
         "audio_s_per_request": {"min": min(results.audio_s), "max": max(results.audio_s)} if results.audio_s else None,
         "expect_samples": args.expect_samples,
-        "server_died_at_s": died[0] if died else None,
+        "server_died_at_s": died,
         "server_ffmpeg_children_after": ffmpeg_children(args.server_pid) if args.server_pid else None,
         "server_encoder_threads_after": encoder_threads(args.server_pid) if args.server_pid else None,
         "server_in_flight_after": metrics_after.get("chatterbox_in_flight_requests"),
