@@ -303,6 +303,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Later windows double from ``stream_window_tokens`` up to this, and a stream with
     tokens already waiting takes up to this many at once: every window re-runs the vocoder's
     flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
+    stream_final_window_tokens: Annotated[int, Meta(ge=0, le=100_000)] = 0
+    """Once T3 has finished a stream, what is left is vocoded as one final window when at most
+    this many tokens remain (0: twice ``stream_max_window_tokens``), else in windows of that
+    size until it fits: under load T3 runs far ahead of the vocoder, and each window saved is
+    one flow pass over the voice prompt saved. A stream's first window stays small whatever
+    this is."""
 
     # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
     vocoder_compile: Literal["off", "dynamic", "static"] = "off"

@@ -156,7 +156,8 @@ class Vocoder:
         """Batches in flight at most (1: each batch's audio is read before the next launches)."""
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
                                              tokens=settings.stream_window_tokens,
-                                             max_tokens=settings.stream_max_window_tokens)
+                                             max_tokens=settings.stream_max_window_tokens,
+                                             final_merge_tokens=settings.stream_final_window_tokens)
         self.max_batch_rows = settings.vocoder_max_batch
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch
@@ -411,7 +412,7 @@ class Vocoder:
             return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
-                    jobs[i].window.final, first=jobs[i].window.index == 0 and not jobs[i].stream.one_shot)
+                    jobs[i].window.final, first=self.policy.quick_first(jobs[i].window) and not jobs[i].stream.one_shot)
             for i in live], clock=clock)
         hift_rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
                              jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]

@@ -14,8 +14,12 @@ The scheme (CosyVoice 2's streaming token2wav, adapted to S3Gen):
   growing (``tokens``, then doubling up to ``max_tokens``): every window re-runs the flow
   over the voice prompt (~250 tokens), so fewer, larger windows cost less per second of
   audio. A stream whose tokens already wait (T3 runs ahead of the vocoder) takes as many of
-  them as the cap allows at once, in multiples of ``tokens`` (few distinct shapes). Every
-  window also carries the voice prompt (added by the vocoder, not counted here).
+  them as the cap allows at once, in multiples of ``tokens`` (few distinct shapes); once T3
+  has finished the stream, what is left goes as one final window when it is at most
+  ``final_merge_tokens`` (by default twice the cap), the first window included: a stream
+  whose first window is planned after T3 finished it has waited for the vocoder that long,
+  and splitting it would only add flow work. Every window also carries the voice prompt
+  (added by the vocoder, not counted here).
 * HiFT (mel -> 24 kHz). The window's HiFT input is the last ``mel_overlap`` committed mel
   frames of the previous window followed by its own new frames. The first
   ``mel_overlap * 480`` samples of its output re-synthesise audio the previous window held
@@ -57,8 +61,13 @@ class WindowPolicy:
     """Mel frames re-vocoded across a seam; their audio is crossfaded."""
     final_merge_tokens: int = 0
     """A finished stream vocodes everything left in one final window when at most this many
-    tokens remain (0: ``2 * tokens``; for the first window at most ``2 * first_tokens``;
-    never less than the next window plus lookahead); longer tails are split into windows."""
+    tokens remain (0: twice the cap, i.e. ``2 * max(tokens, max_tokens)``; never less than
+    the next window plus lookahead); longer tails are split into windows. Once T3 has
+    finished (under load it runs far ahead of the vocoder) the rest goes in as few windows
+    as this allows, the first window included when T3 finished before it was planned: each
+    window re-runs the flow over the voice prompt, so a 250-token utterance vocoded as
+    20 + 200 + 30 tokens costs the flow 2152 mel frames, as 20 + 230 1556, as one window 1000
+    (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if min(self.first_tokens, self.tokens) < 1:
@@ -74,11 +83,17 @@ class WindowPolicy:
 
     @property
     def merge_limit(self) -> int:
-        return self.final_merge_tokens or 2 * self.tokens
+        return self.final_merge_tokens or 2 * self.cap
 
     @property
     def cap(self) -> int:
         return max(self.tokens, self.max_tokens)
+
+    def quick_first(self, window: Window) -> bool:
+        """Whether ``window`` is a stream's small first window (the one its first byte waits
+        for, solved with ``vocoder_first_window_flow_steps`` when those are set), not a first
+        window that took a whole finished utterance."""
+        return window.index == 0 and window.new_tokens <= 2 * self.first_tokens
 
     def size(self, index: int, backlog: int = 0) -> int:
         """Tokens committed by window ``index`` of a stream that has ``backlog`` tokens
@@ -138,10 +153,11 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
         return None
     context_start = max(0, committed - policy.left_context)
     size = policy.size(index, remaining - policy.lookahead)
-    # Merging a short tail into the final window saves a window; for the first window only
-    # while it stays small, so a finished short utterance still gets a fast first byte.
-    limit = policy.merge_limit if index else min(policy.merge_limit, 2 * policy.first_tokens)
-    if finished and (one_shot or remaining <= max(limit, size + policy.lookahead)):
+    # Once T3 has finished, what is left goes in one final window when it fits the limit:
+    # each window saved is a flow pass over the voice prompt saved. The first window too: a
+    # stream T3 finished before the vocoder planned its first window waited that long already
+    # (the vocoder is the bottleneck), and the one window's row costs its batch little more.
+    if finished and (one_shot or remaining <= max(policy.merge_limit, size + policy.lookahead)):
         return Window(index, context_start, committed, available, available, final=True)
     if remaining < size + policy.lookahead:
         return None

@@ -79,14 +79,22 @@ def test_first_window_is_small_and_waits_for_lookahead() -> None:
     assert (w.context_start, w.start, w.end) == (0, 20, 70)
 
 
-def test_finished_utterance_still_gets_a_small_first_window() -> None:
+def test_a_stream_finished_before_its_first_window_is_vocoded_whole_when_it_fits() -> None:
+    # T3 finished the utterance before the vocoder got to the stream (the vocoder is behind):
+    # one window, not a small one and the rest (a flow pass over the voice prompt fewer).
     policy = WindowPolicy(first_tokens=20, tokens=50)
     w = next_window(policy, available=90, committed=0, finished=True, index=0)
-    assert (w.end, w.final) == (20, False)
+    assert (w.end, w.final) == (90, True) and not policy.quick_first(w)
     w = next_window(policy, available=40, committed=0, finished=True, index=0)
-    assert (w.end, w.final) == (40, True)
+    assert (w.end, w.final) == (40, True) and policy.quick_first(w)
     w = next_window(policy, available=120, committed=20, finished=True, index=1)
-    assert (w.end, w.final) == (120, True)
+    assert (w.end, w.final) == (120, True) and not policy.quick_first(w)
+    # Longer than the limit (twice the window here): the small first window, then the rest.
+    w = next_window(policy, available=150, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (20, False) and policy.quick_first(w)
+    # Still arriving: the small first window, whatever waits.
+    w = next_window(policy, available=90, committed=0, finished=False, index=0)
+    assert (w.end, w.final) == (20, False)
 
 
 def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
@@ -108,6 +116,40 @@ def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
     assert w.end == 20
     # Without max_tokens nothing grows.
     assert WindowPolicy(tokens=50).size(5, backlog=500) == 50
+
+
+def test_a_finished_stream_vocodes_what_is_left_in_as_few_windows_as_the_final_limit_allows() -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)  # served sizes
+    assert policy.merge_limit == 400  # by default twice the cap
+    # T3 done with a 250-token utterance (as under load): after the small first window, the
+    # other 230 in one final window, not 200 then 30 (one flow pass over the prompt fewer).
+    w = next_window(policy, available=250, committed=20, finished=True, index=1)
+    assert (w.start, w.end, w.final) == (20, 250, True)
+    # Longer than the limit: windows of the cap until what is left fits.
+    w = next_window(policy, available=500, committed=20, finished=True, index=1)
+    assert (w.end, w.final) == (220, False)
+    w = next_window(policy, available=500, committed=220, finished=True, index=2)
+    assert (w.end, w.final) == (500, True)
+    # Not finished: the cap holds, whatever waits.
+    w = next_window(policy, available=250, committed=20, finished=False, index=1)
+    assert (w.end, w.final) == (220, False)
+    # Finished before its first window was planned: the whole utterance at once.
+    w = next_window(policy, available=250, committed=0, finished=True, index=0)
+    assert (w.end, w.final) == (250, True)
+    # The rule until 2026-12-05 (twice the second window) as an explicit limit.
+    old = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200, final_merge_tokens=100)
+    w = next_window(old, available=250, committed=20, finished=True, index=1)
+    assert (w.end, w.final) == (220, False)
+    # Without growth the default is what it always was: twice the window.
+    assert WindowPolicy(tokens=50).merge_limit == 100
+
+
+def test_the_served_policy_takes_the_final_window_setting(s3gen) -> None:
+    settings = load_settings({}, {"flow_steps": 2, "max_speech_tokens": 64, "stream_final_window_tokens": 120})
+    vocoder = Vocoder(s3gen, settings)
+    assert (vocoder.policy.merge_limit, vocoder.policy.cap) == (120, settings.stream_max_window_tokens)
+    default = Vocoder(s3gen, load_settings({}, {"flow_steps": 2, "max_speech_tokens": 64}))
+    assert default.policy.merge_limit == 2 * settings.stream_max_window_tokens
 
 
 def test_one_shot_waits_for_finish_then_takes_everything() -> None:

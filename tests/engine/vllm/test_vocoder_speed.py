@@ -154,6 +154,36 @@ def test_first_window_steps_change_only_first_windows(s3gen, ref) -> None:
     torch.testing.assert_close(changed[0], one_step.run_flow([rows[1]])[0], rtol=1e-5, atol=1e-5)
 
 
+async def test_a_stream_finished_before_its_first_window_is_vocoded_whole_as_one_shot(s3gen, ref) -> None:
+    """Under load T3 finishes utterances before the vocoder gets to them: such a stream is one
+    window (the flow over the voice prompt once, not once per window), its audio the one-shot
+    computation's, and the first window's own step count (a first-byte knob) does not touch it."""
+    tokens = _tokens(15, 21)  # more than twice the first window, within the final limit (2 x 8)
+    policy = WindowPolicy(first_tokens=6, tokens=8, left_context=4)  # final limit: twice the cap, 16
+    voc = Vocoder(s3gen, load_settings({}, {"flow_steps": 2, "max_speech_tokens": 64,
+                                            "vocoder_first_window_flow_steps": 1}), policy=policy)
+    await voc.start()
+    try:
+        stream = voc.open_stream("A", ref)
+        stream.push(tokens)
+        stream.finish()
+        chunks = [a async for a in stream.audio()]
+        one_shot = await voc.vocode("A", ref, tokens)
+        arriving = voc.open_stream("A", ref)  # the same tokens still arriving: a small first window
+        arriving.push(tokens[:9])
+        audio = arriving.audio()
+        first = await audio.__anext__()
+        arriving.push(tokens[9:])
+        arriving.finish()
+        rest = [a async for a in audio]
+    finally:
+        await voc.close()
+    assert len(chunks) == 1 and voc.stats.batches == 4
+    np.testing.assert_array_equal(chunks[0], one_shot)
+    assert first.size == 6 * 960 - 8 * 480 and len(rest) >= 1  # 6 tokens, less the seam's held samples
+    assert np.concatenate([first, *rest]).size == one_shot.size
+
+
 def test_prompt_tokens_keep_the_end_of_the_voice_prompt(s3gen, ref) -> None:
     full = _batch(s3gen).prepare_voice(ref)
     short = _batch(s3gen, prompt_tokens=5).prepare_voice(ref)
