@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import platform
 import sys
 import time
@@ -157,7 +158,9 @@ def _row(label: str, arrival: str, windows: int, frames: int, audio_s: float, wa
             "vocoder_s_per_audio_s": round(wall / audio_s, 4),
             "audio_s_per_s": round(audio_s / wall, 2),
             "device_busy_s_per_audio_s": round(busy / audio_s, 4) if busy else None,
-            "snr_vs_one_shot_db": None if snr is None else round(snr, 1)}
+            # JSON has no infinity: an identical signal is said so instead of an SNR
+            "snr_vs_one_shot_db": None if snr is None or math.isinf(snr) else round(snr, 1),
+            "identical_to_one_shot": snr is not None and math.isinf(snr)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                overrides=dict(args.setting),
                                arrivals=[a for a in args.arrivals.split(",") if a]))
     keys = ["schedule", "first_window", "windows", "windows_per_utterance", "flow_frames_per_audio_s", "vocoder_s_per_audio_s",
-            "audio_s_per_s", "device_busy_s_per_audio_s", "snr_vs_one_shot_db"]
+            "audio_s_per_s", "device_busy_s_per_audio_s", "snr_vs_one_shot_db", "identical_to_one_shot"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
