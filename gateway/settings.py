@@ -307,8 +307,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Once T3 has finished a stream, what is left is vocoded as one final window when at most
     this many tokens remain (0: twice ``stream_max_window_tokens``), else in windows of that
     size until it fits: under load T3 runs far ahead of the vocoder, and each window saved is
-    one flow pass over the voice prompt saved. A stream's first window stays small whatever
-    this is."""
+    one flow pass over the voice prompt saved. A stream's first window is small (its first
+    byte waits for it) unless T3 finished the stream before the vocoder got to it: then it is
+    the whole utterance when that fits this limit."""
 
     # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
     vocoder_compile: Literal["off", "dynamic", "static"] = "off"

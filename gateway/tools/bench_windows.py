@@ -178,9 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     finals = [int(v) for v in args.final.split(",") if v.strip()]
+    arrivals = [a for a in args.arrivals.split(",") if a]
+    if not arrivals or set(arrivals) - set(ARRIVALS):
+        p.error(f"--arrivals: one or both of {', '.join(ARRIVALS)}")
     rows = asyncio.run(measure(finals, args.streams, args.tokens, args.flow_steps, args.prompt_tokens, device,
                                overrides=dict(args.setting),
-                               arrivals=[a for a in args.arrivals.split(",") if a]))
+                               arrivals=arrivals))
     keys = ["schedule", "first_window", "windows", "windows_per_utterance", "flow_frames_per_audio_s", "vocoder_s_per_audio_s",
             "audio_s_per_s", "device_busy_s_per_audio_s", "snr_vs_one_shot_db", "identical_to_one_shot"]
     print("| " + " | ".join(keys) + " |")

@@ -47,3 +47,9 @@ def test_rows_on_tiny_sizes(tmp_path: Path, capsys) -> None:  # type: ignore[no-
     assert not any(r["identical_to_one_shot"] for r in (one_shot, split_early, split_late, early))
     out_text = capsys.readouterr().out
     assert "| final <= 32 (default) | early | 6+24 |" in out_text
+
+
+def test_unknown_arrivals_are_refused(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_windows.main(["--arrivals", "early,soon", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--arrivals" in capsys.readouterr().err
