@@ -97,6 +97,12 @@ class BatchStats:
     """Seconds of audio produced."""
     rows_per_batch: dict[int, int] = field(default_factory=dict)
     """Histogram: batch size -> batches of that size."""
+    flow_frames: int = 0
+    """Mel frames the flow solved (each window's voice prompt included, padding not): over
+    ``audio_s``, what the window schedule costs per audio-second (one-shot: ~100)."""
+    whole_windows: int = 0
+    """Streamed utterances vocoded as one window (T3 had finished them before the vocoder
+    planned their first window)."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
 

@@ -100,6 +100,11 @@ class _BatchStats(_EngineCollector):
             "vocoder_device_busy_seconds": ("Seconds the device ran vocoder batches (CUDA events).",
                                             stats.device_busy_s),
             "vocoder_audio_seconds": ("Seconds of audio the vocoder produced.", stats.audio_s),
+            "vocoder_flow_frames": ("Mel frames the vocoder's flow solved, voice prompts included "
+                                    "(over audio seconds: the window schedule's cost).", stats.flow_frames),
+            "vocoder_whole_utterance_windows": ("Streamed utterances vocoded as one window (T3 had "
+                                                "finished them when the vocoder got to them).",
+                                                stats.whole_windows),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))

@@ -268,7 +268,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         stats = engine.runtimes[model].vocoder.stats
-        busy0, device0 = stats.busy_s, stats.device_busy_s
+        busy0, device0, frames0, audio0, whole0 = (stats.busy_s, stats.device_busy_s, stats.flow_frames, stats.audio_s,
+                                                   stats.whole_windows)
         consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
         await asyncio.sleep(seconds)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -276,6 +277,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
         busy, device_busy = stats.busy_s - busy0, stats.device_busy_s - device0
+        frames, vocoded, whole = stats.flow_frames - frames0, stats.audio_s - audio0, stats.whole_windows - whole0
         await engine.close()
     steady_from = t0 + seconds / 3
     steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
@@ -298,6 +300,9 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         "vocoder_rows_per_batch": round(stats.rows / stats.batches, 1) if stats.batches else None,
         "vocoder": "stand-in" if device is None else f"real ({device})", "watermark": watermark,
         "vocoder_busy_share": round(busy / seconds, 3), "vocoder_device_busy_share": round(device_busy / seconds, 3),
+        # the window schedule's cost: flow mel frames per audio-second (one-shot ~100), whole utterances
+        "vocoder_flow_frames_per_audio_s": round(frames / vocoded, 1) if vocoded else None,
+        "vocoder_whole_utterance_windows": whole,
         "start_s": round(build_s, 1),
         "first_error_trace": traces[0] if traces else None,
     }

@@ -306,6 +306,16 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     windows = end_metrics.get("chatterbox_vocoder_windows_total", 0.0) - before.get("chatterbox_vocoder_windows_total", 0.0)
     if batches > 0:
         row["vocoder_rows_per_batch"] = round(windows / batches, 1)
+    audio = end_metrics.get("chatterbox_vocoder_audio_seconds_total", 0.0) - before.get(
+        "chatterbox_vocoder_audio_seconds_total", 0.0)
+    frames = end_metrics.get("chatterbox_vocoder_flow_frames_total", 0.0) - before.get(
+        "chatterbox_vocoder_flow_frames_total", 0.0)
+    if audio > 0 and frames > 0:  # the window schedule's cost per audio-second (one-shot: ~100)
+        row["vocoder_flow_frames_per_audio_s"] = round(frames / audio, 1)
+    if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
+        row["vocoder_whole_utterance_windows"] = int(
+            end_metrics["chatterbox_vocoder_whole_utterance_windows_total"]
+            - before.get("chatterbox_vocoder_whole_utterance_windows_total", 0.0))
     if rtf:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
     row.update(_t3_columns(level, marks, steady_from, end))

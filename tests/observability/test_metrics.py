@@ -80,7 +80,8 @@ class _BatchingEngine(FakeEngine):
     """A fake engine reporting batching counters, as the vLLM engine's vocoder loop does."""
 
     def batch_stats(self) -> BatchStats:
-        return BatchStats(batches=3, rows=1 + 4 + 9, rows_dropped=2, rows_per_batch={1: 1, 4: 1, 9: 1})
+        return BatchStats(batches=3, rows=1 + 4 + 9, rows_dropped=2, rows_per_batch={1: 1, 4: 1, 9: 1},
+                          flow_frames=4321, whole_windows=5)
 
 
 async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
@@ -93,6 +94,8 @@ async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
     assert value(scraped, "chatterbox_engine_batch_size_bucket", le="16.0") == 3
     assert value(scraped, "chatterbox_vocoder_batches_total") == 3
     assert value(scraped, "chatterbox_vocoder_windows_dropped_total") == 2
+    assert value(scraped, "chatterbox_vocoder_flow_frames_total") == 4321
+    assert value(scraped, "chatterbox_vocoder_whole_utterance_windows_total") == 5
 
 
 class _T3Engine(FakeEngine):

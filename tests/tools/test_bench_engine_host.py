@@ -51,6 +51,9 @@ def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  #
         assert row["errors"] == 0 and row["utterances_done"] >= row["streams"]
         assert 0 < row["steady_audio_s_per_s"] <= 1.1 * row["t3_alone_audio_s_per_s"]
         assert row["vocoder_rows_per_batch"] <= row["streams"] and row["first_audio_p50_ms"] > 0
+        # each 30-token utterance's windows carry the 250-token voice prompt: far above one-shot's ~100
+        assert row["vocoder_flow_frames_per_audio_s"] > 2 * (250 + 30) / (30 * 0.04)
+        assert isinstance(row["vocoder_whole_utterance_windows"], int)
     assert "| chatterbox-turbo | 3 |" in capsys.readouterr().out
 
 

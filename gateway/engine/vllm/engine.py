@@ -353,6 +353,8 @@ class VllmEngine(UpstreamVoices, Engine):
         return BatchStats(batches=sum(s.batches for s in stats), rows=sum(s.rows for s in stats),
                           rows_dropped=sum(s.windows_dropped for s in stats), busy_s=sum(s.busy_s for s in stats),
                           audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
+                          flow_frames=sum(s.flow_frames for s in stats),
+                          whole_windows=sum(s.whole_windows for s in stats),
                           device_busy_s=sum(s.device_busy_s for s in stats))
 
     def t3_stats(self) -> dict[str, T3Stats]:

@@ -83,6 +83,10 @@ class VocoderStats:
     last_batch_padded_tokens: int = 0
     rows_per_batch: dict[int, int] = field(default_factory=dict)
     """Histogram: batch size -> batches of that size."""
+    flow_frames: int = 0
+    """Mel frames the flow solved, voice prompts included (padding not)."""
+    whole_windows: int = 0
+    """Streamed utterances vocoded as one window (T3 finished them before their first)."""
     device_busy_s: float = 0.0
     """Seconds the device's stream was occupied by vocoder batches (CUDA events from each
     batch's first to its last kernel; on the CPU the worker's time): over a wall-clock span,
@@ -366,6 +370,8 @@ class Vocoder:
             st.device_busy_s += clock.busy_s()
         st.rows += len(jobs)
         st.first_window_rows += sum(j.window.index == 0 for j in jobs)
+        st.whole_windows += sum(j.window.index == 0 and j.window.final and not j.stream.one_shot for j in jobs)
+        st.flow_frames += sum(TOKEN_MEL_RATIO * (r.prompt_tokens + len(j.tokens)) for j, r in zip(jobs, results))
         st.busy_s += seconds
         st.audio_s += sum(j.window.new_mel_frames for j in jobs) * SAMPLES_PER_FRAME / SAMPLE_RATE
         st.last_batch_rows = len(jobs)
