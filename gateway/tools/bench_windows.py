@@ -19,6 +19,10 @@ audio-second (the streams batched together; the inverse is its ceiling in audio-
 and the audio's SNR against one-shot vocoding of the same tokens (min over streams: what the
 cut costs in fidelity; streamed audio departs from one-shot at every seam).
 
+With ``--arrivals mixed`` (every other stream early) the first batch holds small first windows
+beside whole utterances: ``--setting vocoder_split_min_rows=0`` against the default shows what
+solving such a batch by width saves.
+
 ``python -m gateway.tools.bench_windows --final 100,0 --streams 4 --tokens 250``
 (on a 2-core CPU add ``--flow-steps 2 --streams 2``: ~4 minutes).
 """
@@ -52,7 +56,15 @@ from gateway.tools.parity_vocoder import reference_dict, snr_db
 ARRIVALS = ("early", "late")
 """When a stream's first window is planned: ``early``, with its first window's tokens there
 and T3 still running (a vocoder keeping up: the rest arrives while the first window is
-vocoded); ``late``, after T3 finished the utterance (a vocoder behind: under load)."""
+vocoded); ``late``, after T3 finished the utterance (a vocoder behind: under load). Also
+``mixed`` (not run unless asked): every other stream early, so the first batch holds small
+first windows beside whole utterances (``vocoder_split_min_rows`` splits such a solve)."""
+CHOICES = (*ARRIVALS, "mixed")
+
+
+def arrival_of(arrival: str, stream: int) -> str:
+    """Stream ``stream``'s own arrival under ``arrival`` (``mixed``: even streams early)."""
+    return ("early" if stream % 2 == 0 else "late") if arrival == "mixed" else arrival
 
 
 def plan(policy: WindowPolicy, tokens: int, arrival: str = "late") -> list[Any]:
@@ -86,9 +98,9 @@ async def _vocode(vocoder: Vocoder, jobs: list[tuple[str, dict[str, Any], list[i
     first = vocoder.policy.first_tokens + vocoder.policy.lookahead
     t0 = time.perf_counter()
 
-    async def run(key: str, ref: dict[str, Any], tokens: list[int]) -> np.ndarray:
+    async def run(index: int, key: str, ref: dict[str, Any], tokens: list[int]) -> np.ndarray:
         stream = vocoder.open_stream(key, ref, one_shot=one_shot)
-        held = arrival == "early" and not one_shot and len(tokens) > first
+        held = arrival_of(arrival, index) == "early" and not one_shot and len(tokens) > first
         stream.push(tokens[:first] if held else tokens)
         if not held:
             stream.finish()
@@ -101,7 +113,7 @@ async def _vocode(vocoder: Vocoder, jobs: list[tuple[str, dict[str, Any], list[i
                 held = False
         return np.concatenate(parts)
 
-    audio = list(await asyncio.gather(*(run(*job) for job in jobs)))
+    audio = list(await asyncio.gather(*(run(i, *job) for i, job in enumerate(jobs))))
     return audio, time.perf_counter() - t0, vocoder.stats.device_busy_s - busy0
 
 
@@ -135,23 +147,24 @@ async def measure(finals: Sequence[int], streams: int, tokens: int, flow_steps: 
             policy = policy_for(settings, final)
             vocoder.policy = policy
             for arrival in arrivals:
-                windows = plan(policy, tokens, arrival)
-                frames = streams * sum(TOKEN_MEL_RATIO * (prompt_tokens + w.input_tokens) for w in windows)
+                plans = [plan(policy, tokens, arrival_of(arrival, i)) for i in range(streams)]
+                frames = sum(TOKEN_MEL_RATIO * (prompt_tokens + w.input_tokens) for p in plans for w in p)
                 audio, wall, busy = await _vocode(vocoder, jobs, arrival=arrival)
                 label = f"final <= {policy.merge_limit}" + (" (default)" if final == 0 else "")
-                row = _row(label, arrival, len(windows), frames, sum(a.size for a in audio) / SAMPLE_RATE, wall,
-                           busy, min(snr_db(o, a) for o, a in zip(one_shot, audio)))
-                row["windows"] = "+".join(str(w.new_tokens) for w in windows)
+                row = _row(label, arrival, sum(len(p) for p in plans) / streams, frames,
+                           sum(a.size for a in audio) / SAMPLE_RATE, wall, busy,
+                           min(snr_db(o, a) for o, a in zip(one_shot, audio)))
+                row["windows"] = " / ".join(sorted({"+".join(str(w.new_tokens) for w in p) for p in plans}))
                 rows.append(row)
     finally:
         await vocoder.close()
     for row in rows:
         row.update({"streams": streams, "tokens": tokens, "flow_steps": flow_steps, "prompt_tokens": prompt_tokens,
-                    "device": device})
+                    "device": device, "settings": dict(overrides or {})})
     return rows
 
 
-def _row(label: str, arrival: str, windows: int, frames: int, audio_s: float, wall: float, busy: float,
+def _row(label: str, arrival: str, windows: float, frames: int, audio_s: float, wall: float, busy: float,
          snr: float | None) -> dict[str, Any]:
     return {"schedule": label, "first_window": arrival, "windows_per_utterance": windows,
             "flow_frames_per_audio_s": round(frames / audio_s, 1),
@@ -160,14 +173,14 @@ def _row(label: str, arrival: str, windows: int, frames: int, audio_s: float, wa
             "device_busy_s_per_audio_s": round(busy / audio_s, 4) if busy else None,
             # JSON has no infinity: an identical signal is said so instead of an SNR
             "snr_vs_one_shot_db": None if snr is None or math.isinf(snr) else round(snr, 1),
-            "identical_to_one_shot": snr is not None and math.isinf(snr)}
+            "identical_to_one_shot": None if snr is None else math.isinf(snr)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gateway.tools.bench_windows", description=__doc__.split("\n\n")[0])
     p.add_argument("--final", default="100,0", help="stream_final_window_tokens values, one row each (0: default)")
     p.add_argument("--streams", type=int, default=4)
-    p.add_argument("--arrivals", default=",".join(ARRIVALS), help="first windows planned early, late, or both")
+    p.add_argument("--arrivals", default=",".join(ARRIVALS), help="first windows planned early, late, mixed (comma-separated)")
     p.add_argument("--tokens", type=int, default=250, help="speech tokens per utterance (250: 10 s)")
     p.add_argument("--flow-steps", type=int, default=10)
     p.add_argument("--prompt-tokens", type=int, default=250, help="the voice prompt (250: 10 s, upstream's most)")
@@ -179,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     finals = [int(v) for v in args.final.split(",") if v.strip()]
     arrivals = [a for a in args.arrivals.split(",") if a]
-    if not arrivals or set(arrivals) - set(ARRIVALS):
-        p.error(f"--arrivals: one or both of {', '.join(ARRIVALS)}")
+    if not arrivals or set(arrivals) - set(CHOICES):
+        p.error(f"--arrivals: some of {', '.join(CHOICES)}")
     rows = asyncio.run(measure(finals, args.streams, args.tokens, args.flow_steps, args.prompt_tokens, device,
                                overrides=dict(args.setting),
                                arrivals=arrivals))

@@ -44,7 +44,8 @@ def test_rows_on_tiny_sizes(tmp_path: Path, capsys) -> None:  # type: ignore[no-
         assert 10 < row["snr_vs_one_shot_db"] < 200 and row["vocoder_s_per_audio_s"] > 0
     # a finished stream vocoded whole is the one-shot computation: the same audio
     assert late["identical_to_one_shot"] and late["snr_vs_one_shot_db"] is None
-    assert not any(r["identical_to_one_shot"] for r in (one_shot, split_early, split_late, early))
+    assert not any(r["identical_to_one_shot"] for r in (split_early, split_late, early))
+    assert one_shot["identical_to_one_shot"] is None  # the reference itself
     out_text = capsys.readouterr().out
     assert "| final <= 32 (default) | early | 6+24 |" in out_text
 
@@ -53,3 +54,15 @@ def test_unknown_arrivals_are_refused(capsys) -> None:  # type: ignore[no-untype
     with pytest.raises(SystemExit) as exit_info:
         bench_windows.main(["--arrivals", "early,soon", "--device", "cpu"])
     assert exit_info.value.code == 2 and "--arrivals" in capsys.readouterr().err
+
+
+def test_mixed_arrivals_put_small_first_windows_beside_whole_utterances(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    assert bench_windows.main(["--final", "0", "--arrivals", "mixed", "--streams", "2", "--tokens", "30",
+                               "--flow-steps", "1", "--prompt-tokens", "12", "--device", "cpu",
+                               "--setting", "stream_first_window_tokens=6", "--setting", "stream_window_tokens=8",
+                               "--setting", "stream_max_window_tokens=16", "--setting", "vocoder_split_min_rows=1",
+                               "--json", str(out)]) == 0
+    _, mixed = json.loads(out.read_text())["rows"]
+    assert (mixed["first_window"], mixed["windows"], mixed["windows_per_utterance"]) == ("mixed", "30 / 6+24", 1.5)
+    assert mixed["settings"]["vocoder_split_min_rows"] == 1 and 10 < mixed["snr_vs_one_shot_db"] < 200

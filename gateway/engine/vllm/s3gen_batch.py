@@ -17,7 +17,10 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   padding would leak is the pre-lookahead conv (a lone row reads ``F.pad`` zeros past its
   end, a padded row would read the embedded padding), so padded positions are zeroed before
   it. The CFM estimator is causal-conv + masked attention, so right padding cannot leak.
-  Rows may use different voices (prompt lengths).
+  Rows may use different voices (prompt lengths). The CFM solve of a batch whose rows need
+  very different widths (a stream's first window beside a whole utterance) is split into
+  solves by width (:func:`width_groups`), so a narrow row is not solved at the widest
+  row's width.
 * Noise: upstream draws fresh ``randn_like`` noise per call (its ``rand_noise`` buffer is
   set to None), which makes batched != alone and streamed != one-shot. We use fixed noise
   tapes (:class:`NoiseTapes`): CFM noise indexed by [prompt frame | absolute stream frame],
@@ -49,6 +52,7 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import time
@@ -60,13 +64,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gateway.engine.vllm.cfm_solver import CfmSolver
+from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
 from gateway.engine.vllm.graph_calls import GraphCalls
 from gateway.engine.vllm.hift_decode import hift_decode, spectra_on_device
 from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 
 MEL_BINS = 80
+
+SPLIT_MIN_ROWS = 8
+"""A batch's CFM solve is split by width only into solves of at least this many rows: below
+it a solve costs about what padding its rows into a wider one does (H200 profile, 2026-12-03,
+first windows' CFM: 47 ms at 1 row, 138 at 8, then 14-17 ms a row: a solve has a floor of tens
+of ms, then grows with its rows)."""
+
+DEFAULT_LADDER = GraphBuckets.plan(max_rows=1, max_frames=8192, min_frames=512).frames
+"""Width steps (mel frames) that rows are grouped by when the solver has no graph buckets."""
+
+
+def width_groups(frames: Sequence[int], ladder: Sequence[int], min_rows: int) -> list[list[int]]:
+    """Positions of rows needing ``frames`` mel frames each, grouped for separate CFM solves
+    (each at its widest row's width): by the step of ``ladder`` that holds a row (the graph
+    buckets' widths; rows wider than the ladder together), narrowest first, a group of fewer
+    than ``min_rows`` rows joining the next wider one (the widest group stays as it is).
+    ``min_rows`` 0: one group. Rows are independent in a solve, so the split changes no row."""
+    positions = list(range(len(frames)))
+    if min_rows <= 0 or len(frames) < 2 * min_rows:
+        return [positions] if positions else []
+    steps: dict[float, list[int]] = {}
+    for p in positions:
+        i = bisect.bisect_left(ladder, frames[p])
+        steps.setdefault(ladder[i] if i < len(ladder) else math.inf, []).append(p)
+    groups: list[list[int]] = []
+    pending: list[int] = []
+    for step in sorted(steps):
+        pending += steps[step]
+        if len(pending) >= min_rows:
+            groups.append(pending)
+            pending = []
+    if pending:
+        groups.append(pending)
+    return groups
 
 
 def _pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -267,7 +305,7 @@ class S3GenBatch:
 
     def __init__(self, s3gen: torch.nn.Module, *, device: torch.device | str, flow_dtype: torch.dtype,
                  flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16, first_window_steps: int = 0,
-                 prompt_tokens: int = 0, compile: str = "off") -> None:
+                 prompt_tokens: int = 0, compile: str = "off", split_min_rows: int = SPLIT_MIN_ROWS) -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
         self.spectra = spectra_on_device(self.hift, device)
@@ -279,6 +317,8 @@ class S3GenBatch:
         self.tapes = tapes
         self.bucket_tokens = bucket_tokens
         self.prompt_tokens = prompt_tokens
+        self.split_min_rows = split_min_rows
+        """The CFM solve is split by width into solves of at least this many rows (0: never)."""
         self.timer: StageTimer | None = None
         """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
         self.lookahead = int(self.flow.pre_lookahead_len)
@@ -396,11 +436,14 @@ class S3GenBatch:
         for i, r in enumerate(rows):
             groups.setdefault(id(self.first_cfm if r.first else self.cfm), []).append(i)
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
-        for idx in groups.values():
-            solver = self.first_cfm if rows[idx[0]].first else self.cfm
-            feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
-            for j, i in enumerate(idx):
-                out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()
+        for same_solver in groups.values():
+            solver = self.first_cfm if rows[same_solver[0]].first else self.cfm
+            ladder = solver.buckets.frames if solver.buckets is not None else DEFAULT_LADDER
+            for part in width_groups([frames[i] for i in same_solver], ladder, self.split_min_rows):
+                idx = [same_solver[p] for p in part]
+                feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
+                for j, i in enumerate(idx):
+                    out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()
         if clock is not None:
             clock.mark("CFM")
         return out

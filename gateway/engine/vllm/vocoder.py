@@ -175,7 +175,8 @@ class Vocoder:
         self.batch = S3GenBatch(s3gen, device=device, flow_dtype=flow_dtype,
                                 flow_steps=flow_steps or settings.flow_steps, tapes=tapes, bucket_tokens=bucket_tokens,
                                 first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
-                                prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile)
+                                prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile,
+                                split_min_rows=settings.vocoder_split_min_rows)
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
             self._capture(max_batch_tokens)
         if self.policy.lookahead != self.batch.lookahead:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gateway.engine.vllm.s3gen_batch import FlowRow, NoiseTapes, S3GenBatch
+from gateway.engine.vllm import s3gen_batch
+from gateway.engine.vllm.s3gen_batch import FlowRow, NoiseTapes, S3GenBatch, width_groups
 from gateway.engine.vllm.vocoder import Vocoder
 from gateway.engine.vllm.vocoder_stream import WindowJob
 from gateway.engine.vllm.vocoder_windows import WindowPolicy
@@ -182,6 +183,40 @@ async def test_a_stream_finished_before_its_first_window_is_vocoded_whole_as_one
     np.testing.assert_array_equal(chunks[0], one_shot)
     assert first.size == 6 * 960 - 8 * 480 and len(rest) >= 1  # 6 tokens, less the seam's held samples
     assert np.concatenate([first, *rest]).size == one_shot.size
+
+
+def test_width_groups_split_only_into_solves_of_enough_rows() -> None:
+    ladder = (512, 640, 800, 1024)
+    narrow, wide = [546] * 8, [1000] * 8
+    assert width_groups(narrow + wide, ladder, 8) == [list(range(8)), list(range(8, 16))]
+    assert width_groups(narrow + wide, ladder, 0) == [list(range(16))]  # off
+    assert width_groups(narrow + wide, ladder, 9) == [list(range(16))]  # too few rows to split
+    # a small narrow group joins the next wider one; a small widest group stays alone
+    frames = [500] * 3 + [600] * 6 + [1000] * 9 + [2000] * 2
+    assert width_groups(frames, ladder, 8) == [list(range(9)), list(range(9, 18)), [18, 19]]
+    # rows in any order, grouped by the ladder's step that holds each
+    mixed = [1000, 546, 1000, 546] * 4
+    assert width_groups(mixed, ladder, 8) == [[1, 3, 5, 7, 9, 11, 13, 15], [0, 2, 4, 6, 8, 10, 12, 14]]
+    assert width_groups([], ladder, 8) == []
+
+
+def test_a_batch_split_by_width_gives_every_row_what_one_solve_gives(s3gen, ref, monkeypatch) -> None:
+    """Small first windows beside whole utterances: solved as two solves (each at its own
+    width) the rows are what one padded solve makes of them; the narrow rows are solved at
+    their own width."""
+    monkeypatch.setattr(s3gen_batch, "DEFAULT_LADDER", (48, 96, 192))  # tiny sizes' steps
+    one, split = _batch(s3gen, split_min_rows=0), _batch(s3gen, split_min_rows=2)
+    voice = one.prepare_voice(ref)
+    rows = [FlowRow(voice, _tokens(9, 30 + i), 0, 6, False, first=True) for i in range(2)]
+    rows += [FlowRow(voice, _tokens(60, 40 + i), 0, 60, True) for i in range(2)]
+    rows = [rows[0], rows[2], rows[1], rows[3]]  # interleaved, as a batch plans them
+    widths: list[int] = []
+    real = split.cfm.solve
+    split.cfm.solve = lambda noise, *a: widths.append(int(noise.shape[2])) or real(noise, *a)  # type: ignore[method-assign]
+    base, parts = one.run_flow(rows), split.run_flow(rows)
+    assert widths == [2 * (12 + 9 - 3), 2 * (12 + 60)]  # narrow rows alone, at their own width (lookahead dropped)
+    for a, b in zip(base, parts):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_tokens_keep_the_end_of_the_voice_prompt(s3gen, ref) -> None:
