@@ -107,6 +107,13 @@ def width_groups(frames: Sequence[int], ladder: Sequence[int], min_rows: int) ->
     return groups
 
 
+def solve_cells(solver: CfmSolver, rows: int, frames: int) -> int:
+    """Rows x frames a solve of ``rows`` rows of at most ``frames`` frames computes: its CUDA
+    graph's padded shape when one holds it, else its own."""
+    shape = solver.buckets.fit(rows, frames) if solver.buckets is not None else None
+    return shape[0] * shape[1] if shape is not None else rows * frames
+
+
 def _pad_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """True at valid positions, (B, max_len)."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -439,7 +446,14 @@ class S3GenBatch:
         for same_solver in groups.values():
             solver = self.first_cfm if rows[same_solver[0]].first else self.cfm
             ladder = solver.buckets.frames if solver.buckets is not None else DEFAULT_LADDER
-            for part in width_groups([frames[i] for i in same_solver], ladder, self.split_min_rows):
+            widths = [frames[i] for i in same_solver]
+            parts = width_groups(widths, ladder, self.split_min_rows)
+            # Split only where it computes less: graphs pad rows to powers of two, so two solves
+            # of 17 and 15 rows can cost more than one of 32.
+            if len(parts) > 1 and (sum(solve_cells(solver, len(p), max(widths[i] for i in p)) for p in parts)
+                                   >= solve_cells(solver, len(widths), max(widths))):
+                parts = [list(range(len(widths)))]
+            for part in parts:
                 idx = [same_solver[p] for p in part]
                 feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
                 for j, i in enumerate(idx):

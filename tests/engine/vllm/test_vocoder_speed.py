@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gateway.engine.vllm import s3gen_batch
+from gateway.engine.vllm.cfm_solver import GraphBuckets
 from gateway.engine.vllm.s3gen_batch import FlowRow, NoiseTapes, S3GenBatch, width_groups
 from gateway.engine.vllm.vocoder import Vocoder
 from gateway.engine.vllm.vocoder_stream import WindowJob
@@ -217,6 +218,27 @@ def test_a_batch_split_by_width_gives_every_row_what_one_solve_gives(s3gen, ref,
     assert widths == [2 * (12 + 9 - 3), 2 * (12 + 60)]  # narrow rows alone, at their own width (lookahead dropped)
     for a, b in zip(base, parts):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_a_split_that_graph_padding_makes_dearer_is_not_made(s3gen, ref) -> None:
+    """Graph buckets pad rows to powers of two, so a split can compute more than one solve:
+    3 narrow rows (a 4-row graph) beside 1 wide row are no cheaper split than as one 4-row
+    solve; 2 + 2 rows of very different widths are. The batch takes whichever computes less."""
+    batch = _batch(s3gen, split_min_rows=1)
+    voice = batch.prepare_voice(ref)
+    widths: list[int] = []
+    real = batch.cfm.solve
+    batch.cfm.solve = lambda noise, *a: widths.append(int(noise.shape[0])) or real(noise, *a)  # type: ignore[method-assign]
+    # buckets as captured graphs would give (rows 1, 2, 4; frames 32 to 256), none captured: eager
+    batch.cfm.buckets = GraphBuckets(rows=(1, 2, 4), frames=(32, 48, 64, 128, 256), max_cells=1 << 20)
+    near = [FlowRow(voice, _tokens(13, i), 0, 10, False) for i in range(3)] + [FlowRow(voice, _tokens(20, 9), 0, 20, True)]
+    batch.run_flow(near)  # 3 x 2(12+10)=44 -> 48 (4-row graph: 192) + 1 x 64 = 256 > one 4 x 64 = 256: not split
+    assert widths == [4]
+    widths.clear()
+    far = [FlowRow(voice, _tokens(13, i), 0, 10, False) for i in range(2)] + [
+        FlowRow(voice, _tokens(100, 7 + i), 0, 100, True) for i in range(2)]
+    batch.run_flow(far)  # 2 x 48 + 2 x 256 = 608 < 4 x 256 = 1024: split
+    assert sorted(widths) == [2, 2]
 
 
 def test_prompt_tokens_keep_the_end_of_the_voice_prompt(s3gen, ref) -> None:
