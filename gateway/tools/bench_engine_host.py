@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import platform
 import resource
@@ -268,16 +269,16 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         stats = engine.runtimes[model].vocoder.stats
-        busy0, device0, frames0, audio0, whole0 = (stats.busy_s, stats.device_busy_s, stats.flow_frames, stats.audio_s,
-                                                   stats.whole_windows)
+        before = dataclasses.replace(stats)  # the counters at the window's start
         consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
         await asyncio.sleep(seconds)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
-        busy, device_busy = stats.busy_s - busy0, stats.device_busy_s - device0
-        frames, vocoded, whole = stats.flow_frames - frames0, stats.audio_s - audio0, stats.whole_windows - whole0
+        busy, device_busy = stats.busy_s - before.busy_s, stats.device_busy_s - before.device_busy_s
+        frames, vocoded = stats.flow_frames - before.flow_frames, stats.audio_s - before.audio_s
+        whole = stats.whole_windows - before.whole_windows
         await engine.close()
     steady_from = t0 + seconds / 3
     steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
@@ -308,7 +309,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
     }
 
 
-def _setting(text: str) -> tuple[str, Any]:
+def setting_arg(text: str) -> tuple[str, Any]:
     """KEY=VALUE, the value read as JSON where it parses (numbers, true/false), else as text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="real: the served vocoder on --device (the module docstring)")
     p.add_argument("--device", default=None, help="the real vocoder's device (default: cuda if there is one)")
     p.add_argument("--watermark", action="store_true", help="with --vocoder real: the batched Perth pass too")
-    p.add_argument("--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--setting", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="a server setting for the run (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

@@ -302,20 +302,20 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
                       ("vocoder_device_busy_share", "chatterbox_vocoder_device_busy_seconds_total")):
         if key in end_metrics and key in before:
             row[name] = round((end_metrics[key] - before[key]) / window_s, 3)
-    batches = end_metrics.get("chatterbox_vocoder_batches_total", 0.0) - before.get("chatterbox_vocoder_batches_total", 0.0)
-    windows = end_metrics.get("chatterbox_vocoder_windows_total", 0.0) - before.get("chatterbox_vocoder_windows_total", 0.0)
+
+    def vocoder_delta(counter: str) -> float:
+        """A ``chatterbox_vocoder_*_total`` counter's growth over the window (0: not reported)."""
+        key = f"chatterbox_vocoder_{counter}_total"
+        return end_metrics.get(key, 0.0) - before.get(key, 0.0)
+
+    batches = vocoder_delta("batches")
     if batches > 0:
-        row["vocoder_rows_per_batch"] = round(windows / batches, 1)
-    audio = end_metrics.get("chatterbox_vocoder_audio_seconds_total", 0.0) - before.get(
-        "chatterbox_vocoder_audio_seconds_total", 0.0)
-    frames = end_metrics.get("chatterbox_vocoder_flow_frames_total", 0.0) - before.get(
-        "chatterbox_vocoder_flow_frames_total", 0.0)
+        row["vocoder_rows_per_batch"] = round(vocoder_delta("windows") / batches, 1)
+    audio, frames = vocoder_delta("audio_seconds"), vocoder_delta("flow_frames")
     if audio > 0 and frames > 0:  # the window schedule's cost per audio-second (one-shot: ~100)
         row["vocoder_flow_frames_per_audio_s"] = round(frames / audio, 1)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
-        row["vocoder_whole_utterance_windows"] = int(
-            end_metrics["chatterbox_vocoder_whole_utterance_windows_total"]
-            - before.get("chatterbox_vocoder_whole_utterance_windows_total", 0.0))
+        row["vocoder_whole_utterance_windows"] = int(vocoder_delta("whole_utterance_windows"))
     if rtf:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
     row.update(_t3_columns(level, marks, steady_from, end))

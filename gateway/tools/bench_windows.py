@@ -48,7 +48,7 @@ from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
 from gateway.engine.vllm.vocoder_windows import TOKEN_MEL_RATIO, WindowPolicy, next_window
 from gateway.settings import Settings, load_settings
-from gateway.tools.bench_engine_host import _setting
+from gateway.tools.bench_engine_host import setting_arg
 from gateway.tools.bench_host import cpu_card
 from gateway.tools.parity_vocoder import reference_dict, snr_db
 
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flow-steps", type=int, default=10)
     p.add_argument("--prompt-tokens", type=int, default=250, help="the voice prompt (250: 10 s, upstream's most)")
     p.add_argument("--device", default=None, help="default: cuda if there is one")
-    p.add_argument("--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--setting", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="a server setting for the vocoder (e.g. stream_max_window_tokens=400); repeatable")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

@@ -58,9 +58,9 @@ def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  #
 
 
 def test_settings_on_the_command_line_are_typed() -> None:
-    assert bench_engine_host._setting("vocoder_cuda_graphs=false") == ("vocoder_cuda_graphs", False)
-    assert bench_engine_host._setting("vocoder-max-batch=32") == ("vocoder_max_batch", 32)
-    assert bench_engine_host._setting("vocoder_compile=dynamic") == ("vocoder_compile", "dynamic")
+    assert bench_engine_host.setting_arg("vocoder_cuda_graphs=false") == ("vocoder_cuda_graphs", False)
+    assert bench_engine_host.setting_arg("vocoder-max-batch=32") == ("vocoder_max_batch", 32)
+    assert bench_engine_host.setting_arg("vocoder_compile=dynamic") == ("vocoder_compile", "dynamic")
 
 
 def test_a_row_can_run_the_served_vocoder_and_watermark(tmp_path: Path) -> None:
