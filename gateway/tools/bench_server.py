@@ -59,9 +59,15 @@ def running_server(*, engine: str, models: Sequence[str], tokens: int, peak: int
     if url is not None:
         yield Server(url.rstrip("/"), pid, None, None)
         return
+    if cache_dir is None:  # the dummy checkpoint (GiBs) lives as long as the server
+        with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
+            with running_server(engine=engine, models=models, tokens=tokens, peak=peak, log=log, cache_dir=scratch,
+                                extra=extra, ready_timeout_s=ready_timeout_s) as server:
+                yield server
+        return
     port = free_port()
     cmd = serve_command(port, engine=engine, models=models, tokens=tokens, peak=peak,
-                        cache_dir=cache_dir or tempfile.mkdtemp(prefix="bench-http-"), extra=extra)
+                        cache_dir=cache_dir, extra=extra)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as out:

@@ -137,13 +137,19 @@ async def _measure(engine, name: str, tokens: int, ttfb_conc: list[int], agg_con
 async def stage_engine(tokens: int, concurrency: list[int], reference_concurrency: list[int],
                        budget_s: float) -> list[dict]:
     """VllmEngine vs ReferenceEngine, same dummy checkpoint, same process and GPU."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as cache_dir:  # the dummy checkpoint: GiBs, removed after
+        return await _stage_engine(tokens, concurrency, reference_concurrency, budget_s, cache_dir)
+
+
+async def _stage_engine(tokens: int, concurrency: list[int], reference_concurrency: list[int],
+                        budget_s: float, cache_dir: str) -> list[dict]:
     from gateway.engine.reference.engine import ReferenceEngine
     from gateway.engine.vllm.engine import VllmEngine
     from gateway.settings import load_settings
 
     deadline = time.perf_counter() + budget_s
     settings = load_settings(environ={}, overrides={
-        "load_format": "dummy", "cache_dir": tempfile.mkdtemp(prefix="bench-"), "max_speech_tokens": tokens,
+        "load_format": "dummy", "cache_dir": cache_dir, "max_speech_tokens": tokens,
         "vllm_max_num_seqs": max(concurrency), "vllm_max_model_len": 1024,
         "vllm_gpu_memory_utilization": 0.4, "watermark": True})
     rows: list[dict] = []

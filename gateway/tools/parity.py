@@ -184,11 +184,15 @@ def _long_worker(model_dir: str, out: str) -> None:
 
 
 def check_long(seed: int) -> list[tuple[str, bool, str]]:
+    with tempfile.TemporaryDirectory(prefix="t3-long-") as work:  # a full-size checkpoint: never left behind
+        return _check_long(Path(work), seed)
+
+
+def _check_long(work: Path, seed: int) -> list[tuple[str, bool, str]]:
     from safetensors.torch import save_file
 
     from gateway.engine.vllm.t3.config import write_model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="t3-long-"))
     t3 = _random_t3(seed)
     model_dir = write_model_dir(work / "model")
     save_file({k: v.contiguous() for k, v in t3.state_dict().items()}, str(model_dir / "model.safetensors"))
@@ -222,13 +226,17 @@ def check_t3(n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, 
     Batched == one at a time must hold exactly in fp32 (per-request CFG/positions under
     continuous batching); bf16 kernels differ by batch shape, so bf16 is held to the same
     near-tie criterion only."""
+    with tempfile.TemporaryDirectory(prefix="t3-parity-") as work:  # a full-size checkpoint: never left behind
+        return _check_t3(Path(work), n_tokens, penalty, seed)
+
+
+def _check_t3(work: Path, n_tokens: int, penalty: float, seed: int) -> list[tuple[str, bool, str]]:
     import torch
     from safetensors.torch import save_file
 
     from gateway.engine.vllm.t3.config import write_model_dir
 
     results: list[tuple[str, bool, str]] = []
-    work = Path(tempfile.mkdtemp(prefix="t3-parity-"))
     t3 = _random_t3(seed)
     model_dir = write_model_dir(work / "model")
     save_file({k: v.contiguous() for k, v in t3.state_dict().items()}, str(model_dir / "model.safetensors"))

@@ -326,9 +326,11 @@ def check_t3(families: tuple[str, ...], n_tokens: int = 150, seed: int = 0, dry_
     from gateway.models.families import FAMILIES
 
     dev = "cpu" if dry_run else "cuda"
-    work = Path(tempfile.mkdtemp(prefix="families-parity-"))
     results: list[Result] = []
-    with _tiny_backbones() as tiny:
+    # Removed at the end: each run writes full-size embedding tables (~1 GiB), and a tool
+    # run again and again (CI, a parity sweep) must not fill the disk.
+    with tempfile.TemporaryDirectory(prefix="families-parity-") as tmp, _tiny_backbones() as tiny:
+        work = Path(tmp)
         models: dict[str, Any] = {}
         workers: dict[tuple[str, str], tuple[subprocess.Popen | None, Path]] = {}
         for family in families:

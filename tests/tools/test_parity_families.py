@@ -4,6 +4,9 @@ tool already run here. Its near-tie criterion: tests/tools/test_parity_t3.py."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,11 +15,15 @@ from gateway.tools import parity_families
 
 
 @pytest.mark.slow
-def test_the_t3_stage_runs_in_dry_run_mode() -> None:
+def test_the_t3_stage_runs_in_dry_run_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2-layer T3s, 12 tokens: the served prompt rows (our builders) decode to upstream's
-    greedy tokens through the CPU stand-in, for both families and both dtype rows."""
+    greedy tokens through the CPU stand-in, for both families and both dtype rows. The run's
+    scratch (each family's checkpoint, ~0.5 GiB) is gone afterwards: left behind, every run
+    of the tool took a GiB of the temp disk, and CI ran out of it."""
     torch.set_num_threads(2)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     results = parity_families.check_t3((MULTILINGUAL, TURBO), n_tokens=12, dry_run=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("families-parity-")] == []
     assert len(results) == 2 * 2 * 4
     assert all(ok for _, ok, _ in results), [r for r in results if not r[1]]
     assert all("dry run" in name for name, _, _ in results)
