@@ -288,6 +288,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vocoder_unhealthy_after_failures: Annotated[int, Meta(ge=1, le=1000)] = 3
     """Vocoder batches failed in a row after which the engine reports itself not ready (a
     sticky GPU fault fails every batch); one success resets the count."""
+    gpu_serial_debug: bool = False
+    """Diagnostics for a device fault: the vocoder's batches (each part of one) and the
+    watermark's passes run one at a time on the GPU, each ending with a synchronisation, so
+    a CUDA error is raised and logged by the part that caused it (``device fault in vocoder:
+    CFM``). Much slower: for chasing a fault, never for serving."""
     vocoder_cuda_graphs: bool = True
     """Capture S3Gen as CUDA graphs at start (GPU only): the whole CFM solve and the flow
     encoder per bucketed (rows, frames) shape, HiFT per (rows, mel frames) of the windows the

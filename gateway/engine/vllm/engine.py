@@ -55,6 +55,7 @@ from gateway.engine.base import (SAMPLE_RATE, AudioChunk, BatchStats, Engine, Ge
                                  Voice)
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
+from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS
 from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.engine.vllm.watermark_batch import WatermarkBatcher
@@ -174,10 +175,10 @@ class VllmEngine(UpstreamVoices, Engine):
             with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
             if self.settings.watermark_batch:
-                self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE)
+                self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug)
                 self._mark = self._watermark.apply
             else:
-                self._mark = functools.partial(_mark_alone, watermarker)
+                self._mark = functools.partial(_mark_alone, watermarker, serial=self.settings.gpu_serial_debug)
             for name in self.models:
                 with self._part(name, "modules", gpu=True):
                     self._load_modules(self.runtimes[name], directories[name], device, watermarker)
@@ -533,6 +534,10 @@ async def _marked(marking: Awaitable[np.ndarray]) -> np.ndarray:
         raise EngineError(f"the watermark pass failed: {type(exc).__name__}: {exc}") from exc
 
 
-async def _mark_alone(watermarker: Any, samples: np.ndarray) -> np.ndarray:
+async def _mark_alone(watermarker: Any, samples: np.ndarray, *, serial: bool = False) -> np.ndarray:
     """Upstream's watermark of one window, on a worker thread (``watermark_batch`` off)."""
-    return await asyncio.to_thread(watermarker.apply_watermark, samples, sample_rate=SAMPLE_RATE)
+    def mark() -> np.ndarray:
+        with gpu_serial.serial(serial, "watermark"):
+            return watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)
+
+    return await asyncio.to_thread(mark)

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
 from gateway.engine.vllm.graph_calls import GraphCalls
 from gateway.engine.vllm.hift_decode import hift_decode, spectra_on_device
@@ -132,8 +133,10 @@ class BatchClock:
     stream order, read only after the batch's final wait), or the host's on the CPU, where
     every part runs synchronously. ``mark`` costs one event record: always on."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, sync: bool = False) -> None:
         self.cuda = device.type == "cuda"
+        self.sync = sync and self.cuda
+        """Wait for the device at every mark (``gpu_serial_debug``): a fault names its part."""
         self._marks: list[tuple[str, Any]] = []
         self.mark("start")
 
@@ -143,6 +146,8 @@ class BatchClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self._marks.append((name, event))
+            if self.sync:
+                gpu_serial.synchronize(f"vocoder: {name}")
             return event
         self._marks.append((name, time.perf_counter()))
         return None

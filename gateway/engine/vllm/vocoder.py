@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from gateway.engine.base import SAMPLE_RATE
+from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.cfm_solver import GraphBuckets
 from gateway.engine.vllm.s3gen_batch import (
     BatchClock,
@@ -156,7 +157,9 @@ class Vocoder:
                  max_prompt_frames: int = 1000, pipeline_depth: int = 2, flow_steps: int | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.settings = settings
-        self.pipeline_depth = max(1, pipeline_depth)
+        self.serial = settings.gpu_serial_debug
+        """Diagnostics (``gpu_serial_debug``): each batch alone on the GPU, a fault named by its part."""
+        self.pipeline_depth = 1 if self.serial else max(1, pipeline_depth)
         """Batches in flight at most (1: each batch's audio is read before the next launches)."""
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
                                              tokens=settings.stream_window_tokens,
@@ -399,11 +402,15 @@ class Vocoder:
         """Worker thread: queue the batch's work on the device (flow for all rows at once,
         then HiFT grouped by length, then the copy of the audio to host memory) without
         waiting for any of it. A row whose voice cannot be prepared fails alone."""
+        with gpu_serial.serial(self.serial, "vocoder batch"):
+            return self._launch_batch(jobs, refs)
+
+    def _launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
         started = time.perf_counter()
         for job in jobs:
             if job.trace is not None:
                 job.trace.mark(f"vocoder batch launched ({len(jobs)} rows)", at=started)
-        clock = BatchClock(self.batch.device)
+        clock = BatchClock(self.batch.device, sync=self.serial)
         outcomes: list[WindowResult | Exception | None] = []
         voices: list[S3GenVoice | None] = []
         for job in jobs:

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.engine.vllm import gpu_serial
+
 RESAMPLE_THREADS = 4
 MAX_ROWS = 64
 MAX_BATCH_S = 240.0
@@ -156,8 +158,11 @@ class WatermarkBatcher:
     ``apply`` from the event loop; ``close`` once, after the last call."""
 
     def __init__(self, watermarker: Any, sample_rate: int, *, max_rows: int = MAX_ROWS,
-                 max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS) -> None:
+                 max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS,
+                 serial: bool = False) -> None:
         self._watermarker = watermarker
+        self._serial = serial
+        """``gpu_serial_debug``: each pass alone on the GPU, ended by a synchronisation."""
         self._rate = sample_rate
         self._max_rows = max_rows
         self._max_samples = int(max_batch_s * sample_rate)
@@ -225,7 +230,9 @@ class WatermarkBatcher:
 
     def _mark(self, items: list[_Item]) -> None:
         try:
-            marked = mark_batch(self._watermarker, [i.samples for i in items], self._rate, self._pool, self._stream)
+            with gpu_serial.serial(self._serial, "watermark pass"):
+                marked = mark_batch(self._watermarker, [i.samples for i in items], self._rate, self._pool,
+                                    self._stream)
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the failure
             for item in items:
                 item.loop.call_soon_threadsafe(_fail, item.future, exc)
