@@ -135,6 +135,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """vLLM engine: watermark every stream's windows in one batched pass (the same audio as
     upstream's call per window; docs/operations.md). Off: one upstream call per window on a
     worker thread, as until 2026-12-04 (an A/B lever until a GPU has measured both)."""
+    watermark_stream_priority: Literal["normal", "high"] = "normal"
+    """With ``watermark_batch`` on a GPU: the priority of the CUDA stream the watermark pass
+    runs on. ``high``: the GPU schedules the pass's waiting kernels before the vocoder's (on
+    the default stream), so a pass, and every stream's audio behind it, need not queue behind
+    a vocoder batch. docs/operations.md."""
 
     # --- Generation bounds ------------------------------------------------------------------
     max_speech_tokens: PositiveInt = 1000

@@ -105,6 +105,13 @@ class BatchStats:
     planned their first window)."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
+    watermark_passes: int = 0
+    """Batched watermark passes (every stream's queued windows in one)."""
+    watermark_rows: int = 0
+    """Windows those passes watermarked."""
+    watermark_busy_s: float = 0.0
+    """Seconds the watermark's worker spent in passes (its busy share: one worker, in series
+    behind the vocoder: at 1.0 it bounds the engine's audio-seconds per second)."""
 
 
 @dataclass(slots=True)

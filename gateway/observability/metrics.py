@@ -105,6 +105,10 @@ class _BatchStats(_EngineCollector):
             "vocoder_whole_utterance_windows": ("Streamed utterances vocoded as one window (T3 had "
                                                 "finished them when the vocoder got to them).",
                                                 stats.whole_windows),
+            "watermark_passes": ("Batched watermark passes.", stats.watermark_passes),
+            "watermark_windows": ("Windows the batched watermark passes marked.", stats.watermark_rows),
+            "watermark_busy_seconds": ("Seconds the watermark's worker spent in passes (one worker: at a busy "
+                                       "share of 1 it bounds the engine's throughput).", stats.watermark_busy_s),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=float(value))

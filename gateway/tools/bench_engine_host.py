@@ -196,7 +196,8 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
 
             from gateway.engine.vllm.watermark_batch import WatermarkBatcher
 
-            engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE)
+            engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE,
+                                                 priority=settings.watermark_stream_priority)
             engine._mark = engine._watermark.apply
         engine._build_vocoder(runtime, torch.device(device))
     runtime.llm = ThreadedLLM(lambda: SteppedT3(tokens, step_ms), name="vllm-engine")
@@ -270,6 +271,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         stats = engine.runtimes[model].vocoder.stats
         before = dataclasses.replace(stats)  # the counters at the window's start
+        marker = engine._watermark
+        marked0 = (marker.busy_s, marker.rows, marker.batches) if marker is not None else None
         consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
         await asyncio.sleep(seconds)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -279,6 +282,11 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         busy, device_busy = stats.busy_s - before.busy_s, stats.device_busy_s - before.device_busy_s
         frames, vocoded = stats.flow_frames - before.flow_frames, stats.audio_s - before.audio_s
         whole = stats.whole_windows - before.whole_windows
+        marked = None
+        if marker is not None and marked0 is not None:  # the watermark pass: busy share, rows a pass
+            passes = marker.batches - marked0[2]
+            marked = (round((marker.busy_s - marked0[0]) / seconds, 3),
+                      round((marker.rows - marked0[1]) / passes, 1) if passes else None)
         await engine.close()
     steady_from = t0 + seconds / 3
     steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
@@ -304,6 +312,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         # the window schedule's cost: flow mel frames per audio-second (one-shot ~100), whole utterances
         "vocoder_flow_frames_per_audio_s": round(frames / vocoded, 1) if vocoded else None,
         "vocoder_whole_utterance_windows": whole,
+        "watermark_busy_share": marked[0] if marked else None,
+        "watermark_rows_per_pass": marked[1] if marked else None,
         "start_s": round(build_s, 1),
         "first_error_trace": traces[0] if traces else None,
     }

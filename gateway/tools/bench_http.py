@@ -299,7 +299,8 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         row["models"] = dict(Counter(models))
     end_metrics = marks.get("end", {})
     for name, key in (("vocoder_busy_share", "chatterbox_vocoder_busy_seconds_total"),
-                      ("vocoder_device_busy_share", "chatterbox_vocoder_device_busy_seconds_total")):
+                      ("vocoder_device_busy_share", "chatterbox_vocoder_device_busy_seconds_total"),
+                      ("watermark_busy_share", "chatterbox_watermark_busy_seconds_total")):
         if key in end_metrics and key in before:
             row[name] = round((end_metrics[key] - before[key]) / window_s, 3)
 
@@ -314,6 +315,10 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     audio, frames = vocoder_delta("audio_seconds"), vocoder_delta("flow_frames")
     if audio > 0 and frames > 0:  # the window schedule's cost per audio-second (one-shot: ~100)
         row["vocoder_flow_frames_per_audio_s"] = round(frames / audio, 1)
+    passes = end_metrics.get("chatterbox_watermark_passes_total", 0.0) - before.get("chatterbox_watermark_passes_total", 0.0)
+    if passes > 0:
+        row["watermark_rows_per_pass"] = round((end_metrics["chatterbox_watermark_windows_total"]
+                                                - before.get("chatterbox_watermark_windows_total", 0.0)) / passes, 1)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
         row["vocoder_whole_utterance_windows"] = int(vocoder_delta("whole_utterance_windows"))
     if rtf:

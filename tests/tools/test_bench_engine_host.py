@@ -54,6 +54,7 @@ def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  #
         # each 30-token utterance's windows carry the 250-token voice prompt: far above one-shot's ~100
         assert row["vocoder_flow_frames_per_audio_s"] > 2 * (250 + 30) / (30 * 0.04)
         assert isinstance(row["vocoder_whole_utterance_windows"], int)
+        assert row["watermark_busy_share"] is None and row["watermark_rows_per_pass"] is None  # no watermark here
     assert "| chatterbox-turbo | 3 |" in capsys.readouterr().out
 
 

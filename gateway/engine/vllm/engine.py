@@ -175,7 +175,8 @@ class VllmEngine(UpstreamVoices, Engine):
             with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
             if self.settings.watermark_batch:
-                self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug)
+                self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug,
+                                                   priority=self.settings.watermark_stream_priority)
                 self._mark = self._watermark.apply
             else:
                 self._mark = functools.partial(_mark_alone, watermarker, serial=self.settings.gpu_serial_debug)
@@ -356,7 +357,14 @@ class VllmEngine(UpstreamVoices, Engine):
                           audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
                           flow_frames=sum(s.flow_frames for s in stats),
                           whole_windows=sum(s.whole_windows for s in stats),
-                          device_busy_s=sum(s.device_busy_s for s in stats))
+                          device_busy_s=sum(s.device_busy_s for s in stats),
+                          **self._watermark_counters())
+
+    def _watermark_counters(self) -> dict[str, Any]:
+        marker = self._watermark
+        if marker is None:
+            return {}
+        return {"watermark_passes": marker.batches, "watermark_rows": marker.rows, "watermark_busy_s": marker.busy_s}
 
     def t3_stats(self) -> dict[str, T3Stats]:
         """Each loaded family's T3 requests: waiting for their first token (vLLM's queue and

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,15 +60,21 @@ MAX_BATCH_S = 240.0
 device grow with it (~5.5 MB per second of audio, measured on the CPU); a longer row still goes, alone."""
 
 
-def work_stream(watermarker: Any) -> Any:
+STREAM_PRIORITIES = {"normal": 0, "high": -1}
+"""CUDA stream priorities by name (lower numbers run first; 0 is the default streams')."""
+
+
+def work_stream(watermarker: Any, priority: str = "normal") -> Any:
     """A CUDA stream of its own for the watermark's device work when Perth runs on a GPU,
-    else None (see the module docstring)."""
+    else None (see the module docstring). ``high``: the GPU schedules the pass's waiting
+    kernels before the vocoder's (on the default stream), so a pass need not queue behind a
+    vocoder batch (``watermark_stream_priority``)."""
     import torch
 
     device = watermarker.perth_net.device  # perth's: a torch.device or its name
     if not isinstance(device, (str, torch.device)) or torch.device(device).type != "cuda":
         return None
-    return torch.cuda.Stream(torch.device(device))
+    return torch.cuda.Stream(torch.device(device), priority=STREAM_PRIORITIES[priority])
 
 
 def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None,
@@ -159,7 +166,7 @@ class WatermarkBatcher:
 
     def __init__(self, watermarker: Any, sample_rate: int, *, max_rows: int = MAX_ROWS,
                  max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS,
-                 serial: bool = False) -> None:
+                 serial: bool = False, priority: str = "normal") -> None:
         self._watermarker = watermarker
         self._serial = serial
         """``gpu_serial_debug``: each pass alone on the GPU, ended by a synchronisation."""
@@ -170,10 +177,14 @@ class WatermarkBatcher:
         """Taken from the queue but over the last batch's bound: the next batch's first."""
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(resample_threads, thread_name_prefix="watermark-resample")
-        self._stream = work_stream(watermarker)
+        self._stream = work_stream(watermarker, priority)
         self._closed = False
         self.batches = 0
         self.rows = 0
+        self.busy_s = 0.0
+        """Seconds the worker spent in passes (resampling, device work and the wait for it)."""
+        self.audio_s = 0.0
+        """Seconds of audio watermarked."""
         self._thread = threading.Thread(target=self._run, name="watermark", daemon=True)
         self._thread.start()
 
@@ -229,6 +240,7 @@ class WatermarkBatcher:
                 return
 
     def _mark(self, items: list[_Item]) -> None:
+        t0 = time.perf_counter()
         try:
             with gpu_serial.serial(self._serial, "watermark pass"):
                 marked = mark_batch(self._watermarker, [i.samples for i in items], self._rate, self._pool,
@@ -239,6 +251,8 @@ class WatermarkBatcher:
             return
         self.batches += 1
         self.rows += len(items)
+        self.busy_s += time.perf_counter() - t0
+        self.audio_s += sum(i.samples.size for i in items) / self._rate
         for item, out in zip(items, marked):
             item.loop.call_soon_threadsafe(_answer, item.future, out)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ async def test_the_batcher_answers_each_caller_with_its_own_chunk(watermarker) -
         for x, got in zip(chunks, results):
             assert _snr(got, _alone(watermarker, x)) > 100
         assert batcher.rows == 12 and 2 <= batcher.batches <= 12  # at most max_rows at once
+        # what the metrics export: the audio marked and the worker's time in passes
+        assert batcher.audio_s == pytest.approx(sum(c.size for c in chunks) / SR)
+        assert 0 < batcher.busy_s < 60
     finally:
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -198,3 +202,23 @@ def test_the_pass_gets_a_stream_of_its_own_only_on_a_gpu(watermarker) -> None:
         assert batcher._stream is None
     finally:
         batcher.close()
+
+
+def test_a_high_priority_stream_is_asked_for_by_name(monkeypatch) -> None:
+    """``watermark_stream_priority``: on a GPU the pass's stream is made at PyTorch's high
+    priority (-1: its waiting kernels go before the vocoder's on the default stream)."""
+    import torch
+
+    from gateway.engine.vllm import watermark_batch
+
+    made = []
+
+    class _Stream:
+        def __init__(self, device, priority=0):
+            made.append((str(device), priority))
+
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    on_gpu = SimpleNamespace(perth_net=SimpleNamespace(device=torch.device("cuda")))
+    watermark_batch.work_stream(on_gpu, "high")
+    watermark_batch.work_stream(on_gpu)
+    assert made == [("cuda", -1), ("cuda", 0)]
