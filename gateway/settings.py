@@ -135,11 +135,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """vLLM engine: watermark every stream's windows in one batched pass (the same audio as
     upstream's call per window; docs/operations.md). Off: one upstream call per window on a
     worker thread, as until 2026-12-04 (an A/B lever until a GPU has measured both)."""
-    watermark_stream_priority: Literal["normal", "high"] = "normal"
-    """With ``watermark_batch`` on a GPU: the priority of the CUDA stream the watermark pass
-    runs on. ``high``: the GPU schedules the pass's waiting kernels before the vocoder's (on
-    the default stream), so a pass, and every stream's audio behind it, need not queue behind
-    a vocoder batch. docs/operations.md."""
+    watermark_stream: Literal["default", "own", "high"] = "default"
+    """With ``watermark_batch`` on a GPU: the CUDA stream the watermark pass runs on.
+    ``default``: the vocoder's (its host reads wait for the vocoder batch queued before them).
+    ``own``: a stream of its own; ``high``: of its own at high priority (its kernels go before
+    the vocoder's waiting ones). Every served run with a stream of its own has ended in an
+    illegal memory access on an H200 so far (docs/operations.md): an option to measure, not
+    the default."""
 
     # --- Generation bounds ------------------------------------------------------------------
     max_speech_tokens: PositiveInt = 1000

@@ -197,7 +197,7 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
             from gateway.engine.vllm.watermark_batch import WatermarkBatcher
 
             engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE,
-                                                 priority=settings.watermark_stream_priority)
+                                                 stream=settings.watermark_stream)
             engine._mark = engine._watermark.apply
         engine._build_vocoder(runtime, torch.device(device))
     runtime.llm = ThreadedLLM(lambda: SteppedT3(tokens, step_ms), name="vllm-engine")

@@ -176,7 +176,7 @@ class VllmEngine(UpstreamVoices, Engine):
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
             if self.settings.watermark_batch:
                 self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug,
-                                                   priority=self.settings.watermark_stream_priority)
+                                                   stream=self.settings.watermark_stream)
                 self._mark = self._watermark.apply
             else:
                 self._mark = functools.partial(_mark_alone, watermarker, serial=self.settings.gpu_serial_debug)

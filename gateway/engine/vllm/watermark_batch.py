@@ -27,11 +27,16 @@ A batch of one chunk is upstream's own call (on the GPU 4.9 ms against the pass'
 Equal to the per-chunk call up to the order of floating-point sums (tests: SNR > 100 dB on
 the CPU).
 
-On a GPU the pass runs on a CUDA stream of its own (:func:`work_stream`). Its host reads
-(the upload of the chunks, ``torch.istft``'s overlap-add check, the copy back) each wait for
-the stream they run on; on the default stream, which the vocoder's batches also use, each
-would wait for whatever vocoder batch was queued (hundreds of ms under load), so every
-stream's every chunk waited behind the vocoder's next batch before it could be sent. :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
+Which CUDA stream the pass runs on (``watermark_stream``, :func:`work_stream`): by default
+the default stream, which the vocoder's batches use too, so each of the pass's host reads
+(the upload, ``torch.istft``'s overlap-add check, the copy back) waits for whatever vocoder
+batch was queued before it. A stream of its own (``own``, ``high``) spares it that wait, but
+every served run with it on an H200 (2026-12-04 at 128 streams, 2026-12-05 at 32) ended in
+an illegal memory access and a segfault, while the rows before it (up to 256 streams) and a
+run with the vocoder's and the watermark's device work serialised (``gpu_serial_debug``) did
+not: until the cause is found it is an option, not the default (docs/benchmarks.md).
+
+:class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers
 each caller; a caller that is cancelled meanwhile is simply not answered. A pass takes at
 most ``max_rows`` chunks and ``max_batch_s`` seconds of audio (the device memory it needs
@@ -60,21 +65,22 @@ MAX_BATCH_S = 240.0
 device grow with it (~5.5 MB per second of audio, measured on the CPU); a longer row still goes, alone."""
 
 
-STREAM_PRIORITIES = {"normal": 0, "high": -1}
-"""CUDA stream priorities by name (lower numbers run first; 0 is the default streams')."""
+STREAM_PRIORITIES = {"own": 0, "high": -1}
+"""``watermark_stream`` values that make a stream of its own, by CUDA priority (lower numbers
+run first; 0 is the default streams')."""
 
 
-def work_stream(watermarker: Any, priority: str = "normal") -> Any:
-    """A CUDA stream of its own for the watermark's device work when Perth runs on a GPU,
-    else None (see the module docstring). ``high``: the GPU schedules the pass's waiting
-    kernels before the vocoder's (on the default stream), so a pass need not queue behind a
-    vocoder batch (``watermark_stream_priority``)."""
+def work_stream(watermarker: Any, kind: str = "default") -> Any:
+    """The CUDA stream for the watermark's device work (see the module docstring): None for
+    ``default`` (the current stream) or when Perth is not on a GPU; else a stream of its
+    own, of high priority for ``high`` (the GPU schedules the pass's waiting kernels before
+    the vocoder's)."""
     import torch
 
     device = watermarker.perth_net.device  # perth's: a torch.device or its name
-    if not isinstance(device, (str, torch.device)) or torch.device(device).type != "cuda":
+    if kind == "default" or not isinstance(device, (str, torch.device)) or torch.device(device).type != "cuda":
         return None
-    return torch.cuda.Stream(torch.device(device), priority=STREAM_PRIORITIES[priority])
+    return torch.cuda.Stream(torch.device(device), priority=STREAM_PRIORITIES[kind])
 
 
 def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, pool: ThreadPoolExecutor | None = None,
@@ -166,7 +172,7 @@ class WatermarkBatcher:
 
     def __init__(self, watermarker: Any, sample_rate: int, *, max_rows: int = MAX_ROWS,
                  max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS,
-                 serial: bool = False, priority: str = "normal") -> None:
+                 serial: bool = False, stream: str = "default") -> None:
         self._watermarker = watermarker
         self._serial = serial
         """``gpu_serial_debug``: each pass alone on the GPU, ended by a synchronisation."""
@@ -177,7 +183,7 @@ class WatermarkBatcher:
         """Taken from the queue but over the last batch's bound: the next batch's first."""
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(resample_threads, thread_name_prefix="watermark-resample")
-        self._stream = work_stream(watermarker, priority)
+        self._stream = work_stream(watermarker, stream)
         self._closed = False
         self.batches = 0
         self.rows = 0

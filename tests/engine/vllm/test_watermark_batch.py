@@ -190,23 +190,26 @@ async def test_a_call_queued_behind_the_close_is_failed_not_left_waiting(waterma
         await asyncio.wait_for(racing, 5)
 
 
-def test_the_pass_gets_a_stream_of_its_own_only_on_a_gpu(watermarker) -> None:
-    """On a GPU the batcher's device work runs on its own CUDA stream, so its host reads wait
-    for it alone, not for the vocoder's batches on the default stream; on the CPU there is
+def test_the_pass_gets_a_stream_of_its_own_only_when_asked_and_on_a_gpu(watermarker) -> None:
+    """``watermark_stream``: by default the pass runs on the current (the vocoder's default)
+    stream; ``own`` and ``high`` make one of its own, but only on a GPU: on the CPU there is
     none to make, and the pass runs as before."""
     from gateway.engine.vllm.watermark_batch import work_stream
 
-    assert str(watermarker.perth_net.device) == "cpu" and work_stream(watermarker) is None
-    batcher = WatermarkBatcher(watermarker, SR)
-    try:
-        assert batcher._stream is None
-    finally:
-        batcher.close()
+    assert str(watermarker.perth_net.device) == "cpu"
+    assert work_stream(watermarker) is None and work_stream(watermarker, "high") is None
+    for kind in ("default", "high"):
+        batcher = WatermarkBatcher(watermarker, SR, stream=kind)
+        try:
+            assert batcher._stream is None
+        finally:
+            batcher.close()
 
 
-def test_a_high_priority_stream_is_asked_for_by_name(monkeypatch) -> None:
-    """``watermark_stream_priority``: on a GPU the pass's stream is made at PyTorch's high
-    priority (-1: its waiting kernels go before the vocoder's on the default stream)."""
+def test_on_a_gpu_the_stream_is_the_one_asked_for(monkeypatch) -> None:
+    """On a GPU: ``default`` none (the current stream), ``own`` a stream at the default
+    priority (0), ``high`` one at PyTorch's high priority (-1: its waiting kernels go before
+    the vocoder's on the default stream)."""
     import torch
 
     from gateway.engine.vllm import watermark_batch
@@ -219,6 +222,8 @@ def test_a_high_priority_stream_is_asked_for_by_name(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     on_gpu = SimpleNamespace(perth_net=SimpleNamespace(device=torch.device("cuda")))
+    assert watermark_batch.work_stream(on_gpu) is None
+    assert watermark_batch.work_stream(on_gpu, "default") is None
+    watermark_batch.work_stream(on_gpu, "own")
     watermark_batch.work_stream(on_gpu, "high")
-    watermark_batch.work_stream(on_gpu)
-    assert made == [("cuda", -1), ("cuda", 0)]
+    assert made == [("cuda", 0), ("cuda", -1)]
