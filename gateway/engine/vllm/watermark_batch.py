@@ -19,7 +19,10 @@ watermark costs more than the flow does.
   ``Conv1d(padding=3)`` gives a chunk at its own end, so a frame's result does not depend on
   its neighbours in the batch; the mask of where the watermark may go (a frame's energy
   against the chunk's loudest frame) is taken over the chunk's own frames;
-* one copy back to the host for the whole batch.
+* one copy back to the host for the whole batch, and no other wait for the device: the
+  chunks go up through pinned memory, and the inverse STFT (:func:`istft`) skips
+  ``torch.istft``'s read-back of its window envelope, so on a stream the vocoder also uses a
+  pass waits for the vocoder's queued batches once, not twice per group of lengths.
 
 A batch of one chunk is upstream's own call (on the GPU 4.9 ms against the pass's 6.7 for a
 3.3 s window, docs/benchmarks.md: at one stream every window is alone).
@@ -113,7 +116,7 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
         mags: list[Any] = [None] * len(prepared)
         phases: list[Any] = [None] * len(prepared)
         for rows in _groups_by_length(prepared):
-            batch = torch.from_numpy(np.stack([prepared[i] for i in rows])).to(device=device, dtype=torch.float)
+            batch = _upload(torch.from_numpy(np.stack([prepared[i] for i in rows])).float(), device)
             mag, phase = net.ap.signal_to_magphase(batch)  # (n, F, T), as one chunk's (F, T) each
             for j, i in enumerate(rows):
                 mags[i], phases[i] = mag[j], phase[j]
@@ -121,13 +124,56 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
         outputs: list[Any] = [None] * len(prepared)
         lengths = [int(m.shape[-1]) for m in mags]
         for rows in _groups_by_length(lengths):
-            wave = net.ap.magphase_to_signal(torch.stack([marked[i] for i in rows]), torch.stack([phases[i] for i in rows]))
+            wave = _magphase_to_signal(net, torch.stack([marked[i] for i in rows]), torch.stack([phases[i] for i in rows]))
             for j, i in enumerate(rows):
                 outputs[i] = wave[j]
         sizes = [int(o.shape[-1]) for o in outputs]
         host = torch.cat(outputs).cpu().numpy()  # one copy (and one wait for the device) per batch
     pieces = np.split(host, np.cumsum(sizes)[:-1])
     return list(mapper(from_net, pieces))
+
+
+def _upload(host: Any, device: Any) -> Any:
+    """A CPU tensor on ``device`` without a wait: staged in pinned memory and copied
+    asynchronously on the current stream (a pageable copy waits for every kernel queued on
+    it before, on the default stream the vocoder's batches)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _magphase_to_signal(net: Any, mag: Any, phase: Any) -> Any:
+    """Perth's ``ap.magphase_to_signal`` (its torchaudio ``InverseSpectrogram``: ``torch.istft``,
+    centred, unnormalised) for (B, F, T) without its host wait: ``torch.istft`` reads its
+    window envelope's minimum back to the host (the overlap-add check, a synchronisation with
+    everything queued on the stream). Perth's Hann window at a hop of n_fft / 6.4 passes that
+    check at every frame count, so the envelope is divided by as ``torch.istft`` does after
+    it: the same operations, equal to float rounding (tested against ``torch.istft``)."""
+    from perth.perth_net.perth_net_implicit.utils import magphase_to_cx
+
+    spec = magphase_to_cx(net.ap.hp, mag, phase)
+    inverse = net.ap.inv_spectrogram
+    return istft(spec, inverse.window, inverse.n_fft, inverse.hop_length)
+
+
+def istft(spec: Any, window: Any, n_fft: int, hop: int) -> Any:
+    """``torch.istft(spec, n_fft, hop, window=window, center=True)`` for a (B, n_fft // 2 + 1, T)
+    complex ``spec`` and an ``n_fft``-long window, with no host synchronisation: inverse real
+    DFT per frame, windowed, overlap-added, divided by the window's summed squares, the
+    centring padding cut off."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, frames = spec.shape
+    chunks = torch.fft.irfft(spec.transpose(1, 2), n=n_fft) * window  # (B, T, n_fft)
+    length = n_fft + hop * (frames - 1)
+    fold = {"output_size": (1, length), "kernel_size": (1, n_fft), "stride": (1, hop)}
+    signal = F.fold(chunks.transpose(1, 2), **fold).reshape(b, length)
+    envelope = F.fold(window.pow(2).expand(1, frames, n_fft).transpose(1, 2), **fold).reshape(1, length)
+    start, end = n_fft // 2, length - n_fft // 2
+    return signal[:, start:end] / envelope[:, start:end]
 
 
 def _groups_by_length(items: list[Any]) -> list[list[int]]:
@@ -146,7 +192,8 @@ def _encode(net: Any, mags: list[Any]) -> list[Any]:
     longest = max(int(m.shape[-1]) for m in mags)
     batch = torch.stack([torch.nn.functional.pad(m, (0, longest - int(m.shape[-1]))) for m in mags])  # (B, F, T)
     frames = torch.arange(longest, device=batch.device)
-    valid = (frames[None, :] < torch.tensor([int(m.shape[-1]) for m in mags], device=batch.device)[:, None])
+    ends = _upload(torch.tensor([int(m.shape[-1]) for m in mags]), batch.device)  # no wait for the device
+    valid = frames[None, :] < ends[:, None]
     keep = valid[:, None, :].to(batch.dtype)
     energy = batch.sum(dim=1).masked_fill(~valid, float("-inf"))  # (B, T), the chunk's own frames
     threshold = energy.max(dim=1).values * 0.05  # perth's magmask(p=0.05)

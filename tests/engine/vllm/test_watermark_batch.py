@@ -227,3 +227,40 @@ def test_on_a_gpu_the_stream_is_the_one_asked_for(monkeypatch) -> None:
     watermark_batch.work_stream(on_gpu, "own")
     watermark_batch.work_stream(on_gpu, "high")
     assert made == [("cuda", 0), ("cuda", -1)]
+
+
+def test_the_inverse_stft_is_torchs_without_its_host_wait() -> None:
+    """The pass's inverse STFT (no read-back of the window envelope, so no synchronisation)
+    equals ``torch.istft`` (centred, Perth's Hann window of 2048 at a hop of 320) to float
+    rounding, for one frame count and another."""
+    import torch
+
+    from gateway.engine.vllm.watermark_batch import istft
+
+    torch.manual_seed(0)
+    window = torch.hann_window(2048)
+    for samples in (32000, 17000):
+        x = torch.randn(3, samples)
+        spec = torch.stft(x, 2048, 320, window=window, center=True, return_complex=True)
+        spec = spec * torch.exp(1j * 0.3 * torch.randn_like(spec.real))  # not a consistent spectrogram
+        want = torch.istft(spec, 2048, 320, window=window, center=True)
+        got = istft(spec, window, 2048, 320)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_the_pass_inverts_without_torch_istft(watermarker, monkeypatch) -> None:
+    """The batched pass does not call ``torch.istft`` (whose overlap-add check reads the
+    window envelope back to the host: a wait for everything queued on the stream) and still
+    gives each chunk upstream's watermark."""
+    import torch
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("torch.istft in the pass")
+
+    chunks = [_speechlike(0.5, 1), _speechlike(0.7, 2), _speechlike(0.5, 3)]
+    alone = [_alone(watermarker, x) for x in chunks]  # upstream's call: torch.istft
+    monkeypatch.setattr(torch, "istft", refuse)
+    marked = mark_batch(watermarker, chunks, SR)
+    for want, got in zip(alone, marked):
+        assert _snr(got, want) > 100
