@@ -328,6 +328,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     byte waits for it) unless T3 finished the stream before the vocoder got to it: then it is
     the whole utterance when that fits this limit."""
 
+    stream_first_window_grow_after_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.0
+    """A stream's first window still waiting for the vocoder after this many seconds takes
+    the tokens T3 has made meanwhile (in steps of ``stream_window_tokens``, up to the cap)
+    instead of the small first window: under load (the vocoder behind, first audio seconds
+    away anyway) each stream then costs fewer windows, each of which re-runs the flow over the
+    voice prompt; a first window the vocoder takes at once stays small. 0: off."""
+
     # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
     vocoder_compile: Literal["off", "dynamic", "static"] = "off"
     """Compile the CFM estimator's blocks with torch.compile (inductor) inside the captured

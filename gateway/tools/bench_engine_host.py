@@ -14,8 +14,12 @@ chunks to the caller. What runs on the GPU is stood in for:
   The default, 2.7 + 0.039 x rows, follows Turbo's T3 alone on the H200 (~2.7 ms at one row,
   12.7 at 256: docs/benchmarks.md).
 * the vocoder's batch (S3Gen's flow and HiFT, and the host work of building its inputs): the
-  rows' audio as zeros of the right length after ``--vocoder-ms A,B`` = A + B x rows
-  milliseconds on the vocoder's worker thread (default 0: the host ceiling).
+  rows' audio as zeros of the right length after ``--vocoder-ms A,B,C`` = A + B x rows + C x
+  (the batch's flow mel frames / 1000) milliseconds on the vocoder's worker thread (default
+  0: the host ceiling). ``100,0,34`` models the H200 of 2026-12-05: ~0.034 ms a flow frame
+  at 64 rows (one-shot vocoding, 10 steps, bf16), ~0.1 s for a lone first window; with it a
+  window schedule's cost shows up in the row's throughput and first audio, not only in its
+  flow frames per audio-second.
 
 No watermark (its host part, resampling, costs ~0.4 ms per audio-second on one core here).
 Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
@@ -97,9 +101,11 @@ class SteppedT3(TickEngine):
 class DeviceFreeVocoder(Vocoder):
     """The vocoder loop as served, its batches' device work (and the host work of building
     their inputs) stood in for: each row's audio is zeros of the length S3Gen gives it, ready
-    ``batch_ms`` = A + B x rows milliseconds after the launch."""
+    ``batch_ms`` = A + B x rows + C x (flow mel frames / 1000) milliseconds after the launch
+    (the frames each row's flow solves: its voice prompt and window, 2 a token; on an H200
+    the vocoder's time follows them, docs/benchmarks.md)."""
 
-    batch_ms: tuple[float, float] = (0.0, 0.0)
+    batch_ms: tuple[float, ...] = (0.0, 0.0, 0.0)
     _ready_at: dict[int, float]  # worker thread only: a launched batch's audio is ready then
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -116,8 +122,9 @@ class DeviceFreeVocoder(Vocoder):
                 torch.zeros(MEL_BINS, job.carry) if job.carry else None,
                 torch.zeros(self.batch.harmonics) if job.carry else None, VOICE_PROMPT_TOKENS))
         launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
-        a, b = self.batch_ms
-        self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs)) / 1000
+        a, b, c = (*self.batch_ms, 0.0, 0.0)[:3]
+        frames = sum(TOKEN_MEL_RATIO * (VOICE_PROMPT_TOKENS + job.window.input_tokens) for job in jobs)
+        self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs) + c * frames / 1000) / 1000
         return launched
 
     def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:
@@ -153,7 +160,7 @@ def engine_settings(model: str, streams: int, cache_dir: str, overrides: dict[st
         "vllm_max_num_seqs": max(streams, 1), **(overrides or {})})
 
 
-def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], vocoder_ms: tuple[float, float],
+def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], vocoder_ms: tuple[float, ...],
                  tokens: int, root: Path, *, device: str | None = None) -> Any:
     """A VllmEngine as ``start()`` leaves it, with the GPU's parts stood in for (see the
     module docstring); the family's text front end and T3 front are the real ones (random
@@ -222,7 +229,7 @@ def voice_for(model: str) -> Voice:
 
 
 async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float, float],
-                  vocoder_ms: tuple[float, float], tokens: int = SPEECH_TOKENS, *, device: str | None = None,
+                  vocoder_ms: tuple[float, ...], tokens: int = SPEECH_TOKENS, *, device: str | None = None,
                   watermark: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One row: ``streams`` consumers, each starting its next utterance when one ends.
     ``device``: the served vocoder there (``--vocoder real``), else the stand-in."""
@@ -335,13 +342,22 @@ def _pair(text: str) -> tuple[float, float]:
     return float(a), float(b or 0)
 
 
+def _costs(text: str) -> tuple[float, float, float]:
+    """``A[,B[,C]]``: the stand-in vocoder's batch cost terms (absent ones 0)."""
+    parts = [float(x) for x in text.split(",")]
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError("A[,B[,C]]: at most three numbers")
+    return tuple(parts + [0.0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=TURBO, choices=[ORIGINAL, TURBO, MULTILINGUAL])
     p.add_argument("--streams", default="1,64,256", help="comma-separated stream counts, one row each")
     p.add_argument("--seconds", type=float, default=12.0, help="each row's window")
     p.add_argument("--t3-step-ms", type=_pair, default=(2.7, 0.039), help="A,B: a T3 step takes A + B x rows ms")
-    p.add_argument("--vocoder-ms", type=_pair, default=(0.0, 0.0), help="A,B: a vocoder batch takes A + B x rows ms")
+    p.add_argument("--vocoder-ms", type=_costs, default=(0.0, 0.0, 0.0),
+                   help="A,B[,C]: a stand-in vocoder batch takes A + B x rows + C x flow mel frames / 1000 ms")
     p.add_argument("--tokens", type=int, default=SPEECH_TOKENS, help="speech tokens per utterance")
     p.add_argument("--vocoder", choices=["stand-in", "real"], default="stand-in",
                    help="real: the served vocoder on --device (the module docstring)")

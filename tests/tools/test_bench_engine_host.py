@@ -4,11 +4,13 @@ real windows and seams, and a row's figures follow from the run and the T3 step 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gateway.engine.base import GenerationParams, SynthesisJob
 from gateway.engine.vllm.t3.families import T3Sampling
@@ -93,3 +95,27 @@ def test_a_row_warms_the_engine_up_before_its_window(monkeypatch) -> None:  # ty
     row = asyncio.run(bench_engine_host.measure(TURBO, 2, 1.5, (1.0, 0.0), (0.0, 0.0), tokens=20))
     assert jobs[0] == "warm-up" and jobs.count("warm-up") == 1
     assert row["utterances_done"] >= 2 and row["errors"] == 0
+
+
+def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -> None:
+    """``--vocoder-ms A,B,C``: a batch's audio is ready A + B x rows + C x flow frames / 1000
+    ms after its launch, the frames each row's flow would solve (voice prompt and window, 2
+    a token), so a window schedule's flow work shows in the row's timing."""
+    import time
+    from types import SimpleNamespace
+
+    from gateway.engine.vllm.vocoder_windows import Window
+    from gateway.tools.bench_engine_host import VOICE_PROMPT_TOKENS, DeviceFreeVocoder, _costs
+
+    assert _costs("100,0,34") == (100.0, 0.0, 34.0) and _costs("5") == (5.0, 0.0, 0.0)
+    with pytest.raises(argparse.ArgumentTypeError):
+        _costs("1,2,3,4")
+    vocoder = DeviceFreeVocoder.__new__(DeviceFreeVocoder)
+    vocoder._ready_at, vocoder.batch_ms, vocoder.batch = {}, (10.0, 5.0, 100.0), SimpleNamespace(harmonics=9)
+    first = SimpleNamespace(window=Window(0, 0, 0, 20, 23, False), mel_tail=None, carry=0)
+    whole = SimpleNamespace(window=Window(0, 0, 0, 250, 250, True), mel_tail=None, carry=0)
+    t0 = time.perf_counter()
+    launched = vocoder.launch_batch([first, whole], {})
+    frames = 2 * (VOICE_PROMPT_TOKENS + 23) + 2 * (VOICE_PROMPT_TOKENS + 250)
+    want = (10.0 + 5.0 * 2 + 100.0 * frames / 1000) / 1000
+    assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05

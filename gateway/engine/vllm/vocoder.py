@@ -138,12 +138,14 @@ def encoder_graph_shapes(cfm_shapes: Sequence[tuple[int, int]]) -> list[tuple[in
 
 def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, int]]:
     """(rows, mel frames) of the HiFT calls worth capturing: a stream's first window (its new
-    frames only) and its later windows (the carried ``mel_overlap`` frames, then the new
+    frames only; grown, ``first_grow_after_s``, in the later windows' sizes) and its later windows (the carried ``mel_overlap`` frames, then the new
     ones: every size ``WindowPolicy.size`` can give), rows a power of two up to ``max_rows``,
     at most :data:`HIFT_GRAPH_FRAMES` frames a call. Final windows (any length) run eager."""
     sizes = {policy.size(index) for index in range(1, 18)}
     sizes |= {k * policy.tokens for k in range(1, policy.cap // policy.tokens + 1)}
     frames = {TOKEN_MEL_RATIO * policy.first_tokens} | {policy.mel_overlap + TOKEN_MEL_RATIO * n for n in sizes}
+    if policy.first_grow_after_s > 0:  # a first window that grew: its new frames only, no carry
+        frames |= {TOKEN_MEL_RATIO * k * policy.tokens for k in range(1, policy.cap // policy.tokens + 1)}
     rows = sorted({min(1 << k, max_rows) for k in range(max_rows.bit_length() + 1)})
     return [(r, f) for f in sorted(frames) for r in rows if r * f <= HIFT_GRAPH_FRAMES]
 
@@ -164,7 +166,8 @@ class Vocoder:
         self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
                                              tokens=settings.stream_window_tokens,
                                              max_tokens=settings.stream_max_window_tokens,
-                                             final_merge_tokens=settings.stream_final_window_tokens)
+                                             final_merge_tokens=settings.stream_final_window_tokens,
+                                             first_grow_after_s=settings.stream_first_window_grow_after_s)
         self.max_batch_rows = settings.vocoder_max_batch
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch

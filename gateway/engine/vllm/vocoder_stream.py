@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,6 +99,9 @@ class VocoderStream:
         self._phase: torch.Tensor | None = None
         self._ready_since: float | None = None
         """When the stream's pending window became ready (monotonic; None: none pending)."""
+        self._first_due: float | None = None
+        """When T3 had made the first window's tokens (monotonic): how long the first window
+        has waited for the vocoder since (``first_grow_after_s``), planned or not."""
         self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
 
     @property
@@ -113,6 +117,9 @@ class VocoderStream:
         if self._closed:
             return
         self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
+        policy = self._host.policy
+        if self._first_due is None and len(self._tokens) >= policy.first_tokens + policy.lookahead:
+            self._first_due = time.monotonic()
         if self.trace is not None and not self._in_flight:
             self.trace.mark(f"t3 tokens: {len(self._tokens)}")
         self._host.wake()
@@ -172,8 +179,12 @@ class VocoderStream:
         ``now`` is remembered as the moment it became ready."""
         if self._closed or self._in_flight:
             return None
+        # a first window's wait counts from its tokens' arrival: the loop plans only between
+        # batches, so a window can wait a whole batch or two before it is first looked at
+        due = self._first_due if self._index == 0 else self._ready_since
+        waited = max(0.0, now - due) if due is not None else 0.0
         window = next_window(self._host.policy, available=len(self._tokens), committed=self._committed,
-                             finished=self._finished, index=self._index, one_shot=self.one_shot)
+                             finished=self._finished, index=self._index, one_shot=self.one_shot, waited_s=waited)
         if window is not None and self._ready_since is None:
             self._ready_since = now
             if self.trace is not None:

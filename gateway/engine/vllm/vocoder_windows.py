@@ -69,7 +69,13 @@ class WindowPolicy:
     20 + 200 + 30 tokens costs the flow 2152 mel frames, as 20 + 230 1556, as one window 1000
     (docs/benchmarks.md)."""
 
+    first_grow_after_s: float = 0.0
+    """A first window that has waited this long for the vocoder (0: never) grows to the
+    tokens ready, as a later window does (``size``): under load it saves a window."""
+
     def __post_init__(self) -> None:
+        if self.first_grow_after_s < 0:
+            raise ValueError("first_grow_after_s must be >= 0")
         if min(self.first_tokens, self.tokens) < 1:
             raise ValueError("window sizes must be at least one token")
         if min(self.left_context, self.mel_overlap, self.final_merge_tokens, self.max_tokens) < 0:
@@ -95,13 +101,14 @@ class WindowPolicy:
         window that took a whole finished utterance."""
         return window.index == 0 and window.new_tokens <= 2 * self.first_tokens
 
-    def size(self, index: int, backlog: int = 0) -> int:
+    def size(self, index: int, backlog: int = 0, waited_s: float = 0.0) -> int:
         """Tokens committed by window ``index`` of a stream that has ``backlog`` tokens
-        beyond the lookahead ready (0: unknown)."""
-        if index == 0:
-            return self.first_tokens  # always small: the first byte waits for it
-        planned = min(self.cap, self.tokens << min(index - 1, 16))
+        beyond the lookahead ready (0: unknown), its window ready ``waited_s`` seconds ago."""
         ready = min(self.cap, backlog) // self.tokens * self.tokens
+        if index == 0:  # small: the first byte waits for it, unless it has waited long already
+            grown = 0 < self.first_grow_after_s <= waited_s
+            return max(self.first_tokens, ready) if grown else self.first_tokens
+        planned = min(self.cap, self.tokens << min(index - 1, 16))
         return max(planned, ready)
 
 
@@ -141,18 +148,19 @@ class Window:
 
 
 def next_window(policy: WindowPolicy, *, available: int, committed: int, finished: bool,
-                index: int, one_shot: bool = False) -> Window | None:
+                index: int, one_shot: bool = False, waited_s: float = 0.0) -> Window | None:
     """The next window of a stream with ``available`` tokens of which ``committed`` have
     been vocoded, or None when it must wait for more tokens (or is done).
 
     ``one_shot``: vocode the whole utterance as one final window once it is finished
     (non-streaming requests: best quality, still batched with other streams).
+    ``waited_s``: how long the stream's window has been ready (a first window may grow).
     """
     remaining = available - committed
     if remaining <= 0 or (one_shot and not finished):
         return None
     context_start = max(0, committed - policy.left_context)
-    size = policy.size(index, remaining - policy.lookahead)
+    size = policy.size(index, remaining - policy.lookahead, waited_s)
     # Once T3 has finished, what is left goes in one final window when it fits the limit:
     # each window saved is a flow pass over the voice prompt saved. The first window too: a
     # stream T3 finished before the vocoder planned its first window waited that long already

@@ -26,13 +26,14 @@ from gateway.tools.parity_vocoder import Sizes
 # --- windows (pure) -----------------------------------------------------------------------
 
 
-def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False):
-    """Feed ``total`` tokens ``arrival`` at a time, committing each window as soon as planned."""
+def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False, waited_s: float = 0.0):
+    """Feed ``total`` tokens ``arrival`` at a time, committing each window as soon as planned
+    (each as if ready ``waited_s`` seconds already)."""
     windows, available, committed = [], 0, 0
     while True:
         finished = available >= total
         w = next_window(policy, available=available, committed=committed, finished=finished,
-                        index=len(windows), one_shot=one_shot)
+                        index=len(windows), one_shot=one_shot, waited_s=waited_s)
         if w is not None:
             assert w.input_end <= available, "a window must only read tokens that arrived"
             windows.append(w)
@@ -116,6 +117,72 @@ def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
     assert w.end == 20
     # Without max_tokens nothing grows.
     assert WindowPolicy(tokens=50).size(5, backlog=500) == 50
+
+
+def test_a_first_window_that_waited_for_the_vocoder_takes_what_t3_made_meanwhile() -> None:
+    """``stream_first_window_grow_after_s``: a first window the vocoder takes at once stays
+    small; one still waiting after the threshold takes the ready tokens in steps of the
+    second window's size, up to the cap (a whole finished utterance as before); off (0) it
+    never grows, however long it waited."""
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200, first_grow_after_s=1.0)
+    assert policy.size(0, backlog=397, waited_s=0.99) == 20
+    assert policy.size(0, backlog=397, waited_s=1.0) == 200
+    assert policy.size(0, backlog=130, waited_s=3.0) == 100
+    assert policy.size(0, backlog=30, waited_s=3.0) == 20  # fewer than a step ready: as it was
+    w = next_window(policy, available=133, committed=0, finished=False, index=0, waited_s=1.5)
+    assert (w.index, w.context_start, w.start, w.end, w.input_end, w.final) == (0, 0, 0, 100, 103, False)
+    assert not policy.quick_first(w)  # solved with the regular steps, not the first-window knob
+    w = next_window(policy, available=133, committed=0, finished=False, index=0, waited_s=0.2)
+    assert w.end == 20 and policy.quick_first(w)
+    w = next_window(policy, available=250, committed=0, finished=True, index=0, waited_s=1.5)
+    assert (w.end, w.final) == (250, True)
+    never = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)
+    assert never.size(0, backlog=397, waited_s=3600.0) == 20
+    with pytest.raises(ValueError):
+        WindowPolicy(first_grow_after_s=-1.0)
+
+
+@pytest.mark.parametrize("total", [1, 23, 73, 200, 700])
+@pytest.mark.parametrize("arrival", [1, 7, 60, 1000])
+def test_grown_first_windows_still_tile_the_stream_exactly(total: int, arrival: int) -> None:
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200, first_grow_after_s=0.5)
+    windows = _plan(policy, total, arrival, waited_s=1.0)
+    assert windows[0].start == 0 and windows[-1].end == total
+    assert [w.final for w in windows] == [False] * (len(windows) - 1) + [True]
+    assert all(w.start == prev.end for prev, w in zip(windows, windows[1:]))
+    assert all(w.input_end <= total for w in windows)
+
+
+def test_a_first_windows_wait_counts_from_its_tokens_not_from_when_the_loop_looked() -> None:
+    """The vocoder loop plans only between batches: a stream whose first window's tokens came
+    while two batches ran is looked at for the first time seconds later. Its wait (for
+    ``first_grow_after_s``) counts from when T3 had made those tokens."""
+    import time
+    from types import SimpleNamespace
+
+    from gateway.engine.vllm.vocoder_stream import VocoderStream
+
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200, first_grow_after_s=1.0)
+    host = SimpleNamespace(policy=policy, trim_fade=np.zeros(0, np.float32), wake=lambda: None,
+                           next_ticket=lambda: 0, forget=lambda _s: None, count_dropped=lambda: None)
+    early, late = (VocoderStream(host, "v", {}, one_shot=False) for _ in range(2))
+    t_due = time.monotonic()
+    for stream in (early, late):
+        stream.push(range(133))  # the first window's 23 tokens and more, at once
+    assert early.ready_window(t_due + 0.5).end == 20  # looked at half a second later: small
+    grown = late.ready_window(t_due + 1.5)  # first looked at after 1.5 s: it has waited that long
+    assert (grown.index, grown.end) == (0, 100)
+
+
+def test_grown_first_windows_have_hift_graphs() -> None:
+    """A grown first window's HiFT call (its new frames, no carried ones) is a shape the
+    graphs cover when growth is on, so it is not the one eager call of its batch."""
+    from gateway.engine.vllm.vocoder import hift_graph_shapes
+
+    grow = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200, first_grow_after_s=1.0)
+    frames = {f for _, f in hift_graph_shapes(grow, 8)}
+    assert {40, 100, 200, 300, 400} <= frames
+    assert 100 not in {f for _, f in hift_graph_shapes(WindowPolicy(first_tokens=20, tokens=50, max_tokens=200), 8)}
 
 
 def test_a_finished_stream_vocodes_what_is_left_in_as_few_windows_as_the_final_limit_allows() -> None:
