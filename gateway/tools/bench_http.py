@@ -304,23 +304,22 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         if key in end_metrics and key in before:
             row[name] = round((end_metrics[key] - before[key]) / window_s, 3)
 
-    def vocoder_delta(counter: str) -> float:
-        """A ``chatterbox_vocoder_*_total`` counter's growth over the window (0: not reported)."""
-        key = f"chatterbox_vocoder_{counter}_total"
+    def delta(counter: str) -> float:
+        """A ``chatterbox_*_total`` counter's growth over the window (0: not reported)."""
+        key = f"chatterbox_{counter}_total"
         return end_metrics.get(key, 0.0) - before.get(key, 0.0)
 
-    batches = vocoder_delta("batches")
+    batches = delta("vocoder_batches")
     if batches > 0:
-        row["vocoder_rows_per_batch"] = round(vocoder_delta("windows") / batches, 1)
-    audio, frames = vocoder_delta("audio_seconds"), vocoder_delta("flow_frames")
+        row["vocoder_rows_per_batch"] = round(delta("vocoder_windows") / batches, 1)
+    audio, frames = delta("vocoder_audio_seconds"), delta("vocoder_flow_frames")
     if audio > 0 and frames > 0:  # the window schedule's cost per audio-second (one-shot: ~100)
         row["vocoder_flow_frames_per_audio_s"] = round(frames / audio, 1)
-    passes = end_metrics.get("chatterbox_watermark_passes_total", 0.0) - before.get("chatterbox_watermark_passes_total", 0.0)
+    passes = delta("watermark_passes")
     if passes > 0:
-        row["watermark_rows_per_pass"] = round((end_metrics["chatterbox_watermark_windows_total"]
-                                                - before.get("chatterbox_watermark_windows_total", 0.0)) / passes, 1)
+        row["watermark_rows_per_pass"] = round(delta("watermark_windows") / passes, 1)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
-        row["vocoder_whole_utterance_windows"] = int(vocoder_delta("whole_utterance_windows"))
+        row["vocoder_whole_utterance_windows"] = int(delta("vocoder_whole_utterance_windows"))
     if rtf:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
     row.update(_t3_columns(level, marks, steady_from, end))

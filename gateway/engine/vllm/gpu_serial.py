@@ -3,11 +3,12 @@
 A CUDA fault (``an illegal memory access was encountered``) is sticky and asynchronous: it is
 raised by whichever thread next waits on the device, not by the kernel that caused it, so a
 server whose vocoder thread and watermark thread queue work on the same GPU (on two CUDA
-streams with ``watermark_stream`` own or high) cannot say which part faulted. With ``gpu_serial_debug`` on, each part
-(a vocoder batch's flow encoder, CFM, HiFT and copy; a watermark pass) holds one process-wide
-lock while it runs and ends with a device synchronisation, so a fault is raised, and logged,
-by the part whose kernels caused it; the vocoder keeps one batch in flight. Slow (the GPU
-runs one part at a time and waits between them): for chasing a fault, never for serving.
+streams with ``watermark_stream`` own or high) cannot say which part faulted. With
+``gpu_serial_debug`` on, each part (a vocoder batch's flow encoder, CFM, HiFT and copy; a
+watermark pass) holds one process-wide lock while it runs and ends with a device
+synchronisation, so a fault is raised, and logged, by the part whose kernels caused it; the
+vocoder keeps one batch in flight. Slow (the GPU runs one part at a time and waits between
+them): for chasing a fault, never for serving.
 """
 
 from __future__ import annotations

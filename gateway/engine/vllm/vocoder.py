@@ -138,8 +138,9 @@ def encoder_graph_shapes(cfm_shapes: Sequence[tuple[int, int]]) -> list[tuple[in
 
 def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, int]]:
     """(rows, mel frames) of the HiFT calls worth capturing: a stream's first window (its new
-    frames only; grown, ``first_grow_after_s``, in the later windows' sizes) and its later windows (the carried ``mel_overlap`` frames, then the new
-    ones: every size ``WindowPolicy.size`` can give), rows a power of two up to ``max_rows``,
+    frames only; grown, ``first_grow_after_s``, in the later windows' sizes) and its later
+    windows (the carried ``mel_overlap`` frames, then the new ones: every size
+    ``WindowPolicy.size`` can give), rows a power of two up to ``max_rows``,
     at most :data:`HIFT_GRAPH_FRAMES` frames a call. Final windows (any length) run eager."""
     sizes = {policy.size(index) for index in range(1, 18)}
     sizes |= {k * policy.tokens for k in range(1, policy.cap // policy.tokens + 1)}

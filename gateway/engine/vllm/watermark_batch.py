@@ -31,9 +31,9 @@ Equal to the per-chunk call up to the order of floating-point sums (tests: SNR >
 the CPU).
 
 Which CUDA stream the pass runs on (``watermark_stream``, :func:`work_stream`): by default
-the default stream, which the vocoder's batches use too, so each of the pass's host reads
-(the upload, ``torch.istft``'s overlap-add check, the copy back) waits for whatever vocoder
-batch was queued before it. A stream of its own (``own``, ``high``) spares it that wait, but
+the default stream, which the vocoder's batches use too, so the pass's one wait (its copy
+back; upstream's call for a lone window has three) also waits for whatever vocoder batch was
+queued before it. A stream of its own (``own``, ``high``) spares it that wait, but
 every served run with it on an H200 (2026-12-04 at 128 streams, 2026-12-05 at 32) ended in
 an illegal memory access and a segfault, while the rows before it (up to 256 streams) and a
 run with the vocoder's and the watermark's device work serialised (``gpu_serial_debug``) did
@@ -124,7 +124,8 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
         outputs: list[Any] = [None] * len(prepared)
         lengths = [int(m.shape[-1]) for m in mags]
         for rows in _groups_by_length(lengths):
-            wave = _magphase_to_signal(net, torch.stack([marked[i] for i in rows]), torch.stack([phases[i] for i in rows]))
+            mag = torch.stack([marked[i] for i in rows])
+            wave = _magphase_to_signal(net, mag, torch.stack([phases[i] for i in rows]))
             for j, i in enumerate(rows):
                 outputs[i] = wave[j]
         sizes = [int(o.shape[-1]) for o in outputs]
