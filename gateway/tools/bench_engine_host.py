@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import platform
 import resource
@@ -52,7 +51,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,7 +104,7 @@ class DeviceFreeVocoder(Vocoder):
     (the frames each row's flow solves: its voice prompt and window, 2 a token; on an H200
     the vocoder's time follows them, docs/benchmarks.md)."""
 
-    batch_ms: tuple[float, ...] = (0.0, 0.0, 0.0)
+    batch_ms: tuple[float, float, float] = (0.0, 0.0, 0.0)
     _ready_at: dict[int, float]  # worker thread only: a launched batch's audio is ready then
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -122,7 +121,7 @@ class DeviceFreeVocoder(Vocoder):
                 torch.zeros(MEL_BINS, job.carry) if job.carry else None,
                 torch.zeros(self.batch.harmonics) if job.carry else None, VOICE_PROMPT_TOKENS))
         launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
-        a, b, c = (*self.batch_ms, 0.0, 0.0)[:3]
+        a, b, c = self.batch_ms
         frames = sum(TOKEN_MEL_RATIO * (VOICE_PROMPT_TOKENS + job.window.input_tokens) for job in jobs)
         self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs) + c * frames / 1000) / 1000
         return launched
@@ -194,7 +193,7 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     s3gen = S3Gen(meanflow=model == TURBO).eval()
     if device is None:
         vocoder = DeviceFreeVocoder(s3gen, settings, flow_steps=family.flow_steps)
-        vocoder.batch_ms = vocoder_ms
+        vocoder.batch_ms = (*vocoder_ms, 0.0, 0.0, 0.0)[:3]  # A[, B[, C]]
         runtime.vocoder = vocoder
     else:  # as VllmEngine.start builds them
         runtime.components.s3gen = s3gen.to(device)
@@ -276,24 +275,22 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
                 n += 1
 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        stats = engine.runtimes[model].vocoder.stats
-        before = dataclasses.replace(stats)  # the counters at the window's start
-        marker = engine._watermark
-        marked0 = (marker.busy_s, marker.rows, marker.batches) if marker is not None else None
+        before = engine.batch_stats()  # the vocoder's and the watermark's counters at the window's start
         consumers = [asyncio.create_task(consume(i)) for i in range(streams)]
         await asyncio.sleep(seconds)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         for task in consumers:
             task.cancel()
         await asyncio.gather(*consumers, return_exceptions=True)
+        stats = engine.batch_stats()
         busy, device_busy = stats.busy_s - before.busy_s, stats.device_busy_s - before.device_busy_s
         frames, vocoded = stats.flow_frames - before.flow_frames, stats.audio_s - before.audio_s
         whole = stats.whole_windows - before.whole_windows
         marked = None
-        if marker is not None and marked0 is not None:  # the watermark pass: busy share, rows a pass
-            passes = marker.batches - marked0[2]
-            marked = (round((marker.busy_s - marked0[0]) / seconds, 3),
-                      round((marker.rows - marked0[1]) / passes, 1) if passes else None)
+        if engine._watermark is not None:  # the watermark pass: busy share, rows a pass
+            passes = stats.watermark_passes - before.watermark_passes
+            marked = (round((stats.watermark_busy_s - before.watermark_busy_s) / seconds, 3),
+                      round((stats.watermark_rows - before.watermark_rows) / passes, 1) if passes else None)
         await engine.close()
     steady_from = t0 + seconds / 3
     steady = sum(n for at, n in arrivals if steady_from <= at <= end) / SAMPLE_RATE / (end - steady_from)
@@ -337,17 +334,20 @@ def setting_arg(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), value
 
 
-def _pair(text: str) -> tuple[float, float]:
-    a, _, b = text.partition(",")
-    return float(a), float(b or 0)
+def _floats(count: int) -> Callable[[str], tuple[float, ...]]:
+    """A parser of ``A[,B...]``: at most ``count`` numbers, the absent ones 0."""
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [float(x) for x in text.split(",")]
+        if not 1 <= len(parts) <= count:
+            raise argparse.ArgumentTypeError(f"at most {count} comma-separated numbers")
+        return tuple(parts + [0.0] * (count - len(parts)))
+    return parse
 
 
-def _costs(text: str) -> tuple[float, float, float]:
-    """``A[,B[,C]]``: the stand-in vocoder's batch cost terms (absent ones 0)."""
-    parts = [float(x) for x in text.split(",")]
-    if not 1 <= len(parts) <= 3:
-        raise argparse.ArgumentTypeError("A[,B[,C]]: at most three numbers")
-    return tuple(parts + [0.0] * (3 - len(parts)))  # type: ignore[return-value]
+_pair = _floats(2)
+"""``A[,B]``: a T3 step's cost terms."""
+_costs = _floats(3)
+"""``A[,B[,C]]``: the stand-in vocoder's batch cost terms."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
