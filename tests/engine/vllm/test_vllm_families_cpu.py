@@ -253,6 +253,13 @@ async def test_original_job_speaks_its_tokens_and_nothing_more(engine, refs) -> 
     assert len(llm.requests) == 2 and llm.requests[0][2] != llm.requests[1][2]
     seeds = [s.seed for _, s, _ in llm.requests]
     assert seeds[0] != seeds[1]  # each chunk its own seed, derived from the request's
+    # a seeded chunk prefills its whole prompt (no prefix-cache read: the same seed, the same tokens)
+    assert all(s.vllm_fields()["skip_reading_prefix_cache"] is True for _, s, _ in llm.requests)
+    unseeded = SynthesisJob("u", ("Hello there.",), voice, GenerationParams(cfg_weight=0.3), model=ORIGINAL,
+                            streaming=True)
+    await _run(engine, unseeded)
+    fields = llm.requests[-1][1].vllm_fields()
+    assert fields["seed"] is None and fields["skip_reading_prefix_cache"] is None  # vLLM's default: cache on
     positions, _ = layout.mrope_positions(llm.requests[0][0]["prompt_token_ids"])
     rows = layout.decode_positions(positions, max_position=2048, speech_positions=4100, text_vocab=704)
     assert float(rows.cfg_weight[0]) == pytest.approx(0.3)

@@ -76,7 +76,12 @@ class T3Sampling:
         return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": penalty,
                 "extra_args": extra, "seed": self.seed, "stop_token_ids": [STOP_SPEECH], "detokenize": False,
-                "skip_special_tokens": False}
+                "skip_special_tokens": False,
+                # A seeded chunk computes its whole prompt: a prefix-cache hit prefills only the
+                # prompt's tail, on other kernels and shapes than a full prefill, and those bf16
+                # differences flip near-tied tokens (the H100 run of 2026-12-05 saw the same seed
+                # part at token 7-8 on the CFG families). It still writes the cache for others.
+                "skip_reading_prefix_cache": True if self.seed is not None else None}
 
 
 class T3Prompt(Protocol):
