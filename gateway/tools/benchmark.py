@@ -216,6 +216,7 @@ def stage_server(args: argparse.Namespace, stages: list[str],
     peak = max(levels + [args.loadtest_concurrency if "loadtest" in stages else 1])
     out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
     log = args.server_log or out_dir / "server.log"
+    raw_dir = (out_dir / f"{args.json.stem}-pyspy") if args.json else Path(tempfile.mkdtemp(prefix="pyspy-"))
     expect = args.tokens * 960 if args.server_engine == "vllm" else None  # fixed lengths: vLLM only
     rows: list[dict] = []
     found: dict[str, Any] = {}
@@ -246,7 +247,7 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                             row = asyncio.run(bench_http.measure_level(
                                 server.base, streams, window_s=args.http_window_s, voice=args.voice,
                                 fmt=args.http_format, expect_samples=expect, server_pid=server.pid, label=model,
-                                profile=_py_spy(args, server.pid, out_dir, f"{model}_{n}"),
+                                profile=_py_spy(args, server.pid, raw_dir, f"{model}_{n}"),
                                 timeline_log=server.log if args.http_timelines else None))
                             rows.append(row)
                             print({k: v for k, v in row.items() if k not in ROW_APART}, flush=True)
@@ -283,6 +284,13 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                 traceback.print_exc()
                 found.setdefault("errors", []).append({"stage": stage, "error": repr(exc)[:500]})
                 save(rows, found)
+    if args.json and raw_dir.exists():  # py-spy's raw stacks: one archive beside the JSON
+        archive = raw_dir.with_name(raw_dir.name + ".tar.xz")
+        py_spy.pack(raw_dir, archive)
+        for row in rows:
+            for summary in (row.get("py_spy") or {}).values():
+                summary["files"] = [f"{archive.name}:{Path(f).name}" for f in summary.get("files", [])]
+        save(rows, found)
     return rows, found
 
 
@@ -369,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--timeline-runs", type=int, default=5)
     server.add_argument("--http-py-spy-s", type=float, default=0.0,
                         help="py-spy the server (and its children) and this client for this many seconds of each "
-                             "http row's steady part (0: off; at most two thirds of the window less 2 s)")
+                             "http row's steady part (0: off; at most two thirds of the window less 2 s); the raw stacks "
+                             "go into one <json stem>-pyspy.tar.xz beside --json")
     server.add_argument("--http-timelines", action="store_true",
                         help="every http request asks for its first-audio timeline; each row gets the stage medians "
                              "of its first wave and of its steady span (a server this starts)")

@@ -178,6 +178,21 @@ async def profile(pid: int, seconds: float, directory: Path, label: str, *, rate
     return result
 
 
+def pack(directory: Path, archive: Path) -> list[str]:
+    """Every raw file under ``directory`` into one xz tar at ``archive``, the folder removed;
+    the members' names. A run's profiles then come back from the GPU machine as one file
+    (its ``$OUT`` returns at most eight: ten profiles had crowded out the run's JSON)."""
+    import shutil
+    import tarfile
+
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    with tarfile.open(archive, "w:xz") as tar:
+        for name in names:
+            tar.add(directory / name, arcname=name)
+    shutil.rmtree(directory)
+    return names
+
+
 def table(summary: dict[str, Any], label: str) -> str:
     """The summary as a markdown table (one row per thread group)."""
     if "error" in summary:
