@@ -80,7 +80,7 @@ class T3Sampling:
                 # A seeded chunk computes its whole prompt: a prefix-cache hit prefills only the
                 # prompt's tail, on other kernels and shapes than a full prefill, and those bf16
                 # differences flip near-tied tokens (the H100 run of 2026-12-05 saw the same seed
-                # part at token 7-8 on the CFG families). It still writes the cache for others.
+                # part at the 8th-9th token on the CFG families). It still writes the cache for others.
                 "skip_reading_prefix_cache": True if self.seed is not None else None}
 
 
