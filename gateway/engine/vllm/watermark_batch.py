@@ -37,7 +37,8 @@ queued before it. A stream of its own (``own``, ``high``) spares it that wait, b
 every served run with it on an H200 (2026-12-04 at 128 streams, 2026-12-05 at 32) ended in
 an illegal memory access and a segfault, while the rows before it (up to 256 streams) and a
 run with the vocoder's and the watermark's device work serialised (``gpu_serial_debug``) did
-not: until the cause is found it is an option, not the default (docs/benchmarks.md).
+not: until the cause is found it is an option, not the default (docs/benchmarks.md). With
+the default stream the served rows ran clean at 32 and 128 streams (an H100, 2026-12-05).
 
 :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers
