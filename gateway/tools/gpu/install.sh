@@ -31,7 +31,7 @@ for step in "$@"; do
       . gateway/tools/gpu/env.sh
       python3 -c 'import vllm, litestar, chatterbox, structlog; print("vllm", vllm.__version__, "litestar ok, chatterbox ok")' || true
       python3 -c 'import av; print("av", av.__version__)' || echo "av: missing"
-      ffmpeg -hide_banner -version | head -1 || echo "ffmpeg: missing"
+      ffmpeg -hide_banner -version 2>/dev/null | sed -n 1p || echo "ffmpeg: missing"  # sed reads to the end: no SIGPIPE under pipefail
       nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac
