@@ -15,7 +15,10 @@ decoded in ONE vLLM batch:
   negative bias, so the reference never picks the id the served model masks.
 
 Each in fp32 (``enforce_eager``; batched == one at a time must hold exactly) and bf16 (as
-served: compiled, CUDA graphs), judged by the near-tie criterion of ``parity_t3``. The vLLM
+served: compiled, CUDA graphs), judged by the near-tie criterion of ``parity_t3``. In bf16
+also the same seed twice, sampled as served, each time prefilling the whole prompt (what a
+seeded request does, ``T3Sampling.vllm_fields``): the tokens must be equal; the detail says
+where a third run that reads the prompt from vLLM's prefix cache parts from them. The vLLM
 workers (a process per family and dtype) start together while the references decode: each
 has an exact KV cache (``kv_cache_memory_bytes``) and so never profiles the card, which the
 others share.
@@ -60,6 +63,8 @@ from gateway.tools.parity_t3 import (
 MTL_CASES = ((0.5, 0.5, 24), (0.0, 0.5, 40), (1.0, 0.3, 12))  # (cfg_weight, exaggeration, text length)
 TURBO_CASES = (24, 40, 12)  # text lengths
 MTL_PENALTY = 2.0
+SEED = 11
+"""The seeded-twice check's seed (any: what matters is that it is the same both times)."""
 WORKER_KV_BYTES = 2 << 30
 """Each parity worker's exact KV cache: 8 requests of 1024 tokens need well under this."""
 WORKER_TIMEOUT_S = 420
@@ -243,7 +248,39 @@ def _vllm_worker(family: str, model_dir: str, dtype: str, n_tokens: int, out: st
     toks = [[t for t in o.outputs[0].token_ids if t != 6562] for o in outs]
     logprobs = [[[[tid, lp.logprob] for tid, lp in step.items()] for step in o.outputs[0].logprobs] for o in outs]
     single = [[t for t in llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids if t != 6562] for p in prompts]
-    Path(out).write_text(json.dumps({"tokens": toks, "single": single, "logprobs": logprobs, "init_s": init_s}))
+    result = {"tokens": toks, "single": single, "logprobs": logprobs, "init_s": init_s}
+    if dtype == "bfloat16":  # as served; the prompt is in the prefix cache by now (the runs above)
+        def seeded(read_cache: bool) -> list[int]:
+            fields = seeded_fields(family, n_tokens)
+            fields["skip_reading_prefix_cache"] = not read_cache
+            outs = llm.generate([prompts[0]], SamplingParams(**fields), use_tqdm=False)
+            return [t for t in outs[0].outputs[0].token_ids if t != 6562]
+
+        result["seeded"] = {"full": seeded(False), "cached": seeded(True), "full_again": seeded(False)}
+    Path(out).write_text(json.dumps(result))
+
+
+def seeded_fields(family: str, n_tokens: int) -> dict[str, Any]:
+    """``SamplingParams`` of a seeded request with the family's served defaults, as the
+    engine builds them (``T3Sampling.vllm_fields``: a seeded request skips the cache read)."""
+    from gateway.engine.base import GenerationParams
+    from gateway.engine.vllm.t3.families import T3Sampling
+    from gateway.models.families import FAMILIES, TOP_K
+
+    p = GenerationParams(**FAMILIES[family].defaults)
+    return T3Sampling(max_tokens=n_tokens, temperature=p.temperature, top_p=p.top_p,
+                      min_p=0.0 if family == TURBO else p.min_p, repetition_penalty=p.repetition_penalty,
+                      top_k=TOP_K.get(family, 0), seed=SEED).vllm_fields()
+
+
+def seed_verdict(seeded: dict[str, list[int]]) -> tuple[bool, str]:
+    """(passed, detail): the same seed twice, whole prompt each time, gives the same tokens."""
+    full, again, cached = seeded["full"], seeded["full_again"], seeded["cached"]
+    at, cache_at = first_mismatch(full, again), first_mismatch(full, cached)
+    detail = (f"{len(full)} tokens, " + ("equal" if at is None else f"parting at token {at}")
+              + "; a third run reading the prompt from the prefix cache: "
+              + ("equal" if cache_at is None else f"parts at token {cache_at}"))
+    return at is None and bool(full), detail
 
 
 def standin_decode(family: str, t3: Any, n_tokens: int) -> dict[str, Any]:
@@ -261,7 +298,9 @@ def standin_decode(family: str, t3: Any, n_tokens: int) -> dict[str, Any]:
                 step_logits = _llama_standin(t3, prompt, text_ids, w, n_tokens)
             tokens.append([t for t, _ in step_logits])
             logprobs.append([[[int(i), float(v)] for v, i in zip(*torch.topk(lp, 5))] for _, lp in step_logits])
-    return {"tokens": tokens, "single": tokens, "logprobs": logprobs, "init_s": 0.0}
+    # greedy and cache-free: the seeded runs are the first request's tokens (the plumbing, not a result)
+    seeded = {"full": tokens[0], "cached": tokens[0], "full_again": tokens[0]}
+    return {"tokens": tokens, "single": tokens, "logprobs": logprobs, "init_s": 0.0, "seeded": seeded}
 
 
 def _turbo_standin(t3: Any, embeds: Any, n_tokens: int) -> list[tuple[int, Any]]:
@@ -409,6 +448,12 @@ def _judge(family: str, dtype: str, name: str, code: int, out: Path, ref_tokens:
     for i, (ref, mine, (margins, ref_lp), lps) in enumerate(zip(ref_tokens, got["tokens"], forced, got["logprobs"])):
         ok, detail = near_tie_verdict(ref, mine, margins, ref_lp, lps)
         results.append((f"{label} case {i}", ok, f"{_describe(family, i)}: {detail}"))
+    if dtype == "bfloat16":
+        if "seeded" not in got:
+            results.append((f"{label}: the same seed twice", False, "the worker recorded no seeded runs"))
+        else:
+            ok, detail = seed_verdict(got["seeded"])
+            results.append((f"{label}: the same seed twice", ok, detail))
     return results
 
 

@@ -24,10 +24,11 @@ def test_the_t3_stage_runs_in_dry_run_mode(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     results = parity_families.check_t3((MULTILINGUAL, TURBO), n_tokens=12, dry_run=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("families-parity-")] == []
-    assert len(results) == 2 * 2 * 4
+    assert len(results) == 2 * (4 + 5)  # per family: fp32's 4 checks, bf16's 4 and the same seed twice
     assert all(ok for _, ok, _ in results), [r for r in results if not r[1]]
     assert all("dry run" in name for name, _, _ in results)
     assert sum("all 12 tokens equal" in detail for _, _, detail in results) == 2 * 2 * 3
+    assert sum(name.endswith("the same seed twice") for name, _, _ in results) == 2
 
 
 def _lp(rows: list[list[float]]) -> torch.Tensor:
@@ -66,3 +67,37 @@ def test_a_parting_at_the_first_token_is_judged_by_that_steps_own_error() -> Non
     ok, detail = parity_families.batch_verdict([[0, 0, 0]], [[0, 0, 0]], [[1, 0, 0]],
                                                [([0.05, 1.0, 1.0], ref_lp)], [served])
     assert ok and "parts at token 0 on a near tie (0.0500 <= 0.1200)" in detail
+
+
+def test_the_same_seed_twice_must_give_the_same_tokens() -> None:
+    """The check behind the 2026-12-05 H100 failure of the e2e same-seed test (the CFG
+    families parted at the 8th-9th token): two whole-prompt prefills with one seed must agree;
+    where a prefix-cache read parts from them is reported, not judged."""
+    ok, detail = parity_families.seed_verdict({"full": [5, 6, 7], "full_again": [5, 6, 7], "cached": [5, 6, 9]})
+    assert ok and detail == "3 tokens, equal; a third run reading the prompt from the prefix cache: parts at token 2"
+    ok, detail = parity_families.seed_verdict({"full": [5, 6, 7], "full_again": [5, 8, 7], "cached": [5, 6, 7]})
+    assert not ok and "parting at token 1" in detail and detail.endswith("cache: equal")
+    assert not parity_families.seed_verdict({"full": [], "full_again": [], "cached": []})[0]  # nothing sampled
+
+
+def test_the_seeded_runs_sample_as_the_engine_serves_each_family() -> None:
+    original = parity_families.seeded_fields(MULTILINGUAL, 40)
+    assert original["seed"] == parity_families.SEED and original["skip_reading_prefix_cache"] is True
+    assert (original["temperature"], original["min_p"], original["top_k"], original["repetition_penalty"]) == (
+        0.8, 0.05, 0, 2.0)  # Multilingual's upstream defaults
+    turbo = parity_families.seeded_fields(TURBO, 40)
+    assert (turbo["top_k"], turbo["top_p"], turbo["min_p"]) == (1000, 0.95, 0.0)
+    assert turbo["max_tokens"] == 40 and turbo["stop_token_ids"] == [6562]
+
+
+def test_a_bf16_worker_without_seeded_runs_fails_that_check(tmp_path: Path) -> None:
+    out = tmp_path / "w.json"
+    tokens = [[1, 2, 3]] * 3
+    lps = [[[[1, -0.1], [2, -3.0]]] * 3] * 3
+    out.write_text(__import__("json").dumps({"tokens": tokens, "single": tokens, "logprobs": lps, "init_s": 1.0}))
+    forced = [([5.0, 5.0, 5.0], _lp([[0.0, 3.0, 0.0, 0.0]] * 3))] * 3
+    results = parity_families._judge(TURBO, "bfloat16", "bfloat16", 0, out, tokens, forced)
+    (seed,) = [r for r in results if r[0].endswith("the same seed twice")]
+    assert seed[1] is False and "no seeded runs" in seed[2]
+    assert not [r for r in parity_families._judge(TURBO, "float32", "float32", 0, out, tokens, forced)
+                if r[0].endswith("the same seed twice")]  # fp32 runs have none to judge
