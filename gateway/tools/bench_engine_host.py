@@ -70,7 +70,7 @@ from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
 from gateway.settings import Settings, load_settings
 from gateway.tools import host_probes
 from gateway.tools.bench_host import TickEngine, cpu_card
-from gateway.tools.bench_http import ms, pct
+from gateway.tools.bench_http import Playback, ms, pct, stall_figures
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
         "square stops to listen for a while.")
@@ -247,6 +247,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
             pass
         arrivals: list[tuple[float, int]] = []
         firsts: list[float] = []
+        stalls: list[float] = []  # per utterance played out: seconds a real-time player waited
         errors: list[str] = []
         traces: list[str] = []
         done = [0]
@@ -259,6 +260,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
                 job = SynthesisJob(f"s{i}-{n}", (TEXT,), voice, GenerationParams(max_speech_tokens=tokens),
                                    model=model, streaming=True)
                 sent, first = time.perf_counter(), True
+                player = Playback()
                 try:
                     async for chunk in engine.synthesize(job):
                         now = time.perf_counter()
@@ -266,6 +268,9 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
                             firsts.append(now - sent)
                             first = False
                         arrivals.append((now, int(chunk.samples.size)))
+                        player.arrive(now, chunk.samples.size / SAMPLE_RATE)
+                    if player.until is not None and time.perf_counter() <= end:  # made within the window
+                        stalls.append(player.stalled_s)
                 except Exception as exc:  # noqa: BLE001 - counted and named in the row
                     errors.append(f"{type(exc).__name__}: {exc}")
                     if not traces:  # where the first one came from (a device fault's op, under CUDA_LAUNCH_BLOCKING)
@@ -306,6 +311,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
         "t3_alone_audio_s_per_s": None if ceiling is None else round(ceiling, 1),
         "first_audio_p50_ms": ms(pct(firsts, 0.5)),
         "first_audio_p95_ms": ms(pct(firsts, 0.95)),
+        # a player starting at each utterance's first audio, in real time: how long it waited
+        **stall_figures(stalls),
         "utterances_done": done[0],
         "errors": len(errors), "first_error": errors[0] if errors else None,
         "cpu_s_per_audio_s": round(cpu / audio, 4) if audio else None,

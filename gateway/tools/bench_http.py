@@ -62,6 +62,33 @@ T3_WAITING, T3_DECODING = "chatterbox_t3_waiting_requests", "chatterbox_t3_decod
 T3_TOKENS, T3_DELIVERIES = "chatterbox_t3_tokens_total", "chatterbox_t3_token_deliveries_total"
 
 
+STALL_S = 0.05
+"""A player's wait longer than this counts its utterance as stalled (``stalled_share``)."""
+
+
+class Playback:
+    """A client playing an utterance in real time from its first audio: the seconds it waited
+    for audio after that (pieces that came after what it had was played out)."""
+
+    def __init__(self) -> None:
+        self.until: float | None = None  # when what has arrived is played out
+        self.stalled_s = 0.0
+
+    def arrive(self, at: float, audio_s: float) -> None:
+        if self.until is None:
+            self.until = at
+        elif at > self.until:
+            self.stalled_s += at - self.until
+            self.until = at
+        self.until += audio_s
+
+
+def stall_figures(stalls: Sequence[float]) -> dict[str, float | None]:
+    """A row's playback figures from its utterances' stalled seconds."""
+    return {"stalled_share": round(sum(s > STALL_S for s in stalls) / len(stalls), 3) if stalls else None,
+            "stall_p95_ms": ms(pct(stalls, 0.95)) if stalls else None}
+
+
 @dataclass(slots=True)
 class _Request:
     model: str
@@ -72,6 +99,8 @@ class _Request:
     ended: float | None = None
     samples: int = 0
     error: str | None = None
+    player: Playback = field(default_factory=Playback)
+    """A real-time player of the audio as it arrived (pcm and wav: their bytes say the seconds)."""
 
 
 @dataclass(slots=True)
@@ -129,6 +158,8 @@ async def _one(client: httpx.AsyncClient, level: _Level, body: dict[str, Any], f
                 audio = max(0, min(len(part), size + len(part) - header))
                 size += len(part)
                 level.arrivals.append((now, audio))
+                if audio:
+                    req.player.arrive(now, audio / (2 * SAMPLE_RATE))
     except httpx.TimeoutException:
         req.error = "timeout"
         return
@@ -289,6 +320,9 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         "ttfb_samples": len(steady_ttfb),
         "first_wave_ttfb_p50_ms": ms(pct(first_wave, 0.5)),
         "first_wave_ttfb_p95_ms": ms(pct(first_wave, 0.95)),
+        # pcm and wav: a player starting at each completed request's first byte, in real time
+        **(stall_figures([r.player.stalled_s for r in done if not r.error]) if fmt in ("pcm", "wav")
+           else {"stalled_share": None, "stall_p95_ms": None}),
         "window_audio_s_per_s": round(whole, 2),
         "server_tree_rss_mib": host_probes.mib(rss),
         "server_tree_rss_peak_mib": host_probes.mib(peaks["rss"] or None),

@@ -91,6 +91,37 @@ def test_the_figures_follow_their_definitions() -> None:
     assert not any(k.startswith("t3_") for k in row)  # the server reported no T3 counts
 
 
+def test_a_real_time_player_counts_the_waits_after_the_first_audio() -> None:
+    """First audio at 10 s: 0.8 s of audio, the next piece at 11.2 s (0.4 s of silence heard),
+    then 2 s arriving early (no wait), then a piece 0.01 s late (under the stall threshold)."""
+    player = bench_http.Playback()
+    for at, audio_s in ((10.0, 0.8), (11.2, 2.0), (11.5, 1.0), (14.21, 0.5)):
+        player.arrive(at, audio_s)
+    assert player.stalled_s == pytest.approx(0.41) and player.until == pytest.approx(14.71)
+    figures = bench_http.stall_figures([player.stalled_s, 0.0, 0.01, 0.0])
+    assert figures["stalled_share"] == 0.25  # one utterance of four waited more than 50 ms
+    assert figures["stall_p95_ms"] == pytest.approx(pct_ms([0.41, 0.0, 0.01, 0.0], 0.95))
+    assert bench_http.stall_figures([]) == {"stalled_share": None, "stall_p95_ms": None}
+
+
+def pct_ms(values: list[float], q: float) -> float:
+    return round(bench_http.pct(values, q) * 1000, 1)
+
+
+def test_the_stall_columns_are_of_completed_pcm_requests() -> None:
+    level = bench_http._Level(t0=100.0)
+    smooth = bench_http._Request("chatterbox", 100.0, first=0.3, ended=103.0, samples=48_000)
+    smooth.player.arrive(100.3, 2.0)
+    late = bench_http._Request("chatterbox", 100.0, first=0.3, ended=104.0, samples=48_000)
+    late.player.arrive(100.3, 1.0)
+    late.player.arrive(101.8, 1.0)  # half a second of silence
+    level.requests = [smooth, late, bench_http._Request("chatterbox", 101.0, error="http_429")]
+    row = bench_http._row(level, ["chatterbox"] * 2, 9.0, "pcm", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
+    assert row["stalled_share"] == 0.5 and row["stall_p95_ms"] == pct_ms([0.0, 0.5], 0.95)
+    mp3 = bench_http._row(level, ["chatterbox"] * 2, 9.0, "mp3", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
+    assert mp3["stalled_share"] is None  # compressed bytes do not say the seconds
+
+
 def test_the_t3_columns_follow_their_definitions() -> None:
     """Gauges sampled every second (the steady span from 103 s), counters at the two marks."""
     level = bench_http._Level(t0=100.0)
