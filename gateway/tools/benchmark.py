@@ -216,7 +216,7 @@ def stage_server(args: argparse.Namespace, stages: list[str],
     peak = max(levels + [args.loadtest_concurrency if "loadtest" in stages else 1])
     out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
     log = args.server_log or out_dir / "server.log"
-    raw_dir = (out_dir / f"{args.json.stem}-pyspy") if args.json else Path(tempfile.mkdtemp(prefix="pyspy-"))
+    raw_dir = out_dir / f"{args.json.stem if args.json else 'benchmark'}-pyspy"  # made by the first profile
     expect = args.tokens * 960 if args.server_engine == "vllm" else None  # fixed lengths: vLLM only
     rows: list[dict] = []
     found: dict[str, Any] = {}
