@@ -24,6 +24,7 @@ NAMESPACE = "chatterbox"
 
 # Seconds: a first byte under ~100 ms is great, over 10 s is a problem worth seeing.
 TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+STALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Real-time factor: < 1 means faster than real time.
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -232,6 +233,13 @@ class GatewayMetrics:
             buckets=RTF_BUCKETS,
             registry=r,
         )
+        self.stall = Histogram(
+            f"{NAMESPACE}_stream_stall_seconds",
+            "Speech requests: seconds a listener playing the audio in real time from its first audio would have "
+            "waited for more (0: smooth).",
+            buckets=STALL_BUCKETS,
+            registry=r,
+        )
         self.audio_seconds = Counter(f"{NAMESPACE}_audio_seconds", "Seconds of audio produced.", registry=r)
         self.input_chars = Counter(f"{NAMESPACE}_input_characters", "Characters of input text accepted.", registry=r)
         self.encoder_failures = Counter(
@@ -261,11 +269,14 @@ class GatewayMetrics:
         total_s: float,
         audio_s: float,
         input_chars: int,
+        stall_s: float = 0.0,
     ) -> None:
         """One finished speech request that produced a response (any outcome)."""
         if ttfb_s is not None:
             self.ttfb.labels(stream_format=stream_format).observe(ttfb_s)
         self.duration.observe(total_s)
+        if audio_s > 0:
+            self.stall.observe(stall_s)
         self.input_chars.inc(input_chars)
         if audio_s > 0:
             self.audio_seconds.inc(audio_s)

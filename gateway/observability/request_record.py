@@ -15,13 +15,15 @@ hung up mid-response), ``error`` (5xx, or a stream that broke after its status l
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.playback import RealTimePlayer
 from gateway.observability.timeline import Timeline
 
 SPEECH_ROUTE = "/v1/audio/speech"
@@ -46,6 +48,10 @@ class RequestRecord:
     input_chars: int | None = None
     audio_samples: int = 0
     sample_rate: int = SAMPLE_RATE
+    speed: float = 1.0
+    """The request's playback speed (the encoder's tempo): a second of samples lasts 1/speed."""
+    player: RealTimePlayer = field(default_factory=RealTimePlayer)
+    """The audio as a listener in real time from the first audio would hear it (stalls)."""
     queued_s: float | None = None
     outcome: str | None = None
     """Set by a handler that knows better than the status line (e.g. a stream that failed)."""
@@ -70,7 +76,15 @@ class RequestRecord:
             self.timeline.mark(stage)
 
     def add_audio(self, samples: int) -> None:
+        """``samples`` more of the response's audio, made now."""
         self.audio_samples += samples
+        if samples and self.sample_rate:
+            self.player.arrive(time.monotonic(), samples / self.sample_rate / self.speed)
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds a real-time listener from the first audio would have waited for more."""
+        return self.player.stalled_s
 
     def fail(self, outcome: str, error: str) -> None:
         """Record a failure after the response started (the status line cannot say it)."""
@@ -166,6 +180,7 @@ def finish_request(
             input_chars=record.input_chars,
             audio_s=round(record.audio_seconds, 3),
             ttfb_ms=None if ttfb_s is None else round(ttfb_s * 1000, 1),
+            stall_ms=round(record.stall_s * 1000, 1),
         )
         if record.ignored_controls:
             fields["ignored_controls"] = list(record.ignored_controls)
@@ -203,4 +218,5 @@ def finish_request(
             total_s=total_s,
             audio_s=record.audio_seconds,
             input_chars=record.input_chars or 0,
+            stall_s=record.stall_s,
         )

@@ -177,6 +177,7 @@ async def prepare_speech(
     chunks = await split_speech(request.input, family, settings.max_chunk_chars)
     record.mark("text split")
     speed = 1.0 if request.speed is None else request.speed
+    record.speed = speed
     usage = _Usage(input_tokens=sum(engine.count_text_tokens(chunk, family.id, language) for chunk in chunks))
 
     stack = contextlib.AsyncExitStack()

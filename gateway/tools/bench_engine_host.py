@@ -67,10 +67,11 @@ from gateway.engine.vllm.vocoder import Vocoder, _Launched
 from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
+from gateway.observability.playback import RealTimePlayer
 from gateway.settings import Settings, load_settings
 from gateway.tools import host_probes
 from gateway.tools.bench_host import TickEngine, cpu_card
-from gateway.tools.bench_http import Playback, ms, pct, stall_figures
+from gateway.tools.bench_http import ms, pct, stall_figures
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "
         "square stops to listen for a while.")
@@ -260,7 +261,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
                 job = SynthesisJob(f"s{i}-{n}", (TEXT,), voice, GenerationParams(max_speech_tokens=tokens),
                                    model=model, streaming=True)
                 sent, first = time.perf_counter(), True
-                player = Playback()
+                player = RealTimePlayer()
                 try:
                     async for chunk in engine.synthesize(job):
                         now = time.perf_counter()

@@ -46,6 +46,7 @@ from typing import Any
 import httpx
 
 from gateway.models.families import FAMILIES
+from gateway.observability.playback import RealTimePlayer
 from gateway.observability.timeline import HEADER as TIMELINE_HEADER
 from gateway.tools import host_probes, timeline_log
 from gateway.tools.bench_server import scrape
@@ -66,23 +67,6 @@ STALL_S = 0.05
 """A player's wait longer than this counts its utterance as stalled (``stalled_share``)."""
 
 
-class Playback:
-    """A client playing an utterance in real time from its first audio: the seconds it waited
-    for audio after that (pieces that came after what it had was played out)."""
-
-    def __init__(self) -> None:
-        self.until: float | None = None  # when what has arrived is played out
-        self.stalled_s = 0.0
-
-    def arrive(self, at: float, audio_s: float) -> None:
-        if self.until is None:
-            self.until = at
-        elif at > self.until:
-            self.stalled_s += at - self.until
-            self.until = at
-        self.until += audio_s
-
-
 def stall_figures(stalls: Sequence[float]) -> dict[str, float | None]:
     """A row's playback figures from its utterances' stalled seconds."""
     return {"stalled_share": round(sum(s > STALL_S for s in stalls) / len(stalls), 3) if stalls else None,
@@ -99,7 +83,7 @@ class _Request:
     ended: float | None = None
     samples: int = 0
     error: str | None = None
-    player: Playback = field(default_factory=Playback)
+    player: RealTimePlayer = field(default_factory=RealTimePlayer)
     """A real-time player of the audio as it arrived (pcm and wav: their bytes say the seconds)."""
 
 

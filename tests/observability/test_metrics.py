@@ -62,6 +62,29 @@ async def test_counters_and_histograms_move(settings: Settings) -> None:
     assert value(after, "chatterbox_requests_total", route="/metrics", outcome="ok") == 1
 
 
+async def test_a_stream_that_falls_behind_real_time_is_counted_as_stalled(settings: Settings) -> None:
+    """30 tokens in pieces of 10 (0.4 s of audio each), one every 0.6 s: a listener from the
+    first audio hears 0.4 s, waits 0.2 s, twice (the log line's stall_ms, the histogram);
+    pieces every 0.1 s play without a gap."""
+    from structlog.testing import capture_logs
+
+    body = {**SPEECH, "input": "x" * 60, "response_format": "pcm"}
+    with capture_logs() as logs:
+        async with in_process(settings, FakeEngine(piece_delay_s=0.6)) as gw:
+            assert (await gw.http.post("/v1/audio/speech", json=body)).status_code == 200
+            stalled = samples((await gw.http.get("/metrics")).text)
+        async with in_process(settings, FakeEngine(piece_delay_s=0.1)) as gw:
+            assert (await gw.http.post("/v1/audio/speech", json=body)).status_code == 200
+            smooth = samples((await gw.http.get("/metrics")).text)
+    slow, quick = [e for e in logs if e["event"] == "request" and e["path"] == "/v1/audio/speech"]
+    assert 350 <= slow["stall_ms"] <= 600, slow
+    assert quick["stall_ms"] == 0.0, quick
+    assert value(stalled, "chatterbox_stream_stall_seconds_count") == 1
+    assert 0.35 <= value(stalled, "chatterbox_stream_stall_seconds_sum") <= 0.6
+    assert value(stalled, "chatterbox_stream_stall_seconds_bucket", le="0.25") == 0
+    assert value(smooth, "chatterbox_stream_stall_seconds_bucket", le="0.05") == 1
+
+
 async def test_each_app_has_its_own_registry(settings: Settings) -> None:
     async with in_process(settings, FakeEngine()) as first:
         await first.http.post("/v1/audio/speech", json=SPEECH)
