@@ -117,7 +117,7 @@ class SpeechRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     ] = None
     seed: Annotated[
         Annotated[int, Meta(ge=0, le=MAX_SEED)] | None,
-        Meta(description="Same seed + same request = same audio, 0 to 2^32-1 (default: random)."),
+        Meta(description="Same seed + same request = same audio, 0 to 2^32-1 (default: random). On a GPU engine: under a like load (bf16 kernels vary with the batch)."),
     ] = None
 
     @property

@@ -68,7 +68,7 @@ class TextToSpeechBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=False
     voice_settings: VoiceSettings | None = None
     seed: Annotated[
         Annotated[int, Meta(ge=0, le=MAX_SEED)] | None,
-        Meta(description="Same seed + same request = same audio (0 to 2^32-1)."),
+        Meta(description="Same seed + same request = same audio (0 to 2^32-1); on a GPU engine under a like load."),
     ] = None
     previous_text: Annotated[str | None, Meta(description="Accepted and ignored.")] = None
     next_text: Annotated[str | None, Meta(description="Accepted and ignored.")] = None
