@@ -40,6 +40,7 @@ from gateway.http.cors import cors_config
 from gateway.engine.base import Engine
 from gateway.engine.factory import build_engine
 from gateway.server.engine_watch import watch_engine
+from gateway.observability.loop_lag import watch_loop_lag
 from gateway.observability.metrics import GatewayMetrics, service_gauges
 from gateway.server.services import AppServices, provide_services
 from gateway.settings import Settings
@@ -78,6 +79,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
         log_auth_mode(api_keys)
         loader = asyncio.create_task(_load(services, engine), name="engine-loader")
         watcher = asyncio.create_task(watch_engine(services), name="engine-watch")
+        tasks = [loader, watcher]
+        if services.metrics is not None and settings.loop_lag_probe_s > 0:
+            tasks.append(asyncio.create_task(
+                watch_loop_lag(services.metrics.loop_lag.observe, settings.loop_lag_probe_s), name="loop-lag"))
         try:
             yield
         finally:
@@ -85,9 +90,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Litestar:
             # (the server has spent part of it on open connections), then release the device
             await drain(services, shutdown_clock.remaining())
             services.engine_state = "closed"
-            for task in (loader, watcher):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(loader, watcher, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await close_engine(services)
 
     route_handlers: list[Any] = [

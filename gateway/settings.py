@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Serve Prometheus metrics at /metrics."""
     metrics_require_auth: bool = False
     """Ask for an API key on /metrics too (when keys are configured)."""
+    loop_lag_probe_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.25
+    """With metrics on: how often a task measures how late the event loop wakes it
+    (``chatterbox_event_loop_lag_seconds``; 0: off)."""
     log_format: Literal["auto", "json", "console"] = "auto"
     """auto: console lines on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

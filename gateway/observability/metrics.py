@@ -24,6 +24,7 @@ NAMESPACE = "chatterbox"
 
 # Seconds: a first byte under ~100 ms is great, over 10 s is a problem worth seeing.
 TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 STALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Real-time factor: < 1 means faster than real time.
@@ -238,6 +239,12 @@ class GatewayMetrics:
             "Speech requests: seconds a listener playing the audio in real time from its first audio would have "
             "waited for more (0: smooth).",
             buckets=STALL_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            f"{NAMESPACE}_event_loop_lag_seconds",
+            "How late the event loop woke a task that slept (loop_lag_probe_s apart): what every await waited.",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         self.audio_seconds = Counter(f"{NAMESPACE}_audio_seconds", "Seconds of audio produced.", registry=r)

@@ -338,6 +338,12 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         row["watermark_rows_per_pass"] = round(delta("watermark_windows") / passes, 1)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
         row["vocoder_whole_utterance_windows"] = int(delta("vocoder_whole_utterance_windows"))
+    # how late the server's event loop ran what was due, on average over the steady span
+    lag, at_steady = "chatterbox_event_loop_lag_seconds", marks.get("steady", {})
+    probes = end_metrics.get(f"{lag}_count", 0.0) - at_steady.get(f"{lag}_count", 0.0)
+    if probes > 0:
+        late = end_metrics.get(f"{lag}_sum", 0.0) - at_steady.get(f"{lag}_sum", 0.0)
+        row["loop_lag_mean_ms"] = round(late / probes * 1000, 2)
     if rtf:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
     row.update(_t3_columns(level, marks, steady_from, end))

@@ -3,6 +3,8 @@ time to first byte and real-time factor, live in-flight/queue gauges, vocoder ba
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,6 +85,27 @@ async def test_a_stream_that_falls_behind_real_time_is_counted_as_stalled(settin
     assert 0.35 <= value(stalled, "chatterbox_stream_stall_seconds_sum") <= 0.6
     assert value(stalled, "chatterbox_stream_stall_seconds_bucket", le="0.25") == 0
     assert value(smooth, "chatterbox_stream_stall_seconds_bucket", le="0.05") == 1
+
+
+async def test_the_event_loops_lag_is_sampled_and_a_blocked_loop_shows_in_it(settings: Settings) -> None:
+    """A probe every 20 ms; the loop blocked for 0.3 s once: one sample at least that late."""
+    import time
+
+    probed = msgspec.structs.replace(settings, loop_lag_probe_s=0.02)
+    async with in_process(probed, FakeEngine()) as gw:
+        await asyncio.sleep(0.1)
+        time.sleep(0.3)  # a callback that holds the loop
+        await asyncio.sleep(0.1)
+        scraped = samples((await gw.http.get("/metrics")).text)
+    assert value(scraped, "chatterbox_event_loop_lag_seconds_count") >= 4
+    assert value(scraped, "chatterbox_event_loop_lag_seconds_sum") >= 0.25
+    late = value(scraped, "chatterbox_event_loop_lag_seconds_count") - value(
+        scraped, "chatterbox_event_loop_lag_seconds_bucket", le="0.25")
+    assert late >= 1  # the blocked wake-up, in a bucket above 0.25 s
+    off = msgspec.structs.replace(settings, loop_lag_probe_s=0.0)
+    async with in_process(off, FakeEngine()) as gw:
+        await asyncio.sleep(0.05)
+        assert value(samples((await gw.http.get("/metrics")).text), "chatterbox_event_loop_lag_seconds_count") == 0
 
 
 async def test_each_app_has_its_own_registry(settings: Settings) -> None:

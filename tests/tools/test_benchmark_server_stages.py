@@ -116,6 +116,16 @@ def test_the_stall_columns_are_of_completed_pcm_requests() -> None:
     assert mp3["stalled_share"] is None  # compressed bytes do not say the seconds
 
 
+def test_the_loop_lag_column_is_the_mean_over_the_steady_span() -> None:
+    level = bench_http._Level(t0=100.0)
+    lag = "chatterbox_event_loop_lag_seconds"
+    marks = {"steady": {f"{lag}_count": 10.0, f"{lag}_sum": 0.5}, "end": {f"{lag}_count": 34.0, f"{lag}_sum": 0.74}}
+    row = bench_http._row(level, ["chatterbox"], 9.0, "pcm", "alloy", {}, marks, None, None, {"rss": 0, "gpu": 0})
+    assert row["loop_lag_mean_ms"] == 10.0  # 0.24 s late over 24 wake-ups
+    quiet = bench_http._row(level, ["chatterbox"], 9.0, "pcm", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
+    assert "loop_lag_mean_ms" not in quiet  # a server without the probe
+
+
 def test_the_t3_columns_follow_their_definitions() -> None:
     """Gauges sampled every second (the steady span from 103 s), counters at the two marks."""
     level = bench_http._Level(t0=100.0)
