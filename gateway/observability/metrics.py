@@ -282,10 +282,9 @@ class GatewayMetrics:
         if ttfb_s is not None:
             self.ttfb.labels(stream_format=stream_format).observe(ttfb_s)
         self.duration.observe(total_s)
-        if audio_s > 0:
-            self.stall.observe(stall_s)
         self.input_chars.inc(input_chars)
         if audio_s > 0:
+            self.stall.observe(stall_s)
             self.audio_seconds.inc(audio_s)
             self.rtf.observe(total_s / audio_s)
 

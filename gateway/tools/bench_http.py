@@ -305,8 +305,7 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         "first_wave_ttfb_p50_ms": ms(pct(first_wave, 0.5)),
         "first_wave_ttfb_p95_ms": ms(pct(first_wave, 0.95)),
         # pcm and wav: a player starting at each completed request's first byte, in real time
-        **(stall_figures([r.player.stalled_s for r in done if not r.error]) if fmt in ("pcm", "wav")
-           else {"stalled_share": None, "stall_p95_ms": None}),
+        **stall_figures([r.player.stalled_s for r in done if not r.error] if fmt in ("pcm", "wav") else []),
         "window_audio_s_per_s": round(whole, 2),
         "server_tree_rss_mib": host_probes.mib(rss),
         "server_tree_rss_peak_mib": host_probes.mib(peaks["rss"] or None),
