@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gateway.engine.vllm.cfm_solver import CfmSolver, estimator_forward
+from gateway.engine.vllm.cfm_solver import CfmSolver, packed_inputs, plain_causal_block
 
 
 def is_meanflow(decoder: torch.nn.Module) -> bool:
@@ -46,27 +46,26 @@ class MeanFlowSolver(CfmSolver):
         if not self.mirrored:
             raise ValueError("this mean-flow estimator is not the causal U-Net estimator_forward mirrors")
         self.cfg_rate = 0.0  # distilled with CFG: none at inference (upstream basic_euler)
-        # Upstream: linspace(0, 1, steps + 1) in the flow dtype, never the cosine schedule.
-        self.t_span = torch.linspace(0, 1, steps + 1, device=self.device, dtype=dtype)
-        self._emb: torch.Tensor | None = None
 
     @staticmethod
     def mirrors(est: torch.nn.Module) -> bool:
         """The mean-flow estimator is the original's U-Net plus the (t, r) mixer: its body is
         ``estimator_forward``'s (so its blocks may be compiled as the original's)."""
         return (getattr(est, "meanflow", False) and getattr(est, "causal", False) and len(est.down_blocks) >= 1
-                and est.time_embed_mixer is not None)
+                and est.time_embed_mixer is not None and plain_causal_block(est.final_block))
 
+    def time_span(self) -> torch.Tensor:
+        """Upstream: ``linspace(0, 1, steps + 1)`` in the flow dtype, never the cosine schedule."""
+        return torch.linspace(0, 1, self.steps + 1, device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
     def step_embeddings(self) -> torch.Tensor:
         """(steps, E): each step's mixed (t, r) time embedding, as the estimator computes it.
         A constant of the model and the step count: computed once, outside any graph."""
-        if self._emb is None:
-            est, dt = self.est, self.dtype
-            with torch.inference_mode():
-                t = est.time_mlp(est.time_embeddings(self.t_span[:-1]).to(dt))
-                r = est.time_mlp(est.time_embeddings(self.t_span[1:]).to(dt))
-                self._emb = est.time_embed_mixer(torch.cat([t, r], dim=1))
-        return self._emb
+        est, dt = self.est, self.dtype
+        t = est.time_mlp(est.time_embeddings(self.t_span[:-1]).to(dt))
+        r = est.time_mlp(est.time_embeddings(self.t_span[1:]).to(dt))
+        return est.time_embed_mixer(torch.cat([t, r], dim=1))
 
     @torch.inference_mode()
     def solve_eager(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
@@ -74,13 +73,11 @@ class MeanFlowSolver(CfmSolver):
         """(B, 80, T) mel in the flow dtype: ``steps`` mean-flow steps from ``noise``."""
         dt = self.dtype
         x, mu, mask, spks, cond = (a.to(dt) for a in (noise, mu, mask, spks, cond))
-        b = x.shape[0]
         biases = self.attention_biases(mask)
-        emb = self.step_embeddings()
+        inputs = packed_inputs(mu, spks, cond)
         t_span = self.t_span
         for k in range(self.steps):
-            v = estimator_forward(self.est, x, mask, mu, emb[k:k + 1].expand(b, -1), spks, cond, biases, self.blocks)
-            x = x + (t_span[k + 1] - t_span[k]) * v
+            x = x + (t_span[k + 1] - t_span[k]) * self.velocity(x, mask, inputs, k, biases)
         return x
 
 

@@ -109,7 +109,7 @@ def test_our_blocks_compute_upstreams_blocks(tiny_cfm_decoder, cfm_inputs) -> No
 def test_a_compile_failure_falls_back_to_the_plain_blocks(tiny_cfm_decoder, cfm_inputs, monkeypatch) -> None:
     from gateway.engine.vllm import cfm_solver
 
-    def broken(block, x, bias):
+    def broken(block, wqkv, x, bias):
         raise RuntimeError("inductor could not compile this")
 
     monkeypatch.setattr(cfm_solver, "compiled_blocks", lambda mode: cfm_solver.Blocks(transformer=broken))
@@ -142,3 +142,62 @@ def test_compiled_blocks_equal_the_plain_ones_for_any_shape_with_one_compile_eac
             graphs = counters["stats"]["unique_graphs"]
     assert compiled.compile == "dynamic" and compiled.compile_error is None
     assert counters["stats"]["unique_graphs"] == graphs <= 4, dict(counters["stats"])
+
+
+# --- fewer kernels per solve than upstream's estimator ---------------------------------------
+
+
+def test_a_solve_launches_one_qkv_gemm_per_block_no_pads_and_no_time_mlps(tiny_cfm_decoder, cfm_inputs) -> None:
+    """What a solve dispatches (each a kernel on a GPU, where one row's solve is bound by their
+    number): per step and transformer block four GEMMs (q, k and v as one, out, the two of the
+    feed-forward), not upstream's six; causal convolutions pad inside the convolution (no
+    ``F.pad``); the resnets' time projections are constants of the step, not recomputed per
+    call; and fewer operations than upstream's decoder overall."""
+    from gateway.engine.vllm.cfm_solver import _resnets, _transformer_blocks
+    from gateway.tools.bench_cfm_ops import OpCounter, count_ops
+
+    decoder = tiny_cfm_decoder()
+    steps = 3
+    solver = CfmSolver(decoder, steps=steps, device="cpu", dtype=torch.float32)
+    args = cfm_inputs(2, 24, [24, 13], seed=6)
+    ours = count_ops(solver, args)
+    blocks, resnets = len(_transformer_blocks(decoder.estimator)), len(_resnets(decoder.estimator))
+    assert ours["aten.linear"] == steps * 4 * blocks, dict(ours)
+    assert ours["aten.mish"] == steps * (2 * resnets + 1), "Mish of each causal block and the final one only"
+    assert not {"aten.pad", "aten.constant_pad_nd"} & set(ours), dict(ours)
+    upstream = OpCounter()
+    with upstream, torch.inference_mode():
+        decoder(mu=args[1], mask=args[2], spks=args[3], cond=args[4], n_timesteps=steps, noised_mels=args[0])
+    assert upstream.ops["aten.linear"] > ours["aten.linear"] and upstream.ops["aten.pad"] > 0, dict(upstream.ops)
+    assert sum(ours.values()) < 0.8 * sum(upstream.ops.values()), (sum(ours.values()), sum(upstream.ops.values()))
+
+
+def test_estimators_it_does_not_mirror_block_by_block_run_through_their_modules(tiny_cfm_decoder, cfm_inputs,
+                                                                               monkeypatch) -> None:
+    """A transformer block or resnet of another configuration than upstream's runs through its
+    own module (with the precomputed time projection): the same function, never compiled."""
+    from gateway.engine.vllm import cfm_solver
+
+    monkeypatch.setattr(cfm_solver, "plain_transformer_block", lambda block: False)
+    monkeypatch.setattr(cfm_solver, "plain_resnet_block", lambda resnet: False)
+    decoder = tiny_cfm_decoder()
+    solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
+    assert solver.compile == "off"
+    assert (solver.blocks.transformer, solver.blocks.resnet) == (cfm_solver._module_block, cfm_solver.module_resnet_block)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 24, [24, 13], seed=7)
+    ref, _ = decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=2, noised_mels=noise)
+    ours = solver.solve(noise, mu, mask, spks, cond)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1, :, :13], ref[1, :, :13], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_conv_pads_inside_the_convolution_as_upstreams_left_pad(tiny_cfm_decoder) -> None:
+    from chatterbox.models.s3gen.decoder import CausalConv1d
+
+    from gateway.engine.vllm.cfm_solver import causal_conv
+
+    torch.manual_seed(8)
+    for k, dilation in ((3, 1), (5, 2), (1, 1)):
+        conv = CausalConv1d(6, 4, k, dilation=dilation).eval()
+        x = torch.randn(2, 6, 17)
+        torch.testing.assert_close(causal_conv(conv, x), conv(x), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,172 @@
+"""What one CFM solve asks of the device: operations, kernels and milliseconds per solve.
+
+At one stream the first window's CFM is bound by how many kernels it launches, not by its
+arithmetic (on an H100, 2026-12-05: 102 ms of the 218 ms first audio for one ~546-frame row;
+~1,000 operations per estimator call, 10 calls, CFG-doubled rows). This counts, for the
+served solver (:mod:`gateway.engine.vllm.cfm_solver`, the original's CFG Euler solve, and
+Turbo's mean-flow solve) on random S3Gen weights:
+
+* **ops per solve**: every operation the solve dispatches that computes something (views and
+  eval-mode dropout left out), counted with a ``TorchDispatchMode``: the same on any device,
+  a proxy for kernels that a CPU can measure;
+* on CUDA, **kernels per solve** (the profiler's device kernels of one eager solve) and the
+  **ms per solve**, eager and replayed as the CUDA graph the vocoder captures (median of
+  ``--repeats``);
+* the CPU milliseconds of an eager solve (on a GPU host too: the host's share).
+
+Rows: ``--rows`` batch sizes x window widths in mel frames (``--frames``: 546 is a first
+window with a 10 s voice prompt, 646 a regular one, 600 one-shot 10 s with a 5 s prompt) x
+families. ``python -m gateway.tools.bench_cfm_ops --rows 1,8,32`` (CPU: ``--rows 1 --frames 546
+--repeats 1``, ~1 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gateway.engine.vllm.cfm_solver import MEL_BINS, CfmSolver, GraphBuckets
+from gateway.engine.vllm.meanflow_solver import flow_solver
+from gateway.tools.bench_host import cpu_card
+
+FAMILIES = {"chatterbox": (False, 10), "chatterbox-turbo": (True, 2)}
+"""model -> (mean-flow S3Gen, flow steps as served)."""
+
+NO_KERNEL = frozenset({"aten.dropout", "aten.lift_fresh", "aten.detach", "aten.alias", "aten.empty",
+                       "aten.empty_like", "aten.empty_strided", "aten._reshape_alias", "aten._unsafe_view"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations dispatched inside it that compute something (not views)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if not func.is_view and name not in NO_KERNEL:
+            self.ops[name] += 1
+        return out
+
+
+def count_ops(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> collections.Counter[str]:
+    counter = OpCounter()
+    with counter:
+        solver.solve_eager(*inputs)
+    return counter.ops
+
+
+def solve_inputs(rows: int, frames: int, device: str, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    noise, mu, cond = (torch.randn(rows, MEL_BINS, frames, generator=g) for _ in range(3))
+    spks = torch.randn(rows, MEL_BINS, generator=g)
+    mask = torch.ones(rows, 1, frames)
+    return tuple(t.to(device) for t in (noise, mu, mask, spks, cond))
+
+
+def _timed(fn: Any, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_kernels(fn: Any) -> int:
+    """Device kernels one call of ``fn`` launches (the profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], repeats: int, device: str,
+            compile_mode: str = "off") -> list[dict[str, Any]]:
+    from chatterbox.models.s3gen import S3Gen
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    out = []
+    for model in models:
+        meanflow, steps = FAMILIES[model]
+        torch.manual_seed(0)
+        s3gen = S3Gen(meanflow=meanflow).eval() if meanflow else S3Gen().eval()
+        decoder = s3gen.flow.decoder.to(device=device, dtype=dtype)
+        solver = flow_solver(decoder, steps=steps, device=device, dtype=dtype, compile=compile_mode)
+        for f in frames:
+            for r in rows:
+                inputs = solve_inputs(r, f, device)
+                solver.solve_eager(*inputs)  # first-call costs (and a compile) out
+                ops = count_ops(solver, inputs)
+                row: dict[str, Any] = {
+                    "model": model, "rows": r, "frames": f, "steps": steps, "compile": solver.compile,
+                    "ops_per_solve": sum(ops.values()),
+                    "eager_ms": round(_timed(lambda: solver.solve_eager(*inputs), repeats, device), 2),
+                    "top_ops": dict(ops.most_common(8)),
+                }
+                if cuda:
+                    row["kernels_per_solve"] = cuda_kernels(lambda: solver.solve_eager(*inputs))
+                    solver.capture(GraphBuckets(rows=(r,), frames=(f,), max_cells=r * f))
+                    row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
+                    solver.buckets, solver._graphs = None, {}
+                out.append(row)
+                print({k: v for k, v in row.items() if k != "top_ops"}, flush=True)
+        del solver, decoder, s3gen
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gateway.tools.bench_cfm_ops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    p.add_argument("--rows", default="1,8,32", help="batch sizes (comma-separated)")
+    p.add_argument("--frames", default="546,646", help="window widths in mel frames (comma-separated)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", default="off", choices=("off", "dynamic", "static"), help="the solver's vocoder_compile")
+    p.add_argument("--device", default=None, help="default: cuda if there is one")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(FAMILIES):
+        p.error(f"--models: some of {', '.join(FAMILIES)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = measure(models, [int(v) for v in args.rows.split(",") if v], [int(v) for v in args.frames.split(",") if v],
+                   max(1, args.repeats), device, args.compile)
+    keys = ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "kernels_per_solve", "eager_ms", "graph_ms"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    if args.json:
+        card = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_card()
+        args.json.write_text(json.dumps({
+            "card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m gateway.tools.bench_cfm_ops " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "python": platform.python_version(), "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
