@@ -27,6 +27,7 @@ import openai
 import pytest
 
 from gateway.engine.factory import vllm_available
+from gateway.engine.vllm.t3.sampler_warmup import warm_rows
 from harness import serve_on_loopback
 from weights_support import cache_with_shared_weights
 
@@ -91,8 +92,12 @@ def test_every_family_is_served_by_the_vllm_engine_and_its_start_was_logged(vllm
     assert listed[:3] == list(FAMILIES)
     parts = {(p["family"], p["part"]) for p in engine.start_parts}
     for family in FAMILIES:
-        for part in ("checkpoint", "t3_engine", "modules", "vocoder", "warm_up"):
+        for part in ("checkpoint", "t3_engine", "modules", "vocoder", "warm_up", "warm_up_sampler"):
             assert (family, part) in parts, (family, part)
+    waves = {p["family"]: p["waves"] for p in engine.start_parts if p["part"] == "warm_up_sampler"}
+    rows = warm_rows(engine.settings.vllm_max_num_seqs)  # vLLM's Triton top-k/top-p kernel variants, compiled at start
+    assert waves["chatterbox-turbo"] == [f"{n}x top_p={p}" for p in (0.95, 1.0) for n in rows], waves
+    assert waves["chatterbox"] == [f"{n}x top_p=0.95" for n in rows], waves
     graphs = [p for p in engine.start_parts if p["part"] == "vocoder"]
     assert all(p["cfm_graphs"] > 0 for p in graphs), graphs  # Turbo's mean-flow solve is captured too
     assert all(p["encoder_graphs"] > 0 and p["hift_graphs"] > 0 for p in graphs), graphs

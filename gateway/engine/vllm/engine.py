@@ -31,7 +31,8 @@ then start side by side (each engine core is a process of its own, started with 
 fork after torch has used its CPU thread pool hangs the child) while this process loads the
 families' modules; then each family's vocoder captures its CUDA graphs (only once the
 engines are up: a capture must not meet other CUDA work of this process) and one short
-request warms each family up.
+request warms each family up, then waves of concurrent T3 requests have vLLM compile the
+sampling kernel variants served batches will need (:mod:`~gateway.engine.vllm.t3.sampler_warmup`).
 """
 
 from __future__ import annotations
@@ -281,6 +282,40 @@ class VllmEngine(UpstreamVoices, Engine):
                            model=family.id, language=language, streaming=True)
         async for _ in self.synthesize(job):
             pass
+        with self._part(family.id, "warm_up_sampler") as extra:
+            extra["waves"] = await self._warm_up_sampler(runtime, job)
+
+    async def _warm_up_sampler(self, runtime: FamilyRuntime, job: SynthesisJob) -> list[str]:
+        """Waves of concurrent fixed-length T3 requests, one per sampling-kernel variant this
+        family's requests can need (``t3.sampler_warmup``), so that vLLM compiles them now;
+        T3 alone (no vocoder). Returns the waves run, as ``"<rows>x top_p=<p>"``."""
+        from gateway.engine.vllm.t3 import sampler_warmup
+
+        family = runtime.family
+        rows = sampler_warmup.warm_rows(self.settings.vllm_max_num_seqs)
+        if not rows:
+            return []
+
+        def sampling_for(top_p: float) -> Any:
+            params = GenerationParams(**{**family.defaults, "top_p": top_p})
+            return runtime.t3.sampling(params, max_tokens=sampler_warmup.WARM_TOKENS, seed=None, fixed_length=True)
+
+        variants = sampler_warmup.warm_variants(sampling_for, GenerationParams(**family.defaults).top_p)
+        if not variants:
+            return []
+        prompt = (await self._prompt(runtime, job, job.chunks[0])).vllm_prompt()
+
+        async def drain(sampling: Any) -> None:
+            async for _ in runtime.llm.generate(prompt, sampling.to_vllm(), f"warm-up-sampler-{uuid.uuid4().hex[:8]}"):
+                pass
+
+        waves = []
+        for top_p in variants:
+            sampling = sampling_for(top_p)
+            for n in rows:
+                await asyncio.gather(*(drain(sampling) for _ in range(n)))
+                waves.append(f"{n}x top_p={top_p}")
+        return waves
 
     # --- the start log -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -435,3 +436,58 @@ async def test_with_watermark_batch_off_each_window_gets_upstreams_own_call(engi
         batcher.close()
     assert alone.shape == batched.shape
     assert 10 * np.log10((alone ** 2).sum() / max(((batched - alone) ** 2).sum(), 1e-30)) > 100
+
+
+# --- the sampler warm-up -------------------------------------------------------------------
+
+
+class PeakLLM(StandInLLM):
+    """The stand-in, counting how many of its requests were in flight at once."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        super().__init__(tokens, per_step=2)
+        self.live = self.peak = 0
+
+    async def generate(self, prompt: dict, sampling: T3Sampling, request_id: str):
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        try:
+            async for out in super().generate(prompt, sampling, request_id):
+                yield out
+        finally:
+            self.live -= 1
+
+
+@pytest.mark.parametrize("model, top_ps", [(TURBO, [0.95, 1.0]), (ORIGINAL, [0.95]), (MULTILINGUAL, [0.95])])
+async def test_the_sampler_warm_up_runs_a_batch_of_each_size_for_every_kernel_variant(engine, refs, model,
+                                                                                        top_ps) -> None:
+    """vLLM's Triton top-k/top-p kernel compiles per (top-k on, top-p on) and per batch size
+    divisible by 16 or not, from 8 rows: each variant a family's requests can reach gets a
+    wave of 9 and one of 16 concurrent fixed-length requests (Turbo: top-k always, top-p on
+    or off; the others: only a client's top-p reaches the kernel)."""
+    from gateway.engine.vllm.t3 import sampler_warmup
+
+    runtime = engine.runtimes[model]
+    llm = runtime.llm = PeakLLM(_speech(4, 40))
+    job = SynthesisJob("warm-up", ("Warm up.",), _voice(model, refs[model]), GenerationParams(**runtime.family.defaults),
+                       model=model, streaming=True)
+    waves = await engine._warm_up_sampler(runtime, job)
+    assert waves == [f"{n}x top_p={p}" for p in top_ps for n in (9, 16)]
+    sizes = [len(list(group)) for _, group in itertools.groupby(llm.requests, key=lambda r: r[1].top_p)]
+    assert sizes == [25] * len(top_ps) and llm.peak == 16
+    for prompt, sampling, _ in llm.requests:
+        assert sampling.max_tokens == sampling.min_tokens == sampler_warmup.WARM_TOKENS and sampling.seed is None
+        assert any(sampler_warmup.kernel_flags(sampling))
+    assert len({r[2] for r in llm.requests}) == len(llm.requests)
+    assert engine.t3_stats()[model].requests == 0, "warm-up requests are not served requests"
+
+
+def test_sampler_warm_rows_cover_both_divisibility_classes_within_the_scheduler() -> None:
+    from gateway.engine.vllm.t3 import sampler_warmup
+
+    rows = sampler_warmup.WARM_ROWS
+    assert min(rows) >= sampler_warmup.KERNEL_MIN_ROWS
+    assert {n % 16 == 0 for n in rows} == {True, False}
+    assert sampler_warmup.warm_rows(128) == [9, 16]
+    assert sampler_warmup.warm_rows(12) == [9], "no batch of 16 in a scheduler of 12"
+    assert sampler_warmup.warm_rows(7) == [], "the kernel never runs under 8 rows"
