@@ -75,7 +75,7 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
         cond = T3Cond(speaker_emb=torch.randn(1, hp.speaker_embed_size),
                       cond_prompt_speech_tokens=torch.randint(0, 6561, (1, hp.speech_cond_prompt_len)))
         text = torch.randint(1, hp.text_tokens_dict_size, (text_tokens,)).tolist()
-        prompt = turbo.build(turbo.conditioning(cond), text).vllm_prompt()
+        prompt = turbo.build(turbo.conditioning(cond), text).vllm_prompt(torch.bfloat16)  # as served
         front = TurboFamilyT3(family, turbo)
         model_dir = write_turbo_model_dir(directory / "turbo")
     else:
@@ -86,7 +86,7 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
         cond = T3Cond(speaker_emb=torch.randn(1, 256), cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150)),
                       emotion_adv=0.5 * torch.ones(1, 1, 1))
         text = [255] + torch.randint(1, 704, (text_tokens,)).tolist() + [0]
-        prompt = llama.build(llama.conditioning(cond), text, 0.5).vllm_prompt()
+        prompt = llama.build(llama.conditioning(cond), text, 0.5).vllm_prompt(torch.bfloat16)  # as served
         front = LlamaFamilyT3(family, llama)
         model_dir = write_model_dir(directory / "t3")
     params = GenerationParams(**family.defaults)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.engine.vllm.t3.turbo import TURBO_ARCHITECTURE
@@ -19,7 +20,7 @@ def test_turbo_setup_is_gpt2_with_its_served_sampling(tmp_path: Path) -> None:
     assert config["architectures"] == [TURBO_ARCHITECTURE] and config["n_layer"] == 24
     embeds = setup.prompt["prompt_embeds"]
     # speaker row + 375 voice prompt rows + 40 text rows + the start-of-speech row, 1024 wide
-    assert tuple(embeds.shape) == (1 + 375 + 40 + 1, 1024)
+    assert tuple(embeds.shape) == (1 + 375 + 40 + 1, 1024) and embeds.dtype == torch.bfloat16  # as served
     assert len(setup.prompt["prompt_token_ids"]) == embeds.shape[0]
     # upstream inference_turbo's controls: top-k 1000, top-p 0.95, no min-p, penalty 1.2
     assert setup.served == {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "min_p": 0.0,

@@ -67,6 +67,16 @@ from gateway.settings import Settings
 SPEECH_VOCAB_SIZE = 6561
 """Speech token ids below this reach the vocoder (the stream drops T3's start/stop ids)."""
 
+T3_DTYPE = "bfloat16"
+"""The dtype vLLM serves T3 in; the prompt rows are sent in it too (``t3.prompt.embeds_for_vllm``)."""
+
+
+@functools.cache
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
 
 @dataclasses.dataclass(slots=True)
 class FamilyRuntime:
@@ -208,7 +218,7 @@ class VllmEngine(UpstreamVoices, Engine):
 
         args = AsyncEngineArgs(
             model=str(self._model_dir(family, directory)), skip_tokenizer_init=True, enable_prompt_embeds=True,
-            dtype="bfloat16", load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
+            dtype=T3_DTYPE, load_format=self.vllm_load_format, max_model_len=self.settings.vllm_max_model_len,
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, stream_interval=self.settings.vllm_stream_interval,
             max_num_batched_tokens=self.settings.vllm_max_num_batched_tokens or None,
@@ -303,7 +313,7 @@ class VllmEngine(UpstreamVoices, Engine):
         variants = sampler_warmup.warm_variants(sampling_for, GenerationParams(**family.defaults).top_p)
         if not variants:
             return []
-        prompt = (await self._prompt(runtime, job, job.chunks[0])).vllm_prompt()
+        prompt = (await self._prompt(runtime, job, job.chunks[0])).vllm_prompt(_torch_dtype(T3_DTYPE))
 
         async def drain(sampling: Any) -> None:
             async for _ in runtime.llm.generate(prompt, sampling.to_vllm(), f"warm-up-sampler-{uuid.uuid4().hex[:8]}"):
@@ -498,8 +508,8 @@ class VllmEngine(UpstreamVoices, Engine):
         if trace is not None:
             trace.mark("t3 prompt built")
         generated = _Generated()
-        producer = asyncio.create_task(self._tokens(runtime, prompt.vllm_prompt(), sampling, request_id, stream,
-                                                    generated))
+        producer = asyncio.create_task(self._tokens(runtime, prompt.vllm_prompt(_torch_dtype(T3_DTYPE)), sampling,
+                                                    request_id, stream, generated))
         made = 0
         first = True
         marker = None

@@ -42,7 +42,7 @@ async def test_the_chunk_path_marks_every_stage_up_to_its_first_audio(s3gen, tmp
     runtime.t3 = SimpleNamespace(tail_tokens=())
 
     async def prompt(runtime, job, text):
-        return SimpleNamespace(token_ids=[0] * 40, vllm_prompt=lambda: {})
+        return SimpleNamespace(token_ids=[0] * 40, vllm_prompt=lambda dtype=None: {})
 
     monkeypatch.setattr(engine, "_prompt", prompt)
     monkeypatch.setattr(engine, "_sampling", lambda runtime, job, index, rows: SimpleNamespace(to_vllm=lambda: None))

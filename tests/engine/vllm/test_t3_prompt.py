@@ -101,6 +101,10 @@ def test_vllm_prompt_marks_every_row_as_embedding(t3: T3) -> None:
     p = prompt.vllm_prompt()
     assert p["prompt_is_token_ids"] == [False] * len(prompt.token_ids)
     assert p["prompt_embeds"] is prompt.embeds
+    # served: in the model's dtype (vLLM ships and hashes them before its own cast, the same rounding)
+    served = prompt.vllm_prompt(torch.bfloat16)["prompt_embeds"]
+    assert served.dtype == torch.bfloat16 and torch.equal(served, prompt.embeds.to(torch.bfloat16))
+    assert served.untyped_storage().nbytes() == prompt.embeds.untyped_storage().nbytes() // 2
 
 
 @pytest.mark.parametrize("cfg_weight", [0.0, 0.5, 0.3, 1.0, 3.75, 5.115])

@@ -32,10 +32,19 @@ class T3Prompt:
     n_cond: int
     n_text: int
 
-    def vllm_prompt(self) -> dict:
-        """The EmbedsPrompt dict for ``AsyncLLM.generate``: every row comes from the embeds."""
-        return {"prompt_embeds": self.embeds, "prompt_token_ids": self.token_ids,
+    def vllm_prompt(self, dtype: torch.dtype | None = None) -> dict:
+        """The EmbedsPrompt dict for ``AsyncLLM.generate``: every row comes from the embeds
+        (in ``dtype``: :func:`embeds_for_vllm`)."""
+        return {"prompt_embeds": embeds_for_vllm(self.embeds, dtype), "prompt_token_ids": self.token_ids,
                 "prompt_is_token_ids": [False] * len(self.token_ids)}
+
+
+def embeds_for_vllm(embeds: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Prompt rows as vLLM should receive them: in the served model's ``dtype`` (None: as
+    they are). vLLM casts them to it in the worker anyway (the same rounding), but before
+    that it ships them to its engine core and hashes them there for the prefix cache
+    (sha256 of every block's rows), at twice the bytes in float32."""
+    return embeds if dtype is None or embeds.dtype == dtype else embeds.to(dtype)
 
 
 class T3PromptBuilder(nn.Module):

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gateway.engine.vllm.t3.prompt import embeds_for_vllm
+
 TURBO_ARCHITECTURE = "ChatterboxTurboT3ForCausalLM"
 START_SPEECH = 6561
 STOP_SPEECH = 6562
@@ -113,8 +115,8 @@ class TurboPrompt:
     """[L, 1024] float32 CPU tensor."""
     token_ids: list[int]
 
-    def vllm_prompt(self) -> dict:
-        return {"prompt_embeds": self.embeds, "prompt_token_ids": self.token_ids,
+    def vllm_prompt(self, dtype: torch.dtype | None = None) -> dict:
+        return {"prompt_embeds": embeds_for_vllm(self.embeds, dtype), "prompt_token_ids": self.token_ids,
                 "prompt_is_token_ids": [False] * len(self.token_ids)}
 
 
