@@ -103,6 +103,11 @@ class BatchStats:
     whole_windows: int = 0
     """Streamed utterances vocoded as one window (T3 had finished them before the vocoder
     planned their first window)."""
+    cfm_frames: int = 0
+    """Mel frames of real rows the flow's CFM solves computed."""
+    cfm_solved_frames: int = 0
+    """The frames those solves computed, padding included (CUDA graphs run at their captured
+    widths and row counts): ``1 - cfm_frames / cfm_solved_frames`` is the padding's share."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
     watermark_passes: int = 0

@@ -107,6 +107,9 @@ class _BatchStats(_EngineCollector):
             "vocoder_whole_utterance_windows": ("Streamed utterances vocoded as one window (T3 had "
                                                 "finished them when the vocoder got to them).",
                                                 stats.whole_windows),
+            "vocoder_cfm_frames": ("Mel frames of real rows the flow's CFM solves computed.", stats.cfm_frames),
+            "vocoder_cfm_solved_frames": ("Mel frames the CFM solves computed, their CUDA graphs' padding "
+                                          "(width and rows) included.", stats.cfm_solved_frames),
             "watermark_passes": ("Batched watermark passes.", stats.watermark_passes),
             "watermark_windows": ("Windows the batched watermark passes marked.", stats.watermark_rows),
             "watermark_busy_seconds": ("Seconds the watermark's worker spent in passes (one worker: at a busy "

@@ -335,6 +335,9 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     passes = delta("watermark_passes")
     if passes > 0:
         row["watermark_rows_per_pass"] = round(delta("watermark_windows") / passes, 1)
+    solved = delta("vocoder_cfm_solved_frames")
+    if solved > 0:  # what the CFM graphs' widths and row counts padded the solves with
+        row["vocoder_cfm_padding_share"] = round(1.0 - delta("vocoder_cfm_frames") / solved, 3)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
         row["vocoder_whole_utterance_windows"] = int(delta("vocoder_whole_utterance_windows"))
     # how late the server's event loop ran what was due, on average over the steady span

@@ -77,9 +77,12 @@ class GraphBuckets:
 
     @classmethod
     def plan(cls, *, max_rows: int, max_frames: int, min_frames: int = 512, max_cells: int = 1 << 30,
-             step: float = 1.25, align: int = 32) -> GraphBuckets:
+             step: float = 1.25, align: int = 32, extra_frames: Sequence[int] = ()) -> GraphBuckets:
         """Rows: powers of two up to ``max_rows``. Frames: from ``min_frames`` growing by
-        ``step`` (rounded up to ``align``) to ``max_frames``: at most ~25% padding."""
+        ``step`` (rounded up to ``align``) to ``max_frames``: at most ~25% padding; plus
+        ``extra_frames`` (rounded up to ``align``, those within the range): widths that many
+        solves have (the window schedule's, :func:`~gateway.engine.vllm.vocoder.schedule_frames`),
+        so that they run with next to no padding."""
         rows = []
         r = 1
         while r < max_rows:
@@ -93,7 +96,13 @@ class GraphBuckets:
             if not frames or value > frames[-1]:
                 frames.append(value)
             f *= step
-        return cls(tuple(sorted(set(rows))), tuple(frames), max_cells)
+        frames += [a for a in (-(-int(e) // align) * align for e in extra_frames) if min_frames <= a <= max_frames]
+        return cls(tuple(sorted(set(rows))), tuple(sorted(set(frames))), max_cells)
+
+    def padding(self, frames: int) -> float:
+        """The share of a solve of ``frames`` frames that its graph's width pads (1.0: none holds it)."""
+        width = self.frames_for(frames)
+        return 1.0 if width is None else 1.0 - frames / width
 
     def shapes(self) -> list[tuple[int, int]]:
         return [(r, f) for r in self.rows for f in self.frames if r * f <= self.max_cells]

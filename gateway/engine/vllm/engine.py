@@ -402,6 +402,8 @@ class VllmEngine(UpstreamVoices, Engine):
                           audio_s=sum(s.audio_s for s in stats), rows_per_batch=histogram,
                           flow_frames=sum(s.flow_frames for s in stats),
                           whole_windows=sum(s.whole_windows for s in stats),
+                          cfm_frames=sum(s.cfm_frames for s in stats),
+                          cfm_solved_frames=sum(s.cfm_solved_frames for s in stats),
                           device_busy_s=sum(s.device_busy_s for s in stats),
                           **self._watermark_counters())
 

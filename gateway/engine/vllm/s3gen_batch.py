@@ -333,6 +333,10 @@ class S3GenBatch:
         """The CFM solve is split by width into solves of at least this many rows (0: never)."""
         self.timer: StageTimer | None = None
         """Set to a :class:`StageTimer` to time the flow encoder, CFM decoder and HiFT."""
+        self.cfm_frames = 0
+        """Mel frames of real rows the CFM solves computed (cumulative; worker thread writes)."""
+        self.cfm_solved_frames = 0
+        """The frames those solves computed, graph padding (rows and width) included."""
         self.lookahead = int(self.flow.pre_lookahead_len)
         self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
                                compile=compile)
@@ -460,6 +464,8 @@ class S3GenBatch:
                 parts = [list(range(len(widths)))]
             for part in parts:
                 idx = [same_solver[p] for p in part]
+                self.cfm_frames += sum(frames[i] for i in idx)
+                self.cfm_solved_frames += solve_cells(solver, len(idx), max(frames[i] for i in idx))
                 feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
                 for j, i in enumerate(idx):
                     out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()

@@ -201,3 +201,11 @@ def test_causal_conv_pads_inside_the_convolution_as_upstreams_left_pad(tiny_cfm_
         conv = CausalConv1d(6, 4, k, dilation=dilation).eval()
         x = torch.randn(2, 6, 17)
         torch.testing.assert_close(causal_conv(conv, x), conv(x), rtol=1e-6, atol=1e-6)
+
+
+def test_graph_buckets_take_extra_widths_within_their_range() -> None:
+    b = GraphBuckets.plan(max_rows=4, max_frames=1024, min_frames=512, extra_frames=(540, 650, 300, 2000, 640))
+    assert b.frames == (512, 544, 640, 672, 800, 1024), "aligned to 32, in range, no duplicates"
+    assert b.fit(1, 541) == (1, 544) and b.fit(3, 650) == (4, 672)
+    assert b.padding(540) == pytest.approx(1 - 540 / 544) and b.padding(673) == pytest.approx(1 - 673 / 800)
+    assert b.padding(1025) == 1.0, "no graph holds it"

@@ -230,3 +230,48 @@ def test_encoder_graphs_take_the_cfm_buckets_within_the_attention_bound() -> Non
     assert {w for _, w in shapes} == {f // 2 for _, f in cfm}  # every width, at some row count
     assert (32, 320) in shapes and (64, 320) not in shapes and (64, 256) in shapes
     assert (1, 768) in shapes and (32, 768) not in shapes  # was in (14.4 GiB of graphs)
+
+
+def test_the_cfm_graph_widths_fit_the_window_schedule_of_a_full_voice_prompt() -> None:
+    """The geometric widths (512, 640, 800, 1024, ...) would solve a first window of a 10 s
+    prompt (540 frames) at 640 and every regular window (650) at 800; the schedule's widths
+    that they pad by more than 10% get graphs of their own, so a stream's windows but its last
+    run within one 32-frame step of their width."""
+    from gateway.engine.vllm.vocoder import SCHEDULE_PADDING, cfm_buckets, schedule_frames
+
+    settings = load_settings({}, {})
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)
+    assert schedule_frames(policy, 250) == [540, 650, 750, 950]
+    buckets = cfm_buckets(policy, settings, max_rows=64, max_cells=65536)
+    plain = GraphBuckets.plan(max_rows=64, max_frames=settings.vocoder_graph_max_frames, max_cells=65536)
+    assert plain.frames_for(540) == 640 and plain.frames_for(650) == 800
+    assert set(buckets.frames) - set(plain.frames) == {544, 672}
+    for frames in schedule_frames(policy, 250):
+        assert buckets.padding(frames) <= SCHEDULE_PADDING, (frames, buckets.frames_for(frames))
+        assert buckets.fit(32, frames) is not None
+    # a shorter prompt (vocoder_prompt_tokens) moves the widths with it
+    short = load_settings({}, {"vocoder_prompt_tokens": 100})
+    assert schedule_frames(policy, 100) == [240, 350, 450, 650]
+    assert 672 in cfm_buckets(policy, short, max_rows=64, max_cells=65536).frames  # 650 -> 672, not 800
+    # the first-window solver's ladder stops at a first window's width (lookahead included), which holds it
+    first = cfm_buckets(policy, settings, max_rows=64, max_cells=65536, max_frames=546)
+    assert first.frames == (512, 546) and first.padding(540) < 0.02
+
+
+def test_the_batch_counts_the_cfm_frames_it_solves_and_the_padding_it_computes(s3gen, ref) -> None:
+    """``cfm_frames`` counts the real rows' frames, ``cfm_solved_frames`` what the solves
+    computed: each row at its group's width, and with graph buckets their rows and widths
+    (the metrics' padding share: ``chatterbox_vocoder_cfm_solved_frames_total``)."""
+    batch = _batch(s3gen)
+    voice = batch.prepare_voice(ref)
+    rows = [FlowRow(voice, _tokens(9, 1), 0, 6, False), FlowRow(voice, _tokens(20, 2), 0, 20, True),
+            FlowRow(voice, _tokens(13, 3), 4, 6, False)]
+    frames = [2 * (voice.prompt_len + len(r.tokens) - (0 if r.final else batch.lookahead)) for r in rows]
+    batch.run_flow(rows)
+    assert batch.cfm_frames == sum(frames)
+    assert batch.cfm_solved_frames == 3 * max(frames), "one solve, every row at the widest's width"
+    assert max(frames) == 64
+    batch.cfm.buckets = GraphBuckets(rows=(4,), frames=(48, 80), max_cells=1 << 20)  # as if captured
+    batch.run_flow(rows)
+    assert batch.cfm_frames == 2 * sum(frames)
+    assert batch.cfm_solved_frames == 3 * 64 + 4 * 80, "a graph's 4 rows at its 80 frames"
