@@ -129,8 +129,9 @@ def _build(s3gen: Any, config: Config, device: str, dtype: Any, flow_steps: int,
     times first windows only)."""
     import torch
 
-    from gateway.engine.vllm.cfm_solver import GraphBuckets
     from gateway.engine.vllm.s3gen_batch import S3GenBatch
+    from gateway.engine.vllm.vocoder import cfm_buckets, served_policy
+    from gateway.settings import load_settings
 
     batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=flow_steps, tapes=tapes,
                        compile=config.compile, first_window_steps=first_window_steps)
@@ -138,8 +139,10 @@ def _build(s3gen: Any, config: Config, device: str, dtype: Any, flow_steps: int,
     if device == "cuda":
         t0 = time.perf_counter()
         solver = batch.first_cfm if first_window_steps else batch.cfm
-        solver.capture(GraphBuckets.plan(max_rows=max_rows, max_frames=min(max_frames, 640) if first_window_steps
-                                         else max_frames))
+        # the served widths: the geometric ladder plus the default window schedule's (vocoder.cfm_buckets)
+        settings = load_settings({}, {})
+        solver.capture(cfm_buckets(served_policy(settings), settings, max_rows=max_rows, max_cells=1 << 30,
+                                   max_frames=min(max_frames, 640) if first_window_steps else max_frames))
         info = {"graphs": len(solver._graphs), "capture_s": round(time.perf_counter() - t0, 1),
                 "graph_mib": round(solver.graph_bytes / 2**20)}
         torch.cuda.synchronize()

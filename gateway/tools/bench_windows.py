@@ -30,6 +30,7 @@ solving such a batch by width saves.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import math
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from gateway.engine.base import SAMPLE_RATE
-from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
+from gateway.engine.vllm.vocoder import Vocoder, served_policy, with_own_flow
 from gateway.engine.vllm.vocoder_windows import TOKEN_MEL_RATIO, WindowPolicy, next_window
 from gateway.settings import Settings, load_settings
 from gateway.tools.bench_engine_host import setting_arg
@@ -85,8 +86,7 @@ def plan(policy: WindowPolicy, tokens: int, arrival: str = "late") -> list[Any]:
 
 def policy_for(settings: Settings, final_tokens: int) -> WindowPolicy:
     """The served window policy (as :class:`Vocoder` builds it) with ``final_tokens``."""
-    return WindowPolicy(first_tokens=settings.stream_first_window_tokens, tokens=settings.stream_window_tokens,
-                        max_tokens=settings.stream_max_window_tokens, final_merge_tokens=final_tokens)
+    return dataclasses.replace(served_policy(settings), final_merge_tokens=final_tokens)
 
 
 async def _vocode(vocoder: Vocoder, jobs: list[tuple[str, dict[str, Any], list[int]]], *, one_shot: bool = False,

@@ -155,6 +155,14 @@ def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, in
     return [(r, f) for f in sorted(frames) for r in rows if r * f <= HIFT_GRAPH_FRAMES]
 
 
+def served_policy(settings: Settings) -> WindowPolicy:
+    """The window schedule the settings ask for (``stream_*`` settings)."""
+    return WindowPolicy(first_tokens=settings.stream_first_window_tokens, tokens=settings.stream_window_tokens,
+                        max_tokens=settings.stream_max_window_tokens,
+                        final_merge_tokens=settings.stream_final_window_tokens,
+                        first_grow_after_s=settings.stream_first_window_grow_after_s)
+
+
 SCHEDULE_PADDING = 0.1
 """A window width of the schedule whose solve the geometric graph widths would pad by more
 than this share gets a graph width of its own (:func:`cfm_buckets`)."""
@@ -197,11 +205,7 @@ class Vocoder:
         """Diagnostics (``gpu_serial_debug``): each batch alone on the GPU, a fault named by its part."""
         self.pipeline_depth = 1 if self.serial else max(1, pipeline_depth)
         """Batches in flight at most (1: each batch's audio is read before the next launches)."""
-        self.policy = policy or WindowPolicy(first_tokens=settings.stream_first_window_tokens,
-                                             tokens=settings.stream_window_tokens,
-                                             max_tokens=settings.stream_max_window_tokens,
-                                             final_merge_tokens=settings.stream_final_window_tokens,
-                                             first_grow_after_s=settings.stream_first_window_grow_after_s)
+        self.policy = policy or served_policy(settings)
         self.max_batch_rows = settings.vocoder_max_batch
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch
