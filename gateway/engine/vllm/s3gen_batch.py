@@ -20,7 +20,8 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   Rows may use different voices (prompt lengths). The CFM solve of a batch whose rows need
   very different widths (a stream's first window beside a whole utterance) is split into
   solves by width (:func:`width_groups`), so a narrow row is not solved at the widest
-  row's width.
+  row's width; and a solve whose rows a CUDA graph would pad up to its power-of-two row count
+  is cut into runs that fit the graphs (:func:`row_chunks`: 35 rows as 32 + 3, not as 64).
 * Noise: upstream draws fresh ``randn_like`` noise per call (its ``rand_noise`` buffer is
   set to None), which makes batched != alone and streamed != one-shot. We use fixed noise
   tapes (:class:`NoiseTapes`): CFM noise indexed by [prompt frame | absolute stream frame],
@@ -106,6 +107,48 @@ def width_groups(frames: Sequence[int], ladder: Sequence[int], min_rows: int) ->
     if pending:
         groups.append(pending)
     return groups
+
+
+GRAPH_OVERHEAD_ROWS = 3
+"""What one CFM solve through a CUDA graph costs beyond its rows, in rows of its width: the
+H200 profile (2026-12-03) timed a first window's graph solve at 47 ms for 1 row, 138 for 8,
+then 14-17 ms a row."""
+
+EAGER_OVERHEAD_ROWS = 20
+"""The same for an eager solve (no graph holds it): its ~10,000 kernel launches cost ~300 ms
+more than a graph's replay (343 against 49 ms for one first window, H200 2026-12-01)."""
+
+
+def row_chunks(buckets: GraphBuckets | None, frames: Sequence[int]) -> list[list[int]]:
+    """Positions of ``frames`` (the widths of one solve's rows) cut into consecutive runs in
+    width order, one solve each, at the least estimated cost: each run costs the cells of the
+    graph holding it (its rows padded to the graph's row count, its widest row to the graph's
+    width) plus a solve's overhead. A graph's rows are powers of two: 35 rows would run as 64
+    (29 rows of arithmetic for nothing); as 32 + 3 (two replays) they cost ~40% less. Without
+    graph buckets (eager, on the CPU) nothing is padded: one run."""
+    n = len(frames)
+    if buckets is None or n < 2:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda p: frames[p])
+    sizes = set(buckets.rows)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        width = frames[order[i - 1]]  # the run's widest row: runs are in width order
+        for k in {min(s, i) for s in sizes} | {i}:
+            shape = buckets.fit(k, width)
+            if shape is None:
+                cost = (k + EAGER_OVERHEAD_ROWS) * width + 1.0  # + 1: of equal costs, fewer solves
+            else:
+                cost = (shape[0] + GRAPH_OVERHEAD_ROWS) * shape[1] + 1.0
+            if best[i - k] + cost < best[i]:
+                best[i], cut[i] = best[i - k] + cost, i - k
+    runs: list[list[int]] = []
+    i = n
+    while i > 0:
+        runs.append(order[cut[i]:i])
+        i = cut[i]
+    return runs[::-1]
 
 
 def solve_cells(solver: CfmSolver, rows: int, frames: int) -> int:
@@ -462,6 +505,9 @@ class S3GenBatch:
             if len(parts) > 1 and (sum(solve_cells(solver, len(p), max(widths[i] for i in p)) for p in parts)
                                    >= solve_cells(solver, len(widths), max(widths))):
                 parts = [list(range(len(widths)))]
+            # then each group in runs that fit the graphs' row counts (row_chunks)
+            parts = [[part[q] for q in run] for part in parts
+                     for run in row_chunks(solver.buckets, [widths[p] for p in part])]
             for part in parts:
                 idx = [same_solver[p] for p in part]
                 self.cfm_frames += sum(frames[i] for i in idx)

@@ -275,3 +275,25 @@ def test_the_batch_counts_the_cfm_frames_it_solves_and_the_padding_it_computes(s
     batch.run_flow(rows)
     assert batch.cfm_frames == 2 * sum(frames)
     assert batch.cfm_solved_frames == 3 * 64 + 4 * 80, "a graph's 4 rows at its 80 frames"
+
+
+def test_row_chunks_cut_a_solve_where_the_graphs_row_counts_would_pad_it() -> None:
+    """A graph's rows are powers of two: 35 rows would run as 64; cut as 32 + 3 they cost
+    ~40% less (two replays). Runs follow width order, so a few wide rows do not widen the
+    narrow ones' solve; without graphs (eager) nothing is padded and nothing is cut."""
+    from gateway.engine.vllm.s3gen_batch import row_chunks
+
+    buckets = GraphBuckets.plan(max_rows=64, max_frames=1536, max_cells=65536, extra_frames=(544, 672))
+    runs = row_chunks(buckets, [650] * 35)
+    assert sorted(len(r) for r in runs) == [3, 32] and sorted(p for r in runs for p in r) == list(range(35))
+    assert row_chunks(buckets, [650] * 8) == [list(range(8))], "a full graph: one solve"
+    assert len(row_chunks(buckets, [650] * 5)) == 1, "4 + 1 costs what 8 does: one solve"
+    assert row_chunks(None, [650] * 35) == [list(range(35))]
+    mixed = [950 if p % 7 == 0 else 540 for p in range(35)]  # 5 wide rows among 30 narrow ones
+    runs = row_chunks(buckets, mixed)
+    # the narrow rows as one 32-row graph at 544 frames, the wide ones in an 8-row graph at 1024
+    # (which costs the same whatever rows fill it): not all 35 in a 64-row graph at 960
+    assert len(runs) == 2 and {mixed[p] for p in runs[0]} == {540} and len(runs[1]) <= 8, runs
+    assert [buckets.fit(len(r), max(mixed[p] for p in r)) for r in runs] == [(32, 544), (8, 1024)]
+    # more rows than any graph holds: graph-sized runs, not one eager solve
+    assert sorted(len(r) for r in row_chunks(buckets, [540] * 70)) == [6, 64]
