@@ -316,7 +316,10 @@ class VllmEngine(UpstreamVoices, Engine):
         prompt = (await self._prompt(runtime, job, job.chunks[0])).vllm_prompt(_torch_dtype(T3_DTYPE))
 
         async def drain(sampling: Any) -> None:
-            async for _ in runtime.llm.generate(prompt, sampling.to_vllm(), f"warm-up-sampler-{uuid.uuid4().hex[:8]}"):
+            # each request its own lists (an in-process engine core keeps what it is given)
+            own = {**prompt, "prompt_token_ids": list(prompt["prompt_token_ids"]),
+                   "prompt_is_token_ids": list(prompt["prompt_is_token_ids"])}
+            async for _ in runtime.llm.generate(own, sampling.to_vllm(), f"warm-up-sampler-{uuid.uuid4().hex[:8]}"):
                 pass
 
         waves = []

@@ -482,6 +482,7 @@ async def test_the_sampler_warm_up_runs_a_batch_of_each_size_for_every_kernel_va
         assert sampling.max_tokens == sampling.min_tokens == sampler_warmup.WARM_TOKENS and sampling.seed is None
         assert any(sampler_warmup.kernel_flags(sampling))
     assert len({r[2] for r in llm.requests}) == len(llm.requests)
+    assert len({id(r[0]["prompt_token_ids"]) for r in llm.requests}) == len(llm.requests), "no list shared"
     assert engine.t3_stats()[model].requests == 0, "warm-up requests are not served requests"
 
 
