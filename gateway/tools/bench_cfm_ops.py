@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gateway.engine.vllm.cfm_solver import MEL_BINS, CfmSolver, GraphBuckets
 from gateway.engine.vllm.meanflow_solver import flow_solver
-from gateway.tools.bench_host import cpu_card
+from gateway.tools.bench_host import print_rows, write_result
 
 FAMILIES = {"chatterbox": (False, 10), "chatterbox-turbo": (True, 2)}
 """model -> (mean-flow S3Gen, flow steps as served)."""
@@ -154,17 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(models, [int(v) for v in args.rows.split(",") if v], [int(v) for v in args.frames.split(",") if v],
                    max(1, args.repeats), device, args.compile)
-    keys = ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "kernels_per_solve", "eager_ms", "graph_ms"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    print_rows(rows, ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "kernels_per_solve", "eager_ms",
+                      "graph_ms"])
     if args.json:
-        card = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_card()
-        args.json.write_text(json.dumps({
-            "card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m gateway.tools.bench_cfm_ops " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "python": platform.python_version(), "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        write_result(args.json, "gateway.tools.bench_cfm_ops", argv, device, rows, torch=torch.__version__)
     return 0
 
 

@@ -92,6 +92,34 @@ async def measure(streams: int, tokens: int) -> dict[str, Any]:
     return _row("thread hand-off", streams, tokens, engine.steps, sum(got), wall, cpu)
 
 
+def print_rows(rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """A benchmark's rows as a markdown table of ``keys`` (a missing value: empty)."""
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+
+
+def device_card(device: str) -> str:
+    """The card a benchmark ran on: the GPU's name, or :func:`cpu_card`."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return cpu_card()
+
+
+def write_result(path: Path, tool: str, argv: list[str] | None, device: str, rows: list[dict[str, Any]],
+                 **extra: Any) -> None:
+    """A benchmark's JSON: ``card``, ``date``, the ``command`` as run, the rows."""
+    from datetime import datetime, timezone
+
+    path.write_text(json.dumps({
+        "card": device_card(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m {tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "python": platform.python_version(), **extra, "rows": rows}, indent=1) + "\n")
+
+
 def cpu_card() -> str:
     """The CPU this ran on (its model name where ``/proc/cpuinfo`` says), cores and Python."""
     name = platform.processor() or platform.machine()

@@ -32,13 +32,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
-import json
 import math
-import platform
-import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +46,7 @@ from gateway.engine.vllm.vocoder import Vocoder, served_policy, with_own_flow
 from gateway.engine.vllm.vocoder_windows import TOKEN_MEL_RATIO, WindowPolicy, next_window
 from gateway.settings import Settings, load_settings
 from gateway.tools.bench_engine_host import setting_arg
-from gateway.tools.bench_host import cpu_card
+from gateway.tools.bench_host import print_rows, write_result
 from gateway.tools.parity_vocoder import reference_dict, snr_db
 
 
@@ -199,16 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                arrivals=arrivals))
     keys = ["schedule", "first_window", "windows", "windows_per_utterance", "flow_frames_per_audio_s", "vocoder_s_per_audio_s",
             "audio_s_per_s", "device_busy_s_per_audio_s", "snr_vs_one_shot_db", "identical_to_one_shot"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    print_rows(rows, keys)
     if args.json:
-        card = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_card()
-        args.json.write_text(json.dumps({
-            "card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m gateway.tools.bench_windows " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "python": platform.python_version(), "rows": rows}, indent=1) + "\n")
+        write_result(args.json, "gateway.tools.bench_windows", argv, device, rows)
     return 0
 
 
