@@ -109,6 +109,8 @@ class _Launched:
     copy: HostCopy
     clock: BatchClock
     launch_s: float = 0.0
+    cfm: tuple[int, int] = (0, 0)
+    """The batch's CFM frames: of real rows, and solved (padding included)."""
 
 
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
@@ -388,7 +390,8 @@ class Vocoder:
                     seconds = launched.launch_s + time.perf_counter() - t0
                     done = [(j, r) for j, r in zip(launched.jobs, outcomes) if isinstance(r, WindowResult)]
                     if done:
-                        self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock)
+                        self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
+                                    launched.cfm)
                 self._settle(launched.jobs, outcomes)
                 continue
             self._wake.clear()
@@ -405,7 +408,7 @@ class Vocoder:
             job.stream.fail(outcome)
 
     def _count(self, jobs: list[WindowJob], results: list[WindowResult], seconds: float,
-               clock: BatchClock | None = None) -> None:
+               clock: BatchClock | None = None, cfm: tuple[int, int] = (0, 0)) -> None:
         st = self.stats
         st.batches += 1
         if clock is not None:
@@ -414,7 +417,8 @@ class Vocoder:
         st.first_window_rows += sum(j.window.index == 0 for j in jobs)
         st.whole_windows += sum(j.window.index == 0 and j.window.final and not j.stream.one_shot for j in jobs)
         st.flow_frames += sum(TOKEN_MEL_RATIO * (r.prompt_tokens + len(j.tokens)) for j, r in zip(jobs, results))
-        st.cfm_frames, st.cfm_solved_frames = self.batch.cfm_frames, self.batch.cfm_solved_frames
+        st.cfm_frames += cfm[0]
+        st.cfm_solved_frames += cfm[1]
         st.busy_s += seconds
         st.audio_s += sum(j.window.new_mel_frames for j in jobs) * SAMPLES_PER_FRAME / SAMPLE_RATE
         st.last_batch_rows = len(jobs)
@@ -463,6 +467,7 @@ class Vocoder:
         live = [i for i, v in enumerate(voices) if v is not None]
         if not live:
             return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
+        before = (self.batch.cfm_frames, self.batch.cfm_solved_frames)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
                     jobs[i].window.final, first=self.policy.quick_first(jobs[i].window) and not jobs[i].stream.one_shot)
@@ -474,7 +479,8 @@ class Vocoder:
         copy = HostCopy([wav for wav, _ in waves], clock)
         rows = {i: (row, phase, voices[i].prompt_len)  # type: ignore[union-attr]
                 for i, row, (_, phase) in zip(live, hift_rows, waves)}
-        return _Launched(jobs, outcomes, rows, copy, clock)
+        cfm = (self.batch.cfm_frames - before[0], self.batch.cfm_solved_frames - before[1])
+        return _Launched(jobs, outcomes, rows, copy, clock, cfm=cfm)
 
     def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:
         """Worker thread: wait for the batch's audio (its one synchronisation) and hand each
