@@ -6,9 +6,12 @@ engine core in this process so the profiler sees it), at batch 1 and 32, for sam
 settings that switch vLLM's per-step work on and off: the served settings (temperature 0.8,
 min_p 0.05, repetition penalty 1.2), no repetition penalty, and greedy without either. The
 difference between rows is what that part of the sampler costs per step. Then one profiled
-decode at batch 1 with the served settings: the operators by their own host time and by
-device time, written to ``profile_path`` (what runs eagerly between graph replays: sampler,
-penalties, logits, input preparation).
+decode with the served settings (``profile_batch`` rows, 1 by default): the operators by their
+own host time and by device time, written to ``profile_path`` (what runs eagerly between graph
+replays: sampler, penalties, logits, input preparation). With ``py_spy_s``, py-spy samples
+this process for that long while the served settings decode at the largest batch back to back:
+where vLLM's Python time of a step goes (scheduler, input preparation, sampler, output
+handling), which at 256 rows is most of a step (Turbo: 12.7 ms against ~4-5 ms of GPU work).
 
 ``model`` picks the family: ``chatterbox`` (the Llama T3 above) or ``chatterbox-turbo``
 (GPT-2 medium over Turbo's 376 voice rows, no CFG, its served sampling: temperature 0.8,
@@ -139,7 +142,8 @@ def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict
 
 def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_tokens: int = 150,
                   profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler",
-                  model: str = "chatterbox") -> list[dict]:
+                  model: str = "chatterbox", profile_batch: int = 1, py_spy_s: float = 0.0,
+                  py_spy_dir: Path | None = None) -> list[dict]:
     """``penalty``: ``sampler`` (vLLM's penalty path, as served by default) or ``resident``
     (``vllm_penalty = "resident"``: the engine loads our processor and the penalised variants
     go through it). Run once each, in two processes, to compare: the rows' ``tokens_sha`` of
@@ -178,18 +182,46 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
             print(row, flush=True)
     if profile_path is not None:
         out.append(_profile(llm, prompt, SamplingParams(**setup.served, max_tokens=profile_tokens, ignore_eos=True,
-                                                        detokenize=False), profile_path, model))
+                                                        detokenize=False), profile_path, model, profile_batch))
+    if py_spy_s > 0:
+        out.append(_py_spy_row(llm, prompt, variants[f"served: {served} ({penalty})"], max(batches), py_spy_s,
+                               py_spy_dir or Path(tempfile.gettempdir()), model))
     return out
 
 
-def _profile(llm, prompt, sampling, path: Path, model: str = "chatterbox") -> dict:
-    """One profiled decode: the operator tables (host self time, device time) to ``path``."""
+def _py_spy_row(llm, prompt, sampling, batch: int, seconds: float, directory: Path, model: str) -> dict:
+    """py-spy on this process (the engine core runs in it) while ``batch`` rows decode with
+    ``sampling`` back to back for ``seconds``: the summary and the raw stacks' files."""
+    import asyncio
+    import threading
+
+    from gateway.tools import py_spy
+
+    result: dict[str, Any] = {}
+    sampler = threading.Thread(target=lambda: result.update(summary=asyncio.run(py_spy.profile(
+        os.getpid(), seconds, directory, f"t3step_{model}_{batch}"))), name="py-spy")
+    steps = 0
+    t0 = time.perf_counter()
+    sampler.start()
+    while sampler.is_alive():
+        res = llm.generate([dict(prompt) for _ in range(batch)], sampling, use_tqdm=False)
+        steps += max(len(r.outputs[0].token_ids) for r in res)
+    wall = time.perf_counter() - t0
+    summary = result.get("summary", {"error": "py-spy did not report"})
+    print(py_spy.table(summary, f"t3step {model} x {batch}"), flush=True)
+    return {"stage": "t3step", "model": model, "sampling": "py-spy (served)", "batch": batch,
+            "ms_per_step": round(wall / max(steps, 1) * 1000, 3), "py_spy": summary}
+
+
+def _profile(llm, prompt, sampling, path: Path, model: str = "chatterbox", batch: int = 1) -> dict:
+    """One profiled decode of ``batch`` rows: the operator tables (host self time, device
+    time) to ``path``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        llm.generate([prompt], sampling, use_tqdm=False)
+        llm.generate([dict(prompt) for _ in range(batch)], sampling, use_tqdm=False)
         wall = time.perf_counter() - t0
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -198,5 +230,5 @@ def _profile(llm, prompt, sampling, path: Path, model: str = "chatterbox") -> di
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     steps = sampling.max_tokens
-    return {"stage": "t3step", "model": model, "sampling": "profiled (served)", "batch": 1, "ms_per_step": round(wall / steps * 1000, 3),
-            "profile": str(path)}
+    return {"stage": "t3step", "model": model, "sampling": "profiled (served)", "batch": batch,
+            "ms_per_step": round(wall / steps * 1000, 3), "profile": str(path)}

@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
     ap.add_argument("--t3step-penalty", choices=("sampler", "resident"), default="sampler",
                     help="the t3step stage's repetition penalty path (vllm_penalty); run each to compare")
+    ap.add_argument("--t3step-profile-batch", type=int, default=1,
+                    help="rows of the t3step stage's profiled decode (the operator tables)")
+    ap.add_argument("--t3step-py-spy-s", type=float, default=0.0,
+                    help="py-spy on this process for this long while the largest t3step batch decodes (0: off)")
     ap.add_argument("--t3step-model", choices=T3STEP_MODELS, default="chatterbox",
                     help="the family whose T3 the t3step stage times (Turbo: GPT-2, no CFG, its own sampling)")
     ap.add_argument("--text-tokens", type=int, default=150)
@@ -441,9 +445,16 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 from gateway.tools.bench_t3 import stage_t3_step
 
                 out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
+                raw = out_dir / f"{args.json.stem if args.json else 'benchmark'}-t3step-pyspy"
                 rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
                                       profile_path=out_dir / f"t3_profile_{args.t3step_model}_{args.t3step_penalty}.txt",
-                                      penalty=args.t3step_penalty, model=args.t3step_model)
+                                      penalty=args.t3step_penalty, model=args.t3step_model,
+                                      profile_batch=args.t3step_profile_batch, py_spy_s=args.t3step_py_spy_s,
+                                      py_spy_dir=raw)
+                if raw.exists():  # the raw stacks as one archive (the GPU machine returns few files)
+                    from gateway.tools import py_spy
+
+                    py_spy.pack(raw, raw.with_name(raw.name + ".tar.xz"))
             elif stage == "watermark":
                 from gateway.tools.bench_watermark import stage_watermark
 

@@ -1,16 +1,20 @@
 """The t3step stage's setup, built without vLLM: each family's model directory, prompt and the
-sampling the engine sends for the family's default controls (the timing itself needs a GPU)."""
+sampling the engine sends for the family's default controls (the timing itself needs a GPU);
+and its py-spy row, with a stand-in for vLLM's ``LLM``."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.engine.vllm.t3.turbo import TURBO_ARCHITECTURE
+from gateway.tools import py_spy
 from gateway.tools.bench_t3 import t3step_setup
 
 
@@ -46,3 +50,37 @@ def test_resident_penalty_moves_to_the_processor(tmp_path: Path) -> None:
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="t3step times"):
         t3step_setup("chatterbox-multilingual", 8, tmp_path)
+
+
+class _BusyLLM:
+    """``LLM.generate``'s surface: each call spins in Python (as vLLM's step loop would) and
+    returns ``steps`` tokens a row."""
+
+    def __init__(self, steps: int = 5) -> None:
+        self.steps, self.calls, self.rows = steps, 0, []
+
+    def generate(self, prompts, sampling, use_tqdm=False):  # noqa: ANN001, ARG002 - vLLM's signature
+        self.calls += 1
+        self.rows.append(len(prompts))
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            sum(range(1000))
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(self.steps)))]) for _ in prompts]
+
+
+@pytest.mark.skipif(py_spy.executable() is None, reason="py-spy is a dev dependency")
+def test_the_py_spy_row_samples_this_process_while_the_largest_batch_decodes(tmp_path: Path) -> None:
+    """``--t3step-py-spy-s``: the engine core runs in this process, so py-spy of it while the
+    batch decodes back to back says where a step's Python time goes."""
+    from gateway.tools.bench_t3 import _py_spy_row
+
+    llm = _BusyLLM()
+    row = _py_spy_row(llm, {"prompt_embeds": None}, object(), 4, 1.5, tmp_path, "chatterbox-turbo")
+    assert (row["batch"], row["sampling"]) == (4, "py-spy (served)") and set(llm.rows) == {4}
+    assert llm.calls >= 10, "decoding until the sampler is done"
+    assert 9.5 <= row["ms_per_step"] <= 15, row["ms_per_step"]  # 50 ms a call of 5 steps, back to back
+    summary = row["py_spy"]
+    assert "error" not in summary, summary
+    main = next(r for r in summary["threads"] if r["thread"].endswith("MainThread"))
+    assert main["active_share"] > 0.5
+    assert any("generate" in f for f, _ in main["top_self"]), main["top_self"]
