@@ -320,9 +320,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     flow over the voice prompt, so fewer windows per utterance mean more audio per second."""
     vocoder_split_min_rows: Annotated[int, Meta(ge=0, le=4096)] = 8
     """A vocoder batch whose rows need very different flow widths (small first windows beside
-    whole utterances) is solved as several CFM solves by width, each of at least this many
-    rows, instead of every row at the widest row's width (0: one solve). Rows are independent
-    in a solve: the audio does not change."""
+    whole utterances) is solved as several CFM solves by width instead of every row at the
+    widest row's width. Eager solves (no CUDA graph holds them, as on the CPU): groups of at
+    least this many rows. With CUDA graphs a cost search over the graphs' padded shapes decides
+    where a split pays. 0: never split by width (with graphs, runs are still cut to fit the
+    graphs' row counts). Rows are independent in a solve: the audio does not change."""
     stream_final_window_tokens: Annotated[int, Meta(ge=0, le=100_000)] = 0
     """Once T3 has finished a stream, what is left is vocoded as one final window when at most
     this many tokens remain (0: twice ``stream_max_window_tokens``), else in windows of that

@@ -19,9 +19,10 @@ Batching goes through upstream submodules, never ``S3Gen.inference`` (batch 1 on
   it. The CFM estimator is causal-conv + masked attention, so right padding cannot leak.
   Rows may use different voices (prompt lengths). The CFM solve of a batch whose rows need
   very different widths (a stream's first window beside a whole utterance) is split into
-  solves by width (:func:`width_groups`), so a narrow row is not solved at the widest
-  row's width; and a solve whose rows a CUDA graph would pad up to its power-of-two row count
-  is cut into runs that fit the graphs (:func:`row_chunks`: 35 rows as 32 + 3, not as 64).
+  solves by width, so a narrow row is not solved at the widest row's width. With CUDA graphs
+  one cost search over runs in width order (:func:`row_chunks`) decides both where such a
+  split pays and where a graph's power-of-two row count would pad a solve (35 rows as 32 + 3,
+  not as 64); eager solves (the CPU) group by width steps (:func:`width_groups`).
 * Noise: upstream draws fresh ``randn_like`` noise per call (its ``rand_noise`` buffer is
   set to None), which makes batched != alone and streamed != one-shot. We use fixed noise
   tapes (:class:`NoiseTapes`): CFM noise indexed by [prompt frame | absolute stream frame],
@@ -497,17 +498,16 @@ class S3GenBatch:
         out: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
         for same_solver in groups.values():
             solver = self.first_cfm if rows[same_solver[0]].first else self.cfm
-            ladder = solver.buckets.frames if solver.buckets is not None else DEFAULT_LADDER
             widths = [frames[i] for i in same_solver]
-            parts = width_groups(widths, ladder, self.split_min_rows)
-            # Split only where it computes less: graphs pad rows to powers of two, so two solves
-            # of 17 and 15 rows can cost more than one of 32.
-            if len(parts) > 1 and (sum(solve_cells(solver, len(p), max(widths[i] for i in p)) for p in parts)
-                                   >= solve_cells(solver, len(widths), max(widths))):
-                parts = [list(range(len(widths)))]
-            # then each group in runs that fit the graphs' row counts (row_chunks)
-            parts = [[part[q] for q in run] for part in parts
-                     for run in row_chunks(solver.buckets, [widths[p] for p in part])]
+            if solver.buckets is None:
+                # eager (the CPU): nothing is padded; narrow rows apart when there are enough
+                parts = width_groups(widths, DEFAULT_LADDER, self.split_min_rows)
+            else:
+                # one cost search over runs in width order decides both where a width split
+                # pays and where the graphs' power-of-two row counts would pad (row_chunks);
+                # split_min_rows 0: cut only for row counts, every run at the widest width
+                by_width = widths if self.split_min_rows else [max(widths)] * len(widths)
+                parts = row_chunks(solver.buckets, by_width)
             for part in parts:
                 idx = [same_solver[p] for p in part]
                 self.cfm_frames += sum(frames[i] for i in idx)

@@ -223,7 +223,9 @@ def test_a_batch_split_by_width_gives_every_row_what_one_solve_gives(s3gen, ref,
 def test_a_split_that_graph_padding_makes_dearer_is_not_made(s3gen, ref) -> None:
     """Graph buckets pad rows to powers of two, so a split can compute more than one solve:
     3 narrow rows (a 4-row graph) beside 1 wide row are no cheaper split than as one 4-row
-    solve; 2 + 2 rows of very different widths are. The batch takes whichever computes less."""
+    solve; 2 + 2 rows of very different widths are. The batch takes whichever computes less
+    (one cost search over runs in width order, :func:`row_chunks`), unless splitting by width
+    is off."""
     batch = _batch(s3gen, split_min_rows=1)
     voice = batch.prepare_voice(ref)
     widths: list[int] = []
@@ -239,6 +241,10 @@ def test_a_split_that_graph_padding_makes_dearer_is_not_made(s3gen, ref) -> None
         FlowRow(voice, _tokens(100, 7 + i), 0, 100, True) for i in range(2)]
     batch.run_flow(far)  # 2 x 48 + 2 x 256 = 608 < 4 x 256 = 1024: split
     assert sorted(widths) == [2, 2]
+    widths.clear()
+    batch.split_min_rows = 0  # off: every run at the widest width, so one 4-row graph
+    batch.run_flow(far)
+    assert widths == [4]
 
 
 def test_prompt_tokens_keep_the_end_of_the_voice_prompt(s3gen, ref) -> None:
