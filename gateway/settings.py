@@ -333,6 +333,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     byte waits for it) unless T3 finished the stream before the vocoder got to it: then it is
     the whole utterance when that fits this limit."""
 
+    vocoder_fill_graphs: bool = False
+    """A stream's later window takes, of the tokens T3 has already made beyond it, those that
+    fit the CUDA graph width its flow solve is padded to anyway (a 200-token window of a 10 s
+    voice prompt: 926 flow frames in a 1024-frame graph, room for 49 more tokens): more audio
+    from the same solve, fewer windows (each re-runs the flow over the voice prompt). First
+    and final windows are unchanged; such windows' HiFT runs outside the captured graphs
+    (their lengths vary). Off (the default until a GPU run weighs it): windows are the
+    schedule's sizes. docs/operations.md."""
+
     stream_first_window_grow_after_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.0
     """A stream's first window still waiting for the vocoder after this many seconds takes
     the tokens T3 has made meanwhile (in steps of ``stream_window_tokens``, up to the cap)

@@ -19,7 +19,9 @@ chunks to the caller. What runs on the GPU is stood in for:
   0: the host ceiling). ``100,0,34`` models the H200 of 2026-12-05: ~0.034 ms a flow frame
   at 64 rows (one-shot vocoding, 10 steps, bf16), ~0.1 s for a lone first window; with it a
   window schedule's cost shows up in the row's throughput and first audio, not only in its
-  flow frames per audio-second.
+  flow frames per audio-second. Each row's frames are those of the CUDA graph width it pads
+  to (the widths the served settings capture, as if captured: ``--setting
+  vocoder_cuda_graphs=false`` charges each row its own).
 
 No watermark (its host part, resampling, costs ~0.4 ms per audio-second on one core here).
 Streams consume ``synthesize`` directly (no HTTP: the HTTP benchmark's fake-engine rows
@@ -63,7 +65,7 @@ import torch
 from gateway.engine.base import SAMPLE_RATE, GenerationParams, SynthesisJob, Voice
 from gateway.engine.vllm.engine_thread import ThreadedLLM
 from gateway.engine.vllm.s3gen_batch import MEL_BINS, BatchClock, HostCopy
-from gateway.engine.vllm.vocoder import Vocoder, _Launched
+from gateway.engine.vllm.vocoder import Vocoder, _Launched, cfm_buckets
 from gateway.engine.vllm.vocoder_stream import WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO
 from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
@@ -123,7 +125,9 @@ class DeviceFreeVocoder(Vocoder):
                 torch.zeros(self.batch.harmonics) if job.carry else None, VOICE_PROMPT_TOKENS))
         launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         a, b, c = self.batch_ms
-        frames = sum(TOKEN_MEL_RATIO * (VOICE_PROMPT_TOKENS + job.window.input_tokens) for job in jobs)
+        # each row's flow at the CUDA graph width it pads to (as served), else its own
+        frames = sum(self.batch.cfm.frames_for(TOKEN_MEL_RATIO * (VOICE_PROMPT_TOKENS + job.window.input_tokens))
+                     for job in jobs)
         self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs) + c * frames / 1000) / 1000
         return launched
 
@@ -195,6 +199,9 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     if device is None:
         vocoder = DeviceFreeVocoder(s3gen, settings, flow_steps=family.flow_steps)
         vocoder.batch_ms = (*vocoder_ms, 0.0, 0.0, 0.0)[:3]  # A[, B[, C]]
+        if settings.vocoder_cuda_graphs:  # the CFM graph widths a GPU would capture, as if captured
+            vocoder.batch.cfm.buckets = cfm_buckets(vocoder.policy, settings, max_rows=vocoder.max_batch_rows,
+                                                    max_cells=TOKEN_MEL_RATIO * vocoder.max_batch_tokens)
         runtime.vocoder = vocoder
     else:  # as VllmEngine.start builds them
         runtime.components.s3gen = s3gen.to(device)

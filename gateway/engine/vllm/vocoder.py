@@ -316,6 +316,14 @@ class Vocoder:
     def count_dropped(self) -> None:
         self.stats.windows_dropped += 1
 
+    def flow_room(self, tokens: int) -> int:
+        if not self.settings.vocoder_fill_graphs or self.batch.cfm.buckets is None:
+            return 0  # eager solves run at the rows' own widths: nothing is padded
+        width = self.batch.bucket(tokens)
+        if self.batch.cfm.buckets.frames_for(TOKEN_MEL_RATIO * width) is None:
+            return 0  # wider than every graph: eager
+        return max(0, width - tokens)
+
     @property
     def open_streams(self) -> int:
         """Streams not yet ended."""

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, next_window
+from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, fill_window, next_window
 from gateway.errors import EngineError
 from gateway.observability.timeline import Timeline
 
@@ -47,6 +47,10 @@ class StreamHost(Protocol):
 
     def count_dropped(self) -> None:
         """A cancelled stream's window was still running: its result will be dropped."""
+
+    def flow_room(self, tokens: int) -> int:
+        """Flow tokens a row of ``tokens`` (voice prompt included) could add without its solve
+        growing: the rest of the CUDA graph width it pads to (0 without one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +189,10 @@ class VocoderStream:
         waited = max(0.0, now - due) if due is not None else 0.0
         window = next_window(self._host.policy, available=len(self._tokens), committed=self._committed,
                              finished=self._finished, index=self._index, one_shot=self.one_shot, waited_s=waited)
+        if window is not None and window.index > 0 and not window.final:
+            # tokens already here that fit the flow width the window pads to anyway
+            window = fill_window(window, room=self._host.flow_room(self.cost_tokens(window)),
+                                 available=len(self._tokens))
         if window is not None and self._ready_since is None:
             self._ready_since = now
             if self.trace is not None:

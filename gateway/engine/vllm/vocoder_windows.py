@@ -173,6 +173,25 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
     return Window(index, context_start, committed, end, end + policy.lookahead, final=False)
 
 
+def fill_window(window: Window, *, room: int, available: int) -> Window:
+    """``window`` grown by up to ``room`` more tokens of the ``available`` ones (those beyond
+    its input: T3 ran ahead), when it is a later window that does not end the stream.
+
+    Its flow solve runs at a padded width whatever the row uses (a CUDA graph's: 926 frames of
+    a 200-token window solved at 1024), so the tokens that fit the padding (``room``, from the
+    vocoder) are vocoded at no extra flow cost: each window re-runs the flow over the voice
+    prompt, so more audio per window is less flow per second of audio. A first window is left
+    as planned (its own solver and schedule, and the first byte waits for it); a final window
+    takes everything already."""
+    if window.final or window.index == 0 or room <= 0:
+        return window
+    grow = min(room, available - window.input_end)
+    if grow <= 0:
+        return window
+    return Window(window.index, window.context_start, window.start, window.end + grow, window.input_end + grow,
+                  final=False)
+
+
 def crossfade_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Fade-in and fade-out weights over ``n`` samples that sum to exactly 1.
 

@@ -16,6 +16,7 @@ from gateway.engine.vllm.vocoder_windows import (
     SeamState,
     WindowPolicy,
     crossfade_weights,
+    fill_window,
     next_window,
 )
 from gateway.errors import EngineError, EngineUnavailableError
@@ -26,14 +27,18 @@ from gateway.tools.parity_vocoder import Sizes
 # --- windows (pure) -----------------------------------------------------------------------
 
 
-def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False, waited_s: float = 0.0):
+def _plan(policy: WindowPolicy, total: int, arrival: int, one_shot: bool = False, waited_s: float = 0.0,
+          room: int = 0):
     """Feed ``total`` tokens ``arrival`` at a time, committing each window as soon as planned
-    (each as if ready ``waited_s`` seconds already)."""
+    (each as if ready ``waited_s`` seconds already; later windows filled by up to ``room``
+    tokens, as a stream does where graph padding leaves room)."""
     windows, available, committed = [], 0, 0
     while True:
         finished = available >= total
         w = next_window(policy, available=available, committed=committed, finished=finished,
                         index=len(windows), one_shot=one_shot, waited_s=waited_s)
+        if w is not None and room:
+            w = fill_window(w, room=room, available=available)
         if w is not None:
             assert w.input_end <= available, "a window must only read tokens that arrived"
             windows.append(w)
@@ -117,6 +122,42 @@ def test_windows_grow_to_the_cap_and_take_a_backlog_at_once() -> None:
     assert w.end == 20
     # Without max_tokens nothing grows.
     assert WindowPolicy(tokens=50).size(5, backlog=500) == 50
+
+
+def test_a_later_window_takes_the_waiting_tokens_that_fit_its_graph_padding() -> None:
+    """``vocoder_fill_graphs``: the room the flow solve's padding leaves is filled from the
+    tokens already made; never beyond what arrived (the lookahead still read), never a first
+    or a final window."""
+    policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)
+    w = next_window(policy, available=400, committed=20, finished=False, index=1)
+    assert (w.end, w.input_end) == (220, 223)
+    grown = fill_window(w, room=49, available=400)
+    assert (grown.start, grown.context_start, grown.end, grown.input_end, grown.final) == (20, w.context_start, 269, 272, False)
+    assert fill_window(w, room=49, available=250).input_end == 250, "only tokens that arrived"
+    assert fill_window(w, room=49, available=223) == w, "nothing beyond the lookahead yet"
+    assert fill_window(w, room=0, available=400) == w
+    first = next_window(policy, available=400, committed=0, finished=False, index=0)
+    assert fill_window(first, room=49, available=400) == first
+    final = next_window(policy, available=300, committed=20, finished=True, index=1)
+    assert final.final and fill_window(final, room=49, available=300) == final
+
+
+@pytest.mark.parametrize("total", [24, 73, 200, 517])
+@pytest.mark.parametrize("arrival", [1, 7, 60, 1000])
+@pytest.mark.parametrize("room", [1, 13, 120])
+def test_filled_windows_still_tile_the_stream_exactly(total: int, arrival: int, room: int) -> None:
+    policy = WindowPolicy(first_tokens=6, tokens=8, left_context=4, max_tokens=30)
+    plain, filled = _plan(policy, total, arrival), _plan(policy, total, arrival, room=room)
+    for windows in (plain, filled):
+        assert windows[0].start == 0 and windows[-1].end == total
+        assert [w.final for w in windows] == [False] * (len(windows) - 1) + [True]
+        assert all(w.start == prev.end for prev, w in zip(windows, windows[1:]))
+    assert filled[0] == plain[0], "the first window is the schedule's"
+    for w in filled[1:-1]:
+        assert w.input_end == w.end + policy.lookahead and w.new_tokens <= policy.cap + room
+    assert len(filled) <= len(plain)
+    if arrival >= 60 and total >= 200 and room >= 13:  # T3 ahead of the vocoder: the windows grew
+        assert len(filled) < len(plain)
 
 
 def test_a_first_window_that_waited_for_the_vocoder_takes_what_t3_made_meanwhile() -> None:
@@ -363,6 +404,42 @@ async def test_first_windows_are_served_before_later_windows(s3gen, ref) -> None
     finally:
         await voc.close()
     assert order[:3] == ["a", "b", "a"], order
+
+
+@pytest.mark.slow
+async def test_a_stream_whose_tokens_wait_fills_the_graph_width_of_its_windows(s3gen, ref) -> None:
+    """``vocoder_fill_graphs``: with CUDA graph widths (set as if captured; on the CPU the solves
+    run eager), a later window takes the waiting tokens that fit the width its flow pads to:
+    27 flow tokens (12 of prompt, 4 of context, 8 new, 3 of lookahead) pad to 32, so 13 new
+    tokens a window, not 8. Every sample is still there; off, or without graphs, the
+    schedule's sizes."""
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+
+    tokens = _tokens(40, 5)
+
+    async def ends(fill: bool, graphs: bool) -> tuple[list[int], int]:
+        voc = _vocoder(s3gen, vocoder_fill_graphs=fill)  # off by default
+        if graphs:
+            voc.batch.cfm.buckets = GraphBuckets(rows=(1, 2, 4), frames=(64, 96, 128), max_cells=1 << 20)
+        await voc.start()
+        try:
+            stream = voc.open_stream("A", ref)
+            stream.push(tokens)  # T3 far ahead of the vocoder: every token already waiting
+            committed, samples = [], 0
+            async for audio, end in stream.chunks():
+                committed.append(end)
+                samples += audio.shape[0]
+                if end >= 30 and sum(e >= 30 for e in committed) == 1:
+                    stream.finish()  # the rest once 30 are vocoded
+        finally:
+            await voc.close()
+        return committed, samples
+
+    filled, samples = await ends(True, True)
+    assert filled[:3] == [6, 19, 32] and filled[-1] == 40 and samples == 40 * 2 * SAMPLES_PER_FRAME
+    plain, samples = await ends(False, True)
+    assert plain[:4] == [6, 14, 22, 30] and plain[-1] == 40 and samples == 40 * 2 * SAMPLES_PER_FRAME
+    assert (await ends(True, False))[0] == plain, "eager solves pad nothing: nothing to fill"
 
 
 @pytest.mark.slow
