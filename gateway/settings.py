@@ -284,6 +284,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     runs on. ``high``: the GPU schedules T3's waiting kernels before the vocoder's (on the
     default, lowest-priority stream), so a decode step need not queue behind a vocoder batch;
     the vocoder takes what T3 leaves. docs/operations.md."""
+    vllm_cascade_attention: bool = False
+    """vLLM's cascade attention (its ``disable_cascade_attn`` false): when every running
+    request shares a prompt prefix of at least 256 tokens in the prefix cache (one voice's
+    conditioning: Turbo's is ~375 tokens; the CFG families' ~150 are too short) and at least
+    8 decode, the prefix's keys and values are read once per step for all of them instead of
+    once per request. At 256 Turbo rows attention is 71% of a decode step's GPU time (H100,
+    2026-12-05). The same function, other roundings (two kernels merged by log-sum-exp); such
+    steps run outside vLLM's full CUDA graphs (piecewise). docs/operations.md."""
     vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
     """T3's tokens reach this process from vLLM in groups of this many (a request's first
     token and its last always at once): vLLM's ``stream_interval``. Every group is one

@@ -102,10 +102,11 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
 
 
 def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
-               penalty: str = "sampler", model: str = "chatterbox") -> tuple[Any, T3StepSetup, float]:
+               penalty: str = "sampler", model: str = "chatterbox", cascade: bool = False
+               ) -> tuple[Any, T3StepSetup, float]:
     """(the family's T3 on an offline vLLM ``LLM`` with dummy weights, its setup, seconds the
     engine took to start). ``penalty``: the ``vllm_penalty`` setting (``resident`` loads our
-    logits processor)."""
+    logits processor); ``cascade``: ``vllm_cascade_attention``."""
     from vllm import LLM
 
     from gateway.engine.vllm.t3.penalty_rows import engine_kwargs
@@ -116,7 +117,8 @@ def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
     t0 = time.perf_counter()
     llm = LLM(model=str(setup.model_dir), skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="bfloat16",
               load_format="dummy", max_model_len=1024, max_num_seqs=max_seqs,
-              gpu_memory_utilization=gpu_memory_utilization, seed=0, **engine_kwargs(penalty))
+              gpu_memory_utilization=gpu_memory_utilization, seed=0, disable_cascade_attn=not cascade,
+              **engine_kwargs(penalty))
     return llm, setup, time.perf_counter() - t0
 
 
@@ -143,16 +145,18 @@ def stage_t3(tokens: int, concurrency: list[int], text_tokens: int) -> list[dict
 def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_tokens: int = 150,
                   profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler",
                   model: str = "chatterbox", profile_batch: int = 1, py_spy_s: float = 0.0,
-                  py_spy_dir: Path | None = None) -> list[dict]:
+                  py_spy_dir: Path | None = None, cascade: bool = False) -> list[dict]:
     """``penalty``: ``sampler`` (vLLM's penalty path, as served by default) or ``resident``
     (``vllm_penalty = "resident"``: the engine loads our processor and the penalised variants
     go through it). Run once each, in two processes, to compare: the rows' ``tokens_sha`` of
     the seeded variant must match between the two (the same arithmetic, the same tokens).
-    ``model``: the family (module docstring)."""
+    ``model``: the family (module docstring). ``cascade``: vLLM's cascade attention on
+    (``vllm_cascade_attention``; every row here shares the prompt, as one voice's requests do);
+    run once each, in two processes, to compare."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
     from vllm import SamplingParams
 
-    llm, setup, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty, model)
+    llm, setup, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty, model, cascade)
     prompt = setup.prompt
     common = {"max_tokens": tokens, "ignore_eos": True, "detokenize": False}
     served = ", ".join(f"{k} {v}" for k, v in setup.served.items() if k != "extra_args")
@@ -174,7 +178,7 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
             row = {"stage": "t3step", "model": model, "sampling": name, "batch": n,
                    "ms_per_step": round(wall / tokens * 1000, 3), "tokens_per_s": round(made / wall),
                    "audio_s_per_s": round(made / wall / 25, 1), "engine_init_s": round(init_s, 1),
-                   "penalty_path": penalty}
+                   "penalty_path": penalty, "cascade_attention": cascade}
             if "seeded" in name:  # every request the same seed: the same tokens on either path
                 ids = [t for r in res for t in r.outputs[0].token_ids]
                 row["tokens_sha"] = hashlib.sha256(str(ids).encode()).hexdigest()[:16]

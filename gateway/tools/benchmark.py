@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
     ap.add_argument("--t3step-penalty", choices=("sampler", "resident"), default="sampler",
                     help="the t3step stage's repetition penalty path (vllm_penalty); run each to compare")
+    ap.add_argument("--t3step-cascade", action="store_true",
+                    help="the t3step stage with vLLM's cascade attention (vllm_cascade_attention); run without to compare")
     ap.add_argument("--t3step-profile-batch", type=int, default=1,
                     help="rows of the t3step stage's profiled decode (the operator tables)")
     ap.add_argument("--t3step-py-spy-s", type=float, default=0.0,
@@ -447,10 +449,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 out_dir = args.json.parent if args.json else Path(tempfile.gettempdir())
                 raw = out_dir / f"{args.json.stem if args.json else 'benchmark'}-t3step-pyspy"
                 rows += stage_t3_step(args.tokens, tuple(_ints(args.t3step_batches)), args.text_tokens,
-                                      profile_path=out_dir / f"t3_profile_{args.t3step_model}_{args.t3step_penalty}.txt",
+                                      profile_path=out_dir / (f"t3_profile_{args.t3step_model}_{args.t3step_penalty}"
+                                                            f"{'_cascade' if args.t3step_cascade else ''}.txt"),
                                       penalty=args.t3step_penalty, model=args.t3step_model,
                                       profile_batch=args.t3step_profile_batch, py_spy_s=args.t3step_py_spy_s,
-                                      py_spy_dir=raw)
+                                      py_spy_dir=raw, cascade=args.t3step_cascade)
                 if raw.exists():  # the raw stacks as one archive (the GPU machine returns few files)
                     from gateway.tools import py_spy
 

@@ -84,3 +84,22 @@ def test_the_py_spy_row_samples_this_process_while_the_largest_batch_decodes(tmp
     main = next(r for r in summary["threads"] if r["thread"].endswith("MainThread"))
     assert main["active_share"] > 0.5
     assert any("generate" in f for f, _ in main["top_self"]), main["top_self"]
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_the_t3step_engine_takes_cascade_attention_only_when_asked(tmp_path: Path, monkeypatch, cascade: bool) -> None:
+    """``--t3step-cascade``: vLLM's ``LLM`` is built with ``disable_cascade_attn`` false (as the
+    server with ``vllm_cascade_attention``); without it, vLLM's default (disabled)."""
+    import sys
+    import types
+
+    from gateway.tools import bench_t3
+
+    seen: dict = {}
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: seen.update(kwargs) or "llm"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr("gateway.engine.vllm.t3.plugin.register", lambda: None)
+    monkeypatch.setattr(bench_t3, "t3step_setup", lambda *a: SimpleNamespace(model_dir=tmp_path))
+    llm, _, _ = bench_t3._served_t3(8, 4, 0.3, "sampler", "chatterbox-turbo", cascade)
+    assert llm == "llm" and seen["disable_cascade_attn"] is (not cascade) and seen["max_num_seqs"] == 4

@@ -222,6 +222,7 @@ class VllmEngine(UpstreamVoices, Engine):
             max_num_seqs=self.settings.vllm_max_num_seqs, enforce_eager=self.settings.vllm_enforce_eager,
             disable_log_stats=True, seed=self.settings.dummy_seed, stream_interval=self.settings.vllm_stream_interval,
             max_num_batched_tokens=self.settings.vllm_max_num_batched_tokens or None,
+            disable_cascade_attn=not self.settings.vllm_cascade_attention,
             **memory,
             **penalty_engine_kwargs(self.settings.vllm_penalty))
         return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args

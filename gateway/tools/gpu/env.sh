@@ -5,7 +5,7 @@
 . /root/vllm_env.sh
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 export PATH=/root/bin:/root/site3/bin:$PATH  # ffmpeg; py-spy (from .gpu/extra)
-export PYTHONPATH=/root/site2:/root/site3:$_repo:/root/ep:$PYTHONPATH
+export PYTHONPATH=/root/site2:/root/site3:/root/site4:$_repo:/root/ep:$PYTHONPATH  # site4: PyAV (install.sh av)
 export PYTHONUNBUFFERED=1
 # as families.sh runs vLLM: spawned engine-core processes, PyTorch's sampler (no FlashInfer JIT offline)
 export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0

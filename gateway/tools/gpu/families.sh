@@ -44,7 +44,7 @@ if [ "$DRY" = 0 ]; then
   printf 'Metadata-Version: 2.1\nName: chatterbox-gateway\nVersion: 0.1.0\n' > "$D/METADATA"
   printf '[vllm.general_plugins]\nchatterbox_t3 = gateway.engine.vllm.t3.plugin:register\n' > "$D/entry_points.txt"
   export PATH=/root/bin:$PATH
-  export PYTHONPATH=/root/site2:/root/site3:$PWD:/root/ep:${PYTHONPATH:-}
+  export PYTHONPATH=/root/site2:/root/site3:/root/site4:$PWD:/root/ep:${PYTHONPATH:-}  # site4: PyAV (install.sh av)
   # one directory for vLLM's, inductor's and Triton's compile caches: part 2 reuses part 1's,
   # and the driver packs it into $OUT for a later visit (carry it back as .gpu/compile-cache.tar.xz)
   export CB_COMPILE_CACHE=${CB_COMPILE_CACHE:-/root/cb-compile}

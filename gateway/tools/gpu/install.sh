@@ -26,7 +26,9 @@ for step in "$@"; do
       printf 'Metadata-Version: 2.1\nName: chatterbox-gateway\nVersion: 0.1.0\n' > $D/METADATA
       printf '[vllm.general_plugins]\nchatterbox_t3 = gateway.engine.vllm.t3.plugin:register\n' > $D/entry_points.txt ;;
     ffmpeg) mkdir -p /root/bin && xz -T0 -dc .gpu/ffmpeg.xz > /root/bin/ffmpeg && chmod +x /root/bin/ffmpeg ;;
-    av) pipi /root/site3 .gpu/extra_av/*.whl ;;
+    # a target of its own: pip --target --upgrade replaces a whole existing folder, and av's
+    # console script would replace /root/site3/bin (py-spy's)
+    av) pipi /root/site4 .gpu/extra_av/*.whl ;;
     check)
       . gateway/tools/gpu/env.sh
       python3 -c 'import vllm, litestar, chatterbox, structlog; print("vllm", vllm.__version__, "litestar ok, chatterbox ok")' || true

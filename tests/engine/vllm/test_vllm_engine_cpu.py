@@ -354,7 +354,7 @@ def test_every_part_of_the_start_is_logged_with_its_time(engine) -> None:
 
 
 def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_path, monkeypatch) -> None:
-    """``vllm_stream_interval`` and ``vllm_max_num_batched_tokens`` reach vLLM's engine arguments (a stand-in ``vllm`` module
+    """``vllm_stream_interval``, ``vllm_max_num_batched_tokens`` and ``vllm_cascade_attention`` reach vLLM's engine arguments (a stand-in ``vllm`` module
     records them: vLLM is not installed on CPU machines)."""
     import types
 
@@ -377,10 +377,13 @@ def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_
     assert engine._engine_config(FAMILIES[ORIGINAL], tmp_path, {}) == "engine"
     assert seen["stream_interval"] == 1 and seen["model"] == str(tmp_path)  # the default: every token
     assert seen["max_num_batched_tokens"] is None  # vLLM's own default for an engine context
+    assert seen["disable_cascade_attn"] is True  # vLLM's default, unless vllm_cascade_attention
     engine.settings = load_settings(environ={}, overrides={"vllm_stream_interval": 4,
-                                                           "vllm_max_num_batched_tokens": 8192})
+                                                           "vllm_max_num_batched_tokens": 8192,
+                                                           "vllm_cascade_attention": True})
     engine._engine_config(FAMILIES[ORIGINAL], tmp_path, {})
     assert seen["stream_interval"] == 4 and seen["max_num_batched_tokens"] == 8192
+    assert seen["disable_cascade_attn"] is False
     with pytest.raises(SettingsError):
         load_settings(environ={}, overrides={"vllm_stream_interval": 0})
 
