@@ -292,6 +292,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     once per request. At 256 Turbo rows attention is 71% of a decode step's GPU time (H100,
     2026-12-05). The same function, other roundings (two kernels merged by log-sum-exp); such
     steps run outside vLLM's full CUDA graphs (piecewise). docs/operations.md."""
+    vocoder_stream_priority: Literal["default", "high"] = "default"
+    """With ``vllm_engine_core = "thread"``: the CUDA stream the vocoder's batches run on.
+    ``default``: the default stream. ``high``: a high-priority stream of its own, so that the
+    GPU schedules the vocoder's waiting kernels before T3's: at one stream the first window's
+    CFM took 68.9 ms in the server beside T3 decoding the same request's next tokens, 42.1
+    alone (H100, 2026-12-05); under load T3 then gets what the vocoder leaves (the opposite
+    of ``vllm_engine_stream_priority high``; the two together are refused). docs/operations.md."""
     vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
     """T3's tokens reach this process from vLLM in groups of this many (a request's first
     token and its last always at once): vLLM's ``stream_interval``. Every group is one
@@ -432,6 +439,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vllm_engine_stream_priority orders T3's kernels against the vocoder's in one CUDA context: it needs "
                 "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
+            )
+        if self.vocoder_stream_priority != "default" and self.vllm_engine_core != "thread":
+            raise ValueError(
+                "vocoder_stream_priority orders the vocoder's kernels against T3's in one CUDA context: it needs "
+                "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
+            )
+        if self.vocoder_stream_priority == "high" and self.vllm_engine_stream_priority == "high":
+            raise ValueError(
+                "vocoder_stream_priority high and vllm_engine_stream_priority high together put both on one priority: "
+                "choose which of T3 and the vocoder goes first"
             )
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")

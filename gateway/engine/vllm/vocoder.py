@@ -194,6 +194,19 @@ def cfm_buckets(policy: WindowPolicy, settings: Settings, *, max_rows: int, max_
     return GraphBuckets.plan(max_rows=max_rows, max_frames=top, min_frames=low, max_cells=max_cells, extra_frames=extra)
 
 
+def worker_stream(device: torch.device, priority: str) -> None:
+    """The vocoder worker thread's initializer: with ``vocoder_stream_priority = "high"`` on a
+    GPU, the thread's CUDA work goes to a high-priority stream of its own (non-blocking with
+    respect to the default stream; the current stream is per thread). What the start queued on
+    the default stream (graph captures, noise tapes) is waited for first, once."""
+    from gateway.engine.vllm.engine_thread import STREAM_PRIORITIES
+
+    if priority == "default" or device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.set_stream(torch.cuda.Stream(device, priority=STREAM_PRIORITIES[priority]))
+
+
 class Vocoder:
     """The vocoder loop shared by all streams of one engine."""
 
@@ -261,7 +274,8 @@ class Vocoder:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder", initializer=worker_stream,
+                                            initargs=(self.batch.device, self.settings.vocoder_stream_priority))
         self._dead = None
         self._task = asyncio.create_task(self._loop(), name="vocoder-loop")
         self._task.add_done_callback(self._loop_ended)

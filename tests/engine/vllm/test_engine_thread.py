@@ -175,3 +175,52 @@ def test_the_engine_thread_takes_a_stream_of_its_priority(monkeypatch, name: str
     with own_cuda_stream(name):
         assert entered == [f"stream{value}"]
     assert made == [value]
+
+
+def test_the_vocoder_stream_priority_needs_the_engine_core_in_a_thread_and_t3_not_high() -> None:
+    with pytest.raises(SettingsError, match="vllm_engine_core thread"):
+        load_settings(environ={}, overrides={"vocoder_stream_priority": "high"})
+    with pytest.raises(SettingsError, match="choose which"):
+        load_settings(environ={}, overrides={"vllm_engine_core": "thread", "vocoder_stream_priority": "high",
+                                             "vllm_engine_stream_priority": "high"})
+    settings = load_settings(environ={}, overrides={"vllm_engine_core": "thread", "vocoder_stream_priority": "high"})
+    assert settings.vocoder_stream_priority == "high"
+    assert load_settings(environ={}).vocoder_stream_priority == "default"
+
+
+def test_the_vocoder_worker_thread_takes_a_high_priority_stream_of_its_own(monkeypatch) -> None:
+    """``vocoder_stream_priority = "high"``: the worker thread's initializer waits for the start's
+    work on the default stream, then makes a stream of PyTorch's high priority its current one
+    (CUDA stood in for: none here); ``default``, or the CPU, leaves the thread as it is."""
+    import torch
+
+    from gateway.engine.vllm import vocoder
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: ("stream", device, priority))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: calls.append(("set_stream", stream)))
+    cuda = torch.device("cuda", 0)
+    vocoder.worker_stream(cuda, "high")
+    assert calls == [("synchronize", cuda), ("set_stream", ("stream", cuda, -1))]
+    calls.clear()
+    vocoder.worker_stream(cuda, "default")
+    vocoder.worker_stream(torch.device("cpu"), "high")
+    assert calls == []
+
+
+async def test_the_vocoder_worker_thread_is_initialised_with_the_setting(s3gen, monkeypatch) -> None:
+    from gateway.engine.vllm import vocoder
+
+    seen: list = []
+    monkeypatch.setattr(vocoder, "worker_stream",
+                        lambda device, priority: seen.append((device.type, priority, threading.current_thread().name)))
+    settings = load_settings({}, {"flow_steps": 1, "max_speech_tokens": 64, "vllm_engine_core": "thread",
+                                  "vocoder_stream_priority": "high"})
+    voc = vocoder.Vocoder(s3gen, settings)
+    await voc.start()
+    try:
+        await asyncio.get_running_loop().run_in_executor(voc._executor, lambda: None)
+    finally:
+        await voc.close()
+    assert len(seen) == 1 and seen[0][:2] == ("cpu", "high") and seen[0][2].startswith("vocoder")
