@@ -324,8 +324,7 @@ class VllmEngine(UpstreamVoices, Engine):
                 pass
 
         waves = []
-        for top_p in variants:
-            sampling = sampling_for(top_p)
+        for top_p, sampling in variants:
             for n in rows:
                 await asyncio.gather(*(drain(sampling) for _ in range(n)))
                 waves.append(f"{n}x top_p={top_p}")

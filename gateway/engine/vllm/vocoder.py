@@ -179,6 +179,10 @@ def schedule_frames(policy: WindowPolicy, prompt_tokens: int) -> list[int]:
     return [TOKEN_MEL_RATIO * n for n in tokens]
 
 
+GRAPH_MIN_FRAMES = 512
+"""The narrowest CFM graph width (frames): a voice prompt alone is ~500 (10 s)."""
+
+
 def cfm_buckets(policy: WindowPolicy, settings: Settings, *, max_rows: int, max_cells: int,
                 max_frames: int | None = None) -> GraphBuckets:
     """The CFM graph shapes: the geometric widths, plus the widths of the window schedule for a
@@ -187,7 +191,7 @@ def cfm_buckets(policy: WindowPolicy, settings: Settings, *, max_rows: int, max_
     widths, and under load (where the solve is arithmetic, not launches) padding is paid in
     full: a regular window's 650 frames ran at 800 (33% more attention, 23% more of the rest)."""
     top = settings.vocoder_graph_max_frames if max_frames is None else max_frames
-    low = min(512, top)
+    low = min(GRAPH_MIN_FRAMES, top)
     geometric = GraphBuckets.plan(max_rows=max_rows, max_frames=top, min_frames=low, max_cells=max_cells)
     prompt = min(PROMPT_TOKENS_GUESS, settings.vocoder_prompt_tokens or PROMPT_TOKENS_GUESS)
     extra = [f for f in schedule_frames(policy, prompt) if geometric.padding(f) > SCHEDULE_PADDING]
@@ -262,7 +266,7 @@ class Vocoder:
         first = self.batch.first_cfm
         if first is not self.batch.cfm:
             widest = TOKEN_MEL_RATIO * (PROMPT_TOKENS_GUESS + self.policy.first_tokens + self.policy.lookahead)
-            top = min(settings.vocoder_graph_max_frames, max(widest, min(512, settings.vocoder_graph_max_frames)))
+            top = min(settings.vocoder_graph_max_frames, max(widest, GRAPH_MIN_FRAMES))
             first.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells,
                                       max_frames=top), pool=self.batch.cfm.pool)
         # The flow encoder at the widths the CFM buckets give a batch (S3GenBatch.bucket), and

@@ -43,15 +43,16 @@ def kernel_flags(sampling: Any) -> tuple[bool, bool]:
     return sampling.top_k > 0, sampling.top_p < 1.0
 
 
-def warm_variants(sampling_for: Callable[[float], Any], default_top_p: float) -> list[float]:
-    """Top-p values, one per flag combination that reaches the kernel: ``sampling_for(top_p)``
+def warm_variants(sampling_for: Callable[[float], Any], default_top_p: float) -> list[tuple[float, Any]]:
+    """(top-p, sampling), one per flag combination that reaches the kernel: ``sampling_for(top_p)``
     is the family's ``T3Sampling`` for a request with that top-p (a family that ignores a
     client's top-p gives its own whatever is asked)."""
-    seen: dict[tuple[bool, bool], float] = {}
+    seen: dict[tuple[bool, bool], tuple[float, Any]] = {}
     for top_p in (default_top_p, *TOP_P_CANDIDATES):
-        flags = kernel_flags(sampling_for(top_p))
+        sampling = sampling_for(top_p)
+        flags = kernel_flags(sampling)
         if any(flags) and flags not in seen:
-            seen[flags] = top_p
+            seen[flags] = (top_p, sampling)
     return list(seen.values())
 
 
