@@ -300,11 +300,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     alone (H100, 2026-12-05); under load T3 then gets what the vocoder leaves (the opposite
     of ``vllm_engine_stream_priority high``; the two together are refused). docs/operations.md."""
     vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
-    """T3's tokens reach this process from vLLM in groups of this many (a request's first
-    token and its last always at once): vLLM's ``stream_interval``. Every group is one
-    ``RequestOutput`` per stream per step on this process's event loop, so at hundreds of
-    streams a group of N cuts that host work ~N times; a first window may wait up to N - 1
-    more steps. docs/operations.md."""
+    """T3's tokens reach this process from vLLM in groups of at most this many (a request's
+    first token and its last always at once; vLLM's ``stream_interval``), each group ending
+    where the stream's next vocoder window becomes due, so no window waits for a group to
+    fill. Every group is one ``RequestOutput`` per stream per step on this process's event
+    loop: at hundreds of streams groups of N cut that host work ~N times. 1: every token at
+    once. docs/operations.md."""
     vocoder_max_batch: PositiveInt = 64
     """Most token windows one batched S3Gen call vocodes."""
     vocoder_max_later_wait_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.5

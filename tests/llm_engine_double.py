@@ -24,6 +24,7 @@ class LLMEngineDouble:
         self.threads: set[int] = set()
         self.shut_down = threading.Event()
         self.engine_core = SimpleNamespace(shutdown=self._shutdown)
+        self.output_processor = SimpleNamespace(external_req_ids={}, request_states={})  # LLMEngine's, as AsyncLLM's
 
     def _called(self) -> None:
         self.threads.add(threading.get_ident())

@@ -57,6 +57,7 @@ from gateway.engine.base import (SAMPLE_RATE, AudioChunk, BatchStats, Engine, Ge
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm import gpu_serial
+from gateway.engine.vllm.t3.delivery import regroup
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS
 from gateway.engine.vllm.watermark import StreamWatermark
 from gateway.engine.vllm.watermark_batch import WatermarkBatcher
@@ -559,6 +560,9 @@ class VllmEngine(UpstreamVoices, Engine):
         """Speech token deltas from vLLM into the vocoder stream, then the family's tail
         tokens (after any speech), then ``finish``."""
         counted = runtime.counts.request()
+        cap = self.settings.vllm_stream_interval
+        # groups of up to cap tokens, each ending where the stream's next window is due
+        outputs = getattr(runtime.llm, "output_processor", None) if cap > 1 else None
         try:
             async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id):
                 ids = out.outputs[0].token_ids
@@ -566,6 +570,8 @@ class VllmEngine(UpstreamVoices, Engine):
                 generated.tokens += made
                 counted.delivered(made)
                 stream.push(ids)
+                if outputs is not None and not out.finished:
+                    regroup(outputs, request_id, stream.tokens_wanted(), cap)
             if generated.tokens and runtime.t3.tail_tokens:
                 stream.push(runtime.t3.tail_tokens)
             stream.finish()

@@ -83,6 +83,7 @@ class ThreadedLLM:
         self._ended: str | None = None  # why the thread ended: the error's text, or "shut down"
         self._stream = stream or own_cuda_stream
         self._start_error: BaseException | None = None
+        self._engine: Any = None
         self._thread = threading.Thread(target=self._run, args=(make_engine,), name=name, daemon=True)
         self._thread.start()
         self._started.wait()
@@ -128,6 +129,13 @@ class ThreadedLLM:
             if not finished:
                 self._submit("abort", request_id)
 
+    @property
+    def output_processor(self) -> Any:
+        """The engine's output processor (vLLM's ``OutputProcessor``), as ``AsyncLLM`` has
+        one: the engine thread runs it; from another thread, read its request states and set
+        no more than one attribute at a time (:mod:`gateway.engine.vllm.t3.delivery`)."""
+        return self._engine.output_processor
+
     async def check_health(self) -> None:
         if self._closed or not self._thread.is_alive():
             raise self._ended_error()
@@ -162,6 +170,7 @@ class ThreadedLLM:
                 self._closed = True
                 self._started.set()
                 return
+            self._engine = engine
             self._started.set()
             try:
                 self._serve(engine)

@@ -94,6 +94,8 @@ class VocoderStream:
         self._finished = False
         self._closed = False
         self._in_flight = False
+        self._flight_end: int | None = None
+        """The in-flight window's end (None when it is final: no more windows)."""
         self._committed = 0
         self._index = 0
         self._idle_since = host.next_ticket()  # queue position: lower waits longer
@@ -162,6 +164,22 @@ class VocoderStream:
         finally:
             self.cancel()
 
+    def tokens_wanted(self) -> int | None:
+        """The token count at which this stream's next window becomes due (its tokens plus
+        the lookahead, at the planned size), None when no window waits for tokens (one-shot:
+        all at the end; the final window in flight; ended). T3's deliveries end their groups
+        here (:mod:`gateway.engine.vllm.t3.delivery`)."""
+        if self._closed or self.one_shot:
+            return None
+        policy = self._host.policy
+        if self._in_flight:
+            if self._flight_end is None:
+                return None
+            committed, index = self._flight_end, self._index + 1
+        else:
+            committed, index = self._committed, self._index
+        return committed + policy.size(index) + policy.lookahead
+
     @property
     def closed(self) -> bool:
         """True once the stream has ended (finished, cancelled or failed)."""
@@ -206,6 +224,7 @@ class VocoderStream:
     def take(self, window: Window) -> WindowJob:
         """Mark ``window`` in flight and snapshot what the worker thread needs for it."""
         self._in_flight = True
+        self._flight_end = None if window.final else window.end
         self._ready_since = None
         seam = self._seam
         return WindowJob(

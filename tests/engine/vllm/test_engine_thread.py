@@ -54,6 +54,13 @@ async def test_requests_stream_in_order_and_only_the_engine_thread_touches_the_e
     assert sorted(r for r, _, _ in double.added) == ["r0", "r1", "r2", "r3"] and double.aborted == []
 
 
+async def test_the_engines_output_processor_is_reachable_as_async_llms_is(double_and_llm) -> None:
+    """The token grouping (``vllm_stream_interval``) sets per-request intervals in the
+    engine's output processor, which ``AsyncLLM`` and ``LLMEngine`` both have."""
+    double, llm = double_and_llm()
+    assert llm.output_processor is double.output_processor
+
+
 async def test_an_idle_engine_thread_waits_instead_of_stepping(double_and_llm) -> None:
     double, llm = double_and_llm()
     await _collect(llm, "a")
