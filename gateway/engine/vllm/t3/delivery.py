@@ -6,9 +6,9 @@ vLLM hands a streaming request's new tokens to this process in groups of its
 ``RequestOutput`` per stream per step, made by vLLM's output processor and handed through the
 engine's token task into the vocoder stream. At hundreds of streams that per-token host work
 competes with T3's own steps (H100, 2026-12-05: Turbo at 256 streams 211.7 audio-s/s with
-groups of 1, 259.1 with groups of 8, ungrouped by window; docs/benchmarks.md). But a plain interval delays the
-tokens a window waits for: with groups of 8, Turbo's 13-token first window (10 + 3 lookahead)
-would get its tokens at the 17th.
+groups of 1, 259.1 with vLLM's plain groups of 8; docs/benchmarks.md). But plain groups delay
+the tokens a window waits for: with groups of 8, Turbo's 13-token first window (10 + 3
+lookahead) would get its tokens at the 17th.
 
 So with an interval ``cap`` of 2 or more, after each group the request's own interval (vLLM
 keeps one per request, ``RequestState.stream_interval``) is set to the tokens still missing
