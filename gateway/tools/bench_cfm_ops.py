@@ -12,7 +12,11 @@ Turbo's mean-flow solve) on random S3Gen weights:
 * on CUDA, **kernels per solve** (the profiler's device kernels of one eager solve) and the
   **ms per solve**, eager and replayed as the CUDA graph the vocoder captures (median of
   ``--repeats``);
-* the CPU milliseconds of an eager solve (on a GPU host too: the host's share).
+* the CPU milliseconds of an eager solve (on a GPU host too: the host's share);
+* **GFLOP per solve** (matrix products, convolutions and attention, counted from their
+  shapes in the same dispatch mode: device-independent) and, on CUDA, what the graph replay
+  achieves of it in **TFLOP/s**: against the card's peak, the headroom a faster CFM kernel
+  set could take (an H100's dense bf16 peak is ~990 TFLOP/s).
 
 Rows: ``--rows`` batch sizes x window widths in mel frames (``--frames``: 546 is a first
 window with a 10 s voice prompt, 646 a regular one, 600 one-shot 10 s with a 5 s prompt) x
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from gateway.engine.vllm.cfm_solver import MEL_BINS, CfmSolver, GraphBuckets
 from gateway.engine.vllm.meanflow_solver import flow_solver
@@ -44,26 +49,60 @@ NO_KERNEL = frozenset({"aten.dropout", "aten.lift_fresh", "aten.detach", "aten.a
                        "aten.empty_like", "aten.empty_strided", "aten._reshape_alias", "aten._unsafe_view"})
 
 
+CONVOLUTIONS = frozenset({"aten.conv1d", "aten.conv2d", "aten.convolution", "aten._convolution"})
+ATTENTION = frozenset({"aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu"})
+
+
+def op_flops(name: str, args: Sequence[Any], out: Any) -> int:
+    """Floating-point operations of one dispatched operation (a multiply-add is 2): matrix
+    products, convolutions and attention, from their shapes (0 for the rest). The dispatch
+    mode sees composite operations (``aten.linear``, ``aten.conv1d``) before they decompose,
+    so they are counted here; the rest by torch's own formulas (``torch.utils.flop_counter``)."""
+    if name == "aten.linear":
+        x, weight = args[0], args[1]
+        return 2 * (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+    if name == "aten.matmul":
+        return 2 * out.numel() * args[0].shape[-1]
+    if name in CONVOLUTIONS:  # each output element: (input channels / groups) x kernel multiply-adds
+        return 2 * out.numel() * args[1][0].numel()
+    if name in ATTENTION:
+        query, key, value = args[:3]
+        return int(sdpa_flop_count(query.shape, key.shape, value.shape))
+    return 0
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the operations dispatched inside it that compute something (not views)."""
+    """Counts the operations dispatched inside it that compute something (not views), and
+    their floating-point operations (:func:`op_flops`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         out = func(*args, **(kwargs or {}))
-        name = str(func.overloadpacket)
+        packet = func.overloadpacket
+        name = str(packet)
         if not func.is_view and name not in NO_KERNEL:
             self.ops[name] += 1
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **(kwargs or {}), out_val=out)
+        else:
+            self.flops += op_flops(name, args, out)
         return out
 
 
-def count_ops(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> collections.Counter[str]:
+def count_solve(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> OpCounter:
+    """One eager solve's operations and FLOPs."""
     counter = OpCounter()
     with counter:
         solver.solve_eager(*inputs)
-    return counter.ops
+    return counter
+
+
+def count_ops(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> collections.Counter[str]:
+    return count_solve(solver, inputs).ops
 
 
 def solve_inputs(rows: int, frames: int, device: str, seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -114,10 +153,11 @@ def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], r
             for r in rows:
                 inputs = solve_inputs(r, f, device)
                 solver.solve_eager(*inputs)  # first-call costs (and a compile) out
-                ops = count_ops(solver, inputs)
+                counted = count_solve(solver, inputs)
+                ops = counted.ops
                 row: dict[str, Any] = {
                     "model": model, "rows": r, "frames": f, "steps": steps, "compile": solver.compile,
-                    "ops_per_solve": sum(ops.values()),
+                    "ops_per_solve": sum(ops.values()), "gflop_per_solve": round(counted.flops / 1e9, 1),
                     "eager_ms": round(_timed(lambda: solver.solve_eager(*inputs), repeats, device), 2),
                     "top_ops": dict(ops.most_common(8)),
                 }
@@ -125,6 +165,7 @@ def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], r
                     row["kernels_per_solve"] = cuda_kernels(lambda: solver.solve_eager(*inputs))
                     solver.capture(GraphBuckets(rows=(r,), frames=(f,), max_cells=r * f))
                     row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
+                    row["graph_tflops"] = round(counted.flops / 1e9 / row["graph_ms"], 1)  # GFLOP/ms
                     solver.buckets, solver._graphs = None, {}
                 out.append(row)
                 print({k: v for k, v in row.items() if k != "top_ops"}, flush=True)
@@ -150,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(models, [int(v) for v in args.rows.split(",") if v], [int(v) for v in args.frames.split(",") if v],
                    max(1, args.repeats), device, args.compile)
-    print_rows(rows, ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "kernels_per_solve", "eager_ms",
-                      "graph_ms"])
+    print_rows(rows, ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "gflop_per_solve",
+                      "kernels_per_solve", "eager_ms", "graph_ms", "graph_tflops"])
     if args.json:
         write_result(args.json, "gateway.tools.bench_cfm_ops", argv, device, rows, torch=torch.__version__)
     return 0
