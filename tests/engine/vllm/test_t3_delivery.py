@@ -159,23 +159,28 @@ def _engine(s3gen, tmp_path, tokens: list[int], interval: int, step_s: float):
     return engine, runtime
 
 
+async def _one_chunk(s3gen, engine: VllmEngine, runtime, max_tokens: int) -> list:
+    """One streamed text chunk through the engine's chunk path: its audio chunks."""
+    ref = parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
+    job = SynthesisJob("r1", ("Hello.",), Voice("v", "v", SimpleNamespace(gen=ref)),
+                       GenerationParams(max_speech_tokens=max_tokens), streaming=True)
+    await runtime.vocoder.start()
+    try:
+        return [chunk async for chunk in engine._chunk(runtime, job, 0, "Hello.")]
+    finally:
+        await runtime.vocoder.close()
+
+
 @pytest.mark.parametrize("step_s", [0.0, 0.02])
 async def test_the_engine_groups_t3s_tokens_without_delaying_a_window(s3gen, tmp_path, step_s: float) -> None:
     """Through the engine's chunk path, the real vocoder on random S3Gen weights (CPU): with
     groups of up to 5, the first window's tokens (6 + 3 lookahead) arrive as 1, 5 and 3 (a
-    group ends at the 9th, not at the 11th); every token arrives once and in order, all are vocoded, and
-    there are fewer deliveries than tokens. ``step_s``: T3's step time (0: the vocoder never
+    group ends at the 9th, not at the 11th); every token arrives once and in order, all are
+    vocoded, and there are fewer deliveries than tokens. ``step_s``: T3's step time (0: the vocoder never
     runs between steps; 20 ms: windows go in flight while T3 decodes)."""
     tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     engine, runtime = _engine(s3gen, tmp_path, tokens, 5, step_s)
-    ref = parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
-    job = SynthesisJob("r1", ("Hello.",), Voice("v", "v", SimpleNamespace(gen=ref)),
-                       GenerationParams(max_speech_tokens=40), streaming=True)
-    await runtime.vocoder.start()
-    try:
-        chunks = [chunk async for chunk in engine._chunk(runtime, job, 0, "Hello.")]
-    finally:
-        await runtime.vocoder.close()
+    chunks = await _one_chunk(s3gen, engine, runtime, len(tokens))
     deltas = runtime.llm.deltas
     assert [t for d in deltas for t in d] == tokens
     ends = np.cumsum([len(d) for d in deltas]).tolist()
@@ -190,13 +195,6 @@ async def test_groups_of_one_leave_vllm_alone(s3gen, tmp_path) -> None:
     tokens = list(range(100, 120))
     engine, runtime = _engine(s3gen, tmp_path, tokens, 1, 0.0)
     runtime.llm.output_processor = _Untouchable()  # the engine must not reach for vLLM's request states
-    ref = parity_vocoder.reference_dict(s3gen, 12, 120.0, 0)
-    job = SynthesisJob("r1", ("Hello.",), Voice("v", "v", SimpleNamespace(gen=ref)),
-                       GenerationParams(max_speech_tokens=20), streaming=True)
-    await runtime.vocoder.start()
-    try:
-        chunks = [chunk async for chunk in engine._chunk(runtime, job, 0, "Hello.")]
-    finally:
-        await runtime.vocoder.close()
+    chunks = await _one_chunk(s3gen, engine, runtime, len(tokens))
     assert [len(d) for d in runtime.llm.deltas] == [1] * 20
     assert sum(c.samples.size for c in chunks) == 20 * 960
