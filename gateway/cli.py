@@ -100,7 +100,8 @@ def run_server(app: Any, settings: Settings) -> None:
     ``shutdown_grace_s`` in total to finish (the rest are dropped), and run the app's shutdown.
 
     The soft open-files limit is raised to the hard one first: connections are capped below
-    it (``gateway.server.http_server``), so running out of descriptors means refusals."""
+    it (``gateway.server.http_server``), so running out of descriptors means refusals; the
+    GIL's switch interval is ``gil_switch_interval_ms`` when that is set."""
     import uvicorn
 
     from gateway.http.connection_limits import raise_descriptor_limit
@@ -108,6 +109,8 @@ def run_server(app: Any, settings: Settings) -> None:
 
     raise_descriptor_limit()
     install_accept_log_limit()
+    if settings.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     uvicorn.Server(server_config(app, settings)).run()
 
 

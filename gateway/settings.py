@@ -299,6 +299,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     CFM took 68.9 ms in the server beside T3 decoding the same request's next tokens, 42.1
     alone (H100, 2026-12-05); under load T3 then gets what the vocoder leaves (the opposite
     of ``vllm_engine_stream_priority high``; the two together are refused). docs/operations.md."""
+    gil_switch_interval_ms: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    """How long a thread of this process may hold the GIL while another waits for it
+    (Python's ``sys.setswitchinterval``; 0: Python's own, 5 ms). With ``vllm_engine_core =
+    "thread"`` the engine thread gives the GIL up at every wait for the GPU and then waits up
+    to this long for it back while the event loop or the vocoder's thread runs Python: at 256
+    Turbo streams it ran only 40% of the time with the GIL free half of it (H100, 2026-12-05).
+    Shorter: sooner back, more switches. docs/operations.md."""
     vllm_stream_interval: Annotated[int, Meta(ge=1, le=64)] = 1
     """T3's tokens reach this process from vLLM in groups of at most this many (a request's
     first token and its last always at once; vLLM's ``stream_interval``), each group ending
