@@ -68,11 +68,14 @@ def test_settings_on_the_command_line_are_typed() -> None:
 
 def test_a_row_can_run_the_served_vocoder_and_watermark(tmp_path: Path) -> None:
     """--vocoder real: S3Gen (random weights) and the batched Perth pass as the engine builds
-    them, on the CPU here; the row says which vocoder ran and what the setting changed."""
+    them, on the CPU here; the row says which vocoder ran and what the setting changed. The
+    flow sees 25 of the voice's prompt tokens (not its 10 s): one window of the whole prompt
+    took 19 s on a 2-core AMD EPYC (2026-12-05), longer than the row's window."""
     out = tmp_path / "rows.json"
-    assert bench_engine_host.main(["--model", TURBO, "--streams", "1", "--seconds", "6", "--tokens", "8",
+    assert bench_engine_host.main(["--model", TURBO, "--streams", "1", "--seconds", "8", "--tokens", "8",
                                    "--t3-step-ms", "1,0", "--vocoder", "real", "--device", "cpu", "--watermark",
-                                   "--setting", "vocoder_max_batch=2", "--json", str(out)]) == 0
+                                   "--setting", "vocoder_max_batch=2", "--setting", "vocoder_prompt_tokens=25",
+                                   "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["vocoder"], row["watermark"], row["errors"]) == ("real (cpu)", True, 0), row["first_error_trace"]
     assert row["utterances_done"] >= 1 and row["steady_audio_s_per_s"] > 0
