@@ -94,10 +94,17 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_solve(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> OpCounter:
-    """One eager solve's operations and FLOPs."""
+    """One eager solve's operations and FLOPs (the same function's, compiled or not).
+
+    A compiled solver's own blocks never run under the counting dispatch mode: dynamo does not
+    trace under one, and once a compiled function has run under it, that function runs its
+    plain Python from then on (torch 2.11, seen on the H100 on 2026-12-05: "compiled" rows with
+    the plain solve's 12574 kernels). Its plain twin, on the same decoder, is counted instead."""
+    counted = solver if solver.compile == "off" else flow_solver(
+        solver.decoder, steps=solver.steps, device=solver.device, dtype=solver.dtype)
     counter = OpCounter()
     with counter:
-        solver.solve_eager(*inputs)
+        counted.solve_eager(*inputs)
     return counter
 
 

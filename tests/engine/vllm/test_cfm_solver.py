@@ -209,3 +209,27 @@ def test_graph_buckets_take_extra_widths_within_their_range() -> None:
     assert b.fit(1, 541) == (1, 544) and b.fit(3, 650) == (4, 672)
     assert b.padding(540) == pytest.approx(1 - 540 / 544) and b.padding(673) == pytest.approx(1 - 673 / 800)
     assert b.padding(1025) == 1.0, "no graph holds it"
+
+
+def test_counting_a_compiled_solver_leaves_its_compiled_code_in_use(tiny_cfm_decoder, cfm_inputs) -> None:
+    """The benchmark counts a solve's operations before it times the compiled solve: the count
+    must not turn the compiled blocks back into plain Python (it did: torch.compile's frames run
+    uncompiled after a call under a dispatch mode, so the "compiled" rows timed the plain solve)."""
+    from gateway.tools import bench_cfm_ops
+
+    decoder = tiny_cfm_decoder()
+    args = cfm_inputs(1, 24, [24], seed=1)
+    plain = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    compiled = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
+    compiled.solve_eager(*args)
+
+    def compiled_regions() -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            compiled.solve_eager(*args)
+        return sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
+
+    assert compiled_regions() > 0
+    counted = bench_cfm_ops.count_solve(compiled, args)
+    assert compiled_regions() > 0, "the count must leave the compiled blocks compiled"
+    assert counted.ops == bench_cfm_ops.count_solve(plain, args).ops and counted.flops > 0
+    assert compiled.compile == "dynamic"
