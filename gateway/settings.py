@@ -299,6 +299,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     CFM took 68.9 ms in the server beside T3 decoding the same request's next tokens, 42.1
     alone (H100, 2026-12-05); under load T3 then gets what the vocoder leaves (the opposite
     of ``vllm_engine_stream_priority high``; the two together are refused). docs/operations.md."""
+    t3_first_window_pause_ms: Annotated[float, Meta(ge=0.0, le=1000.0)] = 0.0
+    """With ``vllm_engine_core = "thread"``: T3 takes no step while a vocoder batch with a
+    first window runs on the GPU, for at most this long, when no stream T3 decodes for would
+    feel it (each waits for its first window's audio or has over a second of audio ahead of its
+    listener beyond the pause). At one stream the first window's CFM took 67 ms beside T3's
+    decoding, 42 ms alone (H100, 2026-12-05). 0: never. docs/operations.md."""
     gil_switch_interval_ms: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
     """How long a thread of this process may hold the GIL while another waits for it
     (Python's ``sys.setswitchinterval``; 0: Python's own, 5 ms). With ``vllm_engine_core =
@@ -452,6 +458,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vocoder_stream_priority orders the vocoder's kernels against T3's in one CUDA context: it needs "
                 "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
+            )
+        if self.t3_first_window_pause_ms > 0 and self.vllm_engine_core != "thread":
+            raise ValueError(
+                "t3_first_window_pause_ms pauses T3's engine thread: it needs vllm_engine_core thread (an engine core "
+                "process steps on its own)"
             )
         if self.vocoder_stream_priority == "high" and self.vllm_engine_stream_priority == "high":
             raise ValueError(

@@ -110,6 +110,10 @@ class BatchStats:
     widths and row counts): ``1 - cfm_frames / cfm_solved_frames`` is the padding's share."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
+    t3_pauses: int = 0
+    """Times T3 was held for a batch with first windows (``t3_first_window_pause_ms``)."""
+    t3_paused_s: float = 0.0
+    """Seconds T3's engine thread waited in those holds."""
     watermark_passes: int = 0
     """Batched watermark passes (every stream's queued windows in one)."""
     watermark_rows: int = 0

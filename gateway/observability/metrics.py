@@ -110,6 +110,9 @@ class _BatchStats(_EngineCollector):
             "vocoder_cfm_frames": ("Mel frames of real rows the flow's CFM solves computed.", stats.cfm_frames),
             "vocoder_cfm_solved_frames": ("Mel frames the CFM solves computed, their CUDA graphs' padding "
                                           "(width and rows) included.", stats.cfm_solved_frames),
+            "t3_first_window_pauses": ("Times T3 was held while a vocoder batch with first windows ran.",
+                                       stats.t3_pauses),
+            "t3_first_window_paused_seconds": ("Seconds T3 waited in those holds.", stats.t3_paused_s),
             "watermark_passes": ("Batched watermark passes.", stats.watermark_passes),
             "watermark_windows": ("Windows the batched watermark passes marked.", stats.watermark_rows),
             "watermark_busy_seconds": ("Seconds the watermark's worker spent in passes (one worker: at a busy "

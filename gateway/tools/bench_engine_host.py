@@ -114,7 +114,7 @@ class DeviceFreeVocoder(Vocoder):
         super().__init__(*args, **kwargs)
         self._ready_at = {}
 
-    def launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
+    def _launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
         clock = BatchClock(torch.device("cpu"))
         outcomes: list[WindowResult | Exception | None] = []
         for job in jobs:

@@ -338,6 +338,10 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     solved = delta("vocoder_cfm_solved_frames")
     if solved > 0:  # what the CFM graphs' widths and row counts padded the solves with
         row["vocoder_cfm_padding_share"] = round(1.0 - delta("vocoder_cfm_frames") / solved, 3)
+    pauses = delta("t3_first_window_pauses")
+    if pauses > 0:  # t3_first_window_pause_ms: how often T3 waited for first windows, how long each time
+        row["t3_pauses"] = int(pauses)
+        row["t3_pause_mean_ms"] = round(delta("t3_first_window_paused_seconds") / pauses * 1000, 1)
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
         row["vocoder_whole_utterance_windows"] = int(delta("vocoder_whole_utterance_windows"))
     # how late the server's event loop ran what was due, on average over the steady span

@@ -120,13 +120,13 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
     first = SimpleNamespace(window=Window(0, 0, 0, 20, 23, False), mel_tail=None, carry=0)
     whole = SimpleNamespace(window=Window(0, 0, 0, 250, 250, True), mel_tail=None, carry=0)
     t0 = time.perf_counter()
-    launched = vocoder.launch_batch([first, whole], {})
+    launched = vocoder._launch_batch([first, whole], {})
     frames = 2 * (VOICE_PROMPT_TOKENS + 23) + 2 * (VOICE_PROMPT_TOKENS + 250)
     want = (10.0 + 5.0 * 2 + 100.0 * frames / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
     # with CUDA graph widths each row costs the width it pads to
     vocoder.batch.cfm = SimpleNamespace(frames_for=lambda frames: -(-frames // 512) * 512)
     t0 = time.perf_counter()
-    launched = vocoder.launch_batch([first, whole], {})
+    launched = vocoder._launch_batch([first, whole], {})
     want = (10.0 + 5.0 * 2 + 100.0 * (1024 + 1024) / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05

@@ -276,10 +276,14 @@ class VllmEngine(UpstreamVoices, Engine):
     def _build_vocoder(self, runtime: FamilyRuntime, device: Any) -> None:
         import torch
 
+        from gateway.engine.vllm.engine_thread import ThreadedLLM
+        from gateway.engine.vllm.t3_pause import T3Pause
         from gateway.engine.vllm.vocoder import Vocoder, with_own_flow
 
         runtime.vocoder = Vocoder(with_own_flow(runtime.components.s3gen), self.settings, device=device,
                                   flow_dtype=torch.bfloat16, flow_steps=runtime.family.flow_steps)
+        if self.settings.t3_first_window_pause_ms > 0 and isinstance(runtime.llm, ThreadedLLM):
+            runtime.vocoder.t3_pause = runtime.llm.pause = T3Pause(self.settings.t3_first_window_pause_ms / 1000)
 
     async def _warm_up(self, runtime: FamilyRuntime) -> None:
         """One short request through the family's T3 and vocoder (first-call costs stay out of
@@ -409,6 +413,8 @@ class VllmEngine(UpstreamVoices, Engine):
                           cfm_frames=sum(s.cfm_frames for s in stats),
                           cfm_solved_frames=sum(s.cfm_solved_frames for s in stats),
                           device_busy_s=sum(s.device_busy_s for s in stats),
+                          t3_pauses=sum(v.t3_pause.holds for v in vocoders if v.t3_pause is not None),
+                          t3_paused_s=sum(v.t3_pause.held_s for v in vocoders if v.t3_pause is not None),
                           **self._watermark_counters())
 
     def _watermark_counters(self) -> dict[str, Any]:

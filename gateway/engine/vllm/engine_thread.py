@@ -41,6 +41,8 @@ from typing import Any
 
 import structlog
 
+from gateway.engine.vllm.t3_pause import T3Pause
+
 log = structlog.get_logger("gateway.engine")
 
 STOP_TIMEOUT_S = 60.0
@@ -84,6 +86,9 @@ class ThreadedLLM:
         self._stream = stream or own_cuda_stream
         self._start_error: BaseException | None = None
         self._engine: Any = None
+        self.pause: T3Pause | None = None
+        """Held by the vocoder while a batch of first windows runs (``t3_first_window_pause_ms``):
+        the thread waits it out before its next step (:mod:`gateway.engine.vllm.t3_pause`)."""
         self._thread = threading.Thread(target=self._run, args=(make_engine,), name=name, daemon=True)
         self._thread.start()
         self._started.wait()
@@ -212,6 +217,8 @@ class ThreadedLLM:
                 elif command == "abort" and self._requests.pop(value, None) is not None:
                     engine.abort_request([value])
             if engine.has_unfinished_requests():
+                if self.pause is not None:
+                    self.pause.wait()
                 step: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
                 for output in engine.step():
                     request = self._requests.get(output.request_id)

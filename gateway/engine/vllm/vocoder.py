@@ -55,6 +55,7 @@ import torch
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.cfm_solver import GraphBuckets
+from gateway.engine.vllm.t3_pause import T3Pause, t3_may_pause
 from gateway.engine.vllm.s3gen_batch import (
     BatchClock,
     FlowRow,
@@ -255,6 +256,9 @@ class Vocoder:
         self._failed_batches = 0
         """Batches failed in a row (reset by a success): a sticky device fault fails them all."""
         self._dead: BaseException | None = None
+        self.t3_pause: T3Pause | None = None
+        """T3's engine thread pauses while batches with first windows run, when set (the engine
+        sets it with ``t3_first_window_pause_ms``; :mod:`gateway.engine.vllm.t3_pause`)."""
 
     def _capture(self, max_batch_tokens: int) -> None:
         """CUDA graphs for the CFM solves: every bucket for regular windows; for first windows
@@ -393,10 +397,13 @@ class Vocoder:
             if chosen:
                 jobs = [stream.take(window) for stream, window in chosen]
                 refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
+                pause = self._pause_t3(jobs)
                 t0 = time.perf_counter()
                 try:
-                    launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs)
+                    launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs, pause)
                 except Exception as exc:  # the whole batch failed: fail its streams, keep serving
+                    if pause:
+                        self.t3_pause.release()  # type: ignore[union-attr]
                     self._failed_batches += 1
                     self._settle(jobs, [exc] * len(jobs))
                 else:
@@ -422,6 +429,17 @@ class Vocoder:
                 continue
             self._wake.clear()
             await self._wake.wait()
+
+    def _pause_t3(self, jobs: Sequence[WindowJob]) -> bool:
+        """Hold T3's next steps for this batch (taken, not launched yet) when it carries a
+        first window and no stream T3 decodes for would feel the pause."""
+        pause = self.t3_pause
+        if pause is None or not any(job.window.index == 0 for job in jobs):
+            return False
+        if not t3_may_pause(self._streams, pause.max_s, time.monotonic()):
+            return False
+        pause.hold()
+        return True
 
     def _settle(self, jobs: Sequence[WindowJob], outcomes: Sequence[WindowResult | Exception]) -> None:
         for job, outcome in zip(jobs, outcomes):
@@ -467,12 +485,17 @@ class Vocoder:
         """Worker thread: :meth:`launch_batch` then :meth:`finish_batch` (one batch, no overlap)."""
         return self.finish_batch(self.launch_batch(jobs, refs))
 
-    def launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
+    def launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]],
+                     pause_t3: bool = False) -> _Launched:
         """Worker thread: queue the batch's work on the device (flow for all rows at once,
         then HiFT grouped by length, then the copy of the audio to host memory) without
-        waiting for any of it. A row whose voice cannot be prepared fails alone."""
+        waiting for any of it. A row whose voice cannot be prepared fails alone.
+        ``pause_t3``: T3 is held (:meth:`_pause_t3`) until this work is done on the device."""
         with gpu_serial.serial(self.serial, "vocoder batch"):
-            return self._launch_batch(jobs, refs)
+            launched = self._launch_batch(jobs, refs)
+        if pause_t3 and self.t3_pause is not None:
+            self.t3_pause.until(_queued_work_done(self.batch.device))
+        return launched
 
     def _launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
         started = time.perf_counter()
@@ -525,3 +548,13 @@ class Vocoder:
                 for part, at in ends:
                     trace.mark(f"vocoder: {part}", at=at)
         return outcomes  # type: ignore[return-value]
+
+
+def _queued_work_done(device: torch.device) -> Callable[[], bool]:
+    """Whether the work queued so far on this thread's current stream has run (a CUDA event's
+    ``query``: never blocks); on the CPU the work ran as it was queued."""
+    if device.type != "cuda":
+        return lambda: True
+    event = torch.cuda.Event()
+    event.record()
+    return event.query

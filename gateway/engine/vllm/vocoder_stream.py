@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gateway.engine.base import SPEECH_TOKENS_PER_SECOND
 from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, fill_window, next_window
 from gateway.errors import EngineError
 from gateway.observability.timeline import Timeline
@@ -108,6 +109,8 @@ class VocoderStream:
         self._first_due: float | None = None
         """When T3 had made the first window's tokens (monotonic): how long the first window
         has waited for the vocoder since (``first_grow_after_s``), planned or not."""
+        self._first_audio_at: float | None = None
+        """When the first window's audio was queued for the consumer (monotonic)."""
         self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
 
     @property
@@ -185,6 +188,25 @@ class VocoderStream:
         """True once the stream has ended (finished, cancelled or failed)."""
         return self._closed
 
+    # --- what a T3 pause weighs (:mod:`gateway.engine.vllm.t3_pause`) ---------------------
+    @property
+    def t3_done(self) -> bool:
+        """T3 has made all of this stream's tokens (``finish`` was called)."""
+        return self._finished
+
+    @property
+    def first_window_taken(self) -> bool:
+        """The first window has gone to the vocoder (in flight or delivered): the stream's
+        first audio waits for the vocoder, not for T3."""
+        return self._index > 0 or self._in_flight
+
+    def t3_lead_s(self, now: float) -> float | None:
+        """Seconds of audio T3 has made for this stream beyond what its listener has heard by
+        ``now``, playing from the first audio in real time; None before the first audio."""
+        if self._first_audio_at is None:
+            return None
+        return len(self._tokens) / SPEECH_TOKENS_PER_SECOND - (now - self._first_audio_at)
+
     # --- loop side ----------------------------------------------------------------------
     @property
     def ready_since(self) -> float | None:
@@ -253,6 +275,8 @@ class VocoderStream:
             self.trace.mark("vocoder audio delivered")
             self.trace = None
         if audio.size:
+            if self._first_audio_at is None:
+                self._first_audio_at = time.monotonic()
             self._queue.put_nowait((audio, self._committed))
         if window.final:
             self.end(None)
