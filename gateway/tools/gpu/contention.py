@@ -17,7 +17,14 @@ second:
   waiting ones, so T3's steps need not queue behind a vocoder batch;
 - ``process``: the decoder in a second process (two contexts: without MPS the GPU time-slices
   between them, which is how vLLM's engine core and our vocoder share the card today);
-- ``decoder alone``: its steps per second with no solve (what the others lose).
+- ``decoder alone``: its steps per second with no solve (what the others lose);
+- with ``--green-sms N,...``, for each N: ``solve on N SMs alone`` and ``thread, solve on N
+  SMs``: the solve's graph replayed on the stream of a CUDA green context of N SMs
+  (``vocoder_sms``), the decoder on the whole card. Kernels are not pre-empted: a decode
+  kernel waits for an SM that the solve's blocks leave free, and a solve confined to N SMs
+  leaves the rest free all the time. The first row says whether a graph replay keeps to the
+  partition (a solve that fills the card slows by about the SMs taken away), the second what
+  the decoder gets back.
 
 The solves run back to back (a vocoder never idle, as under load), so the decoder's rate in
 each row against ``decoder alone`` is what T3 loses to the vocoder's work in that arrangement.
@@ -118,17 +125,38 @@ def _captured(x: torch.Tensor, w: torch.Tensor, ops: int) -> torch.cuda.CUDAGrap
     return graph
 
 
-def _time_solves(graph: torch.cuda.CUDAGraph, seconds: float) -> list[float]:
+def _time_solves(graph: torch.cuda.CUDAGraph, seconds: float, stream: torch.cuda.Stream | None = None) -> list[float]:
     """Replays of a graph captured beforehand: as the vocoder's, captured once at start (a
-    capture while the decode thread synchronises its stream fails: capture mode is global)."""
+    capture while the decode thread synchronises its stream fails: capture mode is global);
+    on ``stream`` when given (a green context's)."""
     times = []
     until = time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        start = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+    with torch.cuda.stream(stream):  # None: the current stream
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+def _with_decoder(graph: torch.cuda.CUDAGraph, seconds: float, chain: int, host_s: float, priority: int,
+                  solve_stream: torch.cuda.Stream | None = None) -> tuple[list[float], float]:
+    """The solves' times and the decoder's steps per second, the decoder in a thread."""
+    stop, counts = threading.Event(), [0]
+    stream = torch.cuda.Stream(torch.device("cuda", 0), priority=priority)  # -1: PyTorch's high-priority pool
+    thread = threading.Thread(target=_decode_loop, args=(chain, host_s, stop, None, stream, counts))
+    began = time.time()
+    thread.start()
+    times = _time_solves(graph, seconds, solve_stream)
+    stop.set()
+    thread.join()
+    return times, counts[0] / (time.time() - began)
+
+
+def _row(scenario: str, times: list[float], steps: float | None) -> dict[str, object]:
+    return {"scenario": scenario, "solve_p50_ms": statistics.median(times) if times else None,
+            "solve_max_ms": max(times) if times else None, "solves": len(times), "decode_steps_per_s": steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-gpu-ms", type=float, default=1.0)
     parser.add_argument("--decode-host-ms", type=float, default=1.5)
     parser.add_argument("--seconds", type=float, default=6.0, help="per scenario")
+    parser.add_argument("--green-sms", default="", help="comma-separated SM counts: the solve on a CUDA green "
+                        "context of that many SMs, alone and beside the decoder (vocoder_sms)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -154,21 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     host_s = args.decode_host_ms / 1000
     rows = []
 
-    times = _time_solves(graph, args.seconds)
-    rows.append({"scenario": "alone", "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
-                 "solves": len(times), "decode_steps_per_s": None})
+    rows.append(_row("alone", _time_solves(graph, args.seconds), None))
 
     for scenario, priority in (("thread", 0), ("thread, decoder high priority", -1)):
-        stop, counts = threading.Event(), [0]
-        stream = torch.cuda.Stream(device, priority=priority)  # -1: PyTorch's high-priority pool
-        thread = threading.Thread(target=_decode_loop, args=(chain, host_s, stop, None, stream, counts))
-        began = time.time()
-        thread.start()
-        times = _time_solves(graph, args.seconds)
-        stop.set()
-        thread.join()
-        rows.append({"scenario": scenario, "solve_p50_ms": statistics.median(times), "solve_max_ms": max(times),
-                     "solves": len(times), "decode_steps_per_s": counts[0] / (time.time() - began)})
+        rows.append(_row(scenario, *_with_decoder(graph, args.seconds, chain, host_s, priority)))
+
+    for sms in [int(n) for n in args.green_sms.split(",") if n.strip()]:
+        from torch.cuda.green_contexts import GreenContext
+
+        green = GreenContext.create(sms, device.index or 0)
+        stream = green.Stream()
+        rows.append(_row(f"solve on {sms} SMs alone", _time_solves(graph, args.seconds, stream), None))
+        rows.append(_row(f"thread, solve on {sms} SMs", *_with_decoder(graph, args.seconds, chain, host_s, 0, stream)))
 
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
