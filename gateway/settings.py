@@ -299,6 +299,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     CFM took 68.9 ms in the server beside T3 decoding the same request's next tokens, 42.1
     alone (H100, 2026-12-05); under load T3 then gets what the vocoder leaves (the opposite
     of ``vllm_engine_stream_priority high``; the two together are refused). docs/operations.md."""
+    vocoder_sms: Annotated[int, Meta(ge=0, le=4096)] = 0
+    """With ``vllm_engine_core = "thread"``: the vocoder's batches run on a CUDA green context
+    of this many SMs (the driver rounds up to its granularity, 8 on an H100 of 132), so the
+    rest of the card is never taken by the vocoder's blocks and T3's decode kernels (which
+    may run anywhere) always find SMs free. Kernels are not pre-empted: under load T3's
+    small kernels otherwise wait behind the vocoder's long ones (T3 at ~50 ms a step in the
+    server against 10.6 alone at 128 rows, H100, 2026-12-05). 0: the whole card. Needs
+    PyTorch built with green contexts and a CUDA 12.8+ driver. docs/operations.md."""
     t3_first_window_pause_ms: Annotated[float, Meta(ge=0.0, le=1000.0)] = 0.0
     """With ``vllm_engine_core = "thread"``: T3 takes no step while a vocoder batch with a
     first window runs on the GPU, for at most this long, when no stream T3 decodes for would
@@ -458,6 +466,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vocoder_stream_priority orders the vocoder's kernels against T3's in one CUDA context: it needs "
                 "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
+            )
+        if self.vocoder_sms > 0 and self.vllm_engine_core != "thread":
+            raise ValueError(
+                "vocoder_sms partitions the GPU between T3 and the vocoder in one CUDA context: it needs "
+                "vllm_engine_core thread (an engine core process is a context of its own, which the GPU time-slices)"
+            )
+        if self.vocoder_sms > 0 and self.vocoder_stream_priority != "default":
+            raise ValueError(
+                "vocoder_sms runs the vocoder on its green context's own stream, which has no priority to set: "
+                "use one of vocoder_sms and vocoder_stream_priority"
             )
         if self.t3_first_window_pause_ms > 0 and self.vllm_engine_core != "thread":
             raise ValueError(

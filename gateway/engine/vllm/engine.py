@@ -202,6 +202,8 @@ class VllmEngine(UpstreamVoices, Engine):
                     self._build_vocoder(self.runtimes[name], device)
                     batch = self.runtimes[name].vocoder.batch
                     cfm, enc, hift = batch.cfm, batch.encoder_graphs, batch.hift_graphs
+                    if self.settings.vocoder_sms:
+                        part.update(green_context_sms=self.settings.vocoder_sms)
                     part.update(cfm_graphs=len(cfm._graphs), cfm_graph_gib=round(cfm.graph_bytes / 2**30, 2),
                                 encoder_graphs=len(enc.keys), hift_graphs=len(hift.keys),
                                 encoder_hift_graph_gib=round((enc.graph_bytes + hift.graph_bytes) / 2**30, 2))

@@ -199,17 +199,47 @@ def cfm_buckets(policy: WindowPolicy, settings: Settings, *, max_rows: int, max_
     return GraphBuckets.plan(max_rows=max_rows, max_frames=top, min_frames=low, max_cells=max_cells, extra_frames=extra)
 
 
-def worker_stream(device: torch.device, priority: str) -> None:
+def worker_stream(device: torch.device, priority: str, green: Any = None) -> None:
     """The vocoder worker thread's initializer: with ``vocoder_stream_priority = "high"`` on a
     GPU, the thread's CUDA work goes to a high-priority stream of its own (non-blocking with
-    respect to the default stream; the current stream is per thread). What the start queued on
-    the default stream (graph captures, noise tapes) is waited for first, once."""
+    respect to the default stream; the current stream is per thread); with ``green`` (a CUDA
+    green context, ``vocoder_sms``) to that context's stream, whose kernels keep to its SMs.
+    What the start queued on the default stream (graph captures, noise tapes) is waited for
+    first, once."""
     from gateway.engine.vllm.engine_thread import STREAM_PRIORITIES
 
-    if priority == "default" or device.type != "cuda":
+    if device.type != "cuda" or (priority == "default" and green is None):
         return
     torch.cuda.synchronize(device)
+    if green is not None:
+        torch.cuda.set_stream(green.Stream())
+        return
     torch.cuda.set_stream(torch.cuda.Stream(device, priority=STREAM_PRIORITIES[priority]))
+
+
+def green_context(device: torch.device, sms: int) -> Any:
+    """A CUDA green context of ``sms`` SMs on ``device`` for the vocoder (``vocoder_sms``), None
+    for 0 or a CPU device. Raises ``EngineUnavailableError`` where the card cannot have one (a
+    PyTorch or driver without green contexts, or a partition that leaves the rest of the card
+    fewer than :data:`MIN_T3_SMS` SMs)."""
+    if sms <= 0 or device.type != "cuda":
+        return None
+    from torch.cuda import green_contexts
+
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms > total - MIN_T3_SMS:
+        raise EngineUnavailableError(f"vocoder_sms {sms} leaves fewer than {MIN_T3_SMS} of this GPU's {total} SMs "
+                                     "to T3 and the rest")
+    if not green_contexts.SUPPORTED:
+        raise EngineUnavailableError("vocoder_sms needs PyTorch built with CUDA green contexts (CUDA 12.8+)")
+    try:
+        return green_contexts.GreenContext.create(sms, device.index or 0)
+    except RuntimeError as exc:  # e.g. a driver older than 12.8
+        raise EngineUnavailableError(f"vocoder_sms: no green context of {sms} SMs: {exc}") from exc
+
+
+MIN_T3_SMS = 8
+"""SMs ``vocoder_sms`` must leave to the rest of the process (the driver's granularity on Hopper)."""
 
 
 class Vocoder:
@@ -241,6 +271,8 @@ class Vocoder:
                                 first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
                                 prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile,
                                 split_min_rows=settings.vocoder_split_min_rows)
+        self.green = green_context(self.batch.device, settings.vocoder_sms)
+        """The CUDA green context the worker runs batches on (``vocoder_sms``), None: the whole card."""
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":
             self._capture(max_batch_tokens)
         if self.policy.lookahead != self.batch.lookahead:
@@ -283,7 +315,8 @@ class Vocoder:
         if self._task is not None:
             return
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder", initializer=worker_stream,
-                                            initargs=(self.batch.device, self.settings.vocoder_stream_priority))
+                                            initargs=(self.batch.device, self.settings.vocoder_stream_priority,
+                                                      self.green))
         self._dead = None
         self._task = asyncio.create_task(self._loop(), name="vocoder-loop")
         self._task.add_done_callback(self._loop_ended)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from llm_engine_double import LLMEngineDouble
@@ -220,8 +221,8 @@ async def test_the_vocoder_worker_thread_is_initialised_with_the_setting(s3gen, 
     from gateway.engine.vllm import vocoder
 
     seen: list = []
-    monkeypatch.setattr(vocoder, "worker_stream",
-                        lambda device, priority: seen.append((device.type, priority, threading.current_thread().name)))
+    monkeypatch.setattr(vocoder, "worker_stream", lambda device, priority, green: seen.append(
+        (device.type, priority, threading.current_thread().name)))
     settings = load_settings({}, {"flow_steps": 1, "max_speech_tokens": 64, "vllm_engine_core": "thread",
                                   "vocoder_stream_priority": "high"})
     voc = vocoder.Vocoder(s3gen, settings)
@@ -231,3 +232,50 @@ async def test_the_vocoder_worker_thread_is_initialised_with_the_setting(s3gen, 
     finally:
         await voc.close()
     assert len(seen) == 1 and seen[0][:2] == ("cpu", "high") and seen[0][2].startswith("vocoder")
+
+
+def test_the_vocoder_worker_thread_takes_its_green_contexts_stream(monkeypatch) -> None:
+    """``vocoder_sms``: the worker's CUDA work goes to the green context's stream (its kernels
+    keep to the context's SMs), after the start's work on the default stream."""
+    import torch
+
+    from gateway.engine.vllm import vocoder
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: calls.append(("set_stream", stream)))
+    green = SimpleNamespace(Stream=lambda: "green stream")
+    cuda = torch.device("cuda", 0)
+    vocoder.worker_stream(cuda, "default", green)
+    assert calls == [("synchronize", cuda), ("set_stream", "green stream")]
+
+
+def test_the_vocoders_green_context_is_made_only_where_the_card_can_have_it(monkeypatch) -> None:
+    import torch
+    from torch.cuda import green_contexts
+
+    from gateway.engine.vllm import vocoder
+    from gateway.errors import EngineUnavailableError
+
+    cuda = torch.device("cuda", 0)
+    assert vocoder.green_context(torch.device("cpu"), 96) is None and vocoder.green_context(cuda, 0) is None
+    made: list = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(green_contexts, "SUPPORTED", True)
+    monkeypatch.setattr(green_contexts.GreenContext, "create", staticmethod(lambda sms, device_id=0: made.append(
+        (sms, device_id)) or "context"))
+    assert vocoder.green_context(cuda, 112) == "context" and made == [(112, 0)]
+    with pytest.raises(EngineUnavailableError, match="leaves fewer than 8 of this GPU's 132 SMs"):
+        vocoder.green_context(cuda, 128)
+    monkeypatch.setattr(green_contexts, "SUPPORTED", False)
+    with pytest.raises(EngineUnavailableError, match="green contexts"):
+        vocoder.green_context(cuda, 112)
+
+
+def test_vocoder_sms_needs_the_engine_core_in_a_thread_and_no_stream_priority() -> None:
+    with pytest.raises(SettingsError, match="vocoder_sms"):
+        load_settings({}, {"vocoder_sms": 112})
+    with pytest.raises(SettingsError, match="vocoder_sms"):
+        load_settings({}, {"vocoder_sms": 112, "vllm_engine_core": "thread", "vocoder_stream_priority": "high"})
+    assert load_settings({}, {"vocoder_sms": 112, "vllm_engine_core": "thread"}).vocoder_sms == 112
+    assert load_settings(environ={}).vocoder_sms == 0
