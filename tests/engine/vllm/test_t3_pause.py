@@ -189,3 +189,28 @@ async def test_the_vocoder_holds_t3_for_a_first_window_unless_a_stream_waits_for
     finally:
         await voc.close()
     assert pause.wait() == 0.0, "on the CPU each batch's work is done when it is queued"
+
+
+def test_the_engine_gives_the_vocoder_and_the_engine_thread_one_pause(s3gen, tmp_path) -> None:
+    """With the engine core in a thread and the setting on, the family's vocoder and its engine
+    thread share one pause; with an engine core process (``AsyncLLM``) there is none."""
+    from types import SimpleNamespace
+
+    from gateway.engine.vllm.engine import VllmEngine
+    from gateway.models.families import ORIGINAL
+
+    settings = load_settings(environ={}, overrides={"load_format": "dummy", "cache_dir": str(tmp_path),
+                                                     "vllm_engine_core": "thread", "t3_first_window_pause_ms": 80,
+                                                     "flow_steps": 1, "max_speech_tokens": 64})
+    engine = VllmEngine(settings)
+    runtime = engine.runtimes[ORIGINAL]
+    runtime.components = SimpleNamespace(s3gen=s3gen)
+    runtime.llm = ThreadedLLM(lambda: LLMEngineDouble([0]), name="test-engine")
+    try:
+        engine._build_vocoder(runtime, "cpu")
+    finally:
+        runtime.llm.shutdown()
+    assert runtime.vocoder.t3_pause is runtime.llm.pause and runtime.llm.pause.max_s == 0.08
+    runtime.llm = SimpleNamespace()  # AsyncLLM: its engine core steps in a process of its own
+    engine._build_vocoder(runtime, "cpu")
+    assert runtime.vocoder.t3_pause is None
