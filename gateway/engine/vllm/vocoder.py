@@ -55,7 +55,6 @@ import torch
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.cfm_solver import GraphBuckets
-from gateway.engine.vllm.t3_pause import T3Pause, t3_may_pause
 from gateway.engine.vllm.s3gen_batch import (
     BatchClock,
     FlowRow,
@@ -65,6 +64,7 @@ from gateway.engine.vllm.s3gen_batch import (
     S3GenBatch,
     S3GenVoice,
 )
+from gateway.engine.vllm.t3_pause import T3Pause, t3_may_pause
 from gateway.engine.vllm.vocoder_stream import PROMPT_TOKENS_GUESS, VocoderStream, WindowJob, WindowResult
 from gateway.engine.vllm.vocoder_windows import SAMPLES_PER_FRAME, TOKEN_MEL_RATIO, Window, WindowPolicy
 from gateway.errors import EngineUnavailableError
@@ -217,6 +217,10 @@ def worker_stream(device: torch.device, priority: str, green: Any = None) -> Non
     torch.cuda.set_stream(torch.cuda.Stream(device, priority=STREAM_PRIORITIES[priority]))
 
 
+MIN_T3_SMS = 8
+"""SMs ``vocoder_sms`` must leave to the rest of the process (the driver's granularity on Hopper)."""
+
+
 def green_context(device: torch.device, sms: int) -> Any:
     """A CUDA green context of ``sms`` SMs on ``device`` for the vocoder (``vocoder_sms``), None
     for 0 or a CPU device. Raises ``EngineUnavailableError`` where the card cannot have one (a
@@ -236,10 +240,6 @@ def green_context(device: torch.device, sms: int) -> Any:
         return green_contexts.GreenContext.create(sms, device.index or 0)
     except RuntimeError as exc:  # e.g. a driver older than 12.8
         raise EngineUnavailableError(f"vocoder_sms: no green context of {sms} SMs: {exc}") from exc
-
-
-MIN_T3_SMS = 8
-"""SMs ``vocoder_sms`` must leave to the rest of the process (the driver's granularity on Hopper)."""
 
 
 class Vocoder:
