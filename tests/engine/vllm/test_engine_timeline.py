@@ -41,7 +41,7 @@ async def test_the_chunk_path_marks_every_stage_up_to_its_first_audio(s3gen, tmp
     runtime.components = SimpleNamespace(front_end=None, tokenizer=None, t3=None, watermarker=None)
     runtime.t3 = SimpleNamespace(tail_tokens=())
 
-    async def prompt(runtime, job, text):
+    async def prompt(runtime, job, text, trace=None):
         return SimpleNamespace(token_ids=[0] * 40, vllm_prompt=lambda dtype=None: {})
 
     monkeypatch.setattr(engine, "_prompt", prompt)

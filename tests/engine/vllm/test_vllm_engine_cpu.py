@@ -411,3 +411,15 @@ def test_an_engine_core_thread_runs_on_a_stream_of_the_set_priority(engine: Vllm
                                                            "vllm_engine_stream_priority": priority})
     assert engine._start_llm(ORIGINAL, "config") == "llm"
     assert started == [{"config": "config", "priority": priority}]
+
+
+async def test_building_a_prompt_marks_its_parts_on_the_timeline(engine) -> None:
+    """The first-audio timeline itemises the prompt (text ids, the voice's rows) before T3."""
+    from gateway.observability.timeline import Timeline
+
+    runtime = engine.runtimes[ORIGINAL]
+    runtime.components = SimpleNamespace(front_end=SimpleNamespace(ids=lambda text, language: [255, 7, 8, 0]))
+    trace = Timeline()
+    prompt = await engine._prompt(runtime, _job(_voice("a", 1)), "hi", trace)
+    assert [stage for stage, _, _ in trace.rows()] == ["t3 text ids", "t3 voice rows"]
+    assert len(prompt.token_ids) > 4
