@@ -151,7 +151,7 @@ def _engine(s3gen, tmp_path, tokens: list[int], interval: int, step_s: float):
     runtime.components = SimpleNamespace(front_end=None, tokenizer=None, t3=None, watermarker=None)
     runtime.t3 = SimpleNamespace(tail_tokens=())
 
-    async def prompt(runtime, job, text):
+    async def prompt(runtime, job, text, trace=None):
         return SimpleNamespace(token_ids=[0] * 40, vllm_prompt=lambda dtype=None: {})
 
     engine._prompt = prompt
