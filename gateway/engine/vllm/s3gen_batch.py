@@ -235,6 +235,11 @@ class HostCopy:
             if clock is not None:
                 clock.mark("host copy")
 
+    def done(self) -> bool:
+        """Whether the copy, and so every kernel queued before it on its stream, has run (never
+        blocks; on the CPU the work ran as it was queued)."""
+        return self._event is None or self._event.query()
+
     def wait(self) -> list[np.ndarray]:
         if self._event is not None:
             self._event.synchronize()

@@ -527,7 +527,7 @@ class Vocoder:
         with gpu_serial.serial(self.serial, "vocoder batch"):
             launched = self._launch_batch(jobs, refs)
         if pause_t3 and self.t3_pause is not None:
-            self.t3_pause.until(_queued_work_done(self.batch.device))
+            self.t3_pause.until(launched.copy.done)  # the batch's last event: its audio copied out
         return launched
 
     def _launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
@@ -582,12 +582,3 @@ class Vocoder:
                     trace.mark(f"vocoder: {part}", at=at)
         return outcomes  # type: ignore[return-value]
 
-
-def _queued_work_done(device: torch.device) -> Callable[[], bool]:
-    """Whether the work queued so far on this thread's current stream has run (a CUDA event's
-    ``query``: never blocks); on the CPU the work ran as it was queued."""
-    if device.type != "cuda":
-        return lambda: True
-    event = torch.cuda.Event()
-    event.record()
-    return event.query
