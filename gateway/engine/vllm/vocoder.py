@@ -55,6 +55,7 @@ import torch
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm import gpu_serial
 from gateway.engine.vllm.cfm_solver import GraphBuckets
+from gateway.engine.vllm.graph_calls import capture_stream
 from gateway.engine.vllm.s3gen_batch import (
     BatchClock,
     FlowRow,
@@ -296,6 +297,12 @@ class Vocoder:
         """CUDA graphs for the CFM solves: every bucket for regular windows; for first windows
         solved with their own step count, the buckets a first window fits (voice prompt up
         to 10 s plus the window), in the same memory pool (the solves never run at once)."""
+        # On the green context's stream (``vocoder_sms``): a graph captured elsewhere runs on
+        # the whole card wherever it is replayed (graph_calls).
+        with capture_stream(self.green.Stream() if self.green is not None else None):
+            self._capture_all(max_batch_tokens)
+
+    def _capture_all(self, max_batch_tokens: int) -> None:
         settings = self.settings
         cells = TOKEN_MEL_RATIO * max_batch_tokens
         self.batch.cfm.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells))

@@ -297,3 +297,88 @@ def test_row_chunks_cut_a_solve_where_the_graphs_row_counts_would_pad_it() -> No
     assert [buckets.fit(len(r), max(mixed[p] for p in r)) for r in runs] == [(32, 544), (8, 1024)]
     # more rows than any graph holds: graph-sized runs, not one eager solve
     assert sorted(len(r) for r in row_chunks(buckets, [540] * 70)) == [6, 64]
+
+
+def test_a_graph_is_warmed_up_and_captured_on_the_capture_stream_while_one_is_set(monkeypatch) -> None:
+    """``vocoder_sms``: a CUDA graph keeps to the SMs of the context it was captured in, so
+    the vocoder's graphs must be captured on its green context's stream; outside the block,
+    PyTorch's own capture stream and a side stream for the warm-up, as before."""
+    import contextlib
+
+    from gateway.engine.vllm import graph_calls
+
+    events: list = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: Stream) -> None:
+            events.append(("wait", self.name, other.name))
+
+    default = Stream("default")
+    current = [default]
+
+    @contextlib.contextmanager
+    def on_stream(stream: Stream):
+        before, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        events.append(("capture", stream.name if stream is not None else "pytorch's"))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+
+    def fn(x):
+        events.append(("run", current[0].name))
+        return x
+
+    def captured(stream_name: str) -> list:
+        return [("wait", stream_name, "default"), ("run", stream_name), ("wait", "default", stream_name),
+                ("capture", "pytorch's" if stream_name == "side" else stream_name), ("run", "default")]
+
+    x = torch.zeros(1)
+    graph_calls.capture_graph(fn, [x], None)
+    with graph_calls.capture_stream(Stream("green")):
+        graph_calls.capture_graph(fn, [x], None)
+    graph_calls.capture_graph(fn, [x], None)
+    assert events == captured("side") + captured("green") + captured("side")
+
+
+def test_the_vocoder_captures_every_graph_on_its_green_contexts_stream(s3gen) -> None:
+    """The CFM (regular and first-window solvers), encoder and HiFT captures all happen with
+    the green context's stream set, and none is left set afterwards."""
+    from gateway.engine.vllm import graph_calls
+
+    settings = load_settings({}, {"flow_steps": 2, "max_speech_tokens": 64, "vocoder_first_window_flow_steps": 1})
+    voc = Vocoder(s3gen, settings, policy=POLICY)
+    assert voc.batch.first_cfm is not voc.batch.cfm
+    seen: list = []
+
+    def recorder(name: str):
+        def record(*args, **kwargs) -> float:
+            seen.append((name, getattr(graph_calls._capture, "stream", None)))
+            return 0.0
+        return record
+
+    voc.batch.cfm.capture = recorder("cfm")
+    voc.batch.first_cfm.capture = recorder("first cfm")
+    voc.batch.cfm.buckets = GraphBuckets.plan(max_rows=2, max_frames=64, min_frames=16)
+    voc.batch.capture_encoder = recorder("encoder")
+    voc.batch.capture_hift = recorder("hift")
+    voc.green = SimpleNamespace(Stream=lambda: "green stream")
+    voc._capture(4096)
+    voc.green = None
+    voc._capture(4096)
+    assert seen == [("cfm", "green stream"), ("first cfm", "green stream"), ("encoder", "green stream"),
+                    ("hift", "green stream"), ("cfm", None), ("first cfm", None), ("encoder", None), ("hift", None)]
+    assert getattr(graph_calls._capture, "stream", None) is None
