@@ -37,7 +37,8 @@ def test_a_graph_captured_on_a_green_stream_keeps_to_its_sms() -> None:
     total = torch.cuda.get_device_properties(0).multi_processor_count
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    green = green_contexts.GreenContext.create(SMS, 0).Stream()
+    context = green_contexts.GreenContext.create(SMS, 0)  # held: its streams do not keep it alive
+    green = context.Stream()
     outside, _ = capture_graph(torch.matmul, [a, b], None)
     with capture_stream(green):
         inside, _ = capture_graph(torch.matmul, [a, b], None)
