@@ -114,6 +114,14 @@ class BatchStats:
     """Times T3 was held for a batch with first windows (``t3_first_window_pause_ms``)."""
     t3_paused_s: float = 0.0
     """Seconds T3's engine thread waited in those holds."""
+    t3_steps: int = 0
+    """Steps T3's engine took in this process's thread (``vllm_engine_core = thread``; 0 with
+    an engine-core process)."""
+    t3_step_s: float = 0.0
+    """Wall seconds of those steps (vLLM's step and the hand-out of its outputs)."""
+    t3_step_cpu_s: float = 0.0
+    """CPU seconds the engine thread used in them: the rest of the wall time it waited for
+    the GPU or for the GIL."""
     watermark_passes: int = 0
     """Batched watermark passes (every stream's queued windows in one)."""
     watermark_rows: int = 0

@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.engine.base import Engine
+from gateway.observability.thread_cpu import thread_cpu_seconds
 
 NAMESPACE = "chatterbox"
 
@@ -113,6 +114,11 @@ class _BatchStats(_EngineCollector):
             "t3_first_window_pauses": ("Times T3 was held while a vocoder batch with first windows ran.",
                                        stats.t3_pauses),
             "t3_first_window_paused_seconds": ("Seconds T3 waited in those holds.", stats.t3_paused_s),
+            "t3_engine_steps": ("Steps of T3's engine in this process's thread (engine core in a thread).",
+                                stats.t3_steps),
+            "t3_engine_step_seconds": ("Wall seconds of those steps.", stats.t3_step_s),
+            "t3_engine_step_cpu_seconds": ("CPU seconds the engine thread used in them (the rest of their wall "
+                                           "time it waited: for the GPU or the GIL).", stats.t3_step_cpu_s),
             "watermark_passes": ("Batched watermark passes.", stats.watermark_passes),
             "watermark_windows": ("Windows the batched watermark passes marked.", stats.watermark_rows),
             "watermark_busy_seconds": ("Seconds the watermark's worker spent in passes (one worker: at a busy "
@@ -195,6 +201,26 @@ class _CudaMemory(Collector):
                                 value=float(reserved))
 
 
+class _ThreadCpu(Collector):
+    """CPU seconds by thread group (:mod:`gateway.observability.thread_cpu`), read at scrape
+    time: over a window, each group's cores kept busy (the GIL's share among them)."""
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        groups = thread_cpu_seconds()
+        if not groups:
+            return
+        family = GaugeMetricFamily(
+            f"{NAMESPACE}_thread_cpu_seconds",
+            "CPU seconds used so far by this process's live Python threads, by thread name (a pool's "
+            "workers together); 'other': native threads and ended ones.", labels=["threads"])
+        for group, seconds in sorted(groups.items()):
+            family.add_metric([group], seconds)
+        yield family
+
+
 class GatewayMetrics:
     """All metrics of one app. ``live`` returns ``{name: (help, value)}`` read at each scrape."""
 
@@ -217,6 +243,7 @@ class GatewayMetrics:
         if connections is not None:
             self.registry.register(_ConnectionStats(connections))
         self.registry.register(_CudaMemory())
+        self.registry.register(_ThreadCpu())
         r = self.registry
         self.requests = Counter(
             f"{NAMESPACE}_requests", "HTTP requests by route and outcome.", ["route", "outcome"], registry=r

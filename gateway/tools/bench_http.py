@@ -342,6 +342,12 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     if pauses > 0:  # t3_first_window_pause_ms: how often T3 waited for first windows, how long each time
         row["t3_pauses"] = int(pauses)
         row["t3_pause_mean_ms"] = round(delta("t3_first_window_paused_seconds") / pauses * 1000, 1)
+    steps = delta("t3_engine_steps")
+    if steps > 0:  # the engine core in a thread: its steps, their wall and CPU time (the rest: GPU or GIL waits)
+        row["t3_steps_per_s"] = round(steps / window_s, 1)
+        row["t3_step_ms"] = round(delta("t3_engine_step_seconds") / steps * 1000, 2)
+        row["t3_step_cpu_ms"] = round(delta("t3_engine_step_cpu_seconds") / steps * 1000, 2)
+    row.update(cpu_columns(before, end_metrics, window_s))
     if "chatterbox_vocoder_whole_utterance_windows_total" in end_metrics:
         row["vocoder_whole_utterance_windows"] = int(delta("vocoder_whole_utterance_windows"))
     # how late the server's event loop ran what was due, on average over the steady span
@@ -354,6 +360,28 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
         row["rtf_mean"] = round(statistics.fmean(rtf), 4)
     row.update(_t3_columns(level, marks, steady_from, end))
     return row
+
+
+THREAD_CPU = "chatterbox_thread_cpu_seconds"
+
+
+def cpu_columns(before: dict[str, float], after: dict[str, float], window_s: float) -> dict[str, float]:
+    """Cores the server process kept busy over the window (``cpu_process``) and each of its
+    thread groups (``cpu_<threads>``: the event loop is ``MainThread``, T3's engine thread
+    ``vllm-engine``): Python threads that together keep about one core busy wait for the GIL."""
+    out: dict[str, float] = {}
+    if window_s <= 0:
+        return out
+    if "process_cpu_seconds_total" in after and "process_cpu_seconds_total" in before:
+        out["cpu_process"] = round((after["process_cpu_seconds_total"] - before["process_cpu_seconds_total"])
+                                   / window_s, 2)
+    prefix = f'{THREAD_CPU}{{threads="'
+    for key, value in sorted(after.items()):
+        if key.startswith(prefix) and key in before:
+            group = key[len(prefix):-2]
+            name = "cpu_" + "".join(c if c.isalnum() else "_" for c in group)
+            out[name] = round(max(0.0, value - before[key]) / window_s, 2)
+    return out
 
 
 def _t3_columns(level: _Level, marks: dict[str, dict[str, float]], steady_from: float, end: float

@@ -111,7 +111,8 @@ def scrape(base: str) -> dict[str, float]:
 def parse_metrics(text: str) -> dict[str, float]:
     """The samples of a Prometheus text exposition by name: an unlabelled one as it is, a
     labelled family summed over its label sets (e.g. ``chatterbox_t3_tokens_total`` over every
-    model; histogram buckets left out)."""
+    model; histogram buckets left out), and each labelled sample also as itself
+    (``name{labels}``, as the exposition writes it)."""
     values: dict[str, float] = {}
     summed: dict[str, float] = {}
     for line in text.splitlines():
@@ -133,4 +134,5 @@ def parse_metrics(text: str) -> dict[str, float]:
             values[parts[0]] = value
         elif not parts[0].endswith("_bucket"):
             summed[parts[0]] = summed.get(parts[0], 0.0) + value
+            values[f"{parts[0]}{{{labels}}}"] = value
     return {**summed, **values}

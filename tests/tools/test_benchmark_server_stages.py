@@ -172,6 +172,29 @@ def test_the_vocoder_columns_follow_the_counters_over_the_window() -> None:
     assert "t3_pauses" not in bare
 
 
+def test_the_engine_thread_and_cpu_columns_follow_the_counters_over_the_window() -> None:
+    """T3's steps in the engine thread (wall and CPU per step) and the cores each thread group
+    kept busy, over the 10 s window; none where the server reports none."""
+    level = bench_http._Level(t0=100.0)
+    threads = 'chatterbox_thread_cpu_seconds{threads="%s"}'
+    before = {"chatterbox_t3_engine_steps_total": 100.0, "chatterbox_t3_engine_step_seconds_total": 2.0,
+              "chatterbox_t3_engine_step_cpu_seconds_total": 0.5, "process_cpu_seconds_total": 30.0,
+              threads % "MainThread": 10.0, threads % "vllm-engine": 4.0, threads % "other": 16.0}
+    end = {"chatterbox_t3_engine_steps_total": 600.0, "chatterbox_t3_engine_step_seconds_total": 12.0,
+           "chatterbox_t3_engine_step_cpu_seconds_total": 3.0, "process_cpu_seconds_total": 55.0,
+           threads % "MainThread": 17.0, threads % "vllm-engine": 7.5, threads % "other": 30.5,
+           threads % "vocoder": 3.0}
+    row = bench_http._row(level, ["chatterbox"] * 8, 10.0, "pcm", "alloy", before, {"end": end}, None, None,
+                          {"rss": 0, "gpu": 0})
+    assert row["t3_steps_per_s"] == 50.0  # 500 steps in 10 s
+    assert (row["t3_step_ms"], row["t3_step_cpu_ms"]) == (20.0, 5.0)  # 10 s wall, 2.5 s CPU in 500 steps
+    assert row["cpu_process"] == 2.5
+    assert (row["cpu_MainThread"], row["cpu_vllm_engine"], row["cpu_other"]) == (0.7, 0.35, 1.45)
+    assert "cpu_vocoder" not in row  # started within the window: no start to count from
+    bare = bench_http._row(level, ["chatterbox"] * 8, 10.0, "pcm", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
+    assert not {"t3_step_ms", "cpu_process", "cpu_MainThread"} & set(bare)
+
+
 def test_labelled_metrics_are_summed_over_their_labels() -> None:
     from gateway.tools.bench_server import parse_metrics
 
@@ -186,6 +209,7 @@ def test_labelled_metrics_are_summed_over_their_labels() -> None:
     parsed = parse_metrics(text)
     assert parsed["chatterbox_t3_tokens_total"] == 1000.0 and parsed["chatterbox_in_flight_requests"] == 3.0
     assert "chatterbox_engine_batch_size_bucket" not in parsed and parsed["odd_label"] == 5.0
+    assert parsed['chatterbox_t3_tokens_total{model="chatterbox-turbo"}'] == 100.0  # and each by itself
 
 
 def test_an_http_row_can_carry_timelines_under_load(tmp_path: Path) -> None:

@@ -418,7 +418,17 @@ class VllmEngine(UpstreamVoices, Engine):
                           device_busy_s=sum(s.device_busy_s for s in stats),
                           t3_pauses=sum(v.t3_pause.holds for v in vocoders if v.t3_pause is not None),
                           t3_paused_s=sum(v.t3_pause.held_s for v in vocoders if v.t3_pause is not None),
-                          **self._watermark_counters())
+                          **self._t3_step_counters(), **self._watermark_counters())
+
+    def _t3_step_counters(self) -> dict[str, Any]:
+        """The engine threads' step clocks (each ThreadedLLM once, whichever families share it)."""
+        from gateway.engine.vllm.engine_thread import ThreadedLLM
+
+        clocks = {id(r.llm): r.llm.clock for r in self.runtimes.values() if isinstance(r.llm, ThreadedLLM)}
+        if not clocks:
+            return {}
+        return {"t3_steps": sum(c.steps for c in clocks.values()), "t3_step_s": sum(c.wall_s for c in clocks.values()),
+                "t3_step_cpu_s": sum(c.cpu_s for c in clocks.values())}
 
     def _watermark_counters(self) -> dict[str, Any]:
         marker = self._watermark

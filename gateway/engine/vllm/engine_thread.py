@@ -35,6 +35,7 @@ import contextlib
 import functools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,18 @@ STOP_TIMEOUT_S = 60.0
 
 class EngineThreadDied(RuntimeError):
     """The engine thread ended by an exception (the vLLM engine is unusable)."""
+
+
+@dataclass(slots=True)
+class StepClock:
+    """The engine thread's steps: how many, their wall time and the thread's CPU time in them
+    (``engine.step()`` and handing its outputs to the event loops; written by the engine
+    thread only, read at a metrics scrape). Wall time well above CPU time is time the thread
+    waited: for the GPU (T3's kernels, slowed by what else runs on the card) or for the GIL."""
+
+    steps: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -86,6 +99,7 @@ class ThreadedLLM:
         self._stream = stream or own_cuda_stream
         self._start_error: BaseException | None = None
         self._engine: Any = None
+        self.clock = StepClock()
         self.pause: T3Pause | None = None
         """Held by the vocoder while a batch of first windows runs (``t3_first_window_pause_ms``):
         the thread waits it out before its next step (:mod:`gateway.engine.vllm.t3_pause`)."""
@@ -219,6 +233,7 @@ class ThreadedLLM:
             if engine.has_unfinished_requests():
                 if self.pause is not None:
                     self.pause.wait()
+                began, cpu = time.perf_counter(), time.thread_time()
                 step: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
                 for output in engine.step():
                     request = self._requests.get(output.request_id)
@@ -230,6 +245,10 @@ class ThreadedLLM:
                 for loop, delivered in step.items():  # one wake-up of each loop per step, not one per request
                     with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
                         loop.call_soon_threadsafe(_hand_out, delivered)
+                clock = self.clock
+                clock.cpu_s += time.thread_time() - cpu
+                clock.wall_s += time.perf_counter() - began
+                clock.steps += 1
 
     def _take_commands(self, *, block: bool) -> Iterator[tuple[str, Any]]:
         """The commands waiting now (at least one when ``block``: the engine is idle)."""

@@ -55,6 +55,18 @@ async def test_requests_stream_in_order_and_only_the_engine_thread_touches_the_e
     assert sorted(r for r, _, _ in double.added) == ["r0", "r1", "r2", "r3"] and double.aborted == []
 
 
+async def test_the_engine_thread_clocks_its_steps(double_and_llm) -> None:
+    """Each step counted, with its wall time and the engine thread's CPU time in it (the
+    double's steps sleep: wall time the thread spent waiting, not computing)."""
+    double, llm = double_and_llm(per_step=2, step_s=0.01)
+    await _collect(llm, "a")
+    clock = llm.clock
+    await _wait_for(lambda: clock.steps == double.steps)  # the last step's clock follows its hand-out
+    assert clock.steps >= 5
+    assert clock.wall_s >= 0.01 * clock.steps
+    assert 0.0 < clock.cpu_s < clock.wall_s / 2
+
+
 async def test_the_engines_output_processor_is_reachable_as_async_llms_is(double_and_llm) -> None:
     """The token grouping (``vllm_stream_interval``) sets per-request intervals in the
     engine's output processor, which ``AsyncLLM`` and ``LLMEngine`` both have."""

@@ -246,11 +246,31 @@ def test_batch_stats_add_up_every_familys_vocoder(engine) -> None:
     b = VocoderStats(batches=1, rows=3, busy_s=0.5, audio_s=2.0, rows_per_batch={3: 1})
     paused = SimpleNamespace(holds=4, held_s=0.25)  # a T3Pause's counters (t3_first_window_pause_ms)
     engine.runtimes[ORIGINAL].vocoder = SimpleNamespace(stats=a, t3_pause=None)
-    engine.runtimes["extra"] = SimpleNamespace(vocoder=SimpleNamespace(stats=b, t3_pause=paused))
+    engine.runtimes["extra"] = SimpleNamespace(vocoder=SimpleNamespace(stats=b, t3_pause=paused), llm=None)
     stats = engine.batch_stats()
     assert (stats.batches, stats.rows, stats.rows_dropped, stats.busy_s, stats.audio_s) == (3, 8, 1, 2.0, 6.0)
     assert stats.rows_per_batch == {2: 1, 3: 2}
     assert (stats.t3_pauses, stats.t3_paused_s) == (4, 0.25)
+    assert stats.t3_steps == 0  # no engine thread: the engine core is a process
+
+
+def test_batch_stats_carry_the_engine_threads_step_clock_once(engine) -> None:
+    from llm_engine_double import LLMEngineDouble
+
+    from gateway.engine.vllm.engine_thread import ThreadedLLM
+    from gateway.engine.vllm.vocoder import VocoderStats
+
+    llm = ThreadedLLM(lambda: LLMEngineDouble([1]), name="test-engine")
+    try:
+        llm.clock.steps, llm.clock.wall_s, llm.clock.cpu_s = 10, 0.5, 0.125
+        engine.runtimes[ORIGINAL].vocoder = SimpleNamespace(stats=VocoderStats(), t3_pause=None)
+        engine.runtimes[ORIGINAL].llm = llm
+        engine.runtimes["extra"] = SimpleNamespace(vocoder=None, llm=llm)  # one engine thread for both
+        stats = engine.batch_stats()
+        assert (stats.t3_steps, stats.t3_step_s, stats.t3_step_cpu_s) == (10, 0.5, 0.125)
+    finally:
+        engine.runtimes[ORIGINAL].llm = None
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("model, vocab, weights", [
