@@ -307,6 +307,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     small kernels otherwise wait behind the vocoder's long ones (T3 at ~50 ms a step in the
     server against 10.6 alone at 128 rows, H100, 2026-12-05). 0: the whole card. Needs
     PyTorch built with green contexts and a CUDA 12.8+ driver. docs/operations.md."""
+    vocoder_first_window_lane_rows: Annotated[int, Meta(ge=0, le=64)] = 0
+    """Streams' first windows run in a vocoder lane of their own: a second worker thread on a
+    high-priority CUDA stream with its own CUDA graphs (first-window widths only), batches of
+    at most this many rows, beside the main lane's batches instead of queued behind them (a
+    new stream at 32 streams waited for up to two batches of ~10 regular windows, p95 first
+    audio 1.1-1.8 s on an H100, 2026-12-05). The audio is the same (same noise, same
+    solve). Costs the lane's graphs' memory and capture time. 0: one lane. docs/operations.md."""
     t3_first_window_pause_ms: Annotated[float, Meta(ge=0.0, le=1000.0)] = 0.0
     """With ``vllm_engine_core = "thread"``: T3 takes no step while a vocoder batch with a
     first window runs on the GPU, for at most this long, when no stream T3 decodes for would
@@ -476,6 +483,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vocoder_sms runs the vocoder on its green context's own stream, which has no priority to set: "
                 "use one of vocoder_sms and vocoder_stream_priority"
+            )
+        if self.vocoder_first_window_lane_rows > 0 and self.vocoder_compile != "off":
+            raise ValueError(
+                "vocoder_first_window_lane_rows runs two vocoder threads over one S3Gen: with vocoder_compile both "
+                "would compile the estimator at once; use one of them"
             )
         if self.t3_first_window_pause_ms > 0 and self.vllm_engine_core != "thread":
             raise ValueError(

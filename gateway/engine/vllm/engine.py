@@ -208,6 +208,12 @@ class VllmEngine(UpstreamVoices, Engine):
                     part.update(cfm_graphs=len(cfm._graphs), cfm_graph_gib=round(cfm.graph_bytes / 2**30, 2),
                                 encoder_graphs=len(enc.keys), hift_graphs=len(hift.keys),
                                 encoder_hift_graph_gib=round((enc.graph_bytes + hift.graph_bytes) / 2**30, 2))
+                    lane = self.runtimes[name].vocoder.first_lane
+                    if lane is not None:  # vocoder_first_window_lane_rows: its own graphs, in a pool of their own
+                        lb = lane.batch
+                        part.update(first_lane_rows=lane.max_batch_rows, first_lane_cfm_graphs=len(lb.cfm._graphs),
+                                    first_lane_graph_gib=round((lb.cfm.graph_bytes + lb.encoder_graphs.graph_bytes
+                                                                + lb.hift_graphs.graph_bytes) / 2**30, 2))
         finally:
             pool.shutdown(wait=True)  # on a failure too: every engine that did start gets shut down
             for name, future in starting.items():

@@ -31,6 +31,11 @@ in flight (a batch in flight holds other streams' windows than the one launched 
 a cancelled stream's results are dropped. A stream whose reference dict cannot be prepared
 fails alone (``EngineError`` from ``audio()``); a batch that fails fails its streams and the
 loop keeps serving.
+With ``vocoder_first_window_lane_rows`` a second loop of the same kind (``first_lane``: its
+own worker thread on a high-priority CUDA stream, its own S3GenBatch and CUDA graphs of
+first-window widths) plans streams' first windows and this one every other window, from one
+set of streams: a new stream's first window runs beside the regular batches instead of
+queueing behind them; a first window done wakes this loop for the stream's next window.
 ``Vocoder.stats`` counts batches and rows for the metrics layer; ``on_batch`` is called with
 each batch's row count, padded tokens and seconds. The engine still applies the watermark
 (``settings.watermark``) to what ``audio()`` yields, as upstream does after S3Gen.
@@ -49,6 +54,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -250,7 +256,10 @@ class Vocoder:
                  flow_dtype: torch.dtype = torch.float32, policy: WindowPolicy | None = None,
                  max_batch_tokens: int = 32768, bucket_tokens: int = 16, noise_seed: int = 0,
                  max_prompt_frames: int = 1000, pipeline_depth: int = 2, flow_steps: int | None = None,
-                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, int, float], None] | None = None, lane: bool = False) -> None:
+        self.lane = lane
+        """This loop is another's first-window lane (``vocoder_first_window_lane_rows``): it plans
+        only streams' first windows, with graphs of their widths only."""
         self.settings = settings
         self.serial = settings.gpu_serial_debug
         """Diagnostics (``gpu_serial_debug``): each batch alone on the GPU, a fault named by its part."""
@@ -289,9 +298,59 @@ class Vocoder:
         self._failed_batches = 0
         """Batches failed in a row (reset by a success): a sticky device fault fails them all."""
         self._dead: BaseException | None = None
-        self.t3_pause: T3Pause | None = None
+        self._t3_pause: T3Pause | None = None
+        self._on_settled: Callable[[], None] | None = None
+        """Called after this loop hands a batch's results (or failure) to its streams."""
+        self.first_lane: Vocoder | None = None
+        """The loop that runs streams' first windows (``vocoder_first_window_lane_rows``), None:
+        this one runs every window."""
+        rows = settings.vocoder_first_window_lane_rows
+        if rows > 0 and not lane:
+            self.first_lane = Vocoder(
+                s3gen, msgspec.structs.replace(settings, vocoder_max_batch=rows, vocoder_first_window_lane_rows=0,
+                                               vocoder_sms=0),
+                device=device, flow_dtype=flow_dtype, policy=self.policy, max_batch_tokens=max_batch_tokens,
+                bucket_tokens=bucket_tokens, noise_seed=noise_seed, max_prompt_frames=max_prompt_frames,
+                pipeline_depth=pipeline_depth, flow_steps=flow_steps, on_batch=on_batch, lane=True)
+            self.first_lane._streams = self._streams  # one set of streams, two loops planning from it
+            self.first_lane.stats = self.stats
+            # a first window done makes the stream's next window due, which this loop plans
+            self.first_lane._on_settled = self._wake.set
+
+    @property
+    def t3_pause(self) -> T3Pause | None:
         """T3's engine thread pauses while batches with first windows run, when set (the engine
-        sets it with ``t3_first_window_pause_ms``; :mod:`gateway.engine.vllm.t3_pause`)."""
+        sets it with ``t3_first_window_pause_ms``; :mod:`gateway.engine.vllm.t3_pause`); the
+        first-window lane's batches take it when there is one."""
+        return self._t3_pause
+
+    @t3_pause.setter
+    def t3_pause(self, pause: T3Pause | None) -> None:
+        self._t3_pause = pause
+        if self.first_lane is not None:
+            self.first_lane.t3_pause = pause
+
+    def first_window_top(self) -> int:
+        """The widest flow input (mel frames) a first window of a full voice prompt needs: the
+        first-window solver's graphs, and all of the first-window lane's, go up to it."""
+        step = self.batch.bucket_tokens  # a row's flow width is rounded up to these before a graph is chosen
+        tokens = PROMPT_TOKENS_GUESS + self.policy.first_tokens + self.policy.lookahead
+        widest = TOKEN_MEL_RATIO * -(-tokens // step) * step
+        return min(self.settings.vocoder_graph_max_frames, max(widest, GRAPH_MIN_FRAMES))
+
+    def lane_takes(self, stream: VocoderStream, window: Window) -> bool:
+        """Whether the first-window lane (this loop, when it is one) runs ``window``: a
+        streamed first window within the lane's graph widths (a first window grown under load,
+        or a whole utterance, goes to the main lane)."""
+        if window.index != 0 or stream.one_shot:
+            return False
+        return TOKEN_MEL_RATIO * self.batch.bucket(stream.cost_tokens(window)) <= self.first_window_top()
+
+    def _plans(self, stream: VocoderStream, window: Window) -> bool:
+        """Whether this loop plans ``window`` (with a first-window lane the two split them)."""
+        if self.lane:
+            return self.lane_takes(stream, window)
+        return self.first_lane is None or not self.first_lane.lane_takes(stream, window)
 
     def _capture(self, max_batch_tokens: int) -> None:
         """CUDA graphs for the CFM solves: every bucket for regular windows; for first windows
@@ -305,11 +364,11 @@ class Vocoder:
     def _capture_all(self, max_batch_tokens: int) -> None:
         settings = self.settings
         cells = TOKEN_MEL_RATIO * max_batch_tokens
-        self.batch.cfm.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells))
+        top = self.first_window_top()
+        self.batch.cfm.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells,
+                                           max_frames=top if self.lane else None))
         first = self.batch.first_cfm
         if first is not self.batch.cfm:
-            widest = TOKEN_MEL_RATIO * (PROMPT_TOKENS_GUESS + self.policy.first_tokens + self.policy.lookahead)
-            top = min(settings.vocoder_graph_max_frames, max(widest, GRAPH_MIN_FRAMES))
             first.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells,
                                       max_frames=top), pool=self.batch.cfm.pool)
         # The flow encoder at the widths the CFM buckets give a batch (S3GenBatch.bucket), and
@@ -321,12 +380,16 @@ class Vocoder:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder", initializer=worker_stream,
-                                            initargs=(self.batch.device, self.settings.vocoder_stream_priority,
-                                                      self.green))
+        # the first-window lane: a high-priority stream of its own, so its kernels go before the
+        # main lane's waiting ones (and, with vocoder_sms, the whole card)
+        priority = "high" if self.lane else self.settings.vocoder_stream_priority
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder-first" if self.lane else "vocoder",
+                                            initializer=worker_stream, initargs=(self.batch.device, priority, self.green))
         self._dead = None
-        self._task = asyncio.create_task(self._loop(), name="vocoder-loop")
+        self._task = asyncio.create_task(self._loop(), name="vocoder-first-lane" if self.lane else "vocoder-loop")
         self._task.add_done_callback(self._loop_ended)
+        if self.first_lane is not None:
+            await self.first_lane.start()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """The loop never returns: if it raised, no window will ever run again, so every open
@@ -348,8 +411,12 @@ class Vocoder:
             raise EngineUnavailableError(f"the vocoder loop died: {self._dead}")
         if self._failed_batches >= self.settings.vocoder_unhealthy_after_failures:
             raise EngineUnavailableError(f"the vocoder's last {self._failed_batches} batches failed")
+        if self.first_lane is not None:
+            self.first_lane.check_health()
 
     async def close(self) -> None:
+        if self.first_lane is not None:
+            await self.first_lane.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -368,6 +435,8 @@ class Vocoder:
     # --- what streams use (StreamHost) --------------------------------------------------
     def wake(self) -> None:
         self._wake.set()
+        if self.first_lane is not None:
+            self.first_lane.wake()
 
     def next_ticket(self) -> int:
         return next(self._tickets)
@@ -411,7 +480,7 @@ class Vocoder:
     def plan_batch(self, now: float | None = None) -> list[tuple[VocoderStream, Window]]:
         """The streams and windows the next batch takes (``now``: monotonic time, for aging)."""
         now = time.monotonic() if now is None else now
-        ready = [(s, w) for s in self._streams if (w := s.ready_window(now)) is not None]
+        ready = [(s, w) for s in self._streams if (w := s.ready_window(now)) is not None and self._plans(s, w)]
         # First windows first (time to first audio), then FIFO; but a later window that has
         # waited ``vocoder_max_later_wait_s`` joins the first ones (aging): a stream already
         # playing must not starve and underrun while new streams keep arriving.
@@ -482,6 +551,13 @@ class Vocoder:
         return True
 
     def _settle(self, jobs: Sequence[WindowJob], outcomes: Sequence[WindowResult | Exception]) -> None:
+        try:
+            self._hand_over(jobs, outcomes)
+        finally:
+            if self._on_settled is not None:
+                self._on_settled()
+
+    def _hand_over(self, jobs: Sequence[WindowJob], outcomes: Sequence[WindowResult | Exception]) -> None:
         for job, outcome in zip(jobs, outcomes):
             if isinstance(outcome, WindowResult):
                 try:

@@ -610,3 +610,98 @@ def test_a_bf16_vocoder_leaves_voice_preparation_in_fp32(s3gen) -> None:
     assert s3gen.dtype == torch.float32
     ref = parity_vocoder.reference_dict(s3gen, 12, 150.0, 1)  # embed_ref on the shared S3Gen
     assert ref["prompt_feat"].dtype == torch.float32
+
+
+async def _stream_audio(voc: Vocoder, ref, token_lists: list[list[int]]) -> list[np.ndarray]:
+    """Each token list into its own stream: a first window's tokens, then (once every stream's
+    first audio is out) the rest at once, so the windows do not depend on timing (the rest
+    goes as the final windows that ``POLICY`` allows); their audio."""
+    first = POLICY.first_tokens + POLICY.lookahead
+    await voc.start()
+    try:
+        streams = [voc.open_stream("A", ref) for _ in token_lists]
+        chunks = [s.audio() for s in streams]
+        for stream, tokens in zip(streams, token_lists):
+            stream.push(tokens[:first])
+        heads = await asyncio.gather(*[anext(c) for c in chunks])
+        for stream, tokens in zip(streams, token_lists):
+            stream.push(tokens[first:])
+            stream.finish()
+
+        async def rest(chunk):
+            return [a async for a in chunk]
+
+        tails = await asyncio.gather(*[rest(c) for c in chunks])
+        return [np.concatenate([head, *tail]) for head, tail in zip(heads, tails)]
+    finally:
+        await voc.close()
+
+
+@pytest.mark.slow
+async def test_a_first_window_lane_runs_the_first_windows_and_changes_no_sample(s3gen, ref) -> None:
+    """``vocoder_first_window_lane_rows``: every stream's first window runs in the lane's
+    batches (at most its rows each), every later one in the main loop's, and the audio is
+    what one loop makes (same windows, same noise, same solves; batch composition only moves
+    roundings)."""
+    tokens = [_tokens(n, 10 + i) for i, n in enumerate((22, 17, 9))]
+    alone = await _stream_audio(_vocoder(s3gen), ref, tokens)
+    voc = _vocoder(s3gen, vocoder_first_window_lane_rows=2)
+    lane = voc.first_lane
+    assert lane is not None and lane.lane and lane.max_batch_rows == 2 and lane.stats is voc.stats
+    ran: dict[str, list[list[int]]] = {"main": [], "lane": []}
+    for name, loop in (("main", voc), ("lane", lane)):
+        def recording(jobs, refs, pause_t3=False, _launch=loop.launch_batch, _name=name):
+            ran[_name].append([job.window.index for job in jobs])
+            return _launch(jobs, refs, pause_t3)
+
+        loop.launch_batch = recording
+    laned = await _stream_audio(voc, ref, tokens)
+    assert sorted(i for batch in ran["lane"] for i in batch) == [0, 0, 0]
+    assert all(len(batch) <= 2 for batch in ran["lane"])
+    assert ran["main"] and all(i > 0 for batch in ran["main"] for i in batch)
+    for a, b in zip(alone, laned):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    assert voc.stats.first_window_rows == 3 and voc.stats.rows == sum(map(len, ran["main"] + ran["lane"]))
+
+
+async def test_the_first_window_lane_starts_closes_and_reports_health_with_its_loop(s3gen, ref) -> None:
+    voc = _vocoder(s3gen, vocoder_first_window_lane_rows=4)
+    lane = voc.first_lane
+    await voc.start()
+    try:
+        voc.check_health()
+        assert lane._task is not None and lane._executor is not None
+        lane._failed_batches = voc.settings.vocoder_unhealthy_after_failures  # the lane's batches keep failing
+        with pytest.raises(EngineUnavailableError, match="batches failed"):
+            voc.check_health()
+        lane._failed_batches = 0
+    finally:
+        await voc.close()
+    assert lane._task is None and lane._executor is None
+
+
+def test_the_first_window_lane_takes_only_streamed_first_windows_within_its_graphs(s3gen) -> None:
+    """The lane plans a stream's first window whose flow input fits its graphs; the main loop
+    everything else: later windows, whole utterances, first windows grown past the lane's
+    widest graph."""
+    from types import SimpleNamespace
+
+    voc = _vocoder(s3gen, vocoder_first_window_lane_rows=4)
+    lane = voc.first_lane
+
+    def stream(one_shot: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(one_shot=one_shot, cost_tokens=lambda window: window.cost)
+
+    def window(index: int, cost: int) -> SimpleNamespace:
+        return SimpleNamespace(index=index, cost=cost)
+
+    widest = lane.first_window_top() // 2  # tokens
+    cases = [(stream(), window(0, 30), True), (stream(), window(1, 30), False),
+             (stream(one_shot=True), window(0, 30), False), (stream(), window(0, widest), True),
+             (stream(), window(0, widest + 1), False)]
+    for s, w, in_lane in cases:
+        assert lane.lane_takes(s, w) is in_lane and lane._plans(s, w) is in_lane
+        assert voc._plans(s, w) is not in_lane
+    plain = _vocoder(s3gen)
+    assert plain.first_lane is None and all(plain._plans(s, w) for s, w, _ in cases)
