@@ -705,3 +705,11 @@ def test_the_first_window_lane_takes_only_streamed_first_windows_within_its_grap
         assert voc._plans(s, w) is not in_lane
     plain = _vocoder(s3gen)
     assert plain.first_lane is None and all(plain._plans(s, w) for s, w, _ in cases)
+
+
+def test_the_first_window_lane_is_refused_with_a_compiled_estimator() -> None:
+    from gateway.settings import SettingsError
+
+    assert load_settings({}, {"vocoder_first_window_lane_rows": 8}).vocoder_first_window_lane_rows == 8
+    with pytest.raises(SettingsError, match="vocoder_first_window_lane_rows"):
+        load_settings({}, {"vocoder_first_window_lane_rows": 8, "vocoder_compile": "dynamic"})
