@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -299,6 +300,11 @@ class Vocoder:
         """Batches failed in a row (reset by a success): a sticky device fault fails them all."""
         self._dead: BaseException | None = None
         self._t3_pause: T3Pause | None = None
+        self._launch_lock = threading.Lock()
+        """Held while a batch is launched: with a first-window lane, its worker and this loop's
+        launch one at a time (S3Gen's eager modules keep caches, e.g. the flow encoder's
+        positional encodings, that two threads must not grow at once); their work still runs
+        side by side on the device (a launch queues it and returns)."""
         self._on_settled: Callable[[], None] | None = None
         """Called after this loop hands a batch's results (or failure) to its streams."""
         self.first_lane: Vocoder | None = None
@@ -314,6 +320,7 @@ class Vocoder:
                 pipeline_depth=pipeline_depth, flow_steps=flow_steps, on_batch=on_batch, lane=True)
             self.first_lane._streams = self._streams  # one set of streams, two loops planning from it
             self.first_lane.stats = self.stats
+            self.first_lane._launch_lock = self._launch_lock
             # a first window done makes the stream's next window due, which this loop plans
             self.first_lane._on_settled = self._wake.set
 
@@ -607,7 +614,7 @@ class Vocoder:
         then HiFT grouped by length, then the copy of the audio to host memory) without
         waiting for any of it. A row whose voice cannot be prepared fails alone.
         ``pause_t3``: T3 is held (:meth:`_pause_t3`) until this work is done on the device."""
-        with gpu_serial.serial(self.serial, "vocoder batch"):
+        with self._launch_lock, gpu_serial.serial(self.serial, "vocoder batch"):
             launched = self._launch_batch(jobs, refs)
         if pause_t3 and self.t3_pause is not None:
             self.t3_pause.until(launched.copy.done)  # the batch's last event: its audio copied out

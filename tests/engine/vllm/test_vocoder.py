@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -713,3 +714,28 @@ def test_the_first_window_lane_is_refused_with_a_compiled_estimator() -> None:
     assert load_settings({}, {"vocoder_first_window_lane_rows": 8}).vocoder_first_window_lane_rows == 8
     with pytest.raises(SettingsError, match="vocoder_first_window_lane_rows"):
         load_settings({}, {"vocoder_first_window_lane_rows": 8, "vocoder_compile": "dynamic"})
+
+
+def test_the_two_loops_launch_their_batches_one_at_a_time(s3gen) -> None:
+    """S3Gen's eager modules keep caches (the flow encoder's positional encodings) that two
+    threads must not grow at once: the lane's worker and the main loop's take one lock to
+    launch (the device still runs their work side by side)."""
+    import threading
+
+    voc = _vocoder(s3gen, vocoder_first_window_lane_rows=2)
+    active, most = [0], [0]
+
+    def launch(jobs, refs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        active[0] -= 1
+        return "launched"
+
+    voc._launch_batch = voc.first_lane._launch_batch = launch
+    threads = [threading.Thread(target=loop.launch_batch, args=([], {})) for loop in (voc, voc.first_lane) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
