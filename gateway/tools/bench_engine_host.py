@@ -198,10 +198,15 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     s3gen = S3Gen(meanflow=model == TURBO).eval()
     if device is None:
         vocoder = DeviceFreeVocoder(s3gen, settings, flow_steps=family.flow_steps)
-        vocoder.batch_ms = (*vocoder_ms, 0.0, 0.0, 0.0)[:3]  # A[, B[, C]]
-        if settings.vocoder_cuda_graphs:  # the CFM graph widths a GPU would capture, as if captured
-            vocoder.batch.cfm.buckets = cfm_buckets(vocoder.policy, settings, max_rows=vocoder.max_batch_rows,
-                                                    max_cells=TOKEN_MEL_RATIO * vocoder.max_batch_tokens)
+        # with vocoder_first_window_lane_rows, its lane stands in the same way (its batches
+        # overlap the main loop's perfectly here; on a GPU the two share the card)
+        for loop in (vocoder, vocoder.first_lane) if vocoder.first_lane is not None else (vocoder,):
+            loop.batch_ms = (*vocoder_ms, 0.0, 0.0, 0.0)[:3]  # A[, B[, C]]
+            if settings.vocoder_cuda_graphs:  # the CFM graph widths a GPU would capture, as if captured
+                loop.batch.cfm.buckets = cfm_buckets(
+                    loop.policy, loop.settings, max_rows=loop.max_batch_rows,
+                    max_cells=TOKEN_MEL_RATIO * loop.max_batch_tokens,
+                    max_frames=loop.first_window_top() if loop.lane else None)
         runtime.vocoder = vocoder
     else:  # as VllmEngine.start builds them
         runtime.components.s3gen = s3gen.to(device)

@@ -39,6 +39,32 @@ async def test_an_utterance_comes_out_whole_through_the_stand_ins(tmp_path: Path
     assert T3Sampling.to_vllm is real  # the stand-in for vLLM's SamplingParams was this run's only
 
 
+async def test_a_first_window_lane_stands_in_as_the_main_loop_does(tmp_path: Path) -> None:
+    """With ``vocoder_first_window_lane_rows`` the lane is a stand-in too (no S3Gen work on the
+    host), with the same cost model and graph widths up to its first-window top, and an
+    utterance still comes out whole, its first window through the lane."""
+    tokens = 37
+    settings = bench_engine_host.engine_settings(TURBO, 2, str(tmp_path), {"vocoder_first_window_lane_rows": 4})
+    with bench_engine_host.sampling_without_vllm():
+        engine = bench_engine_host.build_engine(TURBO, settings, (0.5, 0.0), (1.0, 0.1), tokens, tmp_path)
+        vocoder = engine.runtimes[TURBO].vocoder
+        lane = vocoder.first_lane
+        assert isinstance(lane, bench_engine_host.DeviceFreeVocoder) and lane.batch_ms == vocoder.batch_ms
+        assert max(f for _, f in lane.batch.cfm.buckets.shapes()) <= lane.first_window_top()
+        in_lane: list[int] = []
+        launch = lane._launch_batch
+        lane._launch_batch = lambda jobs, refs: in_lane.extend(j.window.index for j in jobs) or launch(jobs, refs)
+        await vocoder.start()
+        job = SynthesisJob("u", (bench_engine_host.TEXT,), bench_engine_host.voice_for(TURBO),
+                           GenerationParams(max_speech_tokens=tokens), model=TURBO, streaming=True)
+        chunks = [chunk async for chunk in engine.synthesize(job)]
+        batches = vocoder.stats.batches
+        await engine.close()
+    audio = np.concatenate([c.samples for c in chunks])
+    assert audio.size == (tokens + FAMILIES[TURBO].silence_tail_tokens) * SAMPLES_PER_TOKEN
+    assert in_lane == [0] and vocoder.stats.first_window_rows == 1 and batches >= len(chunks)
+
+
 def test_a_row_is_paced_by_the_t3_step_model(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "rows.json"
     # a step of 10 ms + 1 ms a row: 3 streams get 3 x 1000 / 13 tokens a second, 9.2 audio-s/s,

@@ -312,7 +312,7 @@ class Vocoder:
         this one runs every window."""
         rows = settings.vocoder_first_window_lane_rows
         if rows > 0 and not lane:
-            self.first_lane = Vocoder(
+            self.first_lane = type(self)(  # a subclass (a benchmark's stand-in) gets a lane of its kind
                 s3gen, msgspec.structs.replace(settings, vocoder_max_batch=rows, vocoder_first_window_lane_rows=0,
                                                vocoder_sms=0),
                 device=device, flow_dtype=flow_dtype, policy=self.policy, max_batch_tokens=max_batch_tokens,
