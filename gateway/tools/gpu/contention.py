@@ -47,6 +47,8 @@ import time
 
 import torch
 
+from gateway.engine.vllm.graph_calls import capture_graph, capture_stream
+
 
 def _decode_weights(device: torch.device) -> list[torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(1)
@@ -113,18 +115,13 @@ def _solve(x: torch.Tensor, w: torch.Tensor, ops: int) -> torch.Tensor:
 
 def _captured(x: torch.Tensor, w: torch.Tensor, ops: int,
               stream: torch.cuda.Stream | None = None) -> torch.cuda.CUDAGraph:
-    """The solve as one graph replay, as the vocoder's CFM runs; captured on ``stream`` when
-    given (a green context's: a graph keeps to the SMs of the context it was captured in,
-    wherever it is replayed; one captured outside replays on the whole card even on a green
-    context's stream, measured on an H100 2026-12-05)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _solve(x, w, ops)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        _solve(x, w, ops)
+    """The solve as one graph replay, captured as the vocoder's graphs are
+    (:func:`gateway.engine.vllm.graph_calls.capture_graph`); on ``stream`` when given (a green
+    context's: a graph keeps to the SMs of the context it was captured in, wherever it is
+    replayed; one captured outside replays on the whole card even on a green context's stream,
+    measured on an H100 2026-12-05)."""
+    with capture_stream(stream):
+        graph, _ = capture_graph(lambda a, b: _solve(a, b, ops), [x, w], None)
     torch.cuda.synchronize()
     return graph
 
