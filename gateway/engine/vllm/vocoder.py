@@ -257,10 +257,12 @@ class Vocoder:
                  flow_dtype: torch.dtype = torch.float32, policy: WindowPolicy | None = None,
                  max_batch_tokens: int = 32768, bucket_tokens: int = 16, noise_seed: int = 0,
                  max_prompt_frames: int = 1000, pipeline_depth: int = 2, flow_steps: int | None = None,
-                 on_batch: Callable[[int, int, float], None] | None = None, lane: bool = False) -> None:
-        self.lane = lane
-        """This loop is another's first-window lane (``vocoder_first_window_lane_rows``): it plans
-        only streams' first windows, with graphs of their widths only."""
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 parent: Vocoder | None = None) -> None:
+        self.lane = parent is not None
+        """This loop is ``parent``'s first-window lane (``vocoder_first_window_lane_rows``): it
+        plans only streams' first windows, with graphs of their widths only, from the parent's
+        streams, into the parent's stats."""
         self.settings = settings
         self.serial = settings.gpu_serial_debug
         """Diagnostics (``gpu_serial_debug``): each batch alone on the GPU, a fault named by its part."""
@@ -307,22 +309,23 @@ class Vocoder:
         side by side on the device (a launch queues it and returns)."""
         self._on_settled: Callable[[], None] | None = None
         """Called after this loop hands a batch's results (or failure) to its streams."""
+        if parent is not None:
+            self._streams = parent._streams  # one set of streams, two loops planning from it
+            self.stats = parent.stats
+            self._launch_lock = parent._launch_lock
+            # a first window done makes the stream's next window due, which the parent plans
+            self._on_settled = parent._wake.set
         self.first_lane: Vocoder | None = None
         """The loop that runs streams' first windows (``vocoder_first_window_lane_rows``), None:
         this one runs every window."""
         rows = settings.vocoder_first_window_lane_rows
-        if rows > 0 and not lane:
+        if rows > 0 and parent is None:
             self.first_lane = type(self)(  # a subclass (a benchmark's stand-in) gets a lane of its kind
                 s3gen, msgspec.structs.replace(settings, vocoder_max_batch=rows, vocoder_first_window_lane_rows=0,
                                                vocoder_sms=0),
                 device=device, flow_dtype=flow_dtype, policy=self.policy, max_batch_tokens=max_batch_tokens,
                 bucket_tokens=bucket_tokens, noise_seed=noise_seed, max_prompt_frames=max_prompt_frames,
-                pipeline_depth=pipeline_depth, flow_steps=flow_steps, on_batch=on_batch, lane=True)
-            self.first_lane._streams = self._streams  # one set of streams, two loops planning from it
-            self.first_lane.stats = self.stats
-            self.first_lane._launch_lock = self._launch_lock
-            # a first window done makes the stream's next window due, which this loop plans
-            self.first_lane._on_settled = self._wake.set
+                pipeline_depth=pipeline_depth, flow_steps=flow_steps, on_batch=on_batch, parent=self)
 
     @property
     def t3_pause(self) -> T3Pause | None:
