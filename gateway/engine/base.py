@@ -108,6 +108,9 @@ class BatchStats:
     cfm_solved_frames: int = 0
     """The frames those solves computed, padding included (CUDA graphs run at their captured
     widths and row counts): ``1 - cfm_frames / cfm_solved_frames`` is the padding's share."""
+    cfm_eager_frames: int = 0
+    """Of ``cfm_frames``, those solved outside a CUDA graph (on a GPU: solves no captured graph
+    holds, each launching its kernels one by one from the vocoder's thread)."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
     t3_pauses: int = 0

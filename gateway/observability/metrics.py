@@ -111,6 +111,8 @@ class _BatchStats(_EngineCollector):
             "vocoder_cfm_frames": ("Mel frames of real rows the flow's CFM solves computed.", stats.cfm_frames),
             "vocoder_cfm_solved_frames": ("Mel frames the CFM solves computed, their CUDA graphs' padding "
                                           "(width and rows) included.", stats.cfm_solved_frames),
+            "vocoder_cfm_eager_frames": ("Of the real rows' CFM frames, those solved outside a CUDA graph "
+                                         "(no captured graph held the solve).", stats.cfm_eager_frames),
             "t3_first_window_pauses": ("Times T3 was held while a vocoder batch with first windows ran.",
                                        stats.t3_pauses),
             "t3_first_window_paused_seconds": ("Seconds T3 waited in those holds.", stats.t3_paused_s),

@@ -338,6 +338,9 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     solved = delta("vocoder_cfm_solved_frames")
     if solved > 0:  # what the CFM graphs' widths and row counts padded the solves with
         row["vocoder_cfm_padding_share"] = round(1.0 - delta("vocoder_cfm_frames") / solved, 3)
+    real = delta("vocoder_cfm_frames")
+    if real > 0:  # solves no captured graph held (eager kernel launches from the vocoder's thread)
+        row["vocoder_cfm_eager_share"] = round(delta("vocoder_cfm_eager_frames") / real, 3)
     pauses = delta("t3_first_window_pauses")
     if pauses > 0:  # t3_first_window_pause_ms: how often T3 waited for first windows, how long each time
         row["t3_pauses"] = int(pauses)

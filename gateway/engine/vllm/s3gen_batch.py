@@ -152,6 +152,11 @@ def row_chunks(buckets: GraphBuckets | None, frames: Sequence[int]) -> list[list
     return runs[::-1]
 
 
+def graphed(solver: CfmSolver, rows: int, frames: int) -> bool:
+    """Whether a solve of ``rows`` rows of at most ``frames`` frames replays a CUDA graph."""
+    return solver.buckets is not None and solver.buckets.fit(rows, frames) is not None
+
+
 def solve_cells(solver: CfmSolver, rows: int, frames: int) -> int:
     """Rows x frames a solve of ``rows`` rows of at most ``frames`` frames computes: its CUDA
     graph's padded shape when one holds it, else its own."""
@@ -386,6 +391,10 @@ class S3GenBatch:
         """Mel frames of real rows the CFM solves computed (cumulative; worker thread writes)."""
         self.cfm_solved_frames = 0
         """The frames those solves computed, graph padding (rows and width) included."""
+        self.cfm_eager_frames = 0
+        """Of ``cfm_frames``, those solved outside a CUDA graph (no graph holds the solve's rows
+        and width, or none were captured, as on the CPU): each such solve launches its kernels
+        one by one from the worker thread."""
         self.lookahead = int(self.flow.pre_lookahead_len)
         self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
                                compile=compile)
@@ -515,8 +524,11 @@ class S3GenBatch:
                 parts = row_chunks(solver.buckets, by_width)
             for part in parts:
                 idx = [same_solver[p] for p in part]
-                self.cfm_frames += sum(frames[i] for i in idx)
+                real = sum(frames[i] for i in idx)
+                self.cfm_frames += real
                 self.cfm_solved_frames += solve_cells(solver, len(idx), max(frames[i] for i in idx))
+                if not graphed(solver, len(idx), max(frames[i] for i in idx)):
+                    self.cfm_eager_frames += real
                 feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
                 for j, i in enumerate(idx):
                     out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()

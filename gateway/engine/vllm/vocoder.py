@@ -99,6 +99,8 @@ class VocoderStats:
     """Mel frames of real rows the CFM solves computed (lookahead tokens' frames not)."""
     cfm_solved_frames: int = 0
     """The frames those solves computed with their graphs' padding (width and rows)."""
+    cfm_eager_frames: int = 0
+    """Of ``cfm_frames``, those solved outside a CUDA graph."""
     whole_windows: int = 0
     """Streamed utterances vocoded as one window (T3 finished them before their first)."""
     device_busy_s: float = 0.0
@@ -118,8 +120,9 @@ class _Launched:
     copy: HostCopy
     clock: BatchClock
     launch_s: float = 0.0
-    cfm: tuple[int, int] = (0, 0)
-    """The batch's CFM frames: of real rows, and solved (padding included)."""
+    cfm: tuple[int, int, int] = (0, 0, 0)
+    """The batch's CFM frames: of real rows, solved (padding included), and of real rows
+    solved outside a CUDA graph."""
 
 
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
@@ -589,6 +592,7 @@ class Vocoder:
         st.flow_frames += sum(TOKEN_MEL_RATIO * (r.prompt_tokens + len(j.tokens)) for j, r in zip(jobs, results))
         st.cfm_frames += cfm[0]
         st.cfm_solved_frames += cfm[1]
+        st.cfm_eager_frames += cfm[2]
         st.busy_s += seconds
         st.audio_s += sum(j.window.new_mel_frames for j in jobs) * SAMPLES_PER_FRAME / SAMPLE_RATE
         st.last_batch_rows = len(jobs)
@@ -642,7 +646,7 @@ class Vocoder:
         live = [i for i, v in enumerate(voices) if v is not None]
         if not live:
             return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
-        before = (self.batch.cfm_frames, self.batch.cfm_solved_frames)
+        before = (self.batch.cfm_frames, self.batch.cfm_solved_frames, self.batch.cfm_eager_frames)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
                     jobs[i].window.final, first=self.policy.quick_first(jobs[i].window) and not jobs[i].stream.one_shot)
@@ -654,7 +658,8 @@ class Vocoder:
         copy = HostCopy([wav for wav, _ in waves], clock)
         rows = {i: (row, phase, voices[i].prompt_len)  # type: ignore[union-attr]
                 for i, row, (_, phase) in zip(live, hift_rows, waves)}
-        cfm = (self.batch.cfm_frames - before[0], self.batch.cfm_solved_frames - before[1])
+        cfm = (self.batch.cfm_frames - before[0], self.batch.cfm_solved_frames - before[1],
+               self.batch.cfm_eager_frames - before[2])
         return _Launched(jobs, outcomes, rows, copy, clock, cfm=cfm)
 
     def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:

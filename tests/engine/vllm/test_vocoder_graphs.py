@@ -270,11 +270,16 @@ def test_the_batch_counts_the_cfm_frames_it_solves_and_the_padding_it_computes(s
     batch.run_flow(rows)
     assert batch.cfm_frames == sum(frames)
     assert batch.cfm_solved_frames == 3 * max(frames), "one solve, every row at the widest's width"
+    assert batch.cfm_eager_frames == sum(frames), "no graphs: every solve eager"
     assert max(frames) == 64
     batch.cfm.buckets = GraphBuckets(rows=(4,), frames=(48, 80), max_cells=1 << 20)  # as if captured
     batch.run_flow(rows)
     assert batch.cfm_frames == 2 * sum(frames)
     assert batch.cfm_solved_frames == 3 * 64 + 4 * 80, "a graph's 4 rows at its 80 frames"
+    assert batch.cfm_eager_frames == sum(frames), "the graph held this solve"
+    batch.cfm.buckets = GraphBuckets(rows=(4,), frames=(48,), max_cells=1 << 20)  # too narrow for 64
+    batch.run_flow(rows)
+    assert batch.cfm_eager_frames == 2 * sum(frames), "no graph holds 64 frames: eager again"
 
 
 def test_row_chunks_cut_a_solve_where_the_graphs_row_counts_would_pad_it() -> None:
