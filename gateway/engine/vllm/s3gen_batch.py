@@ -524,10 +524,10 @@ class S3GenBatch:
                 parts = row_chunks(solver.buckets, by_width)
             for part in parts:
                 idx = [same_solver[p] for p in part]
-                real = sum(frames[i] for i in idx)
+                real, widest = sum(frames[i] for i in idx), max(frames[i] for i in idx)
                 self.cfm_frames += real
-                self.cfm_solved_frames += solve_cells(solver, len(idx), max(frames[i] for i in idx))
-                if not graphed(solver, len(idx), max(frames[i] for i in idx)):
+                self.cfm_solved_frames += solve_cells(solver, len(idx), widest)
+                if not graphed(solver, len(idx), widest):
                     self.cfm_eager_frames += real
                 feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
                 for j, i in enumerate(idx):
