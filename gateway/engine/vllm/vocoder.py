@@ -312,12 +312,18 @@ class Vocoder:
         side by side on the device (a launch queues it and returns)."""
         self._on_settled: Callable[[], None] | None = None
         """Called after this loop hands a batch's results (or failure) to its streams."""
+        self._on_saturated: Callable[[], None] | None = None
+        """Called when this loop has ``pipeline_depth`` batches in flight (it plans no more)."""
+        self.in_flight = 0
+        """Batches launched and not yet finished (written by the loop's task)."""
         if parent is not None:
             self._streams = parent._streams  # one set of streams, two loops planning from it
             self.stats = parent.stats
             self._launch_lock = parent._launch_lock
-            # a first window done makes the stream's next window due, which the parent plans
-            self._on_settled = parent._wake.set
+            # a first window done makes the stream's next window due, which the parent plans;
+            # a full lane leaves its overflow of first windows to the parent (a burst of new
+            # streams is not queued in batches of the lane's few rows one after another)
+            self._on_settled = self._on_saturated = parent._wake.set
         self.first_lane: Vocoder | None = None
         """The loop that runs streams' first windows (``vocoder_first_window_lane_rows``), None:
         this one runs every window."""
@@ -359,11 +365,19 @@ class Vocoder:
             return False
         return TOKEN_MEL_RATIO * self.batch.bucket(stream.cost_tokens(window)) <= self.first_window_top()
 
+    @property
+    def saturated(self) -> bool:
+        """This loop has as many batches in flight as it runs at once: it plans no more now."""
+        return self.in_flight >= self.pipeline_depth
+
     def _plans(self, stream: VocoderStream, window: Window) -> bool:
-        """Whether this loop plans ``window`` (with a first-window lane the two split them)."""
+        """Whether this loop plans ``window`` (with a first-window lane the two split them:
+        the lane's first windows, the main loop the rest, and the lane's too while the lane
+        is saturated)."""
         if self.lane:
             return self.lane_takes(stream, window)
-        return self.first_lane is None or not self.first_lane.lane_takes(stream, window)
+        lane = self.first_lane
+        return lane is None or lane.saturated or not lane.lane_takes(stream, window)
 
     def _capture(self, max_batch_tokens: int) -> None:
         """CUDA graphs for the CFM solves: every bucket for regular windows; for first windows
@@ -531,6 +545,9 @@ class Vocoder:
                 else:
                     launched.launch_s = time.perf_counter() - t0
                     in_flight.append(launched)
+                    self.in_flight = len(in_flight)
+                    if self.saturated and self._on_saturated is not None:
+                        self._on_saturated()
                 continue  # launch another batch (other streams) before waiting for this one
             if in_flight:
                 launched = in_flight.popleft()
@@ -547,6 +564,7 @@ class Vocoder:
                     if done:
                         self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
                                     launched.cfm)
+                self.in_flight = len(in_flight)
                 self._settle(launched.jobs, outcomes)
                 continue
             self._wake.clear()
