@@ -314,8 +314,8 @@ class Vocoder:
         """Called after this loop hands a batch's results (or failure) to its streams."""
         self._on_saturated: Callable[[], None] | None = None
         """Called when this loop has ``pipeline_depth`` batches in flight (it plans no more)."""
-        self.in_flight = 0
-        """Batches launched and not yet finished (written by the loop's task)."""
+        self._in_flight: deque[_Launched] = deque()
+        """Batches launched and not yet being finished (the loop's task only)."""
         if parent is not None:
             self._streams = parent._streams  # one set of streams, two loops planning from it
             self.stats = parent.stats
@@ -368,7 +368,7 @@ class Vocoder:
     @property
     def saturated(self) -> bool:
         """This loop has as many batches in flight as it runs at once: it plans no more now."""
-        return self.in_flight >= self.pipeline_depth
+        return len(self._in_flight) >= self.pipeline_depth
 
     def _plans(self, stream: VocoderStream, window: Window) -> bool:
         """Whether this loop plans ``window`` (with a first-window lane the two split them:
@@ -527,9 +527,9 @@ class Vocoder:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        in_flight: deque[_Launched] = deque()
+        in_flight = self._in_flight = deque()
         while True:
-            chosen = self.plan_batch() if len(in_flight) < self.pipeline_depth else []
+            chosen = [] if self.saturated else self.plan_batch()
             if chosen:
                 jobs = [stream.take(window) for stream, window in chosen]
                 refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
@@ -564,7 +564,6 @@ class Vocoder:
                     if done:
                         self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
                                     launched.cfm)
-                self.in_flight = len(in_flight)
                 self._settle(launched.jobs, outcomes)
                 continue
             self._wake.clear()

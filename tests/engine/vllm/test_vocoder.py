@@ -726,12 +726,12 @@ async def test_a_saturated_first_window_lane_leaves_its_overflow_to_the_main_loo
     for _ in range(lane.pipeline_depth):  # the lane launches batches of its one row until full
         (taken,) = lane.plan_batch()
         taken[0].take(taken[1])
-        lane.in_flight += 1
+        lane._in_flight.append(taken)  # as the lane's loop holds a launched batch
     assert lane.saturated
     overflow = voc.plan_batch()
     assert sorted(id(s) for s, _ in overflow) == sorted(id(s) for s in streams[lane.pipeline_depth:])
     assert all(w.index == 0 for _, w in overflow)
-    lane.in_flight = 0
+    lane._in_flight.clear()
     assert not lane.saturated and not voc.plan_batch(), "room again: first windows back to the lane"
     assert lane._on_saturated == voc._wake.set and voc._on_saturated is None
 
