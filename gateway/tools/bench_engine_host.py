@@ -116,17 +116,19 @@ class DeviceFreeVocoder(Vocoder):
 
     def _launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
         clock = BatchClock(torch.device("cpu"))
+        # the served vocoder keeps the last ``vocoder_prompt_tokens`` of the voice's prompt
+        prompt = min(VOICE_PROMPT_TOKENS, getattr(self.batch, "prompt_tokens", 0) or VOICE_PROMPT_TOKENS)
         outcomes: list[WindowResult | Exception | None] = []
         for job in jobs:
             frames = TOKEN_MEL_RATIO * job.window.new_tokens + (0 if job.mel_tail is None else job.mel_tail.shape[1])
             outcomes.append(WindowResult(
                 np.zeros(frames * SAMPLES_PER_FRAME, np.float32), frames,
                 torch.zeros(MEL_BINS, job.carry) if job.carry else None,
-                torch.zeros(self.batch.harmonics) if job.carry else None, VOICE_PROMPT_TOKENS))
+                torch.zeros(self.batch.harmonics) if job.carry else None, prompt))
         launched = _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         a, b, c = self.batch_ms
         # each row's flow at the CUDA graph width it pads to (as served), else its own
-        frames = sum(self.batch.cfm.frames_for(TOKEN_MEL_RATIO * (VOICE_PROMPT_TOKENS + job.window.input_tokens))
+        frames = sum(self.batch.cfm.frames_for(TOKEN_MEL_RATIO * (prompt + job.window.input_tokens))
                      for job in jobs)
         self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs) + c * frames / 1000) / 1000
         return launched

@@ -156,3 +156,10 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
     launched = vocoder._launch_batch([first, whole], {})
     want = (10.0 + 5.0 * 2 + 100.0 * (1024 + 1024) / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
+    # ``vocoder_prompt_tokens``: each row's flow carries only that much of the voice prompt
+    vocoder.batch = SimpleNamespace(harmonics=9, cfm=eager, prompt_tokens=100)
+    t0 = time.perf_counter()
+    launched = vocoder._launch_batch([first, whole], {})
+    want = (10.0 + 5.0 * 2 + 100.0 * (2 * (100 + 23) + 2 * (100 + 250)) / 1000) / 1000
+    assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
+    assert {r.prompt_tokens for r in launched.outcomes} == {100}
