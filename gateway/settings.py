@@ -140,7 +140,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     worker thread, as until 2026-12-04 (an A/B lever until a GPU has measured both)."""
     watermark_stream: Literal["default", "own", "high"] = "default"
     """With ``watermark_batch`` on a GPU: the CUDA stream the watermark pass runs on.
-    ``default``: the vocoder's (its host reads wait for the vocoder batch queued before them).
+    ``default``: the default stream, which is the vocoder's unless ``vocoder_stream_priority``
+    gives the vocoder one of its own (on the vocoder's, its host reads wait for the vocoder
+    batch queued before them; apart from it, its kernels run after the vocoder's waiting ones).
     ``own``: a stream of its own; ``high``: of its own at high priority (its kernels go before
     the vocoder's waiting ones). Every served run with a stream of its own has ended in an
     illegal memory access on an H200 so far (docs/operations.md): an option to measure, not
