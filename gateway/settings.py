@@ -147,6 +147,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     the vocoder's waiting ones). Every served run with a stream of its own has ended in an
     illegal memory access on an H200 so far (docs/operations.md): an option to measure, not
     the default."""
+    watermark_first_apart: bool = False
+    """With ``watermark_batch``: a stream's first window (its first audio waits for it) goes in
+    a pass of first windows only, ahead of the other windows taken from the queue with it,
+    instead of in one pass over all of them (under load seconds of other streams' audio). The
+    audio does not change; it costs one more pass (one more wait for the device) whenever both
+    kinds are queued. Off until a GPU run weighs the two (docs/operations.md)."""
 
     # --- Generation bounds ------------------------------------------------------------------
     max_speech_tokens: PositiveInt = 1000

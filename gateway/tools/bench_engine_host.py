@@ -218,7 +218,8 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
             from gateway.engine.vllm.watermark_batch import WatermarkBatcher
 
             engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE,
-                                                 stream=settings.watermark_stream)
+                                                 stream=settings.watermark_stream,
+                                                 first_apart=settings.watermark_first_apart)
             engine._mark = engine._watermark.apply
         engine._build_vocoder(runtime, torch.device(device))
     runtime.llm = ThreadedLLM(lambda: SteppedT3(tokens, step_ms), name="vllm-engine")

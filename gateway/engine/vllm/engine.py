@@ -129,7 +129,8 @@ class VllmEngine(UpstreamVoices, Engine):
         """What the start took, part by part (also logged)."""
         self._watermark: WatermarkBatcher | None = None
         """Every stream's Perth watermark, batched (one for all families: they share Perth)."""
-        self._mark: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
+        self._mark: Callable[..., Awaitable[np.ndarray]] | None = None
+        """A window's watermark: ``(samples, first=...)``, ``first`` for a stream's first window."""
         """How a window is watermarked: the batcher's ``apply``, or upstream's call alone."""
         self._log = structlog.get_logger("gateway.engine")
 
@@ -189,7 +190,8 @@ class VllmEngine(UpstreamVoices, Engine):
                 watermarker = perth.PerthImplicitWatermarker(device=str(device))
             if self.settings.watermark_batch:
                 self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug,
-                                                   stream=self.settings.watermark_stream)
+                                                   stream=self.settings.watermark_stream,
+                                                   first_apart=self.settings.watermark_first_apart)
                 self._mark = self._watermark.apply
             else:
                 self._mark = functools.partial(_mark_alone, watermarker, serial=self.settings.gpu_serial_debug)
@@ -553,11 +555,14 @@ class VllmEngine(UpstreamVoices, Engine):
         first = True
         marker = None
         if self.settings.watermark and not stream.one_shot:  # one-shot: one watermark pass, as upstream
-            marker = StreamWatermark(None, SAMPLE_RATE, apply_async=self._mark)
+            def mark(buf: np.ndarray) -> Awaitable[np.ndarray]:
+                return self._mark(buf, first=first)  # ``first`` read at the call: no audio out yet
+
+            marker = StreamWatermark(None, SAMPLE_RATE, apply_async=mark)
         try:
             async for samples, vocoded in stream.chunks():
                 if self.settings.watermark:
-                    marking = marker.push_async(samples) if marker is not None else self._mark(samples)
+                    marking = marker.push_async(samples) if marker is not None else self._mark(samples, first=first)
                     samples = await _marked(marking)
                 samples = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
                 if not samples.size:
@@ -631,8 +636,9 @@ async def _marked(marking: Awaitable[np.ndarray]) -> np.ndarray:
         raise EngineError(f"the watermark pass failed: {type(exc).__name__}: {exc}") from exc
 
 
-async def _mark_alone(watermarker: Any, samples: np.ndarray, *, serial: bool = False) -> np.ndarray:
-    """Upstream's watermark of one window, on a worker thread (``watermark_batch`` off)."""
+async def _mark_alone(watermarker: Any, samples: np.ndarray, *, first: bool = False, serial: bool = False) -> np.ndarray:
+    """Upstream's watermark of one window, on a worker thread (``watermark_batch`` off; each
+    window alone, so ``first`` changes nothing)."""
     def mark() -> np.ndarray:
         with gpu_serial.serial(serial, "watermark"):
             return watermarker.apply_watermark(samples, sample_rate=SAMPLE_RATE)

@@ -44,7 +44,10 @@ the default stream the served rows ran clean at 32 and 128 streams (an H100, 202
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers
 each caller; a caller that is cancelled meanwhile is simply not answered. A pass takes at
 most ``max_rows`` chunks and ``max_batch_s`` seconds of audio (the device memory it needs
-grows with both).
+grows with both). With ``first_apart`` the chunks a caller marks ``first`` (a stream's first
+window: its first audio waits for it) go in a pass of their own ahead of the others taken
+with them, so a first window waits for a pass over other first windows, not over seconds of
+other streams' audio.
 """
 
 from __future__ import annotations
@@ -213,6 +216,7 @@ class _Item:
     samples: np.ndarray
     future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
+    first: bool = False
 
 
 class WatermarkBatcher:
@@ -221,8 +225,9 @@ class WatermarkBatcher:
 
     def __init__(self, watermarker: Any, sample_rate: int, *, max_rows: int = MAX_ROWS,
                  max_batch_s: float = MAX_BATCH_S, resample_threads: int = RESAMPLE_THREADS,
-                 serial: bool = False, stream: str = "default") -> None:
+                 serial: bool = False, stream: str = "default", first_apart: bool = False) -> None:
         self._watermarker = watermarker
+        self._first_apart = first_apart
         self._serial = serial
         """``gpu_serial_debug``: each pass alone on the GPU, ended by a synchronisation."""
         self._rate = sample_rate
@@ -243,13 +248,14 @@ class WatermarkBatcher:
         self._thread = threading.Thread(target=self._run, name="watermark", daemon=True)
         self._thread.start()
 
-    async def apply(self, samples: np.ndarray) -> np.ndarray:
-        """``samples`` (float32 at the batcher's rate) watermarked."""
+    async def apply(self, samples: np.ndarray, *, first: bool = False) -> np.ndarray:
+        """``samples`` (float32 at the batcher's rate) watermarked. ``first``: a stream's first
+        window (with ``first_apart``, marked in a pass of first windows only)."""
         if self._closed:
             raise RuntimeError("the watermark batcher is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._queue.put(_Item(np.asarray(samples, dtype=np.float32), future, loop))
+        self._queue.put(_Item(np.asarray(samples, dtype=np.float32), future, loop, first))
         return await future
 
     def close(self) -> None:
@@ -289,10 +295,19 @@ class WatermarkBatcher:
                 items.append(item)
                 size += item.samples.size
             items = [i for i in items if not i.future.cancelled()]  # their callers left
-            if items:
-                self._mark(items)
+            for batch in self._passes(items):
+                self._mark(batch)
             if stop:
                 return
+
+    def _passes(self, items: list[_Item]) -> list[list[_Item]]:
+        """The passes one take of the queue is marked in: one, or with ``first_apart`` the
+        first windows' ahead of the rest's."""
+        if not self._first_apart:
+            return [items] if items else []
+        firsts = [i for i in items if i.first]
+        rest = [i for i in items if not i.first]
+        return [batch for batch in (firsts, rest) if batch]
 
     def _mark(self, items: list[_Item]) -> None:
         t0 = time.perf_counter()

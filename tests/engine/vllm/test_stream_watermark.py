@@ -101,7 +101,7 @@ async def test_a_failing_watermark_pass_is_an_engine_error(tmp_path, streaming: 
         engine = bench_engine_host.build_engine(TURBO, settings, (0.0, 0.0), (0.0, 0.0), 30, tmp_path)
         calls: list[int] = []
 
-        async def failing(samples):  # type: ignore[no-untyped-def]
+        async def failing(samples, first=False):  # type: ignore[no-untyped-def]
             calls.append(len(samples))
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -116,3 +116,32 @@ async def test_a_failing_watermark_pass_is_an_engine_error(tmp_path, streaming: 
         finally:
             await engine.close()
     assert calls and isinstance(caught.value.__cause__, RuntimeError)
+
+
+async def test_the_engine_marks_a_streams_first_window_first_and_no_other(tmp_path) -> None:
+    """The watermark call of a stream's first window says so (``first``: with
+    ``watermark_first_apart`` the batcher marks it in a pass of first windows); every later
+    window's call, the held-back rest's included, does not."""
+    from gateway.engine.base import GenerationParams, SynthesisJob
+    from gateway.models.families import TURBO
+    from gateway.tools import bench_engine_host
+
+    settings = bench_engine_host.engine_settings(TURBO, 1, str(tmp_path), watermark=True)
+    with bench_engine_host.sampling_without_vllm():
+        engine = bench_engine_host.build_engine(TURBO, settings, (0.0, 0.0), (0.0, 0.0), 120, tmp_path)
+        flags: list[bool] = []
+
+        async def mark(samples, first=False):  # type: ignore[no-untyped-def]
+            flags.append(first)
+            return samples
+
+        engine._mark = mark
+        await engine.runtimes[TURBO].vocoder.start()
+        job = SynthesisJob("w", (bench_engine_host.TEXT,), bench_engine_host.voice_for(TURBO),
+                           GenerationParams(max_speech_tokens=120), model=TURBO, streaming=True)
+        try:
+            chunks = [c async for c in engine.synthesize(job)]
+        finally:
+            await engine.close()
+    assert len(chunks) >= 3 and len(flags) >= 3  # several windows and the held-back rest
+    assert flags[0] is True and not any(flags[1:])

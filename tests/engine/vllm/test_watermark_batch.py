@@ -138,6 +138,54 @@ async def test_a_cancelled_caller_is_skipped_and_the_others_answered(watermarker
         batcher.close()
 
 
+@pytest.mark.parametrize("first_apart", [True, False])
+async def test_first_windows_go_in_a_pass_of_their_own_ahead_of_the_long_ones(watermarker, first_apart: bool) -> None:
+    """``watermark_first_apart``: of what queued while a pass ran, the streams' first windows
+    (short: their first audio waits for them) are marked in a pass of their own before the
+    long windows queued with them, each still exactly its own watermark; without it, one
+    pass takes them all."""
+    gate = asyncio.Event()
+    passes: list[list[bool]] = []
+    answered: list[str] = []
+    batcher = WatermarkBatcher(watermarker, SR, first_apart=first_apart)
+    original = batcher._mark
+    loop = asyncio.get_running_loop()
+
+    def mark(items):
+        passes.append([i.first for i in items])
+        if len(passes) == 1:  # hold the first pass so that the rest queue behind it
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+        original(items)
+
+    batcher._mark = mark
+
+    async def call(name: str, x: np.ndarray, first: bool) -> np.ndarray:
+        out = await batcher.apply(x, first=first)
+        answered.append(name)
+        return out
+
+    try:
+        held = asyncio.create_task(call("held", _speechlike(0.3, 70), False))
+        await asyncio.sleep(0.2)  # the worker holds it at the gate
+        long_ones = [_speechlike(2.0, 71 + i) for i in range(3)]
+        firsts = [_speechlike(0.4, 75 + i) for i in range(2)]
+        tasks = [asyncio.create_task(call(f"long{i}", x, False)) for i, x in enumerate(long_ones[:2])]
+        tasks += [asyncio.create_task(call(f"first{i}", x, True)) for i, x in enumerate(firsts)]
+        tasks.append(asyncio.create_task(call("long2", long_ones[2], False)))
+        await asyncio.sleep(0.1)
+        gate.set()
+        results = await asyncio.gather(held, *tasks)
+        for x, got in zip([_speechlike(0.3, 70), *long_ones[:2], *firsts, long_ones[2]], results):
+            assert _snr(got, _alone(watermarker, x)) > 100
+        if first_apart:
+            assert passes == [[False], [True, True], [False, False, False]]
+            assert answered[1:3] == ["first0", "first1"]  # before any long window
+        else:
+            assert passes == [[False], [False, False, True, True, False]]
+    finally:
+        batcher.close()
+
+
 async def test_a_failing_batch_fails_every_caller_of_it_and_the_batcher_goes_on(watermarker) -> None:
     class Broken:
         class perth_net:  # the attribute perth's watermarker has
