@@ -130,8 +130,8 @@ class VllmEngine(UpstreamVoices, Engine):
         self._watermark: WatermarkBatcher | None = None
         """Every stream's Perth watermark, batched (one for all families: they share Perth)."""
         self._mark: Callable[..., Awaitable[np.ndarray]] | None = None
-        """A window's watermark: ``(samples, first=...)``, ``first`` for a stream's first window."""
-        """How a window is watermarked: the batcher's ``apply``, or upstream's call alone."""
+        """How a window is watermarked, ``(samples, first=...)`` with ``first`` for a stream's
+        first window: the batcher's ``apply``, or upstream's call alone."""
         self._log = structlog.get_logger("gateway.engine")
 
     # --- lifecycle -----------------------------------------------------------------------
