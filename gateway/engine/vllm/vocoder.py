@@ -545,7 +545,6 @@ class Vocoder:
                 else:
                     launched.launch_s = time.perf_counter() - t0
                     in_flight.append(launched)
-                    self.in_flight = len(in_flight)
                     if self.saturated and self._on_saturated is not None:
                         self._on_saturated()
                 continue  # launch another batch (other streams) before waiting for this one
