@@ -117,7 +117,7 @@ class DeviceFreeVocoder(Vocoder):
     def _launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
         clock = BatchClock(torch.device("cpu"))
         # the served vocoder keeps the last ``vocoder_prompt_tokens`` of the voice's prompt
-        prompt = min(VOICE_PROMPT_TOKENS, getattr(self.batch, "prompt_tokens", 0) or VOICE_PROMPT_TOKENS)
+        prompt = min(VOICE_PROMPT_TOKENS, self.batch.prompt_tokens or VOICE_PROMPT_TOKENS)
         outcomes: list[WindowResult | Exception | None] = []
         for job in jobs:
             frames = TOKEN_MEL_RATIO * job.window.new_tokens + (0 if job.mel_tail is None else job.mel_tail.shape[1])

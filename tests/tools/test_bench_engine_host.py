@@ -142,7 +142,7 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
     vocoder = DeviceFreeVocoder.__new__(DeviceFreeVocoder)
     eager = SimpleNamespace(frames_for=lambda frames: frames)  # no graphs: each row at its own width
     vocoder._ready_at, vocoder.batch_ms = {}, (10.0, 5.0, 100.0)
-    vocoder.batch = SimpleNamespace(harmonics=9, cfm=eager)
+    vocoder.batch = SimpleNamespace(harmonics=9, cfm=eager, prompt_tokens=0)  # 0: the whole prompt
     first = SimpleNamespace(window=Window(0, 0, 0, 20, 23, False), mel_tail=None, carry=0)
     whole = SimpleNamespace(window=Window(0, 0, 0, 250, 250, True), mel_tail=None, carry=0)
     t0 = time.perf_counter()
