@@ -347,6 +347,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vocoder_max_later_wait_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.5
     """First windows go ahead of later ones (time to first audio), but a later window that
     has waited this long joins them: streams already playing cannot starve under load."""
+    vocoder_first_apart: bool = False
+    """A batch that carries a stream's small first window takes only first windows (and later
+    windows past ``vocoder_max_later_wait_s``); the other later windows go in the next batch.
+    Under load a new stream's first window otherwise rides a batch of ~30 regular windows (a
+    ~530 ms solve on an H100 at 32 streams, against ~50 ms alone): apart, its first byte waits
+    for a small solve, and the card pays one more batch per group of first windows. Audio
+    unchanged. Off until a GPU run weighs it (docs/operations.md)."""
     vocoder_unhealthy_after_failures: Annotated[int, Meta(ge=1, le=1000)] = 3
     """Vocoder batches failed in a row after which the engine reports itself not ready (a
     sticky GPU fault fails every batch); one success resets the count."""

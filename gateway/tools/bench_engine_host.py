@@ -245,9 +245,13 @@ def voice_for(model: str) -> Voice:
 
 async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float, float],
                   vocoder_ms: tuple[float, ...], tokens: int = SPEECH_TOKENS, *, device: str | None = None,
-                  watermark: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  watermark: bool = False, overrides: dict[str, Any] | None = None,
+                  stagger_s: float = 0.0) -> dict[str, Any]:
     """One row: ``streams`` consumers, each starting its next utterance when one ends.
-    ``device``: the served vocoder there (``--vocoder real``), else the stand-in."""
+    ``device``: the served vocoder there (``--vocoder real``), else the stand-in.
+    ``stagger_s``: consumer ``i`` starts ``i / streams`` of it late (0: all at once, so the
+    streams' windows fall due together, wave after wave; the served benchmark's streams drift
+    apart, and a new stream's first window meets the others' later ones)."""
     with tempfile.TemporaryDirectory(prefix="bench-engine-host-") as tmp, sampling_without_vllm():
         settings = engine_settings(model, streams, tmp, overrides, watermark=watermark)
         t_build = time.perf_counter()
@@ -272,6 +276,8 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
 
         async def consume(i: int) -> None:
             n = 0
+            if stagger_s:
+                await asyncio.sleep(stagger_s * i / streams)
             while time.perf_counter() < end:
                 job = SynthesisJob(f"s{i}-{n}", (TEXT,), voice, GenerationParams(max_speech_tokens=tokens),
                                    model=model, streaming=True)
@@ -322,7 +328,7 @@ async def measure(model: str, streams: int, seconds: float, step_ms: tuple[float
     tail = (tokens + FAMILIES[model].silence_tail_tokens) / tokens
     ceiling = streams * 1000 / step / TOKENS_PER_AUDIO_S * tail if step else None
     return {
-        "model": model, "streams": streams, "window_s": seconds,
+        "model": model, "streams": streams, "window_s": seconds, "stagger_s": stagger_s,
         "steady_audio_s_per_s": round(steady, 1),
         "t3_alone_audio_s_per_s": None if ceiling is None else round(ceiling, 1),
         "first_audio_p50_ms": ms(pct(firsts, 0.5)),
@@ -382,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vocoder-ms", type=_costs, default=(0.0, 0.0, 0.0),
                    help="A,B[,C]: a stand-in vocoder batch takes A + B x rows + C x flow mel frames / 1000 ms")
     p.add_argument("--tokens", type=int, default=SPEECH_TOKENS, help="speech tokens per utterance")
+    p.add_argument("--stagger-s", type=float, default=0.0,
+                   help="spread the streams' first requests over this many seconds (0: all at once)")
     p.add_argument("--vocoder", choices=["stand-in", "real"], default="stand-in",
                    help="real: the served vocoder on --device (the module docstring)")
     p.add_argument("--device", default=None, help="the real vocoder's device (default: cuda if there is one)")
@@ -400,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for streams in [int(s) for s in args.streams.split(",") if s.strip()]:
         row = asyncio.run(measure(args.model, streams, args.seconds, args.t3_step_ms, args.vocoder_ms, args.tokens,
-                                  device=device, watermark=args.watermark, overrides=dict(args.setting)))
+                                  device=device, watermark=args.watermark, overrides=dict(args.setting),
+                                  stagger_s=args.stagger_s))
         print({k: v for k, v in row.items() if k != "first_error_trace"}, flush=True)
         if row["first_error_trace"]:
             print(row["first_error_trace"], file=sys.stderr, flush=True)

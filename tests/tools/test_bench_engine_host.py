@@ -126,6 +126,29 @@ def test_a_row_warms_the_engine_up_before_its_window(monkeypatch) -> None:  # ty
     assert row["utterances_done"] >= 2 and row["errors"] == 0
 
 
+def test_staggered_streams_start_spread_over_the_span(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``--stagger-s``: stream i's first request goes i / streams of the span late, so the
+    streams' windows do not all fall due together (all at once, a first window never meets
+    another stream's later one: ``vocoder_first_apart`` would show nothing)."""
+    import time
+
+    from gateway.engine.vllm.engine import VllmEngine
+
+    real = VllmEngine.synthesize
+    started: dict[str, float] = {}
+
+    def recording(self, job):  # type: ignore[no-untyped-def]
+        started.setdefault(job.request_id, time.perf_counter())
+        return real(self, job)
+
+    monkeypatch.setattr(VllmEngine, "synthesize", recording)
+    row = asyncio.run(bench_engine_host.measure(TURBO, 4, 1.5, (1.0, 0.0), (0.0, 0.0), tokens=10, stagger_s=0.8))
+    firsts = [started[f"s{i}-0"] for i in range(4)]
+    gaps = [b - a for a, b in zip(firsts, firsts[1:])]
+    assert all(0.15 <= g <= 0.6 for g in gaps), gaps
+    assert row["stagger_s"] == 0.8 and row["errors"] == 0
+
+
 def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -> None:
     """``--vocoder-ms A,B,C``: a batch's audio is ready A + B x rows + C x flow frames / 1000
     ms after its launch, the frames each row's flow would solve (voice prompt and window, 2

@@ -512,7 +512,15 @@ class Vocoder:
         # waited ``vocoder_max_later_wait_s`` joins the first ones (aging): a stream already
         # playing must not starve and underrun while new streams keep arriving.
         bound = self.settings.vocoder_max_later_wait_s
-        ready.sort(key=lambda sw: (sw[1].index > 0 and now - (sw[0].ready_since or now) < bound, sw[0].idle_since))
+
+        def waits(sw: tuple[VocoderStream, Window]) -> bool:  # a later window not yet aged
+            return sw[1].index > 0 and now - (sw[0].ready_since or now) < bound
+
+        ready.sort(key=lambda sw: (waits(sw), sw[0].idle_since))
+        if self.settings.vocoder_first_apart and any(self._quick_first(s, w) for s, w in ready):
+            # a batch of first windows (and aged later ones) only: the first byte waits for a
+            # small solve, not for the regular windows' batch (which goes next)
+            ready = [sw for sw in ready if not waits(sw)]
         chosen: list[tuple[VocoderStream, Window]] = []
         longest = 0
         for stream, window in ready:
@@ -524,6 +532,10 @@ class Vocoder:
             longest = max(longest, cost)
             chosen.append((stream, window))
         return chosen
+
+    def _quick_first(self, stream: VocoderStream, window: Window) -> bool:
+        """A streamed request's small first window (its first byte waits for it)."""
+        return self.policy.quick_first(window) and not stream.one_shot
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -665,7 +677,7 @@ class Vocoder:
         before = (self.batch.cfm_frames, self.batch.cfm_solved_frames, self.batch.cfm_eager_frames)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
-                    jobs[i].window.final, first=self.policy.quick_first(jobs[i].window) and not jobs[i].stream.one_shot)
+                    jobs[i].window.final, first=self._quick_first(jobs[i].stream, jobs[i].window))
             for i in live], clock=clock)
         hift_rows = [HiftRow(mel if jobs[i].mel_tail is None else torch.cat([jobs[i].mel_tail, mel], dim=1),
                              jobs[i].start_frame, jobs[i].phase, jobs[i].carry) for i, mel in zip(live, mels)]

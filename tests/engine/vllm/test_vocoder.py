@@ -580,6 +580,40 @@ async def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3ge
         await voc.close()
 
 
+async def test_first_windows_apart_take_a_batch_of_their_own(s3gen, ref) -> None:
+    """``vocoder_first_apart``: a batch with a stream's small first window takes no later
+    window that can still wait (under load it would make the first byte wait for a big
+    solve); later windows go in the next batch, aged ones join, and a one-shot request's
+    window (no first byte to hurry) splits nothing."""
+
+    def plan(voc: Vocoder, now: float) -> list:
+        return [s for s, _ in voc.plan_batch(now=now)]
+
+    for apart in (False, True):
+        voc = _vocoder(s3gen, vocoder_first_apart=apart, vocoder_max_later_wait_s=0.5)
+        await voc.start()  # the loop task does not run before this test awaits: it plans by hand
+        try:
+            playing = voc.open_stream("A", ref)
+            playing.push(_tokens(40, 1))
+            playing._index, playing._committed = 1, 6  # history: its first window was delivered
+            fresh = voc.open_stream("A", ref)
+            fresh.push(_tokens(9, 2))
+            if not apart:
+                assert plan(voc, 100.0) == [fresh, playing], "one batch: the first window rides with the rest"
+                continue
+            assert plan(voc, 100.0) == [fresh], "apart: the first window alone"
+            assert set(plan(voc, 100.6)) == {fresh, playing}, "a later window past the wait bound joins"
+            (taken,) = [w for s, w in voc.plan_batch(now=100.1) if s is fresh]
+            fresh.take(taken)
+            assert plan(voc, 100.2) == [playing], "no first window left: the later ones go"
+            whole = voc.open_stream("A", ref, one_shot=True)
+            whole.push(_tokens(9, 3))
+            whole.finish()
+            assert plan(voc, 100.3) == [whole, playing], "a one-shot request's window is no first byte"
+        finally:
+            await voc.close()
+
+
 async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) -> None:
     """The count must travel with the samples: reading it from the stream after an await
     could include the next window's tokens."""
