@@ -392,6 +392,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     byte waits for it) unless T3 finished the stream before the vocoder got to it: then it is
     the whole utterance when that fits this limit."""
 
+    stream_early_window_s: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.0
+    """A stream's later window that waits for T3's tokens goes with those T3 has made (the
+    largest of a few sizes they fill: multiples of ``stream_first_window_tokens`` below
+    ``stream_window_tokens``, then multiples of that) once the stream's listener, playing
+    from its first audio in real time, has less than this many seconds of audio left beyond
+    the vocoder's recent window latency, while T3 makes the stream's audio at least 1.25x
+    faster than real time (else, the card overloaded, smaller windows would only cost more
+    flow work). At 32 streams every stream's listener otherwise waits after its first
+    window (0.48 s of audio; the 50-token second window waits ~0.9 s for T3). More windows,
+    more flow work per audio-second. 0: off. docs/operations.md."""
+
     vocoder_fill_graphs: bool = False
     """A stream's later window takes, of the tokens T3 has already made beyond it, those that
     fit the CUDA graph width its flow solve is padded to anyway (a 200-token window of a 10 s

@@ -138,6 +138,10 @@ the bound, which the CFM's pool already holds (HiFT's 30 graphs added 12-32 MiB 
 H200, 2026-12-04)."""
 
 
+LATENCY_WEIGHT = 0.2
+"""Weight of the newest window in the vocoder's moving average of window latency."""
+
+
 ENCODER_GRAPH_ATTENTION = 1 << 24
 """Most ``rows x frames^2`` of one captured flow encoder call. Its relative-position attention
 holds (rows, 8 heads, frames, 2 frames) scores: ~0.5 GiB a tensor at this bound, ~6 alive at
@@ -165,6 +169,8 @@ def hift_graph_shapes(policy: WindowPolicy, max_rows: int) -> list[tuple[int, in
     frames = {TOKEN_MEL_RATIO * policy.first_tokens} | {policy.mel_overlap + TOKEN_MEL_RATIO * n for n in sizes}
     if policy.first_grow_after_s > 0:  # a first window that grew: its new frames only, no carry
         frames |= {TOKEN_MEL_RATIO * k * policy.tokens for k in range(1, policy.cap // policy.tokens + 1)}
+    if policy.early_s > 0:  # later windows gone early (the carry, then their new frames)
+        frames |= {policy.mel_overlap + TOKEN_MEL_RATIO * n for n in policy.early_sizes}
     rows = sorted({min(1 << k, max_rows) for k in range(max_rows.bit_length() + 1)})
     return [(r, f) for f in sorted(frames) for r in rows if r * f <= HIFT_GRAPH_FRAMES]
 
@@ -174,7 +180,8 @@ def served_policy(settings: Settings) -> WindowPolicy:
     return WindowPolicy(first_tokens=settings.stream_first_window_tokens, tokens=settings.stream_window_tokens,
                         max_tokens=settings.stream_max_window_tokens,
                         final_merge_tokens=settings.stream_final_window_tokens,
-                        first_grow_after_s=settings.stream_first_window_grow_after_s)
+                        first_grow_after_s=settings.stream_first_window_grow_after_s,
+                        early_s=settings.stream_early_window_s)
 
 
 SCHEDULE_PADDING = 0.1
@@ -316,6 +323,8 @@ class Vocoder:
         """Called when this loop has ``pipeline_depth`` batches in flight (it plans no more)."""
         self._in_flight: deque[_Launched] = deque()
         """Batches launched and not yet being finished (the loop's task only)."""
+        self._window_latency_s = 0.0
+        """``window_latency_s``: 0.0 until a window has been delivered."""
         if parent is not None:
             self._streams = parent._streams  # one set of streams, two loops planning from it
             self.stats = parent.stats
@@ -473,6 +482,17 @@ class Vocoder:
 
     def count_dropped(self) -> None:
         self.stats.windows_dropped += 1
+
+    @property
+    def window_latency_s(self) -> float:
+        """A moving average (the last ~5 windows weigh most) of the time from a window ready
+        to its audio delivered: what a stream's early window (``stream_early_window_s``)
+        expects to wait."""
+        return self._window_latency_s
+
+    def note_window_latency(self, seconds: float) -> None:
+        prev = self._window_latency_s
+        self._window_latency_s = seconds if prev == 0.0 else prev + LATENCY_WEIGHT * (seconds - prev)
 
     def flow_room(self, tokens: int) -> int:
         if not self.settings.vocoder_fill_graphs or self.batch.cfm.buckets is None:

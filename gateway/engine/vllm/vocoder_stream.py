@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gateway.engine.base import SPEECH_TOKENS_PER_SECOND
+from gateway.engine.base import SAMPLE_RATE, SPEECH_TOKENS_PER_SECOND
 from gateway.engine.vllm.vocoder_windows import SeamState, Window, WindowPolicy, fill_window, next_window
 from gateway.errors import EngineError
 from gateway.observability.timeline import Timeline
@@ -29,6 +29,12 @@ SPEECH_VOCAB_SIZE = 6561
 
 PROMPT_TOKENS_GUESS = 250
 """Budgeting guess for a voice's prompt tokens (a 10 s prompt) until the voice is prepared."""
+
+EARLY_MIN_T3_PACE = 1.25
+"""An early window (``WindowPolicy.early_s``) goes only while T3 has made this stream's audio
+at least this many times faster than real time since its first token: then the small
+windows cost little against what T3 keeps making; slower (the card overloaded, every
+listener waiting anyway) more windows would only cost more flow work per audio-second."""
 
 
 class StreamHost(Protocol):
@@ -52,6 +58,13 @@ class StreamHost(Protocol):
     def flow_room(self, tokens: int) -> int:
         """Flow tokens a row of ``tokens`` (voice prompt included) could add without its solve
         growing: the rest of the CUDA graph width it pads to (0 without one)."""
+
+    @property
+    def window_latency_s(self) -> float:
+        """The vocoder's recent time from a window ready to its audio delivered (seconds)."""
+
+    def note_window_latency(self, seconds: float) -> None:
+        """A window's audio was delivered ``seconds`` after it was ready."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +124,10 @@ class VocoderStream:
         has waited for the vocoder since (``first_grow_after_s``), planned or not."""
         self._first_audio_at: float | None = None
         """When the first window's audio was queued for the consumer (monotonic)."""
+        self._first_token_at: float | None = None
+        """When T3's first token for this stream arrived (monotonic): T3's pace since."""
+        self._flight_since = 0.0
+        """When the window in flight became ready (monotonic): the vocoder's latency."""
         self._queue: asyncio.Queue[tuple[np.ndarray, int] | BaseException | None] = asyncio.Queue()
 
     @property
@@ -126,6 +143,8 @@ class VocoderStream:
         if self._closed:
             return
         self._tokens.extend(t for t in map(int, tokens) if 0 <= t < SPEECH_VOCAB_SIZE)
+        if self._first_token_at is None and self._tokens:
+            self._first_token_at = time.monotonic()
         policy = self._host.policy
         if self._first_due is None and len(self._tokens) >= policy.first_tokens + policy.lookahead:
             self._first_due = time.monotonic()
@@ -228,7 +247,8 @@ class VocoderStream:
         due = self._first_due if self._index == 0 else self._ready_since
         waited = max(0.0, now - due) if due is not None else 0.0
         window = next_window(self._host.policy, available=len(self._tokens), committed=self._committed,
-                             finished=self._finished, index=self._index, one_shot=self.one_shot, waited_s=waited)
+                             finished=self._finished, index=self._index, one_shot=self.one_shot, waited_s=waited,
+                             early=self._listener_short(now))
         if window is not None and window.index > 0 and not window.final:
             # tokens already here that fit the flow width the window pads to anyway
             window = fill_window(window, room=self._host.flow_room(self.cost_tokens(window)),
@@ -239,6 +259,21 @@ class VocoderStream:
                 self.trace.mark(f"vocoder window ready ({window.input_tokens} tokens)")
         return window
 
+    def _listener_short(self, now: float) -> bool:
+        """Whether a later window should go early (``WindowPolicy.early_s``): the listener,
+        playing from the first audio in real time, has less audio left than ``early_s`` plus
+        the vocoder's recent latency, and T3 keeps well ahead of real time for this stream."""
+        early_s = self._host.policy.early_s
+        if early_s <= 0 or self._index == 0 or self._finished or self.one_shot:
+            return False
+        if self._first_audio_at is None or self._first_token_at is None:
+            return False
+        left = self._seam.samples_emitted / SAMPLE_RATE - (now - self._first_audio_at)
+        if left >= early_s + self._host.window_latency_s:
+            return False
+        made_s = len(self._tokens) / SPEECH_TOKENS_PER_SECOND
+        return made_s >= EARLY_MIN_T3_PACE * max(now - self._first_token_at, 1e-3)
+
     def cost_tokens(self, window: Window) -> int:
         """Flow tokens the window costs in a batch (its input plus the voice's prompt)."""
         return window.input_tokens + self._prompt_tokens
@@ -247,6 +282,7 @@ class VocoderStream:
         """Mark ``window`` in flight and snapshot what the worker thread needs for it."""
         self._in_flight = True
         self._flight_end = None if window.final else window.end
+        self._flight_since = self._ready_since if self._ready_since is not None else time.monotonic()
         self._ready_since = None
         seam = self._seam
         return WindowJob(
@@ -259,6 +295,7 @@ class VocoderStream:
         """The job's audio: joined at the seam and queued for ``audio()`` (dropped if cancelled)."""
         window = job.window
         self._in_flight = False
+        self._host.note_window_latency(time.monotonic() - self._flight_since)
         self._prompt_tokens = result.prompt_tokens
         self._idle_since = self._host.next_ticket()
         if self._closed:  # cancelled while in flight: the result is dropped

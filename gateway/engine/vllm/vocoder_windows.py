@@ -72,10 +72,16 @@ class WindowPolicy:
     first_grow_after_s: float = 0.0
     """A first window that has waited this long for the vocoder (0: never) grows to the
     tokens ready, as a later window does (``size``): under load it saves a window."""
+    early_s: float = 0.0
+    """A later window that waits for T3's tokens may go early, with those already made (the
+    largest of ``early_sizes`` they fill), when its stream's listener is about to run out of
+    audio (0: never). The stream decides when (``VocoderStream.ready_window``): its listener
+    has less than this many seconds left beyond the vocoder's recent window latency, and T3
+    keeps ahead of real time for it."""
 
     def __post_init__(self) -> None:
-        if self.first_grow_after_s < 0:
-            raise ValueError("first_grow_after_s must be >= 0")
+        if self.first_grow_after_s < 0 or self.early_s < 0:
+            raise ValueError("first_grow_after_s and early_s must be >= 0")
         if min(self.first_tokens, self.tokens) < 1:
             raise ValueError("window sizes must be at least one token")
         if min(self.left_context, self.mel_overlap, self.final_merge_tokens, self.max_tokens) < 0:
@@ -110,6 +116,19 @@ class WindowPolicy:
             return max(self.first_tokens, ready) if grown else self.first_tokens
         planned = min(self.cap, self.tokens << min(index - 1, 16))
         return max(planned, ready)
+
+    @property
+    def early_sizes(self) -> tuple[int, ...]:
+        """The sizes an early window takes (``early_s``): multiples of ``first_tokens`` below
+        ``tokens``, then the multiples of ``tokens`` a later window takes anyway (few distinct
+        shapes: each has its captured HiFT graphs)."""
+        small = {k * self.first_tokens for k in range(1, self.tokens // self.first_tokens + 1)}
+        return tuple(sorted({n for n in small if n < self.tokens}
+                            | {k * self.tokens for k in range(1, self.cap // self.tokens + 1)}))
+
+    def early_size(self, backlog: int) -> int:
+        """The largest of ``early_sizes`` that ``backlog`` ready tokens fill (0: none)."""
+        return max((n for n in self.early_sizes if n <= backlog), default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +167,15 @@ class Window:
 
 
 def next_window(policy: WindowPolicy, *, available: int, committed: int, finished: bool,
-                index: int, one_shot: bool = False, waited_s: float = 0.0) -> Window | None:
+                index: int, one_shot: bool = False, waited_s: float = 0.0, early: bool = False) -> Window | None:
     """The next window of a stream with ``available`` tokens of which ``committed`` have
     been vocoded, or None when it must wait for more tokens (or is done).
 
     ``one_shot``: vocode the whole utterance as one final window once it is finished
     (non-streaming requests: best quality, still batched with other streams).
     ``waited_s``: how long the stream's window has been ready (a first window may grow).
+    ``early``: a later window that would wait for tokens goes with those it has, at the
+    largest of the policy's ``early_sizes`` they fill (its listener is about to run out).
     """
     remaining = available - committed
     if remaining <= 0 or (one_shot and not finished):
@@ -168,7 +189,11 @@ def next_window(policy: WindowPolicy, *, available: int, committed: int, finishe
     if finished and (one_shot or remaining <= max(policy.merge_limit, size + policy.lookahead)):
         return Window(index, context_start, committed, available, available, final=True)
     if remaining < size + policy.lookahead:
-        return None
+        if not early or index == 0:
+            return None
+        size = policy.early_size(remaining - policy.lookahead)
+        if size <= 0:
+            return None
     end = committed + size
     return Window(index, context_start, committed, end, end + policy.lookahead, final=False)
 

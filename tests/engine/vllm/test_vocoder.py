@@ -227,6 +227,81 @@ def test_grown_first_windows_have_hift_graphs() -> None:
     assert 100 not in {f for _, f in hift_graph_shapes(WindowPolicy(first_tokens=20, tokens=50, max_tokens=200), 8)}
 
 
+def test_an_early_window_takes_the_largest_early_size_its_ready_tokens_fill() -> None:
+    policy = WindowPolicy(first_tokens=12, tokens=50, max_tokens=200, early_s=0.3)  # served sizes
+    assert policy.early_sizes == (12, 24, 36, 48, 50, 100, 150, 200)
+    # the second window (50 planned) with 40 tokens beyond its 3-token lookahead: it waits...
+    kw = dict(available=12 + 43, committed=12, finished=False, index=1)
+    assert next_window(policy, **kw) is None
+    # ...unless its listener is about to run out: then 36 of them go
+    w = next_window(policy, **kw, early=True)
+    assert (w.start, w.end, w.input_end, w.final) == (12, 48, 51, False)
+    # a third window (100 planned) with 60 ready takes 50; fewer than 12 ready: still waits
+    w = next_window(policy, available=62 + 63, committed=62, finished=False, index=2, early=True)
+    assert (w.start, w.end) == (62, 112)
+    assert next_window(policy, available=12 + 14, committed=12, finished=False, index=1, early=True) is None
+    # a first window is never early (its own size and schedule)
+    assert next_window(policy, available=10, committed=0, finished=False, index=0, early=True) is None
+
+
+def test_a_stream_goes_early_only_when_its_listener_is_short_and_t3_keeps_ahead() -> None:
+    from types import SimpleNamespace
+
+    from gateway.engine.vllm.vocoder_stream import VocoderStream
+
+    policy = WindowPolicy(first_tokens=12, tokens=50, max_tokens=200, early_s=0.3)
+    host = SimpleNamespace(policy=policy, trim_fade=np.zeros(0, np.float32), wake=lambda: None,
+                           next_ticket=lambda: 0, forget=lambda _s: None, count_dropped=lambda: None,
+                           flow_room=lambda _t: 0, window_latency_s=0.0, note_window_latency=lambda _s: None)
+
+    def playing(now: float, *, heard_s: float, t3_for_s: float, made: int = 55) -> VocoderStream:
+        """A stream whose 12-token first window (0.48 s) was delivered, ``heard_s`` of it
+        played by ``now``, T3 having made ``made`` tokens over ``t3_for_s`` seconds."""
+        stream = VocoderStream(host, "v", {}, one_shot=False)
+        stream.push(range(made))
+        stream._index, stream._committed = 1, 12
+        stream._seam.samples_emitted = 12 * 2 * SAMPLES_PER_FRAME
+        stream._first_audio_at, stream._first_token_at = now - heard_s, now - t3_for_s
+        return stream
+
+    now = time.monotonic()
+    assert playing(now, heard_s=0.3, t3_for_s=1.0).ready_window(now).end == 48, "0.18 s left: early"
+    assert playing(now, heard_s=0.1, t3_for_s=1.0).ready_window(now) is None, "0.38 s left: waits"
+    host.window_latency_s = 0.2  # the vocoder's recent latency widens the margin
+    assert playing(now, heard_s=0.1, t3_for_s=1.0).ready_window(now).end == 48
+    # T3 made 2.2 s of audio in 2 s (1.1x real time, the card overloaded): no early window
+    assert playing(now, heard_s=0.3, t3_for_s=2.0).ready_window(now) is None
+    off = WindowPolicy(first_tokens=12, tokens=50, max_tokens=200)
+    host.policy = off
+    assert playing(now, heard_s=0.45, t3_for_s=1.0).ready_window(now) is None, "early_s 0: the schedule"
+
+
+async def test_the_vocoder_keeps_a_moving_average_of_window_latency(s3gen, ref) -> None:
+    from gateway.engine.vllm.vocoder import served_policy
+
+    assert served_policy(load_settings({}, {"stream_early_window_s": 0.4})).early_s == 0.4
+    voc = _vocoder(s3gen)
+    assert voc.window_latency_s == 0.0
+    voc.note_window_latency(1.0)
+    voc.note_window_latency(0.0)
+    assert voc.window_latency_s == pytest.approx(0.8)
+    await voc.start()
+    try:  # a delivered window notes its own (seconds here, not 0.8)
+        await voc.vocode("A", ref, _tokens(8, 5))
+    finally:
+        await voc.close()
+    assert voc.window_latency_s != pytest.approx(0.8)
+
+
+def test_early_windows_have_hift_graphs() -> None:
+    from gateway.engine.vllm.vocoder import hift_graph_shapes
+
+    early = WindowPolicy(first_tokens=12, tokens=50, max_tokens=200, early_s=0.3)
+    frames = {f for _, f in hift_graph_shapes(early, 8)}
+    assert {8 + 24, 8 + 48, 8 + 72, 8 + 96} <= frames  # the carried 8, then 12/24/36/48 tokens
+    assert 8 + 24 not in {f for _, f in hift_graph_shapes(WindowPolicy(first_tokens=12, tokens=50, max_tokens=200), 8)}
+
+
 def test_a_finished_stream_vocodes_what_is_left_in_as_few_windows_as_the_final_limit_allows() -> None:
     policy = WindowPolicy(first_tokens=20, tokens=50, max_tokens=200)  # served sizes
     assert policy.merge_limit == 400  # by default twice the cap
