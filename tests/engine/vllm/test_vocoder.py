@@ -640,15 +640,22 @@ async def test_batches_failing_in_a_row_turn_health_red_until_one_succeeds(s3gen
         await voc.close()
 
 
+def _playing_and_fresh(voc: Vocoder, ref) -> tuple:
+    """A stream whose later window is ready (its first was delivered) and a new stream whose
+    first window is, opened in that order."""
+    playing = voc.open_stream("A", ref)
+    playing.push(_tokens(40, 1))
+    playing._index, playing._committed = 1, 6  # history: its first window was delivered
+    fresh = voc.open_stream("A", ref)
+    fresh.push(_tokens(9, 2))
+    return playing, fresh
+
+
 async def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3gen, ref) -> None:
     voc = _vocoder(s3gen, vocoder_max_batch=1, vocoder_max_later_wait_s=0.5)
     await voc.start()  # the loop task does not run before this test awaits: it plans by hand
     try:
-        playing = voc.open_stream("A", ref)
-        playing.push(_tokens(40, 1))
-        playing._index, playing._committed = 1, 6  # history: its first window was delivered
-        fresh = voc.open_stream("A", ref)
-        fresh.push(_tokens(9, 2))
+        playing, fresh = _playing_and_fresh(voc, ref)
         assert [s for s, _ in voc.plan_batch(now=100.0)] == [fresh], "first windows first..."
         assert [s for s, _ in voc.plan_batch(now=100.6)] == [playing], "...but not past the wait bound"
     finally:
@@ -668,11 +675,7 @@ async def test_first_windows_apart_take_a_batch_of_their_own(s3gen, ref) -> None
         voc = _vocoder(s3gen, vocoder_first_apart=apart, vocoder_max_later_wait_s=0.5)
         await voc.start()  # the loop task does not run before this test awaits: it plans by hand
         try:
-            playing = voc.open_stream("A", ref)
-            playing.push(_tokens(40, 1))
-            playing._index, playing._committed = 1, 6  # history: its first window was delivered
-            fresh = voc.open_stream("A", ref)
-            fresh.push(_tokens(9, 2))
+            playing, fresh = _playing_and_fresh(voc, ref)
             if not apart:
                 assert plan(voc, 100.0) == [fresh, playing], "one batch: the first window rides with the rest"
                 continue
