@@ -111,6 +111,11 @@ class BatchStats:
     cfm_eager_frames: int = 0
     """Of ``cfm_frames``, those solved outside a CUDA graph (on a GPU: solves no captured graph
     holds, each launching its kernels one by one from the vocoder's thread)."""
+    hift_frames: int = 0
+    """Mel frames of real rows HiFT vocoded."""
+    hift_eager_frames: int = 0
+    """Of ``hift_frames``, those vocoded outside a CUDA graph (final and filled windows: their
+    lengths vary)."""
     device_busy_s: float = 0.0
     """Seconds the device spent on those calls (its busy share over a span of wall time)."""
     t3_pauses: int = 0

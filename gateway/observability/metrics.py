@@ -113,6 +113,9 @@ class _BatchStats(_EngineCollector):
                                           "(width and rows) included.", stats.cfm_solved_frames),
             "vocoder_cfm_eager_frames": ("Of the real rows' CFM frames, those solved outside a CUDA graph "
                                          "(no captured graph held the solve).", stats.cfm_eager_frames),
+            "vocoder_hift_frames": ("Mel frames of real rows HiFT vocoded.", stats.hift_frames),
+            "vocoder_hift_eager_frames": ("Of those, the frames vocoded outside a CUDA graph (final and filled "
+                                          "windows: their lengths vary).", stats.hift_eager_frames),
             "t3_first_window_pauses": ("Times T3 was held while a vocoder batch with first windows ran.",
                                        stats.t3_pauses),
             "t3_first_window_paused_seconds": ("Seconds T3 waited in those holds.", stats.t3_paused_s),

@@ -332,6 +332,8 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     audio, frames = delta("vocoder_audio_seconds"), delta("vocoder_flow_frames")
     if audio > 0 and frames > 0:  # the window schedule's cost per audio-second (one-shot: ~100)
         row["vocoder_flow_frames_per_audio_s"] = round(frames / audio, 1)
+        # and what makes it: windows per audio-second (each carries the voice prompt)
+        row["vocoder_windows_per_audio_s"] = round(delta("vocoder_windows") / audio, 3)
     passes = delta("watermark_passes")
     if passes > 0:
         row["watermark_rows_per_pass"] = round(delta("watermark_windows") / passes, 1)
@@ -341,6 +343,9 @@ def _row(level: _Level, models: Sequence[str], window_s: float, fmt: str, voice:
     real = delta("vocoder_cfm_frames")
     if real > 0:  # solves no captured graph held (eager kernel launches from the vocoder's thread)
         row["vocoder_cfm_eager_share"] = round(delta("vocoder_cfm_eager_frames") / real, 3)
+    hift = delta("vocoder_hift_frames")
+    if hift > 0:  # HiFT calls of lengths no graph holds (final windows, filled ones)
+        row["vocoder_hift_eager_share"] = round(delta("vocoder_hift_eager_frames") / hift, 3)
     pauses = delta("t3_first_window_pauses")
     if pauses > 0:  # t3_first_window_pause_ms: how often T3 waited for first windows, how long each time
         row["t3_pauses"] = int(pauses)

@@ -128,6 +128,7 @@ class _BatchingEngine(FakeEngine):
     def batch_stats(self) -> BatchStats:
         return BatchStats(batches=3, rows=1 + 4 + 9, rows_dropped=2, rows_per_batch={1: 1, 4: 1, 9: 1},
                           flow_frames=4321, whole_windows=5, cfm_frames=3000, cfm_solved_frames=3600, cfm_eager_frames=120,
+                          hift_frames=900, hift_eager_frames=90,
                           watermark_passes=7, watermark_rows=40,
                           watermark_busy_s=1.5, t3_pauses=6, t3_paused_s=0.3)
 
@@ -147,6 +148,8 @@ async def test_vocoder_batch_sizes_are_exported(settings: Settings) -> None:
     assert value(scraped, "chatterbox_vocoder_cfm_frames_total") == 3000
     assert value(scraped, "chatterbox_vocoder_cfm_solved_frames_total") == 3600
     assert value(scraped, "chatterbox_vocoder_cfm_eager_frames_total") == 120
+    assert value(scraped, "chatterbox_vocoder_hift_frames_total") == 900
+    assert value(scraped, "chatterbox_vocoder_hift_eager_frames_total") == 90
     assert value(scraped, "chatterbox_watermark_passes_total") == 7
     assert value(scraped, "chatterbox_t3_first_window_pauses_total") == 6
     assert value(scraped, "chatterbox_t3_first_window_paused_seconds_total") == 0.3

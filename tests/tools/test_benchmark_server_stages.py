@@ -147,6 +147,7 @@ def test_the_vocoder_columns_follow_the_counters_over_the_window() -> None:
               "chatterbox_vocoder_whole_utterance_windows_total": 3.0,
               "chatterbox_vocoder_cfm_frames_total": 1000.0, "chatterbox_vocoder_cfm_solved_frames_total": 1200.0,
               "chatterbox_vocoder_cfm_eager_frames_total": 100.0,
+              "chatterbox_vocoder_hift_frames_total": 500.0, "chatterbox_vocoder_hift_eager_frames_total": 50.0,
               "chatterbox_watermark_passes_total": 5.0, "chatterbox_watermark_windows_total": 20.0,
               "chatterbox_watermark_busy_seconds_total": 1.0,
               "chatterbox_t3_first_window_pauses_total": 2.0, "chatterbox_t3_first_window_paused_seconds_total": 0.1}
@@ -155,6 +156,7 @@ def test_the_vocoder_columns_follow_the_counters_over_the_window() -> None:
            "chatterbox_vocoder_whole_utterance_windows_total": 11.0,
            "chatterbox_vocoder_cfm_frames_total": 4000.0, "chatterbox_vocoder_cfm_solved_frames_total": 5200.0,
            "chatterbox_vocoder_cfm_eager_frames_total": 700.0,
+           "chatterbox_vocoder_hift_frames_total": 2500.0, "chatterbox_vocoder_hift_eager_frames_total": 550.0,
            "chatterbox_watermark_passes_total": 9.0, "chatterbox_watermark_windows_total": 80.0,
            "chatterbox_watermark_busy_seconds_total": 5.5,
            "chatterbox_t3_first_window_pauses_total": 6.0, "chatterbox_t3_first_window_paused_seconds_total": 0.3}
@@ -162,6 +164,8 @@ def test_the_vocoder_columns_follow_the_counters_over_the_window() -> None:
                           {"rss": 0, "gpu": 0})
     assert row["vocoder_rows_per_batch"] == 15.0  # 60 windows in 4 batches
     assert row["vocoder_flow_frames_per_audio_s"] == 150.0  # 15000 frames for 100 audio-seconds
+    assert row["vocoder_windows_per_audio_s"] == 0.6  # 60 windows for 100 audio-seconds
+    assert row["vocoder_hift_eager_share"] == 0.25  # 500 of the 2000 HiFT frames outside a graph
     assert row["vocoder_whole_utterance_windows"] == 8
     assert row["vocoder_cfm_padding_share"] == 0.25  # 3000 real frames of 4000 solved
     assert row["vocoder_cfm_eager_share"] == 0.2  # 600 of the 3000 real frames outside a graph
@@ -171,6 +175,7 @@ def test_the_vocoder_columns_follow_the_counters_over_the_window() -> None:
     bare = bench_http._row(level, ["chatterbox"] * 8, 9.0, "pcm", "alloy", {}, {}, None, None, {"rss": 0, "gpu": 0})
     assert "vocoder_flow_frames_per_audio_s" not in bare and "vocoder_whole_utterance_windows" not in bare
     assert "vocoder_cfm_padding_share" not in bare and "vocoder_cfm_eager_share" not in bare
+    assert "vocoder_hift_eager_share" not in bare and "vocoder_windows_per_audio_s" not in bare
     assert "watermark_rows_per_pass" not in bare and "watermark_busy_share" not in bare
     assert "t3_pauses" not in bare
 

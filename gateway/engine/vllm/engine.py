@@ -424,6 +424,8 @@ class VllmEngine(UpstreamVoices, Engine):
                           cfm_frames=sum(s.cfm_frames for s in stats),
                           cfm_solved_frames=sum(s.cfm_solved_frames for s in stats),
                           cfm_eager_frames=sum(s.cfm_eager_frames for s in stats),
+                          hift_frames=sum(s.hift_frames for s in stats),
+                          hift_eager_frames=sum(s.hift_eager_frames for s in stats),
                           device_busy_s=sum(s.device_busy_s for s in stats),
                           t3_pauses=sum(v.t3_pause.holds for v in vocoders if v.t3_pause is not None),
                           t3_paused_s=sum(v.t3_pause.held_s for v in vocoders if v.t3_pause is not None),

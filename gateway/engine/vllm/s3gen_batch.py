@@ -395,6 +395,11 @@ class S3GenBatch:
         """Of ``cfm_frames``, those solved outside a CUDA graph (no graph holds the solve's rows
         and width, or none were captured, as on the CPU): each such solve launches its kernels
         one by one from the worker thread."""
+        self.hift_frames = 0
+        """Mel frames of real rows HiFT vocoded (cumulative; worker thread writes)."""
+        self.hift_eager_frames = 0
+        """Of ``hift_frames``, those vocoded outside a CUDA graph (no graph of the rows' length:
+        final windows, filled ones, or none captured, as on the CPU)."""
         self.lookahead = int(self.flow.pre_lookahead_len)
         self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
                                compile=compile)
@@ -626,7 +631,11 @@ class S3GenBatch:
             host = torch.tensor([starts, carry_at + [0] * extra])
             index = self.upload(host)
             key = None if padded is None else (padded, frames)
+            eager = self.hift_graphs.eager_runs
             wav, nxt = self.hift_graphs.run(key, (mel, index[0], phase, index[1]), len(idx))
+            self.hift_frames += len(idx) * frames
+            if self.hift_graphs.eager_runs != eager:  # no captured graph of this length
+                self.hift_eager_frames += len(idx) * frames
             for j, i in enumerate(idx):
                 out[i] = (wav[j], nxt[j] if rows[i].carry else None)
         return out

@@ -101,6 +101,10 @@ class VocoderStats:
     """The frames those solves computed with their graphs' padding (width and rows)."""
     cfm_eager_frames: int = 0
     """Of ``cfm_frames``, those solved outside a CUDA graph."""
+    hift_frames: int = 0
+    """Mel frames of real rows HiFT vocoded."""
+    hift_eager_frames: int = 0
+    """Of ``hift_frames``, those vocoded outside a CUDA graph."""
     whole_windows: int = 0
     """Streamed utterances vocoded as one window (T3 finished them before their first)."""
     device_busy_s: float = 0.0
@@ -123,6 +127,8 @@ class _Launched:
     cfm: tuple[int, int, int] = (0, 0, 0)
     """The batch's CFM frames: of real rows, solved (padding included), and of real rows
     solved outside a CUDA graph."""
+    hift: tuple[int, int] = (0, 0)
+    """The batch's HiFT frames of real rows, and of those vocoded outside a CUDA graph."""
 
 
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
@@ -594,7 +600,7 @@ class Vocoder:
                     done = [(j, r) for j, r in zip(launched.jobs, outcomes) if isinstance(r, WindowResult)]
                     if done:
                         self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
-                                    launched.cfm)
+                                    launched.cfm, launched.hift)
                 self._settle(launched.jobs, outcomes)
                 continue
             self._wake.clear()
@@ -629,7 +635,8 @@ class Vocoder:
             job.stream.fail(outcome)
 
     def _count(self, jobs: list[WindowJob], results: list[WindowResult], seconds: float,
-               clock: BatchClock | None = None, cfm: tuple[int, int] = (0, 0)) -> None:
+               clock: BatchClock | None = None, cfm: tuple[int, int, int] = (0, 0, 0),
+               hift: tuple[int, int] = (0, 0)) -> None:
         st = self.stats
         st.batches += 1
         if clock is not None:
@@ -641,6 +648,8 @@ class Vocoder:
         st.cfm_frames += cfm[0]
         st.cfm_solved_frames += cfm[1]
         st.cfm_eager_frames += cfm[2]
+        st.hift_frames += hift[0]
+        st.hift_eager_frames += hift[1]
         st.busy_s += seconds
         st.audio_s += sum(j.window.new_mel_frames for j in jobs) * SAMPLES_PER_FRAME / SAMPLE_RATE
         st.last_batch_rows = len(jobs)
@@ -694,7 +703,8 @@ class Vocoder:
         live = [i for i, v in enumerate(voices) if v is not None]
         if not live:
             return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
-        before = (self.batch.cfm_frames, self.batch.cfm_solved_frames, self.batch.cfm_eager_frames)
+        before = (self.batch.cfm_frames, self.batch.cfm_solved_frames, self.batch.cfm_eager_frames,
+                  self.batch.hift_frames, self.batch.hift_eager_frames)
         mels = self.batch.run_flow([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
                     jobs[i].window.final, first=self._quick_first(jobs[i].stream, jobs[i].window))
@@ -708,7 +718,8 @@ class Vocoder:
                 for i, row, (_, phase) in zip(live, hift_rows, waves)}
         cfm = (self.batch.cfm_frames - before[0], self.batch.cfm_solved_frames - before[1],
                self.batch.cfm_eager_frames - before[2])
-        return _Launched(jobs, outcomes, rows, copy, clock, cfm=cfm)
+        hift = (self.batch.hift_frames - before[3], self.batch.hift_eager_frames - before[4])
+        return _Launched(jobs, outcomes, rows, copy, clock, cfm=cfm, hift=hift)
 
     def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:
         """Worker thread: wait for the batch's audio (its one synchronisation) and hand each

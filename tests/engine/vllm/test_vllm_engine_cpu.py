@@ -242,14 +242,16 @@ async def test_health_includes_every_familys_engine_and_vocoder(tmp_path) -> Non
 def test_batch_stats_add_up_every_familys_vocoder(engine) -> None:
     from gateway.engine.vllm.vocoder import VocoderStats
 
-    a = VocoderStats(batches=2, rows=5, windows_dropped=1, busy_s=1.5, audio_s=4.0, rows_per_batch={2: 1, 3: 1})
-    b = VocoderStats(batches=1, rows=3, busy_s=0.5, audio_s=2.0, rows_per_batch={3: 1})
+    a = VocoderStats(batches=2, rows=5, windows_dropped=1, busy_s=1.5, audio_s=4.0, rows_per_batch={2: 1, 3: 1},
+                     hift_frames=300, hift_eager_frames=60)
+    b = VocoderStats(batches=1, rows=3, busy_s=0.5, audio_s=2.0, rows_per_batch={3: 1}, hift_frames=100)
     paused = SimpleNamespace(holds=4, held_s=0.25)  # a T3Pause's counters (t3_first_window_pause_ms)
     engine.runtimes[ORIGINAL].vocoder = SimpleNamespace(stats=a, t3_pause=None)
     engine.runtimes["extra"] = SimpleNamespace(vocoder=SimpleNamespace(stats=b, t3_pause=paused), llm=None)
     stats = engine.batch_stats()
     assert (stats.batches, stats.rows, stats.rows_dropped, stats.busy_s, stats.audio_s) == (3, 8, 1, 2.0, 6.0)
     assert stats.rows_per_batch == {2: 1, 3: 2}
+    assert (stats.hift_frames, stats.hift_eager_frames) == (400, 60)
     assert (stats.t3_pauses, stats.t3_paused_s) == (4, 0.25)
     assert stats.t3_steps == 0  # no engine thread: the engine core is a process
 

@@ -563,6 +563,7 @@ async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, 
         assert voc.stats.rows_per_batch == {1: 1}, "the broken row fails alone, its batch-mate runs"
         prompt = len(ref["prompt_token"].reshape(-1))
         assert voc.stats.cfm_frames == voc.stats.cfm_solved_frames == 2 * (prompt + 8), "one final row, unpadded"
+        assert voc.stats.hift_frames == voc.stats.hift_eager_frames == 2 * 8, "its HiFT: no graphs on the CPU"
         waiting = voc.open_stream("A", ref)
         waiting.push(_tokens(3, 6))  # too few tokens for a window: nothing in flight
         empty = voc.open_stream("A", ref)

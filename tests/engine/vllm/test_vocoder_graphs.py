@@ -282,6 +282,24 @@ def test_the_batch_counts_the_cfm_frames_it_solves_and_the_padding_it_computes(s
     assert batch.cfm_eager_frames == 2 * sum(frames), "no graph holds 64 frames: eager again"
 
 
+def test_the_batch_counts_the_hift_frames_no_graph_held(s3gen, ref) -> None:
+    """``hift_eager_frames``: HiFT calls of a length no captured graph holds (final windows,
+    filled ones; on the CPU every call), the metrics' ``vocoder_hift_eager_share``."""
+    from types import SimpleNamespace
+
+    batch = _batch(s3gen)
+    voice = batch.prepare_voice(ref)
+    mel = batch.run_flow([FlowRow(voice, _tokens(9, 0), 0, 6, False)])[0]
+    frames = mel.shape[1]
+    batch.run_hift([HiftRow(mel, 0, None, 0), HiftRow(mel, 0, None, 0)])
+    assert (batch.hift_frames, batch.hift_eager_frames) == (2 * frames, 2 * frames), "no graphs: eager"
+    graphs = batch.hift_graphs  # as if a graph of 4 rows of this length were captured
+    graphs._rows[frames] = [4]
+    graphs._graphs[(4, frames)] = SimpleNamespace(run=lambda inputs, rows: tuple(o[:rows] for o in graphs.fn(*inputs)))
+    batch.run_hift([HiftRow(mel, 0, None, 0), HiftRow(mel, 0, None, 0)])
+    assert (batch.hift_frames, batch.hift_eager_frames) == (4 * frames, 2 * frames), "the graph held it"
+
+
 def test_row_chunks_cut_a_solve_where_the_graphs_row_counts_would_pad_it() -> None:
     """A graph's rows are powers of two: 35 rows would run as 64; cut as 32 + 3 they cost
     ~40% less (two replays). Runs follow width order, so a few wide rows do not widen the
