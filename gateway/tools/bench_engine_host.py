@@ -103,16 +103,20 @@ class SteppedT3(TickEngine):
 class DeviceFreeVocoder(Vocoder):
     """The vocoder loop as served, its batches' device work (and the host work of building
     their inputs) stood in for: each row's audio is zeros of the length S3Gen gives it, ready
-    ``batch_ms`` = A + B x rows + C x (flow mel frames / 1000) milliseconds after the launch
+    ``batch_ms`` = A + B x rows + C x (flow mel frames / 1000) milliseconds after it starts
     (the frames each row's flow solves: its voice prompt and window, 2 a token; on an H200
-    the vocoder's time follows them, docs/benchmarks.md)."""
+    the vocoder's time follows them, docs/benchmarks.md). A loop's batches run one after
+    another, as on its CUDA stream: one launched while another runs starts when it ends
+    (until 2026-12-06 the stand-in ran the two in flight side by side)."""
 
     batch_ms: tuple[float, float, float] = (0.0, 0.0, 0.0)
     _ready_at: dict[int, float]  # worker thread only: a launched batch's audio is ready then
+    _free_at: float  # worker thread only: when the stand-in device has run every batch launched
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ready_at = {}
+        self._free_at = 0.0
 
     def _launch_batch(self, jobs: list[WindowJob], refs: Any) -> _Launched:
         clock = BatchClock(torch.device("cpu"))
@@ -130,7 +134,10 @@ class DeviceFreeVocoder(Vocoder):
         # each row's flow at the CUDA graph width it pads to (as served), else its own
         frames = sum(self.batch.cfm.frames_for(TOKEN_MEL_RATIO * (prompt + job.window.input_tokens))
                      for job in jobs)
-        self._ready_at[id(launched)] = time.perf_counter() + (a + b * len(jobs) + c * frames / 1000) / 1000
+        # the loop's batches run one after another on its stream, as on a GPU: a batch launched
+        # while another runs (the loop keeps ``pipeline_depth`` in flight) starts when it ends
+        start = max(time.perf_counter(), self._free_at)
+        self._free_at = self._ready_at[id(launched)] = start + (a + b * len(jobs) + c * frames / 1000) / 1000
         return launched
 
     def finish_batch(self, launched: _Launched) -> list[WindowResult | Exception]:

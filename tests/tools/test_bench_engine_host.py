@@ -164,7 +164,7 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
         _costs("1,2,3,4")
     vocoder = DeviceFreeVocoder.__new__(DeviceFreeVocoder)
     eager = SimpleNamespace(frames_for=lambda frames: frames)  # no graphs: each row at its own width
-    vocoder._ready_at, vocoder.batch_ms = {}, (10.0, 5.0, 100.0)
+    vocoder._ready_at, vocoder._free_at, vocoder.batch_ms = {}, 0.0, (10.0, 5.0, 100.0)
     vocoder.batch = SimpleNamespace(harmonics=9, cfm=eager, prompt_tokens=0)  # 0: the whole prompt
     first = SimpleNamespace(window=Window(0, 0, 0, 20, 23, False), mel_tail=None, carry=0)
     whole = SimpleNamespace(window=Window(0, 0, 0, 250, 250, True), mel_tail=None, carry=0)
@@ -173,14 +173,19 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
     frames = 2 * (VOICE_PROMPT_TOKENS + 23) + 2 * (VOICE_PROMPT_TOKENS + 250)
     want = (10.0 + 5.0 * 2 + 100.0 * frames / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
+    # a batch launched while the last runs starts when it ends (one stream: in order)
+    then = vocoder._launch_batch([first, whole], {})
+    assert vocoder._ready_at[id(then)] - vocoder._ready_at[id(launched)] == pytest.approx(want)
     # with CUDA graph widths each row costs the width it pads to
     vocoder.batch.cfm = SimpleNamespace(frames_for=lambda frames: -(-frames // 512) * 512)
+    vocoder._free_at = 0.0  # the stand-in device idle again
     t0 = time.perf_counter()
     launched = vocoder._launch_batch([first, whole], {})
     want = (10.0 + 5.0 * 2 + 100.0 * (1024 + 1024) / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
     # ``vocoder_prompt_tokens``: each row's flow carries only that much of the voice prompt
     vocoder.batch = SimpleNamespace(harmonics=9, cfm=eager, prompt_tokens=100)
+    vocoder._free_at = 0.0
     t0 = time.perf_counter()
     launched = vocoder._launch_batch([first, whole], {})
     want = (10.0 + 5.0 * 2 + 100.0 * (2 * (100 + 23) + 2 * (100 + 250)) / 1000) / 1000
