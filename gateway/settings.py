@@ -349,7 +349,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     has waited this long joins them: streams already playing cannot starve under load."""
     vocoder_first_apart: bool = False
     """A batch that carries a stream's small first window takes only first windows (and later
-    windows past ``vocoder_max_later_wait_s``); the other later windows go in the next batch.
+    windows whose listener would go silent before the next batch); the other later windows go
+    in the next batch (none starves: its listener's audio runs down until it is urgent).
     Under load a new stream's first window otherwise rides a batch of ~30 regular windows (a
     ~530 ms solve on an H100 at 32 streams, against ~50 ms alone): apart, its first byte waits
     for a small solve, and the card pays one more batch per group of first windows. Audio

@@ -259,6 +259,14 @@ class VocoderStream:
                 self.trace.mark(f"vocoder window ready ({window.input_tokens} tokens)")
         return window
 
+    def listener_left_s(self, now: float) -> float | None:
+        """Seconds of audio delivered that the listener, playing from the first audio in
+        real time, has not heard by ``now`` (negative: it is waiting); None before the first
+        audio."""
+        if self._first_audio_at is None:
+            return None
+        return self._seam.samples_emitted / SAMPLE_RATE - (now - self._first_audio_at)
+
     def _listener_short(self, now: float) -> bool:
         """Whether a later window should go early (``WindowPolicy.early_s``): the listener,
         playing from the first audio in real time, has less audio left than ``early_s`` plus
@@ -266,9 +274,9 @@ class VocoderStream:
         early_s = self._host.policy.early_s
         if early_s <= 0 or self._index == 0 or self._finished or self.one_shot:
             return False
-        if self._first_audio_at is None or self._first_token_at is None:
+        left = self.listener_left_s(now)
+        if left is None or self._first_token_at is None:
             return False
-        left = self._seam.samples_emitted / SAMPLE_RATE - (now - self._first_audio_at)
         if left >= early_s + self._host.window_latency_s:
             return False
         made_s = len(self._tokens) / SPEECH_TOKENS_PER_SECOND

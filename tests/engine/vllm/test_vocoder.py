@@ -665,9 +665,12 @@ async def test_later_windows_that_waited_too_long_go_ahead_of_first_windows(s3ge
 
 async def test_first_windows_apart_take_a_batch_of_their_own(s3gen, ref) -> None:
     """``vocoder_first_apart``: a batch with a stream's small first window takes no later
-    window that can still wait (under load it would make the first byte wait for a big
-    solve); later windows go in the next batch, aged ones join, and a one-shot request's
-    window (no first byte to hurry) splits nothing."""
+    window whose listener can still wait (under load it would make the first byte wait for a
+    big solve), however long that window has waited (under load all have waited past the
+    aging bound: a GPU run where they all joined gained nothing); a later window whose
+    listener would go silent joins; and a one-shot request's window (no first byte to
+    hurry) splits nothing."""
+    from gateway.engine.base import SAMPLE_RATE
 
     def plan(voc: Vocoder, now: float) -> list:
         return [s for s, _ in voc.plan_batch(now=now)]
@@ -677,11 +680,20 @@ async def test_first_windows_apart_take_a_batch_of_their_own(s3gen, ref) -> None
         await voc.start()  # the loop task does not run before this test awaits: it plans by hand
         try:
             playing, fresh = _playing_and_fresh(voc, ref)
+            # the playing stream's listener started at 99.0 with 3 s delivered; the vocoder's
+            # windows lately took 0.8 s each, so below 0.8 s left it would go silent
+            playing._first_audio_at = 99.0
+            playing._seam.samples_emitted = 3 * SAMPLE_RATE
+            voc._window_latency_s = 0.8
             if not apart:
                 assert plan(voc, 100.0) == [fresh, playing], "one batch: the first window rides with the rest"
                 continue
-            assert plan(voc, 100.0) == [fresh], "apart: the first window alone"
-            assert set(plan(voc, 100.6)) == {fresh, playing}, "a later window past the wait bound joins"
+            assert plan(voc, 100.0) == [fresh], "apart: the first window alone (2 s left to hear)"
+            assert plan(voc, 100.9) == [fresh], "waited past the aging bound, but 1.1 s left: it waits"
+            assert set(plan(voc, 101.3)) == {fresh, playing}, "0.7 s left: it would go silent, so it joins"
+            playing._first_audio_at = None
+            assert set(plan(voc, 100.0)) == {fresh, playing}, "a stream not yet heard: urgent"
+            playing._first_audio_at = 99.0
             (taken,) = [w for s, w in voc.plan_batch(now=100.1) if s is fresh]
             fresh.take(taken)
             assert plan(voc, 100.2) == [playing], "no first window left: the later ones go"
@@ -691,6 +703,29 @@ async def test_first_windows_apart_take_a_batch_of_their_own(s3gen, ref) -> None
             assert plan(voc, 100.3) == [whole, playing], "a one-shot request's window is no first byte"
         finally:
             await voc.close()
+
+
+async def test_streams_with_first_windows_apart_come_out_whole(s3gen, ref) -> None:
+    """Through the loop with ``vocoder_first_apart``: streams opened one after another (so
+    first windows meet later ones) all end, each with its every token vocoded."""
+    voc = _vocoder(s3gen, vocoder_first_apart=True)
+    await voc.start()
+    try:
+        streams = []
+        for i in range(3):
+            stream = voc.open_stream("A", ref)
+            stream.push(_tokens(27, 20 + i))
+            stream.finish()
+            streams.append(stream)
+            await asyncio.sleep(0.05)
+
+        async def counts(stream) -> list[int]:
+            return [n async for _, n in stream.chunks()]
+
+        done = await asyncio.wait_for(asyncio.gather(*[counts(s) for s in streams]), 300)
+    finally:
+        await voc.close()
+    assert all(c and c[-1] == 27 and c[0] == POLICY.first_tokens for c in done), done
 
 
 async def test_each_chunk_carries_the_token_count_of_its_own_window(s3gen, ref) -> None:
