@@ -1,7 +1,7 @@
 """Load test: N concurrent streaming clients against a gateway on this machine, for a fixed time.
 
     python -m gateway.tools.loadtest --url http://127.0.0.1:8000 --concurrency 64 --duration 60 \
-        [--server-pid PID] [--api-key KEY] [--format mp3] [--json out.json]
+        [--server-pid PID] [--api-key KEY] [--format mp3] [--sample-s 5] [--json out.json]
 
 Each client loops: POST /v1/audio/speech (streamed), read the body to its end, check it, repeat,
 until the time is up. Reported: requests, errors by kind, deliberate 429s (admission control
@@ -12,6 +12,11 @@ with --server-pid, else from the server's /metrics ``process_resident_memory_byt
 memory at the same moments (when there is a GPU) split into the server's process, its
 children (vLLM's engine core) and the server's CUDA allocator (tensors held, pool kept), and
 what is left on the server afterwards (FFmpeg children, in-flight and queued requests).
+
+During the load the same memory figures are sampled every ``--sample-s`` seconds
+(``memory_series``), and ``memory_growth_mib`` gives each one's growth over the load's second
+half and over the whole of it: a working set that fills early and stays is flat in the second
+half; a leak or a fragmenting pool keeps growing there.
 
 Every pcm or wav body must hold a whole number of speech tokens' audio (960 samples each at
 24 kHz), and exactly ``--expect-samples`` samples when given (a server with fixed lengths:
@@ -36,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, TypedDict, cast, get_args
 from urllib.parse import urlsplit
 
 import httpx
@@ -239,6 +245,85 @@ def _memory(pid: int | None) -> tuple[int | None, int | None]:
     return (host_probes.tree_rss_bytes(pid) if pid else None), host_probes.gpu_used_bytes()
 
 
+Quantity = Literal["rss_mib", "tree_rss_mib", "gpu_used_mib", "allocated_mib", "reserved_mib"]
+QUANTITIES: tuple[Quantity, ...] = get_args(Quantity)
+
+
+class MemorySample(TypedDict):
+    """The server's memory ``t_s`` seconds into the load, MiB, None where unknown: its RSS,
+    its process tree's, the GPU's used memory, and its CUDA allocator's tensors (allocated)
+    and pool (reserved)."""
+
+    t_s: float
+    rss_mib: float | None
+    tree_rss_mib: float | None
+    gpu_used_mib: float | None
+    allocated_mib: float | None
+    reserved_mib: float | None
+
+
+async def memory_sample(client: httpx.AsyncClient, pid: int | None, since: float) -> MemorySample:
+    """One reading, from one /metrics scrape (the RSS too when there is no pid, as
+    :func:`server_rss` reads it) and the host's probes."""
+    t_s = round(time.monotonic() - since, 1)
+    metrics = await _scrape(client)
+    tree, gpu = await asyncio.to_thread(_memory, pid)
+    rss = host_probes.rss_bytes(pid) if pid else metrics.get("process_resident_memory_bytes")
+
+    def mib(value: float | None) -> float | None:
+        return host_probes.mib(None if value is None else int(value))
+
+    return {"t_s": t_s, "rss_mib": mib(rss), "tree_rss_mib": mib(tree), "gpu_used_mib": mib(gpu),
+            "allocated_mib": mib(metrics.get("chatterbox_cuda_allocated_bytes")),
+            "reserved_mib": mib(metrics.get("chatterbox_cuda_reserved_bytes"))}
+
+
+async def sample_memory(client: httpx.AsyncClient, pid: int | None, since: float, every_s: float,
+                        until: asyncio.Future[Any], series: list[MemorySample]) -> None:
+    """Append a sample at ``since`` and every ``every_s`` seconds after it (on that schedule, not
+    drifting by the time a sample takes) while ``until`` runs, and one more once it is done."""
+    taken = 0
+    while True:
+        series.append(await memory_sample(client, pid, since))
+        if until.done():
+            return
+        taken += 1
+        await asyncio.wait([until], timeout=max(0.0, since + taken * every_s - time.monotonic()))
+
+
+def memory_growth(series: list[MemorySample], half_s: float) -> dict[str, dict[str, float | None]]:
+    """Each quantity's growth, MiB: over the second half (the last sample less the first at or
+    after ``half_s``) and over the whole load (last less first). A working set reached early is
+    flat in the second half whatever the whole says. None where either end is unknown, or
+    where the half has fewer than two samples."""
+    later = [s for s in series if s["t_s"] >= half_s]
+
+    def growth(span: list[MemorySample], key: Quantity) -> float | None:
+        first, last = (span[0][key], span[-1][key]) if len(span) > 1 else (None, None)
+        return None if first is None or last is None else round(last - first, 1)
+
+    return {key: {"second_half": growth(later, key), "whole": growth(series, key)} for key in QUANTITIES}
+
+
+def memory_table(report: dict[str, object]) -> str:
+    """The report's memory series as text columns, its growth in the last two rows ("-": unknown)."""
+    series = cast(list[MemorySample], report["memory_series"])
+    growth = cast(dict[Quantity, dict[str, float | None]], report["memory_growth_mib"])
+
+    def cell(value: float | None, sign: str = "") -> str:
+        return "-" if value is None else f"{value:{sign}.1f}"
+
+    rows = [("t_s", *(key.removesuffix("_mib") for key in QUANTITIES))]
+    rows += [(cell(s["t_s"]), *(cell(s[key]) for key in QUANTITIES)) for s in series]
+    rows += [(f"{span}:", *(cell(growth[key][span], "+") for key in QUANTITIES)) for span in ("second_half", "whole")]
+    return "\n".join(" ".join(text.rjust(12) for text in row) for row in rows)
+
+
+def _peak(before: float | None, series: list[MemorySample], key: Quantity) -> float | None:
+    values = [v for v in (before, *(s[key] for s in series)) if v is not None]
+    return max(values) if values else None
+
+
 def _gpu_split(pid: int | None, metrics: dict[str, float]) -> dict[str, float | None]:
     """Where the GPU memory of the server's process tree sits (MiB): the server process and
     its children (vLLM's engine core) as the driver counts them, and the server's CUDA
@@ -287,19 +372,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         results = Results(started=time.monotonic())
         stop_at = results.started + args.duration
         budget = [args.max_requests]
-        peak = [rss_before or 0, tree_before or 0, gpu_before or 0]
-
-        async def sample_peak() -> None:
-            while time.monotonic() < stop_at:
-                value = await server_rss(client, args.server_pid)
-                tree, gpu = await asyncio.to_thread(_memory, args.server_pid)
-                peak[:] = [max(peak[0], value or 0), max(peak[1], tree or 0), max(peak[2], gpu or 0)]
-                await asyncio.sleep(1.0)
-
-        sampler = asyncio.create_task(sample_peak())
         streams = [stream_client(args.url, args.request_timeout, headers) for _ in range(args.concurrency)]
         loops = asyncio.ensure_future(asyncio.gather(*(
             _client_loop(stream, body, results, stop_at, budget, args.expect_samples) for stream in streams)))
+        series: list[MemorySample] = []
+        sampler = asyncio.create_task(
+            sample_memory(client, args.server_pid, results.started, args.sample_s, loops, series))
         # the run ends early should the server exit (--server-pid)
         watcher = asyncio.create_task(host_probes.exited(args.server_pid)) if args.server_pid else None
         await asyncio.wait([loops, *([watcher] if watcher else [])], return_when=asyncio.FIRST_COMPLETED)
@@ -309,8 +387,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 task.cancel()
         await asyncio.gather(loops, *([watcher] if watcher else []), return_exceptions=True)
         results.finished = time.monotonic()
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        await sampler  # its last sample: the load's end
         await asyncio.sleep(args.settle)
         rss_after = await server_rss(client, args.server_pid)
         tree_after, gpu_after = await asyncio.to_thread(_memory, args.server_pid)
@@ -321,6 +398,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return None if value is None else round(value * 1000, 1)
 
     elapsed = results.finished - results.started
+    rss_before_mib, tree_before_mib, gpu_before_mib = (host_probes.mib(v) for v in (rss_before, tree_before, gpu_before))
     return {
         "url": args.url,
         "concurrency": args.concurrency,
@@ -351,20 +429,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "server_queued_after": metrics_after.get("chatterbox_queued_requests"),
         "server_rss_mib": {
             "start": host_probes.mib(rss_start),
-            "before": host_probes.mib(rss_before),
-            "peak": host_probes.mib(peak[0] or None),
+            "before": rss_before_mib,
+            "peak": _peak(rss_before_mib, series, "rss_mib"),
             "after": host_probes.mib(rss_after),
         },
         "server_tree_rss_mib": {
-            "start": host_probes.mib(tree_start), "before": host_probes.mib(tree_before), "peak": host_probes.mib(peak[1] or None),
+            "start": host_probes.mib(tree_start), "before": tree_before_mib, "peak": _peak(tree_before_mib, series, "tree_rss_mib"),
             "after": host_probes.mib(tree_after),
         },
         "gpu_used_mib": {
-            "start": host_probes.mib(gpu_start), "before": host_probes.mib(gpu_before), "peak": host_probes.mib(peak[2] or None),
+            "start": host_probes.mib(gpu_start), "before": gpu_before_mib, "peak": _peak(gpu_before_mib, series, "gpu_used_mib"),
             "after": host_probes.mib(gpu_after),
         },
         # the GPU memory above, split by process and by what the server's allocator holds
         "gpu_split_mib": {"start": split_start, "before": split_before, "after": split_after},
+        "memory_series": series,
+        "memory_growth_mib": memory_growth(series, args.duration / 2),
     }
 
 
@@ -401,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="mp3", choices=["mp3", "opus", "aac", "flac", "wav", "pcm"])
     p.add_argument("--request-timeout", type=_bounded(1, 3600), default=120.0, help="seconds per request")
     p.add_argument("--settle", type=_bounded(0, 120), default=3.0, help="seconds to wait before memory readings")
+    p.add_argument("--sample-s", type=_bounded(0.5, 600), default=5.0,
+                   help="seconds between memory samples during the load (memory_series)")
     p.add_argument("--expect-samples", type=_bounded(1, 10**9, int), default=None,
                    help="pcm/wav: every body must hold exactly this many samples (a server with fixed lengths)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -415,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusing to run: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)
-    print(text)
+    # the series as a table, not a JSON line per number (--json has it in full)
+    print(json.dumps({k: v for k, v in report.items() if k != "memory_series"}, indent=2))
+    print(f"memory during the load, MiB (memory_series, every {args.sample_s:g} s; growth: memory_growth_mib):")
+    print(memory_table(report))
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
     return 0 if report["error_count"] == 0 and report["server_died_at_s"] is None else 1

@@ -28,17 +28,18 @@ def test_refuses_hosts_that_are_not_loopback() -> None:
 
 def test_runs_are_bounded() -> None:
     parser = loadtest.build_parser()
-    for bad in (["--concurrency", "5000"], ["--duration", "100000"], ["--concurrency", "0"]):
+    for bad in (["--concurrency", "5000"], ["--duration", "100000"], ["--concurrency", "0"],
+                ["--sample-s", "0"], ["--sample-s", "-1"], ["--sample-s", "100000"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--url", "http://127.0.0.1:1", *bad])
 
 
-def test_against_a_live_server(live_server, tmp_path: Path) -> None:
+def test_against_a_live_server(live_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
     code = loadtest.main(
         [
             "--url", live_server.base_url, "--concurrency", "4", "--duration", "2", "--settle", "0.2",
-            "--server-pid", str(os.getpid()), "--json", str(out),
+            "--server-pid", str(os.getpid()), "--sample-s", "0.5", "--json", str(out),
         ]
     )
     report = json.loads(out.read_text())
@@ -51,6 +52,56 @@ def test_against_a_live_server(live_server, tmp_path: Path) -> None:
     # no GPU here: the split is there, every part unknown (never a made-up zero)
     assert set(report["gpu_split_mib"]) == {"start", "before", "after"}
     assert all(v is None for part in report["gpu_split_mib"].values() for v in part.values())
+
+    # the memory series: a sample at the load's start, one every 0.5 s, one at its end
+    series = report["memory_series"]
+    assert 3 <= len(series) <= 6, series
+    times = [s["t_s"] for s in series]
+    assert times == sorted(times), times
+    assert times[0] < 0.5 and times[-1] >= 2.0, times
+    assert all(s["rss_mib"] > 0 and s["tree_rss_mib"] > 0 for s in series), series
+    assert all(s["allocated_mib"] is None and s["reserved_mib"] is None for s in series)  # no CUDA here
+    assert report["server_rss_mib"]["peak"] == max(report["server_rss_mib"]["before"], *(s["rss_mib"] for s in series))
+    growth = report["memory_growth_mib"]
+    half = next(s for s in series if s["t_s"] >= 1.0)
+    for key in ("rss_mib", "tree_rss_mib"):
+        assert growth[key]["whole"] == round(series[-1][key] - series[0][key], 1)
+        assert growth[key]["second_half"] == round(series[-1][key] - half[key], 1)
+    assert growth["allocated_mib"] == growth["reserved_mib"] == {"second_half": None, "whole": None}
+    # printed: the report without the series, then the series as a table and its growth
+    printed = capsys.readouterr().out
+    assert "memory_series" not in printed.split("memory during the load")[0]
+    table = printed.split("memory during the load")[1].splitlines()[1:]
+    assert len(table) == 1 + len(series) + 2 and table[-2].split()[0] == "second_half:", table
+
+
+def _sample(t_s: float, rss: float | None, reserved: float | None) -> loadtest.MemorySample:
+    return {"t_s": t_s, "rss_mib": rss, "tree_rss_mib": None, "gpu_used_mib": None,
+            "allocated_mib": 100.0, "reserved_mib": reserved}
+
+
+@pytest.mark.parametrize(
+    ("series", "rss", "reserved"),
+    [
+        # a working set that fills early: growth over the whole load, none in its second half
+        ([_sample(0, 100, 200), _sample(5, 150, 300), _sample(10, 150, 300), _sample(15, 150, 300)],
+         {"second_half": 0.0, "whole": 50.0}, {"second_half": 0.0, "whole": 100.0}),
+        # a leak: growing in both
+        ([_sample(0, 100, 200), _sample(5, 110, 250), _sample(10, 120, 300), _sample(15, 130, 350)],
+         {"second_half": 10.0, "whole": 30.0}, {"second_half": 50.0, "whole": 150.0}),
+        # an end unknown: unknown, never a made-up number
+        ([_sample(0, None, 200), _sample(10, 120, 300), _sample(15, 130, None)],
+         {"second_half": 10.0, "whole": None}, {"second_half": None, "whole": None}),
+        # one sample in the second half (a short load, or the server died): no second half
+        ([_sample(0, 100, 200), _sample(4, 110, 250), _sample(10.5, 120, 300)],
+         {"second_half": None, "whole": 20.0}, {"second_half": None, "whole": 100.0}),
+        ([], {"second_half": None, "whole": None}, {"second_half": None, "whole": None}),
+    ],
+)
+def test_memory_growth(series: list[loadtest.MemorySample], rss: dict, reserved: dict) -> None:
+    growth = loadtest.memory_growth(series, half_s=10.0)
+    assert growth["rss_mib"] == rss and growth["reserved_mib"] == reserved
+    assert growth["allocated_mib"]["second_half"] in (0.0, None) and set(growth) == set(loadtest.QUANTITIES)
 
 
 @pytest.fixture
