@@ -16,7 +16,13 @@ Turbo's mean-flow solve) on random S3Gen weights:
 * **GFLOP per solve** (matrix products, convolutions and attention, counted from their
   shapes in the same dispatch mode: device-independent) and, on CUDA, what the graph replay
   achieves of it in **TFLOP/s**: against the card's peak, the headroom a faster CFM kernel
-  set could take (an H100's dense bf16 peak is ~990 TFLOP/s).
+  set could take (an H100's dense bf16 peak is ~990 TFLOP/s);
+* with ``--kernel-table``, **where the solve's time goes**: one eager solve under the
+  profiler, its device kernels (on a CPU: its operators' own time) grouped as matrix
+  products, attention, convolutions, normalisation, element-wise and the rest, each with its
+  milliseconds, share and count, and the kinds' sum against the solve's graph replay (a sum
+  well below the replay's time: the solve waits on launches, not arithmetic). Which group to
+  make faster (issue 18's item 2: fusion, the attention path) is read from it.
 
 Rows: ``--rows`` batch sizes x window widths in mel frames (``--frames``: 546 is a first
 window with a 10 s voice prompt, 646 a regular one, 600 one-shot 10 s with a 5 s prompt) x
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -143,8 +150,83 @@ def cuda_kernels(fn: Any) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+KERNEL_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in (
+    # first match wins: cuDNN's convolutions are implicit GEMMs ("xmma_fprop_implicit_gemm")
+    ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit|nchwToNhwc|nhwcToNchw"),
+    ("attention", r"fmha|flash|attention|attn|softmax"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|aten::linear"),
+    ("norm", r"norm"),
+    ("elementwise", r"elementwise|vectorized|unrolled|catarray|copy|aten::(add|mul|sub|div|cat|mish|gelu|silu|tanh"
+                    r"|sigmoid|softplus|exp|clone|contiguous|copy_|fill_|where|masked_fill|pow|neg|rsub)"),
+    ("reduction", r"reduce|aten::(sum|mean|max|min|amax)"),
+))
+"""Kernel (or, on a CPU, operator) names to the kinds of ``--kernel-table``; the rest: other."""
+
+
+TRITON_KINDS = {"triton_poi": "elementwise", "triton_red": "reduction", "triton_per": "reduction",
+                "triton_tem": "matmul"}
+"""Inductor's kernels by their name's prefix (their names also list the fused operators,
+e.g. ``triton_poi_fused_convolution_mish``: the bias and activation after a cuDNN call)."""
+
+
+def kernel_kind(name: str) -> str:
+    kind = TRITON_KINDS.get(name[:10])
+    if kind is not None:
+        return "norm" if kind == "reduction" and "norm" in name else kind
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def kernel_table(fn: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """One call of ``fn`` under the profiler: on CUDA its device kernels' time by kind (and the
+    ``top`` kernels), on a CPU its operators' self time by kind (no device kernels there).
+    Milliseconds per kind, shares of the sum, counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    spans: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    if cuda:
+        for e in prof.events():
+            if e.device_type == device:
+                spans[e.name] += e.device_time_total
+                counts[e.name] += 1
+    else:
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                spans[e.key] += e.self_cpu_time_total
+                counts[e.key] += e.count
+    total_us = sum(spans.values()) or 1.0
+    kinds: dict[str, dict[str, float]] = {}
+    for name, us in spans.items():
+        entry = kinds.setdefault(kernel_kind(name), {"ms": 0.0, "share": 0.0, "count": 0})
+        entry["ms"] += us / 1e3
+        entry["count"] += counts[name]
+    for entry in kinds.values():
+        entry["share"] = round(entry["ms"] * 1e3 / total_us, 3)
+        entry["ms"] = round(entry["ms"], 3)
+    ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
+    return {"sum_ms": round(total_us / 1e3, 3), "kinds": ordered,
+            "top": [{"name": name[:120], "kind": kernel_kind(name), "ms": round(us / 1e3, 3), "count": counts[name]}
+                    for name, us in spans.most_common(top)]}
+
+
+def print_kernel_table(row: dict[str, Any]) -> None:
+    table = row["kernel_table"]
+    replay = f", graph replay {row['graph_ms']} ms" if "graph_ms" in row else ""
+    print(f"\n{row['model']} {row['rows']} x {row['frames']}: kernels' time {table['sum_ms']} ms{replay}")
+    print("| kind | ms | share | count |\n|---|---:|---:|---:|")
+    for kind, entry in table["kinds"].items():
+        print(f"| {kind} | {entry['ms']} | {entry['share']} | {entry['count']} |")
+    for entry in table["top"]:
+        print(f"  {entry['ms']:>9.3f} ms  x{entry['count']:<5} {entry['kind']:<11} {entry['name']}")
+
+
 def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], repeats: int, device: str,
-            compile_mode: str = "off") -> list[dict[str, Any]]:
+            compile_mode: str = "off", kernels: bool = False) -> list[dict[str, Any]]:
     from chatterbox.models.s3gen import S3Gen
 
     cuda = device.startswith("cuda")
@@ -174,8 +256,11 @@ def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], r
                     row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
                     row["graph_tflops"] = round(counted.flops / 1e9 / row["graph_ms"], 1)  # GFLOP/ms
                     solver.buckets, solver._graphs = None, {}
+                if kernels:
+                    row["kernel_table"] = kernel_table(lambda: solver.solve_eager(*inputs), cuda)
+                    print_kernel_table(row)
                 out.append(row)
-                print({k: v for k, v in row.items() if k != "top_ops"}, flush=True)
+                print({k: v for k, v in row.items() if k not in ("top_ops", "kernel_table")}, flush=True)
         del solver, decoder, s3gen
         if cuda:
             torch.cuda.empty_cache()
@@ -190,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", default="off", choices=("off", "dynamic", "static"), help="the solver's vocoder_compile")
     p.add_argument("--device", default=None, help="default: cuda if there is one")
+    p.add_argument("--kernel-table", action="store_true",
+                   help="each row's time by kind of kernel (matrix products, attention, ...): one profiled eager solve")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -197,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--models: some of {', '.join(FAMILIES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(models, [int(v) for v in args.rows.split(",") if v], [int(v) for v in args.frames.split(",") if v],
-                   max(1, args.repeats), device, args.compile)
+                   max(1, args.repeats), device, args.compile, kernels=args.kernel_table)
     print_rows(rows, ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "gflop_per_solve",
                       "kernels_per_solve", "eager_ms", "graph_ms", "graph_tflops"])
     if args.json:

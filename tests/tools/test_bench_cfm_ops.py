@@ -43,3 +43,41 @@ def test_the_flop_count_takes_products_convolutions_and_attention_from_their_sha
     with counter, torch.inference_mode():
         F.scaled_dot_product_attention(torch.randn(2, 4, 7, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16))
     assert counter.flops == 2 * 2 * (2 * 4 * 7 * 9 * 16)
+
+
+def test_the_kernel_table_splits_a_solve_by_kind(tmp_path: Path) -> None:
+    """``--kernel-table`` on a CPU: the operators' own time by kind, shares of one sum, the
+    estimator's products, attention and convolutions each found."""
+    out = tmp_path / "kernels.json"
+    assert bench_cfm_ops.main(["--models", "chatterbox-turbo", "--rows", "1", "--frames", "40", "--repeats", "1",
+                               "--device", "cpu", "--kernel-table", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    table = row["kernel_table"]
+    kinds = table["kinds"]
+    assert {"matmul", "attention", "convolution", "norm", "elementwise"} <= set(kinds)
+    assert abs(sum(k["share"] for k in kinds.values()) - 1.0) < 0.01
+    assert abs(sum(k["ms"] for k in kinds.values()) - table["sum_ms"]) < 0.01 * table["sum_ms"] + 0.01
+    # 56 transformer blocks, 2 calls (Turbo's 2 steps, no CFG): one SDPA kernel each (the
+    # CPU's table also counts SDPA's dispatching wrapper, which has its own time)
+    (sdpa,) = [t for t in table["top"] if "flash_attention_for_cpu" in t["name"]]
+    assert (sdpa["kind"], sdpa["count"]) == ("attention", 2 * 56)
+    assert table["top"][0]["ms"] >= table["top"][-1]["ms"] and table["top"][0]["kind"] == "matmul"
+
+
+def test_kernel_names_fall_in_their_kinds() -> None:
+    """CUDA kernel names as the profiler gives them on an H100 (cuBLAS, cuDNN, FlashAttention,
+    PyTorch's own, inductor's)."""
+    kind = bench_cfm_ops.kernel_kind
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN") == "matmul"
+    assert kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kind("void cudnn::engines_precompiled::nchwToNhwcKernel") == "convolution"
+    assert kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>") == "norm"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>") == "elementwise"
+    assert kind("void at::native::reduce_kernel<512, 1>") == "reduction"
+    assert kind("triton_poi_fused_convolution_mish_0") == "elementwise"
+    assert kind("triton_per_fused_native_layer_norm_1") == "norm"
+    assert kind("triton_tem_fused_mm_2") == "matmul"
+    assert kind("void some_unknown_kernel") == "other"
