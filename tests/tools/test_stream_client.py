@@ -5,7 +5,6 @@ HTTP/1.1 server on loopback that notes the client port of every request."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -85,9 +84,10 @@ async def test_a_benchmark_row_holds_a_kept_alive_connection_per_stream(counter,
 
 async def test_a_load_test_holds_a_kept_alive_connection_per_stream(counter, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     base, state = counter
-    args = argparse.Namespace(
-        url=base, api_key="k", model="tts-1", voice="alloy", text="Hi.", format="pcm", concurrency=5,
-        duration=1.0, max_requests=10_000, request_timeout=30.0, settle=0.0, server_pid=None, expect_samples=None)
+    # through the tool's own parser: every option it has gets its default
+    args = loadtest.build_parser().parse_args([
+        "--url", base, "--api-key", "k", "--text", "Hi.", "--format", "pcm", "--concurrency", "5",
+        "--duration", "1", "--max-requests", "10000", "--request-timeout", "30", "--settle", "0"])
     made = spy_on_clients(monkeypatch, loadtest)
     report = await loadtest.run(args)
     assert report["error_count"] == 0 and report["ok"] > 5
