@@ -140,16 +140,6 @@ def _timed(fn: Any, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def cuda_kernels(fn: Any) -> int:
-    """Device kernels one call of ``fn`` launches (the profiler's CUDA activity)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
 KERNEL_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in (
     # first match wins: cuDNN's convolutions are implicit GEMMs ("xmma_fprop_implicit_gemm")
     ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit|nchwToNhwc|nhwcToNchw"),
@@ -176,22 +166,20 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
-def kernel_table(fn: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
-    """One call of ``fn`` under the profiler: on CUDA its device kernels' time by kind (and the
-    ``top`` kernels), on a CPU its operators' self time by kind (no device kernels there).
-    Milliseconds per kind, shares of the sum, counts."""
+def profiled(fn: Any, cuda: bool) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """One call of ``fn`` under the profiler: microseconds and calls by name, of its device
+    kernels on CUDA, of its operators' own time on a CPU (no device kernels there)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
-    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     spans: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
     if cuda:
         for e in prof.events():
-            if e.device_type == device:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
                 spans[e.name] += e.device_time_total
                 counts[e.name] += 1
     else:
@@ -199,6 +187,12 @@ def kernel_table(fn: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
             if e.self_cpu_time_total > 0:
                 spans[e.key] += e.self_cpu_time_total
                 counts[e.key] += e.count
+    return spans, counts
+
+
+def kernel_table(spans: collections.Counter[str], counts: collections.Counter[str], top: int = 12) -> dict[str, Any]:
+    """:func:`profiled`'s time by kind (and the ``top`` names): milliseconds per kind, shares
+    of the sum, counts."""
     total_us = sum(spans.values()) or 1.0
     kinds: dict[str, dict[str, float]] = {}
     for name, us in spans.items():
@@ -250,14 +244,16 @@ def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], r
                     "eager_ms": round(_timed(lambda: solver.solve_eager(*inputs), repeats, device), 2),
                     "top_ops": dict(ops.most_common(8)),
                 }
+                if cuda or kernels:  # one profiled solve serves the kernel count and the table
+                    spans, counts = profiled(lambda: solver.solve_eager(*inputs), cuda)
                 if cuda:
-                    row["kernels_per_solve"] = cuda_kernels(lambda: solver.solve_eager(*inputs))
+                    row["kernels_per_solve"] = sum(counts.values())
                     solver.capture(GraphBuckets(rows=(r,), frames=(f,), max_cells=r * f))
                     row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
                     row["graph_tflops"] = round(counted.flops / 1e9 / row["graph_ms"], 1)  # GFLOP/ms
                     solver.buckets, solver._graphs = None, {}
                 if kernels:
-                    row["kernel_table"] = kernel_table(lambda: solver.solve_eager(*inputs), cuda)
+                    row["kernel_table"] = kernel_table(spans, counts)
                     print_kernel_table(row)
                 out.append(row)
                 print({k: v for k, v in row.items() if k not in ("top_ops", "kernel_table")}, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,20 +65,22 @@ def test_the_kernel_table_splits_a_solve_by_kind(tmp_path: Path) -> None:
     assert table["top"][0]["ms"] >= table["top"][-1]["ms"] and table["top"][0]["kind"] == "matmul"
 
 
-def test_kernel_names_fall_in_their_kinds() -> None:
+@pytest.mark.parametrize(("name", "kind"), [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN", "matmul"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel", "convolution"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1>", "reduction"),
+    ("triton_poi_fused_convolution_mish_0", "elementwise"),
+    ("triton_per_fused_native_layer_norm_1", "norm"),
+    ("triton_tem_fused_mm_2", "matmul"),
+    ("void some_unknown_kernel", "other"),
+])
+def test_kernel_names_fall_in_their_kinds(name: str, kind: str) -> None:
     """CUDA kernel names as the profiler gives them on an H100 (cuBLAS, cuDNN, FlashAttention,
     PyTorch's own, inductor's)."""
-    kind = bench_cfm_ops.kernel_kind
-    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
-    assert kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN") == "matmul"
-    assert kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
-    assert kind("void cudnn::engines_precompiled::nchwToNhwcKernel") == "convolution"
-    assert kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
-    assert kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
-    assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>") == "norm"
-    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>") == "elementwise"
-    assert kind("void at::native::reduce_kernel<512, 1>") == "reduction"
-    assert kind("triton_poi_fused_convolution_mish_0") == "elementwise"
-    assert kind("triton_per_fused_native_layer_norm_1") == "norm"
-    assert kind("triton_tem_fused_mm_2") == "matmul"
-    assert kind("void some_unknown_kernel") == "other"
+    assert bench_cfm_ops.kernel_kind(name) == kind

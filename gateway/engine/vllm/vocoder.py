@@ -570,8 +570,9 @@ class Vocoder:
         return chosen
 
     def _urgent(self, stream: VocoderStream, now: float) -> bool:
-        """A later window whose listener runs out before the batch after this one could
-        deliver it (:data:`URGENT_LATENCIES`); one of a stream not yet heard is urgent."""
+        """A later window whose listener has less audio left than :data:`URGENT_LATENCIES` of
+        the vocoder's recent window latencies (waiting for the next batch it would go silent);
+        one of a stream not yet heard is urgent."""
         left = stream.listener_left_s(now)
         return left is None or left < URGENT_LATENCIES * self._window_latency_s
 
