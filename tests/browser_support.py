@@ -55,6 +55,24 @@ class Watched:
     console_errors: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
     foreign_requests: list[str] = field(default_factory=list)
+    # how many times the test has navigated this page away; each request remembers the count
+    # at its start, so one that a navigation cut off (net::ERR_ABORTED) is told from a failure
+    navigations: int = 0
+    started_at: dict[Any, int] = field(default_factory=dict)
+
+    def reload(self) -> None:
+        """Reload the page. A request still in flight (the favicon, say) is aborted by the
+        browser; that abort is the test's doing, not the page's, and is not a problem."""
+        self.navigations += 1
+        self.page.reload()
+
+    def request_failed(self, request: Any) -> None:
+        if request.url in self.foreign_requests or request.url.startswith("blob:"):
+            return
+        cut_off = self.started_at.pop(request, self.navigations) < self.navigations
+        if cut_off and request.failure == "net::ERR_ABORTED":
+            return
+        self.failed_requests.append(f"{request.url}: {request.failure}")
 
     def problems(self, *, allow_console: tuple[str, ...] = ()) -> list[str]:
         console = [text for text in self.console_errors if not any(part in text for part in allow_console)]
@@ -102,10 +120,7 @@ def watched_page(browser: Any, origin: str, size: str = "desktop", **context_opt
     page.route("**/*", route)
     page.on("console", lambda message: message.type == "error" and watched.console_errors.append(message.text))
     page.on("pageerror", lambda error: watched.console_errors.append(f"uncaught: {error}"))
-    page.on(
-        "requestfailed",
-        lambda request: request.url not in watched.foreign_requests
-        and not request.url.startswith("blob:")
-        and watched.failed_requests.append(f"{request.url}: {request.failure}"),
-    )
+    page.on("request", lambda request: watched.started_at.__setitem__(request, watched.navigations))
+    page.on("requestfinished", lambda request: watched.started_at.pop(request, None))
+    page.on("requestfailed", watched.request_failed)
     return watched

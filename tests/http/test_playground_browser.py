@@ -270,7 +270,7 @@ def test_api_key_is_asked_for_and_kept_for_the_tab_only(browser: Any, keyed_serv
     assert _ms(watched, "#ttfa") > 0
 
     assert page.evaluate("sessionStorage.length") == 1 and page.evaluate("localStorage.length") == 0
-    page.reload()  # same tab: the key stays
+    watched.reload()  # same tab: the key stays
     _pickers_loaded(watched)
     assert page.input_value("#api-key") == KEY and page.is_hidden("#key-note")
     # the browser logs the 401s and the 503s of /ready while the engine loads; nothing else
