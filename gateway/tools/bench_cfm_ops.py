@@ -26,7 +26,10 @@ Turbo's mean-flow solve) on random S3Gen weights:
 
 Rows: ``--rows`` batch sizes x window widths in mel frames (``--frames``: 546 is a first
 window with a 10 s voice prompt, 646 a regular one, 600 one-shot 10 s with a 5 s prompt) x
-families. ``python -m gateway.tools.bench_cfm_ops --rows 1,8,32`` (CPU: ``--rows 1 --frames 546
+families x ``--attention`` modes (``sdpa``: upstream's padding bias through SDPA; ``varlen``:
+FlashAttention's variable-length kernel, CUDA only: ``vocoder_attention``). ``--real-frames``
+below 1 gives the rows real lengths from that share of the width up to all of it (served
+batches pad 11-19% of their solved frames): what ``varlen`` skips and ``sdpa`` computes. ``python -m gateway.tools.bench_cfm_ops --rows 1,8,32`` (CPU: ``--rows 1 --frames 546
 --repeats 1``, ~1 min).
 """
 
@@ -45,7 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from gateway.engine.vllm.cfm_solver import MEL_BINS, CfmSolver, GraphBuckets
+from gateway.engine.vllm.cfm_solver import ATTENTION_MODES, MEL_BINS, CfmSolver, GraphBuckets
 from gateway.engine.vllm.meanflow_solver import flow_solver
 from gateway.tools.bench_host import print_rows, write_result
 
@@ -58,6 +61,7 @@ NO_KERNEL = frozenset({"aten.dropout", "aten.lift_fresh", "aten.detach", "aten.a
 
 CONVOLUTIONS = frozenset({"aten.conv1d", "aten.conv2d", "aten.convolution", "aten._convolution"})
 ATTENTION = frozenset({"aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu"})
+VARLEN_ATTENTION = "torch_attn._varlen_attn"
 
 
 def op_flops(name: str, args: Sequence[Any], out: Any) -> int:
@@ -75,6 +79,10 @@ def op_flops(name: str, args: Sequence[Any], out: Any) -> int:
     if name in ATTENTION:
         query, key, value = args[:3]
         return int(sdpa_flop_count(query.shape, key.shape, value.shape))
+    if name == VARLEN_ATTENTION:  # (tokens, heads, d) packed; scores and the weighted sum, per segment
+        query, segments = args[0], args[3]
+        bounds = segments.tolist()
+        return 4 * query.shape[1] * query.shape[2] * sum((b - a) ** 2 for a, b in zip(bounds, bounds[1:]))
     return 0
 
 
@@ -108,7 +116,7 @@ def count_solve(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> OpCounter:
     plain Python from then on (torch 2.11, seen on the H100 on 2026-12-05: "compiled" rows with
     the plain solve's 12574 kernels). Its plain twin, on the same decoder, is counted instead."""
     counted = solver if solver.compile == "off" else flow_solver(
-        solver.decoder, steps=solver.steps, device=solver.device, dtype=solver.dtype)
+        solver.decoder, steps=solver.steps, device=solver.device, dtype=solver.dtype, attention=solver.attention)
     counter = OpCounter()
     with counter:
         counted.solve_eager(*inputs)
@@ -119,11 +127,19 @@ def count_ops(solver: CfmSolver, inputs: Sequence[torch.Tensor]) -> collections.
     return count_solve(solver, inputs).ops
 
 
-def solve_inputs(rows: int, frames: int, device: str, seed: int = 1) -> tuple[torch.Tensor, ...]:
+def real_lengths(rows: int, frames: int, real_share: float = 1.0) -> list[int]:
+    """Each row's real frames: spread evenly from ``real_share`` of ``frames`` up to all of them."""
+    low = max(1, round(frames * real_share))
+    return [frames if rows == 1 else round(low + (frames - low) * i / (rows - 1)) for i in range(rows)]
+
+
+def solve_inputs(rows: int, frames: int, device: str, seed: int = 1, real_share: float = 1.0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     noise, mu, cond = (torch.randn(rows, MEL_BINS, frames, generator=g) for _ in range(3))
     spks = torch.randn(rows, MEL_BINS, generator=g)
-    mask = torch.ones(rows, 1, frames)
+    mask = torch.zeros(rows, 1, frames)
+    for row, length in enumerate(real_lengths(rows, frames, real_share)):
+        mask[row, :, :length] = 1
     return tuple(t.to(device) for t in (noise, mu, mask, spks, cond))
 
 
@@ -220,7 +236,8 @@ def print_kernel_table(row: dict[str, Any]) -> None:
 
 
 def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], repeats: int, device: str,
-            compile_mode: str = "off", kernels: bool = False) -> list[dict[str, Any]]:
+            compile_mode: str = "off", kernels: bool = False, attentions: Sequence[str] = ("sdpa",),
+            real_share: float = 1.0) -> list[dict[str, Any]]:
     from chatterbox.models.s3gen import S3Gen
 
     cuda = device.startswith("cuda")
@@ -231,36 +248,48 @@ def measure(models: Sequence[str], rows: Sequence[int], frames: Sequence[int], r
         torch.manual_seed(0)
         s3gen = S3Gen(meanflow=meanflow).eval() if meanflow else S3Gen().eval()
         decoder = s3gen.flow.decoder.to(device=device, dtype=dtype)
-        solver = flow_solver(decoder, steps=steps, device=device, dtype=dtype, compile=compile_mode)
-        for f in frames:
-            for r in rows:
-                inputs = solve_inputs(r, f, device)
-                solver.solve_eager(*inputs)  # first-call costs (and a compile) out
-                counted = count_solve(solver, inputs)
-                ops = counted.ops
-                row: dict[str, Any] = {
-                    "model": model, "rows": r, "frames": f, "steps": steps, "compile": solver.compile,
-                    "ops_per_solve": sum(ops.values()), "gflop_per_solve": round(counted.flops / 1e9, 1),
-                    "eager_ms": round(_timed(lambda: solver.solve_eager(*inputs), repeats, device), 2),
-                    "top_ops": dict(ops.most_common(8)),
-                }
-                if cuda or kernels:  # one profiled solve serves the kernel count and the table
-                    spans, counts = profiled(lambda: solver.solve_eager(*inputs), cuda)
-                if cuda:
-                    row["kernels_per_solve"] = sum(counts.values())
-                    solver.capture(GraphBuckets(rows=(r,), frames=(f,), max_cells=r * f))
-                    row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
-                    row["graph_tflops"] = round(counted.flops / 1e9 / row["graph_ms"], 1)  # GFLOP/ms
-                    solver.buckets, solver._graphs = None, {}
-                if kernels:
-                    row["kernel_table"] = kernel_table(spans, counts)
-                    print_kernel_table(row)
-                out.append(row)
-                print({k: v for k, v in row.items() if k not in ("top_ops", "kernel_table")}, flush=True)
-        del solver, decoder, s3gen
+        for attention in attentions:
+            solver = flow_solver(decoder, steps=steps, device=device, dtype=dtype, compile=compile_mode,
+                                 attention=attention)
+            for f in frames:
+                for r in rows:
+                    out.append(_measure_row(solver, model, r, f, repeats, device, kernels, real_share))
+            del solver
+        del decoder, s3gen
         if cuda:
             torch.cuda.empty_cache()
     return out
+
+
+def _measure_row(solver: CfmSolver, model: str, r: int, f: int, repeats: int, device: str, kernels: bool,
+                 real_share: float) -> dict[str, Any]:
+    cuda = device.startswith("cuda")
+    inputs = solve_inputs(r, f, device, real_share=real_share)
+    solver.solve_eager(*inputs)  # first-call costs (and a compile) out
+    counted = count_solve(solver, inputs)
+    ops = counted.ops
+    row: dict[str, Any] = {
+        "model": model, "rows": r, "frames": f, "real_frames": sum(real_lengths(r, f, real_share)),
+        "steps": solver.steps, "compile": solver.compile, "attention": solver.attention,
+        "ops_per_solve": sum(ops.values()), "gflop_per_solve": round(counted.flops / 1e9, 1),
+        "eager_ms": round(_timed(lambda: solver.solve_eager(*inputs), repeats, device), 2),
+        "top_ops": dict(ops.most_common(8)),
+    }
+    if solver.attention_note:
+        row["attention_note"] = solver.attention_note
+    if cuda or kernels:  # one profiled solve serves the kernel count and the table
+        spans, counts = profiled(lambda: solver.solve_eager(*inputs), cuda)
+    if cuda:
+        row["kernels_per_solve"] = sum(counts.values())
+        solver.capture(GraphBuckets(rows=(r,), frames=(f,), max_cells=r * f))
+        row["graph_ms"] = round(_timed(lambda: solver.solve(*inputs), repeats, device), 2)
+        row["graph_tflops"] = round(counted.flops / 1e9 / row["graph_ms"], 1)  # GFLOP/ms
+        solver.buckets, solver._graphs = None, {}
+    if kernels:
+        row["kernel_table"] = kernel_table(spans, counts)
+        print_kernel_table(row)
+    print({k: v for k, v in row.items() if k not in ("top_ops", "kernel_table")}, flush=True)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--frames", default="546,646", help="window widths in mel frames (comma-separated)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", default="off", choices=("off", "dynamic", "static"), help="the solver's vocoder_compile")
+    p.add_argument("--attention", default="sdpa", help="comma-separated attention modes (vocoder_attention): sdpa, varlen")
+    p.add_argument("--real-frames", type=float, default=1.0,
+                   help="the rows' real frames: from this share of the width up to all of it (1: no padding)")
     p.add_argument("--device", default=None, help="default: cuda if there is one")
     p.add_argument("--kernel-table", action="store_true",
                    help="each row's time by kind of kernel (matrix products, attention, ...): one profiled eager solve")
@@ -278,11 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     if not models or set(models) - set(FAMILIES):
         p.error(f"--models: some of {', '.join(FAMILIES)}")
+    attentions = [a for a in args.attention.split(",") if a]
+    if not attentions or set(attentions) - set(ATTENTION_MODES):
+        p.error(f"--attention: some of {', '.join(ATTENTION_MODES)}")
+    if not 0.0 < args.real_frames <= 1.0:
+        p.error("--real-frames: a share in (0, 1]")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(models, [int(v) for v in args.rows.split(",") if v], [int(v) for v in args.frames.split(",") if v],
-                   max(1, args.repeats), device, args.compile, kernels=args.kernel_table)
-    print_rows(rows, ["model", "rows", "frames", "steps", "compile", "ops_per_solve", "gflop_per_solve",
-                      "kernels_per_solve", "eager_ms", "graph_ms", "graph_tflops"])
+                   max(1, args.repeats), device, args.compile, kernels=args.kernel_table, attentions=attentions,
+                   real_share=args.real_frames)
+    print_rows(rows, ["model", "rows", "frames", "real_frames", "steps", "compile", "attention", "ops_per_solve",
+                      "gflop_per_solve", "kernels_per_solve", "eager_ms", "graph_ms", "graph_tflops"])
     if args.json:
         write_result(args.json, "gateway.tools.bench_cfm_ops", argv, device, rows, torch=torch.__version__)
     return 0

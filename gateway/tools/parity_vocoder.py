@@ -18,6 +18,10 @@ is closer, and bit-identical outputs print as ``inf``.
 * compiled == plain (``compile``, on CUDA by default): the CFM estimator's blocks through
   ``torch.compile`` (eager, then through its CUDA graphs) vs the plain blocks eager. Held
   to the batching tolerance: compiling reorders arithmetic, it changes no formula.
+* varlen attention == sdpa (CUDA, bf16/fp16 only): the CFM estimator's attention through
+  FlashAttention's variable-length kernel over each row's real frames (``vocoder_attention
+  varlen``), eager and through its CUDA graphs, vs the key-padding bias through SDPA: rows of
+  different lengths, so the segments' bounds are what is checked. The batching tolerance.
 
 ``--knobs`` measures what the speed knobs do to the audio (not a pass/fail check): each
 setting's streamed output against the same streams at upstream's settings, over the first
@@ -276,6 +280,40 @@ def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: st
     return results
 
 
+def _attention_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[CheckResult]:
+    """``vocoder_attention varlen`` == ``sdpa`` (where FlashAttention runs: CUDA, bf16/fp16),
+    eager and through its CUDA graphs. A solver that fell back to SDPA fails the check."""
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+    from gateway.engine.vllm.meanflow_solver import flow_solver
+
+    saved = batch.cfm, batch.first_cfm
+    solver = flow_solver(saved[0].decoder, steps=saved[0].steps, device=batch.device, dtype=batch.dtype,
+                         attention="varlen")
+    if solver.attention_note is not None and (batch.device.type != "cuda"
+                                              or batch.dtype not in (torch.float16, torch.bfloat16)):
+        return []  # nothing to compare: FlashAttention does not run here (a CUDA bf16 run that falls back fails)
+    plain = batch.run_flow(rows)
+    batch.cfm = batch.first_cfm = solver
+    results: list[CheckResult] = []
+
+    def add(name: str, got: list[torch.Tensor], detail: str) -> None:
+        value = min(snr_db(a, b) for a, b in zip(plain, got))
+        note = solver.attention_note
+        results.append(CheckResult(name, value >= tol and note is None, value, tol,
+                                   detail + (f"; FELL BACK to SDPA: {note}" if note else "")))
+
+    try:
+        add("flow: varlen attention == sdpa", batch.run_flow(rows), f"{len(rows)} rows of lengths "
+            f"{[len(r.tokens) for r in rows]}")
+        need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)
+        seconds = solver.capture(GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need))
+        add("flow: varlen attention in CUDA graphs == sdpa eager", batch.run_flow(rows),
+            f"{solver.graph_replays} graph replay(s); captured in {seconds:.1f} s")
+    finally:
+        batch.cfm, batch.first_cfm = saved
+    return results
+
+
 async def _vocoder_checks(s3gen: Any, device: str, dtype: torch.dtype, sizes: Sizes,
                           jobs: list[tuple[str, dict[str, Any], list[int]]], tol: float) -> list[CheckResult]:
     # The production CFM path on CUDA: graphs for a small bucket set (start time), eager beyond.
@@ -361,6 +399,8 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
                           tol, f"{len(rows)} rows, 2 voices, lengths {[len(r.tokens) for r in rows]}"))
     for graph in _graph_check(batch, rows, tol):
         results.append(graph)
+    for attention in _attention_checks(batch, rows, tol):
+        results.append(attention)
 
     probe = rows[3]
     exact = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes,

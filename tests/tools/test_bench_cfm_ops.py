@@ -46,6 +46,33 @@ def test_the_flop_count_takes_products_convolutions_and_attention_from_their_sha
     assert counter.flops == 2 * 2 * (2 * 4 * 7 * 9 * 16)
 
 
+def test_attention_modes_and_padded_rows_on_the_cpu(tmp_path: Path) -> None:
+    """``--attention sdpa,varlen``: a row each; on a CPU varlen cannot run and the row says so
+    (the solver ran SDPA). ``--real-frames``: the rows' real lengths, what varlen would skip."""
+    out = tmp_path / "ops.json"
+    assert bench_cfm_ops.main(["--models", "chatterbox-turbo", "--rows", "3", "--frames", "40", "--repeats", "1",
+                               "--device", "cpu", "--attention", "sdpa,varlen", "--real-frames", "0.5",
+                               "--json", str(out)]) == 0
+    sdpa, varlen = json.loads(out.read_text())["rows"]
+    assert sdpa["attention"] == "sdpa" and "attention_note" not in sdpa
+    assert varlen["attention"] == "sdpa" and "CUDA" in varlen["attention_note"]
+    assert sdpa["real_frames"] == varlen["real_frames"] == 20 + 30 + 40
+    assert bench_cfm_ops.real_lengths(1, 40, 0.5) == [40] and bench_cfm_ops.real_lengths(2, 40, 1.0) == [40, 40]
+    with pytest.raises(SystemExit):
+        bench_cfm_ops.main(["--attention", "flash"])
+    with pytest.raises(SystemExit):
+        bench_cfm_ops.main(["--real-frames", "0"])
+
+
+def test_varlen_attention_flops_count_each_segment() -> None:
+    """FlashAttention's variable-length attention over (tokens, heads, d) = (12, 2, 8) in
+    segments of 5, 0, 4 and 3 tokens: 2 products x 2 per multiply-add x heads x d x sum of L^2."""
+    q = torch.zeros(12, 2, 8)
+    segments = torch.tensor([0, 5, 5, 9, 12], dtype=torch.int32)
+    assert bench_cfm_ops.op_flops(bench_cfm_ops.VARLEN_ATTENTION, (q, q, q, segments, segments, 5, 5), q) == \
+        4 * 2 * 8 * (25 + 0 + 16 + 9)
+
+
 def test_the_kernel_table_splits_a_solve_by_kind(tmp_path: Path) -> None:
     """``--kernel-table`` on a CPU: the operators' own time by kind, shares of one sum, the
     estimator's products, attention and convolutions each found."""

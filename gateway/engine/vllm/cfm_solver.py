@@ -45,6 +45,17 @@ one resnet, not of the whole U-Net. Compiled code launches ordinary kernels, so 
 graphs capture it as they capture eager code. If compiling fails (at capture or at run
 time), the solver logs why and goes on with the plain functions: a compile problem costs
 speed, never a start.
+
+Attention (``attention``, the ``vocoder_attention`` setting). Upstream hands SDPA a float
+key-padding bias, which rules out FlashAttention: on a GPU SDPA then runs its memory-efficient
+kernel over every padded frame. A batch's rows are right-padded (a row's real frames, then
+padding), so the same function is attention within segments: each row's real frames attend
+among themselves, and its padding frames (outputs discarded, as with the bias) among
+themselves. ``varlen`` computes it with FlashAttention's variable-length kernel
+(``torch.nn.attention.varlen.varlen_attn``) over the rows packed as ``2 x rows`` segments
+(:func:`key_segments`: fixed count and width per graph bucket, so the graphs capture it), no
+bias and no work across a row's padding. It needs CUDA, fp16/bf16 and a head width FlashAttention
+takes; elsewhere the solver keeps ``sdpa`` and says why (``attention_note``).
 """
 
 from __future__ import annotations
@@ -128,6 +139,62 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tens
     copy per batch instead of diffusers' ``repeat_interleave`` in each of the 56 blocks)."""
     bias = (1.0 - mask.bool().to(dtype)) * -1.0e10  # (B, 1, T)
     return bias.unsqueeze(1).expand(-1, heads, -1, -1).contiguous()
+
+
+ATTENTION_MODES = ("sdpa", "varlen")
+"""How the estimator's self-attention runs: ``sdpa`` with upstream's key-padding bias,
+``varlen`` as FlashAttention segments (the module docstring)."""
+
+
+def key_segments(mask: torch.Tensor) -> torch.Tensor:
+    """The ``2 x rows + 1`` segment starts (int32, the cumulative sequence lengths FlashAttention's
+    variable-length kernel takes) of a batch whose (rows, 1, frames) 0/1 ``mask`` is a prefix
+    per row: for row i of L_i real frames, ``[i T, i T + L_i)`` (its real frames) and
+    ``[i T + L_i, (i + 1) T)`` (its padding; empty when none). Device ops only: no host sync."""
+    rows, _, frames = mask.shape
+    starts = torch.arange(rows, device=mask.device, dtype=torch.int32) * frames
+    real_ends = starts + mask[:, 0].to(torch.int32).sum(dim=-1, dtype=torch.int32)
+    bounds = torch.stack([starts, real_ends], dim=1).flatten()
+    return torch.cat([bounds, bounds.new_full((1,), rows * frames)])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                     longest: int) -> torch.Tensor:
+    """Attention within ``segments`` (:func:`key_segments`) of packed (tokens, heads, dim)
+    queries, keys and values: FlashAttention's variable-length kernel (CUDA only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, segments, segments, longest, longest)
+
+
+def varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why ``varlen`` attention cannot run here (None: it can)."""
+    if device.type != "cuda":
+        return f"needs CUDA (the device is {device.type})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16 or bf16 (the flow runs in {dtype})"
+    if head_dim % 8 or head_dim > 256:
+        return f"FlashAttention takes head widths of multiples of 8 up to 256 (this one: {head_dim})"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 - torch >= 2.9
+    except ImportError:
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+    return None
+
+
+def varlen_transformer_block(block: torch.nn.Module, wqkv: torch.Tensor, x: torch.Tensor,
+                             segments: torch.Tensor) -> torch.Tensor:
+    """:func:`transformer_block` with its attention within ``segments`` (:func:`key_segments`)
+    through :func:`varlen_attention` instead of SDPA with the key-padding bias: the same
+    function on every real frame. The packed queries, keys and values are views of the one
+    projection (last dim contiguous, as FlashAttention takes them): no copies."""
+    attn = block.attn1
+    b, t, _ = x.shape
+    qkv = F.linear(block.norm1(x), wqkv).view(b * t, 3, attn.heads, -1)
+    q, k, v = qkv.unbind(1)  # each (b t, heads, d)
+    o = varlen_attention(q, k, v, segments, t)
+    x = attn.to_out[0](o.reshape(b, t, -1)) + x
+    return block.ff(block.norm3(x)) + x
 
 
 def transformer_block(block: torch.nn.Module, wqkv: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -232,9 +299,17 @@ class Blocks:
 
 
 PLAIN = Blocks()
+VARLEN = Blocks(transformer=varlen_transformer_block)
 
 
-def compiled_blocks(mode: str) -> Blocks:
+def plain_blocks(attention: str) -> Blocks:
+    """The plain (not compiled) blocks for an ``attention`` mode (:data:`ATTENTION_MODES`)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {attention!r}")
+    return VARLEN if attention == "varlen" else PLAIN
+
+
+def compiled_blocks(mode: str, attention: str = "sdpa") -> Blocks:
     """:class:`Blocks` through ``torch.compile`` (inductor, no cudagraphs of its own: ours
     capture it). ``dynamic``: one symbolic-shape compile for all shapes; ``static``: one per
     shape (better kernels, a compile per graph bucket)."""
@@ -242,13 +317,14 @@ def compiled_blocks(mode: str) -> Blocks:
 
     if mode not in ("dynamic", "static"):
         raise ValueError(f"unknown compile mode {mode!r}")
+    plain = plain_blocks(attention)
     # static: one entry per bucket shape, more than dynamo's default of 8 recompiles per function.
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 256)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
     dynamic = mode == "dynamic"
-    return Blocks(transformer=torch.compile(transformer_block, dynamic=dynamic, fullgraph=True),
-                  resnet=torch.compile(resnet_block, dynamic=dynamic, fullgraph=True))
+    return Blocks(transformer=torch.compile(plain.transformer, dynamic=dynamic, fullgraph=True),
+                  resnet=torch.compile(plain.resnet, dynamic=dynamic, fullgraph=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +400,7 @@ class CfmSolver:
     worker thread only (graphs and their static buffers are not thread safe)."""
 
     def __init__(self, decoder: torch.nn.Module, *, steps: int, device: torch.device | str,
-                 dtype: torch.dtype, compile: str = "off") -> None:
+                 dtype: torch.dtype, compile: str = "off", attention: str = "sdpa") -> None:
         self.decoder = decoder
         self.est = decoder.estimator
         self.steps = steps
@@ -339,11 +415,25 @@ class CfmSolver:
             resnet=resnet_block if plain_r else module_resnet_block)
         blocks = _transformer_blocks(self.est) if self.mirrored else []
         self.heads = int(blocks[0].attn1.heads) if blocks else 1
+        plain_blocks(attention)  # an unknown mode is an error, wherever it would run
+        self.attention_note: str | None = None
+        """Why the ``attention`` asked for does not run (None: it does)."""
+        if attention == "varlen":
+            head_dim = int(blocks[0].attn1.to_q.weight.shape[0]) // self.heads if blocks else 0
+            self.attention_note = ("the estimator's blocks are not the plain ones it mirrors" if not (plain_t and plain_r)
+                                   else varlen_supported(self.device, dtype, head_dim))
+            if self.attention_note is not None:
+                log.warning("CFM estimator: varlen attention %s; SDPA with the padding bias instead",
+                            self.attention_note)
+        self.attention = attention if self.attention_note is None else "sdpa"
+        """The attention in use (:data:`ATTENTION_MODES`)."""
+        if self.attention == "varlen":
+            self.blocks = VARLEN
         self.compile = compile if plain_t and plain_r else "off"
         """The compile mode in use: ``off`` after a failure (``compile_error`` says why)."""
         self.compile_error: str | None = None
         if self.compile != "off":
-            self.blocks = compiled_blocks(self.compile)
+            self.blocks = compiled_blocks(self.compile, self.attention)
         self.t_span = self.time_span()
         # Constants of the model, the step count and the dtype, made once here (outside any
         # graph): the estimator's weights are final when the vocoder builds its solvers.
@@ -387,10 +477,11 @@ class CfmSolver:
         return [[r.mlp(emb[k:k + 1]) for r in _resnets(self.est)] for k in range(self.steps)]
 
     def attention_biases(self, mask: torch.Tensor) -> list[torch.Tensor]:
-        """The estimator's attention bias at each of its mask levels (built once per batch)."""
+        """What the estimator's attention takes at each of its mask levels (built once per
+        batch): the key-padding bias (``sdpa``) or the segments (``varlen``, :func:`key_segments`)."""
         biases = []
         for _ in range(len(self.est.down_blocks)):
-            biases.append(_mask_bias(mask, self.dtype, self.heads))
+            biases.append(key_segments(mask) if self.attention == "varlen" else _mask_bias(mask, self.dtype, self.heads))
             mask = mask[:, :, ::2]
         return biases
 
@@ -460,7 +551,7 @@ class CfmSolver:
         self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
         log.warning("CFM estimator: torch.compile failed (%s); continuing with the plain blocks",
                     self.compile_error)
-        self.compile, self.blocks = "off", PLAIN
+        self.compile, self.blocks = "off", plain_blocks(self.attention)
 
     def frames_for(self, frames: int) -> int:
         """The padded frame count a batch of ``frames`` runs at (graph width or as is)."""

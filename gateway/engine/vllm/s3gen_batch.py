@@ -366,12 +366,14 @@ class S3GenBatch:
 
     ``first_window_steps`` (0: ``flow_steps``) solves rows marked ``first`` with that many
     Euler steps; ``prompt_tokens`` (0: all) keeps only the last that many tokens of each
-    voice's prompt; ``compile`` compiles the CFM estimator's blocks (``CfmSolver``). The
-    first two change the audio (measured trade-offs, docs/operations.md); the third does not."""
+    voice's prompt; ``compile`` compiles the CFM estimator's blocks and ``attention`` picks
+    its attention kernel (``CfmSolver``). The first two change the audio (measured trade-offs,
+    docs/operations.md); the last two do not."""
 
     def __init__(self, s3gen: torch.nn.Module, *, device: torch.device | str, flow_dtype: torch.dtype,
                  flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16, first_window_steps: int = 0,
-                 prompt_tokens: int = 0, compile: str = "off", split_min_rows: int = SPLIT_MIN_ROWS) -> None:
+                 prompt_tokens: int = 0, compile: str = "off", attention: str = "sdpa",
+                 split_min_rows: int = SPLIT_MIN_ROWS) -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
         self.spectra = spectra_on_device(self.hift, device)
@@ -402,14 +404,14 @@ class S3GenBatch:
         final windows, filled ones, or none captured, as on the CPU)."""
         self.lookahead = int(self.flow.pre_lookahead_len)
         self.cfm = flow_solver(self.flow.decoder, steps=flow_steps, device=self.device, dtype=flow_dtype,
-                               compile=compile)
+                               compile=compile, attention=attention)
         """The CFM solve (the original's CFG Euler, or Turbo's mean-flow): eager with per-batch
         masks, or CUDA graphs once ``cfm.capture`` ran."""
         self.first_cfm = self.cfm
         """The solve of first windows: ``cfm`` unless ``first_window_steps`` differ."""
         if first_window_steps and first_window_steps != flow_steps:
             self.first_cfm = flow_solver(self.flow.decoder, steps=first_window_steps, device=self.device,
-                                         dtype=flow_dtype, compile=compile)
+                                         dtype=flow_dtype, compile=compile, attention=attention)
         enc = self.flow.encoder
         # _encode reproduces UpsampleConformerEncoder.forward for full-context inference only.
         if enc.static_chunk_size or enc.use_dynamic_chunk or enc.global_cmvn is not None or not enc.normalize_before:

@@ -305,6 +305,7 @@ class Vocoder:
                                 flow_steps=flow_steps or settings.flow_steps, tapes=tapes, bucket_tokens=bucket_tokens,
                                 first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
                                 prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile,
+                                attention=settings.vocoder_attention,
                                 split_min_rows=settings.vocoder_split_min_rows)
         self.green = green_context(self.batch.device, settings.vocoder_sms)
         """The CUDA green context the worker runs batches on (``vocoder_sms``), None: the whole card."""

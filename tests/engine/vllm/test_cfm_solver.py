@@ -112,7 +112,7 @@ def test_a_compile_failure_falls_back_to_the_plain_blocks(tiny_cfm_decoder, cfm_
     def broken(block, wqkv, x, bias):
         raise RuntimeError("inductor could not compile this")
 
-    monkeypatch.setattr(cfm_solver, "compiled_blocks", lambda mode: cfm_solver.Blocks(transformer=broken))
+    monkeypatch.setattr(cfm_solver, "compiled_blocks", lambda mode, attention: cfm_solver.Blocks(transformer=broken))
     decoder = tiny_cfm_decoder()
     solver = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
     assert solver.compile == "dynamic"
@@ -233,3 +233,78 @@ def test_counting_a_compiled_solver_leaves_its_compiled_code_in_use(tiny_cfm_dec
     assert compiled_regions() > 0, "the count must leave the compiled blocks compiled"
     assert counted.ops == bench_cfm_ops.count_solve(plain, args).ops and counted.flops > 0
     assert compiled.compile == "dynamic"
+
+
+# --- attention within segments (vocoder_attention varlen) ----------------------------------
+
+
+def test_key_segments_cut_each_row_into_its_real_frames_and_its_padding() -> None:
+    from gateway.engine.vllm.cfm_solver import key_segments
+
+    mask = torch.zeros(3, 1, 5)
+    for row, length in enumerate([5, 2, 0]):
+        mask[row, :, :length] = 1
+    segments = key_segments(mask)
+    assert segments.dtype == torch.int32
+    # row 0: [0, 5) real, [5, 5) no padding; row 1: [5, 7) real, [7, 10) padding; row 2: all padding
+    assert segments.tolist() == [0, 5, 5, 7, 10, 10, 15]
+
+
+def _segment_attention(calls: list[tuple[int, int]]):
+    """FlashAttention's variable-length attention for the CPU, one segment at a time through
+    SDPA: what ``varlen_attn`` computes, so the solver's packing can be checked here."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, segments, longest):
+        calls.append((q.shape[0], longest))
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "FlashAttention takes a contiguous last dim"
+        bounds = segments.tolist()
+        assert bounds[0] == 0 and bounds[-1] == q.shape[0] and bounds == sorted(bounds)
+        out = torch.zeros_like(q)
+        for start, end in zip(bounds, bounds[1:]):
+            assert end - start <= longest
+            if end > start:
+                out[start:end] = F.scaled_dot_product_attention(
+                    *(t[start:end].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        return out
+
+    return attend
+
+
+@pytest.mark.parametrize("meanflow", [False, True], ids=["original", "turbo"])
+def test_varlen_attention_solves_what_the_padding_bias_solves(tiny_cfm_decoder, cfm_inputs, monkeypatch,
+                                                              meanflow) -> None:
+    """Rows of different lengths, padded rows and frames (what a graph bucket holds): attention
+    within segments gives every real frame what SDPA with the key-padding bias gives it."""
+    from gateway.engine.vllm import cfm_solver
+    from gateway.engine.vllm.meanflow_solver import flow_solver
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cfm_solver, "varlen_supported", lambda device, dtype, head_dim: None)
+    monkeypatch.setattr(cfm_solver, "varlen_attention", _segment_attention(calls))
+    decoder = tiny_cfm_decoder(meanflow=meanflow)
+    biased = flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    varlen = flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32, attention="varlen")
+    assert (biased.attention, varlen.attention, varlen.attention_note) == ("sdpa", "varlen", None)
+    lengths = [24, 13, 0]  # the last row: all padding, as a graph's padded rows
+    noise, mu, mask, spks, cond = cfm_inputs(3, 24, lengths, seed=6)
+    want, got = biased.solve(noise, mu, mask, spks, cond), varlen.solve(noise, mu, mask, spks, cond)
+    for row, length in enumerate(lengths[:2]):
+        torch.testing.assert_close(got[row, :, :length], want[row, :, :length], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got).all()
+    doubled = 1 if meanflow else 2  # the original's CFG doubles the rows
+    blocks = len(cfm_solver._transformer_blocks(decoder.estimator))
+    assert calls == [(doubled * 3 * 24, 24)] * (2 * blocks), "every block of both steps, packed rows x frames"
+
+
+def test_varlen_attention_is_refused_where_flash_attention_cannot_run(decoder) -> None:
+    solver = CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="varlen")
+    assert solver.attention == "sdpa" and "CUDA" in solver.attention_note
+    from gateway.engine.vllm.cfm_solver import varlen_supported
+
+    cuda = torch.device("cuda")
+    assert "bf16" in varlen_supported(cuda, torch.float32, 64)
+    assert "multiples of 8" in varlen_supported(cuda, torch.bfloat16, 60)
+    assert varlen_supported(cuda, torch.bfloat16, 64) is None
+    with pytest.raises(ValueError, match="unknown attention mode"):
+        CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="flash")
