@@ -427,8 +427,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     start, warm caches help). Falls back to the plain blocks, with a warning, if compiling fails."""
     vocoder_attention: Literal["sdpa", "varlen"] = "sdpa"
     """The CFM estimator's attention: sdpa (upstream's key-padding bias through SDPA) or varlen
-    (FlashAttention's variable-length kernel over each row's real frames, no padding work; the
-    same function; CUDA with a bf16/fp16 flow only, else sdpa with a warning)."""
+    (FlashAttention's variable-length kernel, each row's queries over its real keys: the same
+    function, no work on padded keys or rows; CUDA with a bf16/fp16 flow only, else sdpa with a
+    warning)."""
     vocoder_first_window_flow_steps: Annotated[int, Meta(ge=0, le=50)] = 0
     """Euler steps of a stream's first window only (0: flow_steps, as upstream): fewer steps
     make the first byte sooner and change that window's audio (docs/operations.md)."""

@@ -29,7 +29,8 @@ window with a 10 s voice prompt, 646 a regular one, 600 one-shot 10 s with a 5 s
 families x ``--attention`` modes (``sdpa``: upstream's padding bias through SDPA; ``varlen``:
 FlashAttention's variable-length kernel, CUDA only: ``vocoder_attention``). ``--real-frames``
 below 1 gives the rows real lengths from that share of the width up to all of it (served
-batches pad 11-19% of their solved frames): what ``varlen`` skips and ``sdpa`` computes. ``python -m gateway.tools.bench_cfm_ops --rows 1,8,32`` (CPU: ``--rows 1 --frames 546
+batches pad 11-19% of their solved frames): the padded keys ``varlen`` skips and ``sdpa``
+computes. ``python -m gateway.tools.bench_cfm_ops --rows 1,8,32`` (CPU: ``--rows 1 --frames 546
 --repeats 1``, ~1 min).
 """
 
@@ -61,7 +62,9 @@ NO_KERNEL = frozenset({"aten.dropout", "aten.lift_fresh", "aten.detach", "aten.a
 
 CONVOLUTIONS = frozenset({"aten.conv1d", "aten.conv2d", "aten.convolution", "aten._convolution"})
 ATTENTION = frozenset({"aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu"})
-VARLEN_ATTENTION = "torch_attn._varlen_attn"
+VARLEN_ATTENTION = "aten._flash_attention_forward"
+"""``vocoder_attention varlen``'s kernel; with ``seqused_k`` each row's queries meet only its
+real keys, which torch's own formula (the whole width) does not see."""
 
 
 def op_flops(name: str, args: Sequence[Any], out: Any) -> int:
@@ -79,11 +82,18 @@ def op_flops(name: str, args: Sequence[Any], out: Any) -> int:
     if name in ATTENTION:
         query, key, value = args[:3]
         return int(sdpa_flop_count(query.shape, key.shape, value.shape))
-    if name == VARLEN_ATTENTION:  # (tokens, heads, d) packed; scores and the weighted sum, per segment
-        query, segments = args[0], args[3]
-        bounds = segments.tolist()
-        return 4 * query.shape[1] * query.shape[2] * sum((b - a) ** 2 for a, b in zip(bounds, bounds[1:]))
     return 0
+
+
+def varlen_flops(args: Sequence[Any], kwargs: dict[str, Any]) -> int | None:
+    """:data:`VARLEN_ATTENTION` with ``seqused_k``: (tokens, heads, d) packed rows of the
+    width ``args[5]``, each row's queries over its used keys (scores and the weighted sum: 2
+    products). None without ``seqused_k`` (torch's formula is right then)."""
+    used = kwargs.get("seqused_k")
+    if used is None:
+        return None
+    query, width = args[0], int(args[5])
+    return 4 * query.shape[1] * query.shape[2] * width * int(used.sum())
 
 
 class OpCounter(TorchDispatchMode):
@@ -101,7 +111,10 @@ class OpCounter(TorchDispatchMode):
         name = str(packet)
         if not func.is_view and name not in NO_KERNEL:
             self.ops[name] += 1
-        if packet in flop_registry:
+        varlen = varlen_flops(args, kwargs or {}) if name == VARLEN_ATTENTION else None
+        if varlen is not None:
+            self.flops += varlen
+        elif packet in flop_registry:
             self.flops += flop_registry[packet](*args, **(kwargs or {}), out_val=out)
         else:
             self.flops += op_flops(name, args, out)

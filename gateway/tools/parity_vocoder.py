@@ -19,9 +19,10 @@ is closer, and bit-identical outputs print as ``inf``.
   ``torch.compile`` (eager, then through its CUDA graphs) vs the plain blocks eager. Held
   to the batching tolerance: compiling reorders arithmetic, it changes no formula.
 * varlen attention == sdpa (CUDA, bf16/fp16 only): the CFM estimator's attention through
-  FlashAttention's variable-length kernel over each row's real frames (``vocoder_attention
-  varlen``), eager and through its CUDA graphs, vs the key-padding bias through SDPA: rows of
-  different lengths, so the segments' bounds are what is checked. The batching tolerance.
+  FlashAttention's variable-length kernel, each row's queries over its real keys
+  (``vocoder_attention varlen``), eager and through its CUDA graphs, vs the key-padding bias
+  through SDPA: rows of different lengths, so each row's key count is what is checked. The
+  batching tolerance.
 
 ``--knobs`` measures what the speed knobs do to the audio (not a pass/fail check): each
 setting's streamed output against the same streams at upstream's settings, over the first

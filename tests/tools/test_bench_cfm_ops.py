@@ -64,13 +64,15 @@ def test_attention_modes_and_padded_rows_on_the_cpu(tmp_path: Path) -> None:
         bench_cfm_ops.main(["--real-frames", "0"])
 
 
-def test_varlen_attention_flops_count_each_segment() -> None:
-    """FlashAttention's variable-length attention over (tokens, heads, d) = (12, 2, 8) in
-    segments of 5, 0, 4 and 3 tokens: 2 products x 2 per multiply-add x heads x d x sum of L^2."""
+def test_varlen_attention_flops_count_each_rows_used_keys() -> None:
+    """FlashAttention's variable-length kernel over 3 rows of width 4 ((12, 2, 8) packed), using
+    4, 0 and 3 keys: 2 products x 2 per multiply-add x heads x d x width x used keys."""
     q = torch.zeros(12, 2, 8)
-    segments = torch.tensor([0, 5, 5, 9, 12], dtype=torch.int32)
-    assert bench_cfm_ops.op_flops(bench_cfm_ops.VARLEN_ATTENTION, (q, q, q, segments, segments, 5, 5), q) == \
-        4 * 2 * 8 * (25 + 0 + 16 + 9)
+    starts = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    args = (q, q, q, starts, starts, 4, 4, 0.0, False, False)
+    assert bench_cfm_ops.varlen_flops(args, {"seqused_k": torch.tensor([4, 0, 3], dtype=torch.int32)}) == \
+        4 * 2 * 8 * 4 * (4 + 0 + 3)
+    assert bench_cfm_ops.varlen_flops(args, {}) is None, "without seqused_k, torch's own formula"
 
 
 def test_the_kernel_table_splits_a_solve_by_kind(tmp_path: Path) -> None:

@@ -48,14 +48,14 @@ speed, never a start.
 
 Attention (``attention``, the ``vocoder_attention`` setting). Upstream hands SDPA a float
 key-padding bias, which rules out FlashAttention: on a GPU SDPA then runs its memory-efficient
-kernel over every padded frame. A batch's rows are right-padded (a row's real frames, then
-padding), so the same function is attention within segments: each row's real frames attend
-among themselves, and its padding frames (outputs discarded, as with the bias) among
-themselves. ``varlen`` computes it with FlashAttention's variable-length kernel
-(``torch.nn.attention.varlen.varlen_attn``) over the rows packed as ``2 x rows`` segments
-(:func:`key_segments`: fixed count and width per graph bucket, so the graphs capture it), no
-bias and no work across a row's padding. It needs CUDA, fp16/bf16 and a head width FlashAttention
-takes; elsewhere the solver keeps ``sdpa`` and says why (``attention_note``).
+kernel, every query over every key of the graph bucket's width, padded rows included. A batch's
+rows are right-padded (a row's real frames, then padding), so the same function is: each row's
+queries over its first L keys (L its real frames). ``varlen`` computes exactly that with
+FlashAttention's variable-length kernel (``aten._flash_attention_forward``): rows packed as
+sequences of the bucket's width, each using only its first L keys (``seqused_k``,
+:class:`RowKeys`, device tensors: the graphs capture it); no bias, no work on padded keys, none
+at all for padded rows. It needs CUDA, fp16/bf16 and a head width FlashAttention takes;
+elsewhere the solver keeps ``sdpa`` and says why (``attention_note``).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -143,28 +144,39 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tens
 
 ATTENTION_MODES = ("sdpa", "varlen")
 """How the estimator's self-attention runs: ``sdpa`` with upstream's key-padding bias,
-``varlen`` as FlashAttention segments (the module docstring)."""
+``varlen`` through FlashAttention's variable-length kernel (the module docstring)."""
 
 
-def key_segments(mask: torch.Tensor) -> torch.Tensor:
-    """The ``2 x rows + 1`` segment starts (int32, the cumulative sequence lengths FlashAttention's
-    variable-length kernel takes) of a batch whose (rows, 1, frames) 0/1 ``mask`` is a prefix
-    per row: for row i of L_i real frames, ``[i T, i T + L_i)`` (its real frames) and
-    ``[i T + L_i, (i + 1) T)`` (its padding; empty when none). Device ops only: no host sync."""
+class RowKeys(NamedTuple):
+    """What :func:`varlen_attention` needs of a batch of ``rows`` right-padded rows of width T:
+    where each row starts in the packed batch, and how many of its keys are real."""
+
+    starts: torch.Tensor
+    """(rows + 1,) int32: ``i T`` (FlashAttention's cumulative sequence lengths)."""
+    lengths: torch.Tensor
+    """(rows,) int32: each row's real frames L (0 for a padded row)."""
+
+
+def row_keys(mask: torch.Tensor) -> RowKeys:
+    """:class:`RowKeys` of a (rows, 1, frames) 0/1 ``mask`` that is a prefix per row (a row's
+    real frames, then its padding). Device ops only: no host sync, captured in the graphs."""
     rows, _, frames = mask.shape
-    starts = torch.arange(rows, device=mask.device, dtype=torch.int32) * frames
-    real_ends = starts + mask[:, 0].to(torch.int32).sum(dim=-1, dtype=torch.int32)
-    bounds = torch.stack([starts, real_ends], dim=1).flatten()
-    return torch.cat([bounds, bounds.new_full((1,), rows * frames)])
+    starts = torch.arange(0, (rows + 1) * frames, frames, device=mask.device, dtype=torch.int32)
+    return RowKeys(starts, mask[:, 0].to(torch.int32).sum(dim=-1, dtype=torch.int32))
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
-                     longest: int) -> torch.Tensor:
-    """Attention within ``segments`` (:func:`key_segments`) of packed (tokens, heads, dim)
-    queries, keys and values: FlashAttention's variable-length kernel (CUDA only)."""
-    from torch.nn.attention.varlen import varlen_attn
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: RowKeys, width: int) -> torch.Tensor:
+    """Packed (rows x width, heads, dim) queries, keys and values: each row's queries over its
+    first ``keys.lengths`` keys (a padded row's output is zeros), through FlashAttention's
+    variable-length kernel (CUDA only)."""
+    out = torch.ops.aten._flash_attention_forward(q, k, v, keys.starts, keys.starts, width, width, 0.0, False, False,
+                                                  seqused_k=keys.lengths)
+    return out[0]
 
-    return varlen_attn(q, k, v, segments, segments, longest, longest)
+
+Attending = torch.Tensor | RowKeys
+"""What a transformer block's attention takes besides its input: the key-padding bias (sdpa)
+or the rows' real keys (varlen)."""
 
 
 def varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -175,24 +187,22 @@ def varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int) ->
         return f"needs fp16 or bf16 (the flow runs in {dtype})"
     if head_dim % 8 or head_dim > 256:
         return f"FlashAttention takes head widths of multiples of 8 up to 256 (this one: {head_dim})"
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 - torch >= 2.9
-    except ImportError:
-        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return f"this torch ({torch.__version__}) was built without FlashAttention"
     return None
 
 
 def varlen_transformer_block(block: torch.nn.Module, wqkv: torch.Tensor, x: torch.Tensor,
-                             segments: torch.Tensor) -> torch.Tensor:
-    """:func:`transformer_block` with its attention within ``segments`` (:func:`key_segments`)
-    through :func:`varlen_attention` instead of SDPA with the key-padding bias: the same
-    function on every real frame. The packed queries, keys and values are views of the one
-    projection (last dim contiguous, as FlashAttention takes them): no copies."""
+                             keys: RowKeys) -> torch.Tensor:
+    """:func:`transformer_block` with its attention through :func:`varlen_attention` (each row's
+    queries over its real keys, :func:`row_keys`) instead of SDPA with the key-padding bias: the
+    same function for every row with real frames. The packed queries, keys and values are views
+    of the one projection (last dim contiguous, as FlashAttention takes them): no copies."""
     attn = block.attn1
     b, t, _ = x.shape
     qkv = F.linear(block.norm1(x), wqkv).view(b * t, 3, attn.heads, -1)
     q, k, v = qkv.unbind(1)  # each (b t, heads, d)
-    o = varlen_attention(q, k, v, segments, t)
+    o = varlen_attention(q, k, v, keys, t)
     x = attn.to_out[0](o.reshape(b, t, -1)) + x
     return block.ff(block.norm3(x)) + x
 
@@ -294,7 +304,7 @@ def module_resnet_block(resnet: torch.nn.Module, x: torch.Tensor, mask: torch.Te
 class Blocks:
     """The functions that run the estimator's repeated parts (plain, or compiled)."""
 
-    transformer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = transformer_block
+    transformer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor] = transformer_block
     resnet: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = resnet_block
 
 
@@ -340,7 +350,7 @@ class EstimatorWeights:
 
 
 def estimator_forward(est: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor,
-                      step_rows: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], weights: EstimatorWeights,
+                      step_rows: Sequence[torch.Tensor], biases: Sequence[Attending], weights: EstimatorWeights,
                       blocks: Blocks = PLAIN) -> torch.Tensor:
     """``ConditionalDecoder.forward`` of ``x`` with what does not change between a solve's
     steps given: ``inputs`` (the packed ``mu``, speaker and ``cond`` channels:
@@ -476,17 +486,17 @@ class CfmSolver:
         emb = self.step_embeddings()
         return [[r.mlp(emb[k:k + 1]) for r in _resnets(self.est)] for k in range(self.steps)]
 
-    def attention_biases(self, mask: torch.Tensor) -> list[torch.Tensor]:
+    def attention_biases(self, mask: torch.Tensor) -> list[Attending]:
         """What the estimator's attention takes at each of its mask levels (built once per
-        batch): the key-padding bias (``sdpa``) or the segments (``varlen``, :func:`key_segments`)."""
+        batch): the key-padding bias (``sdpa``) or the rows' real keys (``varlen``, :func:`row_keys`)."""
         biases = []
         for _ in range(len(self.est.down_blocks)):
-            biases.append(key_segments(mask) if self.attention == "varlen" else _mask_bias(mask, self.dtype, self.heads))
+            biases.append(row_keys(mask) if self.attention == "varlen" else _mask_bias(mask, self.dtype, self.heads))
             mask = mask[:, :, ::2]
         return biases
 
     def velocity(self, x: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor, k: int,
-                 biases: Sequence[torch.Tensor]) -> torch.Tensor:
+                 biases: Sequence[Attending]) -> torch.Tensor:
         """The estimator at step ``k`` (``inputs``: :func:`packed_inputs`)."""
         return estimator_forward(self.est, x, mask, inputs, self.step_rows[k], biases, self.weights, self.blocks)
 

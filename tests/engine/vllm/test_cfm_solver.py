@@ -238,34 +238,36 @@ def test_counting_a_compiled_solver_leaves_its_compiled_code_in_use(tiny_cfm_dec
 # --- attention within segments (vocoder_attention varlen) ----------------------------------
 
 
-def test_key_segments_cut_each_row_into_its_real_frames_and_its_padding() -> None:
-    from gateway.engine.vllm.cfm_solver import key_segments
+def test_row_keys_say_where_each_row_starts_and_how_many_keys_are_real() -> None:
+    from gateway.engine.vllm.cfm_solver import row_keys
 
     mask = torch.zeros(3, 1, 5)
     for row, length in enumerate([5, 2, 0]):
         mask[row, :, :length] = 1
-    segments = key_segments(mask)
-    assert segments.dtype == torch.int32
-    # row 0: [0, 5) real, [5, 5) no padding; row 1: [5, 7) real, [7, 10) padding; row 2: all padding
-    assert segments.tolist() == [0, 5, 5, 7, 10, 10, 15]
+    keys = row_keys(mask)
+    assert keys.starts.dtype == keys.lengths.dtype == torch.int32
+    assert keys.starts.tolist() == [0, 5, 10, 15] and keys.lengths.tolist() == [5, 2, 0]
 
 
-def _segment_attention(calls: list[tuple[int, int]]):
-    """FlashAttention's variable-length attention for the CPU, one segment at a time through
-    SDPA: what ``varlen_attn`` computes, so the solver's packing can be checked here."""
+def _flash_varlen(calls: list[tuple[int, int]]):
+    """FlashAttention's variable-length kernel with ``seqused_k`` for the CPU, a row at a time
+    through SDPA: each row's queries over its first ``lengths`` keys, zeros for a row of none
+    (what the CUDA kernel computes), so the solver's packing can be checked here."""
     import torch.nn.functional as F
 
-    def attend(q, k, v, segments, longest):
-        calls.append((q.shape[0], longest))
+    def attend(q, k, v, keys, width):
+        calls.append((q.shape[0], width))
         assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "FlashAttention takes a contiguous last dim"
-        bounds = segments.tolist()
-        assert bounds[0] == 0 and bounds[-1] == q.shape[0] and bounds == sorted(bounds)
+        starts, lengths = keys.starts.tolist(), keys.lengths.tolist()
+        assert starts == list(range(0, q.shape[0] + 1, width)) and len(lengths) == len(starts) - 1
         out = torch.zeros_like(q)
-        for start, end in zip(bounds, bounds[1:]):
-            assert end - start <= longest
-            if end > start:
-                out[start:end] = F.scaled_dot_product_attention(
-                    *(t[start:end].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        for start, used in zip(starts, lengths):
+            assert 0 <= used <= width
+            if used:
+                rows = slice(start, start + width)
+                real = slice(start, start + used)
+                out[rows] = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1), k[real].transpose(0, 1), v[real].transpose(0, 1)).transpose(0, 1)
         return out
 
     return attend
@@ -274,14 +276,14 @@ def _segment_attention(calls: list[tuple[int, int]]):
 @pytest.mark.parametrize("meanflow", [False, True], ids=["original", "turbo"])
 def test_varlen_attention_solves_what_the_padding_bias_solves(tiny_cfm_decoder, cfm_inputs, monkeypatch,
                                                               meanflow) -> None:
-    """Rows of different lengths, padded rows and frames (what a graph bucket holds): attention
-    within segments gives every real frame what SDPA with the key-padding bias gives it."""
+    """Rows of different lengths, padded rows and frames (what a graph bucket holds): each row's
+    queries over its real keys give every real frame what SDPA with the key-padding bias gives it."""
     from gateway.engine.vllm import cfm_solver
     from gateway.engine.vllm.meanflow_solver import flow_solver
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(cfm_solver, "varlen_supported", lambda device, dtype, head_dim: None)
-    monkeypatch.setattr(cfm_solver, "varlen_attention", _segment_attention(calls))
+    monkeypatch.setattr(cfm_solver, "varlen_attention", _flash_varlen(calls))
     decoder = tiny_cfm_decoder(meanflow=meanflow)
     biased = flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32)
     varlen = flow_solver(decoder, steps=2, device="cpu", dtype=torch.float32, attention="varlen")
