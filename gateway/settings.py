@@ -355,6 +355,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     ~530 ms solve on an H100 at 32 streams, against ~50 ms alone): apart, its first byte waits
     for a small solve, and the card pays one more batch per group of first windows. Audio
     unchanged. Off until a GPU run weighs it (docs/operations.md)."""
+    vocoder_first_window_preempt: bool = False
+    """With ``vocoder_first_window_lane_rows``: the main loop queues each batch's CFM solve one
+    Euler step at a time, at most two steps ahead of the device, and its next steps wait (on
+    the device) for a first-window batch the lane launched meanwhile. A new stream's first
+    window then shares the card with at most two steps of a regular batch (~50 ms each at 30
+    rows on an H100) instead of running beside the whole batch (~530 ms), and has it to
+    itself after them. Audio unchanged; the regular batch ends later by the first windows'
+    time. Off until a GPU run weighs it (docs/operations.md)."""
     vocoder_unhealthy_after_failures: Annotated[int, Meta(ge=1, le=1000)] = 3
     """Vocoder batches failed in a row after which the engine reports itself not ready (a
     sticky GPU fault fails every batch); one success resets the count."""
@@ -515,6 +523,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
             raise ValueError(
                 "vocoder_sms runs the vocoder on its green context's own stream, which has no priority to set: "
                 "use one of vocoder_sms and vocoder_stream_priority"
+            )
+        if self.vocoder_first_window_preempt and self.vocoder_first_window_lane_rows == 0:
+            raise ValueError(
+                "vocoder_first_window_preempt lets the first-window lane's batches go ahead of the main loop's: "
+                "it needs vocoder_first_window_lane_rows > 0"
             )
         if self.vocoder_first_window_lane_rows > 0 and self.vocoder_compile != "off":
             raise ValueError(

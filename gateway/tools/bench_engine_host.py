@@ -407,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.watermark and args.vocoder != "real":
         p.error("--watermark needs --vocoder real")
+    if args.vocoder != "real" and str(dict(args.setting).get("vocoder_first_window_preempt", "")).lower() in ("1", "true"):
+        p.error("vocoder_first_window_preempt stops a batch's CFM between its steps: the stand-in has no steps "
+                "(--vocoder real)")
     device = None
     if args.vocoder == "real":
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

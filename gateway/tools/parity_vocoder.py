@@ -18,6 +18,10 @@ is closer, and bit-identical outputs print as ``inf``.
 * compiled == plain (``compile``, on CUDA by default): the CFM estimator's blocks through
   ``torch.compile`` (eager, then through its CUDA graphs) vs the plain blocks eager. Held
   to the batching tolerance: compiling reorders arithmetic, it changes no formula.
+* stepped CFM graphs == eager (CUDA only): the solve as one graph per Euler step
+  (``vocoder_first_window_preempt``'s main loop), with another solver's graphs of the same
+  memory pool replayed between every two steps (what a first-window batch does there): the
+  solve's state lives outside the pool, so nothing of it is overwritten.
 * varlen attention == sdpa (CUDA, bf16/fp16 only): the CFM estimator's attention through
   FlashAttention's variable-length kernel, each row's queries over its real keys
   (``vocoder_attention varlen``), eager and through its CUDA graphs, vs the key-padding bias
@@ -281,6 +285,46 @@ def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: st
     return results
 
 
+def _stepped_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[CheckResult]:
+    """CUDA only: stepped CFM graphs, another graph of their pool replayed between steps, ==
+    the same rows eager."""
+    if batch.device.type != "cuda":
+        return []
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+    from gateway.engine.vllm.meanflow_solver import flow_solver
+
+    plain = batch.run_flow(rows)
+    saved = batch.cfm, batch.first_cfm
+    options = dict(steps=saved[0].steps, device=batch.device, dtype=batch.dtype, attention=saved[0].attention)
+    stepped, other = flow_solver(saved[0].decoder, **options), flow_solver(saved[0].decoder, **options)
+    need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)
+    buckets = GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need)
+    seconds = stepped.capture(buckets, stepped=True)
+    seconds += other.capture(buckets, pool=stepped.pool)
+    gen = torch.Generator(device=batch.device).manual_seed(5)
+    shape = (len(rows), 80, buckets.frames[0])
+    clobber = [torch.randn(shape, device=batch.device, generator=gen, dtype=batch.dtype) for _ in range(3)]
+    batch.cfm = batch.first_cfm = stepped
+    try:
+        steps, between = batch.flow_stepwise(rows), 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                got = done.value
+                break
+            other.solve(clobber[0], clobber[1], torch.ones(shape[0], 1, shape[2], device=batch.device,
+                                                         dtype=batch.dtype), clobber[2][:, :, 0], clobber[2])
+            between += 1
+    finally:
+        batch.cfm, batch.first_cfm = saved
+    value = min(snr_db(a, b) for a, b in zip(plain, got))
+    replays = stepped.graph_replays
+    return [CheckResult("flow: stepped CFM graphs == eager", value >= tol and replays > 0 and between > 0, value, tol,
+                        f"{replays} stepped solve(s), another pool graph replayed {between} time(s) between steps; "
+                        f"captured in {seconds:.1f} s")]
+
+
 def _attention_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[CheckResult]:
     """``vocoder_attention varlen`` == ``sdpa`` (where FlashAttention runs: CUDA, bf16/fp16),
     eager and through its CUDA graphs. A solver that fell back to SDPA fails the check."""
@@ -400,6 +444,8 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
                           tol, f"{len(rows)} rows, 2 voices, lengths {[len(r.tokens) for r in rows]}"))
     for graph in _graph_check(batch, rows, tol):
         results.append(graph)
+    for stepped in _stepped_check(batch, rows, tol):
+        results.append(stepped)
     for attention in _attention_checks(batch, rows, tol):
         results.append(attention)
 

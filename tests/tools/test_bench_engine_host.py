@@ -191,3 +191,10 @@ def test_the_stand_in_vocoders_cost_grows_with_the_flow_frames_it_stands_for() -
     want = (10.0 + 5.0 * 2 + 100.0 * (2 * (100 + 23) + 2 * (100 + 250)) / 1000) / 1000
     assert abs(vocoder._ready_at[id(launched)] - t0 - want) < 0.05
     assert {r.prompt_tokens for r in launched.outcomes} == {100}
+
+
+def test_the_stand_in_refuses_preemption_it_cannot_model() -> None:
+    """The stand-in vocoder's batch is one sleep: no CFM steps to stop between."""
+    with pytest.raises(SystemExit):
+        bench_engine_host.main(["--streams", "1", "--setting", "vocoder_first_window_lane_rows=2",
+                                "--setting", "vocoder_first_window_preempt=true"])

@@ -21,7 +21,7 @@ synchronisations, which is why it costs ~40-60 ms per step whatever the batch si
 
 Only the standard (non-meanflow, causal) estimator of ``ConditionalDecoder`` is mirrored
 here; Turbo's mean-flow estimator has its own solver on the same machinery
-(``meanflow_solver.MeanFlowSolver``, which overrides ``mirrors`` and ``solve_eager``).
+(``meanflow_solver.MeanFlowSolver``, which overrides ``mirrors``, ``prepare`` and ``advance``).
 
 Per estimator call it also launches fewer kernels than upstream's modules do, with the same
 arithmetic (at one row the solve is bound by their number, not by its FLOPs: ~1,000 a call,
@@ -63,7 +63,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -405,6 +405,15 @@ def packed_inputs(mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor) -> t
     return torch.cat([mu, spks[:, :, None].expand(-1, -1, mu.shape[-1]), cond], dim=1)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What all steps of one solve share (:meth:`CfmSolver.prepare`)."""
+
+    mask: torch.Tensor
+    inputs: torch.Tensor
+    biases: list[Attending]
+
+
 class CfmSolver:
     """The S3Gen CFM solve for padded batches (see the module docstring). Blocking; one
     worker thread only (graphs and their static buffers are not thread safe)."""
@@ -450,6 +459,13 @@ class CfmSolver:
         self.weights = EstimatorWeights.of(self.est) if self.mirrored else EstimatorWeights(())
         self.step_rows = self.resnet_time_rows() if self.mirrored else []
         """``step_rows[k][i]``: resnet i's time projection ``mlp(t_k)`` at step k, (1, channels)."""
+        self.step_tables = [torch.cat([rows[i] for rows in self.step_rows]) for i in range(len(self.step_rows[0]))] \
+            if self.step_rows else []
+        """``step_tables[i][k]``: ``step_rows[k][i]``, for a stepped graph that picks its step on the device."""
+        self.step_dts = self.t_span[1:] - self.t_span[:-1]
+        """Each step's length (steps,), as :meth:`solve_eager` computes it."""
+        self.stepped = False
+        """Whether the captured graphs are single steps (``capture(..., stepped=True)``)."""
         self.buckets: GraphBuckets | None = None
         self.pool: tuple[int, int] | None = None
         """The graph memory pool (after ``capture``), for another solver to share."""
@@ -495,41 +511,66 @@ class CfmSolver:
             mask = mask[:, :, ::2]
         return biases
 
-    def velocity(self, x: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor, k: int,
-                 biases: Sequence[Attending]) -> torch.Tensor:
-        """The estimator at step ``k`` (``inputs``: :func:`packed_inputs`)."""
-        return estimator_forward(self.est, x, mask, inputs, self.step_rows[k], biases, self.weights, self.blocks)
-
     # --- eager -----------------------------------------------------------------------------
+    def prepare(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor) -> Prepared:
+        """What every step of one solve shares (in the flow dtype): the CFG-doubled mask and
+        inputs (the unconditional half's are zeros) and the attention's biases or keys."""
+        b = mu.shape[0]
+        mask_in = torch.cat([mask, mask])
+        inputs = torch.cat([packed_inputs(mu, spks, cond), mu.new_zeros(b, 3 * MEL_BINS, mu.shape[-1])])
+        return Prepared(mask_in, inputs, self.attention_biases(mask_in))
+
+    def advance(self, x: torch.Tensor, prep: Prepared, tprojs: Sequence[torch.Tensor], dt: torch.Tensor) -> torch.Tensor:
+        """One Euler step from ``x``: ``(1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0)``,
+        ``tprojs`` the step's time projection of each resnet, ``dt`` the step's length."""
+        b = x.shape[0]
+        v = estimator_forward(self.est, torch.cat([x, x]), prep.mask, prep.inputs, tprojs, prep.biases,
+                              self.weights, self.blocks)
+        v_cond, v_uncond = torch.split(v, [b, b], dim=0)
+        v = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
+        return x + dt * v
+
+    def indexed_step(self, x: torch.Tensor, k: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor,
+                     spks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Step ``k`` ((1,) int64 on the device: the step a stepped graph picks when replayed)
+        of the solve of the flow-dtype inputs, from ``x``: what :meth:`solve_eager`'s step k
+        computes, the per-batch work redone (a few small kernels beside the estimator's ~1,000)."""
+        prep = self.prepare(mu, mask, spks, cond)
+        tprojs = [table.index_select(0, k) for table in self.step_tables]
+        return self.advance(x, prep, tprojs, self.step_dts.index_select(0, k))
+
     @torch.inference_mode()
     def solve_eager(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
                     cond: torch.Tensor) -> torch.Tensor:
-        """(B, 80, T) mel in the flow dtype: Euler from ``noise`` over ``steps`` steps, each
-        step ``(1 + r) v(x | mu, spks, cond) - r v(x | 0, 0, 0)`` as upstream."""
+        """(B, 80, T) mel in the flow dtype: Euler from ``noise`` over ``steps`` steps
+        (:meth:`advance`), the per-batch work (:meth:`prepare`) done once."""
+        return drain(self._eager_steps(noise, mu, mask, spks, cond))
+
+    @torch.inference_mode()
+    def _eager_steps(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                     cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         if not self.mirrored:
             feat, _ = self.decoder(mu=mu, mask=mask, spks=spks, cond=cond, n_timesteps=self.steps,
                                    noised_mels=noise)
             return feat
         dt = self.dtype
         x, mu, mask, spks, cond = (a.to(dt) for a in (noise, mu, mask, spks, cond))
-        b = x.shape[0]
-        # Per batch, not per step: the doubled inputs (the unconditional half's are zeros), the
-        # masks' attention biases.
-        mask_in = torch.cat([mask, mask])
-        inputs = torch.cat([packed_inputs(mu, spks, cond), x.new_zeros(b, 3 * MEL_BINS, x.shape[-1])])
-        biases = self.attention_biases(mask_in)
+        prep = self.prepare(mu, mask, spks, cond)
         t_span = self.t_span
         for k in range(self.steps):
-            v = self.velocity(torch.cat([x, x]), mask_in, inputs, k, biases)
-            v_cond, v_uncond = torch.split(v, [b, b], dim=0)
-            v = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
-            x = x + (t_span[k + 1] - t_span[k]) * v
+            x = self.advance(x, prep, self.step_rows[k], t_span[k + 1] - t_span[k])
+            if k < self.steps - 1:
+                yield
         return x
 
     # --- CUDA graphs -------------------------------------------------------------------------
-    def capture(self, buckets: GraphBuckets, pool: tuple[int, int] | None = None) -> float:
+    def capture(self, buckets: GraphBuckets, pool: tuple[int, int] | None = None, *, stepped: bool = False) -> float:
         """Capture one graph per shape of ``buckets`` (CUDA only); returns seconds taken.
-        ``pool``: a graph memory pool to share (solvers whose graphs never run at once)."""
+        ``pool``: a graph memory pool to share (solvers whose graphs never run at once).
+        ``stepped``: each graph one Euler step, replayed ``steps`` times with the solve's state
+        in buffers of its own, so that a stepwise solve (:meth:`solve_stepwise`) can stop
+        between steps; else each graph the whole solve (one replay)."""
+        self.stepped = stepped
         if self.device.type != "cuda" or not self.mirrored:
             return 0.0
         t0 = time.perf_counter()
@@ -555,7 +596,8 @@ class CfmSolver:
         self._graphs.clear()
         # Largest first: the shared pool is sized by the first capture, later ones fit in it.
         for rows, frames in sorted(buckets.shapes(), key=lambda s: -s[0] * s[1]):
-            self._graphs[(rows, frames)] = _Graph(self, rows, frames, self.pool)
+            kind = _StepGraph if self.stepped else _Graph
+            self._graphs[(rows, frames)] = kind(self, rows, frames, self.pool)
 
     def _stop_compiling(self, exc: BaseException) -> None:
         self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -569,23 +611,39 @@ class CfmSolver:
             return frames
         return self.buckets.frames_for(frames) or frames
 
-    @torch.inference_mode()
     def solve(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
               cond: torch.Tensor) -> torch.Tensor:
         """As :meth:`solve_eager`; through a captured graph when the shape fits one."""
+        return drain(self.solve_stepwise(noise, mu, mask, spks, cond))
+
+    @torch.inference_mode()
+    def solve_stepwise(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                       cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """:meth:`solve` as a generator that queues one Euler step per resumption and yields
+        between steps (``steps - 1`` times; none inside a whole-solve graph, one replay):
+        where its caller may let other device work go first. Returns the (B, 80, T) mel."""
         shape = None if self.buckets is None else self.buckets.fit(noise.shape[0], noise.shape[2])
         graph = self._graphs.get(shape) if shape is not None else None
         if graph is None:
             self.eager_runs += 1
-            try:
-                return self.solve_eager(noise, mu, mask, spks, cond)
+            if self.compile == "off":
+                return (yield from self._eager_steps(noise, mu, mask, spks, cond))
+            try:  # a compiled block's recompile for a new shape may fail: the plain blocks then
+                return drain(self._eager_steps(noise, mu, mask, spks, cond))
             except Exception as exc:  # noqa: BLE001 - a recompile for a new shape failed
-                if self.compile == "off":
-                    raise
                 self._stop_compiling(exc)
-                return self.solve_eager(noise, mu, mask, spks, cond)
+                return (yield from self._eager_steps(noise, mu, mask, spks, cond))
         self.graph_replays += 1
-        return graph.run(noise, mu, mask, spks, cond)
+        return (yield from graph.run(noise, mu, mask, spks, cond))
+
+
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a stepwise generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _transformer_blocks(est: torch.nn.Module) -> list[torch.nn.Module]:
@@ -618,10 +676,14 @@ class _Graph:
         self.spks = torch.randn(rows, MEL_BINS, device=dev, dtype=dt, generator=gen)
         self.mask = torch.ones(rows, 1, frames, device=dev, dtype=dt)
         args = (self.noise, self.mu, self.mask, self.spks, self.cond)
-        self.graph, self.out = capture_graph(solver.solve_eager, args, pool)
+        self.graph, self.out = capture_graph(self._captured(solver), args, pool)
 
-    def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-            cond: torch.Tensor) -> torch.Tensor:
+    def _captured(self, solver: CfmSolver) -> Callable[..., torch.Tensor]:
+        return solver.solve_eager
+
+    def _load(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor) -> None:
+        """The batch into the static inputs, zero-padded to the graph's rows and frames."""
         b, _, t = noise.shape
         for static, value in ((self.noise, noise), (self.mu, mu), (self.cond, cond)):
             static.zero_()
@@ -630,6 +692,49 @@ class _Graph:
         self.mask[:b, :, :t] = mask
         self.spks.zero_()
         self.spks[:b] = spks
+
+    def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+            cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The whole solve: one replay, nothing to yield between."""
+        b, _, t = noise.shape
+        self._load(noise, mu, mask, spks, cond)
         self.graph.replay()
         # Copied out: another graph of the shared pool may overwrite ``out`` on its replay.
         return self.out[:b, :, :t].clone()
+        yield  # a generator, as a stepped graph's run
+
+
+class _StepGraph(_Graph):
+    """One Euler step of shape (rows, frames) captured (:meth:`CfmSolver.capture` with
+    ``stepped``), replayed once per step. The solve's state (``x``, the step index ``k``)
+    lives in buffers of its own, allocated outside the graph pool, so between two replays
+    other graphs may run (this one's intermediates are dead by then); the step picks its time
+    projections and length on the device (:meth:`CfmSolver.indexed_step`), so one graph serves
+    every step. Computes exactly what :meth:`CfmSolver.solve_eager` computes."""
+
+    def __init__(self, solver: CfmSolver, rows: int, frames: int, pool: tuple[int, int]) -> None:
+        self.steps = solver.steps
+        self.x = torch.zeros(rows, MEL_BINS, frames, device=solver.device, dtype=solver.dtype)
+        self.k = torch.zeros(1, device=solver.device, dtype=torch.long)
+        super().__init__(solver, rows, frames, pool)
+
+    def _captured(self, solver: CfmSolver) -> Callable[..., torch.Tensor]:
+        def step(noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                 cond: torch.Tensor) -> torch.Tensor:
+            self.x.copy_(solver.indexed_step(self.x, self.k, mu, mask, spks, cond))
+            self.k.add_(1)
+            return self.x
+
+        return step
+
+    def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+            cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        b, _, t = noise.shape
+        self._load(noise, mu, mask, spks, cond)
+        self.x.copy_(self.noise)
+        self.k.zero_()
+        for k in range(self.steps):
+            self.graph.replay()
+            if k < self.steps - 1:
+                yield
+        return self.x[:b, :, :t].clone()

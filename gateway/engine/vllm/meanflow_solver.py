@@ -11,8 +11,8 @@ the host-synchronising mask helper, as the original's does.
 :class:`MeanFlowSolver` computes the same function as a :class:`~gateway.engine.vllm.cfm_solver.CfmSolver`
 whose per-batch work (attention biases, the mixed time embedding of every step: a constant
 of the model) is done once and whose estimator body is the shared ``estimator_forward``.
-It overrides only :meth:`solve_eager`, the function ``CfmSolver`` captures (and ``mirrors``,
-which estimator that is), so on CUDA the whole solve is one CUDA graph per bucketed
+It overrides only :meth:`prepare` and :meth:`advance`, the per-solve and per-step parts of
+the solve ``CfmSolver`` runs and captures (and ``mirrors``, which estimator that is), so on CUDA the whole solve is one CUDA graph per bucketed
 ``(rows, frames)`` shape exactly as the original's, replayed by the inherited
 ``solve``/``capture``; padding rows and frames are masked the same way, and the estimator's
 blocks run through the same plain or ``torch.compile``'d functions (``vocoder_compile``). Half the estimator rows of the original's CFG solve and a fifth of
@@ -23,11 +23,12 @@ its steps: a tenth of the estimator work per window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from gateway.engine.vllm.cfm_solver import CfmSolver, packed_inputs, plain_causal_block
+from gateway.engine.vllm.cfm_solver import CfmSolver, Prepared, estimator_forward, packed_inputs, plain_causal_block
 
 
 def is_meanflow(decoder: torch.nn.Module) -> bool:
@@ -67,18 +68,15 @@ class MeanFlowSolver(CfmSolver):
         r = est.time_mlp(est.time_embeddings(self.t_span[1:]).to(dt))
         return est.time_embed_mixer(torch.cat([t, r], dim=1))
 
-    @torch.inference_mode()
-    def solve_eager(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-                    cond: torch.Tensor) -> torch.Tensor:
-        """(B, 80, T) mel in the flow dtype: ``steps`` mean-flow steps from ``noise``."""
-        dt = self.dtype
-        x, mu, mask, spks, cond = (a.to(dt) for a in (noise, mu, mask, spks, cond))
-        biases = self.attention_biases(mask)
-        inputs = packed_inputs(mu, spks, cond)
-        t_span = self.t_span
-        for k in range(self.steps):
-            x = x + (t_span[k + 1] - t_span[k]) * self.velocity(x, mask, inputs, k, biases)
-        return x
+    def prepare(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor) -> Prepared:
+        """The rows themselves (no CFG doubling) and their attention's biases or keys."""
+        return Prepared(mask, packed_inputs(mu, spks, cond), self.attention_biases(mask))
+
+    def advance(self, x: torch.Tensor, prep: Prepared, tprojs: Sequence[torch.Tensor], dt: torch.Tensor) -> torch.Tensor:
+        """One mean-flow step: ``x + (r - t) v(x | t, r)`` (``tprojs``: the step's mixed
+        time projections, ``dt``: its length)."""
+        return x + dt * estimator_forward(self.est, x, prep.mask, prep.inputs, tprojs, prep.biases, self.weights,
+                                          self.blocks)
 
 
 def flow_solver(decoder: torch.nn.Module, **options: Any) -> CfmSolver:

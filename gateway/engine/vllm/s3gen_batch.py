@@ -58,7 +58,7 @@ import bisect
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.engine.vllm import gpu_serial
-from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets
+from gateway.engine.vllm.cfm_solver import CfmSolver, GraphBuckets, drain
 from gateway.engine.vllm.graph_calls import GraphCalls
 from gateway.engine.vllm.hift_decode import hift_decode, spectra_on_device
 from gateway.engine.vllm.meanflow_solver import flow_solver
@@ -239,6 +239,12 @@ class HostCopy:
             self._host = flat
             if clock is not None:
                 clock.mark("host copy")
+
+    @property
+    def event(self) -> Any:
+        """The CUDA event recorded after the copy (None on the CPU): another stream that waits
+        for it waits for the whole batch."""
+        return self._event
 
     def done(self) -> bool:
         """Whether the copy, and so every kernel queued before it on its stream, has run (never
@@ -492,10 +498,16 @@ class S3GenBatch:
             [((r, w), (torch.zeros(r, w, dtype=torch.long, device=dev), torch.full((r,), w, device=dev)))
              for r, w in shapes], pool)
 
-    @torch.inference_mode()
     def run_flow(self, rows: Sequence[FlowRow], *, pad_to: int = 0, clock: BatchClock | None = None
                  ) -> list[torch.Tensor]:
         """Each row's new mel frames, (80, 2 * new_tokens) fp32 on the device."""
+        return drain(self.flow_stepwise(rows, pad_to=pad_to, clock=clock))
+
+    @torch.inference_mode()
+    def flow_stepwise(self, rows: Sequence[FlowRow], *, pad_to: int = 0, clock: BatchClock | None = None
+                      ) -> Generator[None, None, list[torch.Tensor]]:
+        """:meth:`run_flow` as a generator that yields between the CFM solves' Euler steps
+        (:meth:`CfmSolver.solve_stepwise`): each resumption queues one more step."""
         lengths = [r.voice.prompt_len + len(r.tokens) for r in rows]
         width = self.bucket(max(max(lengths), pad_to))
         # A captured encoder graph's rows: the extra rows are whole rows of token 0, discarded.
@@ -536,14 +548,16 @@ class S3GenBatch:
                 self.cfm_solved_frames += solve_cells(solver, len(idx), widest)
                 if not graphed(solver, len(idx), widest):
                     self.cfm_eager_frames += real
-                feat = self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx), [frames[i] for i in idx])
+                feat = yield from self._solve(solver, [rows[i] for i in idx], _take_rows(mu, idx),
+                                              [frames[i] for i in idx])
                 for j, i in enumerate(idx):
                     out[i] = feat[j, :, frames[i] - TOKEN_MEL_RATIO * rows[i].new_tokens: frames[i]].float()
         if clock is not None:
             clock.mark("CFM")
         return out
 
-    def _solve(self, solver: CfmSolver, rows: Sequence[FlowRow], mu: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+    def _solve(self, solver: CfmSolver, rows: Sequence[FlowRow], mu: torch.Tensor, frames: Sequence[int]
+               ) -> Generator[None, None, torch.Tensor]:
         """The CFM solve of ``rows`` (one solver) over the frames they use. Frames past every
         row's end are masked padding, which the causal estimator cannot leak: trimming them
         is exact, and lets a graph bucket fit the group rather than the whole batch."""
@@ -565,7 +579,7 @@ class S3GenBatch:
             spks = torch.stack([r.voice.speaker for r in rows])
         # The tape's noise covers every frame: it replaces upstream's own randn draw entirely.
         with self.section("CFM decoder"):
-            return solver.solve(noise, mu[:, :, :width], mask, spks, cond)
+            return (yield from solver.solve_stepwise(noise, mu[:, :, :width], mask, spks, cond))
 
     def _excitation(self, f0: torch.Tensor, starts: torch.Tensor,
                     phase: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

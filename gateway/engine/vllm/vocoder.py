@@ -36,6 +36,10 @@ own worker thread on a high-priority CUDA stream, its own S3GenBatch and CUDA gr
 first-window widths) plans streams' first windows and this one every other window, from one
 set of streams: a new stream's first window runs beside the regular batches instead of
 queueing behind them; a first window done wakes this loop for the stream's next window.
+With ``vocoder_first_window_preempt`` as well, this loop queues each batch's CFM solve one
+Euler step at a time (stepped CUDA graphs), at most :data:`PREEMPT_QUEUED_STEPS` ahead of the
+device, and the steps it queues after the lane launched a batch wait for that batch on the
+device: the first window shares the card with two steps of a regular batch, not all ten.
 ``Vocoder.stats`` counts batches and rows for the metrics layer; ``on_batch`` is called with
 each batch's row count, padded tokens and seconds. The engine still applies the watermark
 (``settings.watermark``) to what ``audio()`` yields, as upstream does after S3Gen.
@@ -49,7 +53,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -61,7 +65,7 @@ import torch
 
 from gateway.engine.base import SAMPLE_RATE
 from gateway.engine.vllm import gpu_serial
-from gateway.engine.vllm.cfm_solver import GraphBuckets
+from gateway.engine.vllm.cfm_solver import GraphBuckets, drain
 from gateway.engine.vllm.graph_calls import capture_stream
 from gateway.engine.vllm.s3gen_batch import (
     BatchClock,
@@ -131,6 +135,23 @@ class _Launched:
     """The batch's HiFT frames of real rows, and of those vocoded outside a CUDA graph."""
 
 
+@dataclass(slots=True)
+class _Feeding:
+    """A batch whose launch goes on a step at a time (``vocoder_first_window_preempt``): its
+    launch generator (:meth:`Vocoder._launch_steps`), resumed by the loop once the device is
+    within :data:`PREEMPT_QUEUED_STEPS` of what is queued."""
+
+    jobs: list[WindowJob]
+    steps: Generator[None, None, _Launched]
+    pause_t3: bool
+    queued: deque[Any] = field(default_factory=deque)
+    """CUDA events recorded after each step queued (none on the CPU), oldest first."""
+    waited: Any = None
+    """The lane's batch event this batch's steps last waited for."""
+    host_s: float = 0.0
+    """Worker seconds spent queueing it so far."""
+
+
 def with_own_flow(s3gen: torch.nn.Module) -> Any:
     """What :class:`Vocoder` needs of ``s3gen`` (flow, HiFT, trim fade), with a copy of the
     flow: the vocoder casts its flow to the serving dtype in place, and ``S3Gen.embed_ref``
@@ -152,6 +173,13 @@ URGENT_LATENCIES = 1.0
 listener would run out within this many of the vocoder's recent window latencies (waiting for
 the next batch it would go silent). The CPU model (docs/benchmarks.md, twentieth session): 1.0
 and 2.0 alike for p95 first audio (755 / 761 ms), 1.0 better at p50 (544 / 669)."""
+
+
+PREEMPT_QUEUED_STEPS = 2
+"""``vocoder_first_window_preempt``: Euler steps of a regular batch queued on the device ahead
+of its progress. A first-window batch the lane launches runs beside at most these; then the
+regular batch's next steps wait for it. Two keep the device busy while the loop queues the
+next step (one would leave a gap each step, the loop's round trip)."""
 
 
 ENCODER_GRAPH_ATTENTION = 1 << 24
@@ -285,6 +313,14 @@ class Vocoder:
         """This loop is ``parent``'s first-window lane (``vocoder_first_window_lane_rows``): it
         plans only streams' first windows, with graphs of their widths only, from the parent's
         streams, into the parent's stats."""
+        self._parent = parent
+        self.preempt = (settings.vocoder_first_window_preempt and parent is None
+                        and settings.vocoder_first_window_lane_rows > 0 and not settings.gpu_serial_debug)
+        """This (main) loop queues its batches' CFM steps one at a time, after the lane's batches
+        (``vocoder_first_window_preempt``)."""
+        self._lane_event: Any = None
+        """The CUDA event of the lane's latest batch (its audio copied out), set by the lane's
+        worker under the launch lock; this loop's next steps wait for it."""
         self.settings = settings
         self.serial = settings.gpu_serial_debug
         """Diagnostics (``gpu_serial_debug``): each batch alone on the GPU, a fault named by its part."""
@@ -353,7 +389,7 @@ class Vocoder:
         if rows > 0 and parent is None:
             self.first_lane = type(self)(  # a subclass (a benchmark's stand-in) gets a lane of its kind
                 s3gen, msgspec.structs.replace(settings, vocoder_max_batch=rows, vocoder_first_window_lane_rows=0,
-                                               vocoder_sms=0),
+                                               vocoder_first_window_preempt=False, vocoder_sms=0),
                 device=device, flow_dtype=flow_dtype, policy=self.policy, max_batch_tokens=max_batch_tokens,
                 bucket_tokens=bucket_tokens, noise_seed=noise_seed, max_prompt_frames=max_prompt_frames,
                 pipeline_depth=pipeline_depth, flow_steps=flow_steps, on_batch=on_batch, parent=self)
@@ -414,8 +450,9 @@ class Vocoder:
         settings = self.settings
         cells = TOKEN_MEL_RATIO * max_batch_tokens
         top = self.first_window_top()
+        # stepped (one Euler step a graph) where this loop queues its solves a step at a time
         self.batch.cfm.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells,
-                                           max_frames=top if self.lane else None))
+                                           max_frames=top if self.lane else None), stepped=self.preempt)
         first = self.batch.first_cfm
         if first is not self.batch.cfm:
             first.capture(cfm_buckets(self.policy, settings, max_rows=self.max_batch_rows, max_cells=cells,
@@ -584,7 +621,24 @@ class Vocoder:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         in_flight = self._in_flight = deque()
+        feeding: _Feeding | None = None  # a batch being launched a step at a time (``preempt``)
         while True:
+            if feeding is not None:
+                if in_flight and in_flight[0].copy.done():
+                    await self._finish(loop, in_flight.popleft())  # its audio is ready: hand it over now
+                    continue
+                if len(feeding.queued) >= PREEMPT_QUEUED_STEPS:  # the device is that far behind: wait
+                    await asyncio.to_thread(feeding.queued.popleft().synchronize)
+                try:
+                    fed = await loop.run_in_executor(self._executor, self.feed, feeding)
+                except Exception as exc:  # the batch failed while being queued: as a failed launch
+                    self._failed_launch(feeding.jobs, feeding.pause_t3, exc)
+                    feeding = None
+                    continue
+                if isinstance(fed, _Launched):
+                    feeding = None
+                    self._in_launched(fed)
+                continue
             chosen = [] if self.saturated else self.plan_batch()
             if chosen:
                 jobs = [stream.take(window) for stream, window in chosen]
@@ -594,35 +648,48 @@ class Vocoder:
                 try:
                     launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs, pause)
                 except Exception as exc:  # the whole batch failed: fail its streams, keep serving
-                    if pause:
-                        self.t3_pause.release()  # type: ignore[union-attr]
-                    self._failed_batches += 1
-                    self._settle(jobs, [exc] * len(jobs))
+                    self._failed_launch(jobs, pause, exc)
                 else:
+                    if isinstance(launched, _Feeding):
+                        feeding = launched
+                        continue
                     launched.launch_s = time.perf_counter() - t0
-                    in_flight.append(launched)
-                    if self.saturated and self._on_saturated is not None:
-                        self._on_saturated()
+                    self._in_launched(launched)
                 continue  # launch another batch (other streams) before waiting for this one
             if in_flight:
-                launched = in_flight.popleft()
-                t0 = time.perf_counter()
-                try:
-                    outcomes = await loop.run_in_executor(self._executor, self.finish_batch, launched)
-                except Exception as exc:  # noqa: BLE001 - the device failed this batch
-                    self._failed_batches += 1
-                    outcomes = [exc] * len(launched.jobs)
-                else:
-                    self._failed_batches = 0
-                    seconds = launched.launch_s + time.perf_counter() - t0
-                    done = [(j, r) for j, r in zip(launched.jobs, outcomes) if isinstance(r, WindowResult)]
-                    if done:
-                        self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
-                                    launched.cfm, launched.hift)
-                self._settle(launched.jobs, outcomes)
+                await self._finish(loop, in_flight.popleft())
                 continue
             self._wake.clear()
             await self._wake.wait()
+
+    def _failed_launch(self, jobs: list[WindowJob], pause: bool, exc: Exception) -> None:
+        """A batch failed before all of it was queued: its streams fail, the loop serves on."""
+        if pause:
+            self.t3_pause.release()  # type: ignore[union-attr]
+        self._failed_batches += 1
+        self._settle(jobs, [exc] * len(jobs))
+
+    def _in_launched(self, launched: _Launched) -> None:
+        self._in_flight.append(launched)
+        if self.saturated and self._on_saturated is not None:
+            self._on_saturated()
+
+    async def _finish(self, loop: asyncio.AbstractEventLoop, launched: _Launched) -> None:
+        """Wait for a launched batch's audio and hand it to its streams."""
+        t0 = time.perf_counter()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self.finish_batch, launched)
+        except Exception as exc:  # noqa: BLE001 - the device failed this batch
+            self._failed_batches += 1
+            outcomes = [exc] * len(launched.jobs)
+        else:
+            self._failed_batches = 0
+            seconds = launched.launch_s + time.perf_counter() - t0
+            done = [(j, r) for j, r in zip(launched.jobs, outcomes) if isinstance(r, WindowResult)]
+            if done:
+                self._count([j for j, _ in done], [r for _, r in done], seconds, launched.clock,
+                            launched.cfm, launched.hift)
+        self._settle(launched.jobs, outcomes)
 
     def _pause_t3(self, jobs: Sequence[WindowJob]) -> bool:
         """Hold T3's next steps for this batch (taken, not launched yet) when it carries a
@@ -686,23 +753,67 @@ class Vocoder:
         self._voices.move_to_end(key)
         return voice
 
-    def run_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> list[WindowResult | Exception]:
-        """Worker thread: :meth:`launch_batch` then :meth:`finish_batch` (one batch, no overlap)."""
-        return self.finish_batch(self.launch_batch(jobs, refs))
-
     def launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]],
-                     pause_t3: bool = False) -> _Launched:
+                     pause_t3: bool = False) -> _Launched | _Feeding:
         """Worker thread: queue the batch's work on the device (flow for all rows at once,
         then HiFT grouped by length, then the copy of the audio to host memory) without
         waiting for any of it. A row whose voice cannot be prepared fails alone.
-        ``pause_t3``: T3 is held (:meth:`_pause_t3`) until this work is done on the device."""
+        ``pause_t3``: T3 is held (:meth:`_pause_t3`) until this work is done on the device.
+        With ``preempt`` the batch is queued up to its CFM's first step and returned as a
+        :class:`_Feeding` that :meth:`feed` goes on with."""
+        if self.preempt:
+            return self.feed(_Feeding(jobs, self._launch_steps(jobs, refs), pause_t3))
         with self._launch_lock, gpu_serial.serial(self.serial, "vocoder batch"):
             launched = self._launch_batch(jobs, refs)
-        if pause_t3 and self.t3_pause is not None:
-            self.t3_pause.until(launched.copy.done)  # the batch's last event: its audio copied out
+            self._launched(launched, pause_t3)
         return launched
 
     def _launch_batch(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]) -> _Launched:
+        """The whole launch at once (:meth:`_launch_steps` run to its end)."""
+        return drain(self._launch_steps(jobs, refs))
+
+    def feed(self, feeding: _Feeding) -> _Launched | _Feeding:
+        """Worker thread: queue the next step of a batch being launched a step at a time (or,
+        after its last CFM step, the rest of it: HiFT and the copy); the finished launch once
+        all is queued. A step queued after the lane launched a batch waits for that batch on
+        the device. Each call holds the launch lock only while it queues: between two calls the
+        lane may launch."""
+        t0 = time.perf_counter()
+        cuda = self.batch.device.type == "cuda"
+        try:
+            with self._launch_lock:
+                lane_event = self._lane_event
+                if cuda and lane_event is not None and lane_event is not feeding.waited:
+                    torch.cuda.current_stream().wait_event(lane_event)
+                    feeding.waited = lane_event
+                try:
+                    next(feeding.steps)
+                except StopIteration as done:
+                    launched: _Launched = done.value
+                    self._launched(launched, feeding.pause_t3)
+                    launched.launch_s = feeding.host_s + time.perf_counter() - t0
+                    return launched
+                if cuda:
+                    step = torch.cuda.Event()
+                    step.record()
+                    feeding.queued.append(step)
+        except BaseException:
+            feeding.steps.close()
+            raise
+        feeding.host_s += time.perf_counter() - t0
+        return feeding
+
+    def _launched(self, launched: _Launched, pause_t3: bool) -> None:
+        """A batch is all queued (launch lock held): T3's pause ends with it, and a lane's batch
+        becomes what the main loop's next steps wait for."""
+        if pause_t3 and self.t3_pause is not None:
+            self.t3_pause.until(launched.copy.done)  # the batch's last event: its audio copied out
+        if self._parent is not None and self._parent.preempt and launched.copy.event is not None:
+            self._parent._lane_event = launched.copy.event
+
+    def _launch_steps(self, jobs: list[WindowJob], refs: Mapping[str, Mapping[str, Any]]
+                      ) -> Generator[None, None, _Launched]:
+        """The batch's launch as a generator that yields between its CFM solves' Euler steps."""
         started = time.perf_counter()
         for job in jobs:
             if job.trace is not None:
@@ -723,7 +834,7 @@ class Vocoder:
             return _Launched(jobs, outcomes, {}, HostCopy([], clock), clock)
         before = (self.batch.cfm_frames, self.batch.cfm_solved_frames, self.batch.cfm_eager_frames,
                   self.batch.hift_frames, self.batch.hift_eager_frames)
-        mels = self.batch.run_flow([
+        mels = yield from self.batch.flow_stepwise([
             FlowRow(voices[i], jobs[i].tokens, jobs[i].window.context_start, jobs[i].window.new_tokens,  # type: ignore[arg-type]
                     jobs[i].window.final, first=self._quick_first(jobs[i].stream, jobs[i].window))
             for i in live], clock=clock)

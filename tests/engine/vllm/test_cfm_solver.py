@@ -310,3 +310,32 @@ def test_varlen_attention_is_refused_where_flash_attention_cannot_run(decoder) -
     assert varlen_supported(cuda, torch.bfloat16, 64) is None
     with pytest.raises(ValueError, match="unknown attention mode"):
         CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="flash")
+
+
+# --- stepwise solves (points between steps where other device work may go first) ----------
+
+
+@pytest.mark.parametrize("meanflow", [False, True], ids=["original", "turbo"])
+def test_the_step_a_stepped_graph_replays_is_the_eager_solves_step(tiny_cfm_decoder, cfm_inputs, meanflow) -> None:
+    """A stepped graph replays ``indexed_step`` with the step index on the device, its state
+    carried in buffers of its own: step by step it computes exactly the eager solve."""
+    from gateway.engine.vllm.meanflow_solver import flow_solver
+
+    solver = flow_solver(tiny_cfm_decoder(meanflow=meanflow), steps=3, device="cpu", dtype=torch.float32)
+    noise, mu, mask, spks, cond = cfm_inputs(2, 24, [24, 13], seed=7)
+    x, k = noise.clone(), torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        for _ in range(solver.steps):
+            x = solver.indexed_step(x, k, mu, mask, spks, cond)
+            k += 1
+    assert torch.equal(x, solver.solve_eager(noise, mu, mask, spks, cond))
+
+
+def test_a_stepwise_solve_yields_between_steps_and_computes_the_solve(tiny_cfm_decoder, cfm_inputs) -> None:
+    solver = CfmSolver(tiny_cfm_decoder(), steps=3, device="cpu", dtype=torch.float32)
+    args = cfm_inputs(2, 24, [24, 13], seed=8)
+    steps = solver.solve_stepwise(*args)
+    assert next(steps) is None and next(steps) is None, "after every step but the last"
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    assert torch.equal(done.value.value, solver.solve(*args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -812,6 +813,44 @@ async def test_a_first_window_lane_runs_the_first_windows_and_changes_no_sample(
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, atol=1e-4)
     assert voc.stats.first_window_rows == 3 and voc.stats.rows == sum(map(len, ran["main"] + ran["lane"]))
+
+
+@pytest.mark.slow
+async def test_preempting_lane_feeds_the_main_loops_solves_a_step_at_a_time_and_changes_no_sample(s3gen, ref) -> None:
+    """``vocoder_first_window_preempt``: the main loop's batches are queued one Euler step per
+    call of ``feed`` (the launch lock free between calls, for the lane), the first windows run
+    in the lane, and the audio is what one loop makes."""
+    tokens = [_tokens(n, 10 + i) for i, n in enumerate((22, 17, 9))]
+    alone = await _stream_audio(_vocoder(s3gen, flow_steps=3), ref, tokens)
+    voc = _vocoder(s3gen, flow_steps=3, vocoder_first_window_lane_rows=2, vocoder_first_window_preempt=True)
+    assert voc.preempt and not voc.first_lane.preempt
+    fed: list[tuple[str, bool]] = []
+    feed = voc.feed
+
+    def counting(feeding):
+        fed.append((type(out := feed(feeding)).__name__, voc._launch_lock.locked()))
+        return out
+
+    voc.feed = counting
+    laned = await _stream_audio(voc, ref, tokens)
+    launches = sum(name == "_Launched" for name, _ in fed)
+    assert launches >= 1 and len(fed) == 3 * launches, "per batch: two steps yield, the third ends the launch"
+    assert not any(locked for _, locked in fed), "the lane may launch between two steps"
+    for a, b in zip(alone, laned):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def test_a_lane_batch_is_what_the_preempting_main_loops_next_steps_wait_for(s3gen) -> None:
+    voc = _vocoder(s3gen, vocoder_first_window_lane_rows=2, vocoder_first_window_preempt=True)
+    queued = SimpleNamespace(copy=SimpleNamespace(event="lane batch copied", done=lambda: True))
+    voc.first_lane._launched(queued, pause_t3=False)
+    assert voc._lane_event == "lane batch copied"
+    plain = _vocoder(s3gen, vocoder_first_window_lane_rows=2)
+    plain.first_lane._launched(queued, pause_t3=False)
+    assert plain._lane_event is None, "without preemption no one waits for the lane"
+    with pytest.raises(ValueError, match="vocoder_first_window_lane_rows"):
+        _vocoder(s3gen, vocoder_first_window_preempt=True)
 
 
 async def test_the_first_window_lane_starts_closes_and_reports_health_with_its_loop(s3gen, ref) -> None:

@@ -212,8 +212,8 @@ def test_a_batch_split_by_width_gives_every_row_what_one_solve_gives(s3gen, ref,
     rows += [FlowRow(voice, _tokens(60, 40 + i), 0, 60, True) for i in range(2)]
     rows = [rows[0], rows[2], rows[1], rows[3]]  # interleaved, as a batch plans them
     widths: list[int] = []
-    real = split.cfm.solve
-    split.cfm.solve = lambda noise, *a: widths.append(int(noise.shape[2])) or real(noise, *a)  # type: ignore[method-assign]
+    real = split.cfm.solve_stepwise
+    split.cfm.solve_stepwise = lambda noise, *a: widths.append(int(noise.shape[2])) or real(noise, *a)  # type: ignore[method-assign]
     base, parts = one.run_flow(rows), split.run_flow(rows)
     assert widths == [2 * (12 + 9 - 3), 2 * (12 + 60)]  # narrow rows alone, at their own width (lookahead dropped)
     for a, b in zip(base, parts):
@@ -229,8 +229,8 @@ def test_a_split_that_graph_padding_makes_dearer_is_not_made(s3gen, ref) -> None
     batch = _batch(s3gen, split_min_rows=1)
     voice = batch.prepare_voice(ref)
     widths: list[int] = []
-    real = batch.cfm.solve
-    batch.cfm.solve = lambda noise, *a: widths.append(int(noise.shape[0])) or real(noise, *a)  # type: ignore[method-assign]
+    real = batch.cfm.solve_stepwise
+    batch.cfm.solve_stepwise = lambda noise, *a: widths.append(int(noise.shape[0])) or real(noise, *a)  # type: ignore[method-assign]
     # buckets as captured graphs would give (rows 1, 2, 4; frames 32 to 256), none captured: eager
     batch.cfm.buckets = GraphBuckets(rows=(1, 2, 4), frames=(32, 48, 64, 128, 256), max_cells=1 << 20)
     near = [FlowRow(voice, _tokens(13, i), 0, 10, False) for i in range(3)] + [FlowRow(voice, _tokens(20, 9), 0, 20, True)]
