@@ -292,6 +292,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     runs on. ``high``: the GPU schedules T3's waiting kernels before the vocoder's (on the
     default, lowest-priority stream), so a decode step need not queue behind a vocoder batch;
     the vocoder takes what T3 leaves. docs/operations.md."""
+    vllm_kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """T3's KV cache in vLLM: auto (the model's bf16) or fp8 (e4m3, unit scales: half the bytes a
+    token, so T3's decode steps read half as much, the step that bounds it at 128 streams, and
+    twice the tokens fit). fp8 rounds every key and value (3 mantissa bits): T3's tokens can
+    differ from bf16's, which only real weights can judge (docs/operations.md). Needs vLLM's
+    FlashAttention 3 on an H100/H200 (vLLM picks another backend or refuses elsewhere)."""
     vllm_cascade_attention: bool = False
     """vLLM's cascade attention (its ``disable_cascade_attn`` false): when every running
     request shares a prompt prefix of at least 256 tokens in the prefix cache (one voice's

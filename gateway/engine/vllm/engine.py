@@ -168,7 +168,8 @@ class VllmEngine(UpstreamVoices, Engine):
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         register()  # also registered by the entry point in vLLM's own processes
         _, total = torch.cuda.mem_get_info()
-        plan = kv_cache_plan(self.settings, {m: kv_bytes_per_token(FAMILIES[m]) for m in self.models}, total)
+        kv_dtype = self.settings.vllm_kv_cache_dtype
+        plan = kv_cache_plan(self.settings, {m: kv_bytes_per_token(FAMILIES[m], kv_dtype) for m in self.models}, total)
         self._log.info("vllm_kv_cache_plan", total_gpu_gib=round(total / 2**30, 1),
                        engines={m: share.describe() for m, share in plan.items()})
         directories: dict[str, Path] = {}
@@ -235,6 +236,7 @@ class VllmEngine(UpstreamVoices, Engine):
             disable_log_stats=True, seed=self.settings.dummy_seed, stream_interval=self.settings.vllm_stream_interval,
             max_num_batched_tokens=self.settings.vllm_max_num_batched_tokens or None,
             disable_cascade_attn=not self.settings.vllm_cascade_attention,
+            kv_cache_dtype=self.settings.vllm_kv_cache_dtype,
             **memory,
             **penalty_engine_kwargs(self.settings.vllm_penalty))
         return args.create_engine_config(UsageContext.ENGINE_CONTEXT)  # as AsyncLLM.from_engine_args

@@ -319,6 +319,9 @@ def test_kv_bytes_per_token_of_each_family() -> None:
     # 30 layers x K and V x 32 heads (both CFG streams) x 64 x bf16; GPT-2: 24 x 2 x 16 x 64 x 2
     assert kv_bytes_per_token(FAMILIES[ORIGINAL]) == kv_bytes_per_token(FAMILIES[MULTILINGUAL]) == 240 * 1024
     assert kv_bytes_per_token(FAMILIES[TURBO]) == 96 * 1024
+    # vllm_kv_cache_dtype fp8: a byte a value
+    assert kv_bytes_per_token(FAMILIES[ORIGINAL], "fp8") == 120 * 1024
+    assert kv_bytes_per_token(FAMILIES[TURBO], "fp8") == 48 * 1024
 
 
 def _costs(models) -> dict[str, int]:
@@ -378,7 +381,7 @@ def test_every_part_of_the_start_is_logged_with_its_time(engine) -> None:
 
 
 def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_path, monkeypatch) -> None:
-    """``vllm_stream_interval``, ``vllm_max_num_batched_tokens`` and ``vllm_cascade_attention`` reach vLLM's engine arguments (a stand-in ``vllm`` module
+    """``vllm_stream_interval``, ``vllm_max_num_batched_tokens``, ``vllm_cascade_attention`` and ``vllm_kv_cache_dtype`` reach vLLM's engine arguments (a stand-in ``vllm`` module
     records them: vLLM is not installed on CPU machines)."""
     import types
 
@@ -402,12 +405,14 @@ def test_the_engine_arguments_carry_the_stream_interval(engine: VllmEngine, tmp_
     assert seen["stream_interval"] == 1 and seen["model"] == str(tmp_path)  # the default: every token
     assert seen["max_num_batched_tokens"] is None  # vLLM's own default for an engine context
     assert seen["disable_cascade_attn"] is True  # vLLM's default, unless vllm_cascade_attention
+    assert seen["kv_cache_dtype"] == "auto"
     engine.settings = load_settings(environ={}, overrides={"vllm_stream_interval": 4,
                                                            "vllm_max_num_batched_tokens": 8192,
-                                                           "vllm_cascade_attention": True})
+                                                           "vllm_cascade_attention": True,
+                                                           "vllm_kv_cache_dtype": "fp8"})
     engine._engine_config(FAMILIES[ORIGINAL], tmp_path, {})
     assert seen["stream_interval"] == 4 and seen["max_num_batched_tokens"] == 8192
-    assert seen["disable_cascade_attn"] is False
+    assert seen["disable_cascade_attn"] is False and seen["kv_cache_dtype"] == "fp8"
     with pytest.raises(SettingsError):
         load_settings(environ={}, overrides={"vllm_stream_interval": 0})
 

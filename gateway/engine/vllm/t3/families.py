@@ -203,13 +203,15 @@ def served_model_config(family: Family) -> dict[str, Any]:
                            max_text_tokens=hp.max_text_tokens)
 
 
-def kv_bytes_per_token(family: Family) -> int:
-    """KV cache bytes of one token of the family's served (bf16) T3: keys and values of every
-    layer, for the heads the kernels run (the Llama T3s: both CFG streams)."""
+def kv_bytes_per_token(family: Family, kv_cache_dtype: str = "auto") -> int:
+    """KV cache bytes of one token of the family's served T3: keys and values of every layer,
+    for the heads the kernels run (the Llama T3s: both CFG streams), in bf16 (``auto``) or
+    one byte each (``fp8``, ``vllm_kv_cache_dtype``)."""
     config = served_model_config(family)
     heads = config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    return config["num_hidden_layers"] * 2 * heads * head_dim * BF16_BYTES
+    element = {"auto": BF16_BYTES, "fp8": 1}[kv_cache_dtype]
+    return config["num_hidden_layers"] * 2 * heads * head_dim * element
 
 
 def write_model_dir(directory: Path, family: Family, weights: Path) -> Path:
