@@ -12,11 +12,13 @@ the host-synchronising mask helper, as the original's does.
 whose per-batch work (attention biases, the mixed time embedding of every step: a constant
 of the model) is done once and whose estimator body is the shared ``estimator_forward``.
 It overrides only :meth:`prepare` and :meth:`advance`, the per-solve and per-step parts of
-the solve ``CfmSolver`` runs and captures (and ``mirrors``, which estimator that is), so on CUDA the whole solve is one CUDA graph per bucketed
-``(rows, frames)`` shape exactly as the original's, replayed by the inherited
-``solve``/``capture``; padding rows and frames are masked the same way, and the estimator's
-blocks run through the same plain or ``torch.compile``'d functions (``vocoder_compile``). Half the estimator rows of the original's CFG solve and a fifth of
-its steps: a tenth of the estimator work per window.
+the solve ``CfmSolver`` runs and captures (and ``mirrors``, which estimator that is), so on
+CUDA the whole solve is one CUDA graph per bucketed ``(rows, frames)`` shape exactly as the
+original's, replayed by the inherited ``solve``/``capture``; padding rows and frames are
+masked the same way, and the estimator's blocks run through the same plain or
+``torch.compile``'d functions (``vocoder_compile``) and attention (``vocoder_attention``).
+Half the estimator rows of the original's CFG solve and a fifth of its steps: a tenth of the
+estimator work per window.
 
 :func:`flow_solver` picks the solver a flow decoder needs.
 """
