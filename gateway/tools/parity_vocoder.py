@@ -254,10 +254,17 @@ def _graph_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[Che
     ]
 
 
+def _one_width(rows: list[FlowRow]) -> Any:
+    """Graph buckets of the rows' widest flow width only (a few graphs, not every width's)."""
+    from gateway.engine.vllm.cfm_solver import GraphBuckets
+
+    need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)
+    return GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need)
+
+
 def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: str) -> list[CheckResult]:
     """The compiled estimator == the plain one: eager, and on CUDA through its captured graphs.
     A compile that fell back to the plain blocks fails the check (its reason in the detail)."""
-    from gateway.engine.vllm.cfm_solver import GraphBuckets
     from gateway.engine.vllm.meanflow_solver import flow_solver
 
     plain = batch.run_flow(rows)
@@ -276,8 +283,7 @@ def _compile_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float, mode: st
         t0 = time.perf_counter()
         add(f"flow: compiled CFM ({mode}) == plain", batch.run_flow(rows), f"first call {time.perf_counter() - t0:.1f} s")
         if batch.device.type == "cuda":
-            need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)  # one width: 3 graphs, not 15
-            seconds = solver.capture(GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need))
+            seconds = solver.capture(_one_width(rows))
             add(f"flow: compiled CFM ({mode}) in CUDA graphs == plain eager", batch.run_flow(rows),
                 f"{solver.graph_replays} graph replay(s); captured in {seconds:.1f} s")
     finally:
@@ -290,15 +296,13 @@ def _stepped_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[C
     the same rows eager."""
     if batch.device.type != "cuda":
         return []
-    from gateway.engine.vllm.cfm_solver import GraphBuckets
     from gateway.engine.vllm.meanflow_solver import flow_solver
 
     plain = batch.run_flow(rows)
     saved = batch.cfm, batch.first_cfm
     options = dict(steps=saved[0].steps, device=batch.device, dtype=batch.dtype, attention=saved[0].attention)
     stepped, other = flow_solver(saved[0].decoder, **options), flow_solver(saved[0].decoder, **options)
-    need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)
-    buckets = GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need)
+    buckets = _one_width(rows)
     seconds = stepped.capture(buckets, stepped=True)
     seconds += other.capture(buckets, pool=stepped.pool)
     gen = torch.Generator(device=batch.device).manual_seed(5)
@@ -328,15 +332,13 @@ def _stepped_check(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[C
 def _attention_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> list[CheckResult]:
     """``vocoder_attention varlen`` == ``sdpa`` (where FlashAttention runs: CUDA, bf16/fp16),
     eager and through its CUDA graphs. A solver that fell back to SDPA fails the check."""
-    from gateway.engine.vllm.cfm_solver import GraphBuckets
     from gateway.engine.vllm.meanflow_solver import flow_solver
 
+    if batch.device.type != "cuda" or batch.dtype not in (torch.float16, torch.bfloat16):
+        return []  # nothing to compare: FlashAttention does not run here (a CUDA bf16 run that falls back fails)
     saved = batch.cfm, batch.first_cfm
     solver = flow_solver(saved[0].decoder, steps=saved[0].steps, device=batch.device, dtype=batch.dtype,
                          attention="varlen")
-    if solver.attention_note is not None and (batch.device.type != "cuda"
-                                              or batch.dtype not in (torch.float16, torch.bfloat16)):
-        return []  # nothing to compare: FlashAttention does not run here (a CUDA bf16 run that falls back fails)
     plain = batch.run_flow(rows)
     batch.cfm = batch.first_cfm = solver
     results: list[CheckResult] = []
@@ -350,8 +352,7 @@ def _attention_checks(batch: S3GenBatch, rows: list[FlowRow], tol: float) -> lis
     try:
         add("flow: varlen attention == sdpa", batch.run_flow(rows), f"{len(rows)} rows of lengths "
             f"{[len(r.tokens) for r in rows]}")
-        need = max(2 * (r.voice.prompt_len + len(r.tokens)) for r in rows)
-        seconds = solver.capture(GraphBuckets.plan(max_rows=len(rows), min_frames=need, max_frames=need))
+        seconds = solver.capture(_one_width(rows))
         add("flow: varlen attention in CUDA graphs == sdpa eager", batch.run_flow(rows),
             f"{solver.graph_replays} graph replay(s); captured in {seconds:.1f} s")
     finally:

@@ -634,7 +634,9 @@ class CfmSolver:
                 self._stop_compiling(exc)
                 return (yield from self._eager_steps(noise, mu, mask, spks, cond))
         self.graph_replays += 1
-        return (yield from graph.run(noise, mu, mask, spks, cond))
+        if isinstance(graph, _StepGraph):
+            return (yield from graph.steps(noise, mu, mask, spks, cond))
+        return graph.run(noise, mu, mask, spks, cond)
 
 
 def drain(steps: Generator[None, None, Any]) -> Any:
@@ -694,14 +696,13 @@ class _Graph:
         self.spks[:b] = spks
 
     def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-            cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
-        """The whole solve: one replay, nothing to yield between."""
+            cond: torch.Tensor) -> torch.Tensor:
+        """The whole solve: one replay."""
         b, _, t = noise.shape
         self._load(noise, mu, mask, spks, cond)
         self.graph.replay()
         # Copied out: another graph of the shared pool may overwrite ``out`` on its replay.
         return self.out[:b, :, :t].clone()
-        yield  # a generator, as a stepped graph's run
 
 
 class _StepGraph(_Graph):
@@ -727,8 +728,9 @@ class _StepGraph(_Graph):
 
         return step
 
-    def run(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-            cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def steps(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The solve a replay per step, yielding between steps."""
         b, _, t = noise.shape
         self._load(noise, mu, mask, spks, cond)
         self.x.copy_(self.noise)

@@ -314,8 +314,8 @@ class Vocoder:
         plans only streams' first windows, with graphs of their widths only, from the parent's
         streams, into the parent's stats."""
         self._parent = parent
-        self.preempt = (settings.vocoder_first_window_preempt and parent is None
-                        and settings.vocoder_first_window_lane_rows > 0 and not settings.gpu_serial_debug)
+        # (the settings refuse preemption without a lane; a lane's own settings turn it off)
+        self.preempt = settings.vocoder_first_window_preempt and not settings.gpu_serial_debug
         """This (main) loop queues its batches' CFM steps one at a time, after the lane's batches
         (``vocoder_first_window_preempt``)."""
         self._lane_event: Any = None
