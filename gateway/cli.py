@@ -102,16 +102,14 @@ def run_server(app: Any, settings: Settings) -> None:
     The soft open-files limit is raised to the hard one first: connections are capped below
     it (``gateway.server.http_server``), so running out of descriptors means refusals; the
     GIL's switch interval is ``gil_switch_interval_ms`` when that is set."""
-    import uvicorn
-
     from gateway.http.connection_limits import raise_descriptor_limit
-    from gateway.server.http_server import install_accept_log_limit, server_config
+    from gateway.server.http_server import GatewayServer, install_accept_log_limit, server_config
 
     raise_descriptor_limit()
     install_accept_log_limit()
     if settings.gil_switch_interval_ms > 0:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    uvicorn.Server(server_config(app, settings)).run()
+    GatewayServer(server_config(app, settings)).run()
 
 
 def _check_weights(settings: Settings) -> None:

@@ -29,6 +29,7 @@ import uvicorn
 from litestar import Litestar
 
 from gateway.app import create_app
+from gateway.server.http_server import GatewayServer
 from gateway.engine.base import Engine
 from gateway.settings import Settings
 
@@ -110,7 +111,7 @@ def serve_on_loopback(
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_shutdown_s
         )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -27,6 +27,14 @@ FD_RESERVE_BASE = 64
 FD_RESERVE_PER_REQUEST = 4
 MAX_HELD_EVICTED = 256
 """Evicted connections held open at most (beyond the cap, while descriptors allow)."""
+ACCEPT_BATCHES_IN_TRANSIT = 3
+"""Accept batches whose descriptors can be open beyond the cap at once. asyncio accepts a
+batch in one turn of its loop, makes each connection's protocol a turn later and calls its
+``connection_made`` (where the cap evicts an older connection) the turn after; the evicted
+socket is closed one turn after that. Meanwhile the listening socket is read every turn, so
+three batches are open beyond the cap when the next is accepted (measured with 128
+descriptors and 8 connecting threads: batches of 32 reached the limit, and asyncio stopped
+accepting for a second, five times in 3 s; batches of 16 peaked at 95 descriptors)."""
 
 _log = logging.getLogger("gateway.http.connections")
 
@@ -78,7 +86,9 @@ class ConnectionLimits:
     accept_batch: int = 256
     """Connections accepted in one go (asyncio accepts up to the listen backlog per turn of
     the loop, each a descriptor before any eviction frees one: past the descriptor limit
-    asyncio stops accepting for a second). The listen backlog is set to it."""
+    asyncio stops accepting for a second). The listen backlog is set to it; where descriptors
+    are few, :data:`ACCEPT_BATCHES_IN_TRANSIT` batches fit in half the reserve and half the
+    spare descriptors."""
     max_held_evicted: int = 0
     """Evicted connections held silent before they close, outside the cap (the descriptors to
     spare beyond it, at most :data:`MAX_HELD_EVICTED`; see ``GuardedH11Protocol._evict``)."""
@@ -108,7 +118,7 @@ class ConnectionLimits:
         return cls(
             max_connections=max_connections,
             max_held_evicted=min(MAX_HELD_EVICTED, spare // 2),
-            accept_batch=min(settings.listen_backlog, FD_RESERVE_BASE // 2 + spare // 2),
+            accept_batch=min(settings.listen_backlog, max(1, (FD_RESERVE_BASE // 2 + spare // 2) // ACCEPT_BATCHES_IN_TRANSIT)),
             header_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
             shutdown_clock=shutdown_clock,

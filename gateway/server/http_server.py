@@ -1,7 +1,7 @@
 """The uvicorn server the gateway runs under, with every connection limit from the settings.
 
 One place builds it, so ``chatterbox-gateway serve`` and the tests that need a real server
-run exactly the same configuration: the guarded h11 protocol (read deadlines, body rate,
+run exactly the same configuration (:func:`server_config`, run by :class:`GatewayServer`): the guarded h11 protocol (read deadlines, body rate,
 size and byte budget, header size, connection cap, see :mod:`gateway.http.connection_guard`),
 uvicorn's keep-alive timeout, a listen backlog, the graceful-shutdown grace, a rate limit on
 asyncio's "accept() out of system resource" log line, uvicorn's WebSocket protocol with the
@@ -11,6 +11,8 @@ same abort hook, and TLS when a certificate is configured (:mod:`gateway.http.tl
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 import structlog
@@ -33,7 +35,45 @@ def shutdown_clock_of(app: Any, settings: Settings) -> ShutdownClock:
     return clock if isinstance(clock, ShutdownClock) else ShutdownClock(settings.shutdown_grace_s)
 
 
-def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) -> uvicorn.Config:
+class GatewayConfig(uvicorn.Config):
+    """uvicorn's configuration, and the kernel's listen queue apart from ``backlog``."""
+
+    listen_backlog: int | None = None
+    """Connections the kernel queues for accept() (``listen_backlog``); None: ``backlog``."""
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the kernel's listen queue and asyncio's accept batch apart.
+
+    asyncio takes one number for both: ``listen(backlog)`` and up to ``backlog`` accept() calls
+    in one turn of its loop, each a descriptor before any eviction frees one. Where
+    descriptors are few the batch must be small (:class:`ConnectionLimits`' ``accept_batch``)
+    but the queue need not be: a connection waiting in the kernel holds none of this process's
+    descriptors, and a full queue drops the next SYN, which its client sends again only a
+    second later. So once uvicorn listens, each listening socket's queue is set to
+    ``listen_backlog`` (``listen()`` on a listening socket changes its queue only)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        wanted = getattr(self.config, "listen_backlog", None)
+        if wanted is None:
+            return
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                relisten(sock.fileno(), wanted)
+
+
+def relisten(fd: int, backlog: int) -> None:
+    """Set the listen queue of the listening socket ``fd`` (through a duplicate descriptor:
+    the server's own socket object stays asyncio's)."""
+    duplicate = socket.socket(fileno=os.dup(fd))
+    try:
+        duplicate.listen(backlog)
+    finally:
+        duplicate.close()
+
+
+def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) -> GatewayConfig:
     limits = ConnectionLimits.from_settings(
         settings,
         shutdown_clock_of(app, settings),
@@ -64,7 +104,7 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
         send_timeout_s=settings.send_timeout_s,
     )
-    return uvicorn.Config(
+    config = GatewayConfig(
         app,
         host=settings.host,
         port=settings.port,
@@ -75,7 +115,7 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         log_config=None,  # configure_logging owns the handlers
         access_log=False,  # one canonical line per request comes from the app
         lifespan="on",
-        backlog=limits.accept_batch,  # listen_backlog, or less where descriptors are few
+        backlog=limits.accept_batch,  # accepted in one turn: listen_backlog, or less where descriptors are few
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
@@ -90,6 +130,8 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         ws_max_size=settings.elevenlabs_max_message_bytes,
         ws_per_message_deflate=False,
     )
+    config.listen_backlog = settings.listen_backlog  # the kernel's queue (GatewayServer)
+    return config
 
 
 def install_accept_log_limit() -> AcceptErrorFilter:

@@ -268,6 +268,96 @@ def test_running_out_of_descriptors_means_refusals_not_a_log_flood(tmp_path: Pat
     assert limits and limits[0]["max_connections"] < 128
 
 
+@pytest.mark.parametrize("fd_limit", [128, 256, 1024, 4096, 1_048_576])
+@pytest.mark.parametrize("max_in_flight", [4, 64])
+def test_the_accept_batches_in_transit_fit_the_descriptors_kept_for_them(fd_limit: int, max_in_flight: int, tmp_path: Path) -> None:
+    """Connections under the cap, evicted ones held, and the accept batches open beyond the cap
+    (three at once, see ACCEPT_BATCHES_IN_TRANSIT) leave half the base reserve and the requests'
+    FFmpeg pipes free; with descriptors to spare the batch is the listen backlog itself."""
+    from gateway.http.connection_limits import ACCEPT_BATCHES_IN_TRANSIT, FD_RESERVE_BASE, FD_RESERVE_PER_REQUEST, ConnectionLimits
+    from gateway.server.shutdown import ShutdownClock
+    from gateway.settings import Settings
+
+    settings = Settings(max_in_flight=max_in_flight, cache_dir=str(tmp_path))
+    limits = ConnectionLimits.from_settings(settings, ShutdownClock(1.0), fd_limit=fd_limit)
+    if fd_limit - FD_RESERVE_BASE - FD_RESERVE_PER_REQUEST * max_in_flight <= 0:
+        return  # below the reserve: one connection at a time, nothing to check
+    most = limits.max_connections + limits.max_held_evicted + ACCEPT_BATCHES_IN_TRANSIT * limits.accept_batch
+    assert most <= fd_limit - FD_RESERVE_BASE // 2 - FD_RESERVE_PER_REQUEST * max_in_flight
+    assert limits.accept_batch >= 1
+    if fd_limit >= 65_536:
+        assert limits.accept_batch == settings.listen_backlog
+
+
+def test_a_flood_from_many_threads_never_runs_the_server_out_of_descriptors(tmp_path: Path) -> None:
+    """128 descriptors, 8 threads opening 100 connections each as fast as they can: asyncio
+    accepts a batch a turn while earlier batches wait for their evictions to close older
+    sockets. The batches stay within the descriptors kept for them: no accept() fails (each
+    failure stops all accepting for a second; batches of 32 failed five times in such a flood)."""
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, header_timeout_s=60)
+    opened: list[socket.socket] = []
+    lock = threading.Lock()
+
+    def flood() -> None:
+        for _ in range(100):
+            try:
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            except OSError:
+                continue  # a SYN dropped thrice (the queue full each time): the flood goes on
+            with lock:
+                opened.append(sock)
+
+    try:
+        threads = [threading.Thread(target=flood) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(opened) > 400
+        started = time.monotonic()
+        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 0.5
+    finally:
+        for sock in opened:
+            sock.close()
+        server.stop()
+    assert [line for line in server.lines if "out of system resource" in line] == []
+
+
+def test_the_kernel_queues_listen_backlog_connections_while_the_server_is_busy(tmp_path: Path) -> None:
+    """With few descriptors asyncio accepts 10 connections a turn; the kernel still queues
+    ``listen_backlog`` of them while the process does not run (stopped here), and all are
+    served once it does."""
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, listen_backlog=64)
+    opened: list[socket.socket] = []
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(40):  # > the accept batch (10), < the queue (64)
+            opened.append(socket.create_connection(("127.0.0.1", server.port), timeout=0.5))
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    try:
+        for sock in opened[:4]:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for sock in opened[:4]:
+            sock.settimeout(5)
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in opened:
+            sock.close()
+        server.stop()
+
+
 def test_drain_refuses_new_work_and_waits_for_admitted(tmp_path: Path) -> None:
     """The lifespan half on its own: queued/new requests are refused, admitted ones awaited."""
     import asyncio

@@ -13,7 +13,7 @@ from gateway.settings import SettingsError, load_settings
 class _Server:
     seen: list[float] = []
 
-    def __init__(self, config) -> None:  # noqa: ANN001 - uvicorn's
+    def __init__(self, config) -> None:  # noqa: ANN001 - GatewayServer's (uvicorn's)
         pass
 
     def run(self) -> None:
@@ -22,9 +22,7 @@ class _Server:
 
 @pytest.mark.parametrize(("ms", "expected_s"), [(0.5, 0.0005), (0.0, None)])
 def test_serve_sets_the_switch_interval_the_setting_names(monkeypatch, ms: float, expected_s: float | None) -> None:
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "Server", _Server)
+    monkeypatch.setattr("gateway.server.http_server.GatewayServer", _Server)
     monkeypatch.setattr("gateway.http.connection_limits.raise_descriptor_limit", lambda: None)
     before = sys.getswitchinterval()
     _Server.seen.clear()
