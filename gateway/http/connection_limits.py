@@ -86,9 +86,10 @@ class ConnectionLimits:
     accept_batch: int = 256
     """Connections accepted in one go (asyncio accepts up to the listen backlog per turn of
     the loop, each a descriptor before any eviction frees one: past the descriptor limit
-    asyncio stops accepting for a second). The listen backlog is set to it; where descriptors
-    are few, :data:`ACCEPT_BATCHES_IN_TRANSIT` batches fit in half the reserve and half the
-    spare descriptors."""
+    asyncio stops accepting for a second): ``listen_backlog``, or where descriptors are few
+    what lets :data:`ACCEPT_BATCHES_IN_TRANSIT` batches fit in half the reserve and half the
+    spare descriptors. The kernel's listen queue stays ``listen_backlog``
+    (``gateway.server.http_server.GatewayServer``)."""
     max_held_evicted: int = 0
     """Evicted connections held silent before they close, outside the cap (the descriptors to
     spare beyond it, at most :data:`MAX_HELD_EVICTED`; see ``GuardedH11Protocol._evict``)."""

@@ -1,9 +1,10 @@
 """The uvicorn server the gateway runs under, with every connection limit from the settings.
 
 One place builds it, so ``chatterbox-gateway serve`` and the tests that need a real server
-run exactly the same configuration (:func:`server_config`, run by :class:`GatewayServer`): the guarded h11 protocol (read deadlines, body rate,
-size and byte budget, header size, connection cap, see :mod:`gateway.http.connection_guard`),
-uvicorn's keep-alive timeout, a listen backlog, the graceful-shutdown grace, a rate limit on
+run exactly the same configuration (:func:`server_config`, run by :class:`GatewayServer`):
+the guarded h11 protocol (read deadlines, body rate, size and byte budget, header size,
+connection cap, see :mod:`gateway.http.connection_guard`), uvicorn's keep-alive timeout, a
+listen queue and an accept batch, the graceful-shutdown grace, a rate limit on
 asyncio's "accept() out of system resource" log line, uvicorn's WebSocket protocol with the
 same abort hook, and TLS when a certificate is configured (:mod:`gateway.http.tls`).
 """
