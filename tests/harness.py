@@ -29,8 +29,8 @@ import uvicorn
 from litestar import Litestar
 
 from gateway.app import create_app
-from gateway.server.http_server import GatewayServer
 from gateway.engine.base import Engine
+from gateway.server.http_server import GatewayServer
 from gateway.settings import Settings
 
 

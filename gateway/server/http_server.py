@@ -37,10 +37,12 @@ def shutdown_clock_of(app: Any, settings: Settings) -> ShutdownClock:
 
 
 class GatewayConfig(uvicorn.Config):
-    """uvicorn's configuration, and the kernel's listen queue apart from ``backlog``."""
+    """uvicorn's configuration, and ``listen_backlog``: the connections the kernel queues for
+    accept(), apart from ``backlog`` (asyncio's accept batch); None: ``backlog`` for both."""
 
-    listen_backlog: int | None = None
-    """Connections the kernel queues for accept() (``listen_backlog``); None: ``backlog``."""
+    def __init__(self, *args: Any, listen_backlog: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listen_backlog = listen_backlog
 
 
 class GatewayServer(uvicorn.Server):
@@ -105,7 +107,7 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
         send_timeout_s=settings.send_timeout_s,
     )
-    config = GatewayConfig(
+    return GatewayConfig(
         app,
         host=settings.host,
         port=settings.port,
@@ -130,9 +132,8 @@ def server_config(app: Any, settings: Settings, *, fd_limit: int | None = None) 
         ws=GuardedWebSocketProtocol,
         ws_max_size=settings.elevenlabs_max_message_bytes,
         ws_per_message_deflate=False,
+        listen_backlog=settings.listen_backlog,  # the kernel's queue (GatewayServer)
     )
-    config.listen_backlog = settings.listen_backlog  # the kernel's queue (GatewayServer)
-    return config
 
 
 def install_accept_log_limit() -> AcceptErrorFilter:

@@ -237,15 +237,17 @@ def test_sigterm_with_slow_readers_ends_within_the_grace_without_tracebacks(tmp_
         server.stop()
 
 
+def low_fd_limit() -> None:
+    """A server child's descriptors: 128, soft = hard, so the server cannot raise them."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
 def test_running_out_of_descriptors_means_refusals_not_a_log_flood(tmp_path: Path) -> None:
     """With 128 descriptors (soft = hard, so the server cannot raise it), 400 idle connections:
     the cap sits below the limit, the oldest idle ones are evicted, /health still answers and
     asyncio's accept() error is not logged thousands of times."""
-    import resource
-
-    def low_fd_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
     server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, header_timeout_s=60)
     opened: list[socket.socket] = []
     try:
@@ -294,11 +296,6 @@ def test_a_flood_from_many_threads_never_runs_the_server_out_of_descriptors(tmp_
     accepts a batch a turn while earlier batches wait for their evictions to close older
     sockets. The batches stay within the descriptors kept for them: no accept() fails (each
     failure stops all accepting for a second; batches of 32 failed five times in such a flood)."""
-    import resource
-
-    def low_fd_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
     server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, header_timeout_s=60)
     opened: list[socket.socket] = []
     lock = threading.Lock()
@@ -332,13 +329,8 @@ def test_a_flood_from_many_threads_never_runs_the_server_out_of_descriptors(tmp_
 
 def test_the_kernel_queues_listen_backlog_connections_while_the_server_is_busy(tmp_path: Path) -> None:
     """With few descriptors asyncio accepts 10 connections a turn; the kernel still queues
-    ``listen_backlog`` of them while the process does not run (stopped here), and all are
-    served once it does."""
-    import resource
-
-    def low_fd_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
+    ``listen_backlog`` of them while the process does not run (stopped here), and those that
+    then ask are answered."""
     server = Server(tmp_path, grace_s=1.0, piece_delay_s=0.0, preexec_fn=low_fd_limit, max_in_flight=4, listen_backlog=64)
     opened: list[socket.socket] = []
     server.proc.send_signal(signal.SIGSTOP)
