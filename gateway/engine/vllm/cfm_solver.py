@@ -714,7 +714,7 @@ class _StepGraph(_Graph):
     every step. Computes exactly what :meth:`CfmSolver.solve_eager` computes."""
 
     def __init__(self, solver: CfmSolver, rows: int, frames: int, pool: tuple[int, int]) -> None:
-        self.steps = solver.steps
+        self.n_steps = solver.steps  # not ``steps``: that is the method that replays them
         self.x = torch.zeros(rows, MEL_BINS, frames, device=solver.device, dtype=solver.dtype)
         self.k = torch.zeros(1, device=solver.device, dtype=torch.long)
         super().__init__(solver, rows, frames, pool)
@@ -735,8 +735,8 @@ class _StepGraph(_Graph):
         self._load(noise, mu, mask, spks, cond)
         self.x.copy_(self.noise)
         self.k.zero_()
-        for k in range(self.steps):
+        for k in range(self.n_steps):
             self.graph.replay()
-            if k < self.steps - 1:
+            if k < self.n_steps - 1:
                 yield
         return self.x[:b, :, :t].clone()

@@ -339,3 +339,60 @@ def test_a_stepwise_solve_yields_between_steps_and_computes_the_solve(tiny_cfm_d
     with pytest.raises(StopIteration) as done:
         next(steps)
     assert torch.equal(done.value.value, solver.solve(*args))
+
+
+class _ReplayedCall:
+    """What a CUDA graph does, on the CPU: ``replay`` runs the captured call again on the
+    same static inputs and leaves its result in the captured output buffer."""
+
+    def __init__(self, fn, args) -> None:
+        self.fn, self.args = fn, args
+        with torch.inference_mode():
+            self.out = fn(*args)
+
+    def replay(self) -> None:
+        with torch.inference_mode():
+            result = self.fn(*self.args)
+        if result is not self.out:
+            self.out.copy_(result)
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["whole-solve", "stepped"])
+def test_solves_through_captured_graphs_equal_the_eager_solve(tiny_cfm_decoder, cfm_inputs, monkeypatch,
+                                                             stepped) -> None:
+    """The graph objects' own code (static inputs zero-padded, a stepped graph's state and
+    step index reset per solve, the result cut to the batch) run on the CPU with capture
+    replaced by re-running the captured call: a padded batch solved through them, twice (the
+    second solve starts from the first's leftover state), equals the eager solve row for row.
+    (The twenty-second visit's parity run found ``steps`` an int on the stepped graph.)"""
+    from gateway.engine.vllm import cfm_solver
+
+    def capture(fn, args, pool):
+        call = _ReplayedCall(fn, args)
+        return call, call.out
+
+    monkeypatch.setattr(cfm_solver, "capture_graph", capture)
+    solver = CfmSolver(tiny_cfm_decoder(), steps=3, device="cpu", dtype=torch.float32)
+    solver.stepped = stepped
+    buckets = GraphBuckets.plan(max_rows=4, max_frames=32)
+    solver._capture_all(buckets)
+    solver.buckets = buckets
+    kind = cfm_solver._StepGraph if stepped else cfm_solver._Graph
+    assert solver._graphs and all(type(g) is kind for g in solver._graphs.values())
+    for seed in (9, 10):
+        args = cfm_inputs(2, 24, [24, 13], seed=seed)
+        expected = solver.solve_eager(*args)
+        steps = solver.solve_stepwise(*args)
+        yields = 0
+        while True:
+            try:
+                assert next(steps) is None
+                yields += 1
+            except StopIteration as done:
+                got = done.value
+                break
+        assert yields == (solver.steps - 1 if stepped else 0)
+        assert got.shape == expected.shape
+        for row, frames in enumerate([24, 13]):
+            torch.testing.assert_close(got[row, :, :frames], expected[row, :, :frames], rtol=1e-5, atol=1e-5)
+    assert solver.graph_replays == 2 and solver.eager_runs == 0
