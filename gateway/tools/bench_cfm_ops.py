@@ -170,9 +170,11 @@ def _timed(fn: Any, repeats: int, device: str) -> float:
 
 
 KERNEL_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in (
-    # first match wins: cuDNN's convolutions are implicit GEMMs ("xmma_fprop_implicit_gemm")
+    # first match wins: cuDNN's attention for SDPA with a bias is a "flash_fprop" kernel
+    # ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma"), its convolutions are
+    # implicit GEMMs ("xmma_fprop_implicit_gemm")
+    ("attention", r"sdpa|fmha|flash|attention|attn|softmax"),
     ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit|nchwToNhwc|nhwcToNchw"),
-    ("attention", r"fmha|flash|attention|attn|softmax"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|aten::linear"),
     ("norm", r"norm"),
     ("elementwise", r"elementwise|vectorized|unrolled|catarray|copy|aten::(add|mul|sub|div|cat|mish|gelu|silu|tanh"

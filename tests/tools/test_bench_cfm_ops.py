@@ -101,6 +101,9 @@ def test_the_kernel_table_splits_a_solve_by_kind(tmp_path: Path) -> None:
     ("void cudnn::engines_precompiled::nchwToNhwcKernel", "convolution"),
     ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    # SDPA with a padding bias on an H100 (2026-12-06): cuDNN's attention, not a convolution
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>", "norm"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
     ("void at::native::reduce_kernel<512, 1>", "reduction"),

@@ -411,6 +411,25 @@ def test_parity_checks_pass_on_cpu(s3gen) -> None:
     assert math.isfinite(streamed.value), "the streamed check must really window the streams"
 
 
+def test_a_parity_check_that_raises_fails_by_name_and_the_rest_still_run(capsys) -> None:
+    """What the GPU visit of 2026-12-06 needed: its stepped-graph check raised and took the
+    varlen checks queued behind it down with the run."""
+    def crashes(rows: int) -> list:
+        raise TypeError("'int' object is not callable")
+
+    ok = parity_vocoder.CheckResult("flow: fine", True, 60.0, 25.0)
+    results = parity_vocoder._Printed()
+    results += parity_vocoder._guarded("flow: stepped CFM graphs", crashes, 4)
+    results += parity_vocoder._guarded("flow: varlen attention", lambda: [ok])
+    failed, passed = results
+    assert (failed.name, failed.passed) == ("flow: stepped CFM graphs: raised", False)
+    assert failed.detail == "TypeError: 'int' object is not callable" and failed.value == float("-inf")
+    assert passed is ok
+    captured = capsys.readouterr()
+    assert "FAIL flow: stepped CFM graphs: raised" in captured.out and "PASS flow: fine" in captured.out
+    assert "Traceback" in captured.err
+
+
 @pytest.mark.slow
 def test_parity_checks_run_in_bf16(s3gen) -> None:
     """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
