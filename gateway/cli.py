@@ -101,7 +101,8 @@ def run_server(app: Any, settings: Settings) -> None:
 
     The soft open-files limit is raised to the hard one first: connections are capped below
     it (``gateway.server.http_server``), so running out of descriptors means refusals; the
-    GIL's switch interval is ``gil_switch_interval_ms`` when that is set."""
+    GIL's switch interval is ``gil_switch_interval_ms`` when that is set, and CUDA allocations
+    are recorded from here on when ``cuda_memory_snapshots`` is."""
     from gateway.http.connection_limits import raise_descriptor_limit
     from gateway.server.http_server import GatewayServer, install_accept_log_limit, server_config
 
@@ -109,6 +110,10 @@ def run_server(app: Any, settings: Settings) -> None:
     install_accept_log_limit()
     if settings.gil_switch_interval_ms > 0:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    if settings.cuda_memory_snapshots:  # before the app starts: the engines' allocations too
+        from gateway.observability.cuda_memory import Recorder
+
+        Recorder(Path(settings.cuda_memory_snapshots)).start()
     GatewayServer(server_config(app, settings)).run()
 
 

@@ -334,6 +334,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     feel it (each waits for its first window's audio or has over a second of audio ahead of its
     listener beyond the pause). At one stream the first window's CFM took 67 ms beside T3's
     decoding, 42 ms alone (H100, 2026-12-05). 0: never. docs/operations.md."""
+    cuda_memory_snapshots: str = ""
+    """A directory: record every CUDA allocation's Python stack from startup and, on SIGUSR2,
+    write the allocator's live blocks with their stacks there (``python -m
+    gateway.tools.loadtest --cuda-snapshots``; gateway.observability.cuda_memory). A debugging
+    aid that costs host CPU per allocation; empty: off. CUDA only."""
     gil_switch_interval_ms: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
     """How long a thread of this process may hold the GIL while another waits for it
     (Python's ``sys.setswitchinterval``; 0: Python's own, 5 ms). With ``vllm_engine_core =

@@ -218,10 +218,12 @@ def stage_server(args: argparse.Namespace, stages: list[str],
     log = args.server_log or out_dir / "server.log"
     raw_dir = out_dir / f"{args.json.stem if args.json else 'benchmark'}-pyspy"  # made by the first profile
     expect = args.tokens * 960 if args.server_engine == "vllm" else None  # fixed lengths: vLLM only
+    snapshots = out_dir / "cuda-snapshots" if args.loadtest_cuda_snapshots and "loadtest" in stages else None
+    extra = args.server_args.split() + (["--cuda-memory-snapshots", str(snapshots)] if snapshots else [])
     rows: list[dict] = []
     found: dict[str, Any] = {}
     with bench_server.running_server(engine=args.server_engine, models=families, tokens=args.tokens, peak=peak,
-                                     log=log, cache_dir=args.server_cache_dir, extra=args.server_args.split(),
+                                     log=log, cache_dir=args.server_cache_dir, extra=extra,
                                      url=args.server_url, pid=args.server_pid,
                                      ready_timeout_s=args.server_ready_s) as server:
         found["server"] = {"start_s": server.start_s, "models": families, "engine": args.server_engine,
@@ -270,6 +272,8 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                         argv += ["--server-pid", str(server.pid)]
                     if expect:
                         argv += ["--expect-samples", str(expect)]
+                    if snapshots:
+                        argv += ["--cuda-snapshots", str(snapshots)]
                     code = loadtest.main(argv)
                     found["loadtest"] = {"exit": code, **(json.loads(target.read_text()) if target.exists() else {})}
                     save(rows, found)
@@ -390,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of its first wave and of its steady span (a server this starts)")
     server.add_argument("--loadtest-s", type=float, default=60.0)
     server.add_argument("--loadtest-concurrency", type=int, default=64)
+    server.add_argument("--loadtest-cuda-snapshots", action="store_true",
+                        help="the server records its CUDA allocations (cuda_memory_snapshots, beside --json) and the "
+                             "load test reports the allocation sites whose memory grew over the load")
     args = ap.parse_args(argv)
     # A time limit's SIGTERM unwinds like an error: the server this started is stopped, and
     # the JSON written so far stays.

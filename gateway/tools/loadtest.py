@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gateway.observability import cuda_memory
 from gateway.tools import host_probes
 from gateway.tools.bench_server import parse_metrics
 from gateway.tools.stream_client import stream_client
@@ -368,6 +369,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rss_before = await server_rss(client, args.server_pid)
         tree_before, gpu_before = await asyncio.to_thread(_memory, args.server_pid)
         split_before = await asyncio.to_thread(_gpu_split, args.server_pid, await _scrape(client))
+        snapshot_before = await cuda_snapshot(args) if args.cuda_snapshots else None
 
         results = Results(started=time.monotonic())
         stop_at = results.started + args.duration
@@ -393,6 +395,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         tree_after, gpu_after = await asyncio.to_thread(_memory, args.server_pid)
         metrics_after = await _scrape(client)
         split_after = await asyncio.to_thread(_gpu_split, args.server_pid, metrics_after)
+        snapshot_after = await cuda_snapshot(args) if args.cuda_snapshots else None
 
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 1)
@@ -445,7 +448,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "gpu_split_mib": {"start": split_start, "before": split_before, "after": split_after},
         "memory_series": series,
         "memory_growth_mib": memory_growth(series, args.duration / 2),
+        **({"cuda_snapshots": [str(snapshot_before), str(snapshot_after)],
+            "cuda_growth_sites": cuda_memory.growth(cuda_memory.load(snapshot_before), cuda_memory.load(snapshot_after))}
+           if snapshot_before is not None and snapshot_after is not None else {}),
     }
+
+
+async def cuda_snapshot(args: argparse.Namespace, timeout_s: float = 120.0) -> Path:
+    """Have the server (``--server-pid``, serving with ``cuda_memory_snapshots`` set to
+    ``--cuda-snapshots``) write a snapshot of its CUDA allocator; its path once written."""
+    directory, pid = args.cuda_snapshots, args.server_pid
+    known = set(cuda_memory.snapshot_paths(directory, pid))
+    os.kill(pid, cuda_memory.SNAPSHOT_SIGNAL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = [p for p in cuda_memory.snapshot_paths(directory, pid) if p not in known]
+        if new:
+            return new[0]
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"no CUDA memory snapshot from server {pid} in {directory} within {timeout_s:g} s "
+                       "(is it serving with --cuda-memory-snapshots set to that directory, on CUDA?)")
 
 
 async def _scrape(client: httpx.AsyncClient) -> dict[str, float]:
@@ -486,11 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-samples", type=_bounded(1, 10**9, int), default=None,
                    help="pcm/wav: every body must hold exactly this many samples (a server with fixed lengths)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--cuda-snapshots", type=Path, default=None,
+                   help="the server's cuda_memory_snapshots directory (needs --server-pid): snapshots of its CUDA "
+                        "allocator before and after the load, and the allocation sites whose memory grew")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cuda_snapshots is not None and args.server_pid is None:
+        parser.error("--cuda-snapshots needs --server-pid (the server to signal)")
     try:
         report = asyncio.run(run(args))
     except NotLoopbackError as exc:
@@ -501,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "memory_series"}, indent=2))
     print(f"memory during the load, MiB (memory_series, every {args.sample_s:g} s; growth: memory_growth_mib):")
     print(memory_table(report))
+    if "cuda_growth_sites" in report:
+        print("CUDA allocation sites whose live memory grew over the load (cuda_growth_sites):")
+        print(cuda_memory.growth_table(cast(list[dict[str, Any]], report["cuda_growth_sites"])))
     if args.json:
         args.json.write_text(text + "\n", encoding="utf-8")
     return 0 if report["error_count"] == 0 and report["server_died_at_s"] is None else 1
