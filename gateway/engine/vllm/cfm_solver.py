@@ -47,8 +47,9 @@ time), the solver logs why and goes on with the plain functions: a compile probl
 speed, never a start.
 
 Attention (``attention``, the ``vocoder_attention`` setting). Upstream hands SDPA a float
-key-padding bias, which rules out FlashAttention: on a GPU SDPA then runs its memory-efficient
-kernel, every query over every key of the graph bucket's width, padded rows included. A batch's
+key-padding bias, which rules out FlashAttention: on an H100 SDPA then runs cuDNN's attention
+(``cudnn_generated_fort_native_sdpa_sm90_flash_fprop``, the profiler shows), every query over
+every key of the graph bucket's width, padded rows included. A batch's
 rows are right-padded (a row's real frames, then padding), so the same function is: each row's
 queries over its first L keys (L its real frames). ``varlen`` computes exactly that with
 FlashAttention's variable-length kernel (``aten._flash_attention_forward``): rows packed as
