@@ -5,14 +5,14 @@ A load test can tell that the tensors held grow (``chatterbox_cuda_allocated_byt
 megabyte a request on an H100 on 2026-12-06) but not who holds them. With
 ``cuda_memory_snapshots`` set, ``serve`` records every CUDA allocation's Python stack from
 before the engines load (PyTorch's ``_record_memory_history``, the live blocks' allocation
-stacks only, no event history) and, on
-``SIGUSR2``, writes the allocator's snapshot (every live block with its stack) to that
-directory as ``cuda-memory-<pid>-<n>.pickle``, in a worker thread, atomically (a reader never
-sees half a file). :func:`growth` compares two snapshots site by site (the innermost frames
-outside PyTorch): a leak is a site whose blocks grew with the requests served. The load test
-takes one before and one after its load (``python -m gateway.tools.loadtest
---cuda-snapshots DIR``). Recording costs host CPU at every allocation: a debugging aid, off by
-default, CUDA only (elsewhere a warning and nothing recorded).
+stacks only, no event history) and, on ``SIGUSR2``, writes the allocator's snapshot (every
+live block with its stack) to that directory as ``cuda-memory-<pid>-<n>.pickle``, in a
+worker thread, atomically (a reader never sees half a file). :func:`growth` compares two
+snapshots site by site (the innermost frames outside PyTorch): a leak is a site whose blocks
+grew with the requests served. The load test takes one before and one after its load
+(``python -m gateway.tools.loadtest --cuda-snapshots DIR``). Recording costs host CPU at every
+allocation (a Python stack, ~2 us): a debugging aid, off by default, CUDA only (elsewhere a
+warning and nothing recorded).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ class Site(NamedTuple):
 
 
 def site_of(frames: list[Mapping[str, Any]] | None) -> str:
-    """A block's allocation site: its innermost :data:`SITE_FRAMES` frames outside PyTorch and
-    the standard library's calling machinery, as ``file:line name`` innermost first, ``<`` between; ``(no stack)``
-    for blocks allocated before recording started."""
+    """A block's allocation site: its innermost :data:`SITE_FRAMES` frames outside PyTorch
+    and the standard library's calling machinery, as ``file:line name``, innermost first,
+    ``<`` between; ``(no stack)`` for blocks allocated before recording started."""
     if not frames:
         return "(no stack)"
     kept = [f for f in frames if not _skipped(str(f.get("filename", "")))]
