@@ -131,32 +131,31 @@ def test_the_load_test_signals_the_server_and_waits_for_each_new_snapshot(tmp_pa
     """Another process, as a server is: the signal crosses, each call returns the file that
     call asked for (not an older one), and two of them compare."""
     directory = tmp_path / "snaps"
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(directory)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        args = SimpleNamespace(cuda_snapshots=directory, server_pid=process.pid)
-        first = asyncio.run(loadtest.cuda_snapshot(args))
-        second = asyncio.run(loadtest.cuda_snapshot(args))
-    finally:
-        process.kill()
-        process.wait()
+    # ``with``: its pipe closed at the end (an unclosed one is a ResourceWarning in a later test)
+    with subprocess.Popen([sys.executable, "-c", SERVER, str(directory)], stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+            args = SimpleNamespace(cuda_snapshots=directory, server_pid=process.pid)
+            first = asyncio.run(loadtest.cuda_snapshot(args))
+            second = asyncio.run(loadtest.cuda_snapshot(args))
+        finally:
+            process.kill()
     assert first != second and first.name.endswith("-001.pickle") and second.name.endswith("-002.pickle")
     rows = cuda_memory.growth(cuda_memory.load(first), cuda_memory.load(second))
     assert [(r["site"], r["growth_mib"], r["blocks_after"]) for r in rows] == [("gateway/leak.py:3 keep", 1.0, 2)]
 
 
 def test_a_server_that_writes_no_snapshot_is_a_clear_timeout(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-c",
-                                "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
-                                "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        args = SimpleNamespace(cuda_snapshots=tmp_path, server_pid=process.pid)
-        with pytest.raises(TimeoutError, match="--cuda-memory-snapshots"):
-            asyncio.run(loadtest.cuda_snapshot(args, timeout_s=0.5))
-    finally:
-        process.kill()
-        process.wait()
+    silent = ("import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
+              "print('ready', flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", silent], stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+            args = SimpleNamespace(cuda_snapshots=tmp_path, server_pid=process.pid)
+            with pytest.raises(TimeoutError, match="--cuda-memory-snapshots"):
+                asyncio.run(loadtest.cuda_snapshot(args, timeout_s=0.5))
+        finally:
+            process.kill()
 
 
 def test_the_load_test_refuses_snapshots_without_a_server_to_signal(capsys) -> None:
