@@ -208,6 +208,7 @@ async def test_a_full_tier_answers_429_with_retry_after(tier: Settings, base_url
     capacity = tier.cluster_max_replicas * tier.cluster_max_ongoing_requests + tier.cluster_max_queued_requests
     assert tier.max_in_flight > capacity + 8  # the HTTP tier's own admission is not what refuses
     body = speech(f"{HOLD} this slot.", response_format="pcm")  # held: none ends during the test
+    began = time.time()  # the records go back to the tier's start: this test's jobs start after this
     limits = httpx.Limits(max_connections=capacity + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         answered, hung_up = await early_answers(client, body, capacity + 8)
@@ -216,28 +217,40 @@ async def test_a_full_tier_answers_429_with_retry_after(tier: Settings, base_url
         api_error(answer, 429, code="server_overloaded")
         assert int(answer.headers["retry-after"]) >= 1
 
-    def running() -> list[JobRecord]:
-        return [job for _, job in job_records(tier) if job.outcome == "running"]
+    # Every job that ran when the clients hung up is cancelled: that is the tier's to do. A call
+    # abandoned in the instant Serve hands it to a replica (the hang-up frees the held slots,
+    # and the queued calls are assigned as they are cancelled) may start there anyway: Serve's
+    # cancellation is best effort at that moment (ray-project/ray#52533). Such a job is an
+    # ordinary one that nobody hears: released from the gate, it ends and frees its slot. A
+    # replica whose slots such jobs hold cannot answer the record call (routed as speech calls
+    # are), so: wait for the cancellations while every replica answers (at most 10 s), remove
+    # the gate, read every record once all jobs have ended; a held job that was not cancelled
+    # has then completed, and its outcome tells.
+    def ours() -> list[JobRecord] | None:
+        try:
+            return [job for _, job in job_records(tier, complete=True) if job.started_at >= began]
+        except TimeoutError:  # a replica still full: not known yet
+            return None
 
-    deadline = time.monotonic() + 20
-    while running() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = ours()
+        if jobs is not None and not [job for job in jobs if job.started_at < hung_up and job.outcome == "running"]:
+            break
         await asyncio.sleep(0.1)
-    # Every job that ran when the clients hung up is cancelled: that is the tier's to do.
-    left = running()
-    assert not [job for job in left if job.started_at < hung_up], describe(left, hung_up)
-    # A call abandoned in the instant Serve hands it to a replica (the hang-up frees the held
-    # slots, and the queued calls are assigned as they are cancelled) may start there anyway:
-    # Serve's cancellation is best effort at that moment (ray-project/ray#52533). Such a job is
-    # an ordinary one that nobody hears: released from the gate, it ends and frees its slot.
     gate.unlink()
     deadline = time.monotonic() + 20
-    while running() and time.monotonic() < deadline:
+    while (jobs := ours()) is None or [job for job in jobs if job.outcome == "running"]:
+        assert time.monotonic() < deadline, describe([j for j in jobs or [] if j.outcome == "running"], hung_up)
         await asyncio.sleep(0.1)
-    assert not running(), describe(running(), hung_up)
+    not_cancelled = [job for job in jobs if job.started_at < hung_up and job.outcome != "cancelled"]
+    assert not not_cancelled, describe(not_cancelled, hung_up)
+    assert [job for job in jobs if job.started_at < hung_up], "the held jobs are in the records"
 
 
 def describe(jobs: list[JobRecord], hung_up: float) -> str:
-    return "; ".join(f"{job.job.request_id} started {job.started_at - hung_up:+.3f} s from the hang-up" for job in jobs)
+    return "; ".join(f"{job.job.request_id} started {job.started_at - hung_up:+.3f} s from the hang-up, {job.outcome}"
+                     for job in jobs)
 
 
 async def early_answers(client: httpx.AsyncClient, body: dict[str, object], count: int) -> tuple[list[httpx.Response], float]:
