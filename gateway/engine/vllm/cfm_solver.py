@@ -147,6 +147,10 @@ ATTENTION_MODES = ("sdpa", "varlen")
 """How the estimator's self-attention runs: ``sdpa`` with upstream's key-padding bias,
 ``varlen`` through FlashAttention's variable-length kernel (the module docstring)."""
 
+ATTENTION_CHOICES = (*ATTENTION_MODES, "auto")
+"""What a solver may be asked for: a mode, or ``auto``: ``varlen`` where it runs (CUDA, a
+bf16/fp16 flow, a head width FlashAttention takes), ``sdpa`` elsewhere without a warning."""
+
 
 class RowKeys(NamedTuple):
     """What :func:`varlen_attention` needs of a batch of ``rows`` right-padded rows of width T:
@@ -435,17 +439,20 @@ class CfmSolver:
             resnet=resnet_block if plain_r else module_resnet_block)
         blocks = _transformer_blocks(self.est) if self.mirrored else []
         self.heads = int(blocks[0].attn1.heads) if blocks else 1
-        plain_blocks(attention)  # an unknown mode is an error, wherever it would run
+        if attention not in ATTENTION_CHOICES:  # an error wherever it would run
+            raise ValueError(f"unknown attention mode {attention!r}")
         self.attention_note: str | None = None
-        """Why the ``attention`` asked for does not run (None: it does)."""
-        if attention == "varlen":
+        """Why ``varlen`` (asked for, or ``auto``'s first choice) does not run (None: it does,
+        or ``sdpa`` was asked for)."""
+        if attention in ("varlen", "auto"):
             head_dim = int(blocks[0].attn1.to_q.weight.shape[0]) // self.heads if blocks else 0
             self.attention_note = ("the estimator's blocks are not the plain ones it mirrors" if not (plain_t and plain_r)
                                    else varlen_supported(self.device, dtype, head_dim))
             if self.attention_note is not None:
-                log.warning("CFM estimator: varlen attention %s; SDPA with the padding bias instead",
-                            self.attention_note)
-        self.attention = attention if self.attention_note is None else "sdpa"
+                # asked for by name, a warning; ``auto`` just takes SDPA (a CPU server, a fp32 flow)
+                (log.warning if attention == "varlen" else log.info)(
+                    "CFM estimator: varlen attention %s; SDPA with the padding bias instead", self.attention_note)
+        self.attention = "varlen" if attention != "sdpa" and self.attention_note is None else "sdpa"
         """The attention in use (:data:`ATTENTION_MODES`)."""
         if self.attention == "varlen":
             self.blocks = VARLEN

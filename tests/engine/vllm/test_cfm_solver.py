@@ -4,6 +4,8 @@ synchronisation inside, and the graph buckets' arithmetic (capture itself is a G
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -310,6 +312,25 @@ def test_varlen_attention_is_refused_where_flash_attention_cannot_run(decoder) -
     assert varlen_supported(cuda, torch.bfloat16, 64) is None
     with pytest.raises(ValueError, match="unknown attention mode"):
         CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="flash")
+
+
+def test_auto_attention_takes_varlen_where_it_runs_and_sdpa_quietly_elsewhere(decoder, monkeypatch, caplog) -> None:
+    """``auto``: what a default can be on every machine: a CPU server (or a fp32 flow) runs
+    SDPA without the warning ``varlen`` asked for by name gives, a GPU one runs varlen."""
+    from gateway.engine.vllm import cfm_solver
+
+    with caplog.at_level(logging.INFO, logger=cfm_solver.log.name):
+        quiet = CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="auto")
+    assert quiet.attention == "sdpa" and "CUDA" in quiet.attention_note
+    assert [r.levelno for r in caplog.records if "varlen" in r.getMessage()] == [logging.INFO]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=cfm_solver.log.name):
+        asked = CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="varlen")
+    assert asked.attention == "sdpa"
+    assert [r.levelno for r in caplog.records if "varlen" in r.getMessage()] == [logging.WARNING]
+    monkeypatch.setattr(cfm_solver, "varlen_supported", lambda device, dtype, head_dim: None)  # as on a GPU
+    assert CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="auto").attention == "varlen"
+    assert CfmSolver(decoder, steps=1, device="cpu", dtype=torch.float32, attention="sdpa").attention == "sdpa"
 
 
 # --- stepwise solves (points between steps where other device work may go first) ----------
