@@ -49,14 +49,15 @@ speed, never a start.
 Attention (``attention``, the ``vocoder_attention`` setting). Upstream hands SDPA a float
 key-padding bias, which rules out FlashAttention: on an H100 SDPA then runs cuDNN's attention
 (``cudnn_generated_fort_native_sdpa_sm90_flash_fprop``, the profiler shows), every query over
-every key of the graph bucket's width, padded rows included. A batch's
-rows are right-padded (a row's real frames, then padding), so the same function is: each row's
-queries over its first L keys (L its real frames). ``varlen`` computes exactly that with
+every key of the graph bucket's width, padded rows included. A batch's rows are right-padded
+(a row's real frames, then padding), so the same function is: each row's queries over its
+first L keys (L its real frames). ``varlen`` computes exactly that with
 FlashAttention's variable-length kernel (``aten._flash_attention_forward``): rows packed as
 sequences of the bucket's width, each using only its first L keys (``seqused_k``,
 :class:`RowKeys`, device tensors: the graphs capture it); no bias, no work on padded keys, none
 at all for padded rows. It needs CUDA, fp16/bf16 and a head width FlashAttention takes;
-elsewhere the solver keeps ``sdpa`` and says why (``attention_note``).
+elsewhere the solver keeps ``sdpa`` and says why (``attention_note``; a warning where
+``varlen`` was asked for by name, none for ``auto``, which takes ``varlen`` wherever it runs).
 """
 
 from __future__ import annotations
