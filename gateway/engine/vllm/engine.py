@@ -152,14 +152,13 @@ class VllmEngine(UpstreamVoices, Engine):
         self._log_summary(time.perf_counter() - t0)
 
     def _load(self) -> None:
-        import perth
         import torch
 
+        from gateway.engine.checkpoint.components import load_watermarker
         from gateway.engine.checkpoint.weights import checkpoint_dir
         from gateway.engine.vllm.gpu_memory import kv_cache_plan
         from gateway.engine.vllm.t3.families import kv_bytes_per_token
         from gateway.engine.vllm.t3.plugin import register
-        from gateway.observability.logging import prints_to_log
 
         if not torch.cuda.is_available():
             raise EngineUnavailableError("the vLLM engine needs a CUDA GPU")
@@ -187,8 +186,7 @@ class VllmEngine(UpstreamVoices, Engine):
                 # may allocate meanwhile
                 if not self.settings.vllm_parallel_start or self.settings.vllm_engine_core == "thread":
                     self.runtimes[name].llm = starting[name].result()
-            with prints_to_log("gateway.engine"):  # perth prints "loaded PerthNet ..." on load
-                watermarker = perth.PerthImplicitWatermarker(device=str(device))
+            watermarker = load_watermarker(device)
             if self.settings.watermark_batch:
                 self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug,
                                                    stream=self.settings.watermark_stream,
