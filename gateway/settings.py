@@ -444,11 +444,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     """Compile the CFM estimator's blocks with torch.compile (inductor) inside the captured
     CUDA graphs: dynamic: one compile for every shape; static: one per graph bucket (slower
     start, warm caches help). Falls back to the plain blocks, with a warning, if compiling fails."""
-    vocoder_attention: Literal["sdpa", "varlen", "auto"] = "sdpa"
+    vocoder_attention: Literal["sdpa", "varlen", "auto"] = "auto"
     """The CFM estimator's attention: sdpa (upstream's key-padding bias through SDPA), varlen
     (FlashAttention's variable-length kernel, each row's queries over its real keys: the same
     function, no work on padded keys or rows; CUDA with a bf16/fp16 flow only, else sdpa with a
-    warning) or auto (varlen where it runs, sdpa elsewhere without a warning)."""
+    warning) or auto, the default (varlen where it runs, sdpa elsewhere without a warning)."""
     vocoder_first_window_flow_steps: Annotated[int, Meta(ge=0, le=50)] = 0
     """Euler steps of a stream's first window only (0: flow_steps, as upstream): fewer steps
     make the first byte sooner and change that window's audio (docs/operations.md)."""
