@@ -220,11 +220,10 @@ def build_engine(model: str, settings: Settings, step_ms: tuple[float, float], v
     else:  # as VllmEngine.start builds them
         runtime.components.s3gen = s3gen.to(device)
         if settings.watermark:
-            import perth
-
+            from gateway.engine.checkpoint.components import load_watermarker
             from gateway.engine.vllm.watermark_batch import WatermarkBatcher
 
-            engine._watermark = WatermarkBatcher(perth.PerthImplicitWatermarker(device=device), SAMPLE_RATE,
+            engine._watermark = WatermarkBatcher(load_watermarker(device), SAMPLE_RATE,
                                                  stream=settings.watermark_stream,
                                                  first_apart=settings.watermark_first_apart)
             engine._mark = engine._watermark.apply

@@ -113,9 +113,9 @@ def _resample_pool() -> ThreadPoolExecutor:
 
 def _watermarker(device: str) -> Any:
     try:
-        import perth
+        from gateway.engine.checkpoint.components import load_watermarker
 
-        return perth.PerthImplicitWatermarker(device=device)
+        return load_watermarker(device)  # as the engines load it
     except Exception as exc:  # noqa: BLE001 - the rest of the profile is still worth printing
         print(f"profile: no watermarker ({exc!r})", flush=True)
         return None

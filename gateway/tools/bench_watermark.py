@@ -32,11 +32,12 @@ def _speechlike(seconds: float, seed: int) -> np.ndarray:
 
 
 def stage_watermark(batches: list[int], window_s: float = 3.3, repeats: int = 3) -> list[dict[str, Any]]:
-    import perth
     import torch
 
+    from gateway.engine.checkpoint.components import load_watermarker
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    marker = perth.PerthImplicitWatermarker(device=device)
+    marker = load_watermarker(device)  # as the engines load it
     rows = []
     with ThreadPoolExecutor(RESAMPLE_THREADS, thread_name_prefix="watermark-resample") as pool:
         for b in batches:
