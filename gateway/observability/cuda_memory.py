@@ -10,13 +10,18 @@ live block with its stack) to that directory as ``cuda-memory-<pid>-<n>.pickle``
 worker thread, atomically (a reader never sees half a file). :func:`growth` compares two
 snapshots site by site (the innermost frames outside PyTorch): a leak is a site whose blocks
 grew with the requests served. The load test takes one before and one after its load
-(``python -m gateway.tools.loadtest --cuda-snapshots DIR``). Recording costs host CPU at every
+(``python -m gateway.tools.loadtest --cuda-snapshots DIR``). Each file holds a second
+snapshot, taken after ``gc.collect()`` (under :data:`AFTER_GC`): a site that grew but whose
+growth is gone after the collection is garbage in reference cycles (freed when Python's
+collector next runs its oldest generation, which knows nothing of the GPU memory it holds),
+one whose growth stays is held by something alive. Recording costs host CPU at every
 allocation (a Python stack, ~2 us): a debugging aid, off by default, CUDA only (elsewhere a
 warning and nothing recorded).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -37,6 +42,10 @@ _SKIPPED_PACKAGES = ("torch/",)
 (:func:`_short`): PyTorch's own..."""
 _SKIPPED_STDLIB = ("/threading.py", "/concurrent/futures/", "/asyncio/", "/contextlib.py", "/functools.py")
 """... and the standard library's machinery that calls into other code."""
+
+AFTER_GC = "gateway_after_gc_collect"
+"""The key of a written snapshot that holds the second one, taken after ``gc.collect()``
+(PyTorch's layout, its ``segments`` only)."""
 
 SITE_FRAMES = 2
 """Frames outside those skipped that name a site (the allocating line and its caller)."""
@@ -92,24 +101,40 @@ def live_by_site(snapshot: Mapping[str, Any]) -> dict[str, Site]:
 
 def growth(before: Mapping[str, Any], after: Mapping[str, Any], top: int = 15) -> list[dict[str, Any]]:
     """Sites whose live bytes changed from ``before`` to ``after``, largest growth first (at
-    most ``top``): each with its bytes and blocks then and now."""
+    most ``top``): each with its bytes and blocks then and now, and, where both files hold
+    their :data:`AFTER_GC` snapshots, ``growth_after_gc_mib`` (the same compared after
+    ``gc.collect()``: what is left is held by something alive)."""
     a, b = live_by_site(before), live_by_site(after)
+    collected = AFTER_GC in before and AFTER_GC in after
+    a_gc = live_by_site(before[AFTER_GC]) if collected else {}
+    b_gc = live_by_site(after[AFTER_GC]) if collected else {}
     rows = []
-    for site in a.keys() | b.keys():
+    for site in a.keys() | b.keys() | a_gc.keys() | b_gc.keys():
         then, now = a.get(site, Site(0, 0)), b.get(site, Site(0, 0))
-        if now.bytes != then.bytes:
-            rows.append({"site": site, "growth_mib": round((now.bytes - then.bytes) / 2**20, 2),
-                         "blocks_before": then.blocks, "blocks_after": now.blocks,
-                         "mib_before": round(then.bytes / 2**20, 2), "mib_after": round(now.bytes / 2**20, 2)})
+        grew_gc = b_gc.get(site, Site(0, 0)).bytes - a_gc.get(site, Site(0, 0)).bytes
+        if now.bytes == then.bytes and not grew_gc:
+            continue
+        row = {"site": site, "growth_mib": round((now.bytes - then.bytes) / 2**20, 2),
+               "blocks_before": then.blocks, "blocks_after": now.blocks,
+               "mib_before": round(then.bytes / 2**20, 2), "mib_after": round(now.bytes / 2**20, 2)}
+        if collected:
+            row["growth_after_gc_mib"] = round(grew_gc / 2**20, 2)
+        rows.append(row)
     rows.sort(key=lambda r: -r["growth_mib"])
     return rows[:top]
 
 
 def growth_table(rows: list[dict[str, Any]]) -> str:
-    """:func:`growth`'s rows as a Markdown table."""
-    lines = ["| growth MiB | blocks before -> after | MiB after | site (innermost first) |", "|---:|---:|---:|---|"]
-    lines += [f"| {r['growth_mib']:+.2f} | {r['blocks_before']} -> {r['blocks_after']} | {r['mib_after']:.2f} "
-              f"| {r['site']} |" for r in rows]
+    """:func:`growth`'s rows as a Markdown table (with the growth after ``gc.collect()`` where
+    the rows have it)."""
+    collected = any("growth_after_gc_mib" in r for r in rows)
+    extra, rule = (" after gc.collect |", "---:|") if collected else ("", "")
+    lines = [f"| growth MiB |{extra} blocks before -> after | MiB after | site (innermost first) |",
+             f"|---:|{rule}---:|---:|---|"]
+    for r in rows:
+        cell = f" {r['growth_after_gc_mib']:+.2f} |" if collected else ""
+        lines.append(f"| {r['growth_mib']:+.2f} |{cell} {r['blocks_before']} -> {r['blocks_after']} "
+                     f"| {r['mib_after']:.2f} | {r['site']} |")
     return "\n".join(lines)
 
 
@@ -158,13 +183,18 @@ class Recorder:
         return thread
 
     def write(self) -> Path:
-        """One snapshot, written under a temporary name and renamed: the next number's file."""
+        """One snapshot, written under a temporary name and renamed: the next number's file.
+        It holds the allocator's snapshot as taken and, under :data:`AFTER_GC`, the one taken
+        after ``gc.collect()``."""
         assert self._take is not None, "start() first"
         with self._lock:
             path = self.directory / f"cuda-memory-{os.getpid()}-{next(self._numbers):03d}.pickle"
             partial = path.with_suffix(".partial")
+            taken = dict(self._take())
+            gc.collect()
+            taken[AFTER_GC] = {"segments": self._take().get("segments", [])}
             with open(partial, "wb") as f:
-                pickle.dump(self._take(), f)
+                pickle.dump(taken, f)
             _log.info("CUDA memory snapshot written to %s", path)  # before it appears: a reader's cue
             partial.replace(path)
         return path

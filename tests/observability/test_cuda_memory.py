@@ -96,8 +96,48 @@ def test_a_recorder_writes_a_whole_snapshot_file_on_its_signal(tmp_path: Path) -
         signal.signal(cuda_memory.SNAPSHOT_SIGNAL, previous)
     paths = cuda_memory.snapshot_paths(tmp_path / "snaps", os.getpid())
     assert [p.name for p in paths] == [f"cuda-memory-{os.getpid()}-001.pickle", f"cuda-memory-{os.getpid()}-002.pickle"]
-    assert cuda_memory.load(paths[0]) == taken
+    assert cuda_memory.load(paths[0]) == {**taken, cuda_memory.AFTER_GC: {"segments": taken["segments"]}}
     assert not list((tmp_path / "snaps").glob("*.partial"))
+
+
+class _Holder:
+    """An owner of "device blocks" (here: a list the fake allocator reads through weak references)."""
+
+    def __init__(self, size: int, site: str) -> None:
+        self.block = block(size, frame(f"/x/gateway/{site}.py", 1, site))
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_a_written_snapshot_tells_cycle_garbage_from_memory_held_alive(tmp_path: Path) -> None:
+    """Each file holds a second snapshot taken after ``gc.collect()``: growth held only by
+    garbage in reference cycles is gone from it, growth held by live objects stays."""
+    import gc
+    import weakref
+
+    owners: list[weakref.ref] = []
+
+    def take() -> dict:
+        return snapshot(*(o().block for o in owners if o() is not None))
+
+    kept: list[_Holder] = []  # alive: the leak that stays
+    gc.disable()  # no collection between the files' two snapshots but the recorder's own
+    try:
+        recorder = cuda_memory.Recorder(tmp_path, take=take)
+        before = cuda_memory.load(recorder.write())
+        for _ in range(3):
+            kept.append(_Holder(2**20, "held"))
+            owners.append(weakref.ref(kept[-1]))
+            owners.append(weakref.ref(_Holder(2 * 2**20, "cycle")))  # unreachable at once, freed by gc only
+        after = cuda_memory.load(recorder.write())
+    finally:
+        gc.enable()
+    rows = {r["site"].split(" ")[0]: r for r in cuda_memory.growth(before, after)}
+    assert rows["gateway/cycle.py:1"]["growth_mib"] == 6.0 and rows["gateway/cycle.py:1"]["growth_after_gc_mib"] == 0.0
+    assert rows["gateway/held.py:1"]["growth_mib"] == 3.0 and rows["gateway/held.py:1"]["growth_after_gc_mib"] == 3.0
+    table = cuda_memory.growth_table(list(rows.values()))
+    assert "| growth MiB | after gc.collect | blocks before -> after |" in table
+    assert "| +6.00 | +0.00 | 0 -> 3 | 6.00 | gateway/cycle.py:1 cycle" in table
+    assert "after gc.collect" not in cuda_memory.growth_table(cuda_memory.growth(snapshot(), take()))
 
 
 def test_without_cuda_the_recorder_warns_and_records_nothing(tmp_path: Path, caplog) -> None:
@@ -118,7 +158,7 @@ SERVER = textwrap.dedent("""
     from gateway.observability import cuda_memory
     state = {"n": 0}
     def take():
-        state["n"] += 1  # a block that leaks a megabyte a snapshot
+        state["n"] += 1  # a block that leaks a megabyte a snapshot (two a file: as taken, after gc)
         return {"segments": [{"blocks": [{"size": 2**20, "state": "active_allocated",
                  "frames": [{"filename": "/x/gateway/leak.py", "line": 3, "name": "keep"}]}] * state["n"]}]}
     cuda_memory.Recorder(Path(sys.argv[1]), take=take).start()
@@ -142,7 +182,7 @@ def test_the_load_test_signals_the_server_and_waits_for_each_new_snapshot(tmp_pa
             process.kill()
     assert first != second and first.name.endswith("-001.pickle") and second.name.endswith("-002.pickle")
     rows = cuda_memory.growth(cuda_memory.load(first), cuda_memory.load(second))
-    assert [(r["site"], r["growth_mib"], r["blocks_after"]) for r in rows] == [("gateway/leak.py:3 keep", 1.0, 2)]
+    assert [(r["site"], r["growth_mib"], r["blocks_after"]) for r in rows] == [("gateway/leak.py:3 keep", 2.0, 3)]
 
 
 def test_a_server_that_writes_no_snapshot_is_a_clear_timeout(tmp_path: Path) -> None:
