@@ -629,38 +629,53 @@ class Vocoder:
                     continue
                 if len(feeding.queued) >= PREEMPT_QUEUED_STEPS:  # the device is that far behind: wait
                     await asyncio.to_thread(feeding.queued.popleft().synchronize)
-                try:
-                    fed = await loop.run_in_executor(self._executor, self.feed, feeding)
-                except Exception as exc:  # the batch failed while being queued: as a failed launch
-                    self._failed_launch(feeding.jobs, feeding.pause_t3, exc)
-                    feeding = None
-                    continue
-                if isinstance(fed, _Launched):
-                    feeding = None
-                    self._in_launched(fed)
+                feeding = await self._feed(loop, feeding)
                 continue
             chosen = [] if self.saturated else self.plan_batch()
             if chosen:
-                jobs = [stream.take(window) for stream, window in chosen]
-                refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
-                pause = self._pause_t3(jobs)
-                t0 = time.perf_counter()
-                try:
-                    launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs, pause)
-                except Exception as exc:  # the whole batch failed: fail its streams, keep serving
-                    self._failed_launch(jobs, pause, exc)
-                else:
-                    if isinstance(launched, _Feeding):
-                        feeding = launched
-                        continue
-                    launched.launch_s = time.perf_counter() - t0
-                    self._in_launched(launched)
+                feeding = await self._launch(loop, chosen)
                 continue  # launch another batch (other streams) before waiting for this one
             if in_flight:
                 await self._finish(loop, in_flight.popleft())
                 continue
             self._wake.clear()
             await self._wake.wait()
+
+    # A batch is launched, fed and finished in coroutines of their own, not in the loop's body:
+    # a local of the loop would keep the last batch (its rows' mels, and through their tails
+    # the windows before) alive for as long as the loop idles after it.
+
+    async def _launch(self, loop: asyncio.AbstractEventLoop,
+                      chosen: list[tuple[VocoderStream, Window]]) -> _Feeding | None:
+        """Launch the planned batch on the worker thread: the batch still to be fed a step at
+        a time (``preempt``), or None once it is queued whole or has failed."""
+        jobs = [stream.take(window) for stream, window in chosen]
+        refs = {stream.voice_key: stream.ref_dict for stream, _ in chosen}
+        pause = self._pause_t3(jobs)
+        t0 = time.perf_counter()
+        try:
+            launched = await loop.run_in_executor(self._executor, self.launch_batch, jobs, refs, pause)
+        except Exception as exc:  # the whole batch failed: fail its streams, keep serving
+            self._failed_launch(jobs, pause, exc)
+            return None
+        if isinstance(launched, _Feeding):
+            return launched
+        launched.launch_s = time.perf_counter() - t0
+        self._in_launched(launched)
+        return None
+
+    async def _feed(self, loop: asyncio.AbstractEventLoop, feeding: _Feeding) -> _Feeding | None:
+        """Queue the next step of a batch being launched a step at a time: the batch while
+        steps remain, None once it is queued whole or has failed."""
+        try:
+            fed = await loop.run_in_executor(self._executor, self.feed, feeding)
+        except Exception as exc:  # the batch failed while being queued: as a failed launch
+            self._failed_launch(feeding.jobs, feeding.pause_t3, exc)
+            return None
+        if isinstance(fed, _Launched):
+            self._in_launched(fed)
+            return None
+        return feeding
 
     def _failed_launch(self, jobs: list[WindowJob], pause: bool, exc: Exception) -> None:
         """A batch failed before all of it was queued: its streams fail, the loop serves on."""

@@ -567,6 +567,55 @@ async def test_cancel_drops_the_stream_and_others_continue(s3gen, ref) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("settings", [{}, {"vocoder_first_window_lane_rows": 2, "vocoder_first_window_preempt": True}],
+                         ids=["one loop", "lane and preempting main loop"])
+async def test_an_idle_vocoder_keeps_no_window_of_its_last_batch_alive(s3gen, ref, monkeypatch, settings) -> None:
+    """Once its streams have ended (one cancelled) and its loops idle, no window's mel is
+    alive. The twenty-fourth GPU visit's CUDA snapshot after a load test: the main loop's
+    locals held its last batch (61 rows' mels and, through their tails, the windows before)
+    until the next launch; garbage collection did not free them."""
+    import gc
+    import weakref
+
+    from gateway.engine.vllm import vocoder as vocoder_module
+
+    made: list[weakref.ref] = []
+    real = vocoder_module.HiftRow
+
+    def recording(mel, *rest):
+        made.append(weakref.ref(mel))
+        return real(mel, *rest)
+
+    monkeypatch.setattr(vocoder_module, "HiftRow", recording)
+    voc = _vocoder(s3gen, flow_steps=2, **settings)
+    loops = [voc] + ([voc.first_lane] if voc.first_lane is not None else [])
+    await voc.start()
+    try:
+        streams = [voc.open_stream("A", ref) for _ in range(3)]
+        for i, stream in enumerate(streams):
+            stream.push(_tokens(30, 20 + i))
+        doomed = streams[0].audio()
+        await doomed.__anext__()
+        await doomed.aclose()  # a client that hung up mid-stream
+        for stream in streams[1:]:
+            stream.finish()
+        for stream in streams[1:]:
+            assert [a async for a in stream.audio()]
+        deadline = time.monotonic() + 30
+        while any(v._in_flight for v in loops) or voc.open_streams:
+            assert time.monotonic() < deadline, "the vocoder never went idle"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the loops reach their wait
+        streams = doomed = stream = None
+        gc.collect()
+        assert len(made) >= 6, "several batches ran, later windows among them"
+        alive = [tuple(m.shape) for r in made if (m := r()) is not None]
+        assert alive == [], f"mels still held by an idle vocoder: {alive}"
+    finally:
+        await voc.close()
+
+
+@pytest.mark.slow
 async def test_batch_failure_fails_its_streams_and_close_fails_open_ones(s3gen, ref) -> None:
     voc = _vocoder(s3gen)
     await voc.start()
