@@ -2,7 +2,8 @@
 line that allocated them, and how that changed between two snapshots.
 
 A load test can tell that the tensors held grow (``chatterbox_cuda_allocated_bytes``, a
-megabyte a request on an H100 on 2026-12-06) but not who holds them. With
+megabyte a request on an H100 on 2026-12-06) but not who holds them (that time: Perth's
+autograd activations and the vocoder loop's last batch, both named by these snapshots). With
 ``cuda_memory_snapshots`` set, ``serve`` records every CUDA allocation's Python stack from
 before the engines load (PyTorch's ``_record_memory_history``, the live blocks' allocation
 stacks only, no event history) and, on ``SIGUSR2``, writes the allocator's snapshot (every
