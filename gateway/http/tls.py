@@ -15,7 +15,8 @@ class ``loop.create_server(ssl=...)`` uses) in front of each guarded h11 protoco
   ``EVICTED_HOLD_S`` first;
 - gives the handshake ``header_timeout_s`` (asyncio aborts it past that), after which the
   header deadline runs as on plain HTTP;
-- gives the TLS shutdown (waiting for the client's close_notify) the same bound.
+- gives the TLS shutdown (waiting for the client's close_notify) the same bound;
+- sends no TLS 1.3 session tickets (:func:`load_tls_context` says why).
 
 Everything after the handshake (h11, the websocket upgrade, the response guard's abort) runs on
 the TLS transport exactly as on a plain one.
@@ -43,6 +44,13 @@ def load_tls_context(settings: Settings) -> ssl.SSLContext | None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])  # h11 only: no h2 to negotiate
+    # No TLS 1.3 session tickets. A threaded client that reads and writes one TLS session
+    # from two threads (websockets' sync client, which the official elevenlabs SDK's realtime
+    # helper uses) otherwise meets the tickets, sent just after the handshake, while it writes
+    # its first request; OpenSSL forbids that concurrency and about 1 connection in 300-400
+    # hung with its request lost (0 of 2,500 without tickets; docs/operations.md, "TLS"). The
+    # cost: no session resumption, a full handshake per connection (Python clients resume none).
+    context.num_tickets = 0
     try:
         context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
     except (OSError, ssl.SSLError) as exc:
