@@ -535,6 +535,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 "vocoder_sms runs the vocoder on its green context's own stream, which has no priority to set: "
                 "use one of vocoder_sms and vocoder_stream_priority"
             )
+        if self.watermark_stream != "default" and not (
+                self.vllm_engine_core == "thread" and (self.vocoder_stream_priority != "default" or self.vocoder_sms > 0)):
+            raise ValueError(
+                f"watermark_stream {self.watermark_stream} runs the watermark pass on a CUDA stream of its own, which "
+                "ended in an illegal memory access whenever vLLM's engine core was a process and the vocoder used the "
+                "default stream (H200 2026-12-04 and -05, H100 2026-12-06); it has run clean only with "
+                "vllm_engine_core thread and the vocoder on a stream of its own (vocoder_stream_priority high or "
+                "vocoder_sms): set those, or watermark_stream default"
+            )
         if self.vocoder_first_window_preempt and self.vocoder_first_window_lane_rows == 0:
             raise ValueError(
                 "vocoder_first_window_preempt lets the first-window lane's batches go ahead of the main loop's: "

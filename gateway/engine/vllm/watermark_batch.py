@@ -39,6 +39,10 @@ an illegal memory access and a segfault, while the rows before it (up to 256 str
 run with the vocoder's and the watermark's device work serialised (``gpu_serial_debug``) did
 not: until the cause is found it is an option, not the default (docs/benchmarks.md). With
 the default stream the served rows ran clean at 32 and 128 streams (an H100, 2026-12-05).
+A third fault (an H100, 2026-12-06, Turbo at 256 streams) had what all three had: vLLM's
+engine core in a process and the vocoder on the default stream; with the thread core and the
+vocoder on a stream of its own every run was clean, so the settings allow a stream of its own
+only there.
 
 :class:`WatermarkBatcher` feeds it from the event loop: ``await apply(samples)``
 queues a chunk, one worker thread takes whatever is queued (up to ``max_rows``) and answers

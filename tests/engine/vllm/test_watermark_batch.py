@@ -312,3 +312,21 @@ def test_the_pass_inverts_without_torch_istft(watermarker, monkeypatch) -> None:
     marked = mark_batch(watermarker, chunks, SR)
     for want, got in zip(alone, marked):
         assert _snr(got, want) > 100
+
+
+@pytest.mark.parametrize("kind", ["own", "high"])
+def test_a_stream_of_its_own_is_refused_where_it_faulted_on_the_gpu(kind: str) -> None:
+    """Served with vLLM's engine core in a process and the vocoder on the default stream, a
+    watermark pass on a stream of its own ended in an illegal memory access three times (two
+    H200s, an H100); with the thread core and the vocoder on a stream of its own it ran clean
+    on every visit. The settings allow only the latter."""
+    from gateway.settings import SettingsError, load_settings
+
+    for refused in ({}, {"vllm_engine_core": "thread"},
+                    {"vllm_engine_core": "process", "vocoder_sms": 0}):
+        with pytest.raises(SettingsError, match="illegal memory access"):
+            load_settings(environ={}, overrides={**refused, "watermark_stream": kind})
+    for allowed in ({"vllm_engine_core": "thread", "vocoder_stream_priority": "high"},
+                    {"vllm_engine_core": "thread", "vocoder_sms": 112}):
+        assert load_settings(environ={}, overrides={**allowed, "watermark_stream": kind}).watermark_stream == kind
+    assert load_settings(environ={}).watermark_stream == "default"
