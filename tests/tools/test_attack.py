@@ -3,8 +3,10 @@ configuration) it reports /health probes under attack and what the server holds 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -13,6 +15,7 @@ import pytest
 from gateway.engine.fake import FakeEngine
 from gateway.settings import Settings
 from gateway.tools import attack
+from gateway.tools.attack_bodies import BodyAttacks
 from ops_support import live_server
 
 
@@ -88,3 +91,26 @@ def test_the_attacks_of_issue_20_against_a_live_server(settings: Settings, tmp_p
         assert row["failed"] == 0 and row["fds_after"] is not None and row["rss_mib"]["peak"] > 0, row
         assert row["in_flight_after"] == 0, row
     assert "| held-bodies |" in attack.table(list(rows.values()))
+
+
+def test_a_big_body_answered_after_a_stall_counts_as_answered_not_held() -> None:
+    """The CI host once stalled ~3 s in the middle of ``big-bodies``: the server's 413s came
+    after the attack's 1.5 s and were counted as ``held`` (silence). A late answer is an
+    answer; only a server silent for ``BIG_BODY_ANSWER_WAIT_S`` holds the connection."""
+
+    async def run() -> dict[str, int]:
+        async def late_413(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(1.0)  # past the attack's window below
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(late_413, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        bodies = BodyAttacks("127.0.0.1", port, api_key=None, max_sockets=10)
+        async with server:
+            await bodies.big_bodies(time.monotonic() + 0.3, 3, 4096)
+        return dict(bodies.answers)
+
+    assert asyncio.run(run()) == {"413": 3}
