@@ -69,7 +69,9 @@ def test_stalled_readers_resent_from_one_client_cannot_lock_the_others_out(setti
         others[share] = row["others"]
     unfair, fair = others[1.0], others[Settings().max_client_share]
     assert unfair.get("429", 0) > unfair.get("ok", 0), unfair  # the attack works without shares
-    assert fair.get("429", 0) == 0 and fair.get("ok", 0) >= 12, fair
+    # every request of every other client served (a sentence a second each; how many fit in
+    # the 5 s depends on the host, which once stalled for 3 s in CI)
+    assert set(fair) == {"ok"} and fair["ok"] >= 6, fair
 
 
 def test_the_attacks_of_issue_20_against_a_live_server(settings: Settings, tmp_path: Path) -> None:
