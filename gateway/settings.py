@@ -535,8 +535,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
                 "vocoder_sms runs the vocoder on its green context's own stream, which has no priority to set: "
                 "use one of vocoder_sms and vocoder_stream_priority"
             )
-        if self.watermark_stream != "default" and not (
-                self.vllm_engine_core == "thread" and (self.vocoder_stream_priority != "default" or self.vocoder_sms > 0)):
+        # (the vocoder's own stream, by either setting, already needs vllm_engine_core thread: above)
+        if self.watermark_stream != "default" and self.vocoder_stream_priority == "default" and self.vocoder_sms == 0:
             raise ValueError(
                 f"watermark_stream {self.watermark_stream} runs the watermark pass on a CUDA stream of its own, which "
                 "ended in an illegal memory access whenever vLLM's engine core was a process and the vocoder used the "

@@ -166,7 +166,7 @@ class BodyAttacks:
         ).encode()
         await asyncio.gather(*(self._unfinished(until, head + body[: -len(closing)]) for _ in range(uploads)))
 
-    async def _unfinished(self, until: float, data: bytes, *, wait_floor_s: float = 0.1) -> None:
+    async def _unfinished(self, until: float, data: bytes, *, wait_floor_s: float = 0.0) -> None:
         """Send all of ``data`` (a request short of its end) and hold the connection for an
         answer until ``until``, or ``wait_floor_s`` from now if that is later."""
         deadline = max(until, time.monotonic() + wait_floor_s)
