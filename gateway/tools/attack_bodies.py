@@ -28,6 +28,9 @@ _BOUNDARY = "attack-boundary-20"
 BIG_BODY_ANSWER_WAIT_S = 10.0
 """How long a big body waits for its answer however short the attack: the server answers it
 from the declared length at once, so only a silent server should count it as ``held``."""
+LAST_LOOK_S = 2.0
+"""How long a held body's connection, still open when the attack ends, waits for a last
+answer: a host that stalls across the end delays the server's 408 past the run, not away."""
 
 
 def _auth(key: str | None) -> str:
@@ -139,6 +142,8 @@ class BodyAttacks:
                 if not await self.send(sock, b" "):
                     self.count(b"")
                     return
+            if (answer := await self.answer(sock, LAST_LOOK_S)) is not None:
+                self.count(answer)  # answered after the run (silence is not counted: the run just ended)
 
         await self._again_and_again(until, one)
 
@@ -187,6 +192,7 @@ class BodyAttacks:
     async def big_headers(self, until: float) -> None:
         async def one(sock: socket.socket) -> None:
             await self.send(sock, _BIG_HEADER)
-            self.count(await self.answer(sock, 5.0) or b"")
+            # answered at once from the header's size: as long a wait as a big body's
+            self.count(await self.answer(sock, BIG_BODY_ANSWER_WAIT_S) or b"")
 
         await asyncio.gather(*(self._again_and_again(until, one) for _ in range(4)))

@@ -80,7 +80,7 @@ async def test_queue_wait_limit_is_503_with_retry_after(settings: Settings, api_
             assert await asyncio.to_thread(engine.holding.wait, 10)
             started = time.monotonic()
             waited = await client.post("/v1/audio/speech", json=body("Waits too long."))
-            assert 0.25 < time.monotonic() - started < 3.0
+            assert 0.25 < time.monotonic() - started < 15.0  # the held one never ends: the 503 is the limit's
             api_error(waited, 503, code="queue_timeout")
             assert int(waited.headers["retry-after"]) >= 1
             assert live.services.admission.queued == 0
@@ -120,7 +120,7 @@ async def test_total_time_limit_ends_a_stuck_engine_before_the_first_byte(settin
             response = await client.post(
                 "/v1/audio/speech", json=body(f"{HOLD} never finishes.", response_format="pcm")
             )
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < 15.0  # the engine never finishes: the 504 is the limit's
             api_error(response, 504, code="timeout")
             # the stuck engine call was cancelled and the slot given back
             assert await asyncio.to_thread(wait_until, lambda: len(engine.cancelled) == 1)
@@ -144,7 +144,7 @@ async def test_total_time_limit_closes_a_stuck_stream(settings: Settings) -> Non
                     async for data in r.aiter_raw():
                         received += data
             assert received  # audio had started flowing
-            assert time.monotonic() - started < 5.0
+            assert time.monotonic() - started < 15.0  # the stream never ends by itself
             # SSE: the same limit ends the stream with a final error event
             events = []
             async with client.stream("POST", "/v1/audio/speech", json=body(text, stream_format="sse")) as r:

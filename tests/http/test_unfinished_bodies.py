@@ -65,8 +65,10 @@ def test_half_sent_bodies_cannot_lock_out_health(tmp_path: Path) -> None:
     against a cap of 40, a byte every 0.25 s, a 0.5 s grace."""
     with served(tmp_path, "--max-connections", "40", "--body-rate-grace-s", "0.5") as server:
         row = run_attack(server.base_url, tmp_path, "held-bodies", "--held", "60", "--hold-interval", "0.25",
-                         "--duration", "4", "--server-pid", str(server.process.pid))
-    assert row["failed"] == 0 and row["probes"] >= 20, row
+                         "--duration", "6", "--server-pid", str(server.process.pid))
+    # ~60 probes in 6 s; at least 10 however long the host stalls (CI's have lasted ~3 s):
+    # the issue's lockout answered 1 of 219
+    assert row["failed"] == 0 and row["probes"] >= 10, row
     assert row["p90_ms"] is not None and row["p90_ms"] < 50, row
     answers = row["answers"]
     assert answers.get("408", 0) + answers.get("reset", 0) >= 60, answers  # cut by rate or evicted, and back
@@ -92,7 +94,8 @@ def test_a_slow_body_gets_408_at_the_rate_grace(settings: Settings) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
     error = envelope(answer)
     assert error["code"] == "request_timeout" and "slower than 1024 bytes/s" in str(error["message"]), error
-    assert time.monotonic() - started < 0.5 * (1 + GRACE_JITTER) + LINGER_S + 1.0
+    # the message names the rate, so it was the rate's deadline; the bound leaves a stalled host its seconds
+    assert time.monotonic() - started < 0.5 * (1 + GRACE_JITTER) + LINGER_S + 8.0
 
 
 def test_a_body_arriving_steadily_is_not_cut(settings: Settings, valid_audio) -> None:
@@ -124,7 +127,7 @@ def test_an_unauthenticated_request_does_not_keep_its_connection(settings: Setti
         answered = time.monotonic()
         assert first.startswith(b"HTTP/1.1 401"), first[:100]
         closed = False
-        while time.monotonic() - answered < LINGER_S + 2:
+        while time.monotonic() - answered < LINGER_S + 10:
             try:
                 sock.sendall(b" ")
                 sock.settimeout(0.2)
@@ -138,7 +141,7 @@ def test_an_unauthenticated_request_does_not_keep_its_connection(settings: Setti
                 break
         sock.close()
     assert closed, "the server kept the unauthenticated connection"
-    assert time.monotonic() - answered < LINGER_S + 1.0
+    assert time.monotonic() - answered < LINGER_S + 8.0  # the issue's socket stayed for good
 
 
 def test_anonymous_half_sent_bodies_are_cut_like_any_other(tmp_path: Path) -> None:
@@ -146,7 +149,7 @@ def test_anonymous_half_sent_bodies_are_cut_like_any_other(tmp_path: Path) -> No
     never come (so no 401 that the socket could outstay), the rate cuts them."""
     with served(tmp_path, "--api-keys", "sk-test", "--body-rate-grace-s", "0.5") as server:
         row = run_attack(server.base_url, tmp_path, "anonymous-bodies", "--held", "30", "--hold-interval", "0.25",
-                         "--duration", "3", "--server-pid", str(server.process.pid))
+                         "--duration", "6", "--server-pid", str(server.process.pid))
     assert row["failed"] == 0 and row["p90_ms"] is not None and row["p90_ms"] < 50, row
     assert row["answers"].get("408", 0) >= 30, row["answers"]
 
@@ -194,7 +197,7 @@ def test_unfinished_bodies_are_bounded_in_bytes_and_give_their_memory_back(
         stats = live.services.connection_stats
         assert stats is not None
         row = run_attack(live.base_url, tmp_path, "big-bodies", "--big", "300", "--body-kib", "120", "--duration", "3")
-        assert wait_until(lambda: stats()["pending_body_bytes"][2] == 0, timeout_s=5), stats()
+        assert wait_until(lambda: stats()["pending_body_bytes"][2] == 0, timeout_s=15), stats()
         assert stats()["request_bodies_over_budget"][2] >= 200, stats()
         time.sleep(2.5)  # the heap is trimmed a second after the bodies are gone
         rss_settled = host_probes.rss_bytes(os.getpid()) or 0
@@ -213,7 +216,7 @@ def test_uploads_take_their_slot_before_spooling(settings: Settings, tmp_path: P
     with live_server(settings, FakeEngine(), guarded=True) as live:
         row = run_attack(live.base_url, tmp_path, "unfinished-uploads", "--uploads", "12", "--upload-mib", "2",
                          "--duration", "3")
-        assert wait_until(lambda: live.services.upload_admission.in_flight == 0, timeout_s=5)
+        assert wait_until(lambda: live.services.upload_admission.in_flight == 0, timeout_s=15)
     # measured against what the process held before (the in-process server shares pytest's
     # descriptors, other tests' temporary files included): 2 bodies spooled, none left behind
     temp = row["temp_mib"]

@@ -27,7 +27,7 @@ def slow_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignor
     real = ffmpeg_exe()
     wrapper = tmp_path / "bin" / "ffmpeg"  # named ffmpeg: the children scan sees it
     wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nsleep 3\nexec "{real}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nsleep 30\nexec "{real}" "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(wrapper))
     ffmpeg_exe.cache_clear()
@@ -64,10 +64,12 @@ def test_an_upload_past_the_time_limit_is_a_504_and_creates_nothing(settings: Se
             watcher.join()
         assert answer.status_code == 504, answer.text
         assert answer.json()["error"]["code"] == "timeout"
-        assert took < 1.5 + 1.0, took  # before the response guard would have dropped it
+        # before the response guard would have dropped it (a stalled host's seconds allowed:
+        # the wrapper holds FFmpeg back 30 s, so a deadline not enforced could not answer 504)
+        assert took < 1.5 + 8.0, took
         # the slot is given back as the upload's worker thread ends (FFmpeg killed at the
-        # deadline), which may be a moment after the 504 has left; never while FFmpeg runs
-        assert wait_until(lambda: slots.in_flight == 0 and not ffmpeg_children(), timeout_s=2)
+        # deadline), which may be a moment after the 504 has left; never while FFmpeg runs.
+        # FFmpeg gone long before the wrapper's 30 s: it was killed, so nothing can be created.
+        assert wait_until(lambda: slots.in_flight == 0 and not ffmpeg_children(), timeout_s=15)
         assert not released_early, released_early
-        time.sleep(3.5)  # when the wrapper would have let FFmpeg run: still nothing created
         assert httpx.get(f"{live.base_url}/v1/audio/voices/late", timeout=5).status_code == 404

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ops_support import StallWatch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,7 +181,7 @@ def test_sigterm_cancels_streams_past_the_grace_period(tmp_path: Path) -> None:
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(15) in CLEAN_EXIT
         stopped_after = time.monotonic() - sent_at
-        assert stopped_after < 6.0, stopped_after  # 1 s grace, not the ~30 s the stream needed
+        assert stopped_after < 15.0, stopped_after  # 1 s grace, not the ~30 s the stream needed
         client.join(10)
         assert not result.get("complete")  # the stream was cut, not finished
         report = server.report()
@@ -223,14 +224,17 @@ def test_sigterm_with_slow_readers_ends_within_the_grace_without_tracebacks(tmp_
             time.sleep(0.1)
         time.sleep(1.0)  # their sockets fill up
         sent_at = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(20) in CLEAN_EXIT
+        with StallWatch() as watch:
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(20) in CLEAN_EXIT
         stopped_after = time.monotonic() - sent_at
-        assert stopped_after < grace_s + 1.5, stopped_after
+        assert stopped_after < grace_s + 10, stopped_after  # within the grace, not after the 120 s send timeout
         report = server.report()
         assert len(report["cancelled"]) == 4 and report["children"] == []
         assert not [line for line in server.lines if "Exception in ASGI application" in line or "Traceback" in line]
-        assert "shutdown_grace_exceeded" not in [e["event"] for e in server.events()]
+        if not watch.stalled:  # a host stalled across the grace's end wakes the drain past it
+            assert stopped_after < grace_s + 1.5, stopped_after
+            assert "shutdown_grace_exceeded" not in [e["event"] for e in server.events()]
     finally:
         for sock in readers:
             sock.close()
@@ -365,8 +369,8 @@ def test_drain_refuses_new_work_and_waits_for_admitted(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         loop.call_later(0.2, slot.release)
         started = time.monotonic()
-        assert await drain(services, 5.0) is True
-        assert 0.15 < time.monotonic() - started < 2.0
+        assert await drain(services, 30.0) is True
+        assert 0.15 < time.monotonic() - started < 15.0  # when the slot came back, not the 30 s
         with pytest.raises(Exception) as info:
             await services.admission.acquire()
         assert getattr(info.value, "status_code", None) == 503
@@ -374,6 +378,6 @@ def test_drain_refuses_new_work_and_waits_for_admitted(tmp_path: Path) -> None:
         await stuck.admission.acquire()
         started = time.monotonic()
         assert await drain(stuck, 0.2) is False
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10.0  # at its 0.2 s, not held by the stuck slot
 
     asyncio.run(scenario())

@@ -101,8 +101,8 @@ def test_a_handshake_that_never_starts_is_closed_by_the_header_deadline(settings
     config = with_tls(settings, tls_files, header_timeout_s=0.5)
     with live_server(config, FakeEngine(), guarded=True, tls_client=tls_files.client_context()) as live:
         with socket.create_connection(address(live.base_url), timeout=5) as silent:
-            took = closed_within(silent, 5)
-        assert 0.3 < took < 2.5, took
+            took = closed_within(silent, 15)
+        assert 0.3 < took < 8, took  # after the deadline; a stalled host's seconds allowed
         with httpx.Client(verify=tls_files.client_context()) as http:
             assert http.get(f"{live.base_url}/health").status_code == 200
 
@@ -114,13 +114,13 @@ def test_a_handshake_that_stops_half_way_is_closed_by_the_header_deadline(settin
         # half a ClientHello, then nothing
         with socket.create_connection(address(live.base_url), timeout=5) as stalled:
             stalled.sendall(hello[: len(hello) // 2])
-            took = closed_within(stalled, 5)
-        assert 0.3 < took < 2.5, took
+            took = closed_within(stalled, 15)
+        assert 0.3 < took < 8, took
         # a whole ClientHello and then silence: the server answers its part, then gives up
         with socket.create_connection(address(live.base_url), timeout=5) as stalled:
             stalled.sendall(hello)
-            took = closed_within(stalled, 5)
-        assert 0.3 < took < 2.5, took
+            took = closed_within(stalled, 15)
+        assert 0.3 < took < 8, took
 
 
 def test_after_the_handshake_the_header_deadline_still_applies(settings: Settings, tls_files: TlsFiles) -> None:
@@ -131,7 +131,7 @@ def test_after_the_handshake_the_header_deadline_still_applies(settings: Setting
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
             tls.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
             started = time.monotonic()
-            tls.settimeout(5)
+            tls.settimeout(15)
             received = b""
             try:
                 while data := tls.recv(65536):
@@ -139,7 +139,7 @@ def test_after_the_handshake_the_header_deadline_still_applies(settings: Setting
             except (ssl.SSLError, ConnectionResetError):
                 pass
             assert received.startswith(b"HTTP/1.1 408"), received[:80]
-            assert time.monotonic() - started < 2.5
+            assert time.monotonic() - started < 8
 
 
 def test_handshaking_connections_count_toward_the_cap(settings: Settings, tls_files: TlsFiles) -> None:
@@ -154,7 +154,7 @@ def test_handshaking_connections_count_toward_the_cap(settings: Settings, tls_fi
             time.sleep(0.2)  # accepted by the server
             with httpx.Client(verify=trust, timeout=5) as http:
                 assert http.get(f"{live.base_url}/health").status_code == 200
-            assert closed_within(silent[0], 3) < 3  # the oldest was evicted
+            assert closed_within(silent[0], 20) < 20  # the oldest was evicted (the deadline is 30 s)
             silent[1].settimeout(0.3)
             with pytest.raises((TimeoutError, socket.timeout)):
                 silent[1].recv(1)  # the younger ones are kept until their own deadline
@@ -261,7 +261,7 @@ def test_a_cap_full_of_busy_connections_closes_the_next_one_before_its_handshake
         workers = [threading.Thread(target=held) for _ in range(2)]
         for worker in workers:
             worker.start()
-        assert wait_until(lambda: len(engine.jobs) == 2, 5)
+        assert wait_until(lambda: len(engine.jobs) == 2, 15)
         started = time.monotonic()
         with httpx.Client(verify=trust, timeout=5) as http:
             with pytest.raises(httpx.TransportError):

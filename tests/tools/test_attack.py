@@ -43,7 +43,8 @@ def test_against_a_live_server(settings: Settings, tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["attack"] for r in rows] == ["stalled-readers", "slow-headers", "idle-flood", "upload-bombs"]
     for row in rows:
-        assert row["probes"] >= 5 and row["failed"] == 0, row
+        # a few probes answered, none failed: ~15 in 1.5 s unless the host stalls (CI: ~3 s)
+        assert row["probes"] >= 2 and row["failed"] == 0, row
         assert row["in_flight_after"] == 0 and row["ffmpeg_after"] == 0, row
 
 

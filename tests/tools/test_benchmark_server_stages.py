@@ -345,7 +345,7 @@ def test_a_server_that_dies_ends_the_row_and_the_run(tmp_path: Path, monkeypatch
     took = time.perf_counter() - t0
     doc = json.loads(out.read_text())
     (row,) = doc["rows"]  # the 4-stream row never ran
-    assert row["concurrency"] == 2 and 0.5 <= row["server_died_at_s"] <= 5
+    assert row["concurrency"] == 2 and 0.5 <= row["server_died_at_s"] <= 15  # killed at 1 s of a 30 s window
     assert "loadtest" not in doc["stages"]
     (error,) = doc["stages"]["errors"]
     assert error["stage"] == "http" and "the server died" in error["error"] and "Its log ends" in error["error"]
