@@ -18,5 +18,5 @@ for _cache in "$_repo/.gpu/compile-cache.tar" "$_repo/.gpu/compile-cache.tar.xz"
   fi
 done
 gpu_cache_pack() {  # gpu_cache_pack DEST.tar[.xz]: the compile caches, for the next visit (xz by the name)
-  tar --exclude=.unpacked -caf "$1" -C "$GPU_CACHE" . 2>/dev/null && ls -la "$1"
+  XZ_OPT=${XZ_OPT:--T0} tar --exclude=.unpacked -caf "$1" -C "$GPU_CACHE" . 2>/dev/null && ls -la "$1"  # xz on every core: inside a call's limit
 }
