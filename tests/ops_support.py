@@ -138,16 +138,8 @@ class StallWatch:
     """A thread that sleeps ``tick_s`` at a time and keeps its longest overshoot: a host that
     stalls (CI's 2-core machines have gone silent for ~3 s) freezes it with the test, so a
     test whose assertion is a wall-clock measurement can tell a slow server from a stalled
-    host, and measure again (up to three times; the assertions hold the first quiet attempt,
-    or the last). A server that is slow every time still fails; only the host's stall is
-    forgiven.
-
-        for _ in range(3):
-            with StallWatch() as watch:
-                ...measure...
-            if not watch.stalled:
-                break
-    """
+    host, and measure again (``quiet_attempts``). A server that is slow every time still
+    fails; only the host's stall is forgiven."""
 
     def __init__(self, tick_s: float = 0.02, stall_s: float = 0.3) -> None:
         self.tick_s, self.stall_s = tick_s, stall_s
@@ -173,6 +165,17 @@ class StallWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def quiet_attempts(attempts: int = 3) -> Iterator[StallWatch]:
+    """``for _ in quiet_attempts(): ...measure...``: the loop's body under a StallWatch, run
+    again (up to ``attempts`` times) while the host stalled during it; the assertions after the
+    loop hold the first quiet attempt, or the last."""
+    for _ in range(attempts):
+        with StallWatch() as watch:
+            yield watch
+        if not watch.stalled:
+            return
 
 
 def connect(base_url: str) -> socket.socket:

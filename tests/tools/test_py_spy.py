@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ops_support import StallWatch
+from ops_support import quiet_attempts
 
 from gateway.tools import py_spy
 
@@ -59,11 +59,8 @@ def test_a_live_process_with_one_busy_thread(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
         time.sleep(1.5)
-        for _ in range(3):  # shares of the nominal span: a stalled host's lost samples, again
-            with StallWatch() as watch:
-                summary = asyncio.run(py_spy.profile(child.pid, 2, tmp_path, "live"))
-            if not watch.stalled:
-                break
+        for _ in quiet_attempts():  # shares of the nominal span: a stalled host's lost samples, again
+            summary = asyncio.run(py_spy.profile(child.pid, 2, tmp_path, "live"))
     finally:
         child.kill()
         child.wait()

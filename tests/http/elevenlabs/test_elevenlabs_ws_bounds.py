@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import websockets
 from elevenlabs_support import KEY, Received, face_settings, read_until, read_until_closed, send, ws_url
-from ops_support import HOLD, GatedEngine, StallWatch, live_server, wait_until
+from ops_support import HOLD, GatedEngine, quiet_attempts, live_server, wait_until
 from structlog.testing import capture_logs
 
 from gateway.engine.fake import FakeEngine
@@ -141,29 +141,23 @@ async def test_inactivity_closes_quiet_sockets_and_keepalives_hold_them(settings
         assert "1 seconds" in received.errors()[0]["message"]
         # keepalives every 0.25 s keep a multi-stream socket open past the timeout (a host
         # that stalls between two of them makes the client silent for a second: again)
-        for _ in range(3):
+        for _ in quiet_attempts():
             received = Received()
-            with StallWatch() as watch:
-                async with websockets.connect(ws_url(server.base_url, multi=True)) as ws:
-                    for _ in range(10):
-                        await send(ws, text="")
-                        await asyncio.sleep(0.25)
-                    await send(ws, text="Still open.", context_id="k", flush=True)
-                    await send(ws, close_socket=True)
-                    await read_until_closed(ws, received)
-            if not watch.stalled:
-                break
+            async with websockets.connect(ws_url(server.base_url, multi=True)) as ws:
+                for _ in range(10):
+                    await send(ws, text="")
+                    await asyncio.sleep(0.25)
+                await send(ws, text="Still open.", context_id="k", flush=True)
+                await send(ws, close_socket=True)
+                await read_until_closed(ws, received)
         assert received.close_code == 1000 and received.audio("k")
         # a client may ask for a longer timeout, up to the server's maximum (2 s here)
-        for _ in range(3):
-            with StallWatch() as watch:
-                async with websockets.connect(ws_url(server.base_url, inactivity_timeout=180)) as ws:
-                    await asyncio.sleep(1.3)
-                    await send(ws, text="Spoken after 1.3 s of silence.")
-                    await send(ws, text="")
-                    received = await read_until_closed(ws, Received())
-            if not watch.stalled:
-                break
+        for _ in quiet_attempts():
+            async with websockets.connect(ws_url(server.base_url, inactivity_timeout=180)) as ws:
+                await asyncio.sleep(1.3)
+                await send(ws, text="Spoken after 1.3 s of silence.")
+                await send(ws, text="")
+                received = await read_until_closed(ws, Received())
         assert received.close_code == 1000
 
 
