@@ -25,7 +25,7 @@ from gateway.engine.fake import FakeEngine
 from gateway.server.http_server import server_config
 from gateway.settings import Settings, SettingsError, load_settings
 from harness import serve_on_loopback
-from ops_support import HOLD, GatedEngine, live_server, wait_until
+from ops_support import HOLD, GatedEngine, live_server, quiet_attempts, wait_until
 from tls_support import TlsFiles, make_tls_files
 
 
@@ -262,11 +262,13 @@ def test_a_cap_full_of_busy_connections_closes_the_next_one_before_its_handshake
         for worker in workers:
             worker.start()
         assert wait_until(lambda: len(engine.jobs) == 2, 15)
-        started = time.monotonic()
-        with httpx.Client(verify=trust, timeout=5) as http:
-            with pytest.raises(httpx.TransportError):
-                http.get(f"{live.base_url}/health")
-        assert time.monotonic() - started < 2
+        for _ in quiet_attempts():  # "at once" is wall time: a stalled host measures again
+            started = time.monotonic()
+            with httpx.Client(verify=trust, timeout=5) as http:
+                with pytest.raises(httpx.TransportError):
+                    http.get(f"{live.base_url}/health")
+            took = time.monotonic() - started
+        assert took < 2, took  # closed, not left to the 5 s header deadline
         engine.gate.set()
         for worker in workers:
             worker.join(10)

@@ -19,6 +19,7 @@ from gateway.engine.base import SAMPLE_RATE, AudioChunk, Engine, GenerationParam
 from gateway.engine.reference.engine import ReferenceEngine
 from gateway.errors import EngineUnavailableError, InvalidRequestError
 from gateway.settings import Settings
+from ops_support import quiet_attempts
 from weights_support import cache_with_shared_weights
 
 pytestmark = pytest.mark.slow
@@ -71,9 +72,11 @@ def test_loaded_from_a_dummy_checkpoint_on_disk(engine: ReferenceEngine) -> None
     path = dummy_checkpoint_path(engine.settings)
     assert all((path / name).is_file() for name in CHECKPOINT_FILES)
     stamp = (path / "t3_cfg.safetensors").stat().st_mtime_ns
-    started = time.monotonic()
-    assert materialize_dummy_checkpoint(engine.settings) == path  # reused, not rewritten
-    assert time.monotonic() - started < 1 and (path / "t3_cfg.safetensors").stat().st_mtime_ns == stamp
+    for _ in quiet_attempts():  # "reused" is also fast: wall time, so a stalled host measures again
+        started = time.monotonic()
+        assert materialize_dummy_checkpoint(engine.settings) == path  # reused, not rewritten
+        took = time.monotonic() - started
+    assert took < 1 and (path / "t3_cfg.safetensors").stat().st_mtime_ns == stamp, took
     components = engine.components
     assert components.builtin_conditionals is not None and components.t3.hp.text_tokens_dict_size == 704
 
