@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ops_support import StallWatch
+from ops_support import StallWatch, quiet_attempts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,9 +261,11 @@ def test_running_out_of_descriptors_means_refusals_not_a_log_flood(tmp_path: Pat
             except OSError:
                 break
         time.sleep(1.0)
-        started = time.monotonic()
-        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
-        assert time.monotonic() - started < 1.0
+        for _ in quiet_attempts():  # a 1 s accept pause is wall time: a stalled host measures again
+            started = time.monotonic()
+            assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+            took = time.monotonic() - started
+        assert took < 1.0, took
     finally:
         for sock in opened:
             sock.close()
@@ -321,9 +323,11 @@ def test_a_flood_from_many_threads_never_runs_the_server_out_of_descriptors(tmp_
             thread.join()
         assert len(opened) > 400
         time.sleep(1.0)  # what the kernel still queues is accepted (and evicted) meanwhile
-        started = time.monotonic()
-        assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
-        assert time.monotonic() - started < 1.0  # no accept pause, no SYN sent twice
+        for _ in quiet_attempts():  # a 1 s accept pause is wall time: a stalled host measures again
+            started = time.monotonic()
+            assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+            took = time.monotonic() - started
+        assert took < 1.0, took  # no accept pause, no SYN sent twice
     finally:
         for sock in opened:
             sock.close()
