@@ -1,7 +1,8 @@
 # Source after gateway/tools/gpu/install.sh: vLLM's offline environment, our wheels, FFmpeg,
 # the plugin's entry point, and every compile cache under one folder ($GPU_CACHE) that a run
-# can tar back through $OUT (`gpu_cache_pack`) and a later visit carry again as
-# .gpu/compile-cache.tar or .tar.xz (families.sh's, unpacked here too when present).
+# can tar back through $OUT (`gpu_cache_pack $OUT/compile-cache.tar.xz`, in parts
+# when over 15 MiB) and a later visit carry again as .gpu/compile-cache.tar.xz or its parts
+# (families.sh's too): cache.sh.
 . /root/vllm_env.sh
 _repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 export PATH=/root/bin:/root/site3/bin:$PATH  # ffmpeg; py-spy (from .gpu/extra)
@@ -11,12 +12,6 @@ export PYTHONUNBUFFERED=1
 export VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0
 export GPU_CACHE=/root/gpu-cache
 export VLLM_CACHE_ROOT=$GPU_CACHE/vllm TORCHINDUCTOR_CACHE_DIR=$GPU_CACHE/inductor TRITON_CACHE_DIR=$GPU_CACHE/triton
-mkdir -p "$GPU_CACHE"
-for _cache in "$_repo/.gpu/compile-cache.tar" "$_repo/.gpu/compile-cache.tar.xz"; do
-  if [ -f "$_cache" ] && [ ! -e "$GPU_CACHE/.unpacked" ]; then
-    tar -xf "$_cache" -C "$GPU_CACHE" && touch "$GPU_CACHE/.unpacked"  # tar finds the compression itself
-  fi
-done
-gpu_cache_pack() {  # gpu_cache_pack DEST.tar[.xz]: the compile caches, for the next visit (xz by the name)
-  XZ_OPT=${XZ_OPT:--T0} tar --exclude=.unpacked -caf "$1" -C "$GPU_CACHE" . 2>/dev/null && ls -la "$1"  # xz on every core: inside a call's limit
-}
+. "$_repo/gateway/tools/gpu/cache.sh"
+gpu_cache_unpack "$_repo/.gpu/compile-cache.tar.xz" "$GPU_CACHE"
+# gpu_cache_pack $OUT/compile-cache.tar.xz: these caches for the next visit (cache.sh)

@@ -46,12 +46,11 @@ if [ "$DRY" = 0 ]; then
   export PATH=/root/bin:$PATH
   export PYTHONPATH=/root/site2:/root/site3:/root/site4:$PWD:/root/ep:${PYTHONPATH:-}  # site4: PyAV (install.sh av)
   # one directory for vLLM's, inductor's and Triton's compile caches: part 2 reuses part 1's,
-  # and the driver packs it into $OUT for a later visit (carry it back as .gpu/compile-cache.tar.xz)
+  # and the driver packs it into $OUT for a later visit (carry it back as .gpu/compile-cache.tar.xz
+  # or its .partN files: cache.sh)
   export CB_COMPILE_CACHE=${CB_COMPILE_CACHE:-/root/cb-compile}
-  if [ -f .gpu/compile-cache.tar.xz ] && [ ! -d "$CB_COMPILE_CACHE" ]; then
-    mkdir -p "$CB_COMPILE_CACHE" && tar -C "$CB_COMPILE_CACHE" -xJf .gpu/compile-cache.tar.xz
-  fi
-  mkdir -p "$CB_COMPILE_CACHE"
+  . gateway/tools/gpu/cache.sh
+  gpu_cache_unpack .gpu/compile-cache.tar.xz "$CB_COMPILE_CACHE"
   export VLLM_CACHE_ROOT=$CB_COMPILE_CACHE/vllm TORCHINDUCTOR_CACHE_DIR=$CB_COMPILE_CACHE/inductor \
          TRITON_CACHE_DIR=$CB_COMPILE_CACHE/triton
   # the dummy checkpoints (3 x 3 GB) and vLLM model dirs: written once, shared by both parts
