@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from gateway.engine.vllm.graph_calls import capture_graph
+from gateway.observability.compile_clock import CompileClock
 
 log = logging.getLogger(__name__)
 
@@ -583,6 +584,7 @@ class CfmSolver:
         if self.device.type != "cuda" or not self.mirrored:
             return 0.0
         t0 = time.perf_counter()
+        clock = CompileClock()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
@@ -597,8 +599,9 @@ class CfmSolver:
         self.graph_bytes = torch.cuda.memory_reserved(self.device) - before
         self.buckets = buckets
         seconds = time.perf_counter() - t0
-        log.info("captured %d CFM graphs in %.1f s (%.0f MiB)", len(self._graphs), seconds,
-                 self.graph_bytes / 2**20)
+        compiled = f"; {clock.read().describe()}" if self.compile != "off" else ""
+        log.info("captured %d CFM graphs in %.1f s (%.0f MiB)%s", len(self._graphs), seconds,
+                 self.graph_bytes / 2**20, compiled)
         return seconds
 
     def _capture_all(self, buckets: GraphBuckets) -> None:
