@@ -26,8 +26,9 @@ From the arrival times of the audio bytes:
   first token (vLLM's queue and prefill) and decoding, sampled every second; tokens per second
   in the steady span, per decoding stream (25 keeps real time) and per hand-off.
 * with ``timeline_log`` (``benchmark --http-timelines``): every request asks for its
-  first-audio timeline, and the row gets each stage's median for the first wave and for the
-  steady span: which stage first audio waits in under load.
+  first-audio timeline, and the row gets each stage's median for the first wave, for the
+  steady span and for its slowest tenth (``timeline_tail``): which stage first audio waits in
+  under load, and which one its p95 waits in.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     server's process; should it die, the row ends at once (its clients would only collect
     connection errors) with ``server_died_at_s``. ``timeline_log``: the
     log of a server started with ``request_timeline``; every request asks for its first-audio
-    timeline, and the row gets the stage medians of the first wave's and of the steady span's
-    requests that had audio (``timeline_first_wave``, ``timeline_steady``): where first audio
+    timeline, and the row gets the stage medians of the first wave's, of the steady span's and
+    of its slowest tenth's requests that had audio (``timeline_first_wave``, ``timeline_steady``,
+    ``timeline_tail``): where first audio
     waits under load."""
     before = await asyncio.to_thread(scrape, base)
     peaks = {"rss": 0, "gpu": 0}
@@ -247,13 +249,23 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     return row
 
 
+TAIL_Q = 0.9
+"""``timeline_tail``: the steady requests whose first audio took at least this quantile of the
+row's (the tail that sets ``ttfb_p95_ms``)."""
+
+
 def _timelines(level: _Level, window_s: float, log: Path, wait_s: float = 15.0) -> dict[str, Any]:
     """The stage medians (``timeline_log.summarise``, T3's per-token stages compacted) of the
-    requests that had audio: those of the first wave, and those started in the steady span."""
-    steady_from = level.t0 + window_s / 3
+    requests that had audio: those of the first wave, those started in the steady span, and of
+    these the slowest tenth to first audio (``timeline_tail``: which stage the p95 waits in)."""
+    steady_from, end = level.t0 + window_s / 3, level.t0 + window_s
+    steady = [r for r in level.requests if r.sent >= steady_from]
+    measured = [r for r in steady if r.first is not None and r.sent + r.first <= end]  # as ttfb_p95_ms
+    tail_from = pct([r.first for r in measured], TAIL_Q)  # type: ignore[misc]
     groups = {
         "timeline_first_wave": [r for r in level.requests if r.sent - level.t0 < FIRST_WAVE_S],
-        "timeline_steady": [r for r in level.requests if r.sent >= steady_from],
+        "timeline_steady": steady,
+        "timeline_tail": [r for r in measured if tail_from is not None and r.first >= tail_from],  # type: ignore[operator]
     }
     wanted = {name: [r.request_id for r in reqs if r.request_id and r.first is not None]
               for name, reqs in groups.items()}

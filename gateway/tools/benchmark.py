@@ -28,7 +28,7 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   p50/p95, steady audio-s/s, RTF p50, errors, the server's memory and the GPU's, T3's
   waiting and decoding requests and tokens per stream (``gateway.tools.bench_http`` defines
   each figure); with ``--http-timelines`` also the first-audio stage medians of each row's
-  first wave and steady span. ``loadtest``: ``gateway.tools.loadtest``
+  first wave, steady span and the steady span's slowest tenth. ``loadtest``: ``gateway.tools.loadtest``
   at 64 streams for ``--loadtest-s`` seconds, every stream's audio length checked.
 
 ``--json`` writes ``{"card", "date", "command", "rows": [the http rows], "stages": {every
@@ -257,7 +257,7 @@ def stage_server(args: argparse.Namespace, stages: list[str],
                                 raise ServerDied(row["server_died_at_s"], server.log)
                             for who, summary in (row.get("py_spy") or {}).items():
                                 print(py_spy.table(summary, f"{who}, {model} x {n}"), flush=True)
-                            for key in ("timeline_first_wave", "timeline_steady"):
+                            for key in ("timeline_first_wave", "timeline_steady", "timeline_tail"):
                                 if key in row:
                                     title = f"{key.replace('_', ' ')}: {model} x {n}, stage medians of the requests"
                                     print(timeline_log.table_text(title, row[key]), flush=True)
@@ -326,7 +326,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 SERVER_STAGES = ("timeline", "http", "loadtest")
-ROW_APART = ("py_spy", "timeline_first_wave", "timeline_steady")
+ROW_APART = ("py_spy", "timeline_first_wave", "timeline_steady", "timeline_tail")
 """An http row's parts printed as tables of their own, not as columns."""
 
 

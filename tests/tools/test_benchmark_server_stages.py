@@ -231,10 +231,38 @@ def test_an_http_row_can_carry_timelines_under_load(tmp_path: Path) -> None:
     wave, steady = row["timeline_first_wave"], row["timeline_steady"]
     assert wave[0]["runs"] >= 3 and [s["stage"] for s in wave][-1] == "first byte written"
     assert steady and steady[-1]["stage"] == "first byte written" and steady[-1]["runs"] >= 3
+    # the slowest tenth of the steady requests (the p95's): fewer of them, each no sooner
+    tail = row["timeline_tail"]
+    assert tail[-1]["stage"] == "first byte written" and 1 <= tail[-1]["runs"] < steady[-1]["runs"]
     # The gauges are sampled once a second and the fake decodes a request in a few ms, so a sample
     # may well find none decoding: their columns must be there; the token counter must have moved.
     # (The arithmetic of the columns is test_the_t3_columns_follow_their_definitions's.)
     assert row["t3_waiting_max"] >= 0 and row["t3_decoding_mean"] >= 0 and row["t3_tokens_per_s"] > 0
+
+
+def test_the_timeline_tail_is_the_steady_requests_slowest_to_first_audio(tmp_path: Path) -> None:
+    """``timeline_tail``: of the requests sent in the steady span whose first audio came inside
+    the window (those ``ttfb_p95_ms`` is taken over), the ones at or above its 90th percentile;
+    their stage medians say where the p95 waited (here: in the vocoder's queue)."""
+    level = bench_http._Level(t0=100.0)
+    lines = []
+    for i in range(20):  # sent at 104 + 0.1 i (the steady span of a 12 s window starts at 104)
+        first = 0.5 + 0.01 * i if i < 18 else 2.0  # two slow ones
+        req = bench_http._Request("chatterbox", 104.0 + 0.1 * i, request_id=f"r{i}", first=first)
+        level.requests.append(req)
+        queued = 100.0 if i < 18 else 1500.0
+        lines.append({"request_id": f"r{i}", "timeline": [["t3 first window", 80.0], ["vocoder queued", 80.0 + queued],
+                                                          ["first byte written", first * 1000]]})
+    level.requests.append(bench_http._Request("chatterbox", 101.0, request_id="early", first=5.0))  # not steady
+    level.requests.append(bench_http._Request("chatterbox", 111.5, request_id="late", first=3.0))  # after the window
+    log = tmp_path / "server.log"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    found = bench_http._timelines(level, 12.0, log, wait_s=0.0)
+    tail, steady = found["timeline_tail"], found["timeline_steady"]
+    assert [r["runs"] for r in tail] == [2, 2, 2]
+    assert {r["stage"]: r["delta_ms"] for r in tail}["vocoder queued"] == 1500.0
+    assert {r["stage"]: r["delta_ms"] for r in steady}["vocoder queued"] == 100.0
+    assert steady[-1]["runs"] == 20  # "late" has no timeline in the log: read as missing, not an error
 
 
 def test_a_body_of_the_wrong_length_is_an_error() -> None:
