@@ -57,6 +57,7 @@ from gateway.engine.base import (SAMPLE_RATE, AudioChunk, BatchStats, Engine, Ge
 from gateway.engine.checkpoint.upstream_voices import UpstreamVoices
 from gateway.engine.chunk_edges import chunk_seed, fade_edges
 from gateway.engine.vllm import gpu_serial
+from gateway.engine.vllm.compile_caches import use_compile_caches
 from gateway.engine.vllm.t3.delivery import regroup
 from gateway.engine.vllm.t3.layout import MAX_POSITIONS
 from gateway.engine.vllm.watermark import StreamWatermark
@@ -160,6 +161,7 @@ class VllmEngine(UpstreamVoices, Engine):
         from gateway.engine.vllm.t3.families import kv_bytes_per_token
         from gateway.engine.vllm.t3.plugin import register
 
+        self._log.info("compile_caches", **use_compile_caches(self.settings.cache_dir))  # before anything compiles
         if not torch.cuda.is_available():
             raise EngineUnavailableError("the vLLM engine needs a CUDA GPU")
         device = torch.device("cuda")
