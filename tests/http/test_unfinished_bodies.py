@@ -63,9 +63,10 @@ def test_half_sent_bodies_cannot_lock_out_health(tmp_path: Path) -> None:
     """Issue 20: ~1,050 sockets sending speech headers, then `{`, then a byte every 5 s,
     reconnecting when dropped, left /health answering 1 of 219 probes. Here 60 sockets
     against a cap of 40, a byte every 0.25 s, a 0.5 s grace."""
-    with served(tmp_path, "--max-connections", "40", "--body-rate-grace-s", "0.5") as server:
-        row = run_attack(server.base_url, tmp_path, "held-bodies", "--held", "60", "--hold-interval", "0.25",
-                         "--duration", "6", "--server-pid", str(server.process.pid))
+    for _ in quiet_attempts():  # p90 is wall time: a run the host stalled in runs again
+        with served(tmp_path, "--max-connections", "40", "--body-rate-grace-s", "0.5") as server:
+            row = run_attack(server.base_url, tmp_path, "held-bodies", "--held", "60", "--hold-interval", "0.25",
+                             "--duration", "6", "--server-pid", str(server.process.pid))
     # ~60 probes in 6 s; at least 10 however long the host stalls (CI's have lasted ~3 s):
     # the issue's lockout answered 1 of 219
     assert row["failed"] == 0 and row["probes"] >= 10, row
@@ -147,9 +148,10 @@ def test_an_unauthenticated_request_does_not_keep_its_connection(settings: Setti
 def test_anonymous_half_sent_bodies_are_cut_like_any_other(tmp_path: Path) -> None:
     """The same flood without a key on a server with keys: the app never runs for bodies that
     never come (so no 401 that the socket could outstay), the rate cuts them."""
-    with served(tmp_path, "--api-keys", "sk-test", "--body-rate-grace-s", "0.5") as server:
-        row = run_attack(server.base_url, tmp_path, "anonymous-bodies", "--held", "30", "--hold-interval", "0.25",
-                         "--duration", "6", "--server-pid", str(server.process.pid))
+    for _ in quiet_attempts():  # p90 is wall time: a run the host stalled in runs again
+        with served(tmp_path, "--api-keys", "sk-test", "--body-rate-grace-s", "0.5") as server:
+            row = run_attack(server.base_url, tmp_path, "anonymous-bodies", "--held", "30", "--hold-interval", "0.25",
+                             "--duration", "6", "--server-pid", str(server.process.pid))
     assert row["failed"] == 0 and row["p90_ms"] is not None and row["p90_ms"] < 50, row
     assert row["answers"].get("408", 0) >= 30, row["answers"]
 
