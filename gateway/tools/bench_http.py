@@ -180,8 +180,7 @@ async def measure_level(base: str, models: Sequence[str], *, window_s: float, vo
     log of a server started with ``request_timeline``; every request asks for its first-audio
     timeline, and the row gets the stage medians of the first wave's, of the steady span's and
     of its slowest tenth's requests that had audio (``timeline_first_wave``, ``timeline_steady``,
-    ``timeline_tail``): where first audio
-    waits under load."""
+    ``timeline_tail``): where first audio waits under load."""
     before = await asyncio.to_thread(scrape, base)
     peaks = {"rss": 0, "gpu": 0}
     async with contextlib.AsyncExitStack() as stack:
@@ -260,12 +259,12 @@ def _timelines(level: _Level, window_s: float, log: Path, wait_s: float = 15.0) 
     these the slowest tenth to first audio (``timeline_tail``: which stage the p95 waits in)."""
     steady_from, end = level.t0 + window_s / 3, level.t0 + window_s
     steady = [r for r in level.requests if r.sent >= steady_from]
-    measured = [r for r in steady if r.first is not None and r.sent + r.first <= end]  # as ttfb_p95_ms
-    tail_from = pct([r.first for r in measured], TAIL_Q)  # type: ignore[misc]
+    measured = [(r, r.first) for r in steady if r.first is not None and r.sent + r.first <= end]  # as ttfb_p95_ms
+    tail_from = pct([first for _, first in measured], TAIL_Q)
     groups = {
         "timeline_first_wave": [r for r in level.requests if r.sent - level.t0 < FIRST_WAVE_S],
         "timeline_steady": steady,
-        "timeline_tail": [r for r in measured if tail_from is not None and r.first >= tail_from],  # type: ignore[operator]
+        "timeline_tail": [r for r, first in measured if tail_from is not None and first >= tail_from],
     }
     wanted = {name: [r.request_id for r in reqs if r.request_id and r.first is not None]
               for name, reqs in groups.items()}
