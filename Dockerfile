@@ -4,7 +4,8 @@
 # run the static FFmpeg inside the imageio-ffmpeg wheel (~13-18 ms to the first bytes, against
 # ~60-90 ms for a distribution's dynamically linked one). Both wheels come with `pip install`.
 # Weights are downloaded from the Hugging Face Hub on first start into the /cache volume
-# (pinned revision; see README), or pre-fetched with `chatterbox-gateway download`.
+# (pinned revision; see README), or pre-fetched with `chatterbox-gateway download`; the vLLM
+# engine keeps its compile caches there too (/cache/compile), so a new container starts warm.
 #
 #   docker build -t chatterbox-gateway .
 #   docker run --gpus all -p 8000:8000 -v chatterbox-cache:/cache chatterbox-gateway
