@@ -186,30 +186,32 @@ def gpu_memory_snapshot() -> dict[str, Any]:
     return snap
 
 
+CACHE_SH = Path(__file__).with_name("cache.sh")
+"""``gpu_cache_pack``: the same pack (and its parts) as a call's own ``env.sh`` makes."""
+
+
 def pack_compile_cache(visit: Visit) -> None:
     where = os.environ.get("CB_COMPILE_CACHE")
     root = Path(where) if where else None
     if root is None or not root.is_dir() or not any(root.iterdir()):
         visit.summary["compile_cache"] = "none"
         return
-    target = visit.out.parent / f".{visit.part}-compile-cache.tar.xz"
+    dest = visit.out / "compile-cache.tar.xz"
     try:
-        subprocess.run(["tar", "-C", str(root), "-cJf", str(target), "."], check=True, timeout=120,
-                       env={**os.environ, "XZ_OPT": "-6 -T0"})
+        subprocess.run(["bash", "-c", f'. "{CACHE_SH}" && gpu_cache_pack "$0" "$1"', str(dest), str(root)],
+                       check=True, timeout=120, capture_output=True,
+                       env={**os.environ, "XZ_OPT": "-6 -T0", "GPU_CACHE_PART_BYTES": str(CACHE_PART_BYTES)})
     except (OSError, subprocess.SubprocessError) as exc:
         visit.summary["compile_cache"] = f"not packed: {exc!r}"
         return
-    size = target.stat().st_size
+    parts = sorted(visit.out.glob("compile-cache.tar.xz*"))
+    size = sum(p.stat().st_size for p in parts)
     if size > CACHE_MAX_BYTES:
+        for part in parts:
+            part.unlink()
         visit.summary["compile_cache"] = f"left out: {size >> 20} MiB packed (> {CACHE_MAX_BYTES >> 20})"
     else:
-        data = target.read_bytes()
-        parts = [data[i:i + CACHE_PART_BYTES] for i in range(0, len(data), CACHE_PART_BYTES)]
-        for i, chunk in enumerate(parts):
-            name = "compile-cache.tar.xz" if len(parts) == 1 else f"compile-cache.tar.xz.part{i + 1}"
-            (visit.out / name).write_bytes(chunk)
         visit.summary["compile_cache"] = f"{size >> 20} MiB in {len(parts)} file(s) (cat the parts, tar -xJf)"
-    target.unlink(missing_ok=True)
 
 
 def python() -> list[str]:

@@ -3,6 +3,7 @@ folder a deployment keeps (the Docker image's volume), unless the environment na
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,6 @@ def test_the_engine_sets_them_before_anything_loads(monkeypatch: pytest.MonkeyPa
     engine = VllmEngine(settings)
     with pytest.raises(EngineUnavailableError):  # no GPU here: it stops right after
         engine._load()
-    import os
-
     assert os.environ["VLLM_CACHE_ROOT"] == str(tmp_path / "cache" / "compile" / "vllm")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile" / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "operator-chosen")
