@@ -440,10 +440,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     voice prompt; a first window the vocoder takes at once stays small. 0: off."""
 
     # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
-    vocoder_compile: Literal["off", "dynamic", "static"] = "off"
+    vocoder_compile: Literal["off", "dynamic", "static", "rows"] = "off"
     """Compile the CFM estimator's blocks with torch.compile (inductor) inside the captured
     CUDA graphs: dynamic: one compile for every shape; static: one per graph bucket (slower
-    start, warm caches help). Falls back to the plain blocks, with a warning, if compiling fails."""
+    start, warm caches help); rows: one per row count, the frame width symbolic (a start
+    between the two). Falls back to the plain blocks, with a warning, if compiling fails."""
     vocoder_attention: Literal["sdpa", "varlen", "auto"] = "auto"
     """The CFM estimator's attention: sdpa (upstream's key-padding bias through SDPA), varlen
     (FlashAttention's variable-length kernel, each row's queries over its real keys: the same

@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rows", default="1,8,32", help="batch sizes (comma-separated)")
     p.add_argument("--frames", default="546,646", help="window widths in mel frames (comma-separated)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", default="off", choices=("off", "dynamic", "static"), help="the solver's vocoder_compile")
+    p.add_argument("--compile", default="off", choices=("off", "dynamic", "static", "rows"), help="the solver's vocoder_compile")
     p.add_argument("--attention", default="sdpa", help="comma-separated attention modes (vocoder_attention): sdpa, varlen")
     p.add_argument("--real-frames", type=float, default=1.0,
                    help="the rows' real frames: from this share of the width up to all of it (1: no padding)")

@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--profile-configs", default="before,after",
                     help="before: estimator not compiled, one batch in flight; after: compiled, two in flight")
-    ap.add_argument("--profile-compile", default="dynamic", choices=["dynamic", "static", "off"],
+    ap.add_argument("--profile-compile", default="dynamic", choices=["dynamic", "static", "rows", "off"],
                     help="the after configuration's vocoder_compile")
     ap.add_argument("--profile-knobs", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the speed knobs (prompt length, first-window steps) on the after configuration")

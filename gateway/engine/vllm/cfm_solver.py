@@ -326,22 +326,55 @@ def plain_blocks(attention: str) -> Blocks:
     return VARLEN if attention == "varlen" else PLAIN
 
 
+COMPILE_MODES = ("dynamic", "static", "rows")
+"""``vocoder_compile`` values other than ``off`` (:func:`compiled_blocks`)."""
+
+
+def frames_symbolic(fn: Callable[..., torch.Tensor], frame_dims: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+    """``fn`` (a function ``torch.compile`` made) with the frames dimension of its tensor
+    arguments marked dynamic before each call: ``frame_dims[i]`` is that dimension of argument
+    ``i`` (-1: none). Every graph width of one row count then shares one compile; the row
+    count stays a constant of the kernels (``maybe_mark_dynamic``: a dimension the trace must
+    specialise is compiled static, with a recompile per width, never an error)."""
+    import torch._dynamo
+
+    def call(*args: Any) -> torch.Tensor:
+        for arg, dim in zip(args, frame_dims, strict=False):
+            if dim >= 0 and isinstance(arg, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(arg, dim)
+        return fn(*args)
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
 def compiled_blocks(mode: str, attention: str = "sdpa") -> Blocks:
     """:class:`Blocks` through ``torch.compile`` (inductor, no cudagraphs of its own: ours
     capture it). ``dynamic``: one symbolic-shape compile for all shapes; ``static``: one per
-    shape (better kernels, a compile per graph bucket)."""
+    graph bucket (rows x frames: kernels for exact sizes; with ``vocoder_max_batch`` 32, 48
+    buckets of five compiled frames each, ~145 s of an H100 start with warm caches, 2026-12-07);
+    ``rows``: one per row count, the frames symbolic (the widths of a row count share it: 6
+    row counts instead of 48 buckets)."""
     import torch._dynamo
 
-    if mode not in ("dynamic", "static"):
+    if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}")
     plain = plain_blocks(attention)
-    # static: one entry per bucket shape, more than dynamo's default of 8 recompiles per function.
+    # static and rows: an entry per shape (or row count), more than dynamo's default of 8
+    # recompiles per function.
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 256)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
     dynamic = mode == "dynamic"
-    return Blocks(transformer=torch.compile(plain.transformer, dynamic=dynamic, fullgraph=True),
-                  resnet=torch.compile(plain.resnet, dynamic=dynamic, fullgraph=True))
+    transformer = torch.compile(plain.transformer, dynamic=dynamic, fullgraph=True)
+    resnet = torch.compile(plain.resnet, dynamic=dynamic, fullgraph=True)
+    if mode == "rows":
+        # transformer(block, wqkv, x (b, t, c), bias (b, heads, 1, t) | RowKeys: no frames dim);
+        # resnet(resnet, x (b, c, t), mask (b, 1, t), tproj (b | 1, c)).
+        bias_dim = 3 if attention == "sdpa" else -1
+        transformer = frames_symbolic(transformer, (-1, -1, 1, bias_dim))
+        resnet = frames_symbolic(resnet, (-1, 2, 2, -1))
+    return Blocks(transformer=transformer, resnet=resnet)
 
 
 @dataclass(frozen=True, slots=True)

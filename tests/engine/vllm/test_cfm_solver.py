@@ -146,6 +146,30 @@ def test_compiled_blocks_equal_the_plain_ones_for_any_shape_with_one_compile_eac
     assert counters["stats"]["unique_graphs"] == graphs <= 4, dict(counters["stats"])
 
 
+@pytest.mark.slow
+def test_rows_compiles_once_per_row_count_whatever_the_width(tiny_cfm_decoder, cfm_inputs) -> None:
+    """``rows``: the widths of one row count share a compile (``static`` compiles each of the
+    48 buckets of a served start: ~145 s of an H100's start with warm caches), a new row count
+    compiles again (its kernels keep the row count constant), and the results are the plain
+    blocks' for every shape."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = tiny_cfm_decoder()
+    plain = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
+    compiled = CfmSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="rows")
+    graphs = {}
+    for rows, frames, valid in ((2, 24, [24, 13]), (2, 40, [40, 7]), (2, 56, [9, 56]), (3, 40, [40, 7, 31])):
+        args = cfm_inputs(rows, frames, valid, seed=rows + frames)
+        torch.testing.assert_close(compiled.solve(*args), plain.solve(*args), rtol=1e-4, atol=1e-5)
+        graphs[rows, frames] = counters["stats"]["unique_graphs"]
+    assert compiled.compile == "rows" and compiled.compile_error is None
+    assert graphs[2, 24] == graphs[2, 40] == graphs[2, 56] > 0, graphs
+    assert graphs[3, 40] == 2 * graphs[2, 24], graphs
+
+
 # --- fewer kernels per solve than upstream's estimator ---------------------------------------
 
 
