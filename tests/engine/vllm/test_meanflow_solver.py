@@ -107,14 +107,15 @@ def test_graph_capture_is_the_inherited_one(decoder) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compute_the_same_meanflow_solve(decoder, cfm_inputs) -> None:
+@pytest.mark.parametrize("mode", ["dynamic", "rows"])
+def test_compiled_blocks_compute_the_same_meanflow_solve(decoder, cfm_inputs, mode) -> None:
     """``vocoder_compile`` reaches Turbo's solve too: the same blocks through torch.compile."""
     import torch._dynamo
 
     torch._dynamo.reset()
     plain = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32)
-    compiled = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile="dynamic")
-    assert compiled.compile == "dynamic"
+    compiled = MeanFlowSolver(decoder, steps=2, device="cpu", dtype=torch.float32, compile=mode)
+    assert compiled.compile == mode
     for rows, frames, valid in ((2, 24, [24, 13]), (3, 40, [40, 7, 31])):
         args = cfm_inputs(rows, frames, valid, seed=rows)
         torch.testing.assert_close(compiled.solve(*args), plain.solve(*args), rtol=1e-4, atol=1e-5)
