@@ -344,7 +344,6 @@ def frames_symbolic(fn: Callable[..., torch.Tensor], frame_dims: tuple[int, ...]
                 torch._dynamo.maybe_mark_dynamic(arg, dim)
         return fn(*args)
 
-    call.__wrapped__ = fn  # type: ignore[attr-defined]
     return call
 
 
