@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -28,6 +28,11 @@ NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "chatterbox-gateway")
+
+
+VocoderCompile = Literal["off", "dynamic", "static", "rows"]
+"""``vocoder_compile``'s values (the CFM solver's ``compile`` modes, and ``off``)."""
+VOCODER_COMPILE_CHOICES: tuple[str, ...] = get_args(VocoderCompile)
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -440,7 +445,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     voice prompt; a first window the vocoder takes at once stays small. 0: off."""
 
     # --- Speed: measured trade-offs and measurement aids (docs/operations.md, "Speed knobs") -
-    vocoder_compile: Literal["off", "dynamic", "static", "rows"] = "off"
+    vocoder_compile: VocoderCompile = "off"
     """Compile the CFM estimator's blocks with torch.compile (inductor) inside the captured
     CUDA graphs: dynamic: one compile for every shape; static: one per graph bucket (slower
     start, warm caches help); rows: one per row count, the frame width symbolic (a start

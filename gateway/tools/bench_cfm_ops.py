@@ -51,6 +51,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from gateway.engine.vllm.cfm_solver import ATTENTION_MODES, MEL_BINS, CfmSolver, GraphBuckets
 from gateway.engine.vllm.meanflow_solver import flow_solver
+from gateway.settings import VOCODER_COMPILE_CHOICES
 from gateway.tools.bench_host import print_rows, write_result
 
 FAMILIES = {"chatterbox": (False, 10), "chatterbox-turbo": (True, 2)}
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rows", default="1,8,32", help="batch sizes (comma-separated)")
     p.add_argument("--frames", default="546,646", help="window widths in mel frames (comma-separated)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", default="off", choices=("off", "dynamic", "static", "rows"), help="the solver's vocoder_compile")
+    p.add_argument("--compile", default="off", choices=VOCODER_COMPILE_CHOICES, help="the solver's vocoder_compile")
     p.add_argument("--attention", default="sdpa", help="comma-separated attention modes (vocoder_attention): sdpa, varlen")
     p.add_argument("--real-frames", type=float, default=1.0,
                    help="the rows' real frames: from this share of the width up to all of it (1: no padding)")

@@ -51,6 +51,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.settings import VOCODER_COMPILE_CHOICES
 from gateway.tools.bench_http import TEXT_10S, pct
 from gateway.tools.bench_t3 import T3STEP_MODELS
 
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--profile-configs", default="before,after",
                     help="before: estimator not compiled, one batch in flight; after: compiled, two in flight")
-    ap.add_argument("--profile-compile", default="dynamic", choices=["dynamic", "static", "rows", "off"],
+    ap.add_argument("--profile-compile", default="dynamic", choices=VOCODER_COMPILE_CHOICES,
                     help="the after configuration's vocoder_compile")
     ap.add_argument("--profile-knobs", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the speed knobs (prompt length, first-window steps) on the after configuration")

@@ -65,7 +65,7 @@ import torch
 from gateway.engine.vllm.s3gen_batch import FlowRow, HiftRow, NoiseTapes, S3GenBatch
 from gateway.engine.vllm.vocoder import Vocoder
 from gateway.engine.vllm.vocoder_windows import WindowPolicy
-from gateway.settings import load_settings
+from gateway.settings import VOCODER_COMPILE_CHOICES, load_settings
 
 REF_SR = 24_000
 FP32_SNR_DB = 90.0
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--sizes", choices=("tiny", "real"), default=None, help="default: real on CUDA, tiny on CPU")
     ap.add_argument("--bench", action="store_true", help="also time batched vs one-by-one windows")
-    ap.add_argument("--compile", choices=("off", "dynamic", "static", "rows"), default=None,
+    ap.add_argument("--compile", choices=VOCODER_COMPILE_CHOICES, default=None,
                     help="also check the compiled estimator (default: dynamic on CUDA, off on the CPU)")
     ap.add_argument("--knobs", action="store_true", help="then measure what the speed knobs do to the audio")
     ap.add_argument("--json", default=None, help="also write the checks (and knob rows) here")

@@ -75,6 +75,7 @@ from einops import rearrange
 
 from gateway.engine.vllm.graph_calls import capture_graph
 from gateway.observability.compile_clock import CompileClock
+from gateway.settings import VOCODER_COMPILE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def plain_blocks(attention: str) -> Blocks:
     return VARLEN if attention == "varlen" else PLAIN
 
 
-COMPILE_MODES = ("dynamic", "static", "rows")
+COMPILE_MODES = tuple(mode for mode in VOCODER_COMPILE_CHOICES if mode != "off")
 """``vocoder_compile`` values other than ``off`` (:func:`compiled_blocks`)."""
 
 
