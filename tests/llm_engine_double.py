@@ -13,8 +13,10 @@ from typing import Any
 
 class LLMEngineDouble:
     def __init__(self, tokens: list[int], *, per_step: int = 2, step_s: float = 0.0,
-                 refuse: str | None = None, fail_on_step: int | None = None) -> None:
+                 refuse: str | None = None, fail_on_step: int | None = None, first_after: int = 1) -> None:
         self.tokens, self.per_step, self.step_s = tokens, per_step, step_s
+        self.first_after = first_after  # a request's first tokens come out of its n-th step (vLLM: prefill, async scheduling)
+        self.stepped: dict[str, int] = {}  # request id -> steps it has been in
         self.refuse = refuse  # a request id whose add_request raises (a bad prompt)
         self.fail_on_step = fail_on_step  # step number (1-based) that raises
         self.live: dict[str, int] = {}  # request id -> tokens handed out
@@ -56,6 +58,9 @@ class LLMEngineDouble:
             time.sleep(self.step_s)
         outputs = []
         for request_id, made in list(self.live.items()):
+            self.stepped[request_id] = self.stepped.get(request_id, 0) + 1
+            if self.stepped[request_id] < self.first_after:
+                continue
             ids = self.tokens[made:made + self.per_step]
             made += len(ids)
             finished = made >= len(self.tokens)

@@ -554,7 +554,7 @@ class VllmEngine(UpstreamVoices, Engine):
             trace.mark("t3 prompt built")
         generated = _Generated()
         producer = asyncio.create_task(self._tokens(runtime, prompt.vllm_prompt(_torch_dtype(T3_DTYPE)), sampling,
-                                                    request_id, stream, generated))
+                                                    request_id, stream, generated, trace))
         made = 0
         first = True
         marker = None
@@ -598,15 +598,17 @@ class VllmEngine(UpstreamVoices, Engine):
             stream.cancel()
 
     async def _tokens(self, runtime: FamilyRuntime, prompt: dict, sampling: Any, request_id: str, stream: Any,
-                      generated: _Generated) -> None:
+                      generated: _Generated, trace: Timeline | None = None) -> None:
         """Speech token deltas from vLLM into the vocoder stream, then the family's tail
-        tokens (after any speech), then ``finish``."""
+        tokens (after any speech), then ``finish``. ``trace``: the request's timeline, handed
+        to an engine thread (``vllm_engine_core = "thread"``) to mark vLLM's part."""
         counted = runtime.counts.request()
         cap = self.settings.vllm_stream_interval
         # groups of up to cap tokens, each ending where the stream's next window is due
         outputs = getattr(runtime.llm, "output_processor", None) if cap > 1 else None
+        traced = {"trace": trace} if trace is not None and _marks_timelines(runtime.llm) else {}
         try:
-            async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id):
+            async for out in runtime.llm.generate(prompt, sampling.to_vllm(), request_id, **traced):
                 ids = out.outputs[0].token_ids
                 made = sum(1 for t in ids if 0 <= t < SPEECH_VOCAB_SIZE)
                 generated.tokens += made
@@ -627,6 +629,14 @@ class VllmEngine(UpstreamVoices, Engine):
             raise EngineError(f"T3 generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             counted.end()
+
+
+def _marks_timelines(llm: Any) -> bool:
+    """Whether ``llm`` marks a request's timeline itself (the engine thread does; AsyncLLM,
+    whose engine core is a process, does not)."""
+    from gateway.engine.vllm.engine_thread import ThreadedLLM
+
+    return isinstance(llm, ThreadedLLM)
 
 
 async def _marked(marking: Awaitable[np.ndarray]) -> np.ndarray:

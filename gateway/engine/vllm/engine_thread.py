@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from gateway.engine.vllm.t3_pause import T3Pause
+from gateway.observability.timeline import Timeline
 
 log = structlog.get_logger("gateway.engine")
 
@@ -73,11 +74,26 @@ class _Request:
     params: Any
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[tuple[str, Any]]
+    trace: Timeline | None = None
+    """The request's first-audio timeline, if it keeps one: the engine thread marks its part
+    (:data:`TRACE_STAGES`) up to the step that gave the request its first output."""
+    stepped: bool = False
+    """A step has begun since the request was added (engine thread only, traced requests)."""
 
     def deliver(self, kind: str, value: Any) -> None:
         """From the engine thread: hand one item to the request's event loop."""
         with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, (kind, value))
+
+
+TRACE_STAGES = ("t3 engine took it", "t3 added to vLLM", "t3 first step began", "t3 output step began",
+                "t3 output step ended")
+"""What the engine thread marks on a traced request's timeline, in this order: the thread took
+the add command from its queue (after the step it was in, or a T3 pause), vLLM's
+``add_request`` returned (its input processing), the first step after that began (a pause
+before it shows as the gap), the step whose outputs held the request's first tokens began and
+ended. The request's next mark, ``t3 tokens: 1``, is its event loop receiving them. With the
+engine core in a process (``AsyncLLM``) vLLM's side has no such marks."""
 
 
 class ThreadedLLM:
@@ -92,6 +108,7 @@ class ThreadedLLM:
                  stream: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # engine thread only
+        self._traced: dict[str, _Request] = {}  # engine thread only: traced requests before their first output
         self._started = threading.Event()
         self._lock = threading.Lock()  # orders "closed" against every command put on the queue
         self._closed = False
@@ -126,10 +143,12 @@ class ThreadedLLM:
 
     # --- what the engine calls (event-loop thread) --------------------------------------------
 
-    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+    async def generate(self, prompt: Any, params: Any, request_id: str, *,
+                       trace: Timeline | None = None) -> AsyncIterator[Any]:
         """The request's outputs as the engine steps; closing or cancelling this iterator
-        before the last one aborts the request (its KV cache and batch slot are freed)."""
-        request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        before the last one aborts the request (its KV cache and batch slot are freed).
+        ``trace``: the request's timeline, which the engine thread marks (:data:`TRACE_STAGES`)."""
+        request = _Request(request_id, prompt, params, asyncio.get_running_loop(), asyncio.Queue(), trace)
         if not self._submit("add", request):
             raise self._ended_error()
         finished = False
@@ -213,6 +232,7 @@ class ThreadedLLM:
         for request in self._requests.values():
             request.deliver("error", error)
         self._requests.clear()
+        self._traced.clear()
         while True:
             try:
                 command, value = self._commands.get_nowait()
@@ -229,18 +249,26 @@ class ThreadedLLM:
                 if command == "add":
                     self._add(engine, value)
                 elif command == "abort" and self._requests.pop(value, None) is not None:
+                    self._traced.pop(value, None)
                     engine.abort_request([value])
             if engine.has_unfinished_requests():
                 if self.pause is not None:
                     self.pause.wait()
                 began, cpu = time.perf_counter(), time.thread_time()
+                if self._traced:
+                    self._mark_first_step(began)
                 step: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
-                for output in engine.step():
+                outputs = engine.step()
+                ended = time.perf_counter()
+                for output in outputs:
                     request = self._requests.get(output.request_id)
                     if request is None:
                         continue  # aborted meanwhile
                     if output.finished:
                         del self._requests[output.request_id]
+                    if request.trace is not None and self._traced.pop(output.request_id, None) is not None:
+                        request.trace.mark("t3 output step began", at=began)
+                        request.trace.mark("t3 output step ended", at=ended)
                     step.setdefault(request.loop, []).append((request, output))
                 for loop, delivered in step.items():  # one wake-up of each loop per step, not one per request
                     with contextlib.suppress(RuntimeError):  # its loop is closed: nobody is waiting
@@ -249,6 +277,13 @@ class ThreadedLLM:
                 clock.cpu_s += time.thread_time() - cpu
                 clock.wall_s += time.perf_counter() - began
                 clock.steps += 1
+
+    def _mark_first_step(self, began: float) -> None:
+        """Mark ``t3 first step began`` on the traced requests added since the last step."""
+        for request in self._traced.values():
+            if not request.stepped:
+                request.stepped = True
+                request.trace.mark("t3 first step began", at=began)  # type: ignore[union-attr]
 
     def _take_commands(self, *, block: bool) -> Iterator[tuple[str, Any]]:
         """The commands waiting now (at least one when ``block``: the engine is idle)."""
@@ -261,12 +296,17 @@ class ThreadedLLM:
                 return
 
     def _add(self, engine: Any, request: _Request) -> None:
+        if request.trace is not None:
+            request.trace.mark("t3 engine took it")
         try:
             engine.add_request(request.request_id, request.prompt, request.params)
         except Exception as exc:  # noqa: BLE001 - the request's own fault (its prompt, its params)
             request.deliver("error", exc)
             return
         self._requests[request.request_id] = request
+        if request.trace is not None:
+            request.trace.mark("t3 added to vLLM")
+            self._traced[request.request_id] = request
 
 
 def _hand_out(delivered: list[tuple[_Request, Any]]) -> None:

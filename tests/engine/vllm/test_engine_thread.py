@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 from llm_engine_double import LLMEngineDouble
 
-from gateway.engine.vllm.engine_thread import EngineThreadDied, ThreadedLLM
+from gateway.engine.vllm.engine_thread import TRACE_STAGES, EngineThreadDied, ThreadedLLM
+from gateway.observability.timeline import Timeline
 from gateway.settings import SettingsError, load_settings
 
 
@@ -72,6 +73,48 @@ async def test_the_engines_output_processor_is_reachable_as_async_llms_is(double
     engine's output processor, which ``AsyncLLM`` and ``LLMEngine`` both have."""
     double, llm = double_and_llm()
     assert llm.output_processor is double.output_processor
+
+
+async def test_a_traced_request_has_the_engine_threads_part_of_its_first_audio_marked(double_and_llm) -> None:
+    """A request with a timeline gets the engine thread's marks in order: the command taken,
+    vLLM's add_request done, the first step after it, and the step that gave its first tokens
+    (the double's third: prefill and async scheduling's lag), each where it happened; an
+    untraced request beside it is not slowed or marked, and the marks stop at the first output."""
+    double, llm = double_and_llm(per_step=1, step_s=0.02, first_after=3)
+    other = asyncio.create_task(_collect(llm, "untraced"))
+    await _wait_for(lambda: double.steps >= 2)
+    trace = Timeline()
+    tokens = []
+    async for out in llm.generate({}, {}, "traced", trace=trace):
+        if not tokens:
+            trace.mark("t3 tokens: 1")
+        tokens.extend(out.outputs[0].token_ids)
+    assert tokens == list(range(10)) and await other == list(range(10))
+    rows = trace.rows()
+    assert [stage for stage, _, _ in rows] == [*TRACE_STAGES, "t3 tokens: 1"]
+    at = {stage: ms for stage, ms, _ in rows}
+    assert at["t3 output step ended"] - at["t3 output step began"] >= 20  # one step of the double
+    assert at["t3 output step began"] - at["t3 first step began"] >= 2 * 20  # two steps without output
+
+
+async def test_a_traced_request_aborted_before_its_first_output_is_marked_no_further(double_and_llm) -> None:
+    double, llm = double_and_llm(per_step=1, step_s=0.01, first_after=1000)  # no request is ever answered
+    keep = asyncio.create_task(_collect(llm, "keep"))  # keeps the engine stepping
+    trace = Timeline()
+    outputs = llm.generate({}, {}, "gone", trace=trace)
+    task = asyncio.create_task(outputs.__anext__())
+    await _wait_for(lambda: double.steps >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await outputs.aclose()
+    await _wait_for(lambda: double.aborted == ["gone"])
+    steps = double.steps
+    await _wait_for(lambda: double.steps >= steps + 3)
+    assert [stage for stage, _ in trace.marks] == ["t3 engine took it", "t3 added to vLLM", "t3 first step began"]
+    keep.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await keep
 
 
 async def test_an_idle_engine_thread_waits_instead_of_stepping(double_and_llm) -> None:
