@@ -78,8 +78,8 @@ async def test_the_engines_output_processor_is_reachable_as_async_llms_is(double
 async def test_a_traced_request_has_the_engine_threads_part_of_its_first_audio_marked(double_and_llm) -> None:
     """A request with a timeline gets the engine thread's marks in order: the command taken,
     vLLM's add_request done, the first step after it, and the step that gave its first tokens
-    (the double's third: prefill and async scheduling's lag), each where it happened; an
-    untraced request beside it is not slowed or marked, and the marks stop at the first output."""
+    (the double's third: prefill and async scheduling's lag), each where it happened, and
+    none after the first output; an untraced request beside it streams as before."""
     double, llm = double_and_llm(per_step=1, step_s=0.02, first_after=3)
     other = asyncio.create_task(_collect(llm, "untraced"))
     await _wait_for(lambda: double.steps >= 2)
