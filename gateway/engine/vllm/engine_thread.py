@@ -77,8 +77,6 @@ class _Request:
     trace: Timeline | None = None
     """The request's first-audio timeline, if it keeps one: the engine thread marks its part
     (:data:`TRACE_STAGES`) up to the step that gave the request its first output."""
-    stepped: bool = False
-    """A step has begun since the request was added (engine thread only, traced requests)."""
 
     def deliver(self, kind: str, value: Any) -> None:
         """From the engine thread: hand one item to the request's event loop."""
@@ -109,6 +107,7 @@ class ThreadedLLM:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._traced: dict[str, _Request] = {}  # engine thread only: traced requests before their first output
+        self._traced_new: list[_Request] = []  # engine thread only: traced requests added since the last step
         self._started = threading.Event()
         self._lock = threading.Lock()  # orders "closed" against every command put on the queue
         self._closed = False
@@ -233,6 +232,7 @@ class ThreadedLLM:
             request.deliver("error", error)
         self._requests.clear()
         self._traced.clear()
+        self._traced_new.clear()
         while True:
             try:
                 command, value = self._commands.get_nowait()
@@ -255,7 +255,7 @@ class ThreadedLLM:
                 if self.pause is not None:
                     self.pause.wait()
                 began, cpu = time.perf_counter(), time.thread_time()
-                if self._traced:
+                if self._traced_new:
                     self._mark_first_step(began)
                 step: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
                 outputs = engine.step()
@@ -279,11 +279,12 @@ class ThreadedLLM:
                 clock.steps += 1
 
     def _mark_first_step(self, began: float) -> None:
-        """Mark ``t3 first step began`` on the traced requests added since the last step."""
-        for request in self._traced.values():
-            if not request.stepped:
-                request.stepped = True
+        """Mark ``t3 first step began`` on the traced requests added since the last step (and
+        not aborted meanwhile)."""
+        for request in self._traced_new:
+            if request.request_id in self._traced:
                 request.trace.mark("t3 first step began", at=began)  # type: ignore[union-attr]
+        self._traced_new.clear()
 
     def _take_commands(self, *, block: bool) -> Iterator[tuple[str, Any]]:
         """The commands waiting now (at least one when ``block``: the engine is idle)."""
@@ -307,6 +308,7 @@ class ThreadedLLM:
         if request.trace is not None:
             request.trace.mark("t3 added to vLLM")
             self._traced[request.request_id] = request
+            self._traced_new.append(request)
 
 
 def _hand_out(delivered: list[tuple[_Request, Any]]) -> None:
