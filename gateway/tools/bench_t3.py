@@ -48,7 +48,10 @@ class T3StepSetup:
     """``SamplingParams`` fields of the family's served sampling (the repetition penalty on
     the path ``penalty`` names)."""
     unpenalised: dict[str, Any]
-    """The same without the repetition penalty."""
+    """The same without the repetition penalty, on vLLM's sampler."""
+    seeded: dict[str, Any]
+    """The served sampling of a seeded request (its ``seed`` left out): ``fused`` sends those
+    to vLLM's sampler, so their tokens match the ``sampler`` path's."""
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "extra_args")
@@ -94,11 +97,13 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
         model_dir = write_model_dir(directory / "t3")
     params = GenerationParams(**family.defaults)
     sampling = front.sampling(params, max_tokens=1, seed=None, fixed_length=False)
-    sampling = dataclasses.replace(sampling, resident_penalty=penalty == "resident")
-    fields = sampling.vllm_fields()
-    served = {k: fields[k] for k in _SAMPLING_FIELDS if fields[k] is not None}
-    unpenalised = {k: v for k, v in served.items() if k not in ("repetition_penalty", "extra_args")}
-    return T3StepSetup(model_dir, prompt, served, unpenalised)
+
+    def fields(path: str, seed: int | None = None) -> dict[str, Any]:
+        made = dataclasses.replace(sampling, penalty_path=path, seed=seed).vllm_fields()
+        return {k: made[k] for k in _SAMPLING_FIELDS if made[k] is not None}
+
+    unpenalised = {k: v for k, v in fields("sampler").items() if k != "repetition_penalty"}
+    return T3StepSetup(model_dir, prompt, fields(penalty), unpenalised, fields(penalty, seed=7))
 
 
 def _served_t3(text_tokens: int, max_seqs: int, gpu_memory_utilization: float,
@@ -146,10 +151,12 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
                   profile_path: Path | None = None, profile_tokens: int = 40, penalty: str = "sampler",
                   model: str = "chatterbox", profile_batch: int = 1, py_spy_s: float = 0.0,
                   py_spy_dir: Path | None = None, cascade: bool = False) -> list[dict]:
-    """``penalty``: ``sampler`` (vLLM's penalty path, as served by default) or ``resident``
+    """``penalty``: ``sampler`` (vLLM's penalty path, as served by default), ``resident``
     (``vllm_penalty = "resident"``: the engine loads our processor and the penalised variants
-    go through it). Run once each, in two processes, to compare: the rows' ``tokens_sha`` of
-    the seeded variant must match between the two (the same arithmetic, the same tokens).
+    go through it) or ``fused`` (the served variant drawn by our fused processor, the seeded one
+    left to vLLM's sampler beside it, as the server does). Run once each, in separate
+    processes, to compare: the rows' ``tokens_sha`` of the seeded variant must match between
+    them (the same arithmetic, the same tokens; with ``fused``, rows it leaves alone).
     ``model``: the family (module docstring). ``cascade``: vLLM's cascade attention on
     (``vllm_cascade_attention``; every row here shares the prompt, as one voice's requests do);
     run once each, in two processes, to compare."""
@@ -159,10 +166,10 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
     llm, setup, init_s = _served_t3(text_tokens, max(batches), 0.3, penalty, model, cascade)
     prompt = setup.prompt
     common = {"max_tokens": tokens, "ignore_eos": True, "detokenize": False}
-    served = ", ".join(f"{k} {v}" for k, v in setup.served.items() if k != "extra_args")
+    served = ", ".join(f"{k} {v}" for k, v in setup.seeded.items() if k != "extra_args")
     variants = {
         f"served: {served} ({penalty})": SamplingParams(**setup.served, **common),
-        f"served, seeded ({penalty})": SamplingParams(**setup.served, seed=7, **common),
+        f"served, seeded ({penalty})": SamplingParams(**setup.seeded, seed=7, **common),
         "no repetition penalty": SamplingParams(**setup.unpenalised, **common),
         "greedy, no penalty, no min_p": SamplingParams(temperature=0.0, **common),
     }

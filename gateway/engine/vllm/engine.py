@@ -537,9 +537,7 @@ class VllmEngine(UpstreamVoices, Engine):
         max_tokens = min(p.max_speech_tokens, self.settings.max_speech_tokens, room)
         seed = None if p.seed is None else chunk_seed(p.seed, index)
         sampling = runtime.t3.sampling(p, max_tokens=max_tokens, seed=seed, fixed_length=self.fixed_length)
-        if self.settings.vllm_penalty == "resident":
-            sampling = dataclasses.replace(sampling, resident_penalty=True)
-        return sampling
+        return dataclasses.replace(sampling, penalty_path=self.settings.vllm_penalty)
 
     async def _chunk(self, runtime: FamilyRuntime, job: SynthesisJob, index: int, text: str) -> AsyncIterator[AudioChunk]:
         trace = job.trace if index == 0 else None  # the first audio comes from the first chunk

@@ -124,26 +124,26 @@ def test_a_resident_request_turns_vllms_penalty_off_and_carries_its_own() -> Non
 
     sampling = T3Sampling(max_tokens=9, temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2)
     assert sampling.vllm_fields()["repetition_penalty"] == 1.2 and sampling.vllm_fields()["extra_args"] is None
-    resident = dataclasses.replace(sampling, resident_penalty=True).vllm_fields()
+    resident = dataclasses.replace(sampling, penalty_path="resident").vllm_fields()
     assert resident["repetition_penalty"] == 1.0 and resident["extra_args"] == {EXTRA_ARG: 1.2}
     # everything else as before
     assert {k: v for k, v in resident.items() if k not in ("repetition_penalty", "extra_args")} == {
         k: v for k, v in sampling.vllm_fields().items() if k not in ("repetition_penalty", "extra_args")}
-    no_penalty = dataclasses.replace(sampling, repetition_penalty=1.0, resident_penalty=True).vllm_fields()
+    no_penalty = dataclasses.replace(sampling, repetition_penalty=1.0, penalty_path="resident").vllm_fields()
     assert no_penalty["repetition_penalty"] == 1.0 and no_penalty["extra_args"] is None
     assert engine_kwargs("resident") == {"logits_processors": [PROCESSOR]} and engine_kwargs("sampler") == {}
     module, _, name = PROCESSOR.partition(":")
     assert name == "ResidentRepetitionPenalty" and module == "gateway.engine.vllm.t3.penalty"
 
 
-def test_the_engine_asks_for_the_resident_penalty_when_set(tmp_path) -> None:
+def test_the_engine_asks_for_the_penalty_path_it_is_set_to(tmp_path) -> None:
     from gateway.engine.base import GenerationParams, SynthesisJob, Voice
     from gateway.engine.vllm.engine import VllmEngine
     from gateway.engine.vllm.t3.families import LlamaFamilyT3
     from gateway.engine.vllm.t3.prompt import T3PromptBuilder
     from gateway.settings import load_settings
 
-    for mode, expected in (("sampler", False), ("resident", True)):
+    for mode in ("sampler", "resident", "fused"):
         settings = load_settings(environ={}, overrides={"load_format": "dummy", "cache_dir": str(tmp_path),
                                                         "vllm_penalty": mode})
         engine = VllmEngine(settings)
@@ -152,4 +152,4 @@ def test_the_engine_asks_for_the_resident_penalty_when_set(tmp_path) -> None:
         job = SynthesisJob("j", ("Hi.",), Voice("v", "v", None), GenerationParams(repetition_penalty=1.3),
                            model="chatterbox")
         sampling = engine._sampling(runtime, job, 0, prompt_rows=100)
-        assert sampling.resident_penalty is expected and sampling.repetition_penalty == 1.3
+        assert sampling.penalty_path == mode and sampling.repetition_penalty == 1.3

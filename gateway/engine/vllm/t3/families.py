@@ -29,11 +29,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from gateway.engine.base import GenerationParams
+from gateway.engine.vllm.t3.fused_rows import FUSED_ARG, RowSampling, fusable
 from gateway.engine.vllm.t3.layout import MAX_PROMPT, STOP_SPEECH, IdLayout, cfg_code
 from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.errors import EngineError, InvalidRequestError
@@ -57,9 +58,12 @@ class T3Sampling:
     """0: off."""
     min_tokens: int = 0
     seed: int | None = None
-    resident_penalty: bool = False
-    """The repetition penalty through our device-resident processor (``vllm_penalty =
-    "resident"``, ``penalty_rows.py``) instead of vLLM's sampler: the same arithmetic."""
+    penalty_path: Literal["sampler", "resident", "fused"] = "sampler"
+    """``vllm_penalty``: ``sampler``, vLLM samples; ``resident``, the repetition penalty
+    through our device-resident processor (``penalty_rows.py``), the same arithmetic;
+    ``fused``, the penalty, temperature, min-p and the draw in our processor
+    (``fused_rows.py``) with vLLM left an argmax, for the requests it can draw
+    (``fused_rows.fusable``: not seeded, no top-p or top-k)."""
 
     def to_vllm(self) -> Any:
         """vLLM's ``SamplingParams`` (GPU machines only): speech token deltas, no text."""
@@ -70,11 +74,16 @@ class T3Sampling:
 
     def vllm_fields(self) -> dict[str, Any]:
         """``SamplingParams``' arguments but the output kind (plain values: tested without vLLM)."""
-        penalty, extra = self.repetition_penalty, None
-        if self.resident_penalty and penalty != 1.0:
+        temperature, min_p, penalty, extra = self.temperature, self.min_p, self.repetition_penalty, None
+        if self.penalty_path == "fused" and fusable(temperature=temperature, top_p=self.top_p, top_k=self.top_k,
+                                                    seed=self.seed):
+            # greedy to vLLM: its argmax takes the token our processor drew
+            extra = {FUSED_ARG: RowSampling(temperature, min_p, penalty).to_arg()}
+            temperature, min_p, penalty = 0.0, 0.0, 1.0
+        elif self.penalty_path == "resident" and penalty != 1.0:
             penalty, extra = 1.0, {EXTRA_ARG: self.repetition_penalty}  # vLLM's own penalty path stays off
-        return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": penalty,
+        return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "temperature": temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "min_p": min_p, "repetition_penalty": penalty,
                 "extra_args": extra, "seed": self.seed, "stop_token_ids": [STOP_SPEECH], "detokenize": False,
                 "skip_special_tokens": False,
                 # A seeded chunk computes its whole prompt: a prefix-cache hit prefills only the

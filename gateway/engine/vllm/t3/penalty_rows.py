@@ -34,8 +34,11 @@ EXTRA_ARG = "chatterbox_repetition_penalty"
 
 
 def engine_kwargs(mode: str) -> dict[str, object]:
-    """vLLM engine arguments for ``vllm_penalty``: ``resident`` loads the processor."""
-    return {"logits_processors": [PROCESSOR]} if mode == "resident" else {}
+    """vLLM engine arguments for ``vllm_penalty``: ``resident`` and ``fused`` load their processor."""
+    from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR
+
+    processor = {"resident": PROCESSOR, "fused": FUSED_PROCESSOR}.get(mode)
+    return {"logits_processors": [processor]} if processor else {}
 
 
 class PenaltyRows:

@@ -1,0 +1,242 @@
+"""T3's whole sampling step on the device, row by row (``vllm_penalty = "fused"``; issue 18,
+T3 per step).
+
+vLLM's sampler turns a T3 row's logits into a token in many small steps, each with host work:
+the repetition penalty rebuilds every row's prompt and output ids on the host every step
+(``make_tensor_with_pad``) and, under async scheduling, first waits for the previous step's
+tokens to reach the host; then temperature, min-p, a softmax and the random draw. Measured
+on an H200 (``benchmark --stages t3step``): 3.13 ms a step at one row served as upstream
+samples (temperature 0.8, min-p 0.05, repetition 1.2), 2.54 without the penalty, 1.91 greedy
+(an argmax and nothing else); 10.57 / 7.95 / 7.10 ms at 128 rows.
+
+:class:`FusedRows` does the sampling of the rows that ask for it itself, in a handful of
+device kernels and no host copy, and hands vLLM logits whose argmax *is* the drawn token; the
+request goes to vLLM as greedy (temperature 0, no penalty, no min-p), so vLLM's part is its
+cheapest path. Per row, in upstream's order (and vLLM's):
+
+1. repetition penalty: a seen token's logit divided by the penalty when positive, multiplied
+   when not (vLLM's ``apply_repetition_penalties``; upstream's processor likewise);
+2. temperature: the logits divided by it;
+3. min-p: a token whose probability is below ``min_p`` times the most likely one's is dropped,
+   tested in log space (``logit < max + log(min_p)``, the same comparison without a softmax);
+4. the draw: the Gumbel-max trick as vLLM's own random sampler does it (``argmax(p / q)`` with
+   ``q ~ Exp(1)``, here ``logit - log(q)``), so the token follows ``softmax`` of the result of 3.
+
+The seen ids need no host copy either: the token a row drew is kept on the device, and folded
+into the row's seen mask at the next step if vLLM kept it, i.e. if the request's output list
+(vLLM's live list, which grows by one id or placeholder per kept token) has grown since. A
+row whose draw vLLM discards (a chunked prefill not yet at its end) therefore never marks a
+token. Prompt ids are not folded: a T3 prompt's placeholder ids (``layout``) and its
+start-of-speech token are all masked to ``-inf`` by the head, where a penalty changes nothing.
+A request that joins with output ids already (resumed after preemption) has them folded then.
+
+Rows that do not ask (a seeded request, top-p or top-k sampling, another family) are left
+untouched and go vLLM's way in the same batch. Pure PyTorch, no vLLM: the vLLM logits
+processor around it is :mod:`gateway.engine.vllm.t3.fused`. Batch bookkeeping follows vLLM's
+``BatchUpdate`` (removed, then added, then moved or swapped), as :mod:`penalty_rows` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
+"""The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
+FUSED_ARG = "chatterbox_fused_sampling"
+"""The ``SamplingParams.extra_args`` key: ``[temperature, min_p, repetition_penalty]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowSampling:
+    """What one row's draw needs."""
+
+    temperature: float
+    min_p: float
+    repetition_penalty: float
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"fused sampling needs a positive temperature, got {self.temperature}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+    def to_arg(self) -> list[float]:
+        return [float(self.temperature), float(self.min_p), float(self.repetition_penalty)]
+
+    @classmethod
+    def from_arg(cls, value: object) -> RowSampling:
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ValueError(f"{FUSED_ARG} must be [temperature, min_p, repetition_penalty], got {value!r}")
+        temperature, min_p, penalty = (float(v) for v in value)
+        return cls(temperature, min_p, penalty)
+
+
+def fusable(*, temperature: float, top_p: float, top_k: int, seed: int | None) -> bool:
+    """Whether a request's sampling is what :class:`FusedRows` draws: a random draw (greedy
+    stays greedy), no top-p or top-k (they need a sort: vLLM's), and no seed (a seeded
+    request's tokens must repeat exactly, from vLLM's per-request generator)."""
+    return temperature > 0 and top_p >= 1.0 and top_k in (0, -1) and seed is None
+
+
+def exponential_noise(like: torch.Tensor) -> torch.Tensor:
+    """``q ~ Exp(1)`` of ``like``'s shape, from the device's default generator."""
+    return torch.empty_like(like).exponential_()
+
+
+class FusedRows:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str, *, pin_memory: bool = False,
+                 noise: Callable[[torch.Tensor], torch.Tensor] = exponential_noise) -> None:
+        self.device = torch.device(device)
+        self.vocab_size = vocab_size
+        self.pin_memory = pin_memory
+        self.noise = noise
+        self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
+        self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
+        # per-row parameters: host rows, uploaded when they change (inactive rows: neutral values)
+        self._host = torch.zeros(4, max_rows, dtype=torch.float32)
+        self._host[0] = 1.0  # temperature
+        self._host[1] = -math.inf  # log(min_p): nothing dropped
+        self._host[2] = 1.0  # penalty
+        # self._host[3]: 1.0 where the row is fused
+        self._params = self._host.to(self.device)
+        self._dirty = False
+        self._outputs: dict[int, Sequence[int]] = {}  # slot -> the request's output ids (vLLM's live list)
+        self._kept: dict[int, int] = {}  # slot -> how long that list was at the last apply
+        self._active: set[int] = set()
+        self._kept_key: tuple[int, ...] = ()
+        self._kept_slots: torch.Tensor | None = None  # the upload of ``_kept_key``: decode steps repeat it
+
+    @property
+    def active(self) -> bool:
+        """Whether any row draws here (otherwise :meth:`apply` does nothing)."""
+        return bool(self._active)
+
+    # --- batch bookkeeping ------------------------------------------------------------------
+
+    def add(self, slot: int, sampling: RowSampling | None, output_ids: Sequence[int]) -> None:
+        """A request takes ``slot``; ``sampling`` None: it is vLLM's to sample."""
+        self.remove(slot)
+        if sampling is None:
+            return
+        self._outputs[slot] = output_ids
+        self._kept[slot] = len(output_ids)
+        self._set(slot, sampling)
+        self.seen[slot].zero_()
+        ids = [t for t in output_ids if 0 <= t < self.vocab_size]  # resumed: what it had made (placeholders: < 0)
+        if ids:
+            self.seen[slot, self._upload(ids)] = True
+
+    def remove(self, slot: int) -> None:
+        self._outputs.pop(slot, None)
+        self._kept.pop(slot, None)
+        if slot in self._active:
+            self._active.discard(slot)
+            self._host[:, slot] = torch.tensor([1.0, -math.inf, 1.0, 0.0])
+            self._dirty = True
+
+    def move(self, src: int, dst: int, *, swap: bool) -> None:
+        """vLLM moved the request in ``src`` to ``dst`` (``swap``: and the one in ``dst`` to ``src``)."""
+        if swap:
+            order = torch.tensor([dst, src], device=self.device)
+            self.seen[[src, dst]] = self.seen[order]
+            self.last[[src, dst]] = self.last[order]
+            self._host[:, [src, dst]] = self._host[:, [dst, src]]
+            for table in (self._outputs, self._kept):
+                a, b = table.pop(src, None), table.pop(dst, None)
+                if b is not None:
+                    table[src] = b  # type: ignore[assignment]
+                if a is not None:
+                    table[dst] = a  # type: ignore[assignment]
+            a_on, b_on = src in self._active, dst in self._active
+            self._active -= {src, dst}
+            self._active |= ({dst} if a_on else set()) | ({src} if b_on else set())
+        else:
+            self.remove(dst)
+            if src not in self._active:
+                return
+            self.seen[dst] = self.seen[src]
+            self.last[dst] = self.last[src]
+            self._host[:, dst] = self._host[:, src]
+            self._outputs[dst] = self._outputs.pop(src)
+            self._kept[dst] = self._kept.pop(src)
+            self._active.add(dst)
+            self.remove(src)
+        self._dirty = True
+
+    # --- each step ----------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Fold in last step's kept draws, then draw this step's token of every fused row among
+        the first ``logits.shape[0]``: their logits come back with that token as the argmax
+        (the others untouched)."""
+        if not self._active:
+            return logits
+        rows, width = logits.shape[0], logits.shape[1]
+        if width > self.vocab_size:
+            raise ValueError(f"logits of width {width} against a vocabulary of {self.vocab_size}")
+        self._fold_kept()
+        if self._dirty:
+            staged = self._host.clone()  # the next bookkeeping may write the host rows before the upload ends
+            if self.pin_memory and self.device.type != "cpu":
+                staged = staged.pin_memory()
+            self._params.copy_(staged, non_blocking=True)
+            self._dirty = False
+        temperature, log_min_p, penalty, fused = (p[:rows, None] for p in self._params)
+        x = logits.float()
+        x = torch.where(self.seen[:rows, :width], torch.where(x > 0, x / penalty, x * penalty), x) / temperature
+        x = x.masked_fill(x < x.amax(dim=1, keepdim=True) + log_min_p, -math.inf)
+        x = x - self.noise(x).log()
+        on = fused > 0
+        self.last[:rows] = torch.where(on[:, 0], x.argmax(dim=1), self.last[:rows])
+        logits.copy_(torch.where(on, x, logits.float()))
+        return logits
+
+    def _fold_kept(self) -> None:
+        kept: list[int] = []
+        for slot in self._active:
+            n = len(self._outputs[slot])
+            if n > self._kept[slot]:
+                kept.append(slot)
+                self._kept[slot] = n
+        if kept:
+            key = tuple(kept)
+            if key != self._kept_key or self._kept_slots is None:
+                self._kept_key, self._kept_slots = key, self._upload(kept)
+            slots = self._kept_slots
+            self.seen[slots, self.last[slots]] = True
+
+    def _set(self, slot: int, sampling: RowSampling) -> None:
+        log_min_p = math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
+        self._host[:, slot] = torch.tensor([sampling.temperature, log_min_p, sampling.repetition_penalty, 1.0])
+        self._active.add(slot)
+        self._dirty = True
+
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cpu":
+            return host
+        if self.pin_memory:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+
+def spare_output_ids(input_batch: Any) -> None:
+    """Turn off ``input_batch``'s wait for output ids if every custom processor in it is one
+    that does not read them (``reads_output_ids = False``) and nothing else asked for them
+    (a reasoning parser's budget). vLLM's builtin processors never need them."""
+    procs = getattr(input_batch, "logitsprocs", None)
+    if procs is None or not getattr(input_batch, "logitsprocs_need_output_token_ids", False):
+        return
+    if getattr(input_batch, "thinking_budget_state_holder", None) is not None:
+        return
+    custom = [p for p in procs.all if not type(p).__module__.startswith("vllm.")]
+    if custom and all(getattr(p, "reads_output_ids", True) is False for p in custom):
+        input_batch.logitsprocs_need_output_token_ids = False
