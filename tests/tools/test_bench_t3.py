@@ -13,6 +13,7 @@ import pytest
 import torch
 from ops_support import quiet_attempts
 
+from gateway.engine.vllm.t3.fused_rows import FUSED_ARG
 from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.engine.vllm.t3.turbo import TURBO_ARCHITECTURE
 from gateway.tools import py_spy
@@ -46,6 +47,16 @@ def test_resident_penalty_moves_to_the_processor(tmp_path: Path) -> None:
     assert setup.served["repetition_penalty"] == 1.0  # vLLM's own path stays off
     assert setup.served["extra_args"] == {EXTRA_ARG: 1.2}
     assert "extra_args" not in setup.unpenalised
+
+
+def test_fused_sampling_draws_the_served_variant_and_leaves_the_seeded_one_to_vllm(tmp_path: Path) -> None:
+    fused = t3step_setup("chatterbox", 8, tmp_path / "f", penalty="fused")
+    plain = t3step_setup("chatterbox", 8, tmp_path / "s")
+    assert fused.served == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                            "extra_args": {FUSED_ARG: [0.8, 0.05, 1.2]}}
+    # a seeded request is not fused: the same fields as the sampler path, so the same tokens
+    assert fused.seeded == plain.seeded == plain.served
+    assert fused.unpenalised == plain.unpenalised == {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.05}
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
