@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from persistent_batch_support import PersistentBatch
 
 from gateway.engine.vllm.t3.fused_rows import FUSED_ARG, FUSED_PROCESSOR, FusedRows, RowSampling, fusable
 from gateway.engine.vllm.t3.penalty_rows import PLACEHOLDER
@@ -77,14 +78,14 @@ def test_with_no_noise_the_logits_are_upstreams_processed_ones() -> None:
     assert torch.equal(out[1], logits[1])
 
 
-class Batch:
+class Batch(PersistentBatch):
     """vLLM's persistent batch as the processor sees it: slot i holds one request, whose output
     list grows by a placeholder each step vLLM keeps its draw; a request still prefilling
     (``prefill`` steps left) has its draws discarded."""
 
     def __init__(self, rows: FusedRows, rng: random.Random) -> None:
-        self.rows, self.rng = rows, rng
-        self.slots: list[dict] = []
+        super().__init__(rows)
+        self.rng = rng
 
     def add(self) -> None:
         sampling = self.rng.choice([SERVED, RowSampling(1.0, 0.0, 2.0), None])
@@ -93,19 +94,6 @@ class Batch:
                    "prefill": self.rng.choice([0, 1, 3])}
         self.slots.append(request)
         self.rows.add(len(self.slots) - 1, sampling, request["output"])
-
-    def remove(self, slot: int) -> None:
-        """Removed, then the last row moves into the hole (vLLM's condense)."""
-        self.rows.remove(slot)
-        last = len(self.slots) - 1
-        if slot != last:
-            self.slots[slot] = self.slots[last]
-            self.rows.move(last, slot, swap=False)
-        self.slots.pop()
-
-    def swap(self, a: int, b: int) -> None:
-        self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
-        self.rows.move(a, b, swap=True)
 
     def step(self) -> None:
         logits = torch.randn(len(self.slots), VOCAB, generator=torch.Generator().manual_seed(self.rng.randrange(1 << 30)))

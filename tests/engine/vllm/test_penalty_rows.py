@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from persistent_batch_support import PersistentBatch
 
 from gateway.engine.vllm.t3.penalty_rows import PLACEHOLDER, PenaltyRows
 
@@ -29,31 +30,18 @@ def vllm_repetition_penalty(logits: torch.Tensor, prompts: list[list[int]], outp
     return out
 
 
-class Batch:
+class Batch(PersistentBatch):
     """vLLM's persistent batch, as far as the penalty sees it: slot i holds one request."""
 
     def __init__(self, rows: PenaltyRows, rng: random.Random) -> None:
-        self.rows, self.rng = rows, rng
-        self.slots: list[dict] = []
+        super().__init__(rows)
+        self.rng = rng
 
     def add(self, penalty: float) -> None:
         request = {"prompt": [self.rng.randrange(VOCAB + 5) for _ in range(self.rng.randrange(0, 6))],
                    "output": [], "penalty": penalty}
         self.slots.append(request)
         self.rows.add(len(self.slots) - 1, penalty, request["prompt"], request["output"])
-
-    def remove(self, slot: int) -> None:
-        """Removed, then the last row moves into the hole (vLLM's condense)."""
-        self.rows.remove(slot)
-        last = len(self.slots) - 1
-        if slot != last:
-            self.slots[slot] = self.slots[last]
-            self.rows.move(last, slot, swap=False)
-        self.slots.pop()
-
-    def swap(self, a: int, b: int) -> None:
-        self.slots[a], self.slots[b] = self.slots[b], self.slots[a]
-        self.rows.move(a, b, swap=True)
 
     def decode(self) -> None:
         """Each row samples a token; some arrive as a placeholder first (async scheduling)."""

@@ -220,12 +220,18 @@ class FusedRows:
         self._dirty = True
 
     def _upload(self, values: list[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cpu":
-            return host
-        if self.pin_memory:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return upload_ids(values, self.device, pin_memory=self.pin_memory)
+
+
+def upload_ids(values: list[int], device: torch.device, *, pin_memory: bool) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, without waiting for the copy (through
+    pinned memory where asked)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    if pin_memory:
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def spare_output_ids(input_batch: Any) -> None:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR, upload_ids
+
 PLACEHOLDER = -1
 """vLLM's stand-in for a sampled id not yet copied back to the host (async scheduling)."""
 PROCESSOR = "gateway.engine.vllm.t3.penalty:ResidentRepetitionPenalty"
@@ -35,8 +37,6 @@ EXTRA_ARG = "chatterbox_repetition_penalty"
 
 def engine_kwargs(mode: str) -> dict[str, object]:
     """vLLM engine arguments for ``vllm_penalty``: ``resident`` and ``fused`` load their processor."""
-    from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR
-
     processor = {"resident": PROCESSOR, "fused": FUSED_PROCESSOR}.get(mode)
     return {"logits_processors": [processor]} if processor else {}
 
@@ -153,9 +153,4 @@ class PenaltyRows:
         self._dirty = True
 
     def _upload(self, values: list[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cpu":
-            return host
-        if self.pin_memory:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return upload_ids(values, self.device, pin_memory=self.pin_memory)
