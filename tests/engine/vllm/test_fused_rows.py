@@ -146,7 +146,7 @@ def test_no_fused_row_means_no_work_and_the_logits_untouched() -> None:
     assert not rows.active
     rows.add(2, SERVED, [])
     rows.move(2, 0, swap=False)  # condense: the fused request now in slot 0, slot 2 empty
-    assert rows.active and rows._active == {0}
+    assert rows.active and set(rows._outputs) == {0}
 
 
 def test_a_freed_slot_forgets_its_old_request() -> None:

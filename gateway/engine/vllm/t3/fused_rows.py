@@ -85,6 +85,10 @@ def fusable(*, temperature: float, top_p: float, top_k: int, seed: int | None) -
     return temperature > 0 and top_p >= 1.0 and top_k in (0, -1) and seed is None
 
 
+NEUTRAL = (1.0, -math.inf, 1.0, 0.0)
+"""A row vLLM samples: temperature 1, nothing dropped by min-p, penalty 1, not fused."""
+
+
 def exponential_noise(like: torch.Tensor) -> torch.Tensor:
     """``q ~ Exp(1)`` of ``like``'s shape, from the device's default generator."""
     return torch.empty_like(like).exponential_()
@@ -100,24 +104,20 @@ class FusedRows:
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
         self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
-        # per-row parameters: host rows, uploaded when they change (inactive rows: neutral values)
-        self._host = torch.zeros(4, max_rows, dtype=torch.float32)
-        self._host[0] = 1.0  # temperature
-        self._host[1] = -math.inf  # log(min_p): nothing dropped
-        self._host[2] = 1.0  # penalty
-        # self._host[3]: 1.0 where the row is fused
+        # per-row parameters (temperature, log(min_p), penalty, 1 if fused): host rows, uploaded
+        # when they change; a row vLLM samples holds the neutral ones
+        self._host = torch.tensor(NEUTRAL, dtype=torch.float32)[:, None].repeat(1, max_rows)
         self._params = self._host.to(self.device)
         self._dirty = False
-        self._outputs: dict[int, Sequence[int]] = {}  # slot -> the request's output ids (vLLM's live list)
-        self._kept: dict[int, int] = {}  # slot -> how long that list was at the last apply
-        self._active: set[int] = set()
+        self._outputs: dict[int, Sequence[int]] = {}  # fused slot -> its output ids (vLLM's live list)
+        self._kept: dict[int, int] = {}  # fused slot -> how long that list was at the last apply
         self._kept_key: tuple[int, ...] = ()
         self._kept_slots: torch.Tensor | None = None  # the upload of ``_kept_key``: decode steps repeat it
 
     @property
     def active(self) -> bool:
         """Whether any row draws here (otherwise :meth:`apply` does nothing)."""
-        return bool(self._active)
+        return bool(self._outputs)
 
     # --- batch bookkeeping ------------------------------------------------------------------
 
@@ -135,11 +135,9 @@ class FusedRows:
             self.seen[slot, self._upload(ids)] = True
 
     def remove(self, slot: int) -> None:
-        self._outputs.pop(slot, None)
         self._kept.pop(slot, None)
-        if slot in self._active:
-            self._active.discard(slot)
-            self._host[:, slot] = torch.tensor([1.0, -math.inf, 1.0, 0.0])
+        if self._outputs.pop(slot, None) is not None:
+            self._host[:, slot] = torch.tensor(NEUTRAL)
             self._dirty = True
 
     def move(self, src: int, dst: int, *, swap: bool) -> None:
@@ -155,20 +153,16 @@ class FusedRows:
                     table[src] = b  # type: ignore[assignment]
                 if a is not None:
                     table[dst] = a  # type: ignore[assignment]
-            a_on, b_on = src in self._active, dst in self._active
-            self._active -= {src, dst}
-            self._active |= ({dst} if a_on else set()) | ({src} if b_on else set())
         else:
             self.remove(dst)
-            if src not in self._active:
+            if src not in self._outputs:
                 return
             self.seen[dst] = self.seen[src]
             self.last[dst] = self.last[src]
             self._host[:, dst] = self._host[:, src]
             self._outputs[dst] = self._outputs.pop(src)
             self._kept[dst] = self._kept.pop(src)
-            self._active.add(dst)
-            self.remove(src)
+            self._host[:, src] = torch.tensor(NEUTRAL)
         self._dirty = True
 
     # --- each step ----------------------------------------------------------------------------
@@ -177,7 +171,7 @@ class FusedRows:
         """Fold in last step's kept draws, then draw this step's token of every fused row among
         the first ``logits.shape[0]``: their logits come back with that token as the argmax
         (the others untouched)."""
-        if not self._active:
+        if not self._outputs:
             return logits
         rows, width = logits.shape[0], logits.shape[1]
         if width > self.vocab_size:
@@ -201,8 +195,8 @@ class FusedRows:
 
     def _fold_kept(self) -> None:
         kept: list[int] = []
-        for slot in self._active:
-            n = len(self._outputs[slot])
+        for slot, outputs in self._outputs.items():
+            n = len(outputs)
             if n > self._kept[slot]:
                 kept.append(slot)
                 self._kept[slot] = n
@@ -216,7 +210,6 @@ class FusedRows:
     def _set(self, slot: int, sampling: RowSampling) -> None:
         log_min_p = math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
         self._host[:, slot] = torch.tensor([sampling.temperature, log_min_p, sampling.repetition_penalty, 1.0])
-        self._active.add(slot)
         self._dirty = True
 
     def _upload(self, values: list[int]) -> torch.Tensor:
