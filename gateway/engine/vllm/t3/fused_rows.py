@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, upload_ids
+
 FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
 """The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
 FUSED_ARG = "chatterbox_fused_sampling"
@@ -103,6 +105,7 @@ class FusedRows:
         self.noise = noise
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
         self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        self._marker = Marker(self.device)
         """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
         # per-row parameters (temperature, log(min_p), penalty, 1 if fused): host rows, uploaded
         # when they change; a row vLLM samples holds the neutral ones
@@ -132,7 +135,7 @@ class FusedRows:
         self.seen[slot].zero_()
         ids = [t for t in output_ids if 0 <= t < self.vocab_size]  # resumed: what it had made (placeholders: < 0)
         if ids:
-            self.seen[slot, self._upload(ids)] = True
+            mark_row(self.seen, slot, self._upload(ids))
 
     def remove(self, slot: int) -> None:
         self._kept.pop(slot, None)
@@ -143,9 +146,8 @@ class FusedRows:
     def move(self, src: int, dst: int, *, swap: bool) -> None:
         """vLLM moved the request in ``src`` to ``dst`` (``swap``: and the one in ``dst`` to ``src``)."""
         if swap:
-            order = torch.tensor([dst, src], device=self.device)
-            self.seen[[src, dst]] = self.seen[order]
-            self.last[[src, dst]] = self.last[order]
+            swap_rows(self.seen, src, dst)
+            swap_rows(self.last, src, dst)
             self._host[:, [src, dst]] = self._host[:, [dst, src]]
             for table in (self._outputs, self._kept):
                 a, b = table.pop(src, None), table.pop(dst, None)
@@ -205,7 +207,7 @@ class FusedRows:
             if key != self._kept_key or self._kept_slots is None:
                 self._kept_key, self._kept_slots = key, self._upload(kept)
             slots = self._kept_slots
-            self.seen[slots, self.last[slots]] = True
+            self._marker.mark(self.seen, slots, self.last[slots])
 
     def _set(self, slot: int, sampling: RowSampling) -> None:
         log_min_p = math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
@@ -214,17 +216,6 @@ class FusedRows:
 
     def _upload(self, values: list[int]) -> torch.Tensor:
         return upload_ids(values, self.device, pin_memory=self.pin_memory)
-
-
-def upload_ids(values: list[int], device: torch.device, *, pin_memory: bool) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, without waiting for the copy (through
-    pinned memory where asked)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cpu":
-        return host
-    if pin_memory:
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def spare_output_ids(input_batch: Any) -> None:

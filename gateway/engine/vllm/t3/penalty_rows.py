@@ -9,7 +9,7 @@ with batch x length, and about a dozen small kernels. Measured on an H200 at bat
 :class:`PenaltyRows` keeps one boolean "seen" row per batch slot on the device instead: set
 from the prompt ids when a request joins the batch, and from then on only the tokens sampled
 since the last step are folded in (one small upload and one ``index_put_`` a step, host work
-O(batch)). Applying it is two ``where`` over the logits. The arithmetic is vLLM's
+O(batch); ``device_rows``: no host value copied). Applying it is two ``where`` over the logits. The arithmetic is vLLM's
 (``apply_repetition_penalties``: a seen token's logit is divided by the penalty when positive,
 multiplied when not), so the sampled tokens are the same; which of the two paths serves is
 ``vllm_penalty`` (docs/operations.md).
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR, upload_ids
+from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, upload_ids
+from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR
 
 PLACEHOLDER = -1
 """vLLM's stand-in for a sampled id not yet copied back to the host (async scheduling)."""
@@ -47,7 +48,8 @@ class PenaltyRows:
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
-        self._penalty_host = torch.ones(max_rows, dtype=torch.float32)
+        self._marker = Marker(self.device)
+        self._penalty_host = [1.0] * max_rows  # uploaded (whole) at the next apply when it changed
         self.penalty = torch.ones(max_rows, dtype=torch.float32, device=self.device)
         self._outputs: dict[int, Sequence[int]] = {}  # slot -> the request's output ids (vLLM's live list)
         self._folded: dict[int, int] = {}  # slot -> how many of them are in ``seen``
@@ -72,7 +74,7 @@ class PenaltyRows:
         if penalty != 1.0 and prompt_ids:
             ids = [t for t in prompt_ids if 0 <= t < self.vocab_size]
             if ids:
-                self.seen[slot, self._upload(ids)] = True
+                mark_row(self.seen, slot, self._upload(ids))
 
     def remove(self, slot: int) -> None:
         self._outputs.pop(slot, None)
@@ -82,15 +84,14 @@ class PenaltyRows:
     def move(self, src: int, dst: int, *, swap: bool) -> None:
         """vLLM moved the request in ``src`` to ``dst`` (``swap``: and the one in ``dst`` to ``src``)."""
         if swap:
-            order = torch.tensor([dst, src], device=self.device)
-            self.seen[[src, dst]] = self.seen[order]
+            swap_rows(self.seen, src, dst)
             for table in (self._outputs, self._folded):
                 a, b = table.pop(src, None), table.pop(dst, None)
                 if b is not None:
                     table[src] = b  # type: ignore[assignment]
                 if a is not None:
                     table[dst] = a  # type: ignore[assignment]
-            p_src, p_dst = float(self._penalty_host[src]), float(self._penalty_host[dst])
+            p_src, p_dst = self._penalty_host[src], self._penalty_host[dst]
             self._set_penalty(src, p_dst)
             self._set_penalty(dst, p_src)
             return
@@ -100,7 +101,7 @@ class PenaltyRows:
             table.pop(dst, None)
             if value is not None:
                 table[dst] = value  # type: ignore[assignment]
-        self._set_penalty(dst, float(self._penalty_host[src]))
+        self._set_penalty(dst, self._penalty_host[src])
         self._set_penalty(src, 1.0)
 
     # --- each step ----------------------------------------------------------------------------
@@ -112,8 +113,8 @@ class PenaltyRows:
             return logits
         self._fold_new_outputs()
         if self._dirty:
-            # a copy of the host row: the next bookkeeping may write it before the upload ends
-            staged = self._penalty_host.clone()
+            # a tensor of its own: the next bookkeeping may change the host row before the upload ends
+            staged = torch.tensor(self._penalty_host, dtype=torch.float32)
             if self.pin_memory and self.device.type != "cpu":
                 staged = staged.pin_memory()
             self.penalty.copy_(staged, non_blocking=True)
@@ -142,7 +143,7 @@ class PenaltyRows:
                 end += 1
             self._folded[slot] = end
         if ids:
-            self.seen[self._upload(slots), self._upload(ids)] = True
+            self._marker.mark(self.seen, self._upload(slots), self._upload(ids))
 
     def _set_penalty(self, slot: int, penalty: float) -> None:
         self._penalty_host[slot] = penalty

@@ -1,0 +1,109 @@
+"""T3's logits processors never make the host wait for the device (``device_rows.py``): on a
+fake CUDA device, a decode step in a settled batch copies up nothing that waits (the fused
+rows nothing at all), the bookkeeping itself copies nothing up, and what a changing batch
+uploads comes from pinned memory without blocking. The first two tests show
+that the harness sees the copies PyTorch's indexing makes on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from host_transfers import cuda_transfers
+
+from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, upload_ids
+from gateway.engine.vllm.t3.fused_rows import FusedRows, RowSampling
+from gateway.engine.vllm.t3.penalty_rows import PenaltyRows
+
+VOCAB = 32
+SERVED = RowSampling(temperature=0.8, min_p=0.05, repetition_penalty=1.2)
+
+
+def test_the_harness_sees_pythons_indexing_copy_a_value_and_an_index_list_up(monkeypatch) -> None:
+    with cuda_transfers(monkeypatch) as transfers:
+        seen = torch.zeros(4, VOCAB, dtype=torch.bool, device="cuda")
+        rows = torch.zeros(2, dtype=torch.int64, device="cuda")
+        transfers.take()
+        seen[rows, rows] = True  # the value becomes a CPU scalar
+        assert [t.waits for t in transfers.take()] == [True]
+        seen[[0, 1]] = seen[[1, 0]]  # the lists become CPU tensors
+        assert transfers.take() and all(t.waits for t in transfers.made + transfers.take())
+        torch.tensor([1, 0], device="cuda")
+        assert [t.waits for t in transfers.take()] == [True]
+
+
+def test_device_rows_copy_nothing_up_but_their_uploads(monkeypatch) -> None:
+    with cuda_transfers(monkeypatch) as transfers:
+        device = torch.device("cuda")
+        seen = torch.zeros(4, VOCAB, dtype=torch.bool, device=device)
+        marker = Marker(device)
+        rows = torch.zeros(2, dtype=torch.int64, device=device)
+        transfers.take()
+        marker.mark(seen, rows, rows)
+        mark_row(seen, 1, rows)
+        swap_rows(seen, 0, 3)
+        assert transfers.take() == []
+        upload_ids([1, 2], device, pin_memory=True)
+        assert [t.waits for t in transfers.take()] == [False]
+        upload_ids([1, 2], device, pin_memory=False)
+        assert [t.waits for t in transfers.take()] == [True]
+
+
+def _fused(device: str) -> FusedRows:
+    return FusedRows(8, VOCAB, device, pin_memory=True)
+
+
+def _penalty(device: str) -> PenaltyRows:
+    return PenaltyRows(8, VOCAB, device, pin_memory=True)
+
+
+def _add(rows: FusedRows | PenaltyRows, slot: int, output: list[int]) -> None:
+    if isinstance(rows, FusedRows):
+        rows.add(slot, SERVED, output)
+    else:
+        rows.add(slot, 1.2, [1, 2, 7], output)
+
+
+def _settled(make, transfers) -> tuple[FusedRows | PenaltyRows, list[list[int]], torch.Tensor]:  # noqa: ANN001
+    """Three requests added and their first step taken (once at start: the buffers' upload)."""
+    rows = make("cuda")
+    transfers.take()
+    outputs: list[list[int]] = [[], [3], [4, 5]]  # the last two resumed after a preemption
+    for slot, output in enumerate(outputs):
+        _add(rows, slot, output)
+    logits = torch.zeros(len(outputs), VOCAB, device="cuda")
+    rows.apply(logits)
+    made = transfers.take()
+    assert made and not [t for t in made if t.waits]
+    return rows, outputs, logits
+
+
+@pytest.mark.parametrize("make", [_fused, _penalty], ids=["fused", "resident"])
+def test_a_decode_step_in_a_settled_batch_never_waits(monkeypatch, make) -> None:
+    with cuda_transfers(monkeypatch) as transfers:
+        rows, outputs, logits = _settled(make, transfers)
+        for step in range(3):
+            for output in outputs:
+                output.append(step + 10)  # every row kept its token
+            rows.apply(logits)
+            made = transfers.take()
+            assert not [t for t in made if t.waits], f"step {step}"
+            if isinstance(rows, FusedRows):
+                # the draws stay on the device; which rows kept theirs goes up when that changes
+                assert len(made) == (1 if step == 0 else 0), f"step {step}"
+            else:
+                assert len(made) == 2, "the resident penalty uploads the new ids: rows and tokens"
+
+
+@pytest.mark.parametrize("make", [_fused, _penalty], ids=["fused", "resident"])
+def test_a_changing_batch_copies_up_only_without_waiting(monkeypatch, make) -> None:
+    with cuda_transfers(monkeypatch) as transfers:
+        rows, outputs, _logits = _settled(make, transfers)
+        rows.move(2, 0, swap=True)
+        rows.move(1, 2, swap=False)
+        rows.remove(2)
+        assert transfers.take() == []  # bookkeeping itself: device copies and host rows only
+        outputs[0].append(6)
+        _add(rows, 3, [8, 9])  # resumed after preemption: its ids go up at once
+        rows.apply(torch.zeros(4, VOCAB, device="cuda"))
+        made = transfers.take()
+        assert made and not [t for t in made if t.waits]
