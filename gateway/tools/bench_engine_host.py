@@ -72,7 +72,8 @@ from gateway.models.families import FAMILIES, MULTILINGUAL, ORIGINAL, TURBO
 from gateway.observability.playback import RealTimePlayer
 from gateway.settings import Settings, load_settings
 from gateway.tools import host_probes
-from gateway.tools.bench_host import TickEngine, cpu_card
+from gateway.tools.bench_host import TickEngine
+from gateway.tools.host_probes import cpu_card
 from gateway.tools.bench_http import ms, pct, stall_figures
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the band plays on, and everyone in the "

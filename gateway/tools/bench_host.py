@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 from gateway.engine.factory import vllm_installed
 from gateway.engine.vllm.engine_thread import ThreadedLLM
+from gateway.tools.host_probes import cpu_card
 
 TOKENS_PER_AUDIO_S = 25
 
@@ -118,19 +118,6 @@ def write_result(path: Path, tool: str, argv: list[str] | None, device: str, row
         "card": device_card(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": f"python -m {tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "python": platform.python_version(), **extra, "rows": rows}, indent=1) + "\n")
-
-
-def cpu_card() -> str:
-    """The CPU this ran on (its model name where ``/proc/cpuinfo`` says), cores and Python."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 async def measure_process(streams: int, tokens: int, chunk: int = 128) -> dict[str, Any]:

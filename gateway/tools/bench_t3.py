@@ -174,6 +174,7 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
         "greedy, no penalty, no min_p": SamplingParams(temperature=0.0, **common),
     }
     llm.generate([prompt], variants["greedy, no penalty, no min_p"], use_tqdm=False)  # warm
+    waits = output_ids_wait(llm)
     out: list[dict] = []
     for name, sp in variants.items():
         for n in batches:
@@ -185,7 +186,7 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
             row = {"stage": "t3step", "model": model, "sampling": name, "batch": n,
                    "ms_per_step": round(wall / tokens * 1000, 3), "tokens_per_s": round(made / wall),
                    "audio_s_per_s": round(made / wall / 25, 1), "engine_init_s": round(init_s, 1),
-                   "penalty_path": penalty, "cascade_attention": cascade}
+                   "penalty_path": penalty, "cascade_attention": cascade, "waits_for_output_ids": waits}
             if "seeded" in name:  # every request the same seed: the same tokens on either path
                 ids = [t for r in res for t in r.outputs[0].token_ids]
                 row["tokens_sha"] = hashlib.sha256(str(ids).encode()).hexdigest()[:16]
@@ -198,6 +199,21 @@ def stage_t3_step(tokens: int = 250, batches: tuple[int, ...] = (1, 32), text_to
         out.append(_py_spy_row(llm, prompt, variants[f"served: {served} ({penalty})"], max(batches), py_spy_s,
                                py_spy_dir or Path(tempfile.gettempdir()), model))
     return out
+
+
+def output_ids_wait(llm: Any) -> bool | str:
+    """Whether vLLM's input batch waits each step for the last step's tokens to reach the host
+    before the logits processors run (``logitsprocs_need_output_token_ids``: vLLM sets it for
+    any custom processor; the plugin clears it for ours, ``fused_rows.spare_output_ids``), or
+    why that could not be read."""
+    try:
+        return bool(llm.collective_rpc(_needs_output_ids)[0])
+    except Exception as exc:  # noqa: BLE001 - a diagnostic column: say what stopped it
+        return f"unknown: {type(exc).__name__}: {exc}"[:200]
+
+
+def _needs_output_ids(worker: Any) -> bool:
+    return worker.model_runner.input_batch.logitsprocs_need_output_token_ids
 
 
 def _py_spy_row(llm, prompt, sampling, batch: int, seconds: float, directory: Path, model: str) -> dict:

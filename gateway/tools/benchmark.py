@@ -31,7 +31,7 @@ generation lengths (dummy T3 never samples its stop token, so every request make
   first wave, steady span and the steady span's slowest tenth. ``loadtest``: ``gateway.tools.loadtest``
   at 64 streams for ``--loadtest-s`` seconds, every stream's audio length checked.
 
-``--json`` writes ``{"card", "date", "command", "rows": [the http rows], "stages": {every
+``--json`` writes ``{"card", "date", "command", "host", "rows": [the http rows], "stages": {every
 other stage's output}}``, the shape of ``docs/benchmarks/*.json``.
 """
 
@@ -496,11 +496,11 @@ def report(http_rows: list[dict], stages: dict[str, Any], argv: list[str] | None
     """The benchmark's JSON document (docs/benchmarks/*.json)."""
     import datetime
 
-    from gateway.tools.host_probes import card
+    from gateway.tools.host_probes import card, host
 
     command = "python -m gateway.tools.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
     return {"card": card(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "rows": http_rows, "stages": stages}
+            "command": command, "host": host(), "rows": http_rows, "stages": stages}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """What a benchmark reads about the machine it runs on: a process tree's resident memory, the
-GPU's used memory and name. Each probe returns None where it cannot answer (no GPU, no
+GPU's used memory and name, the CPU and how fast it runs Python. Each probe returns None where it cannot answer (no GPU, no
 ``/proc``), never raises, and imports nothing heavy: the benchmark client must not start a
 CUDA context of its own just to read memory."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -101,6 +103,40 @@ def card() -> str:
     if name:
         return f"{name} ({total} MiB)" if total else name
     return f"CPU {platform.processor() or platform.machine()} (no GPU)"
+
+
+def cpu_card() -> str:
+    """The CPU this ran on (its model name where ``/proc/cpuinfo`` says), cores and Python."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def python_loop_ms(iterations: int = 1_000_000, repeats: int = 5) -> float:
+    """Milliseconds one core takes for a fixed pure-Python loop, the best of ``repeats``: how
+    fast this host runs interpreter-bound code (vLLM's scheduler, the engine thread's step),
+    so that two visits' rows can tell a slower host from a slower change (2026-12-07: an H100
+    host at 145 for 1,000,000 while T3's step took 4.0 ms of CPU against 2.3-2.6 the visit
+    before on the same code path; 118 on the development machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        total = 0
+        for i in range(iterations):
+            total += i
+        best = min(best, time.perf_counter() - began)
+    return round(best * 1000, 1)
+
+
+def host() -> dict[str, object]:
+    """The host's part of a benchmark's JSON: :func:`cpu_card` and :func:`python_loop_ms`."""
+    return {"cpu": cpu_card(), "python_loop_ms": python_loop_ms()}
 
 
 def _smi(field: str, index: int) -> str | None:

@@ -17,7 +17,7 @@ from gateway.engine.vllm.t3.fused_rows import FUSED_ARG
 from gateway.engine.vllm.t3.penalty_rows import EXTRA_ARG
 from gateway.engine.vllm.t3.turbo import TURBO_ARCHITECTURE
 from gateway.tools import py_spy
-from gateway.tools.bench_t3 import t3step_setup
+from gateway.tools.bench_t3 import output_ids_wait, t3step_setup
 
 
 def test_turbo_setup_is_gpt2_with_its_served_sampling(tmp_path: Path) -> None:
@@ -116,3 +116,19 @@ def test_the_t3step_engine_takes_cascade_attention_only_when_asked(tmp_path: Pat
     monkeypatch.setattr(bench_t3, "t3step_setup", lambda *a: SimpleNamespace(model_dir=tmp_path))
     llm, _, _ = bench_t3._served_t3(8, 4, 0.3, "sampler", "chatterbox-turbo", cascade)
     assert llm == "llm" and seen["disable_cascade_attn"] is (not cascade) and seen["max_num_seqs"] == 4
+
+
+def test_the_t3step_rows_say_whether_vllm_waits_for_output_ids() -> None:
+    """``output_ids_wait`` reads the flag in the worker vLLM's ``collective_rpc`` hands it (the
+    wrapper forwards attributes to the worker), and says why when it cannot."""
+    class LLM:
+        def __init__(self, flag: bool | None) -> None:
+            batch = SimpleNamespace() if flag is None else SimpleNamespace(logitsprocs_need_output_token_ids=flag)
+            self.worker = SimpleNamespace(model_runner=SimpleNamespace(input_batch=batch))
+
+        def collective_rpc(self, method):  # noqa: ANN001, ANN202 - vLLM's signature
+            return [method(self.worker)]
+
+    assert output_ids_wait(LLM(False)) is False
+    assert output_ids_wait(LLM(True)) is True
+    assert output_ids_wait(LLM(None)).startswith("unknown: AttributeError")
