@@ -285,11 +285,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     vllm_penalty: Literal["sampler", "resident", "fused"] = "sampler"
     """Where T3's repetition penalty is applied: ``sampler``, vLLM's own path (rebuilds every
     row's prompt and output ids on the host each step); ``resident``, our logits processor
-    keeping each row's seen ids on the GPU (the same arithmetic, O(batch) host work a step),
-    measured 25-40% slower per step on an H200 (2026-12-04); ``fused``, our logits processor
-    doing the penalty, temperature, min-p and the draw itself on the GPU (no host copy a
-    step) and vLLM only the argmax, for unseeded requests without top-p/top-k (the others
-    stay vLLM's). docs/operations.md."""
+    keeping each row's seen ids on the GPU (the same arithmetic, O(batch) host work a step);
+    ``fused``, our logits processor doing the penalty, temperature, min-p, top-k, top-p and
+    the draw itself on the GPU in upstream's order for the family (no host copy a step) and
+    vLLM only the argmax, for unseeded random draws (the others stay vLLM's). Both processors
+    measured slower than ``sampler`` through a per-step sync since fixed (``device_rows.py``),
+    not yet re-timed. docs/operations.md."""
     vllm_engine_core: Literal["process", "thread"] = "process"
     """Where vLLM's engine core runs: ``process``, a process of its own (AsyncLLM, as vLLM
     serves); ``thread``, a thread of this process, so that T3 and the vocoder share one CUDA

@@ -53,10 +53,18 @@ def test_fused_sampling_draws_the_served_variant_and_leaves_the_seeded_one_to_vl
     fused = t3step_setup("chatterbox", 8, tmp_path / "f", penalty="fused")
     plain = t3step_setup("chatterbox", 8, tmp_path / "s")
     assert fused.served == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                            "extra_args": {FUSED_ARG: [0.8, 0.05, 1.2]}}
+                            "extra_args": {FUSED_ARG: [0.8, 0.05, 1.2, 0.0, 1.0, 0.0]}}
     # a seeded request is not fused: the same fields as the sampler path, so the same tokens
     assert fused.seeded == plain.seeded == plain.served
     assert fused.unpenalised == plain.unpenalised == {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.05}
+
+
+def test_turbos_fused_sampling_carries_its_filters_in_upstreams_order(tmp_path: Path) -> None:
+    fused = t3step_setup("chatterbox-turbo", 8, tmp_path / "f", penalty="fused")
+    plain = t3step_setup("chatterbox-turbo", 8, tmp_path / "s")
+    assert fused.served == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                            "extra_args": {FUSED_ARG: [0.8, 0.0, 1.2, 1000.0, 0.95, 1.0]}}
+    assert fused.seeded == plain.seeded == plain.served
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from gateway.engine.vllm.t3.penalty_rows import PLACEHOLDER
 
 VOCAB = 24
 SERVED = RowSampling(temperature=0.8, min_p=0.05, repetition_penalty=1.2)
+TURBO = RowSampling(temperature=0.8, min_p=0.0, repetition_penalty=1.2, top_k=6, top_p=0.8, penalty_last=True)
+"""Upstream ``inference_turbo``'s controls, top-k scaled to the test's vocabulary."""
 
 
 def upstream_probs(logits: torch.Tensor, seen: set[int], s: RowSampling) -> torch.Tensor:
@@ -76,6 +78,83 @@ def test_with_no_noise_the_logits_are_upstreams_processed_ones() -> None:
             x[x < x.max() + math.log(s.min_p)] = -math.inf
         torch.testing.assert_close(out[row].double(), x, rtol=1e-6, atol=1e-6)
     assert torch.equal(out[1], logits[1])
+
+
+def transformers_processed(logits: torch.Tensor, seen: list[int], s: RowSampling) -> torch.Tensor:
+    """One row through transformers' own processors in upstream's order for ``s``:
+    ``inference_turbo`` (temperature, top-k, top-p, repetition penalty) when ``penalty_last``,
+    else ``T3.inference`` (repetition penalty, temperature, min-p, top-p)."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    ids = torch.tensor([seen or [0]], dtype=torch.long)
+    penalty = RepetitionPenaltyLogitsProcessor(s.repetition_penalty) if seen else (lambda _ids, x: x)
+    steps = [TemperatureLogitsWarper(s.temperature)]
+    if s.top_k:
+        steps.append(TopKLogitsWarper(s.top_k))
+    if s.top_p < 1:
+        steps.append(TopPLogitsWarper(s.top_p))
+    if s.penalty_last:
+        steps.append(penalty)
+    else:
+        steps = [penalty, steps[0], *([MinPLogitsWarper(s.min_p)] if s.min_p > 0 else []), *steps[1:]]
+    x = logits.double()[None].clone()
+    for step in steps:
+        x = step(ids, x)
+    return x[0]
+
+
+def test_turbos_draw_follows_transformers_processors_in_upstreams_order() -> None:
+    """Turbo's filters (top-k, then top-p) judge the logits before the penalty, which comes
+    last: 40,000 draws of one row against transformers' processors, each frequency within 4.5
+    standard errors, what they drop never. The seen ids are near the top, so the order
+    matters: with the penalty first the kept set differs (checked)."""
+    torch.manual_seed(2)
+    logits = torch.randn(VOCAB) * 2
+    order = logits.argsort(descending=True).tolist()
+    seen = [order[0], order[4], order[9]]
+    expected = torch.softmax(transformers_processed(logits, seen, TURBO), dim=0)
+    first = torch.softmax(transformers_processed(logits, seen, dataclasses.replace(TURBO, penalty_last=False)), dim=0)
+    assert not torch.equal(expected > 0, first > 0), "the case tells the two orders apart"
+    rows = FusedRows(4000, VOCAB, "cpu")
+    for slot in range(4000):
+        rows.add(slot, TURBO, list(seen))
+    counts = torch.zeros(VOCAB, dtype=torch.float64)
+    for _ in range(10):
+        counts += torch.bincount(rows.apply(logits.expand(4000, VOCAB).clone()).argmax(dim=1), minlength=VOCAB).double()
+    assert (counts[expected == 0] == 0).all()
+    n = counts.sum()
+    err = torch.sqrt(expected * (1 - expected) / n)
+    assert ((counts / n - expected).abs() <= 4.5 * err + 1e-12).all(), (counts / n, expected)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_with_no_noise_mixed_rows_are_transformers_processed_logits(case: int) -> None:
+    """The deterministic part of rows with different filters and orders in one batch (the
+    original's, Turbo's, top-p alone, top-k alone, a row vLLM samples): noise ``q = 1`` leaves
+    exactly what transformers' processors give (the same finite values, -inf in the same places)."""
+    gen = torch.Generator().manual_seed(100 + case)
+    samplings = [SERVED, TURBO, RowSampling(1.1, 0.0, 1.3, top_p=0.7), RowSampling(0.9, 0.02, 1.1, top_k=3),
+                 None, RowSampling(0.8, 0.0, 1.2, top_k=VOCAB + 5, top_p=0.9, penalty_last=True)]
+    rows = FusedRows(len(samplings), VOCAB, "cpu", noise=torch.ones_like)
+    logits = torch.randn(len(samplings), VOCAB, generator=gen) * 3
+    seen = [torch.randperm(VOCAB, generator=gen)[:4].tolist() for _ in samplings]
+    for slot, (s, ids) in enumerate(zip(samplings, seen, strict=True)):
+        rows.add(slot, s, list(ids))
+    out = rows.apply(logits.clone())
+    for slot, (s, ids) in enumerate(zip(samplings, seen, strict=True)):
+        if s is None:
+            assert torch.equal(out[slot], logits[slot])
+            continue
+        expected = transformers_processed(logits[slot], ids, dataclasses.replace(s, top_k=min(s.top_k, VOCAB)))
+        assert torch.equal(out[slot] == -math.inf, expected == -math.inf), (slot, s)
+        finite = expected > -math.inf
+        torch.testing.assert_close(out[slot][finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
 
 
 class Batch(PersistentBatch):
@@ -167,9 +246,16 @@ def test_sampling_values_are_checked() -> None:
         RowSampling(0.8, 1.5, 1.2)
     with pytest.raises(ValueError, match="repetition_penalty"):
         RowSampling(0.8, 0.05, 0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        RowSampling(0.8, 0.0, 1.2, top_k=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        RowSampling(0.8, 0.0, 1.2, top_p=0.0)
     with pytest.raises(ValueError, match=FUSED_ARG):
-        RowSampling.from_arg([0.8, 0.05])
+        RowSampling.from_arg([0.8, 0.05, 1.2])
+    with pytest.raises(ValueError, match="whole"):
+        RowSampling.from_arg([0.8, 0.05, 1.2, 2.5, 1.0, 0.0])
     assert RowSampling.from_arg(SERVED.to_arg()) == SERVED
+    assert RowSampling.from_arg(TURBO.to_arg()) == TURBO
     with pytest.raises(ValueError, match="width"):
         rows = FusedRows(1, VOCAB, "cpu")
         rows.add(0, SERVED, [])
@@ -177,11 +263,9 @@ def test_sampling_values_are_checked() -> None:
 
 
 def test_what_can_be_fused() -> None:
-    assert fusable(temperature=0.8, top_p=1.0, top_k=0, seed=None)
-    assert not fusable(temperature=0.0, top_p=1.0, top_k=0, seed=None)  # greedy stays greedy
-    assert not fusable(temperature=0.8, top_p=0.95, top_k=0, seed=None)  # needs a sort
-    assert not fusable(temperature=0.8, top_p=1.0, top_k=1000, seed=None)
-    assert not fusable(temperature=0.8, top_p=1.0, top_k=0, seed=3)  # vLLM's per-request generator
+    assert fusable(temperature=0.8, seed=None)
+    assert not fusable(temperature=0.0, seed=None)  # greedy stays greedy
+    assert not fusable(temperature=0.8, seed=3)  # vLLM's per-request generator
 
 
 def test_a_fused_request_comes_to_vllm_as_greedy_and_carries_its_sampling() -> None:
@@ -191,13 +275,18 @@ def test_a_fused_request_comes_to_vllm_as_greedy_and_carries_its_sampling() -> N
     sampling = T3Sampling(max_tokens=9, temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2)
     fused = dataclasses.replace(sampling, penalty_path="fused").vllm_fields()
     assert (fused["temperature"], fused["min_p"], fused["repetition_penalty"]) == (0.0, 0.0, 1.0)
-    assert fused["extra_args"] == {FUSED_ARG: [0.8, 0.05, 1.2]}
+    assert fused["extra_args"] == {FUSED_ARG: [0.8, 0.05, 1.2, 0.0, 1.0, 0.0]}
+    assert RowSampling.from_arg(fused["extra_args"][FUSED_ARG]) == SERVED
     plain = sampling.vllm_fields()
-    assert {k: v for k, v in fused.items() if k not in ("temperature", "min_p", "repetition_penalty", "extra_args")} \
-        == {k: v for k, v in plain.items() if k not in ("temperature", "min_p", "repetition_penalty", "extra_args")}
+    changed = ("temperature", "min_p", "repetition_penalty", "extra_args")
+    assert {k: v for k, v in fused.items() if k not in changed} == {k: v for k, v in plain.items() if k not in changed}
+    # Turbo's filters go to the processor too, with upstream's order; vLLM is left greedy
+    turbo = T3Sampling(max_tokens=9, temperature=0.7, top_p=0.95, min_p=0.0, repetition_penalty=1.2, top_k=1000,
+                       penalty_after_filters=True, penalty_path="fused").vllm_fields()
+    assert (turbo["temperature"], turbo["top_p"], turbo["top_k"], turbo["repetition_penalty"]) == (0.0, 1.0, 0, 1.0)
+    assert RowSampling.from_arg(turbo["extra_args"][FUSED_ARG]) == RowSampling(0.7, 0.0, 1.2, 1000, 0.95, True)
     # what it cannot draw stays vLLM's, exactly as without it
-    for other in (dataclasses.replace(sampling, seed=4), dataclasses.replace(sampling, top_p=0.9),
-                  dataclasses.replace(sampling, top_k=1000, top_p=0.95)):
+    for other in (dataclasses.replace(sampling, seed=4), dataclasses.replace(sampling, temperature=0.0)):
         assert dataclasses.replace(other, penalty_path="fused").vllm_fields() == other.vllm_fields()
     assert engine_kwargs("fused") == {"logits_processors": [FUSED_PROCESSOR]}
     module, _, name = FUSED_PROCESSOR.partition(":")

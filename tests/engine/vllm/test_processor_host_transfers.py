@@ -16,6 +16,7 @@ from gateway.engine.vllm.t3.penalty_rows import PenaltyRows
 
 VOCAB = 32
 SERVED = RowSampling(temperature=0.8, min_p=0.05, repetition_penalty=1.2)
+TURBO = RowSampling(temperature=0.8, min_p=0.0, repetition_penalty=1.2, top_k=10, top_p=0.95, penalty_last=True)
 
 
 def test_the_harness_sees_pythons_indexing_copy_a_value_and_an_index_list_up(monkeypatch) -> None:
@@ -48,39 +49,44 @@ def test_device_rows_copy_nothing_up_but_their_uploads(monkeypatch) -> None:
         assert [t.waits for t in transfers.take()] == [True]
 
 
-def _fused(device: str) -> FusedRows:
-    return FusedRows(8, VOCAB, device, pin_memory=True)
+class Processor:
+    """One processor's rows on the fake device, and how a request joins them."""
+
+    def __init__(self, sampling: RowSampling | None) -> None:
+        self.sampling = sampling  # None: the resident penalty
+        cls = PenaltyRows if sampling is None else FusedRows
+        self.rows = cls(8, VOCAB, "cuda", pin_memory=True)
+
+    def add(self, slot: int, output: list[int]) -> None:
+        if isinstance(self.rows, FusedRows):
+            self.rows.add(slot, self.sampling, output)
+        else:
+            self.rows.add(slot, 1.2, [1, 2, 7], output)
 
 
-def _penalty(device: str) -> PenaltyRows:
-    return PenaltyRows(8, VOCAB, device, pin_memory=True)
+KINDS = pytest.mark.parametrize("sampling", [SERVED, TURBO, None], ids=["fused", "fused-turbo", "resident"])
 
 
-def _add(rows: FusedRows | PenaltyRows, slot: int, output: list[int]) -> None:
-    if isinstance(rows, FusedRows):
-        rows.add(slot, SERVED, output)
-    else:
-        rows.add(slot, 1.2, [1, 2, 7], output)
-
-
-def _settled(make, transfers) -> tuple[FusedRows | PenaltyRows, list[list[int]], torch.Tensor]:  # noqa: ANN001
+def _settled(sampling, transfers) -> tuple[Processor, list[list[int]], torch.Tensor]:  # noqa: ANN001
     """Three requests added and their first step taken (once at start: the buffers' upload)."""
-    rows = make("cuda")
+    processor = Processor(sampling)
+    rows = processor.rows
     transfers.take()
     outputs: list[list[int]] = [[], [3], [4, 5]]  # the last two resumed after a preemption
     for slot, output in enumerate(outputs):
-        _add(rows, slot, output)
+        processor.add(slot, output)
     logits = torch.zeros(len(outputs), VOCAB, device="cuda")
     rows.apply(logits)
     made = transfers.take()
     assert made and not [t for t in made if t.waits]
-    return rows, outputs, logits
+    return processor, outputs, logits
 
 
-@pytest.mark.parametrize("make", [_fused, _penalty], ids=["fused", "resident"])
-def test_a_decode_step_in_a_settled_batch_never_waits(monkeypatch, make) -> None:
+@KINDS
+def test_a_decode_step_in_a_settled_batch_never_waits(monkeypatch, sampling) -> None:
     with cuda_transfers(monkeypatch) as transfers:
-        rows, outputs, logits = _settled(make, transfers)
+        processor, outputs, logits = _settled(sampling, transfers)
+        rows = processor.rows
         for step in range(3):
             for output in outputs:
                 output.append(step + 10)  # every row kept its token
@@ -94,16 +100,17 @@ def test_a_decode_step_in_a_settled_batch_never_waits(monkeypatch, make) -> None
                 assert len(made) == 2, "the resident penalty uploads the new ids: rows and tokens"
 
 
-@pytest.mark.parametrize("make", [_fused, _penalty], ids=["fused", "resident"])
-def test_a_changing_batch_copies_up_only_without_waiting(monkeypatch, make) -> None:
+@KINDS
+def test_a_changing_batch_copies_up_only_without_waiting(monkeypatch, sampling) -> None:
     with cuda_transfers(monkeypatch) as transfers:
-        rows, outputs, _logits = _settled(make, transfers)
+        processor, outputs, _logits = _settled(sampling, transfers)
+        rows = processor.rows
         rows.move(2, 0, swap=True)
         rows.move(1, 2, swap=False)
         rows.remove(2)
         assert transfers.take() == []  # bookkeeping itself: device copies and host rows only
         outputs[0].append(6)
-        _add(rows, 3, [8, 9])  # resumed after preemption: its ids go up at once
+        processor.add(3, [8, 9])  # resumed after preemption: its ids go up at once
         rows.apply(torch.zeros(4, VOCAB, device="cuda"))
         made = transfers.take()
         assert made and not [t for t in made if t.waits]

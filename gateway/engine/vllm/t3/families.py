@@ -61,9 +61,14 @@ class T3Sampling:
     penalty_path: Literal["sampler", "resident", "fused"] = "sampler"
     """``vllm_penalty``: ``sampler``, vLLM samples; ``resident``, the repetition penalty
     through our device-resident processor (``penalty_rows.py``), the same arithmetic;
-    ``fused``, the penalty, temperature, min-p and the draw in our processor
+    ``fused``, the penalty, temperature, min-p, top-k, top-p and the draw in our processor
     (``fused_rows.py``) with vLLM left an argmax, for the requests it can draw
-    (``fused_rows.fusable``: not seeded, no top-p or top-k)."""
+    (``fused_rows.fusable``: not greedy, not seeded), in upstream's order for the family
+    (``penalty_after_filters``)."""
+    penalty_after_filters: bool = False
+    """Upstream applies the repetition penalty after top-k and top-p (Turbo's
+    ``inference_turbo``), not first (``T3.inference``). vLLM's sampler always applies it
+    first; the fused processor follows this."""
 
     def to_vllm(self) -> Any:
         """vLLM's ``SamplingParams`` (GPU machines only): speech token deltas, no text."""
@@ -75,15 +80,16 @@ class T3Sampling:
     def vllm_fields(self) -> dict[str, Any]:
         """``SamplingParams``' arguments but the output kind (plain values: tested without vLLM)."""
         temperature, min_p, penalty, extra = self.temperature, self.min_p, self.repetition_penalty, None
-        if self.penalty_path == "fused" and fusable(temperature=temperature, top_p=self.top_p, top_k=self.top_k,
-                                                    seed=self.seed):
+        top_p, top_k = self.top_p, self.top_k
+        if self.penalty_path == "fused" and fusable(temperature=temperature, seed=self.seed):
             # greedy to vLLM: its argmax takes the token our processor drew
-            extra = {FUSED_ARG: RowSampling(temperature, min_p, penalty).to_arg()}
-            temperature, min_p, penalty = 0.0, 0.0, 1.0
+            extra = {FUSED_ARG: RowSampling(temperature, min_p, penalty, max(top_k, 0), top_p,
+                                            self.penalty_after_filters).to_arg()}
+            temperature, min_p, penalty, top_p, top_k = 0.0, 0.0, 1.0, 1.0, 0
         elif self.penalty_path == "resident" and penalty != 1.0:
             penalty, extra = 1.0, {EXTRA_ARG: self.repetition_penalty}  # vLLM's own penalty path stays off
         return {"max_tokens": self.max_tokens, "min_tokens": self.min_tokens, "temperature": temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "min_p": min_p, "repetition_penalty": penalty,
+                "top_p": top_p, "top_k": top_k, "min_p": min_p, "repetition_penalty": penalty,
                 "extra_args": extra, "seed": self.seed, "stop_token_ids": [STOP_SPEECH], "detokenize": False,
                 "skip_special_tokens": False,
                 # A seeded chunk computes its whole prompt: a prefix-cache hit prefills only the
@@ -186,7 +192,7 @@ class TurboFamilyT3:
         return T3Sampling(max_tokens=max_tokens, min_tokens=max_tokens if fixed_length else 1,
                           temperature=params.temperature, top_p=params.top_p, min_p=0.0,
                           top_k=TOP_K.get(self.family.id, 0), repetition_penalty=params.repetition_penalty,
-                          seed=seed)
+                          seed=seed, penalty_after_filters=True)
 
     def max_text_tokens(self, max_model_len: int) -> int:
         """Whatever leaves room in the context for the voice's rows, the start row and one

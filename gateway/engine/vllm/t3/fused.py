@@ -4,7 +4,7 @@
 vLLM loads it by name in its engine core (``logits_processors`` of the engine arguments,
 ``fused_rows.FUSED_PROCESSOR``), so this module imports vLLM and only runs where vLLM does. A
 request asks for it through ``SamplingParams.extra_args[fused_rows.FUSED_ARG]`` and comes as
-greedy (temperature 0, no penalty, no min-p): vLLM applies non-argmax-invariant processors
+greedy (temperature 0, no penalty, no filters): vLLM applies non-argmax-invariant processors
 before its greedy argmax, which then picks the token this processor drew. Other requests pass
 untouched and are sampled by vLLM in the same batch.
 

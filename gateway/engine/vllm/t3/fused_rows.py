@@ -11,16 +11,26 @@ samples (temperature 0.8, min-p 0.05, repetition 1.2), 2.54 without the penalty,
 
 :class:`FusedRows` does the sampling of the rows that ask for it itself, in a handful of
 device kernels and no host copy, and hands vLLM logits whose argmax *is* the drawn token; the
-request goes to vLLM as greedy (temperature 0, no penalty, no min-p), so vLLM's part is its
-cheapest path. Per row, in upstream's order (and vLLM's):
+request goes to vLLM as greedy (temperature 0, no penalty, no filters), so vLLM's part is its
+cheapest path. Per row, in upstream's order for its family:
 
-1. repetition penalty: a seen token's logit divided by the penalty when positive, multiplied
-   when not (vLLM's ``apply_repetition_penalties``; upstream's processor likewise);
-2. temperature: the logits divided by it;
-3. min-p: a token whose probability is below ``min_p`` times the most likely one's is dropped,
-   tested in log space (``logit < max + log(min_p)``, the same comparison without a softmax);
+1. temperature: the logits divided by it;
+2. repetition penalty: a seen token's logit divided by the penalty when positive, multiplied
+   when not (vLLM's ``apply_repetition_penalties``; transformers' processor likewise). It
+   commutes with 1 (a positive scale), so "penalty, then temperature" is the same numbers;
+3. the filters, judging the penalised logits (upstream ``T3.inference``: the original and
+   Multilingual) or, with ``penalty_last``, the logits before the penalty (upstream
+   ``inference_turbo``: temperature, top-k, top-p, then the penalty; vLLM's sampler would put
+   the penalty first): min-p (a token whose probability is below ``min_p`` times the most
+   likely one's goes, tested in log space: ``logit < max + log(min_p)``), top-k (all but the
+   k largest, ties with the k-th kept, as transformers' ``TopKLogitsWarper``), top-p (from
+   the top, a token stays while less than ``top_p`` of the probability lies above it: the
+   same set as transformers' ``TopPLogitsWarper``). Top-k and top-p come from one sorted
+   ``topk`` of the batch (the largest k, or whole rows where one has top-p without top-k), and
+   only when some row asks (:class:`Filters`, read on the host when the batch changes);
 4. the draw: the Gumbel-max trick as vLLM's own random sampler does it (``argmax(p / q)`` with
-   ``q ~ Exp(1)``, here ``logit - log(q)``), so the token follows ``softmax`` of the result of 3.
+   ``q ~ Exp(1)``, here ``logit - log(q)``) over the penalised logits the filters kept, so
+   the token follows ``softmax`` of upstream's processed logits.
 
 The seen ids need no host copy either: the token a row drew is kept on the device, and folded
 into the row's seen mask at the next step if vLLM kept it, i.e. if the request's output list
@@ -30,8 +40,8 @@ token. Prompt ids are not folded: a T3 prompt's placeholder ids (``layout``) and
 start-of-speech token are all masked to ``-inf`` by the head, where a penalty changes nothing.
 A request that joins with output ids already (resumed after preemption) has them folded then.
 
-Rows that do not ask (a seeded request, top-p or top-k sampling, another family) are left
-untouched and go vLLM's way in the same batch. Pure PyTorch, no vLLM: the vLLM logits
+Rows that do not ask (a seeded request, a greedy one) are left untouched and go vLLM's way in
+the same batch. Pure PyTorch, no vLLM: the vLLM logits
 processor around it is :mod:`gateway.engine.vllm.t3.fused`. Batch bookkeeping follows vLLM's
 ``BatchUpdate`` (removed, then added, then moved or swapped), as :mod:`penalty_rows` does.
 """
@@ -50,16 +60,22 @@ from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, uplo
 FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
 """The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
 FUSED_ARG = "chatterbox_fused_sampling"
-"""The ``SamplingParams.extra_args`` key: ``[temperature, min_p, repetition_penalty]``."""
+"""The ``SamplingParams.extra_args`` key: :meth:`RowSampling.to_arg`."""
 
 
 @dataclass(frozen=True, slots=True)
 class RowSampling:
-    """What one row's draw needs."""
+    """What one row's draw needs. ``top_k`` 0 and ``top_p`` 1: off. ``penalty_last``: the
+    repetition penalty after the filters (upstream ``inference_turbo``: temperature, top-k,
+    top-p, penalty), not before them (upstream ``T3.inference``: penalty, temperature, min-p,
+    top-p; vLLM's order for every request)."""
 
     temperature: float
     min_p: float
     repetition_penalty: float
+    top_k: int = 0
+    top_p: float = 1.0
+    penalty_last: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -68,27 +84,63 @@ class RowSampling:
             raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not (isinstance(self.top_k, int) and 0 <= self.top_k < 1 << 24):  # exact in the float32 row
+            raise ValueError(f"top_k must be an integer in [0, 2^24), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
     def to_arg(self) -> list[float]:
-        return [float(self.temperature), float(self.min_p), float(self.repetition_penalty)]
+        return [float(self.temperature), float(self.min_p), float(self.repetition_penalty), float(self.top_k),
+                float(self.top_p), float(self.penalty_last)]
 
     @classmethod
     def from_arg(cls, value: object) -> RowSampling:
-        if not isinstance(value, (list, tuple)) or len(value) != 3:
-            raise ValueError(f"{FUSED_ARG} must be [temperature, min_p, repetition_penalty], got {value!r}")
-        temperature, min_p, penalty = (float(v) for v in value)
-        return cls(temperature, min_p, penalty)
+        if not isinstance(value, (list, tuple)) or len(value) != 6:
+            raise ValueError(f"{FUSED_ARG} must be [temperature, min_p, repetition_penalty, top_k, top_p, "
+                             f"penalty_last], got {value!r}")
+        temperature, min_p, penalty, top_k, top_p, last = (float(v) for v in value)
+        if top_k != int(top_k) or last not in (0.0, 1.0):
+            raise ValueError(f"{FUSED_ARG}: top_k must be whole and penalty_last 0 or 1, got {value!r}")
+        return cls(temperature, min_p, penalty, int(top_k), top_p, bool(last))
+
+    def row(self) -> list[float]:
+        """The row's column of :class:`FusedRows`' parameters (:data:`PARAMS`)."""
+        log_min_p = math.log(self.min_p) if self.min_p > 0 else -math.inf
+        return [self.temperature, log_min_p, self.repetition_penalty, 1.0, float(self.top_k), self.top_p,
+                float(self.penalty_last)]
 
 
-def fusable(*, temperature: float, top_p: float, top_k: int, seed: int | None) -> bool:
+def fusable(*, temperature: float, seed: int | None) -> bool:
     """Whether a request's sampling is what :class:`FusedRows` draws: a random draw (greedy
-    stays greedy), no top-p or top-k (they need a sort: vLLM's), and no seed (a seeded
-    request's tokens must repeat exactly, from vLLM's per-request generator)."""
-    return temperature > 0 and top_p >= 1.0 and top_k in (0, -1) and seed is None
+    stays greedy) and no seed (a seeded request's tokens must repeat exactly, from vLLM's
+    per-request generator)."""
+    return temperature > 0 and seed is None
 
 
-NEUTRAL = (1.0, -math.inf, 1.0, 0.0)
-"""A row vLLM samples: temperature 1, nothing dropped by min-p, penalty 1, not fused."""
+PARAMS = ("temperature", "log_min_p", "penalty", "fused", "top_k", "top_p", "penalty_last")
+"""The rows of :class:`FusedRows`' parameters, one column per batch slot."""
+NEUTRAL = (1.0, -math.inf, 1.0, 0.0, 0.0, 1.0, 0.0)
+"""A row vLLM samples: temperature 1, nothing dropped, penalty 1, not fused."""
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which filters the fused rows need (read on the host, from their parameters' host copy,
+    whenever the batch changes): the step skips what none asks for."""
+
+    top_k: int = 0
+    """The largest top-k of a fused row (0: none has one)."""
+    top_p: bool = False
+    full_sort: bool = False
+    """Some row has top-p without top-k: its whole row is sorted."""
+    penalty_last: bool = False
+
+    @classmethod
+    def of(cls, rows: list[list[float]]) -> Filters:
+        """From the fused rows' parameters (:data:`PARAMS`, host lists)."""
+        k, p, last = PARAMS.index("top_k"), PARAMS.index("top_p"), PARAMS.index("penalty_last")
+        return cls(top_k=int(max((r[k] for r in rows), default=0)), top_p=any(r[p] < 1 for r in rows),
+                   full_sort=any(r[p] < 1 and r[k] == 0 for r in rows), penalty_last=any(r[last] > 0 for r in rows))
 
 
 def exponential_noise(like: torch.Tensor) -> torch.Tensor:
@@ -109,9 +161,10 @@ class FusedRows:
         """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
         # per-row parameters (temperature, log(min_p), penalty, 1 if fused): host rows, uploaded
         # when they change; a row vLLM samples holds the neutral ones
-        self._host = torch.tensor(NEUTRAL, dtype=torch.float32)[:, None].repeat(1, max_rows)
-        self._params = self._host.to(self.device)
+        self._host = [list(NEUTRAL) for _ in range(max_rows)]  # slot -> its parameters (:data:`PARAMS`)
+        self._params = self._staged().to(self.device)  # (PARAMS, slots)
         self._dirty = False
+        self._filters = Filters()
         self._outputs: dict[int, Sequence[int]] = {}  # fused slot -> its output ids (vLLM's live list)
         self._kept: dict[int, int] = {}  # fused slot -> how long that list was at the last apply
         self._kept_key: tuple[int, ...] = ()
@@ -140,7 +193,7 @@ class FusedRows:
     def remove(self, slot: int) -> None:
         self._kept.pop(slot, None)
         if self._outputs.pop(slot, None) is not None:
-            self._host[:, slot] = torch.tensor(NEUTRAL)
+            self._host[slot] = list(NEUTRAL)
             self._dirty = True
 
     def move(self, src: int, dst: int, *, swap: bool) -> None:
@@ -148,7 +201,7 @@ class FusedRows:
         if swap:
             swap_rows(self.seen, src, dst)
             swap_rows(self.last, src, dst)
-            self._host[:, [src, dst]] = self._host[:, [dst, src]]
+            self._host[src], self._host[dst] = self._host[dst], self._host[src]
             for table in (self._outputs, self._kept):
                 a, b = table.pop(src, None), table.pop(dst, None)
                 if b is not None:
@@ -161,10 +214,10 @@ class FusedRows:
                 return
             self.seen[dst] = self.seen[src]
             self.last[dst] = self.last[src]
-            self._host[:, dst] = self._host[:, src]
+            self._host[dst] = self._host[src]
             self._outputs[dst] = self._outputs.pop(src)
             self._kept[dst] = self._kept.pop(src)
-            self._host[:, src] = torch.tensor(NEUTRAL)
+            self._host[src] = list(NEUTRAL)
         self._dirty = True
 
     # --- each step ----------------------------------------------------------------------------
@@ -180,20 +233,47 @@ class FusedRows:
             raise ValueError(f"logits of width {width} against a vocabulary of {self.vocab_size}")
         self._fold_kept()
         if self._dirty:
-            staged = self._host.clone()  # the next bookkeeping may write the host rows before the upload ends
+            staged = self._staged()  # a tensor of its own: the next bookkeeping may change the rows meanwhile
             if self.pin_memory and self.device.type != "cpu":
                 staged = staged.pin_memory()
             self._params.copy_(staged, non_blocking=True)
+            self._filters = Filters.of([self._host[slot] for slot in self._outputs])
             self._dirty = False
-        temperature, log_min_p, penalty, fused = (p[:rows, None] for p in self._params)
-        x = logits.float()
-        x = torch.where(self.seen[:rows, :width], torch.where(x > 0, x / penalty, x * penalty), x) / temperature
-        x = x.masked_fill(x < x.amax(dim=1, keepdim=True) + log_min_p, -math.inf)
+        temperature, log_min_p, penalty, fused, top_k, top_p, last = (p[:rows, None] for p in self._params)
+        x = logits.float() / temperature  # temperature and penalty commute (a positive scale)
+        penalised = torch.where(self.seen[:rows, :width], torch.where(x > 0, x / penalty, x * penalty), x)
+        # the filters judge the penalised logits (upstream's original), or the plain ones where
+        # the penalty comes after them (Turbo); either way the draw is from the penalised ones
+        judged = torch.where(last > 0, x, penalised) if self._filters.penalty_last else penalised
+        judged = judged.masked_fill(judged < judged.amax(dim=1, keepdim=True) + log_min_p, -math.inf)
+        if self._filters.top_k or self._filters.top_p:
+            judged = self._top_k_top_p(judged, top_k, top_p)
+        x = penalised.masked_fill(judged == -math.inf, -math.inf)
         x = x - self.noise(x).log()
         on = fused > 0
         self.last[:rows] = torch.where(on[:, 0], x.argmax(dim=1), self.last[:rows])
         logits.copy_(torch.where(on, x, logits.float()))
         return logits
+
+    def _top_k_top_p(self, judged: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """Transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (as upstream applies
+        them) on each row's ``judged`` logits, from one sorted ``topk`` of the batch: the
+        largest k of all rows, or the whole row where one has top-p without top-k."""
+        width = judged.shape[1]
+        take = width if self._filters.full_sort else min(self._filters.top_k, width)
+        values = judged.topk(take, dim=1).values  # descending
+        k = top_k.long().clamp(max=take)
+        with_k = k > 0
+        inf = torch.full_like(values[:, :1], -math.inf)
+        cut_k = torch.where(with_k, values.gather(1, (k - 1).clamp(min=0)), inf)  # ties with the k-th stay
+        kept = values.masked_fill(with_k & (torch.arange(take, device=values.device) >= k), -math.inf)
+        probs = kept.softmax(dim=1)
+        before = probs.cumsum(dim=1) - probs  # the probability of every token above this one
+        # a token stays while less than top_p lies above it (the first always): transformers'
+        # "ascending cumulative probability <= 1 - top_p goes", counted from the top
+        n = (before < top_p).sum(dim=1, keepdim=True).clamp(min=1)
+        cut_p = torch.where(top_p < 1, kept.gather(1, n - 1), inf)
+        return judged.masked_fill(judged < torch.maximum(cut_k, cut_p), -math.inf)
 
     def _fold_kept(self) -> None:
         kept: list[int] = []
@@ -210,12 +290,14 @@ class FusedRows:
             self._marker.mark(self.seen, slots, self.last[slots])
 
     def _set(self, slot: int, sampling: RowSampling) -> None:
-        log_min_p = math.log(sampling.min_p) if sampling.min_p > 0 else -math.inf
-        self._host[:, slot] = torch.tensor([sampling.temperature, log_min_p, sampling.repetition_penalty, 1.0])
+        self._host[slot] = sampling.row()
         self._dirty = True
 
     def _upload(self, values: list[int]) -> torch.Tensor:
         return upload_ids(values, self.device, pin_memory=self.pin_memory)
+
+    def _staged(self) -> torch.Tensor:
+        return torch.tensor(self._host, dtype=torch.float32).T.contiguous()
 
 
 def spare_output_ids(input_batch: Any) -> None:
