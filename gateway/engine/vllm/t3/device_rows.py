@@ -17,9 +17,9 @@ show one:
 
 So ids go up only through :func:`upload_ids` (pinned memory, no wait), a mark is an
 ``index_put_`` of a value already on the device (:class:`Marker`) or an ``index_fill_``
-(:func:`mark_row`), and rows move by plain row
-copies (:func:`swap_rows`). ``tests/host_transfers.py`` checks each processor's step and
-bookkeeping for any other host-to-device copy on a fake CUDA device.
+(:func:`mark_row`), and rows move by plain row copies (:func:`swap_rows`).
+``tests/host_transfers.py`` checks each processor's step and bookkeeping for any other
+host-to-device copy, on a fake CUDA device.
 """
 
 from __future__ import annotations

@@ -157,10 +157,10 @@ class FusedRows:
         self.noise = noise
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
         self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
-        self._marker = Marker(self.device)
         """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
-        # per-row parameters (temperature, log(min_p), penalty, 1 if fused): host rows, uploaded
-        # when they change; a row vLLM samples holds the neutral ones
+        self._marker = Marker(self.device)
+        # per-row parameters (:data:`PARAMS`): host lists, uploaded whole when they change; a
+        # row vLLM samples holds the neutral ones
         self._host = [list(NEUTRAL) for _ in range(max_rows)]  # slot -> its parameters (:data:`PARAMS`)
         self._params = self._staged().to(self.device)  # (PARAMS, slots)
         self._dirty = False

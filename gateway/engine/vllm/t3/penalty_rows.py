@@ -8,8 +8,9 @@ with batch x length, and about a dozen small kernels. Measured on an H200 at bat
 
 :class:`PenaltyRows` keeps one boolean "seen" row per batch slot on the device instead: set
 from the prompt ids when a request joins the batch, and from then on only the tokens sampled
-since the last step are folded in (one small upload and one ``index_put_`` a step, host work
-O(batch); ``device_rows``: no host value copied). Applying it is two ``where`` over the logits. The arithmetic is vLLM's
+since the last step are folded in (one small pinned upload and one ``index_put_`` a step, host
+work O(batch), no wait for the device: ``device_rows``). Applying it is two ``where`` over the
+logits. The arithmetic is vLLM's
 (``apply_repetition_penalties``: a seen token's logit is divided by the penalty when positive,
 multiplied when not), so the sampled tokens are the same; which of the two paths serves is
 ``vllm_penalty`` (docs/operations.md).
