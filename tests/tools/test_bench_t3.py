@@ -49,22 +49,21 @@ def test_resident_penalty_moves_to_the_processor(tmp_path: Path) -> None:
     assert "extra_args" not in setup.unpenalised
 
 
-def test_fused_sampling_draws_the_served_variant_and_leaves_the_seeded_one_to_vllm(tmp_path: Path) -> None:
-    fused = t3step_setup("chatterbox", 8, tmp_path / "f", penalty="fused")
-    plain = t3step_setup("chatterbox", 8, tmp_path / "s")
+@pytest.mark.parametrize(("model", "arg", "unpenalised"), [
+    ("chatterbox", [0.8, 0.05, 1.2, 0.0, 1.0, 0.0], {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.05}),
+    # Turbo's filters go to the processor too, with the penalty after them as upstream
+    ("chatterbox-turbo", [0.8, 0.0, 1.2, 1000.0, 0.95, 1.0],
+     {"temperature": 0.8, "top_p": 0.95, "top_k": 1000, "min_p": 0.0}),
+])
+def test_fused_sampling_draws_the_served_variant_and_leaves_the_seeded_one_to_vllm(
+        tmp_path: Path, model: str, arg: list[float], unpenalised: dict) -> None:
+    fused = t3step_setup(model, 8, tmp_path / "f", penalty="fused")
+    plain = t3step_setup(model, 8, tmp_path / "s")
     assert fused.served == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                            "extra_args": {FUSED_ARG: [0.8, 0.05, 1.2, 0.0, 1.0, 0.0]}}
+                            "extra_args": {FUSED_ARG: arg}}
     # a seeded request is not fused: the same fields as the sampler path, so the same tokens
     assert fused.seeded == plain.seeded == plain.served
-    assert fused.unpenalised == plain.unpenalised == {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.05}
-
-
-def test_turbos_fused_sampling_carries_its_filters_in_upstreams_order(tmp_path: Path) -> None:
-    fused = t3step_setup("chatterbox-turbo", 8, tmp_path / "f", penalty="fused")
-    plain = t3step_setup("chatterbox-turbo", 8, tmp_path / "s")
-    assert fused.served == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                            "extra_args": {FUSED_ARG: [0.8, 0.0, 1.2, 1000.0, 0.95, 1.0]}}
-    assert fused.seeded == plain.seeded == plain.served
+    assert fused.unpenalised == plain.unpenalised == unpenalised
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
