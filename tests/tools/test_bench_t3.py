@@ -139,3 +139,39 @@ def test_the_t3step_rows_say_whether_vllm_waits_for_output_ids() -> None:
     assert output_ids_wait(LLM(False)) is False
     assert output_ids_wait(LLM(True)) is True
     assert output_ids_wait(LLM(None)).startswith("unknown: AttributeError")
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["host-bound", "waiting"])
+def test_the_t3step_rows_split_a_steps_host_time_from_its_wall_time(tmp_path: Path, monkeypatch, busy: bool) -> None:
+    """``cpu_ms_per_step``: the thread that steps the engine core (this one) spends it on the
+    host; a step that waits for the device adds wall time and none of that."""
+    import sys
+    import types
+
+    from gateway.tools import bench_t3
+
+    class LLM:
+        def generate(self, prompts, sampling, use_tqdm=False):  # noqa: ANN001, ARG002 - vLLM's signature
+            end = time.perf_counter() + 0.02
+            while busy and time.perf_counter() < end:
+                sum(range(1000))
+            if not busy:
+                time.sleep(0.02)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(5)))]) for _ in prompts]
+
+        def collective_rpc(self, method):  # noqa: ANN001, ANN202
+            raise RuntimeError("no workers here")
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    setup = SimpleNamespace(prompt={}, served={"temperature": 0.8}, seeded={"temperature": 0.8},
+                            unpenalised={"temperature": 0.8})
+    monkeypatch.setattr(bench_t3, "_served_t3", lambda *a: (LLM(), setup, 1.0))
+    for _ in quiet_attempts():  # CPU and wall time: a stalled host measures again
+        rows = bench_t3.stage_t3_step(tokens=5, batches=(1, 2))
+    assert len(rows) == 8 and all(r["waits_for_output_ids"].startswith("unknown: RuntimeError") for r in rows)
+    for row in rows:
+        assert 3.5 <= row["ms_per_step"] <= 12, row  # 20 ms a call of 5 steps
+        share = row["cpu_ms_per_step"] / row["ms_per_step"]
+        assert share > 0.6 if busy else share < 0.3, row
