@@ -248,7 +248,8 @@ class FusedRows:
         judged = judged.masked_fill(judged < judged.amax(dim=1, keepdim=True) + log_min_p, -math.inf)
         if self._filters.top_k or self._filters.top_p:
             judged = self._top_k_top_p(judged, top_k, top_p)
-        x = penalised.masked_fill(judged == -math.inf, -math.inf)
+        # what the filters kept, penalised (without penalty_last, ``judged`` is exactly that)
+        x = penalised.masked_fill(judged == -math.inf, -math.inf) if self._filters.penalty_last else judged
         x = x - self.noise(x).log()
         on = fused > 0
         self.last[:rows] = torch.where(on[:, 0], x.argmax(dim=1), self.last[:rows])
