@@ -157,6 +157,22 @@ def test_with_no_noise_mixed_rows_are_transformers_processed_logits(case: int) -
         torch.testing.assert_close(out[slot][finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
 
 
+def test_a_batch_with_top_k_alone_is_cut_at_each_rows_k() -> None:
+    """No row asks for top-p: the step skips it, and each row keeps its own k largest."""
+    samplings = [RowSampling(0.9, 0.0, 1.1, top_k=3), RowSampling(1.2, 0.0, 1.3, top_k=7, penalty_last=True),
+                 RowSampling(0.8, 0.05, 1.2)]
+    rows = FusedRows(len(samplings), VOCAB, "cpu", noise=torch.ones_like)
+    logits = torch.randn(len(samplings), VOCAB, generator=torch.Generator().manual_seed(9)) * 3
+    for slot, s in enumerate(samplings):
+        rows.add(slot, s, [1, 5])
+    out = rows.apply(logits.clone())
+    for slot, s in enumerate(samplings):
+        expected = transformers_processed(logits[slot], [1, 5], s)
+        assert torch.equal(out[slot] == -math.inf, expected == -math.inf), slot
+        finite = expected > -math.inf
+        torch.testing.assert_close(out[slot][finite].double(), expected[finite], rtol=1e-6, atol=1e-6)
+
+
 class Batch(PersistentBatch):
     """vLLM's persistent batch as the processor sees it: slot i holds one request, whose output
     list grows by a placeholder each step vLLM keeps its draw; a request still prefilling

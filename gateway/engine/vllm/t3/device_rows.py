@@ -24,6 +24,8 @@ host-to-device copy, on a fake CUDA device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -59,3 +61,14 @@ def swap_rows(tensor: torch.Tensor, a: int, b: int) -> None:
     row = tensor[a].clone()
     tensor[a] = tensor[b]
     tensor[b] = row
+
+
+def swap_slots(tables: tuple[dict[int, Any], ...], a: int, b: int) -> None:
+    """Exchange what host tables keyed by batch slot hold for slots ``a`` and ``b`` (either may
+    hold nothing)."""
+    for table in tables:
+        held_a, held_b = table.pop(a, None), table.pop(b, None)
+        if held_b is not None:
+            table[a] = held_b
+        if held_a is not None:
+            table[b] = held_a

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, upload_ids
+from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, swap_slots, upload_ids
 
 FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
 """The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
@@ -202,12 +202,7 @@ class FusedRows:
             swap_rows(self.seen, src, dst)
             swap_rows(self.last, src, dst)
             self._host[src], self._host[dst] = self._host[dst], self._host[src]
-            for table in (self._outputs, self._kept):
-                a, b = table.pop(src, None), table.pop(dst, None)
-                if b is not None:
-                    table[src] = b  # type: ignore[assignment]
-                if a is not None:
-                    table[dst] = a  # type: ignore[assignment]
+            swap_slots((self._outputs, self._kept), src, dst)
         else:
             self.remove(dst)
             if src not in self._outputs:
@@ -267,6 +262,8 @@ class FusedRows:
         with_k = k > 0
         inf = torch.full_like(values[:, :1], -math.inf)
         cut_k = torch.where(with_k, values.gather(1, (k - 1).clamp(min=0)), inf)  # ties with the k-th stay
+        if not self._filters.top_p:
+            return judged.masked_fill(judged < cut_k, -math.inf)
         kept = values.masked_fill(with_k & (torch.arange(take, device=values.device) >= k), -math.inf)
         probs = kept.softmax(dim=1)
         before = probs.cumsum(dim=1) - probs  # the probability of every token above this one

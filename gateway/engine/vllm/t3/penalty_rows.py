@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, upload_ids
+from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, swap_slots, upload_ids
 from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR
 
 PLACEHOLDER = -1
@@ -86,12 +86,7 @@ class PenaltyRows:
         """vLLM moved the request in ``src`` to ``dst`` (``swap``: and the one in ``dst`` to ``src``)."""
         if swap:
             swap_rows(self.seen, src, dst)
-            for table in (self._outputs, self._folded):
-                a, b = table.pop(src, None), table.pop(dst, None)
-                if b is not None:
-                    table[src] = b  # type: ignore[assignment]
-                if a is not None:
-                    table[dst] = a  # type: ignore[assignment]
+            swap_slots((self._outputs, self._folded), src, dst)
             p_src, p_dst = self._penalty_host[src], self._penalty_host[dst]
             self._set_penalty(src, p_dst)
             self._set_penalty(dst, p_src)
