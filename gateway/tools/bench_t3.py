@@ -99,6 +99,7 @@ def t3step_setup(model: str, text_tokens: int, directory: Path, penalty: str = "
     sampling = front.sampling(params, max_tokens=1, seed=None, fixed_length=False)
 
     def fields(path: str, seed: int | None = None) -> dict[str, Any]:
+        path = "fused" if path == "fused-eager" else path  # the same requests, the processor without its kernel
         made = dataclasses.replace(sampling, penalty_path=path, seed=seed).vllm_fields()
         return {k: made[k] for k in _SAMPLING_FIELDS if made[k] is not None}
 

@@ -49,13 +49,29 @@ def test_device_rows_copy_nothing_up_but_their_uploads(monkeypatch) -> None:
         assert [t.waits for t in transfers.take()] == [True]
 
 
+class Launches:
+    """A build of the fused kernel that records each launch and runs nothing (the fake device
+    holds no numbers): what the step copies up besides the launch is the harness's to see."""
+
+    def __init__(self) -> None:
+        self.grids: list[tuple[int, ...]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+        def launch(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            self.grids.append(grid)
+        return launch
+
+
 class Processor:
     """One processor's rows on the fake device, and how a request joins them."""
 
-    def __init__(self, sampling: RowSampling | None) -> None:
-        self.sampling = sampling  # None: the resident penalty
-        cls = PenaltyRows if sampling is None else FusedRows
-        self.rows = cls(8, VOCAB, "cuda", pin_memory=True)
+    def __init__(self, case: tuple[RowSampling | None, bool]) -> None:
+        self.sampling, kernel = case  # sampling None: the resident penalty
+        self.launches = Launches()
+        if self.sampling is None:
+            self.rows = PenaltyRows(8, VOCAB, "cuda", pin_memory=True)
+        else:
+            self.rows = FusedRows(8, VOCAB, "cuda", pin_memory=True, kernel=self.launches if kernel else False)
 
     def add(self, slot: int, output: list[int]) -> None:
         if isinstance(self.rows, FusedRows):
@@ -64,7 +80,8 @@ class Processor:
             self.rows.add(slot, 1.2, [1, 2, 7], output)
 
 
-KINDS = pytest.mark.parametrize("sampling", [SERVED, TURBO, None], ids=["fused", "fused-turbo", "resident"])
+KINDS = pytest.mark.parametrize("sampling", [(SERVED, False), (SERVED, True), (TURBO, True), (None, False)],
+                                ids=["fused", "fused-kernel", "fused-turbo", "resident"])
 
 
 def _settled(sampling, transfers) -> tuple[Processor, list[list[int]], torch.Tensor]:  # noqa: ANN001
@@ -98,6 +115,8 @@ def test_a_decode_step_in_a_settled_batch_never_waits(monkeypatch, sampling) -> 
                 assert len(made) == (1 if step == 0 else 0), f"step {step}"
             else:
                 assert len(made) == 2, "the resident penalty uploads the new ids: rows and tokens"
+        # the kernel's batch launches it each step (Turbo's top-k keeps the eager step)
+        assert len(processor.launches.grids) == (4 if sampling == (SERVED, True) else 0)
 
 
 @KINDS

@@ -37,6 +37,8 @@ def requested(params: SamplingParams) -> RowSampling | None:
 class FusedT3Sampling(LogitsProcessor):
     reads_output_ids = False
     """Only the output lists' lengths (module docstring): ``fused_rows.spare_output_ids``."""
+    kernel: bool | None = None
+    """:class:`FusedRows`' ``kernel``: the step as one Triton launch on a CUDA device."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -45,7 +47,11 @@ class FusedT3Sampling(LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.rows = FusedRows(vllm_config.scheduler_config.max_num_seqs, vllm_config.model_config.get_vocab_size(),
-                              device, pin_memory=is_pin_memory)
+                              device, pin_memory=is_pin_memory, kernel=self.kernel)
+        if self.rows.uses_kernel:
+            from gateway.engine.vllm.t3.fused_kernel import warm_up
+
+            warm_up(self.rows.vocab_size, self.rows.device)  # built at the engine's start, not in a request's step
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax
@@ -63,3 +69,10 @@ class FusedT3Sampling(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return self.rows.apply(logits)
 
+
+
+class EagerFusedT3Sampling(FusedT3Sampling):
+    """The same draw as PyTorch operations, without the Triton kernel: the kernel's A/B
+    (``benchmark --stages t3step --t3step-penalty fused-eager``)."""
+
+    kernel = False

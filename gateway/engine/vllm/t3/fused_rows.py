@@ -59,6 +59,8 @@ from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, swap
 
 FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
 """The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
+FUSED_EAGER_PROCESSOR = "gateway.engine.vllm.t3.fused:EagerFusedT3Sampling"
+"""The same without the Triton kernel (benchmarks only)."""
 FUSED_ARG = "chatterbox_fused_sampling"
 """The ``SamplingParams.extra_args`` key: :meth:`RowSampling.to_arg`."""
 
@@ -143,6 +145,9 @@ class Filters:
                    full_sort=any(r[p] < 1 and r[k] == 0 for r in rows), penalty_last=any(r[last] > 0 for r in rows))
 
 
+_SEED_SPAN = 1 << 31
+
+
 def exponential_noise(like: torch.Tensor) -> torch.Tensor:
     """``q ~ Exp(1)`` of ``like``'s shape, from the device's default generator."""
     return torch.empty_like(like).exponential_()
@@ -150,11 +155,20 @@ def exponential_noise(like: torch.Tensor) -> torch.Tensor:
 
 class FusedRows:
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str, *, pin_memory: bool = False,
-                 noise: Callable[[torch.Tensor], torch.Tensor] = exponential_noise) -> None:
+                 noise: Callable[[torch.Tensor], torch.Tensor] = exponential_noise, kernel: Any = None) -> None:
+        """``kernel``: whether a step without top-k / top-p runs as one Triton launch
+        (:mod:`~gateway.engine.vllm.t3.fused_kernel`) instead of the eager operations; None: on
+        a CUDA device. Another build of the kernel (Triton's interpreter) runs it anywhere
+        (tests). ``noise``: the eager step's ``q ~ Exp(1)``; any other than the default is
+        handed to the kernel too, which otherwise draws its own."""
         self.device = torch.device(device)
         self.vocab_size = vocab_size
         self.pin_memory = pin_memory
         self.noise = noise
+        if kernel is None:
+            kernel = self.device.type == "cuda"
+        self._kernel = kernel
+        self._seed = torch.initial_seed() % _SEED_SPAN  # the kernel's Philox key (as seeded): one more each step
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
         self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         """The token each row drew at the last :meth:`apply` (folded next step if vLLM kept it)."""
@@ -169,6 +183,11 @@ class FusedRows:
         self._kept: dict[int, int] = {}  # fused slot -> how long that list was at the last apply
         self._kept_key: tuple[int, ...] = ()
         self._kept_slots: torch.Tensor | None = None  # the upload of ``_kept_key``: decode steps repeat it
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether a step without top-k / top-p is the Triton kernel's."""
+        return self._kernel is not False
 
     @property
     def active(self) -> bool:
@@ -234,6 +253,9 @@ class FusedRows:
             self._params.copy_(staged, non_blocking=True)
             self._filters = Filters.of([self._host[slot] for slot in self._outputs])
             self._dirty = False
+        if self.uses_kernel and not (self._filters.top_k or self._filters.top_p):
+            self._draw_in_kernel(logits)
+            return logits
         temperature, log_min_p, penalty, fused, top_k, top_p, last = (p[:rows, None] for p in self._params)
         x = logits.float() / temperature  # temperature and penalty commute (a positive scale)
         penalised = torch.where(self.seen[:rows, :width], torch.where(x > 0, x / penalty, x * penalty), x)
@@ -250,6 +272,14 @@ class FusedRows:
         self.last[:rows] = torch.where(on[:, 0], x.argmax(dim=1), self.last[:rows])
         logits.copy_(torch.where(on, x, logits.float()))
         return logits
+
+    def _draw_in_kernel(self, logits: torch.Tensor) -> None:
+        from gateway.engine.vllm.t3.fused_kernel import draw_rows
+
+        self._seed = (self._seed + 1) % _SEED_SPAN
+        log_noise = None if self.noise is exponential_noise else self.noise(logits.float()).log()
+        draw_rows(logits, self.seen, self._params, self.last, seed=self._seed, penalty_last=self._filters.penalty_last,
+                  log_noise=log_noise, kernel=None if self._kernel is True else self._kernel)
 
     def _top_k_top_p(self, judged: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """Transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (as upstream applies

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, swap_slots, upload_ids
-from gateway.engine.vllm.t3.fused_rows import FUSED_PROCESSOR
+from gateway.engine.vllm.t3.fused_rows import FUSED_EAGER_PROCESSOR, FUSED_PROCESSOR
 
 PLACEHOLDER = -1
 """vLLM's stand-in for a sampled id not yet copied back to the host (async scheduling)."""
@@ -38,8 +38,9 @@ EXTRA_ARG = "chatterbox_repetition_penalty"
 
 
 def engine_kwargs(mode: str) -> dict[str, object]:
-    """vLLM engine arguments for ``vllm_penalty``: ``resident`` and ``fused`` load their processor."""
-    processor = {"resident": PROCESSOR, "fused": FUSED_PROCESSOR}.get(mode)
+    """vLLM engine arguments for ``vllm_penalty``: ``resident`` and ``fused`` load their processor
+    (``fused-eager``, benchmarks only: the fused one without its Triton kernel)."""
+    processor = {"resident": PROCESSOR, "fused": FUSED_PROCESSOR, "fused-eager": FUSED_EAGER_PROCESSOR}.get(mode)
     return {"logits_processors": [processor]} if processor else {}
 
 

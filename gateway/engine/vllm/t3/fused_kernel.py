@@ -1,0 +1,97 @@
+"""The fused sampling step of :class:`~gateway.engine.vllm.t3.fused_rows.FusedRows` as one
+Triton kernel (issue 18, T3 per step).
+
+At one row T3's step is bounded by the host: every PyTorch operation of the sampling costs the
+engine thread its dispatch and launch (~10 us each), and the eager step
+(:meth:`FusedRows.apply`, temperature, penalty, min-p, the Gumbel draw, the write-back) is ~20
+of them. Here the whole draw of every fused row is one launch: one program per row loads its
+logits and seen mask once, and writes back the perturbed logits (whose argmax vLLM's greedy
+sampler then takes) and the drawn token (:attr:`FusedRows.last`).
+
+It covers what the original and Multilingual ask (temperature, repetition penalty, min-p, in
+upstream ``T3.inference``'s order; also the penalty after min-p, ``penalty_last``); a batch
+with a top-k or top-p row (Turbo) needs the sort and stays on the eager step. The numbers are
+the eager step's: the same float32 operations in the same order, so with the same noise the
+same token (``tests/engine/vllm/test_fused_kernel.py``, through Triton's interpreter on the
+CPU). The noise is the kernel's own: ``q = -log(u)``, ``u`` uniform from Philox
+(``tl.rand``) keyed by a per-step seed and the element's index, a fresh stream each step, drawn
+in the kernel instead of a separate ``exponential_`` launch; ``u = 0`` (probability 2^-32)
+gives ``q = inf``, an element that cannot win, never one that must.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WIDTH = 1 << 15
+"""The widest row one program holds (T3's speech vocabularies: 8194 and 6563)."""
+
+
+def _draw_rows(logits_ptr, logits_stride, seen_ptr, seen_stride, params_ptr, params_stride, last_ptr,
+               log_noise_ptr, log_noise_stride, seed, width,
+               HAS_NOISE: tl.constexpr, PENALTY_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    fused = tl.load(params_ptr + 3 * params_stride + row)
+    if fused > 0:
+        temperature = tl.load(params_ptr + row)
+        log_min_p = tl.load(params_ptr + params_stride + row)
+        penalty = tl.load(params_ptr + 2 * params_stride + row)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < width
+        x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=-float("inf")).to(tl.float32)
+        x = tl.div_rn(x, temperature)  # torch's division (``/`` is an approximate one on the GPU)
+        seen = tl.load(seen_ptr + row * seen_stride + cols, mask=inside, other=0) != 0
+        penalised = tl.where(seen, tl.where(x > 0, tl.div_rn(x, penalty), x * penalty), x)
+        if PENALTY_LAST:
+            last = tl.load(params_ptr + 6 * params_stride + row)
+            judged = tl.where(last > 0, x, penalised)
+        else:
+            judged = penalised
+        dropped = judged < tl.max(judged, axis=0) + log_min_p
+        if HAS_NOISE:
+            log_q = tl.load(log_noise_ptr + row * log_noise_stride + cols, mask=inside, other=0.0)
+        else:
+            log_q = tl.log(-tl.log(tl.rand(seed, row * width + cols)))
+        drawn = tl.where(dropped | (cols >= width), -float("inf"), penalised) - log_q
+        tl.store(last_ptr + row, tl.argmax(drawn, axis=0).to(tl.int64))
+        tl.store(logits_ptr + row * logits_stride + cols, drawn.to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+_compiled = triton.jit(_draw_rows, do_not_specialize=["logits_stride", "seen_stride", "params_stride",
+                                                      "log_noise_stride", "seed", "width"])
+"""One build per family (its vocabulary's ``BLOCK``): the seed changes every step, and the
+strides and width are the same numbers whatever the batch, so :func:`warm_up`'s small tensors
+build the one its steps use."""
+
+
+def draw_rows(logits: torch.Tensor, seen: torch.Tensor, params: torch.Tensor, last: torch.Tensor, *,
+              seed: int, penalty_last: bool, log_noise: torch.Tensor | None = None, kernel=None) -> None:
+    """Draw the token of every fused row among ``logits``' rows (``params``: the
+    :data:`~gateway.engine.vllm.t3.fused_rows.PARAMS` rows, one column per slot): their
+    logits become the perturbed ones, ``last`` their token; other rows are left alone.
+    ``log_noise``: ``log q``, ``q ~ Exp(1)``, per element instead of the kernel's own (tests). ``kernel``:
+    another build of :func:`_draw_rows` (Triton's interpreter, in tests)."""
+    rows, width = logits.shape
+    if width > MAX_WIDTH:
+        raise ValueError(f"a row of {width} logits is wider than the kernel's {MAX_WIDTH}")
+    if logits.stride(1) != 1 or seen.stride(1) != 1 or params.stride(1) != 1:
+        raise ValueError("the fused kernel needs rows laid out contiguously")
+    if log_noise is not None and (log_noise.shape != logits.shape or log_noise.stride(1) != 1):
+        raise ValueError(f"noise of shape {tuple(log_noise.shape)} for logits of {tuple(logits.shape)}")
+    block = triton.next_power_of_2(width)
+    (kernel or _compiled)[(rows,)](
+        logits, logits.stride(0), seen, seen.stride(0), params, params.stride(0), last,
+        logits if log_noise is None else log_noise, 0 if log_noise is None else log_noise.stride(0),
+        seed, width, HAS_NOISE=log_noise is not None, PENALTY_LAST=penalty_last, BLOCK=block,
+        num_warps=16 if block >= 8192 else 8)
+
+
+def warm_up(vocab_size: int, device: torch.device, *, penalty_last: bool = False, kernel=None) -> None:
+    """Build the kernel for a ``vocab_size`` row on ``device`` now (an engine's start), not in
+    the first step that needs it (Triton compiles a kernel at its first launch, ~1 s with the
+    engine thread and every request in flight waiting)."""
+    params = torch.tensor([[1.0], [-float("inf")], [1.0], [1.0], [0.0], [1.0], [float(penalty_last)]], device=device)
+    draw_rows(torch.zeros(1, vocab_size, device=device), torch.zeros(1, vocab_size, dtype=torch.bool, device=device),
+              params, torch.zeros(1, dtype=torch.int64, device=device), seed=0, penalty_last=penalty_last, kernel=kernel)

@@ -1,0 +1,232 @@
+"""The fused sampling step as one Triton kernel (``fused_kernel``), run here through Triton's
+interpreter on the CPU: with the same noise it gives what the eager step gives, to the bit,
+through a batch that changes as vLLM's persistent batch does; with its own noise its draws
+follow upstream's distribution; a batch that needs top-k / top-p stays on the eager step."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from gateway.engine.vllm.t3.fused_kernel import MAX_WIDTH, _draw_rows, draw_rows, warm_up
+from gateway.engine.vllm.t3.fused_rows import PARAMS, FusedRows, RowSampling
+from gateway.engine.vllm.t3.penalty_rows import PLACEHOLDER
+
+INTERPRETED = InterpretedFunction(_draw_rows)
+
+
+@pytest.fixture(autouse=True)
+def interpreted_language(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's own device functions (``tl.max``, ``tl.argmax``, ``tl.rand`` and what they call)
+    were built for the GPU when Triton was imported without ``TRITON_INTERPRET``; the
+    interpreter runs their plain functions instead, as it does when that is set."""
+    import triton.experimental.gluon  # noqa: F401  (the interpreter imports it; it wants GPU builds of the below)
+    import triton.language as tl
+    import triton.language.random
+    import triton.language.standard
+    from triton.runtime.jit import JITFunction
+
+    for module in (triton.language.standard, triton.language.random):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                interpreted = InterpretedFunction(value.fn)
+                monkeypatch.setattr(module, name, interpreted)
+                if getattr(tl, name, None) is value:
+                    monkeypatch.setattr(tl, name, interpreted)
+
+
+SERVED = RowSampling(temperature=0.8, min_p=0.05, repetition_penalty=1.2)
+PLAIN = RowSampling(temperature=1.3, min_p=0.0, repetition_penalty=2.0)
+LAST = RowSampling(temperature=0.9, min_p=0.1, repetition_penalty=1.5, penalty_last=True)
+
+
+class SharedNoise:
+    """One ``q ~ Exp(1)`` per call, handed to both steps in turn (eager first, then the kernel)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: torch.Tensor | None = None
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if self.pending is None:
+            self.pending = torch.empty(like.shape).exponential_(generator=self.generator)
+            return self.pending
+        q, self.pending = self.pending, None
+        assert q.shape == like.shape
+        return q
+
+
+def twins(slots: int, vocab: int, seed: int) -> tuple[FusedRows, FusedRows]:
+    noise = SharedNoise(seed)
+    return (FusedRows(slots, vocab, "cpu", noise=noise, kernel=False),
+            FusedRows(slots, vocab, "cpu", noise=noise, kernel=INTERPRETED))
+
+
+def step_both(eager: FusedRows, kernel: FusedRows, logits: torch.Tensor) -> torch.Tensor:
+    a = eager.apply(logits.clone())
+    b = kernel.apply(logits.clone())
+    assert torch.equal(a, b), [(tuple(i), float(a[tuple(i)]), float(b[tuple(i)])) for i in torch.nonzero(a != b)[:4]]
+    assert torch.equal(eager.last[: logits.shape[0]], kernel.last[: logits.shape[0]])
+    assert torch.equal(eager.seen, kernel.seen)
+    return a
+
+
+@pytest.mark.parametrize("vocab", [24, 8194])
+def test_with_the_same_noise_the_kernel_is_the_eager_step(vocab: int) -> None:
+    """Fused rows of each kind beside rows vLLM samples, the seen ids folded between steps: the
+    logits, draws and seen masks equal to the bit (8194: the original's vocabulary, a block of
+    16384 with its tail masked)."""
+    eager, kernel = twins(6, vocab, seed=3)
+    outputs: list[list[int]] = []
+    for slot, sampling in enumerate([SERVED, None, PLAIN, LAST, None, SERVED]):
+        ids = [slot, 2 * slot + 1] if sampling is not None else []
+        outputs.append(list(ids))
+        for rows in (eager, kernel):
+            rows.add(slot, sampling, outputs[slot])
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        logits = torch.randn(6, vocab, generator=generator) * 3
+        logits[:, vocab // 2] = -math.inf  # a token the head masks
+        out = step_both(eager, kernel, logits)
+        assert torch.equal(out[1], logits[1]) and torch.equal(out[4], logits[4]), "vLLM's rows untouched"
+        for ids in outputs:
+            ids.append(PLACEHOLDER)  # every draw kept: folded at the next step
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_kernel_follows_the_eager_step_through_a_changing_batch(seed: int) -> None:
+    rng = random.Random(seed)
+    eager, kernel = twins(10, 24, seed)
+    slots: list[dict] = []
+
+    def add() -> None:
+        sampling = rng.choice([SERVED, PLAIN, LAST, None])
+        request = {"output": [rng.randrange(24) for _ in range(rng.choice([0, 2]))], "prefill": rng.choice([0, 2])}
+        slots.append(request)
+        for rows in (eager, kernel):
+            rows.add(len(slots) - 1, sampling, request["output"])
+
+    for _ in range(3):
+        add()
+    for _ in range(60):
+        action = rng.random()
+        if action < 0.2 and len(slots) < 10:
+            add()
+        elif action < 0.35 and len(slots) > 1:
+            gone = rng.randrange(len(slots))  # vLLM's condense: the last request fills the hole
+            for rows in (eager, kernel):
+                rows.remove(gone)
+                if gone != len(slots) - 1:
+                    rows.move(len(slots) - 1, gone, swap=False)
+            slots[gone] = slots[-1]
+            slots.pop()
+        elif action < 0.5 and len(slots) > 1:
+            a, b = rng.sample(range(len(slots)), 2)
+            for rows in (eager, kernel):
+                rows.move(a, b, swap=True)
+            slots[a], slots[b] = slots[b], slots[a]
+        logits = torch.randn(len(slots), 24, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) * 2
+        step_both(eager, kernel, logits)
+        for request in slots:
+            if request["prefill"]:
+                request["prefill"] -= 1
+            else:
+                request["output"].append(PLACEHOLDER)
+
+
+def test_the_kernels_own_noise_follows_upstreams_distribution() -> None:
+    """2,000 draws (100 identical rows, 20 steps, nothing kept) with the kernel's Philox noise:
+    each token's frequency within 4.5 standard errors of upstream's probability (penalty on the
+    seen ids, temperature, min-p, softmax); the min-p-dropped ones never; each step a new draw."""
+    vocab, n_rows = 24, 100
+    torch.manual_seed(2)
+    logits = torch.randn(vocab) * 2
+    seen = [3, 7, 11, int(logits.argmax())]
+    rows = FusedRows(n_rows, vocab, "cpu", kernel=INTERPRETED)
+    for slot in range(n_rows):
+        rows.add(slot, SERVED, list(seen))
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    previous = None
+    for _ in range(20):
+        out = rows.apply(logits.expand(n_rows, vocab).clone())
+        drawn = out.argmax(dim=1)
+        assert torch.equal(drawn, rows.last), "the argmax vLLM takes is the draw kept"
+        assert previous is None or not torch.equal(drawn, previous), "a fresh draw each step"
+        previous = drawn
+        counts += torch.bincount(drawn, minlength=vocab).double()
+    x = logits.double().clone()
+    for t in seen:
+        x[t] = x[t] / SERVED.repetition_penalty if x[t] > 0 else x[t] * SERVED.repetition_penalty
+    expected = torch.softmax(x / SERVED.temperature, dim=0)
+    expected[expected < SERVED.min_p * expected.max()] = 0
+    expected /= expected.sum()
+    assert (expected == 0).any() and (counts[expected == 0] == 0).all()
+    freq = counts / counts.sum()
+    err = torch.sqrt(expected * (1 - expected) / counts.sum())
+    assert ((freq - expected).abs() <= 4.5 * err + 1e-12).all(), (freq, expected)
+
+
+def test_a_batch_with_top_k_or_top_p_stays_on_the_eager_step() -> None:
+    """The kernel does no sort: with a Turbo row in the batch the step is the eager one (the
+    kernel's build is never called), its numbers the eager step's."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the kernel ran on a batch with top-k")
+
+    class Refusing:
+        def __getitem__(self, grid):
+            return refuse
+
+    turbo = RowSampling(0.8, 0.0, 1.2, top_k=6, top_p=0.8, penalty_last=True)
+    noise = SharedNoise(7)
+    eager = FusedRows(2, 24, "cpu", noise=noise, kernel=False)
+    guarded = FusedRows(2, 24, "cpu", noise=noise, kernel=Refusing())
+    for rows in (eager, guarded):
+        rows.add(0, turbo, [1])
+        rows.add(1, SERVED, [2])
+    step_both(eager, guarded, torch.randn(2, 24))
+    for rows in (eager, guarded):
+        rows.remove(0)  # the Turbo row gone: the kernel's batch again
+    with pytest.raises(AssertionError, match="the kernel ran"):
+        guarded.apply(torch.randn(2, 24))
+
+
+def test_what_the_kernel_refuses() -> None:
+    params = torch.zeros(7, 2)
+    with pytest.raises(ValueError, match="wider"):
+        draw_rows(torch.zeros(1, MAX_WIDTH + 1), torch.zeros(2, MAX_WIDTH + 1, dtype=torch.bool), params,
+                  torch.zeros(2, dtype=torch.int64), seed=1, penalty_last=False, kernel=INTERPRETED)
+    with pytest.raises(ValueError, match="contiguous"):
+        draw_rows(torch.zeros(24, 2).T, torch.zeros(2, 24, dtype=torch.bool), params,
+                  torch.zeros(2, dtype=torch.int64), seed=1, penalty_last=False, kernel=INTERPRETED)
+    with pytest.raises(ValueError, match="noise of shape"):
+        draw_rows(torch.zeros(2, 24), torch.zeros(2, 24, dtype=torch.bool), params, torch.zeros(2, dtype=torch.int64),
+                  seed=1, penalty_last=False, log_noise=torch.ones(1, 24), kernel=INTERPRETED)
+
+
+def test_the_kernel_is_the_default_on_a_cuda_device_only() -> None:
+    assert FusedRows(2, 24, "cpu")._kernel is False
+    assert FusedRows(2, 24, "cpu", kernel=INTERPRETED)._kernel is INTERPRETED
+
+
+def test_the_kernel_reads_the_parameter_rows_where_fused_rows_keeps_them() -> None:
+    """The kernel reads rows 0-3 and 6 of the parameters by number."""
+    assert PARAMS[:4] == ("temperature", "log_min_p", "penalty", "fused") and PARAMS[6] == "penalty_last"
+
+
+def test_the_warm_up_runs_the_kernel_once_on_a_row_of_the_vocabulary() -> None:
+    calls = []
+
+    class Counting:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append((grid, kwargs["BLOCK"], kwargs["PENALTY_LAST"], kwargs["HAS_NOISE"]))
+                return INTERPRETED[grid](*args, **kwargs)
+            return run
+
+    warm_up(8194, torch.device("cpu"), kernel=Counting())
+    assert calls == [((1,), 16384, False, False)]
