@@ -195,13 +195,27 @@ def test_a_batch_with_top_k_or_top_p_stays_on_the_eager_step() -> None:
         guarded.apply(torch.randn(2, 24))
 
 
+def test_one_slot_and_logits_of_any_layout() -> None:
+    """A server of one sequence (``vllm_max_num_seqs`` 1: the parameters one column, which
+    PyTorch may lay out with a column stride of 7; the HTTP benchmark's one-stream server of
+    2026-12-07 died on it) and logits whose columns are not one apart: the eager step's numbers."""
+    eager, kernel = twins(1, 24, seed=5)
+    for rows in (eager, kernel):
+        rows.add(0, SERVED, [1, 2])
+    step_both(eager, kernel, torch.randn(1, 24))
+    wide = torch.randn(1, 48)
+    strided = wide.clone()[:, ::2]  # every other column of a wider row
+    out = kernel.apply(strided)
+    assert out is strided and torch.equal(out, eager.apply(wide[:, ::2].contiguous()))
+
+
 def test_what_the_kernel_refuses() -> None:
     params = torch.zeros(7, 2)
     with pytest.raises(ValueError, match="wider"):
         draw_rows(torch.zeros(1, MAX_WIDTH + 1), torch.zeros(2, MAX_WIDTH + 1, dtype=torch.bool), params,
                   torch.zeros(2, dtype=torch.int64), seed=1, penalty_last=False, kernel=INTERPRETED)
-    with pytest.raises(ValueError, match="contiguous"):
-        draw_rows(torch.zeros(24, 2).T, torch.zeros(2, 24, dtype=torch.bool), params,
+    with pytest.raises(ValueError, match="one apart"):
+        draw_rows(torch.zeros(2, 24), torch.zeros(24, 2, dtype=torch.bool).T, params,
                   torch.zeros(2, dtype=torch.int64), seed=1, penalty_last=False, kernel=INTERPRETED)
     with pytest.raises(ValueError, match="noise of shape"):
         draw_rows(torch.zeros(2, 24), torch.zeros(2, 24, dtype=torch.bool), params, torch.zeros(2, dtype=torch.int64),
@@ -210,6 +224,7 @@ def test_what_the_kernel_refuses() -> None:
 
 def test_the_kernel_is_the_default_on_a_cuda_device_only() -> None:
     assert FusedRows(2, 24, "cpu")._kernel is False
+    assert FusedRows(1, 24, "cpu")._params.stride() == (1, 1), "one slot: its column one apart"
     assert FusedRows(2, 24, "cpu", kernel=INTERPRETED)._kernel is INTERPRETED
 
 

@@ -76,16 +76,25 @@ def draw_rows(logits: torch.Tensor, seen: torch.Tensor, params: torch.Tensor, la
     rows, width = logits.shape
     if width > MAX_WIDTH:
         raise ValueError(f"a row of {width} logits is wider than the kernel's {MAX_WIDTH}")
-    if logits.stride(1) != 1 or seen.stride(1) != 1 or params.stride(1) != 1:
-        raise ValueError("the fused kernel needs rows laid out contiguously")
-    if log_noise is not None and (log_noise.shape != logits.shape or log_noise.stride(1) != 1):
+    if not (_unit_columns(seen) and _unit_columns(params)):
+        raise ValueError(f"the seen mask {seen.stride()} and parameters {params.stride()} need columns one apart")
+    if log_noise is not None and (log_noise.shape != logits.shape or not _unit_columns(log_noise)):
         raise ValueError(f"noise of shape {tuple(log_noise.shape)} for logits of {tuple(logits.shape)}")
+    work = logits if _unit_columns(logits) else logits.contiguous()  # vLLM's are; a copy where not
     block = triton.next_power_of_2(width)
     (kernel or _compiled)[(rows,)](
-        logits, logits.stride(0), seen, seen.stride(0), params, params.stride(0), last,
-        logits if log_noise is None else log_noise, 0 if log_noise is None else log_noise.stride(0),
+        work, work.stride(0), seen, seen.stride(0), params, params.stride(0), last,
+        work if log_noise is None else log_noise, 0 if log_noise is None else log_noise.stride(0),
         seed, width, HAS_NOISE=log_noise is not None, PENALTY_LAST=penalty_last, BLOCK=block,
         num_warps=16 if block >= 8192 else 8)
+    if work is not logits:
+        logits.copy_(work)
+
+
+def _unit_columns(t: torch.Tensor) -> bool:
+    """Whether a row's elements lie one apart (a single column: trivially; PyTorch calls a
+    ``(7, 1)`` transpose contiguous with a column stride of 7)."""
+    return t.shape[1] <= 1 or t.stride(1) == 1
 
 
 def warm_up(vocab_size: int, device: torch.device, *, penalty_last: bool = False, kernel=None) -> None:

@@ -148,6 +148,16 @@ class Filters:
 _SEED_SPAN = 1 << 31
 
 
+def _kernel_fits(vocab_size: int) -> bool:
+    """Whether the Triton kernel can draw a row of ``vocab_size`` (Triton importable, the row
+    within one program); otherwise every step is the eager one."""
+    try:
+        from gateway.engine.vllm.t3.fused_kernel import MAX_WIDTH
+    except ImportError:
+        return False
+    return vocab_size <= MAX_WIDTH
+
+
 def exponential_noise(like: torch.Tensor) -> torch.Tensor:
     """``q ~ Exp(1)`` of ``like``'s shape, from the device's default generator."""
     return torch.empty_like(like).exponential_()
@@ -166,7 +176,7 @@ class FusedRows:
         self.pin_memory = pin_memory
         self.noise = noise
         if kernel is None:
-            kernel = self.device.type == "cuda"
+            kernel = self.device.type == "cuda" and _kernel_fits(vocab_size)
         self._kernel = kernel
         self._seed = torch.initial_seed() % _SEED_SPAN  # the kernel's Philox key (as seeded): one more each step
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
@@ -325,7 +335,11 @@ class FusedRows:
         return upload_ids(values, self.device, pin_memory=self.pin_memory)
 
     def _staged(self) -> torch.Tensor:
-        return torch.tensor(self._host, dtype=torch.float32).T.contiguous()
+        # one column per slot, a row's columns one apart even with one slot (``.T.contiguous()``
+        # keeps a (PARAMS, 1) transpose's column stride of len(PARAMS))
+        staged = torch.empty(len(PARAMS), len(self._host), dtype=torch.float32)
+        staged.copy_(torch.tensor(self._host, dtype=torch.float32).T)
+        return staged
 
 
 def spare_output_ids(input_batch: Any) -> None:
