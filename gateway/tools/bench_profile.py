@@ -14,6 +14,9 @@ solve through CUDA graphs when there is a GPU. For each configuration, each wind
   the serving loop runs them: launched without synchronisation, at most ``depth`` in flight,
   the busy share from CUDA events (device time of each batch over the wall time).
 
+``model`` ``chatterbox-turbo`` profiles Turbo's vocoder instead: ``S3Gen(meanflow=True)``, its
+mean-flow solve (2 steps, no CFG; ``flow_steps`` as given), no fewer-steps knob (it has two).
+
 Configurations (``configs``): ``before`` = graphs, estimator not compiled, one batch in flight
 (the code as it served until issue 18, less its host syncs); ``after`` = graphs, estimator
 compiled (``compile`` mode), two batches in flight. With ``knobs``, the ``after`` configuration
@@ -43,6 +46,10 @@ TINY_WINDOWS = (("first window", 0, 4, False, 0), ("regular window", 2, 6, False
 """For a dry run of the stage on a CPU: the same code, windows of a few tokens."""
 
 
+PROFILED_MODELS = ("chatterbox", "chatterbox-turbo")
+"""Whose vocoder the stage profiles (Multilingual's is the original's)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     name: str
@@ -59,7 +66,8 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
                   compile_mode: str = "dynamic", prompt_tokens: int = 250, knobs: bool = True,
                   pipeline_batches: int = 4, graph_max_frames: int = 1024, one_shot_batches: Sequence[int] = (1, 32),
                   knob_batches: Sequence[int] = (1, 32), watermark: bool = True,
-                  on_row: Callable[[dict], None] | None = None, tiny: bool = False) -> list[dict]:
+                  on_row: Callable[[dict], None] | None = None, tiny: bool = False,
+                  model: str = "chatterbox") -> list[dict]:
     """The profile's rows (see the module docstring); first and regular windows at
     ``batches``, one-shot utterances at ``one_shot_batches``, knobs at ``knob_batches``;
     ``on_row`` sees each row as soon as it is measured."""
@@ -72,7 +80,10 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    s3gen = S3Gen().to(device).eval()
+    if model not in PROFILED_MODELS:
+        raise ValueError(f"the profile stage knows {', '.join(PROFILED_MODELS)}, not {model!r}")
+    meanflow = model == "chatterbox-turbo"
+    s3gen = S3Gen(meanflow=meanflow).to(device).eval()
     ref = reference_dict(s3gen, prompt_tokens, 120.0, 0)
     tapes = NoiseTapes.generate(0, flow_frames=2 * (prompt_tokens + 600), hift_samples=600 * 2 * 480,
                                 harmonics=s3gen.mel2wav.m_source.l_sin_gen.harmonic_num + 1, device=device)
@@ -94,11 +105,12 @@ def stage_profile(batches: list[int], flow_steps: int, repeats: int, *, config_n
         for window, sizes in plan:
             for b in sizes:
                 row = _profile_rows(batch, voice, window, b, repeats, marker, pipeline_batches, config.depth)
-                row.update({"config": config.name, "compile": batch.cfm.compile, **info})
+                row.update({"model": model, "flow_steps": flow_steps, "config": config.name,
+                            "compile": batch.cfm.compile, **info})
                 add(row)
         if knobs and config.name == "after":
             _knob_rows(s3gen, batch, ref, list(knob_batches), repeats, pipeline_batches, config, dtype,
-                       flow_steps, tapes, graph_max_frames, add, windows)
+                       flow_steps, tapes, graph_max_frames, add, windows, fewer_steps=not meanflow)
         del batch
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -246,9 +258,9 @@ def pipelined(batch: Any, flow_rows: list, carried: int, final: bool, n: int, de
 
 def _knob_rows(s3gen: Any, batch: Any, ref: dict, batches: list[int], repeats: int, pipeline_batches: int,
                config: Config, dtype: Any, flow_steps: int, tapes: Any, max_frames: int,
-               add: Callable[[dict], None], windows: Sequence[tuple] = WINDOWS) -> None:
+               add: Callable[[dict], None], windows: Sequence[tuple] = WINDOWS, fewer_steps: bool = True) -> None:
     """The speed knobs on the ``after`` configuration: shorter voice prompts (same graphs,
-    narrower rows), and first windows in fewer steps (their own solver and graphs)."""
+    narrower rows), and (``fewer_steps``) first windows in fewer steps (their own solver and graphs)."""
     import torch
 
     for prompt in (150, 100):
@@ -260,7 +272,7 @@ def _knob_rows(s3gen: Any, batch: Any, ref: dict, batches: list[int], repeats: i
                 row = _profile_rows(batch, voice, window, b, repeats, None, pipeline_batches, config.depth)
                 row.update({"config": f"after, vocoder_prompt_tokens={prompt}", "compile": batch.cfm.compile})
                 add(row)
-    for steps in (4,):
+    for steps in (4,) if fewer_steps else ():
         knob, info = _build(s3gen, config, str(batch.device), dtype, flow_steps, tapes, max(batches), max_frames,
                             first_window_steps=steps)
         voice = knob.prepare_voice(ref)

@@ -349,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-tiny", action="store_true", help="windows of a few tokens (a dry run on a CPU)")
     ap.add_argument("--watermark-batches", default="1,8,32,64", help="windows per batch of the watermark stage")
     ap.add_argument("--watermark-window-s", type=float, default=3.3, help="seconds per window of the watermark stage")
-    ap.add_argument("--flow-steps", type=int, default=10, help="CFM steps of the profile stage")
+    ap.add_argument("--flow-steps", type=int, default=None,
+                    help="CFM steps of the profile stage (default: the model's, 10 or Turbo's 2)")
+    ap.add_argument("--profile-model", default="chatterbox", choices=("chatterbox", "chatterbox-turbo"),
+                    help="whose vocoder the profile stage times (Turbo: S3Gen(meanflow=True), its mean-flow solve)")
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
@@ -446,12 +449,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     found["rows"] = rows
                     checkpoint(http_rows, found)
 
-                stage_profile(_ints(args.profile_batches), args.flow_steps, args.profile_repeats, on_row=profiled,
+                steps = args.flow_steps or (2 if args.profile_model == "chatterbox-turbo" else 10)
+                stage_profile(_ints(args.profile_batches), steps, args.profile_repeats, on_row=profiled,
                                       config_names=args.profile_configs.split(","), compile_mode=args.profile_compile,
                                       knobs=args.profile_knobs, pipeline_batches=args.profile_pipeline_batches,
                                       one_shot_batches=_ints(args.profile_oneshot_batches),
                                       knob_batches=_ints(args.profile_knob_batches),
-                                      prompt_tokens=args.profile_prompt_tokens, tiny=args.profile_tiny)
+                                      prompt_tokens=args.profile_prompt_tokens, tiny=args.profile_tiny,
+                                      model=args.profile_model)
             elif stage == "t3step":
                 from gateway.tools.bench_t3 import stage_t3_step
 
