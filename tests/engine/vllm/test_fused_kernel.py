@@ -1,7 +1,7 @@
 """The fused sampling step as one Triton kernel (``fused_kernel``), run here through Triton's
 interpreter on the CPU: with the same noise it gives what the eager step gives, to the bit,
-through a batch that changes as vLLM's persistent batch does; with its own noise its draws
-follow upstream's distribution; a batch that needs top-k / top-p stays on the eager step."""
+through a batch that changes as vLLM's persistent batch does and through batches with top-k
+and top-p (Turbo's); with its own noise its draws follow upstream's distribution."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from gateway.engine.vllm.t3.fused_kernel import MAX_WIDTH, _draw_rows, draw_rows, warm_up
+from gateway.engine.vllm.t3.fused_kernel import MAX_WIDTH, WARM_VARIANTS, _draw_rows, draw_rows, warm_up
 from gateway.engine.vllm.t3.fused_rows import PARAMS, FusedRows, RowSampling
 from gateway.engine.vllm.t3.penalty_rows import PLACEHOLDER
 
@@ -170,29 +170,49 @@ def test_the_kernels_own_noise_follows_upstreams_distribution() -> None:
     assert ((freq - expected).abs() <= 4.5 * err + 1e-12).all(), (freq, expected)
 
 
-def test_a_batch_with_top_k_or_top_p_stays_on_the_eager_step() -> None:
-    """The kernel does no sort: with a Turbo row in the batch the step is the eager one (the
-    kernel's build is never called), its numbers the eager step's."""
+TURBO = RowSampling(0.8, 0.0, 1.2, top_k=6, top_p=0.8, penalty_last=True)
+"""Upstream ``inference_turbo``'s controls, top-k scaled to a 24-token vocabulary."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the kernel ran on a batch with top-k")
 
-    class Refusing:
-        def __getitem__(self, grid):
-            return refuse
+@pytest.mark.parametrize("case", range(4))
+def test_with_the_same_noise_top_k_and_top_p_are_the_eager_steps(case: int) -> None:
+    """Batches that need the filters: Turbo's rows (top-k, top-p, the penalty last) beside rows
+    with top-k alone, top-p alone (after min-p), none, and rows vLLM samples; ties at the k-th
+    value (kept, as transformers keeps them). The kernel's cuts found bit by bit keep the set
+    the eager step's sort keeps, so the same logits and draws."""
+    rng = random.Random(case)
+    mixes = [[TURBO, RowSampling(0.9, 0.0, 1.1, top_k=3), None, SERVED],
+             [RowSampling(1.1, 0.05, 1.3, top_p=0.7), TURBO, RowSampling(0.7, 0.0, 1.2, top_k=5, top_p=0.9)],
+             [TURBO, TURBO, PLAIN],
+             [RowSampling(1.0, 0.0, 1.0, top_k=1), RowSampling(1.0, 0.0, 1.2, top_p=0.3, penalty_last=True), LAST]]
+    samplings = mixes[case]
+    eager, kernel = twins(len(samplings), 24, seed=10 + case)
+    outputs = [[rng.randrange(24) for _ in range(3)] for _ in samplings]
+    for slot, sampling in enumerate(samplings):
+        for rows in (eager, kernel):
+            rows.add(slot, sampling, outputs[slot])
+    generator = torch.Generator().manual_seed(case)
+    for step in range(6):
+        logits = torch.randn(len(samplings), 24, generator=generator) * 2
+        if step == 2:
+            logits[:, 5:9] = logits[:, 5:6]  # four equal values: ties at a top-k edge somewhere
+        logits[:, 23] = -math.inf
+        step_both(eager, kernel, logits)
+        for ids in outputs:
+            ids.append(PLACEHOLDER)
 
-    turbo = RowSampling(0.8, 0.0, 1.2, top_k=6, top_p=0.8, penalty_last=True)
-    noise = SharedNoise(7)
-    eager = FusedRows(2, 24, "cpu", noise=noise, kernel=False)
-    guarded = FusedRows(2, 24, "cpu", noise=noise, kernel=Refusing())
-    for rows in (eager, guarded):
-        rows.add(0, turbo, [1])
-        rows.add(1, SERVED, [2])
-    step_both(eager, guarded, torch.randn(2, 24))
-    for rows in (eager, guarded):
-        rows.remove(0)  # the Turbo row gone: the kernel's batch again
-    with pytest.raises(AssertionError, match="the kernel ran"):
-        guarded.apply(torch.randn(2, 24))
+
+def test_turbos_vocabulary_with_its_served_top_k_and_top_p() -> None:
+    """Turbo's 6563 tokens (a block of 8192), top-k 1000 and top-p 0.95 as served: the eager
+    step's logits and draws."""
+    served = RowSampling(0.8, 0.0, 1.2, top_k=1000, top_p=0.95, penalty_last=True)
+    eager, kernel = twins(2, 6563, seed=1)
+    for rows in (eager, kernel):
+        rows.add(0, served, [1, 2, 3])
+        rows.add(1, SERVED, [4])
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        step_both(eager, kernel, torch.randn(2, 6563, generator=generator) * 4)
 
 
 def test_one_slot_and_logits_of_any_layout() -> None:
@@ -240,8 +260,9 @@ def test_the_warm_up_runs_the_kernel_once_on_a_row_of_the_vocabulary() -> None:
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 calls.append((grid, kwargs["BLOCK"], kwargs["PENALTY_LAST"], kwargs["HAS_NOISE"]))
+                assert (kwargs["PENALTY_LAST"], kwargs["TOP_K"], kwargs["TOP_P"]) in WARM_VARIANTS
                 return INTERPRETED[grid](*args, **kwargs)
             return run
 
     warm_up(8194, torch.device("cpu"), kernel=Counting())
-    assert calls == [((1,), 16384, False, False)]
+    assert calls == [((1,), 16384, last, False) for last, _, _ in WARM_VARIANTS]

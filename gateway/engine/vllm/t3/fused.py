@@ -51,7 +51,7 @@ class FusedT3Sampling(LogitsProcessor):
         if self.rows.uses_kernel:
             from gateway.engine.vllm.t3.fused_kernel import warm_up
 
-            warm_up(self.rows.vocab_size, self.rows.device)  # built at the engine's start, not in a request's step
+            warm_up(self.rows.vocab_size, self.rows.device)  # its builds made at the engine's start, not in a step
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax

@@ -166,7 +166,7 @@ def exponential_noise(like: torch.Tensor) -> torch.Tensor:
 class FusedRows:
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device | str, *, pin_memory: bool = False,
                  noise: Callable[[torch.Tensor], torch.Tensor] = exponential_noise, kernel: Any = None) -> None:
-        """``kernel``: whether a step without top-k / top-p runs as one Triton launch
+        """``kernel``: whether a step runs as one Triton launch
         (:mod:`~gateway.engine.vllm.t3.fused_kernel`) instead of the eager operations; None: on
         a CUDA device. Another build of the kernel (Triton's interpreter) runs it anywhere
         (tests). ``noise``: the eager step's ``q ~ Exp(1)``; any other than the default is
@@ -196,7 +196,7 @@ class FusedRows:
 
     @property
     def uses_kernel(self) -> bool:
-        """Whether a step without top-k / top-p is the Triton kernel's."""
+        """Whether a step is the Triton kernel's."""
         return self._kernel is not False
 
     @property
@@ -263,7 +263,7 @@ class FusedRows:
             self._params.copy_(staged, non_blocking=True)
             self._filters = Filters.of([self._host[slot] for slot in self._outputs])
             self._dirty = False
-        if self.uses_kernel and not (self._filters.top_k or self._filters.top_p):
+        if self.uses_kernel:
             self._draw_in_kernel(logits)
             return logits
         temperature, log_min_p, penalty, fused, top_k, top_p, last = (p[:rows, None] for p in self._params)
@@ -288,8 +288,10 @@ class FusedRows:
 
         self._seed = (self._seed + 1) % _SEED_SPAN
         log_noise = None if self.noise is exponential_noise else self.noise(logits.float()).log()
-        draw_rows(logits, self.seen, self._params, self.last, seed=self._seed, penalty_last=self._filters.penalty_last,
-                  log_noise=log_noise, kernel=None if self._kernel is True else self._kernel)
+        filters = self._filters
+        draw_rows(logits, self.seen, self._params, self.last, seed=self._seed, penalty_last=filters.penalty_last,
+                  top_k=filters.top_k > 0, top_p=filters.top_p, log_noise=log_noise,
+                  kernel=None if self._kernel is True else self._kernel)
 
     def _top_k_top_p(self, judged: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """Transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (as upstream applies
