@@ -70,7 +70,6 @@ class FusedT3Sampling(LogitsProcessor):
         return self.rows.apply(logits)
 
 
-
 class EagerFusedT3Sampling(FusedT3Sampling):
     """The same draw as PyTorch operations, without the Triton kernel: the kernel's A/B
     (``benchmark --stages t3step --t3step-penalty fused-eager``)."""

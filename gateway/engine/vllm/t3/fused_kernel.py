@@ -15,14 +15,16 @@ top-p need no sort: each cut is an order key of the row's float32 values (their 
 so that unsigned order is the values' order) found bit by bit, 32 counts for the k-th largest
 (ties with it stay, as transformers' ``TopKLogitsWarper`` keeps them) and 32 sums of the
 renormalised probability above a key for top-p (a token stays while less than ``top_p`` lies
-above it: ``TopPLogitsWarper``'s set). The numbers are the eager step's: without top-p the same
-float32 operations in the same order, so with the same noise the same token; top-p's sums run
-in another order than the eager cumulative sum, so a token whose mass above it is within
-rounding of ``top_p`` may fall on the other side (``tests/engine/vllm/test_fused_kernel.py``,
-through Triton's interpreter on the CPU). The noise is the kernel's own: ``q = -log(u)``, ``u`` uniform from Philox
-(``tl.rand``) keyed by a per-step seed and the element's index, a fresh stream each step, drawn
-in the kernel instead of a separate ``exponential_`` launch; ``u = 0`` (probability 2^-32)
-gives ``q = inf``, an element that cannot win, never one that must.
+above it: ``TopPLogitsWarper``'s set). The numbers are the eager step's: the same float32
+operations in the same order and the same kept sets, so with the same noise the same logits
+and token; only top-p's sums run in another order than the eager cumulative sum, so a token
+whose mass above it is within rounding of ``top_p`` may fall on the other side
+(``tests/engine/vllm/test_fused_kernel.py``, through Triton's interpreter on the CPU).
+
+The noise is the kernel's own: ``q = -log(u)``, ``u`` uniform from Philox (``tl.rand``) keyed
+by a per-step seed and the element's index, a fresh stream each step, drawn in the kernel
+instead of a separate ``exponential_`` launch; ``u = 0`` (probability 2^-32) gives
+``q = inf``, an element that cannot win, never one that must.
 """
 
 from __future__ import annotations
