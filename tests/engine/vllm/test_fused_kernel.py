@@ -72,6 +72,7 @@ def step_both(eager: FusedRows, kernel: FusedRows, logits: torch.Tensor) -> torc
     assert torch.equal(a, b), [(tuple(i), float(a[tuple(i)]), float(b[tuple(i)])) for i in torch.nonzero(a != b)[:4]]
     assert torch.equal(eager.last[: logits.shape[0]], kernel.last[: logits.shape[0]])
     assert torch.equal(eager.seen, kernel.seen)
+    assert kernel.uses_kernel and kernel.kernel_error is None, kernel.kernel_error  # the kernel drew, not a fallback
     return a
 
 
@@ -227,6 +228,28 @@ def test_one_slot_and_logits_of_any_layout() -> None:
     strided = wide.clone()[:, ::2]  # every other column of a wider row
     out = kernel.apply(strided)
     assert out is strided and torch.equal(out, eager.apply(wide[:, ::2].contiguous()))
+
+
+def test_a_kernel_that_fails_gives_way_to_the_eager_step(caplog: pytest.LogCaptureFixture) -> None:
+    """A build or launch that raises (a device Triton cannot build for) costs no request: that
+    step and the later ones draw eagerly, the same numbers, and the reason is logged once."""
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no build for this device")
+            return launch
+
+    eager = FusedRows(2, 24, "cpu", noise=torch.ones_like, kernel=False)  # q = 1: the deterministic part
+    broken = FusedRows(2, 24, "cpu", noise=torch.ones_like, kernel=Broken())
+    for rows in (eager, broken):
+        rows.add(0, SERVED, [1])
+        rows.add(1, TURBO, [2])
+    for _ in range(2):
+        logits = torch.randn(2, 24)
+        assert torch.equal(eager.apply(logits.clone()), broken.apply(logits.clone()))
+    assert not broken.uses_kernel and broken.kernel_error == "RuntimeError: no build for this device"
+    assert [r.levelname for r in caplog.records if "Triton kernel failed" in r.getMessage()] == ["WARNING"]
 
 
 def test_what_the_kernel_refuses() -> None:

@@ -51,7 +51,10 @@ class FusedT3Sampling(LogitsProcessor):
         if self.rows.uses_kernel:
             from gateway.engine.vllm.t3.fused_kernel import warm_up
 
-            warm_up(self.rows.vocab_size, self.rows.device)  # its builds made at the engine's start, not in a step
+            try:
+                warm_up(self.rows.vocab_size, self.rows.device)  # its builds made at the engine's start, not in a step
+            except Exception as exc:  # noqa: BLE001 - a device Triton cannot build for: the eager step serves
+                self.rows.give_up_kernel(exc)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax

@@ -48,6 +48,7 @@ processor around it is :mod:`gateway.engine.vllm.t3.fused`. Batch bookkeeping fo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ from typing import Any
 import torch
 
 from gateway.engine.vllm.t3.device_rows import Marker, mark_row, swap_rows, swap_slots, upload_ids
+
+log = logging.getLogger(__name__)
 
 FUSED_PROCESSOR = "gateway.engine.vllm.t3.fused:FusedT3Sampling"
 """The vLLM logits processor that drives :class:`FusedRows`, as vLLM loads it by name."""
@@ -178,6 +181,8 @@ class FusedRows:
         if kernel is None:
             kernel = self.device.type == "cuda" and _kernel_fits(vocab_size)
         self._kernel = kernel
+        self.kernel_error: str | None = None
+        """Why the kernel was given up (:meth:`give_up_kernel`); every step since is eager."""
         self._seed = torch.initial_seed() % _SEED_SPAN  # the kernel's Philox key (as seeded): one more each step
         self.seen = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=self.device)
         self.last = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
@@ -198,6 +203,14 @@ class FusedRows:
     def uses_kernel(self) -> bool:
         """Whether a step is the Triton kernel's."""
         return self._kernel is not False
+
+    def give_up_kernel(self, exc: BaseException) -> None:
+        """The kernel failed before it ran (a build or a launch the device refused: its checks
+        and Triton's compiler come first): this step and every later one take the eager
+        operations, the same draw, instead of failing the engine and every request in it."""
+        self.kernel_error = f"{type(exc).__name__}: {exc}"
+        self._kernel = False
+        log.warning("fused sampling: the Triton kernel failed (%s); the eager step from now on", self.kernel_error)
 
     @property
     def active(self) -> bool:
@@ -264,8 +277,11 @@ class FusedRows:
             self._filters = Filters.of([self._host[slot] for slot in self._outputs])
             self._dirty = False
         if self.uses_kernel:
-            self._draw_in_kernel(logits)
-            return logits
+            try:
+                self._draw_in_kernel(logits)
+                return logits
+            except Exception as exc:  # noqa: BLE001 - nothing ran: the eager step below draws instead
+                self.give_up_kernel(exc)
         temperature, log_min_p, penalty, fused, top_k, top_p, last = (p[:rows, None] for p in self._params)
         x = logits.float() / temperature  # temperature and penalty commute (a positive scale)
         penalised = torch.where(self.seen[:rows, :width], torch.where(x > 0, x / penalty, x * penalty), x)
