@@ -114,7 +114,9 @@ async def test_failed_engine_is_503_with_retry_after(settings: Settings, api_err
 
 async def test_total_time_limit_ends_a_stuck_engine_before_the_first_byte(settings: Settings, api_error) -> None:
     engine = GatedEngine(hold_after=0)
-    with capture_logs() as logs, live_server(limited(settings, request_timeout_s=0.5), engine) as live:
+    # 2 s: the limit must fall while the engine holds, not before it has the job (a loaded
+    # 2-core CI machine once took longer than 0.5 s to get there: nothing to cancel)
+    with capture_logs() as logs, live_server(limited(settings, request_timeout_s=2.0), engine) as live:
         async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as client:
             started = time.monotonic()
             # pcm: no header, so nothing at all is sent before the engine's first audio
@@ -123,6 +125,7 @@ async def test_total_time_limit_ends_a_stuck_engine_before_the_first_byte(settin
             )
             assert time.monotonic() - started < 15.0  # the engine never finishes: the 504 is the limit's
             api_error(response, 504, code="timeout")
+            assert engine.holding.is_set(), "the limit fell while the engine held the job"
             # the stuck engine call was cancelled and the slot given back
             assert await asyncio.to_thread(wait_until, lambda: len(engine.cancelled) == 1)
             assert live.services.admission.in_flight == 0
