@@ -250,6 +250,9 @@ def test_a_kernel_that_fails_gives_way_to_the_eager_step(caplog: pytest.LogCaptu
         assert torch.equal(eager.apply(logits.clone()), broken.apply(logits.clone()))
     assert not broken.uses_kernel and broken.kernel_error == "RuntimeError: no build for this device"
     assert [r.levelname for r in caplog.records if "Triton kernel failed" in r.getMessage()] == ["WARNING"]
+    at_start = FusedRows(2, 24, "cpu", kernel=Broken())
+    at_start.warm_up()  # the engine's start: the same fallback before any step
+    assert not at_start.uses_kernel and at_start.kernel_error == "RuntimeError: no build for this device"
 
 
 def test_what_the_kernel_refuses() -> None:

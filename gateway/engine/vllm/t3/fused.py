@@ -48,13 +48,7 @@ class FusedT3Sampling(LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.rows = FusedRows(vllm_config.scheduler_config.max_num_seqs, vllm_config.model_config.get_vocab_size(),
                               device, pin_memory=is_pin_memory, kernel=self.kernel)
-        if self.rows.uses_kernel:
-            from gateway.engine.vllm.t3.fused_kernel import warm_up
-
-            try:
-                warm_up(self.rows.vocab_size, self.rows.device)  # its builds made at the engine's start, not in a step
-            except Exception as exc:  # noqa: BLE001 - a device Triton cannot build for: the eager step serves
-                self.rows.give_up_kernel(exc)
+        self.rows.warm_up()  # the kernel's builds made at the engine's start, not in a step
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the argmax

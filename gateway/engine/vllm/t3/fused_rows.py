@@ -204,6 +204,23 @@ class FusedRows:
         """Whether a step is the Triton kernel's."""
         return self._kernel is not False
 
+    def warm_up(self) -> None:
+        """Build the kernel's variants now (an engine's start), not in the first step that
+        needs each; a device Triton cannot build for leaves the eager step (:meth:`give_up_kernel`)."""
+        if not self.uses_kernel:
+            return
+        from gateway.engine.vllm.t3.fused_kernel import warm_up
+
+        try:
+            warm_up(self.vocab_size, self.device, kernel=self._build)
+        except Exception as exc:  # noqa: BLE001 - the eager step serves instead
+            self.give_up_kernel(exc)
+
+    @property
+    def _build(self) -> Any:
+        """The kernel build to launch: None for the compiled one, else the one given (tests)."""
+        return None if self._kernel is True else self._kernel
+
     def give_up_kernel(self, exc: BaseException) -> None:
         """The kernel failed before it ran (a build or a launch the device refused: its checks
         and Triton's compiler come first): this step and every later one take the eager
@@ -306,8 +323,7 @@ class FusedRows:
         log_noise = None if self.noise is exponential_noise else self.noise(logits.float()).log()
         filters = self._filters
         draw_rows(logits, self.seen, self._params, self.last, seed=self._seed, penalty_last=filters.penalty_last,
-                  top_k=filters.top_k > 0, top_p=filters.top_p, log_noise=log_noise,
-                  kernel=None if self._kernel is True else self._kernel)
+                  top_k=filters.top_k > 0, top_p=filters.top_p, log_noise=log_noise, kernel=self._build)
 
     def _top_k_top_p(self, judged: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """Transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (as upstream applies
