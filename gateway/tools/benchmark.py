@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=250, help="speech tokens per request (250 = 10 s)")
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--t3step-batches", default="1,32", help="batch sizes of the t3step stage")
-    ap.add_argument("--t3step-penalty", choices=("sampler", "resident", "fused", "fused-eager"), default="sampler",
+    ap.add_argument("--t3step-penalty", choices=("sampler", "resident", "fused", "fused-eager"), default="fused",
                     help="the t3step stage's repetition penalty path (vllm_penalty; fused-eager: fused without its "
                          "Triton kernel); run each to compare")
     ap.add_argument("--t3step-cascade", action="store_true",
