@@ -461,6 +461,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     (FlashAttention's variable-length kernel, each row's queries over its real keys: the same
     function, no work on padded keys or rows; CUDA with a bf16/fp16 flow only, else sdpa with a
     warning) or auto, the default (varlen where it runs, sdpa elsewhere without a warning)."""
+    vocoder_hift_kernels: Literal["upstream", "fused"] = "upstream"
+    """HiFT's elementwise work: upstream (its modules as they are: each convolution's weight
+    norm recomputed every call, each Snake activation five full-tensor kernels) or fused (a
+    copy of HiFT with the weight norms folded once and each Snake one Triton kernel: the same
+    arithmetic, ~1 ulp apart where a product and sum contract; gateway/engine/vllm/hift_kernels.py).
+    Not yet timed on a GPU (docs/operations.md)."""
     vocoder_first_window_flow_steps: Annotated[int, Meta(ge=0, le=50)] = 0
     """Euler steps of a stream's first window only (0: flow_steps, as upstream): fewer steps
     make the first byte sooner and change that window's audio (docs/operations.md)."""

@@ -55,10 +55,12 @@ class Config:
     name: str
     compile: str
     depth: int
+    hift_kernels: str = "upstream"
 
 
 def configs(names: Sequence[str], compile_mode: str) -> list[Config]:
-    table = {"before": Config("before", "off", 1), "after": Config("after", compile_mode, 2)}
+    table = {"before": Config("before", "off", 1), "after": Config("after", compile_mode, 2),
+             "hift-fused": Config("hift-fused", "off", 1, hift_kernels="fused")}
     return [table[n] for n in names]
 
 
@@ -146,7 +148,8 @@ def _build(s3gen: Any, config: Config, device: str, dtype: Any, flow_steps: int,
     from gateway.settings import load_settings
 
     batch = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=flow_steps, tapes=tapes,
-                       compile=config.compile, first_window_steps=first_window_steps)
+                       compile=config.compile, first_window_steps=first_window_steps,
+                       hift_kernels=config.hift_kernels)
     info: dict[str, Any] = {}
     if device == "cuda":
         t0 = time.perf_counter()

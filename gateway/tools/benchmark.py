@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-batches", default="1,8,32,64", help="vocoder batch sizes of the profile stage")
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--profile-configs", default="before,after",
-                    help="before: estimator not compiled, one batch in flight; after: compiled, two in flight")
+                    help="before: estimator not compiled, one batch in flight; after: compiled, two in flight; "
+                         "hift-fused: before with vocoder_hift_kernels fused (HiFT's weight norms folded, Snakes one kernel)")
     ap.add_argument("--profile-compile", default="dynamic", choices=VOCODER_COMPILE_CHOICES,
                     help="the after configuration's vocoder_compile")
     ap.add_argument("--profile-knobs", action=argparse.BooleanOptionalAction, default=True,

@@ -477,6 +477,11 @@ def _run(device: str, dtype: torch.dtype, sizes: Sizes, s3gen: Any, seed: int, c
     results.append(_check("hift: batched rows == each alone",
                           min(snr_db(a[0], b[0]) for a, b in zip(wav_a, wav_b)), tol,
                           f"{len(hrows)} rows of {mels[0].shape[1]} frames"))
+    fused = S3GenBatch(s3gen, device=device, flow_dtype=dtype, flow_steps=sizes.flow_steps, tapes=tapes,
+                       hift_kernels="fused").run_hift(hrows)
+    results.append(_check("hift: fused kernels == upstream's modules",
+                          min(snr_db(a[0], b[0]) for a, b in zip(wav_b, fused)), tol,
+                          "weight norms folded, each Snake one kernel (vocoder_hift_kernels fused)"))
 
     jobs = [(("A", ref_a), ("B", ref_b))[i % 2] + (u,) for i, u in enumerate(utter)]
     results += asyncio.run(_vocoder_checks(s3gen, device, dtype, sizes, jobs, tol))

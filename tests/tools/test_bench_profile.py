@@ -10,10 +10,12 @@ from gateway.tools.bench_profile import stage_profile
 
 @pytest.mark.slow
 def test_the_tiny_profile_times_every_part_and_both_watermarks() -> None:
-    rows = stage_profile([2], flow_steps=1, repeats=1, config_names=("before",), knobs=False, pipeline_batches=1,
-                         one_shot_batches=(1,), prompt_tokens=8, graph_max_frames=128, tiny=True)
-    assert [(r["window"].split(" (")[0], r["batch"]) for r in rows] == [
-        ("first window", 2), ("regular window", 2), ("one-shot", 1)]
+    rows = stage_profile([2], flow_steps=1, repeats=1, config_names=("before", "hift-fused"), knobs=False,
+                         pipeline_batches=1, one_shot_batches=(1,), prompt_tokens=8, graph_max_frames=128, tiny=True)
+    assert [(r["config"], r["window"].split(" (")[0], r["batch"]) for r in rows] == [
+        (config, window, batch) for config in ("before", "hift-fused")
+        for window, batch in (("first window", 2), ("regular window", 2), ("one-shot", 1))]
+    assert all(r["HiFT ms"] > 0 for r in rows)
     for row in rows:
         per_row, batched = row["watermark (per row, serial) ms"], row["watermark (batched) ms"]
         assert per_row > 0 and batched > 0

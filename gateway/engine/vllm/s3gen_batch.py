@@ -373,15 +373,24 @@ class S3GenBatch:
     ``first_window_steps`` (0: ``flow_steps``) solves rows marked ``first`` with that many
     Euler steps; ``prompt_tokens`` (0: all) keeps only the last that many tokens of each
     voice's prompt; ``compile`` compiles the CFM estimator's blocks and ``attention`` picks
-    its attention kernel (``CfmSolver``). The first two change the audio (measured trade-offs,
-    docs/operations.md); the last two do not."""
+    its attention kernel (``CfmSolver``); ``hift_kernels = "fused"`` runs a copy of HiFT with
+    its weight norms folded and its Snakes one kernel each (``hift_kernels.py``). The first
+    two change the audio (measured trade-offs, docs/operations.md); the others do not."""
 
     def __init__(self, s3gen: torch.nn.Module, *, device: torch.device | str, flow_dtype: torch.dtype,
                  flow_steps: int, tapes: NoiseTapes, bucket_tokens: int = 16, first_window_steps: int = 0,
                  prompt_tokens: int = 0, compile: str = "off", attention: str = "sdpa",
-                 split_min_rows: int = SPLIT_MIN_ROWS) -> None:
+                 split_min_rows: int = SPLIT_MIN_ROWS, hift_kernels: str = "upstream") -> None:
         self.flow = s3gen.flow.to(device=device, dtype=flow_dtype)
         self.hift = s3gen.mel2wav.to(device=device, dtype=torch.float32)
+        if hift_kernels == "fused":  # a copy: s3gen's own HiFT stays upstream's (reference paths, parity)
+            from gateway.engine.vllm import hift_kernels as fused
+
+            self.hift = fused.fused_hift(self.hift)
+            fused.warm_up(device)
+        elif hift_kernels != "upstream":
+            raise ValueError(f"hift_kernels is upstream or fused, not {hift_kernels!r}")
+        self.hift_kernels = hift_kernels
         self.spectra = spectra_on_device(self.hift, device)
         """HiFT's STFT and inverse STFT as matrix products: no cuFFT plan in a captured graph."""
         self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()

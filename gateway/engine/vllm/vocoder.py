@@ -342,7 +342,8 @@ class Vocoder:
                                 first_window_steps=0 if flow_steps else settings.vocoder_first_window_flow_steps,
                                 prompt_tokens=settings.vocoder_prompt_tokens, compile=settings.vocoder_compile,
                                 attention=settings.vocoder_attention,
-                                split_min_rows=settings.vocoder_split_min_rows)
+                                split_min_rows=settings.vocoder_split_min_rows,
+                                hift_kernels=settings.vocoder_hift_kernels)
         self.green = green_context(self.batch.device, settings.vocoder_sms)
         """The CUDA green context the worker runs batches on (``vocoder_sms``), None: the whole card."""
         if settings.vocoder_cuda_graphs and torch.device(device).type == "cuda":

@@ -129,7 +129,8 @@ def test_vocoder_parity_checks_pass_for_the_meanflow_s3gen(meanflow_s3gen) -> No
     upstream's order), batching and padding change nothing, streamed windows stay close."""
     results = parity_vocoder.run("cpu", torch.float32, SIZES, s3gen=meanflow_s3gen)
     names = {r.name for r in results}
-    assert len(names) == 7 and all(r.passed for r in results), results
+    assert len(names) == 8 and all(r.passed for r in results), results
+    assert "hift: fused kernels == upstream's modules" in names
     upstream = next(r for r in results if r.name.startswith("upstream"))
     assert upstream.value > 90, upstream
     streamed = next(r for r in results if r.name == "vocoder: streamed windows == one-shot")

@@ -405,8 +405,8 @@ def _tokens(n: int, seed: int) -> list[int]:
 def test_parity_checks_pass_on_cpu(s3gen) -> None:
     results = parity_vocoder.run("cpu", torch.float32, SIZES, s3gen=s3gen)
     names = {r.name for r in results}
-    assert len(names) == 7 and all(r.passed for r in results), results
-    assert any("watermark on" in n for n in names)
+    assert len(names) == 8 and all(r.passed for r in results), results
+    assert any("watermark on" in n for n in names) and "hift: fused kernels == upstream's modules" in names
     streamed = next(r for r in results if "streamed" in r.name)
     assert math.isfinite(streamed.value), "the streamed check must really window the streams"
 
@@ -434,7 +434,7 @@ def test_a_parity_check_that_raises_fails_by_name_and_the_rest_still_run(capsys)
 def test_parity_checks_run_in_bf16(s3gen) -> None:
     """The serving dtype's plumbing (flow in bf16, HiFT in fp32) on CPU; tolerances per dtype."""
     results = parity_vocoder.run("cpu", torch.bfloat16, SIZES, s3gen=s3gen)
-    assert len(results) == 6 and all(r.passed for r in results), results
+    assert len(results) == 7 and all(r.passed for r in results), results
     assert s3gen.flow.encoder_proj.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in s3gen.mel2wav.parameters())
 
