@@ -8,7 +8,8 @@ solve through CUDA graphs when there is a GPU. For each configuration, each wind
   HiFT, host copy, each between device synchronisations (so each is its own kernels' time),
   and the Perth watermark of the batch's rows twice: per row (serial, upstream's call, as the
   engine ran it until 2026-12-04) and batched (``watermark_batch.mark_batch``, as it runs it
-  now; not in ``total``, which keeps one watermark as before). The audio-s/s ceiling of the
+  now; not in ``total``, which keeps one watermark as before), and batched with its resampling
+  on the device (``watermark_resample = "device"``). The audio-s/s ceiling of the
   vocoder alone follows (watermark excluded).
 * **pipelined** (ms per batch, GPU busy share): ``pipeline_batches`` batches back to back as
   the serving loop runs them: launched without synchronisation, at most ``depth`` in flight,
@@ -213,6 +214,8 @@ def _profile_rows(batch: Any, voice: Any, window: tuple, b: int, repeats: int, m
         if marker is not None:  # the served batched pass, timed beside it, outside the total
             with timer.section("watermark (batched)"):
                 mark_batch(marker, host, SAMPLE_RATE, _resample_pool())
+            with timer.section("watermark (batched, device resampling)"):  # watermark_resample device
+                mark_batch(marker, host, SAMPLE_RATE, resample="device")
         batch.timer = None
         if rep:
             for part, sec in timer.seconds.items():

@@ -192,7 +192,8 @@ class VllmEngine(UpstreamVoices, Engine):
             if self.settings.watermark_batch:
                 self._watermark = WatermarkBatcher(watermarker, SAMPLE_RATE, serial=self.settings.gpu_serial_debug,
                                                    stream=self.settings.watermark_stream,
-                                                   first_apart=self.settings.watermark_first_apart)
+                                                   first_apart=self.settings.watermark_first_apart,
+                                                   resample=self.settings.watermark_resample)
                 self._mark = self._watermark.apply
             else:
                 self._mark = functools.partial(_mark_alone, watermarker, serial=self.settings.gpu_serial_debug)

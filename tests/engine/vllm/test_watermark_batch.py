@@ -330,3 +330,76 @@ def test_a_stream_of_its_own_is_refused_where_it_faulted_on_the_gpu(kind: str) -
                     {"vllm_engine_core": "thread", "vocoder_sms": 112}):
         assert load_settings(environ={}, overrides={**allowed, "watermark_stream": kind}).watermark_stream == kind
     assert load_settings(environ={}).watermark_stream == "default"
+
+
+# --- watermark_resample = "device": the resampling in the pass, on Perth's device ------------
+
+
+def _voice(seconds: float) -> np.ndarray:
+    """A real voice: the built-in ``aria`` at 24 kHz (its FLAC is at that rate or resampled)."""
+    import soundfile as sf
+    from pathlib import Path
+
+    x, rate = sf.read(Path(__file__).resolve().parents[3] / "voices" / "aria.flac", dtype="float32")
+    x = x.mean(axis=1) if x.ndim > 1 else x
+    if rate != SR:
+        from librosa import resample
+
+        x = resample(x, orig_sr=rate, target_sr=SR)
+    return np.ascontiguousarray(x[: int(seconds * SR)], dtype=np.float32)
+
+
+def test_device_resampling_keeps_the_watermark_and_is_soxrs_audio_but_for_the_filter(watermarker) -> None:
+    """The same voice through both passes: the outputs are the same length, 60 dB and more
+    apart (the two resamplers' filters differ; the watermark itself lies ~17 dB under the
+    speech), and Perth's own detector finds the mark in every frame of both, in none of the
+    unmarked voice's majority."""
+    x = _voice(3.0)
+    other = _speechlike(1.3, 5)
+    soxr, _ = mark_batch(watermarker, [x, other], SR)
+    device, device_other = mark_batch(watermarker, [x, other], SR, resample="device")
+    assert device.dtype == np.float32 and device.shape == soxr.shape and device_other.shape == other.shape
+    assert _snr(x, soxr) < 25  # the mark moves the signal: agreement beyond that means the mark agrees
+    assert _snr(device, soxr) > 60, _snr(device, soxr)
+    unmarked = watermarker.get_watermark(x, SR, round=False)
+    assert float(np.mean(unmarked)) < 0.5
+    for marked in (soxr, device):
+        assert float(np.min(watermarker.get_watermark(marked, SR, round=True))) == 1.0
+
+
+@pytest.mark.parametrize("samples", [1000, 7777, 24001, 31999])  # Perth pads 1024 a side: no shorter
+def test_device_resampling_gives_soxrs_lengths(watermarker, samples: int) -> None:
+    x = _speechlike(samples / SR, samples)[:samples]
+    assert x.size == samples
+    soxr = mark_batch(watermarker, [x, x], SR)
+    device = mark_batch(watermarker, [x, x], SR, resample="device")
+    assert [d.shape for d in device] == [s.shape for s in soxr]
+
+
+def test_with_device_resampling_a_chunk_alone_is_the_batched_pass(watermarker, monkeypatch) -> None:
+    """No upstream call for a lone chunk: its audio must not depend on whether it had company."""
+    x = _speechlike(0.7, 11)
+    monkeypatch.setattr(type(watermarker), "apply_watermark", lambda *a, **k: pytest.fail("upstream's call"))
+    (alone,) = mark_batch(watermarker, [x], SR, resample="device")
+    beside, _ = mark_batch(watermarker, [x, _speechlike(2.0, 12)], SR, resample="device")
+    assert _snr(beside, alone) > 100
+
+
+def test_an_unknown_resampling_is_refused(watermarker) -> None:
+    with pytest.raises(ValueError, match="resample"):
+        mark_batch(watermarker, [_speechlike(0.2, 1)], SR, resample="fast")
+    with pytest.raises(ValueError, match="resample"):
+        WatermarkBatcher(watermarker, SR, resample="fast")
+
+
+async def test_the_batcher_resamples_where_it_is_told(watermarker) -> None:
+    batcher = WatermarkBatcher(watermarker, SR, resample="device")
+    try:
+        chunks = [_voice(1.0), _speechlike(0.6, 13)]
+        results = await asyncio.gather(*(batcher.apply(c) for c in chunks))
+    finally:
+        batcher.close()
+    for got, want in zip(results, mark_batch(watermarker, chunks, SR, resample="device")):
+        assert _snr(got, want) > 100
+    soxr = mark_batch(watermarker, chunks, SR)
+    assert all(100 > _snr(got, s) > 40 for got, s in zip(results, soxr))  # not soxr's samples: the device path
