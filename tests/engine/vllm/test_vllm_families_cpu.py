@@ -410,6 +410,43 @@ async def test_streams_are_watermarked_through_the_batched_watermark(engine, ref
 
 
 @pytest.mark.slow
+async def test_the_fused_hift_and_the_device_resampled_watermark_stream_through_the_engine(engine, refs, s3gens) -> None:
+    """``vocoder_hift_kernels = "fused"`` and ``watermark_resample = "device"`` through the
+    engine's own streaming path: the fused HiFT's audio is the plain one's (its CPU formula,
+    its folded weights), and every window of two streams is marked on the device path."""
+    perth = pytest.importorskip("perth")
+    from gateway.engine.vllm.watermark_batch import WatermarkBatcher
+
+    n = 40
+    voice = _voice(ORIGINAL, refs[ORIGINAL])
+
+    def job(name: str) -> SynthesisJob:
+        return SynthesisJob(name, ("Hello there.",), voice, GenerationParams(seed=1), model=ORIGINAL, streaming=True)
+
+    runtime = engine.runtimes[ORIGINAL]
+    runtime.llm = StandInLLM(_speech(4, n) + [6562])
+    plain, _ = await _run(engine, job("plain"))
+    await runtime.vocoder.close()
+    fused_settings = msgspec.structs.replace(engine.settings, vocoder_hift_kernels="fused")
+    runtime.vocoder = Vocoder(s3gens[ORIGINAL], fused_settings, policy=POLICY, flow_steps=runtime.family.flow_steps)
+    await runtime.vocoder.start()
+    assert runtime.vocoder.batch.hift is not s3gens[ORIGINAL].mel2wav
+    runtime.llm = StandInLLM(_speech(4, n) + [6562])
+    fused, _ = await _run(engine, job("fused"))
+    assert fused.shape == plain.shape
+    assert 10 * np.log10((plain ** 2).sum() / max(((fused - plain) ** 2).sum(), 1e-30)) > 90
+    batcher = WatermarkBatcher(perth.PerthImplicitWatermarker(device="cpu"), 24000, resample="device")
+    engine.settings = msgspec.structs.replace(engine.settings, watermark=True)
+    engine._watermark, engine._mark = batcher, batcher.apply
+    runtime.llm = StandInLLM(_speech(4, n) + [6562])
+    (a, _), (b, _) = await asyncio.gather(_run(engine, job("a")), _run(engine, job("b")))
+    assert a.shape == b.shape == plain.shape
+    snr = 10 * np.log10((plain ** 2).sum() / ((a - plain) ** 2).sum())
+    assert 5 < snr < 60, snr
+    assert batcher.rows >= 4
+
+
+@pytest.mark.slow
 async def test_with_watermark_batch_off_each_window_gets_upstreams_own_call(engine, refs, monkeypatch) -> None:
     """``watermark_batch`` off (the A/B lever): the same windows, each through upstream's
     ``apply_watermark`` on a worker thread; the audio equals the batched path's."""
