@@ -165,6 +165,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     call; ``device``: a kaiser_best windowed-sinc resampler on the watermark's device, no host
     audio work in a pass (67.8 dB from soxr's path on a real voice, the watermark detected in
     every frame on both; docs/operations.md). Not yet timed on a GPU."""
+
     # --- Generation bounds ------------------------------------------------------------------
     max_speech_tokens: PositiveInt = 1000
     """Most speech tokens T3 may generate for one text chunk (25 tokens = 1 s of audio)."""
