@@ -122,7 +122,7 @@ def fuse_snakes(module: nn.Module, *, kernel=None) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ == "Snake" and hasattr(child, "no_div_by_zero"):
-                replacement = FusedSnake(child).to(child.alpha.device)
+                replacement = FusedSnake(child)  # its buffers on the alpha's device
                 replacement.kernel = kernel
                 setattr(parent, name, replacement)
                 fused += 1

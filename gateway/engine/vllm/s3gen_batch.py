@@ -390,7 +390,6 @@ class S3GenBatch:
             fused.warm_up(device)
         elif hift_kernels != "upstream":
             raise ValueError(f"hift_kernels is upstream or fused, not {hift_kernels!r}")
-        self.hift_kernels = hift_kernels
         self.spectra = spectra_on_device(self.hift, device)
         """HiFT's STFT and inverse STFT as matrix products: no cuFFT plan in a captured graph."""
         self.trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()

@@ -114,6 +114,7 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
     ``stream`` when given (:func:`work_stream`); ``resample``: soxr on the host (upstream's) or
     ``device`` (:data:`KAISER_BEST`, see the module docstring)."""
     import torch
+    from librosa import resample as soxr
 
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample is one of {RESAMPLE_MODES}, not {resample!r}")
@@ -124,13 +125,9 @@ def mark_batch(watermarker: Any, signals: list[np.ndarray], sample_rate: int, po
     on_device = resample == "device" and sample_rate != rate
 
     def to_net(x: np.ndarray) -> np.ndarray:
-        from librosa import resample as soxr
-
         return soxr(x, orig_sr=sample_rate, target_sr=rate) if sample_rate != rate else x
 
     def from_net(x: np.ndarray) -> np.ndarray:
-        from librosa import resample as soxr
-
         return soxr(x, orig_sr=rate, target_sr=sample_rate) if sample_rate != rate else x
 
     on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

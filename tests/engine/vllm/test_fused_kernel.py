@@ -5,16 +5,14 @@ and top-p (Turbo's); with its own noise its draws follow upstream's distribution
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
+from triton_support import build_for_h100
 
 from gateway.engine.vllm.t3.fused_kernel import MAX_WIDTH, WARM_VARIANTS, _draw_rows, draw_rows, warm_up
 from gateway.engine.vllm.t3.fused_rows import PARAMS, FusedRows, RowSampling
@@ -301,27 +299,15 @@ def test_the_warm_up_runs_the_kernel_once_on_a_row_of_the_vocabulary() -> None:
 def test_every_warm_build_compiles_for_an_h100() -> None:
     """What a GPU visit would find first: each build the engine makes at its start (every
     ``WARM_VARIANTS`` entry, at both families' vocabulary widths: 8194 and 6563 ids) compiles
-    for sm_90 through Triton's own ptxas, here, without a GPU. In a fresh interpreter: the
-    interpreter fixture leaves ``triton.language`` patched for a compile."""
-    script = textwrap.dedent("""
-        import itertools, triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from gateway.engine.vllm.t3.fused_kernel import _compiled, WARM_VARIANTS
-        sig = {"logits_ptr": "*fp32", "logits_stride": "i32", "seen_ptr": "*i1", "seen_stride": "i32",
-               "params_ptr": "*fp32", "params_stride": "i32", "last_ptr": "*i64", "log_noise_ptr": "*fp32",
-               "log_noise_stride": "i32", "seed": "i32", "width": "i32", "HAS_NOISE": "constexpr",
-               "PENALTY_LAST": "constexpr", "TOP_K": "constexpr", "TOP_P": "constexpr", "BLOCK": "constexpr"}
-        for (last, top_k, top_p), width in itertools.product(WARM_VARIANTS, (8194, 6563)):
-            block = triton.next_power_of_2(width)
-            source = ASTSource(fn=_compiled, signature=sig, constexprs={
-                "HAS_NOISE": False, "PENALTY_LAST": last, "TOP_K": top_k, "TOP_P": top_p, "BLOCK": block})
-            built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                   options={"num_warps": 16 if block >= 8192 else 8})
-            print("built", last, top_k, top_p, block, len(built.asm["cubin"]) > 0)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[3])
-    assert done.returncode == 0, done.stderr[-3000:]
-    built = [line.split() for line in done.stdout.splitlines() if line.startswith("built")]
-    assert len(built) == 2 * len(WARM_VARIANTS) and all(line[-1] == "True" for line in built), done.stdout
+    for sm_90 through Triton's own ptxas, here, without a GPU."""
+    signature = {"logits_ptr": "*fp32", "logits_stride": "i32", "seen_ptr": "*i1", "seen_stride": "i32",
+                 "params_ptr": "*fp32", "params_stride": "i32", "last_ptr": "*i64", "log_noise_ptr": "*fp32",
+                 "log_noise_stride": "i32", "seed": "i32", "width": "i32", "HAS_NOISE": "constexpr",
+                 "PENALTY_LAST": "constexpr", "TOP_K": "constexpr", "TOP_P": "constexpr", "BLOCK": "constexpr"}
+    variants = []
+    for (last, top_k, top_p), width in itertools.product(WARM_VARIANTS, (8194, 6563)):
+        block = 1 << (width - 1).bit_length()  # draw_rows' triton.next_power_of_2
+        variants.append({"HAS_NOISE": False, "PENALTY_LAST": last, "TOP_K": top_k, "TOP_P": top_p, "BLOCK": block,
+                         "num_warps": 16 if block >= 8192 else 8})
+    built = build_for_h100("gateway.engine.vllm.t3.fused_kernel:_compiled", signature, variants)
+    assert len(built) == 2 * len(WARM_VARIANTS) and all(b["cubin"] for b in built), built

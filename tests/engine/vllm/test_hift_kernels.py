@@ -6,15 +6,12 @@ fused copy of HiFT against upstream's decode; upstream's module is left as it wa
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import triton.experimental.gluon  # noqa: F401  (the interpreter imports it; as tests/engine/vllm/test_fused_kernel.py)
 from triton.runtime.interpreter import InterpretedFunction
+from triton_support import build_for_h100
 
 from gateway.engine.vllm.hift_decode import hift_decode, spectra_on_device
 from gateway.engine.vllm.hift_kernels import (
@@ -76,24 +73,11 @@ def test_the_kernel_refuses_what_it_was_not_built_for() -> None:
 def test_the_kernel_builds_for_an_h100_with_libdevices_sine() -> None:
     """What the GPU runs: the kernel compiles for sm_90 (Triton's own ptxas, no GPU needed),
     and its sine is libdevice's accurate ``__nv_sinf``, as PyTorch's CUDA ``sin``, not the
-    approximate ``sin.approx`` whose error grows with the argument. In a fresh interpreter:
-    Triton's interpreter (the other tests) leaves ``triton.language`` patched for a compile."""
-    script = textwrap.dedent(f"""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from gateway.engine.vllm.hift_kernels import _compiled
-        source = ASTSource(fn=_compiled, constexprs={{"BLOCK": {SNAKE_BLOCK}}},
-                           signature={{"x_ptr": "*fp32", "out_ptr": "*fp32", "alpha_ptr": "*fp32",
-                                       "inv_ptr": "*fp32", "channels": "i32", "length": "i32", "BLOCK": "constexpr"}})
-        built = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        ptx = built.asm["ptx"]
-        print("nv_sinf", "__nv_sinf" in ptx, "approx", "sin.approx" in ptx, "cubin", len(built.asm["cubin"]) > 0)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[3])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-6:] == ["nv_sinf", "True", "approx", "False", "cubin", "True"], done.stdout
+    approximate ``sin.approx`` whose error grows with the argument."""
+    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "alpha_ptr": "*fp32", "inv_ptr": "*fp32",
+                 "channels": "i32", "length": "i32", "BLOCK": "constexpr"}
+    (built,) = build_for_h100("gateway.engine.vllm.hift_kernels:_compiled", signature, [{"BLOCK": SNAKE_BLOCK}])
+    assert built == {"cubin": True, "nv_sinf": True, "sin_approx": False}
 
 
 def test_folded_weight_norms_give_the_same_weights(hift) -> None:
